@@ -1,0 +1,1 @@
+"""Online (River) and offline (scikit-learn) segmentation models."""

@@ -1,0 +1,1 @@
+"""Pipelines: composition of transforms into runnable Beam jobs, no business logic."""

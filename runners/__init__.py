@@ -1,0 +1,1 @@
+"""How onboardflow runs: the command line, the local (Prism) and Flink runners, services."""

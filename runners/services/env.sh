@@ -1,0 +1,55 @@
+# Shared settings for the local services. Source it; every value can be
+# overridden from the environment (or `make services-up KAFKA_PORT=19092`).
+#
+#   OBF_RUN_DIR    logs, pid files and data dirs of the running services
+#   OBF_CACHE_DIR  downloads kept between runs (Kafka jars, Prism, Flink)
+_obf_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export OBF_ROOT="${OBF_ROOT:-$_obf_root}"
+export OBF_RUN_DIR="${OBF_RUN_DIR:-$OBF_ROOT/.run}"
+export OBF_CACHE_DIR="${OBF_CACHE_DIR:-$OBF_ROOT/.cache}"
+
+export KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+export KAFKA_HOST="${KAFKA_HOST:-127.0.0.1}"
+export KAFKA_PORT="${KAFKA_PORT:-9092}"
+export KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+export KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
+# topic:partitions pairs created by `kafka.sh topics`.
+export KAFKA_TOPICS="${KAFKA_TOPICS:-onboarding.events:4 onboarding.events.dlq:2 onboarding.segment-changes:4 onboarding.model-events:1}"
+
+export REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
+export REDIS_PORT="${REDIS_PORT:-6379}"
+
+export PG_HOST="${PG_HOST:-127.0.0.1}"
+export PG_PORT="${PG_PORT:-5432}"
+export PG_USER="${PG_USER:-onboardflow}"
+export PG_PASSWORD="${PG_PASSWORD:-onboardflow}"
+export PG_DATABASE="${PG_DATABASE:-onboardflow}"
+
+export BEAM_VERSION="${BEAM_VERSION:-2.77.0}"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# port_open HOST PORT: true when something accepts TCP connections there.
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll until COMMAND succeeds.
+wait_for() {
+  local what="$1" secs="$2"; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || { log "$what not ready after ${secs}s"; return 1; }
+    sleep 0.5
+  done
+}
+
+# apt_install PKG...: install Debian packages that are missing (root only).
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real local services started by `make services-up`.
+
+Integration tests talk to the same Kafka, Redis and PostgreSQL as the demo;
+their addresses come from the same variables as runners/services/env.sh.
+Each test gets uniquely named topics / key prefixes / schemas and cleans up.
+"""
+import os
+import uuid
+
+import pytest
+
+KAFKA_BOOTSTRAP = f"{os.environ.get('KAFKA_HOST', '127.0.0.1')}:{os.environ.get('KAFKA_PORT', '9092')}"
+REDIS_URL = f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
+PG_DSN = (
+    f"postgresql://{os.environ.get('PG_USER', 'onboardflow')}:{os.environ.get('PG_PASSWORD', 'onboardflow')}"
+    f"@{os.environ.get('PG_HOST', '127.0.0.1')}:{os.environ.get('PG_PORT', '5432')}/{os.environ.get('PG_DATABASE', 'onboardflow')}"
+)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap():
+    return KAFKA_BOOTSTRAP
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def pg_dsn():
+    return PG_DSN
+
+
+@pytest.fixture
+def unique_name(request):
+    """A name unique to this test run, for topics, key prefixes and groups."""
+    base = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]
+    return f"t-{base}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def kafka_topic(kafka_bootstrap, unique_name):
+    """Factory: create a fresh topic with N partitions; deleted after the test."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="onboardflow-tests")
+    created = []
+
+    def make(partitions=4, suffix="events"):
+        name = f"{unique_name}.{suffix}"
+        admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        try:
+            admin.delete_topics(created)
+        except Exception:  # noqa: BLE001 - cleanup must not mask the test result
+            pass
+    admin.close()

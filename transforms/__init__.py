@@ -1,0 +1,1 @@
+"""Beam transforms, one file per concern (Kafka I/O, decoding, anonymization, ...)."""
