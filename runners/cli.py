@@ -1,0 +1,50 @@
+"""The `onboardflow` command line.
+
+Each subcommand lives in its own module with a ``main(argv)``; this file only
+dispatches, so `onboardflow --help` stays fast (no Beam import) and each
+command parses its own flags.
+
+    onboardflow produce ...        synthetic onboarding events to Kafka
+    onboardflow registry ...       list / serve the schema registry
+    onboardflow run ...            the onboarding pipeline (Beam options pass through)
+    onboardflow profile USER_ID    read one profile back from Redis
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "produce": ("onboardflow.runners.produce", "produce synthetic onboarding journeys to Kafka"),
+    "registry": ("onboardflow.runners.registry", "list or serve the Avro schema registry"),
+    "run": ("onboardflow.pipelines.onboarding", "run the onboarding personalization pipeline"),
+    "profile": ("onboardflow.runners.profile", "read one user's profile from Redis"),
+    "demo": ("onboardflow.runners.demo", "produce events, run the pipeline, print a summary"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: onboardflow COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `onboardflow COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"onboardflow: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
