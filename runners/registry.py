@@ -1,0 +1,341 @@
+"""``onboardflow registry``: inspect the schema registry, and serve it to Confluent clients.
+
+    onboardflow registry list [--registry URL]
+    onboardflow registry register SUBJECT SCHEMA.avsc [--registry URL]
+    onboardflow registry serve [--registry PATH] [--host 127.0.0.1] [--port 8081] [--writable]
+
+``serve`` puts a file registry (by default the ``schemas/registry.json``
+shipped in the repo, read-only) behind the subset of the Confluent Schema
+Registry REST API that serializers, deserializers and the ``ConfluentSchemaRegistry``
+client use, so any Confluent-compatible producer can write to our topics
+without a Confluent install:
+
+    GET  /subjects                               GET  /schemas/ids/{id}
+    GET  /subjects/{subject}/versions            GET  /schemas/ids/{id}/schema
+    GET  /subjects/{subject}/versions/{v|latest} GET  /schemas/ids/{id}/subjects
+    GET  /subjects/{subject}/versions/{v}/schema GET  /schemas/ids/{id}/versions
+    POST /subjects/{subject}/versions (register) GET  /schemas/types
+    POST /subjects/{subject}          (lookup)   GET  /config
+
+Registering a schema that is already registered returns its id; a new schema
+is refused (422, error code 42205, as Confluent does in read-only mode) unless
+``--writable``, which appends it to the registry file. Compatibility is not
+enforced (``/config`` says NONE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import urllib.parse
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Sequence
+
+from onboardflow.schemas import REGISTRY_FILE
+from onboardflow.schemas.registry import (
+    CONFLUENT_CONTENT_TYPE,
+    FileSchemaRegistry,
+    InvalidSchema,
+    RegistryReadOnly,
+    SchemaNotFound,
+    SchemaRegistry,
+    plain_schema,
+    registry_from_url,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+
+# Confluent error codes.
+SUBJECT_NOT_FOUND = 40401
+VERSION_NOT_FOUND = 40402
+SCHEMA_NOT_FOUND = 40403
+INVALID_SCHEMA = 42201
+INVALID_VERSION = 42202
+OPERATION_NOT_PERMITTED = 42205
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, error_code: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+class _ConfluentApi:
+    """The REST routes, on top of any SchemaRegistry."""
+
+    def __init__(self, registry: SchemaRegistry):
+        self.registry = registry
+
+    def schema_text(self, schema_id: int) -> str:
+        if isinstance(self.registry, FileSchemaRegistry):
+            schema = self.registry.get_schema_json(schema_id)
+        else:
+            schema = plain_schema(self.registry.get_schema(schema_id))
+        return json.dumps(schema, separators=(",", ":"))
+
+    def _schema_by_id(self, raw_id: str) -> int:
+        try:
+            schema_id = int(raw_id)
+            self.registry.get_schema(schema_id)
+        except (ValueError, SchemaNotFound):
+            raise _ApiError(404, SCHEMA_NOT_FOUND, "Schema not found") from None
+        return schema_id
+
+    def _versions(self, subject: str) -> list[int]:
+        try:
+            return self.registry.versions(subject)
+        except SchemaNotFound:
+            raise _ApiError(404, SUBJECT_NOT_FOUND, f"Subject '{subject}' not found.") from None
+
+    def _version(self, subject: str, raw_version: str) -> tuple[int, int]:
+        ids = self._versions(subject)
+        if raw_version in ("latest", "-1"):
+            return len(ids), ids[-1]
+        try:
+            version = int(raw_version)
+        except ValueError:
+            raise _ApiError(422, INVALID_VERSION, f"Invalid version {raw_version!r}") from None
+        if not 1 <= version <= len(ids):
+            raise _ApiError(404, VERSION_NOT_FOUND, f"Version {version} not found.")
+        return version, ids[version - 1]
+
+    def _subject_version(self, subject: str, version: int, schema_id: int) -> dict:
+        return {"subject": subject, "version": version, "id": schema_id, "schema": self.schema_text(schema_id)}
+
+    @staticmethod
+    def _schema_from_body(body: Any) -> str:
+        if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
+            raise _ApiError(422, INVALID_SCHEMA, "Request body must be an object with a 'schema' string")
+        if body.get("schemaType", "AVRO") != "AVRO":
+            raise _ApiError(422, INVALID_SCHEMA, "Only AVRO schemas are supported")
+        if body.get("references"):
+            raise _ApiError(422, INVALID_SCHEMA, "Schema references are not supported")
+        return body["schema"]
+
+    def get(self, parts: list[str]) -> Any:
+        match parts:
+            case []:
+                return {}
+            case ["subjects"]:
+                return self.registry.subjects()
+            case ["subjects", subject, "versions"]:
+                return list(range(1, len(self._versions(subject)) + 1))
+            case ["subjects", subject, "versions", version]:
+                return self._subject_version(subject, *self._version(subject, version))
+            case ["subjects", subject, "versions", version, "schema"]:
+                return json.loads(self.schema_text(self._version(subject, version)[1]))
+            case ["schemas", "types"]:
+                return ["AVRO"]
+            case ["schemas", "ids", raw_id]:
+                return {"schema": self.schema_text(self._schema_by_id(raw_id))}
+            case ["schemas", "ids", raw_id, "schema"]:
+                return json.loads(self.schema_text(self._schema_by_id(raw_id)))
+            case ["schemas", "ids", raw_id, "subjects"]:
+                schema_id = self._schema_by_id(raw_id)
+                return [s for s in self.registry.subjects() if schema_id in self.registry.versions(s)]
+            case ["schemas", "ids", raw_id, "versions"]:
+                schema_id = self._schema_by_id(raw_id)
+                return [
+                    {"subject": s, "version": i + 1}
+                    for s in self.registry.subjects()
+                    for i, sid in enumerate(self.registry.versions(s))
+                    if sid == schema_id
+                ]
+            case ["config"] | ["config", _]:
+                return {"compatibilityLevel": "NONE"}
+        raise _ApiError(404, 404, "Not found")
+
+    def post(self, parts: list[str], body: Any) -> Any:
+        match parts:
+            case ["subjects", subject, "versions"]:
+                schema = self._schema_from_body(body)
+                try:
+                    return {"id": self.registry.register(subject, schema)}
+                except InvalidSchema as err:
+                    raise _ApiError(422, INVALID_SCHEMA, str(err)) from None
+                except RegistryReadOnly as err:
+                    raise _ApiError(422, OPERATION_NOT_PERMITTED, str(err)) from None
+            case ["subjects", subject]:
+                schema = self._schema_from_body(body)
+                versions = self._versions(subject)
+                try:
+                    schema_id = self.registry.lookup(subject, schema)
+                except InvalidSchema as err:
+                    raise _ApiError(422, INVALID_SCHEMA, str(err)) from None
+                except SchemaNotFound:
+                    raise _ApiError(404, SCHEMA_NOT_FOUND, "Schema not found") from None
+                return self._subject_version(subject, versions.index(schema_id) + 1, schema_id)
+        raise _ApiError(404, 404, "Not found")
+
+
+def _handler_for(api: _ConfluentApi) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "onboardflow-registry"
+
+        def _parts(self) -> list[str]:
+            path = urllib.parse.urlsplit(self.path).path
+            return [urllib.parse.unquote(p) for p in path.split("/") if p]
+
+        def _reply(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", CONFLUENT_CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _serve(self, call) -> None:
+            try:
+                self._reply(200, call())
+            except _ApiError as err:
+                self._reply(err.status, {"error_code": err.error_code, "message": err.message})
+            except Exception:  # noqa: BLE001 - one bad request must not kill the server
+                log.exception("registry request failed: %s %s", self.command, self.path)
+                self._reply(500, {"error_code": 50001, "message": "Internal server error"})
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+            self._serve(lambda: api.get(self._parts()))
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                self._reply(413, {"error_code": 413, "message": "Request body too large"})
+                return
+            raw = self.rfile.read(length)
+
+            def call():
+                try:
+                    body = json.loads(raw or b"null")
+                except ValueError:
+                    raise _ApiError(400, 400, "Request body is not JSON") from None
+                return api.post(self._parts(), body)
+
+            self._serve(call)
+
+        def _not_allowed(self) -> None:
+            self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error_code": 405, "message": "Method not allowed"})
+
+        do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server signature
+            log.debug("%s - %s", self.address_string(), format % args)
+
+    return Handler
+
+
+class RegistryServer:
+    """A SchemaRegistry served over the Confluent REST subset, on a thread or in the foreground.
+
+    ``port=0`` picks a free port; ``url`` tells which.
+    """
+
+    def __init__(self, registry: SchemaRegistry, host: str = "127.0.0.1", port: int = 8081):
+        self.registry = registry
+        self._httpd = ThreadingHTTPServer((host, port), _handler_for(_ConfluentApi(registry)))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "RegistryServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="registry-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> "RegistryServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _record_name(schema: Any) -> str:
+    return schema.get("name", schema.get("type", "?")) if isinstance(schema, dict) else str(schema)
+
+
+def _list(args: argparse.Namespace) -> int:
+    registry = registry_from_url(args.registry)
+    print(f"{'subject':<56} {'version':>7} {'id':>4}  record")
+    for subject in registry.subjects():
+        for version, schema_id in enumerate(registry.versions(subject), start=1):
+            name = _record_name(registry.get_schema(schema_id))
+            print(f"{subject:<56} {version:>7} {schema_id:>4}  {name}")
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    registry = registry_from_url(args.registry, writable=True)
+    with open(args.schema_file, encoding="utf-8") as f:
+        schema = f.read()
+    print(registry.register(args.subject, schema))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    registry = FileSchemaRegistry(args.registry or REGISTRY_FILE, writable=args.writable)
+    server = RegistryServer(registry, host=args.host, port=args.port)
+    mode = "writable" if args.writable else "read-only"
+    print(f"serving {registry.path} ({mode}) at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onboardflow registry", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    list_cmd = commands.add_parser("list", help="subjects, versions and schema ids")
+    list_cmd.add_argument("--registry", help="registry URL or path (default: the shipped registry.json)")
+    list_cmd.set_defaults(run=_list)
+
+    register_cmd = commands.add_parser("register", help="register a schema file under a subject; prints its id")
+    register_cmd.add_argument("subject")
+    register_cmd.add_argument("schema_file")
+    register_cmd.add_argument("--registry", help="registry URL or path (default: the shipped registry.json)")
+    register_cmd.set_defaults(run=_register)
+
+    serve_cmd = commands.add_parser("serve", help="serve a file registry over the Confluent REST API")
+    serve_cmd.add_argument("--registry", help="registry file (default: the shipped registry.json)")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8081)
+    serve_cmd.add_argument("--writable", action="store_true", help="append newly registered schemas to the file")
+    serve_cmd.set_defaults(run=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``onboardflow registry ...``; ``argv`` excludes the word ``registry``."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

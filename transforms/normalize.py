@@ -1,0 +1,142 @@
+"""Normalize decoded onboarding events, and recognise duplicates.
+
+Validation happens earlier, in the decoder (``transforms/decode.py``), because
+only there are the raw bytes at hand for the dead-letter record: an event that
+reaches ``NormalizeEvents`` is valid, and normalization never drops one. The
+rules, applied in this order:
+
+* **Time.** ``occurred_at`` and ``received_at`` are epoch milliseconds, UTC by
+  definition of the Avro ``timestamp-millis`` type. A client clock ahead of the
+  collector (``occurred_at > received_at``) is clamped to ``received_at``: an
+  event cannot be received before it happened. Counted as ``clock_skew_clamped``.
+* **Labels.** ``context.os`` maps to a closed vocabulary (``ios``, ``android``,
+  ``macos``, ``windows``, ``linux``, ``chromeos``, else ``other``);
+  ``context.device`` is lower-cased; ``context.locale`` becomes a BCP 47 tag
+  (``en_us`` -> ``en-US``). Property keys are lower-cased and stripped, and the
+  ``feature`` and ``page`` properties lower-cased, so ``"Reports "`` and
+  ``"reports"`` count as one feature.
+* **Missing values.** A missing device/os/app_version becomes ``"unknown"``, a
+  missing locale ``"und"`` (BCP 47's "undetermined"), a missing
+  ``properties`` map ``{}``. ``session_id`` stays ``None``: sessions are
+  derived from event time, not from the client's id.
+
+Duplicates (the same ``event_id`` sent twice) are recognised per user by
+:class:`RecentEventIds` inside the keyed profile stage, within a bounded
+horizon, because only there is per-user state at hand.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+_OS_ALIASES = {
+    "ios": "ios", "iphone os": "ios", "ipados": "ios",
+    "android": "android",
+    "mac os x": "macos", "macos": "macos", "os x": "macos", "mac": "macos",
+    "windows": "windows", "win": "windows", "windows nt": "windows",
+    "linux": "linux", "ubuntu": "linux", "debian": "linux",
+    "chrome os": "chromeos", "chromeos": "chromeos", "cros": "chromeos",
+}
+_LOWERCASE_PROPERTIES = ("feature", "page", "plan")
+
+
+def normalize_os(value: str | None) -> str:
+    if not value:
+        return "unknown"
+    key = value.strip().lower()
+    if key in _OS_ALIASES:
+        return _OS_ALIASES[key]
+    first = key.split(" ")[0]
+    return _OS_ALIASES.get(first, "other")
+
+
+def normalize_locale(value: str | None) -> str:
+    if not value or not value.strip():
+        return "und"
+    parts = value.strip().replace("_", "-").split("-")
+    lang = parts[0].lower()
+    if len(parts) > 1 and parts[1]:
+        return f"{lang}-{parts[1].upper()}"
+    return lang
+
+
+def normalize_event(event: dict) -> tuple[dict, bool]:
+    """Return the normalized event and whether its clock skew was clamped."""
+    out = dict(event)
+    clamped = False
+    if out["occurred_at"] > out["received_at"]:
+        out["occurred_at"] = out["received_at"]
+        clamped = True
+    ctx = dict(out.get("context") or {})
+    ctx["os"] = normalize_os(ctx.get("os"))
+    ctx["device"] = (ctx.get("device") or "unknown").strip().lower() or "unknown"
+    ctx["app_version"] = (ctx.get("app_version") or "unknown").strip() or "unknown"
+    ctx["locale"] = normalize_locale(ctx.get("locale"))
+    out["context"] = ctx
+    props = {}
+    for key, value in (out.get("properties") or {}).items():
+        k = key.strip().lower()
+        v = value.strip() if isinstance(value, str) else value
+        if k in _LOWERCASE_PROPERTIES and isinstance(v, str):
+            v = v.lower()
+        props[k] = v
+    out["properties"] = props
+    return out, clamped
+
+
+class NormalizeEvents(beam.PTransform):
+    """Decoded events in, normalized events out (same count: nothing dropped).
+
+    See the module docstring for the rules. Counts ``clock_skew_clamped``.
+    """
+
+    def expand(self, events):
+        return events | "NormalizeEvent" >> beam.ParDo(_NormalizeFn())
+
+
+class _NormalizeFn(beam.DoFn):
+    def __init__(self):
+        self._clamped = Metrics.counter("onboardflow", "clock_skew_clamped")
+
+    def process(self, event):
+        out, clamped = normalize_event(event)
+        if clamped:
+            self._clamped.inc()
+            yield beam.window.TimestampedValue(out, out["occurred_at"] / 1000.0)
+        else:
+            yield out
+
+
+@dataclass
+class RecentEventIds:
+    """Event ids of one user seen within ``horizon_ms`` of event time.
+
+    Ids are kept as 8-byte digests with their event time and pruned once they
+    fall more than ``horizon_ms`` behind the newest event, so state stays
+    bounded by the user's activity in the horizon. The horizon must be at
+    least the allowed lateness: a duplicate older than that is rejected as too
+    late before it gets here.
+    """
+
+    horizon_ms: int
+    seen: dict[bytes, int] = field(default_factory=dict)
+    max_ms: int = 0
+    prune_at: int = 64
+
+    def add(self, event_id: str, t: int) -> bool:
+        """Record ``event_id``; True if it is new, False for a duplicate."""
+        digest = hashlib.blake2b(event_id.encode("utf-8"), digest_size=8).digest()
+        if digest in self.seen:
+            return False
+        self.seen[digest] = t
+        if t > self.max_ms:
+            self.max_ms = t
+        # Prune only once the dict has doubled since the last prune: O(1) amortized.
+        if len(self.seen) >= self.prune_at:
+            floor = self.max_ms - self.horizon_ms
+            self.seen = {d: ts for d, ts in self.seen.items() if ts >= floor}
+            self.prune_at = max(64, 2 * len(self.seen))
+        return True

@@ -1,0 +1,574 @@
+"""Rule segments: a small, safe condition language over profile features.
+
+Segments are declared in YAML (``pipelines/segment_rules.yaml``) and compiled
+once, at load time, into plain Python closures: nothing is ever ``eval``-ed and
+no YAML is touched per event. Loading validates every rule and fails with a
+message that names the file, the segment and the path inside its condition
+(unknown field, unknown operator, wrong value type, ...), so a bad rules file
+stops a deployment instead of silently segmenting nobody.
+
+File format::
+
+    version: "2025-01-15.1"         # recorded in every SegmentChange
+    segments:
+      - name: dormant               # [a-z][a-z0-9_]*, unique
+        description: "No activity for more than 30 days"   # no PII: it is the change reason
+        enabled: true               # optional, default true
+        when: <condition>
+    retired: [old_segment]          # optional: removed from profiles on next evaluation
+
+Conditions (``field`` must be a known profile field, see PROFILE_FIELDS):
+
+* boolean: ``{all: [c, ...]}``, ``{any: [c, ...]}``, ``{not: c}``
+* comparison: ``{field: f, <op>: value}`` with op one of gt, gte, lt, lte,
+  eq, ne, in (a list) or between (``[low, high]``, inclusive). Ordering
+  operators need a numeric or timestamp field; string and boolean fields take
+  eq, ne and in.
+* time, relative to the evaluation time ``at``:
+  ``{within_days: {field: signup_at, days: 7}}`` is ``at - signup_at <= 7 days``
+  (inclusive, and true for timestamps after ``at``);
+  ``{older_than_days: {field: last_event_at, days: 30}}`` is
+  ``at - last_event_at > 30 days`` (strict).
+* events: ``{event_seen: tutorial_completed}`` (an event type or a milestone
+  seen at least once); ``{event_count: {event: feature_used, <op>: value}}``;
+  ``{feature_count: {feature: export, <op>: value}}`` (per-feature usage count).
+  Counts of things never seen are 0.
+
+A comparison or time condition on a field the profile does not have (None or
+absent) is false; ``not`` turns that into true, so write ``not`` with care.
+
+``RuleSet.evaluate(profile, at_ms)`` gives the set of matching segments;
+``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts.
+``AssignRuleSegments`` is the Beam composite.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TypedDict, Union
+
+import apache_beam as beam
+import yaml
+from apache_beam.metrics import Metrics
+
+METRICS_NAMESPACE = "onboardflow"
+DAY_MS = 86_400_000
+DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "segment_rules.yaml"
+
+NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
+
+# The profile features rules may use, with their kinds. Most come from
+# transforms.score (EngagementState.snapshot); session counts come from the
+# sessionization stage. Callers can add fields with RuleSet.load(extra_fields=...).
+PROFILE_FIELDS: dict[str, str] = {
+    "engagement_score": NUMBER,
+    "intent_score": NUMBER,
+    "feature_usage_score": NUMBER,
+    "first_event_at": TIMESTAMP,
+    "last_event_at": TIMESTAMP,
+    "signup_at": TIMESTAMP,
+    "recency_ms": NUMBER,
+    "events_total": NUMBER,
+    "events_7d": NUMBER,
+    "events_30d": NUMBER,
+    "active_days_7d": NUMBER,
+    "active_days_30d": NUMBER,
+    "distinct_features": NUMBER,
+    "tutorial_steps_done": NUMBER,
+    "tutorial_step_total": NUMBER,
+    "onboarding_progress": NUMBER,
+    "days_since_signup": NUMBER,
+    "plan": STRING,
+    "dormant": BOOL,
+    "session_count": NUMBER,
+    "sessions_7d": NUMBER,
+    "sessions_30d": NUMBER,
+    "last_session_at": TIMESTAMP,
+}
+
+# Event names for event_seen / event_count: the schema's event types (v1 and
+# v2) and the milestones EngagementState derives.
+KNOWN_EVENTS: frozenset[str] = frozenset({
+    "signup", "login", "page_view", "click", "form_submit", "tutorial_step", "feature_used",
+    "support_message", "purchase", "logout", "invite_sent", "tutorial_completed",
+})
+
+_COMPARISON_OPS = ("gt", "gte", "lt", "lte", "eq", "ne", "in", "between")
+_ORDERING_OPS = frozenset({"gt", "gte", "lt", "lte", "between"})
+_BOOLEAN_OPS = ("all", "any", "not")
+_TIME_OPS = ("within_days", "older_than_days")
+_EVENT_OPS = ("event_seen", "event_count", "feature_count")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+Predicate = Callable[[Mapping[str, Any], int], bool]
+
+
+class RuleError(ValueError):
+    """A rules file or rule that cannot be loaded; the message says where and why."""
+
+
+class SegmentChange(TypedDict):
+    user_key: Optional[str]
+    segment: str
+    change: str  # "entered" | "exited"
+    at: int  # epoch millis of the evaluation (event time)
+    reason: str  # the rule's description / name and the trigger; never PII
+    version: str  # rules version + content fingerprint
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- compiler
+
+
+class _Compiler:
+    def __init__(self, fields: Mapping[str, str], events: frozenset[str], where: str) -> None:
+        self._fields = fields
+        self._events = events
+        self._where = where
+
+    def fail(self, path: str, message: str) -> RuleError:
+        return RuleError(f"{self._where}: {path}: {message}")
+
+    def compile(self, node: Any, path: str) -> Predicate:
+        if not isinstance(node, Mapping) or not node:
+            raise self.fail(path, f"a condition must be a non-empty mapping, got {type(node).__name__}")
+        keys = set(node)
+        if "field" in keys:
+            return self._comparison(node, path)
+        if len(keys) != 1:
+            raise self.fail(path, f"a condition has exactly one operator, got {sorted(map(str, keys))}")
+        (op,) = keys
+        arg = node[op]
+        if op in ("all", "any"):
+            if not isinstance(arg, list) or not arg:
+                raise self.fail(f"{path}.{op}", "expects a non-empty list of conditions")
+            parts = tuple(self.compile(c, f"{path}.{op}[{i}]") for i, c in enumerate(arg))
+            if op == "all":
+                return lambda p, at: all(part(p, at) for part in parts)
+            return lambda p, at: any(part(p, at) for part in parts)
+        if op == "not":
+            inner = self.compile(arg, f"{path}.not")
+            return lambda p, at: not inner(p, at)
+        if op in _TIME_OPS:
+            return self._time(op, arg, f"{path}.{op}")
+        if op == "event_seen":
+            return self._event_seen(arg, f"{path}.event_seen")
+        if op in ("event_count", "feature_count"):
+            return self._count(op, arg, f"{path}.{op}")
+        if op in _COMPARISON_OPS:
+            raise self.fail(path, f"comparison '{op}' needs a 'field': write {{field: <name>, {op}: <value>}}")
+        known = ", ".join(_BOOLEAN_OPS + _TIME_OPS + _EVENT_OPS)
+        raise self.fail(path, f"unknown operator {op!r} (known: {known}, or a comparison with 'field')")
+
+    def _field(self, name: Any, path: str) -> str:
+        if not isinstance(name, str):
+            raise self.fail(path, f"field must be a string, got {name!r}")
+        if name not in self._fields:
+            raise self.fail(path, f"unknown field {name!r} (known: {', '.join(sorted(self._fields))})")
+        return name
+
+    def _op_and_value(self, node: Mapping, fixed: set[str], path: str) -> tuple[str, Any]:
+        ops = [k for k in node if k not in fixed]
+        if len(ops) != 1:
+            raise self.fail(
+                path, f"expects exactly one comparison operator ({', '.join(_COMPARISON_OPS)}), got {ops or 'none'}"
+            )
+        op = ops[0]
+        if op not in _COMPARISON_OPS:
+            raise self.fail(path, f"unknown comparison operator {op!r} (known: {', '.join(_COMPARISON_OPS)})")
+        return op, node[op]
+
+    def _comparison(self, node: Mapping, path: str) -> Predicate:
+        name = self._field(node["field"], f"{path}.field")
+        op, value = self._op_and_value(node, {"field"}, path)
+        kind = self._fields[name]
+        return _comparison_predicate(name, kind, op, self._check_value(kind, op, value, f"{path}.{op}"))
+
+    def _check_value(self, kind: str, op: str, value: Any, path: str) -> Any:
+        numeric = kind in (NUMBER, TIMESTAMP)
+        if op in _ORDERING_OPS and not numeric:
+            raise self.fail(path, f"'{op}' needs a numeric or timestamp field, this one is {kind}")
+
+        def check_scalar(v: Any) -> Any:
+            if numeric and not _is_number(v):
+                raise self.fail(path, f"expects a number, got {v!r}")
+            if kind == STRING and not isinstance(v, str):
+                raise self.fail(path, f"expects a string, got {v!r}")
+            if kind == BOOL and not isinstance(v, bool):
+                raise self.fail(path, f"expects true or false, got {v!r}")
+            return v
+
+        if op == "in":
+            if not isinstance(value, list) or not value:
+                raise self.fail(path, "expects a non-empty list")
+            return frozenset(check_scalar(v) for v in value)
+        if op == "between":
+            if not isinstance(value, list) or len(value) != 2:
+                raise self.fail(path, "expects a list [low, high]")
+            low, high = (check_scalar(v) for v in value)
+            if low > high:
+                raise self.fail(path, f"low {low!r} is greater than high {high!r}")
+            return (low, high)
+        return check_scalar(value)
+
+    def _time(self, op: str, arg: Any, path: str) -> Predicate:
+        if not isinstance(arg, Mapping) or set(arg) != {"field", "days"}:
+            raise self.fail(path, "expects {field: <timestamp field>, days: <number>}")
+        name = self._field(arg["field"], f"{path}.field")
+        if self._fields[name] != TIMESTAMP:
+            raise self.fail(f"{path}.field", f"{name!r} is not a timestamp field")
+        days = arg["days"]
+        if not _is_number(days) or days < 0:
+            raise self.fail(f"{path}.days", f"expects a number of days >= 0, got {days!r}")
+        span_ms = days * DAY_MS
+        if op == "within_days":
+            def within(p, at, name=name, span_ms=span_ms):
+                t = p.get(name)
+                return _is_number(t) and at - t <= span_ms
+            return within
+
+        def older_than(p, at, name=name, span_ms=span_ms):
+            t = p.get(name)
+            return _is_number(t) and at - t > span_ms
+        return older_than
+
+    def _event_seen(self, arg: Any, path: str) -> Predicate:
+        event = self._event_name(arg, path)
+
+        def seen(p, at, event=event):
+            counts = p.get("event_counts")
+            if isinstance(counts, Mapping) and (counts.get(event) or 0) > 0:
+                return True
+            milestones = p.get("milestones")
+            return isinstance(milestones, (list, tuple, set, frozenset)) and event in milestones
+        return seen
+
+    def _event_name(self, name: Any, path: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise self.fail(path, f"expects an event name, got {name!r}")
+        if name not in self._events:
+            raise self.fail(path, f"unknown event {name!r} (known: {', '.join(sorted(self._events))})")
+        return name
+
+    def _count(self, op: str, arg: Any, path: str) -> Predicate:
+        subject_key, profile_key = ("event", "event_counts") if op == "event_count" else ("feature", "features_used")
+        if not isinstance(arg, Mapping) or subject_key not in arg:
+            raise self.fail(path, f"expects {{{subject_key}: <name>, <op>: <number>}}")
+        if op == "event_count":
+            subject = self._event_name(arg[subject_key], f"{path}.{subject_key}")
+        else:
+            subject = arg[subject_key]
+            if not isinstance(subject, str) or not subject:
+                raise self.fail(f"{path}.feature", f"expects a feature name, got {subject!r}")
+        cmp_op, value = self._op_and_value(arg, {subject_key}, path)
+        value = self._check_value(NUMBER, cmp_op, value, f"{path}.{cmp_op}")
+        compare = _comparator(cmp_op, value)
+
+        def count(p, at, subject=subject, profile_key=profile_key):
+            counts = p.get(profile_key)
+            n = counts.get(subject, 0) if isinstance(counts, Mapping) else 0
+            return compare(n if _is_number(n) else 0)
+        return count
+
+
+def _comparator(op: str, value: Any) -> Callable[[Any], bool]:
+    if op == "gt":
+        return lambda v: v > value
+    if op == "gte":
+        return lambda v: v >= value
+    if op == "lt":
+        return lambda v: v < value
+    if op == "lte":
+        return lambda v: v <= value
+    if op == "eq":
+        return lambda v: v == value
+    if op == "ne":
+        return lambda v: v != value
+    if op == "in":
+        return lambda v: v in value
+    low, high = value
+    return lambda v: low <= v <= high
+
+
+def _comparison_predicate(name: str, kind: str, op: str, value: Any) -> Predicate:
+    compare = _comparator(op, value)
+    if kind in (NUMBER, TIMESTAMP):
+        def numeric(p, at):
+            v = p.get(name)
+            return _is_number(v) and compare(v)
+        return numeric
+    expected = str if kind == STRING else bool
+
+    def typed(p, at):
+        v = p.get(name)
+        return isinstance(v, expected) and compare(v)
+    return typed
+
+
+# --------------------------------------------------------------------------- rule set
+
+
+@dataclass(frozen=True)
+class SegmentRule:
+    name: str
+    description: str
+    predicate: Predicate
+
+    @property
+    def reason(self) -> str:
+        return self.description or self.name
+
+
+class RuleSet:
+    """Compiled segment rules; build with ``RuleSet.load`` / ``RuleSet.from_yaml``."""
+
+    def __init__(self, rules: Iterable[SegmentRule], version: str, retired: Iterable[str] = ()) -> None:
+        self.rules: tuple[SegmentRule, ...] = tuple(rules)
+        self.version = version
+        self.retired: frozenset[str] = frozenset(retired)
+        self._by_name = {rule.name: rule for rule in self.rules}
+        self.owned: frozenset[str] = frozenset(self._by_name) | self.retired
+
+    @property
+    def names(self) -> list[str]:
+        return [rule.name for rule in self.rules]
+
+    @classmethod
+    def load(
+        cls,
+        path: Union[str, Path] = DEFAULT_RULES_PATH,
+        extra_fields: Optional[Mapping[str, str]] = None,
+        extra_events: Iterable[str] = (),
+    ) -> "RuleSet":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RuleError(f"{path}: cannot read rules file: {exc.strerror}") from None
+        return cls.from_yaml(text, source=str(path), extra_fields=extra_fields, extra_events=extra_events)
+
+    @classmethod
+    def from_yaml(
+        cls,
+        text: str,
+        source: str = "<rules>",
+        extra_fields: Optional[Mapping[str, str]] = None,
+        extra_events: Iterable[str] = (),
+    ) -> "RuleSet":
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RuleError(f"{source}: not valid YAML: {exc}") from None
+        fields = dict(PROFILE_FIELDS)
+        for name, kind in (extra_fields or {}).items():
+            if kind not in (NUMBER, TIMESTAMP, STRING, BOOL):
+                raise RuleError(f"extra field {name!r}: unknown kind {kind!r}")
+            fields[name] = kind
+        events = KNOWN_EVENTS | frozenset(extra_events)
+
+        if not isinstance(doc, Mapping):
+            raise RuleError(f"{source}: expected a mapping with 'version' and 'segments'")
+        unknown = set(doc) - {"version", "segments", "retired"}
+        if unknown:
+            raise RuleError(f"{source}: unknown top-level keys {sorted(map(str, unknown))}")
+        declared = doc.get("version")
+        if not isinstance(declared, (str, int)) or isinstance(declared, bool) or str(declared) == "":
+            raise RuleError(f"{source}: 'version' is required (a string or number)")
+        segments = doc.get("segments")
+        if not isinstance(segments, list) or not segments:
+            raise RuleError(f"{source}: 'segments' must be a non-empty list")
+        retired = doc.get("retired") or []
+        if not isinstance(retired, list) or not all(isinstance(r, str) and _NAME_RE.match(r) for r in retired):
+            raise RuleError(f"{source}: 'retired' must be a list of segment names")
+
+        rules = []
+        seen: set[str] = set()
+        for index, entry in enumerate(segments):
+            where = f"{source}: segments[{index}]"
+            if not isinstance(entry, Mapping):
+                raise RuleError(f"{where}: expected a mapping with name and when")
+            name = entry.get("name")
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise RuleError(f"{where}: 'name' must match {_NAME_RE.pattern}, got {name!r}")
+            where = f"{source}: segment {name!r}"
+            unknown = set(entry) - {"name", "description", "enabled", "when"}
+            if unknown:
+                raise RuleError(f"{where}: unknown keys {sorted(map(str, unknown))}")
+            if name in seen:
+                raise RuleError(f"{where}: defined twice")
+            if name in retired:
+                raise RuleError(f"{where}: both defined and retired")
+            seen.add(name)
+            description = entry.get("description", "")
+            if not isinstance(description, str):
+                raise RuleError(f"{where}: 'description' must be a string")
+            enabled = entry.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise RuleError(f"{where}: 'enabled' must be true or false")
+            if "when" not in entry:
+                raise RuleError(f"{where}: 'when' (the condition) is required")
+            predicate = _Compiler(fields, events, where).compile(entry["when"], "when")
+            if enabled:
+                rules.append(SegmentRule(name, description.strip(), predicate))
+
+        fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        return cls(rules, f"{declared}+{fingerprint}", retired)
+
+    def evaluate(self, profile: Mapping[str, Any], at_ms: int) -> set[str]:
+        """Names of the segments whose rule matches the profile at at_ms."""
+        return {rule.name for rule in self.rules if rule.predicate(profile, at_ms)}
+
+    def diff(
+        self,
+        old_segments: Iterable[str],
+        new_segments: Iterable[str],
+        at_ms: int,
+        reason: Optional[str] = None,
+        user_key: Optional[str] = None,
+    ) -> list[SegmentChange]:
+        """Entered / exited changes between two segment sets, sorted by segment.
+
+        Each change's reason is the rule's description (or name); ``reason``,
+        when given, says what triggered the evaluation (e.g. "dormancy").
+        """
+        old, new = set(old_segments), set(new_segments)
+        changes: list[SegmentChange] = []
+        for segment in sorted(old ^ new):
+            rule = self._by_name.get(segment)
+            if rule is not None:
+                why = rule.reason
+            elif segment in self.retired:
+                why = f"segment {segment} retired in rules version {self.version}"
+            else:
+                why = segment
+            if reason:
+                why = f"{why} (trigger: {reason})"
+            changes.append(
+                SegmentChange(
+                    user_key=user_key,
+                    segment=segment,
+                    change="entered" if segment in new else "exited",
+                    at=at_ms,
+                    reason=why,
+                    version=self.version,
+                )
+            )
+        return changes
+
+    def assign(self, previous: Iterable[str], profile: Mapping[str, Any], at_ms: int) -> set[str]:
+        """The profile's new segment set: rule segments re-evaluated, retired ones
+        removed, segments owned by others (e.g. the online model) kept as they are."""
+        return (set(previous) - self.owned) | self.evaluate(profile, at_ms)
+
+
+# --------------------------------------------------------------------------- Beam
+
+
+def _dead_letter(reason: str, payload: Any) -> dict:
+    return {"stage": "segment", "reason": reason, "event_id": None, "payload": payload}
+
+
+class _AssignRuleSegmentsFn(beam.DoFn):
+    def __init__(self, rules_yaml: str, source: str, extra_fields, extra_events) -> None:
+        self._rules_yaml = rules_yaml
+        self._source = source
+        self._extra_fields = extra_fields
+        self._extra_events = extra_events
+        self._rules: Optional[RuleSet] = None
+        self._changes = Metrics.counter(METRICS_NAMESPACE, "segment_changes")
+        self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "segment_dead_letter")
+
+    def setup(self) -> None:
+        # Compiled once per worker from the text shipped with the DoFn, so workers
+        # need no access to the driver's file system.
+        self._rules = RuleSet.from_yaml(
+            self._rules_yaml, self._source, self._extra_fields, self._extra_events
+        )
+
+    def process(self, profile, timestamp=beam.DoFn.TimestampParam):
+        if not isinstance(profile, Mapping):
+            self._dead_letters.inc()
+            yield beam.pvalue.TaggedOutput(AssignRuleSegments.DEAD_LETTER, _dead_letter("not_a_mapping", profile))
+            return
+        user_key = profile.get("user_key")
+        previous = profile.get("segments")
+        if previous is None:
+            previous = ()
+        if not isinstance(user_key, str) or not user_key:
+            reason = "missing_user_key"
+        elif isinstance(previous, (str, bytes)) or not isinstance(previous, Iterable):
+            reason = "bad_segments"
+        else:
+            reason = None
+        if reason is not None:
+            self._dead_letters.inc()
+            yield beam.pvalue.TaggedOutput(AssignRuleSegments.DEAD_LETTER, _dead_letter(reason, profile))
+            return
+        at_ms = profile.get("as_of")
+        if not _is_number(at_ms):
+            # Profiles carry their event-time evaluation point; fall back to the element time.
+            at_ms = timestamp.micros // 1000
+        previous = set(previous)
+        current = self._rules.assign(previous, profile, at_ms)
+        updated = dict(profile)
+        updated["segments"] = sorted(current)
+        yield updated
+        trigger = profile.get("trigger")
+        for change in self._rules.diff(
+            previous, current, at_ms, trigger if isinstance(trigger, str) else None, user_key
+        ):
+            self._changes.inc()
+            yield beam.pvalue.TaggedOutput(AssignRuleSegments.SEGMENT_CHANGES, change)
+
+
+class AssignRuleSegments(beam.PTransform):
+    """Re-evaluate rule segments on every profile update.
+
+    In: profile dicts with ``user_key``, the features rules use (see
+    ``PROFILE_FIELDS``), ``as_of`` (event-time evaluation point, epoch millis;
+    the element timestamp otherwise) and the previous ``segments`` (a list,
+    absent on a first evaluation).
+    Out (main, ``profiles``): the same profiles with ``segments`` updated: rule
+    segments re-evaluated, retired ones removed, segments the rules do not own
+    (e.g. from the online model) kept. ``segment_changes``: one
+    ``SegmentChange`` per segment entered or exited. ``dead_letter``: profiles
+    that are not mappings, lack a user_key or have a malformed ``segments``
+    (counted in ``onboardflow:segment_dead_letter``).
+
+    The rules file is read and validated when the transform is constructed
+    (a bad file fails pipeline construction) and compiled once per worker.
+    """
+
+    PROFILES = "profiles"
+    SEGMENT_CHANGES = "segment_changes"
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(
+        self,
+        rules_path: Union[str, Path] = DEFAULT_RULES_PATH,
+        extra_fields: Optional[Mapping[str, str]] = None,
+        extra_events: Iterable[str] = (),
+        label: Optional[str] = None,
+    ) -> None:
+        super().__init__(label)
+        path = Path(rules_path)
+        try:
+            self._rules_yaml = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RuleError(f"{path}: cannot read rules file: {exc.strerror}") from None
+        self._source = str(path)
+        self._extra_fields = dict(extra_fields or {})
+        self._extra_events = tuple(extra_events)
+        self.rules = RuleSet.from_yaml(self._rules_yaml, self._source, self._extra_fields, self._extra_events)
+
+    def expand(self, profiles):
+        return profiles | "EvaluateRules" >> beam.ParDo(
+            _AssignRuleSegmentsFn(self._rules_yaml, self._source, self._extra_fields, self._extra_events)
+        ).with_outputs(self.SEGMENT_CHANGES, self.DEAD_LETTER, main=self.PROFILES)
