@@ -43,7 +43,8 @@ setup(
             "pytest-timeout>=2.3,<3",
             "hypothesis>=6.100,<7",
             "fakeredis>=2.20,<3",
-            "confluent-kafka>=2.4,<3",
+            # [avro]: the Schema Registry client and AvroSerializer used by the interop test.
+            "confluent-kafka[avro]>=2.4,<3",
         ],
     },
     entry_points={"console_scripts": ["onboardflow=onboardflow.runners.cli:main"]},

@@ -176,6 +176,9 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
     bucket = TokenBucket(rate, clock=clock) if rate > 0 else None
     bar = tqdm(total=total, unit="msg", file=sys.stderr, disable=not progress,
                mininterval=0.5, dynamic_ncols=True, desc=topic)
+    # Updating tqdm per message would cost more than the send; paced runs
+    # still refresh about ten times a second.
+    report_every = 500 if bucket is None else max(1, min(500, int(rate / 10)))
     unreported = 0
     consecutive_errors = 0
     start = clock()
@@ -197,18 +200,38 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
                 consecutive_errors = 0
                 future.add_errback(on_error, message.kind)
                 unreported += 1
-                if unreported >= 500:  # tqdm per message would cost more than the send
+                if unreported >= report_every:
                     bar.update(unreported)
                     unreported = 0
         except KeyboardInterrupt:
             stats.interrupted = True
-        producer.flush()
+        _flush(producer)
     finally:
         producer.close(timeout=30)
         bar.update(unreported)
         bar.close()
         stats.elapsed_s = clock() - start
     return stats
+
+
+def _flush(producer) -> None:
+    """Block until every record is acknowledged or failed.
+
+    kafka-python 3.0's flush() snapshots the in-flight batches and raises
+    UnknownError("Future not done") on one that the sender meanwhile split
+    (after a MESSAGE_TOO_LARGE) and retired; its records live on in the new
+    batches, so flushing again waits for those.
+    """
+    from kafka.errors import UnknownError
+
+    for attempt in range(1000):
+        try:
+            producer.flush()
+            return
+        except UnknownError:
+            if attempt == 999:
+                raise
+            time.sleep(0.01)  # let the sender finish retiring the split batch
 
 
 def _persona_mix(text: str) -> dict[str, float]:

@@ -250,7 +250,10 @@ class RegistryServer:
         return f"http://{host}:{port}"
 
     def start(self) -> "RegistryServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="registry-server", daemon=True)
+        # A short poll interval keeps stop() (and test teardown) quick.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="registry-server", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -10,6 +10,13 @@ fields take their defaults, unknown enum symbols the enum default).
 Decoding runs once per event at 10k+ events/s, so everything per schema is done
 once per schema id: the writer schema is parsed once, and the reader schema is
 dropped when it is identical to the writer's (fastavro then skips resolution).
+fastavro re-matches writer and reader schemas on every record, which halves
+throughput, so the usual evolution step gets a shortcut too: when the reader
+only appends fields with immutable defaults and adds enum symbols (v1 -> v2),
+the record is read with the writer schema alone and the defaults are added,
+which is exactly what resolution would produce. Any other pair takes fastavro's
+full resolution.
+
 ``timestamp-millis`` fields come out as epoch-millisecond ints: fastavro picks
 its logical-type conversion from the *writer* schema, so the cached copy of
 each writer schema has that logical type removed; the wire bytes are the same
@@ -34,9 +41,9 @@ from onboardflow.schemas.registry import (
     SchemaLike,
     SchemaNotFound,
     SchemaRegistry,
+    normalize,
     parse,
     plain_schema,
-    normalize,
 )
 
 MAGIC_BYTE = 0
@@ -48,7 +55,8 @@ REASONS: dict[str, str] = {
     "not_framed": "empty, shorter than the 5-byte header, or not starting with magic byte 0",
     "unknown_schema_id": "the schema id in the header is not in the registry",
     "incompatible_schema": "the writer schema cannot be resolved into the reader schema (or is not Avro)",
-    "avro_decode_error": "the Avro payload is malformed: truncated, bad varint/UTF-8/enum/union index, or trailing bytes",
+    "avro_decode_error": "the Avro payload is malformed: truncated, bad varint/UTF-8/enum/union index, "
+    "or trailing bytes",
     "missing_identity": "neither user_id nor anonymous_id is set",
     "invalid_timestamp": "occurred_at/received_at before 2000-01-01 or after 2100-01-01, "
     "or occurred_at more than the allowed skew after received_at",
@@ -144,6 +152,69 @@ def epoch_millis_schema(schema: SchemaLike) -> Any:
     return parse(_without_millis_conversion(plain_schema(parse(schema))))
 
 
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+_IMMUTABLE_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def _shape(node: Any) -> Any:
+    """A type with a primitive in dict form ({"type": "long"}) reduced to its name."""
+    if isinstance(node, dict) and node.get("type") in _PRIMITIVES and "logicalType" not in node:
+        return node["type"]
+    return node
+
+
+def _same_shape(writer: Any, reader: Any) -> bool:
+    """True if bytes written with ``writer`` decode to the same values under ``reader``
+    without resolution: the same types in the same order, enum symbols a subset."""
+    writer, reader = _shape(writer), _shape(reader)
+    if isinstance(writer, str) or isinstance(reader, str):
+        return writer == reader
+    if isinstance(writer, list) or isinstance(reader, list):
+        return (
+            isinstance(writer, list) and isinstance(reader, list) and len(writer) == len(reader)
+            and all(_same_shape(w, r) for w, r in zip(writer, reader))
+        )
+    kind = writer.get("type")
+    if kind != reader.get("type"):
+        return False
+    if kind == "record":
+        w_fields, r_fields = writer["fields"], reader["fields"]
+        return (
+            writer["name"] == reader["name"] and len(w_fields) == len(r_fields)
+            and all(w["name"] == r["name"] and _same_shape(w["type"], r["type"]) for w, r in zip(w_fields, r_fields))
+        )
+    if kind == "enum":
+        # Read with the writer schema, symbols come out by name; only a symbol the
+        # reader lacks (resolution would give the reader's default) needs resolution.
+        return writer["name"] == reader["name"] and set(writer["symbols"]) <= set(reader["symbols"])
+    if kind == "array":
+        return _same_shape(writer["items"], reader["items"])
+    if kind == "map":
+        return _same_shape(writer["values"], reader["values"])
+    # fixed and logical types: everything but documentation must match.
+    ignored = ("doc", "aliases", "default")
+    return {k: v for k, v in writer.items() if k not in ignored} == {
+        k: v for k, v in reader.items() if k not in ignored
+    }
+
+
+def appended_defaults(writer: SchemaLike, reader: SchemaLike) -> dict | None:
+    """The fields ``reader`` appends to the ``writer`` record, with their defaults, if
+    reading with ``writer`` and adding them equals Avro resolution; None otherwise."""
+    w = plain_schema(parse(writer))
+    r = plain_schema(parse(reader))
+    if not (isinstance(w, dict) and isinstance(r, dict) and w.get("type") == r.get("type") == "record"):
+        return None
+    if w["name"] != r["name"] or len(r["fields"]) < len(w["fields"]):
+        return None
+    shared, appended = r["fields"][: len(w["fields"])], r["fields"][len(w["fields"]):]
+    if not _same_shape(w, {**r, "fields": shared}):
+        return None
+    if not all("default" in f and isinstance(f["default"], _IMMUTABLE_DEFAULTS) for f in appended):
+        return None
+    return {f["name"]: f["default"] for f in appended}
+
+
 class AvroSerializer:
     """Frames records of one schema under one subject: ``serialize(record) -> bytes``.
 
@@ -190,11 +261,12 @@ class AvroDeserializer:
         self.unknown_id_ttl_s = unknown_id_ttl_s
         self._reader_identity = normalize(reader_schema)
         self._reader = epoch_millis_schema(reader_schema)
-        # schema id -> (writer schema, reader schema or None when identical)
-        self._plans: dict[int, tuple[Any, Any]] = {}
+        # schema id -> (writer schema, reader schema or None when not needed,
+        #               fields the reader appends with their defaults, or None)
+        self._plans: dict[int, tuple[Any, Any, dict | None]] = {}
         self._unknown_until: dict[int, float] = {}
 
-    def _plan(self, schema_id: int) -> tuple[Any, Any]:
+    def _plan(self, schema_id: int) -> tuple[Any, Any, dict | None]:
         expiry = self._unknown_until.get(schema_id)
         if expiry is not None and expiry > time.monotonic():
             raise UnknownSchemaId(f"schema id {schema_id} not in registry")
@@ -209,9 +281,11 @@ class AvroDeserializer:
             raise IncompatibleSchema(f"schema id {schema_id} is not a usable Avro schema") from None
         self._unknown_until.pop(schema_id, None)
         if normalize(writer) == self._reader_identity:
-            plan = (self._reader, None)
+            plan = (self._reader, None, None)
         else:
-            plan = (epoch_millis_schema(writer), self._reader)
+            writer_millis = epoch_millis_schema(writer)
+            appended = appended_defaults(writer_millis, self._reader)
+            plan = (writer_millis, None, appended) if appended is not None else (writer_millis, self._reader, None)
         self._plans[schema_id] = plan
         return plan
 
@@ -248,6 +322,8 @@ class AvroDeserializer:
             )
         if type(record) is not dict:
             raise IncompatibleSchema(f"schema id {schema_id} does not describe a record")
+        if plan[2]:
+            record.update(plan[2])
         return record
 
 
@@ -265,6 +341,7 @@ __all__ = [
     "MissingIdentity",
     "NotFramed",
     "UnknownSchemaId",
+    "appended_defaults",
     "epoch_millis_schema",
     "frame",
     "unframe",

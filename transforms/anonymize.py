@@ -214,6 +214,7 @@ def _as_provider(secret: Union[SecretProvider, bytes]) -> SecretProvider:
 _EMAIL_DOMAIN_RE = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"
 )
+_WHITESPACE_RE = re.compile(r"\s")
 _EMAIL_IN_TEXT_RE = re.compile(r"[^\s@<>(),;:\"\[\]]+@[^\s@<>(),;:\"\[\]]+\.[A-Za-z]{2,}")
 
 
@@ -226,7 +227,7 @@ def email_domain(email: Optional[str]) -> Optional[str]:
     if not isinstance(email, str):
         return None
     local, at, domain = email.strip().rpartition("@")
-    if not at or not local or not domain or "@" in local or any(c.isspace() for c in local):
+    if not at or not local or not domain or "@" in local or _WHITESPACE_RE.search(local):
         return None
     domain = domain.rstrip(".").lower()
     if not domain.isascii():
@@ -258,8 +259,16 @@ def ip_prefix(ip: Optional[str]) -> Optional[str]:
     """The network an address belongs to: IPv4 -> /24, IPv6 -> /48; invalid -> None."""
     if not isinstance(ip, str) or not ip:
         return None
+    text = _strip_ip_decorations(ip)
+    octets = text.split(".")
+    # Fast path for plain dotted quads (the common case); same rules as ipaddress:
+    # decimal octets 0-255, no leading zeros.
+    if len(octets) == 4 and all(o.isdigit() and o.isascii() and len(o) <= 3 and (o == "0" or o[0] != "0") for o in octets):
+        if all(int(o) <= 255 for o in octets):
+            return f"{octets[0]}.{octets[1]}.{octets[2]}.0/24"
+        return None
     try:
-        addr = ipaddress.ip_address(_strip_ip_decorations(ip))
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
     if addr.version == 6:
@@ -417,7 +426,7 @@ class Pseudonymizer:
         raw_email = context.get("email")
         raw_ip = context.get("ip")
         raw_ua = context.get("user_agent")
-        needles = [n for n in (user_id, anonymous_id, raw_email, raw_ip, raw_ua) if isinstance(n, str) and n]
+        needles = _needles((user_id, anonymous_id, raw_email, raw_ip, raw_ua))
         properties, stripped = _scrub_properties(event.get("properties") or {}, needles)
         session_id = event.get("session_id")
         if session_id is not None and (not isinstance(session_id, str) or _leaks(session_id, needles)):
@@ -452,24 +461,26 @@ class Pseudonymizer:
         return out, stripped
 
 
-def _leaks(value: str, needles: list[str]) -> bool:
+def _needles(identifiers) -> list[tuple[str, bool]]:
+    """Raw identifiers to look for in free-text values: (lower-cased, substring match?)."""
+    return [(n.lower(), len(n) >= _MIN_SUBSTRING_NEEDLE) for n in identifiers if isinstance(n, str) and n]
+
+
+def _leaks(value: str, needles: list[tuple[str, bool]]) -> bool:
     lowered = value.lower()
-    for needle in needles:
-        if len(needle) >= _MIN_SUBSTRING_NEEDLE:
-            if needle.lower() in lowered:
-                return True
-        elif value == needle:
+    for needle, as_substring in needles:
+        if needle in lowered if as_substring else lowered == needle:
             return True
     return False
 
 
-def _clean_context_value(value: Any, needles: list[str]) -> Optional[str]:
+def _clean_context_value(value: Any, needles: list[tuple[str, bool]]) -> Optional[str]:
     if not isinstance(value, str) or _leaks(value, needles):
         return None
     return value
 
 
-def _scrub_properties(properties: Mapping[str, Any], needles: list[str]) -> tuple[dict, int]:
+def _scrub_properties(properties: Mapping[str, Any], needles: list[tuple[str, bool]]) -> tuple[dict, int]:
     if not isinstance(properties, Mapping):
         return {}, 1
     kept = {}

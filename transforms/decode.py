@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
 from onboardflow.schemas import DEAD_LETTER_SUBJECT, load_schema
-from onboardflow.schemas.registry import SchemaRegistry, registry_from_url
+from onboardflow.schemas.registry import RegistryError, RegistryUnavailable, SchemaRegistry, registry_from_url
 from onboardflow.schemas.wire import (
     AvroDeserializer,
     AvroSerializer,
@@ -106,7 +106,13 @@ class OnboardingEventDecoder:
         return event
 
     def dead_letter(self, record: KafkaRecord, error: InvalidEvent, stage: str = "decode") -> dict:
-        """The DeadLetter dict for a record that failed ``stage`` (raw bytes kept)."""
+        """The DeadLetter dict for a record that failed ``stage`` (raw bytes kept).
+
+        ``error`` is normally an InvalidEvent; for any other exception the
+        reason is ``registry_unavailable``, ``registry_error`` or
+        ``internal_error`` and the detail only the exception's type (its
+        message could quote the record).
+        """
         return {
             "source_topic": str(record.topic),
             "source_partition": int(record.partition),
@@ -114,8 +120,8 @@ class OnboardingEventDecoder:
             "kafka_timestamp": int(record.timestamp_ms) if record.timestamp_ms is not None else -1,
             "key": _raw_bytes(record.key),
             "value": _raw_bytes(record.value),
-            "reason": getattr(error, "reason", "internal_error"),
-            "detail": getattr(error, "detail", type(error).__name__),
+            "reason": _reason(error),
+            "detail": error.detail if isinstance(error, InvalidEvent) else type(error).__name__,
             "stage": stage,
             "failed_at": time.time_ns() // 1_000_000,
         }
@@ -127,6 +133,16 @@ class OnboardingEventDecoder:
                 self.registry, DEAD_LETTER_SUBJECT, load_schema("dead_letter")
             )
         return self._dead_letter_serializer.serialize(dl)
+
+
+def _reason(error: BaseException) -> str:
+    # Callers that dead-letter any exception (the Kafka source) still get a
+    # specific code for registry trouble, so those records can be replayed.
+    if isinstance(error, InvalidEvent):
+        return error.reason
+    if isinstance(error, RegistryError):
+        return "registry_unavailable" if isinstance(error, RegistryUnavailable) else "registry_error"
+    return "internal_error"
 
 
 def _raw_bytes(value: Any) -> bytes | None:

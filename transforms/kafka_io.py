@@ -501,6 +501,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         self._poll_batch_size = poll_batch_size
         self._poll_timeout_ms = poll_timeout_ms
         self._max_read_seconds = max_read_seconds
+        self._idle_resume_delay = Duration(micros=poll_timeout_ms * 1000)
         self._consumer_per_partition = consumer_per_partition
         self._consumer_config = consumer_config
         self._records_read = Metrics.counter(_SOURCE_NAMESPACE, "records_read")
@@ -546,6 +547,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
             per_partition=self._consumer_per_partition,
         )
         self._committer = None
+        self._closing = False
 
     def start_bundle(self):
         # Offsets to commit once this bundle's outputs are durable.
@@ -553,6 +555,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         self._finalizer_registered = False
 
     def teardown(self):
+        self._closing = True
         if getattr(self, "_consumers", None) is not None:
             self._consumers.close()
         if getattr(self, "_committer", None) is not None:
@@ -621,21 +624,33 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         next_offset = start
         deadline = time.monotonic() + self._max_read_seconds
         while True:
-            batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._poll_batch_size).get(tp)
+            try:
+                batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._poll_batch_size).get(tp)
+                if not batch:
+                    position, highwater = consumer.position(tp), consumer.highwater(tp)
+            except Exception:
+                if not self._closing:
+                    raise
+                # The job is being cancelled and teardown closed the consumer
+                # under this bundle; hand the rest back instead of failing.
+                tracker.defer_remainder()
+                break
             if not batch:
-                if consumer.position(tp) >= stop:
+                if position >= stop:
                     # Bounded end reached across a gap (compaction, transaction
                     # markers): claiming `stop` fails and closes the range.
                     try_claim(stop)
                     next_offset = stop
                     break
-                highwater = consumer.highwater(tp)
-                if bounded or (highwater is not None and consumer.position(tp) < highwater):
+                if bounded or highwater is None or position < highwater:
+                    # Records exist but the fetch has not returned them yet.
                     if time.monotonic() < deadline:
                         continue
                 else:
                     watermark.observe_caught_up()
-                tracker.defer_remainder(Duration(micros=self._poll_timeout_ms * 1000))
+                # The consumer keeps its long-poll fetch in flight meanwhile, so
+                # new records are usually buffered by the time this resumes.
+                tracker.defer_remainder(self._idle_resume_delay)
                 break
             finished = False
             max_event_ms = None
@@ -825,8 +840,8 @@ class ReadFromKafka(beam.PTransform):
         max_out_of_orderness: Union[float, Duration] = 60,
         idle_timeout: Union[float, Duration] = 30,
         poll_batch_size: int = 500,
-        poll_timeout_ms: int = 200,
-        max_read_seconds: float = 2.0,
+        poll_timeout_ms: int = 100,
+        max_read_seconds: float = 1.0,
         consumer_per_partition: bool = True,
         consumer_config: Optional[Mapping[str, Any]] = None,
     ):

@@ -86,10 +86,10 @@ _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 
 # KEYS[1] profile hash. ARGV: [1] version, [2] write id, [3] ttl ms (0: none),
 # [4] segment key prefix, [5] user_key (the set member), [6] n segments,
-# [7 .. 6+n] segments, then field/value pairs (version, _types and _write_id
-# included). Segment keys are built inside the script because the old
-# segments are only known once the stored hash is read: this is why the store
-# needs a single Redis node (or Sentinel), not Redis Cluster.
+# [7 .. 6+n] segments, then field/value pairs (version and _types included;
+# the script adds _write_id). Segment keys are built inside the script because
+# the old segments are only known once the stored hash is read: this is why
+# the store needs a single Redis node (or Sentinel), not Redis Cluster.
 UPSERT_PROFILE_LUA = """
 local key = KEYS[1]
 local incoming = tonumber(ARGV[1])
@@ -121,6 +121,7 @@ while i <= #ARGV do
   redis.call('HSET', key, unpack(ARGV, i, j))
   i = j + 1
 end
+redis.call('HSET', key, '_write_id', ARGV[2])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 local prefix, member = ARGV[4], ARGV[5]
@@ -664,12 +665,15 @@ class ProfileStore:
         redis_url: str,
         secret: Union[bytes, str, SecretKey, None] = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
+        *,
+        client: Optional[redis.Redis] = None,
     ) -> None:
         self.keys = ProfileKeys(key_prefix)
         if isinstance(secret, str):
             secret = secret.encode("utf-8")
         self._pseudonymizer = Pseudonymizer(secret) if secret is not None else None
-        self._client = redis.Redis.from_url(redis_url)
+        # ``client`` lets an app share its own connection pool.
+        self._client = client if client is not None else redis.Redis.from_url(redis_url)
         self._sweep = self._client.register_script(SWEEP_SEGMENT_LUA)
 
     def close(self) -> None:

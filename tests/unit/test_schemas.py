@@ -168,7 +168,9 @@ def test_symbols_from_a_future_version_resolve_to_unknown_in_the_v2_reader():
     v3["fields"][1]["type"]["symbols"].append("workspace_created")
     event = {**V2_EVENT, "event_type": "workspace_created"}
     payload = _write(fastavro.parse_schema(v3), event)
-    decoded = fastavro.schemaless_reader(io.BytesIO(payload), fastavro.parse_schema(v3), load_schema("onboarding_event", 2))
+    decoded = fastavro.schemaless_reader(
+        io.BytesIO(payload), fastavro.parse_schema(v3), load_schema("onboarding_event", 2)
+    )
     assert decoded["event_type"] == "unknown"
 
 

@@ -22,6 +22,7 @@ from onboardflow.schemas.wire import (
     MissingIdentity,
     NotFramed,
     UnknownSchemaId,
+    appended_defaults,
     epoch_millis_schema,
     frame,
     unframe,
@@ -94,7 +95,8 @@ def test_serializer_output_is_confluent_framed_avro_with_the_registered_id():
     raw = v2_bytes()
     schema_id, payload = unframe(raw)
     assert schema_id == 2
-    assert fastavro.schemaless_reader(io.BytesIO(payload), epoch_millis_schema(load_schema("onboarding_event", 2))) == EVENT
+    reader = epoch_millis_schema(load_schema("onboarding_event", 2))
+    assert fastavro.schemaless_reader(io.BytesIO(payload), reader) == EVENT
 
 
 def test_serializer_accepts_datetimes_too_and_deserializer_always_returns_millis():
@@ -231,3 +233,64 @@ def test_deserializer_raises_only_invalid_event_on_arbitrary_bytes(raw):
     else:
         assert set(record) == {f["name"] for f in load_schema_json("onboarding_event", 2)["fields"]}
 
+
+
+def test_v1_to_v2_takes_the_appended_fields_shortcut():
+    v1, v2 = load_schema("onboarding_event", 1), load_schema("onboarding_event", 2)
+    assert appended_defaults(v1, v2) == {"referrer": None}
+    assert appended_defaults(v2, v1) is None  # v1 readers must drop referrer: full resolution
+
+
+def test_the_shortcut_is_refused_for_symbols_the_reader_lacks_which_resolve_to_its_default(tmp_path):
+    future = load_schema_json("onboarding_event", 1)
+    future["fields"][1]["type"]["symbols"].append("workspace_created")
+    assert appended_defaults(future, load_schema("onboarding_event", 2)) is None
+
+    registry = FileSchemaRegistry(tmp_path / "registry.json", writable=True)
+    registry.register(EVENTS_SUBJECT, load_schema_json("onboarding_event", 2))
+    writer = AvroSerializer(registry, EVENTS_SUBJECT, future)
+    v1_event = {k: v for k, v in EVENT.items() if k != "referrer"}
+    deserializer = AvroDeserializer(registry, load_schema("onboarding_event", 2))
+    assert deserializer.deserialize(writer.serialize({**v1_event, "event_type": "workspace_created"})) == {
+        **EVENT, "event_type": "unknown"
+    }
+    assert deserializer.deserialize(writer.serialize(v1_event)) == EVENT
+
+
+def test_the_shortcut_is_refused_for_reordered_fields_and_mutable_defaults():
+    v1 = load_schema_json("onboarding_event", 1)
+    reordered = {**v1, "fields": [v1["fields"][1], v1["fields"][0], *v1["fields"][2:]]}
+    assert appended_defaults(v1, reordered) is None
+    with_map = {**v1, "fields": v1["fields"] + [{"name": "tags", "type": {"type": "map", "values": "string"},
+                                                   "default": {}}]}
+    assert appended_defaults(v1, with_map) is None
+
+
+text = st.text(max_size=12)
+optional_text = st.none() | text
+
+
+@settings(max_examples=150, deadline=None)
+@given(event=st.fixed_dictionaries({
+    "event_id": text,
+    "event_type": st.sampled_from(load_schema_json("onboarding_event", 1)["fields"][1]["type"]["symbols"]),
+    "user_id": optional_text,
+    "anonymous_id": optional_text,
+    "session_id": optional_text,
+    "occurred_at": st.integers(-(2**62), 2**62),
+    "received_at": st.integers(-(2**62), 2**62),
+    "properties": st.dictionaries(text, text, max_size=4),
+    "context": st.fixed_dictionaries({k: optional_text for k in
+                                      ("device", "os", "app_version", "locale", "ip", "user_agent", "email")}),
+    "consent": st.fixed_dictionaries({k: st.booleans() for k in ("analytics", "personalization", "marketing")}),
+}))
+def test_the_shortcut_gives_exactly_what_avro_resolution_gives(event):
+    raw = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", 1)).serialize(event)
+    resolved = fastavro.schemaless_reader(
+        io.BytesIO(unframe(raw)[1]),
+        epoch_millis_schema(load_schema("onboarding_event", 1)),
+        epoch_millis_schema(load_schema("onboarding_event", 2)),
+    )
+    shortcut = AvroDeserializer(default_registry(), load_schema("onboarding_event", 2)).deserialize(raw)
+    assert shortcut == resolved == {**event, "referrer": None}
+    assert list(shortcut) == list(resolved)

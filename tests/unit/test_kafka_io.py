@@ -1,0 +1,400 @@
+"""Pure logic of the Kafka source: watermark policy, start positions, restrictions.
+
+Everything here runs without a broker or a runner: the watermark estimator
+gets a fake clock, start positions are resolved from broker answers given as
+plain numbers, and the restriction provider / tracker are exercised the way
+the SDK harness calls them. The Kafka round trips live in
+tests/integration/test_kafka_io.py.
+"""
+import pytest
+from apache_beam.io.restriction_trackers import OffsetRange
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
+
+from onboardflow.transforms.kafka_io import (
+    EventTimeError,
+    EventTimeWatermarkEstimator,
+    EventTimeWatermarkEstimatorProvider,
+    KafkaPartition,
+    KafkaReadOptions,
+    PartitionOffsetTracker,
+    ReadFromKafka,
+    StartPosition,
+    UNBOUNDED_STOP,
+    _event_time_ms,
+    _ReadBoundedPartitionsFn,
+    _ReadUnboundedPartitionsFn,
+    _WriteToKafkaFn,
+    resolve_start_offset,
+)
+
+NOW_S = 1_767_571_200.0  # a fixed wall clock: 2026-01-05T00:00:00Z
+
+
+class FakeClock:
+    def __init__(self, now_s=NOW_S):
+        self.now_s = now_s
+
+    def __call__(self):
+        return self.now_s
+
+    def advance(self, seconds):
+        self.now_s += seconds
+
+
+def at(seconds_before_now):
+    """A Timestamp `seconds_before_now` before the fake clock's start."""
+    return Timestamp(NOW_S - seconds_before_now)
+
+
+def estimator(clock, state=None, out_of_orderness=60, idle=30):
+    return EventTimeWatermarkEstimator(state, Duration(out_of_orderness), Duration(idle), clock)
+
+
+# --------------------------------------------------------------------------
+# Watermark estimator
+# --------------------------------------------------------------------------
+
+
+def test_watermark_starts_at_the_beginning_of_time_before_any_event():
+    assert estimator(FakeClock()).current_watermark() == MIN_TIMESTAMP
+
+
+def test_watermark_is_max_event_time_less_the_out_of_orderness():
+    est = estimator(FakeClock(), out_of_orderness=60)
+    est.observe_event_time(at(600))
+    assert est.current_watermark() == at(660)
+    est.observe_event_time(at(300))
+    assert est.current_watermark() == at(360)
+
+
+def test_watermark_never_goes_backwards_when_an_older_event_arrives():
+    est = estimator(FakeClock())
+    est.observe_event_time(at(100))
+    before = est.current_watermark()
+    est.observe_event_time(at(5000))
+    assert est.current_watermark() == before
+
+
+def test_watermark_ignores_output_timestamps_so_dead_letters_cannot_move_it():
+    est = estimator(FakeClock())
+    est.observe_event_time(at(600))
+    est.observe_timestamp(at(0))  # a dead letter stamped with broker time
+    assert est.current_watermark() == at(660)
+
+
+def test_watermark_never_runs_ahead_of_the_wall_clock_on_future_event_times():
+    est = estimator(FakeClock(), out_of_orderness=60)
+    est.observe_event_time(Timestamp(NOW_S + 3600))  # a device clock an hour fast
+    assert est.current_watermark() == at(60)
+
+
+def test_watermark_holds_while_a_caught_up_partition_has_not_been_idle_long_enough():
+    clock = FakeClock()
+    est = estimator(clock, out_of_orderness=60, idle=30)
+    est.observe_event_time(at(600))
+    est.observe_caught_up()
+    clock.advance(29)
+    assert not est.is_idle()
+    assert est.current_watermark() == at(660)
+
+
+def test_idle_partition_watermark_follows_wall_clock_less_out_of_orderness():
+    clock = FakeClock()
+    est = estimator(clock, out_of_orderness=60, idle=30)
+    est.observe_event_time(at(600))
+    est.observe_caught_up()
+    clock.advance(30)
+    assert est.is_idle()
+    assert est.current_watermark() == Timestamp(clock() - 60)
+    clock.advance(10)
+    assert est.current_watermark() == Timestamp(clock() - 60)
+
+
+def test_partition_that_never_had_a_record_moves_on_once_idle():
+    clock = FakeClock()
+    est = estimator(clock, out_of_orderness=5, idle=2)
+    est.observe_caught_up()
+    assert est.current_watermark() == MIN_TIMESTAMP
+    clock.advance(2)
+    assert est.current_watermark() == Timestamp(clock() - 5)
+
+
+def test_repeated_caught_up_polls_do_not_restart_the_idle_clock():
+    clock = FakeClock()
+    est = estimator(clock, idle=30)
+    est.observe_caught_up()
+    for _ in range(3):
+        clock.advance(10)
+        est.observe_caught_up()
+    assert est.is_idle()
+
+
+def test_new_records_end_idleness_but_the_watermark_stays_where_idleness_took_it():
+    clock = FakeClock()
+    est = estimator(clock, out_of_orderness=60, idle=30)
+    est.observe_caught_up()
+    clock.advance(30)
+    idle_watermark = est.current_watermark()
+    est.observe_event_time(at(3600))  # a producer that buffered events while offline
+    assert not est.is_idle()
+    clock.advance(100)
+    assert est.current_watermark() == idle_watermark
+
+
+def test_dead_letter_only_batches_still_end_idleness():
+    clock = FakeClock()
+    est = estimator(clock, idle=30)
+    est.observe_caught_up()
+    clock.advance(20)
+    est.observe_records()
+    clock.advance(20)
+    assert not est.is_idle()
+
+
+def test_watermark_and_idle_clock_survive_a_checkpoint_through_the_estimator_state():
+    clock = FakeClock()
+    provider = EventTimeWatermarkEstimatorProvider(Duration(60), Duration(30), clock)
+    first = provider.create_watermark_estimator(provider.initial_estimator_state(None, None))
+    first.observe_event_time(at(600))
+    first.observe_caught_up()
+    clock.advance(20)
+    resumed = provider.create_watermark_estimator(first.get_estimator_state())
+    assert resumed.current_watermark() == at(660)
+    clock.advance(10)
+    assert resumed.is_idle()
+    assert resumed.current_watermark() == Timestamp(clock() - 60)
+
+
+def test_restored_watermark_is_not_lowered_by_the_out_of_orderness_of_older_events():
+    clock = FakeClock()
+    first = estimator(clock)
+    first.observe_event_time(at(0))
+    state = first.get_estimator_state()
+    resumed = estimator(clock, state=state)
+    resumed.observe_event_time(at(900))
+    assert resumed.current_watermark() == at(60)
+
+
+# --------------------------------------------------------------------------
+# Start positions
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,kind,millis", [
+    ("committed", "committed", None),
+    ("earliest", "earliest", None),
+    (" LATEST ", "latest", None),
+    ("timestamp:1700000000000", "timestamp", 1_700_000_000_000),
+])
+def test_start_position_parses_each_supported_form(text, kind, millis):
+    position = StartPosition.parse(text)
+    assert (position.kind, position.timestamp_ms) == (kind, millis)
+
+
+@pytest.mark.parametrize("text", ["newest", "timestamp:", "timestamp:yesterday", "timestamp:-5", ""])
+def test_start_position_rejects_unknown_or_malformed_text(text):
+    with pytest.raises(ValueError):
+        StartPosition.parse(text)
+
+
+def test_start_position_prints_back_to_its_text_form():
+    assert str(StartPosition.parse("timestamp:42")) == "timestamp:42"
+    assert str(StartPosition.parse("earliest")) == "earliest"
+
+
+def resolve(text, **broker):
+    answers = dict(beginning=100, end=500)
+    answers.update(broker)
+    return resolve_start_offset(StartPosition.parse(text), **answers)
+
+
+def test_committed_start_resumes_at_the_groups_committed_offset():
+    assert resolve("committed", committed=250) == 250
+
+
+def test_committed_start_falls_back_to_earliest_when_the_group_never_committed():
+    assert resolve("committed", committed=None) == 100
+
+
+def test_committed_offset_deleted_by_retention_restarts_at_the_log_start():
+    assert resolve("committed", committed=40) == 100
+
+
+def test_committed_offset_beyond_the_log_end_is_clamped_to_the_end():
+    assert resolve("committed", committed=900) == 500
+
+
+def test_earliest_and_latest_start_at_the_log_start_and_end():
+    assert resolve("earliest", committed=250) == 100
+    assert resolve("latest", committed=250) == 500
+
+
+def test_timestamp_start_uses_the_offset_kafka_found_for_that_time():
+    assert resolve("timestamp:1700000000000", offset_for_time=321) == 321
+
+
+def test_timestamp_start_after_the_last_record_starts_at_the_end():
+    assert resolve("timestamp:1700000000000", offset_for_time=None) == 500
+
+
+# --------------------------------------------------------------------------
+# Restrictions
+# --------------------------------------------------------------------------
+
+
+def read_fn(cls=_ReadBoundedPartitionsFn):
+    return cls(
+        bootstrap_servers="unused:9092",
+        consumer_group="g",
+        decoder=None,
+        max_out_of_orderness=Duration(60),
+        idle_timeout=Duration(30),
+        poll_batch_size=500,
+        poll_timeout_ms=100,
+        max_read_seconds=1.0,
+        consumer_per_partition=True,
+        consumer_config=None,
+    )
+
+
+def test_bounded_partition_restriction_spans_start_to_end_offset():
+    fn = read_fn()
+    assert fn.initial_restriction(KafkaPartition("t", 0, 10, 250)) == OffsetRange(10, 250)
+
+
+def test_streaming_partition_restriction_is_open_ended():
+    fn = read_fn(_ReadUnboundedPartitionsFn)
+    restriction = fn.initial_restriction(KafkaPartition("t", 0, 10, None))
+    assert restriction == OffsetRange(10, UNBOUNDED_STOP)
+    assert not fn.create_tracker(restriction).is_bounded()
+
+
+def test_partition_already_read_to_its_end_gets_an_empty_restriction():
+    fn = read_fn()
+    assert fn.initial_restriction(KafkaPartition("t", 0, 250, 250)).size() == 0
+
+
+def test_initial_split_keeps_one_restriction_per_partition():
+    fn = read_fn()
+    element = KafkaPartition("t", 3, 0, 1_000_000)
+    restriction = fn.initial_restriction(element)
+    assert list(fn.split(element, restriction)) == [restriction]
+
+
+def test_bounded_restriction_size_is_its_offset_count():
+    fn = read_fn()
+    element = KafkaPartition("t", 0, 10, 250)
+    assert fn.restriction_size(element, fn.initial_restriction(element)) == 240.0
+
+
+def test_streaming_restriction_with_unknown_backlog_still_reports_pending_work():
+    fn = read_fn(_ReadUnboundedPartitionsFn)
+    element = KafkaPartition("t", 0, 10, None)
+    assert fn.restriction_size(element, fn.initial_restriction(element)) == 1.0
+
+
+def test_tracker_refuses_dynamic_splits_inside_a_partition():
+    tracker = PartitionOffsetTracker(OffsetRange(0, 1000))
+    assert tracker.try_claim(10)
+    assert tracker.try_split(0.5) is None
+    assert tracker.current_restriction() == OffsetRange(0, 1000)
+
+
+def test_tracker_checkpoints_right_after_the_last_claimed_offset():
+    tracker = PartitionOffsetTracker(OffsetRange(0, UNBOUNDED_STOP))
+    assert tracker.try_claim(0) and tracker.try_claim(1)
+    primary, residual = tracker.try_split(0)
+    assert primary == OffsetRange(0, 2)
+    assert residual == OffsetRange(2, UNBOUNDED_STOP)
+    tracker.check_done()
+
+
+def test_tracker_checkpoint_before_any_claim_hands_back_the_whole_range():
+    tracker = PartitionOffsetTracker(OffsetRange(7, UNBOUNDED_STOP))
+    primary, residual = tracker.try_split(0)
+    assert primary.size() == 0 and residual == OffsetRange(7, UNBOUNDED_STOP)
+    tracker.check_done()
+
+
+def test_claiming_the_stop_offset_closes_a_bounded_range_with_gaps():
+    tracker = PartitionOffsetTracker(OffsetRange(0, 10))
+    assert tracker.try_claim(5)
+    assert not tracker.try_claim(10)  # offsets 6..9 were compacted away
+    tracker.check_done()
+
+
+def test_drain_truncates_a_streaming_restriction_but_keeps_a_bounded_one():
+    streaming = read_fn(_ReadUnboundedPartitionsFn)
+    assert streaming.truncate(None, OffsetRange(5, UNBOUNDED_STOP)) is None
+    assert read_fn().truncate(None, OffsetRange(5, 50)) == OffsetRange(5, 50)
+
+
+# --------------------------------------------------------------------------
+# Event time of decoded events
+# --------------------------------------------------------------------------
+
+
+def test_event_time_is_the_events_occurred_at_millis():
+    assert _event_time_ms({"occurred_at": 1_700_000_000_123}) == 1_700_000_000_123
+
+
+@pytest.mark.parametrize("event,reason", [
+    ({}, "occurred_at_missing_or_not_int"),
+    ({"occurred_at": "2026-01-05T00:00:00Z"}, "occurred_at_missing_or_not_int"),
+    ({"occurred_at": 1.7e12}, "occurred_at_missing_or_not_int"),
+    ({"occurred_at": True}, "occurred_at_missing_or_not_int"),
+    ({"occurred_at": 10 ** 18}, "occurred_at_out_of_range"),
+    (["not", "a", "dict"], "occurred_at_missing_or_not_int"),
+])
+def test_events_without_a_usable_occurred_at_are_rejected_with_a_reason(event, reason):
+    with pytest.raises(EventTimeError) as raised:
+        _event_time_ms(event)
+    assert raised.value.reason == reason
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+def test_read_options_have_documented_defaults():
+    options = PipelineOptions([]).view_as(KafkaReadOptions)
+    assert options.kafka_start_position == "committed"
+    assert options.kafka_max_out_of_orderness == 60.0
+    assert options.kafka_idle_timeout == 30.0
+    assert options.kafka_poll_batch_size == 500
+    assert options.kafka_bounded is False
+
+
+def test_read_options_parse_from_flags():
+    options = PipelineOptions([
+        "--kafka_topics=a,b", "--kafka_bounded", "--kafka_start_position=earliest",
+        "--kafka_max_out_of_orderness=5", "--kafka_idle_timeout=2.5", "--kafka_poll_batch_size=50",
+    ]).view_as(KafkaReadOptions)
+    assert options.kafka_topics == "a,b"
+    assert options.kafka_bounded is True
+    assert options.kafka_start_position == "earliest"
+    assert (options.kafka_max_out_of_orderness, options.kafka_idle_timeout) == (5.0, 2.5)
+    assert options.kafka_poll_batch_size == 50
+
+
+def test_committed_start_without_a_consumer_group_is_refused():
+    with pytest.raises(ValueError, match="consumer_group"):
+        ReadFromKafka("localhost:9092", "t", start_position="committed")
+
+
+def test_read_from_options_refuses_a_malformed_start_position():
+    options = PipelineOptions(["--kafka_start_position=timestamp:soon"])
+    with pytest.raises(ValueError, match="epoch milliseconds"):
+        ReadFromKafka.from_options(options)
+
+
+@pytest.mark.parametrize("element", ["just a string", ("key", "str value"), (b"k", None), (1, b"v"), (b"a", b"b", b"c")])
+def test_sink_dead_letters_elements_that_are_not_bytes_key_value_pairs(element):
+    fn = _WriteToKafkaFn("unused:9092", "out", {})
+    fn.start_bundle()
+    (dead_letter,) = list(fn.process(element))
+    assert dead_letter["reason"] == "not_a_bytes_key_value_pair"
+    assert dead_letter["element"] == element
+    fn.finish_bundle()  # nothing was sent: no producer needed, nothing to flush

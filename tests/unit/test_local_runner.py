@@ -1,0 +1,370 @@
+"""The local runner helper, and the Beam features onboardflow relies on, on Prism.
+
+The first tests pin runners/local.py itself. The rest each run one tiny
+pipeline on Prism (through ``local_pipeline_options``) exercising one Beam
+feature the pipelines depend on, so a Beam/Prism upgrade that breaks one shows
+up here by name rather than as a hang in an end-to-end test. The findings are
+written up in docs/local-runner.md. Workers are in-process (LOOPBACK), which
+is why DoFns can leave marker files in ``tmp_path``.
+"""
+import os
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PortableOptions, PrismRunnerOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import trigger, userstate, window
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from onboardflow.runners import local
+from onboardflow.runners.local import local_pipeline_options, prism_location
+from onboardflow.transforms.kafka_io import EventTimeWatermarkEstimatorProvider
+
+
+def batch():
+    return beam.Pipeline(options=local_pipeline_options(streaming=False))
+
+
+def streaming():
+    return beam.Pipeline(options=local_pipeline_options(streaming=True))
+
+
+# --------------------------------------------------------------------------
+# runners/local.py
+# --------------------------------------------------------------------------
+
+
+def test_prism_location_defaults_to_the_repo_cache_binary():
+    assert prism_location() == str(Path(local.REPO_ROOT) / ".cache" / "bin" / "prism")
+    assert os.access(prism_location(), os.X_OK)
+
+
+def test_prism_location_takes_an_explicit_binary(tmp_path):
+    binary = tmp_path / "prism"
+    binary.write_bytes(b"#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert prism_location(binary) == str(binary)
+
+
+def test_missing_prism_binary_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make prism"):
+        prism_location(tmp_path / "no-such-prism")
+
+
+def test_local_options_run_on_prism_with_in_process_workers():
+    options = local_pipeline_options(streaming=True, job_name="pinned")
+    assert options.view_as(StandardOptions).runner == "PrismRunner"
+    assert options.view_as(StandardOptions).streaming is True
+    assert options.view_as(PrismRunnerOptions).prism_location == prism_location()
+    assert options.view_as(PortableOptions).environment_type == "LOOPBACK"
+    assert options.get_all_options()["job_name"] == "pinned"
+
+
+def test_local_options_let_callers_override_defaults():
+    options = local_pipeline_options(streaming=False, environment_type="PROCESS")
+    assert options.view_as(StandardOptions).streaming is False
+    assert options.view_as(PortableOptions).environment_type == "PROCESS"
+
+
+# --------------------------------------------------------------------------
+# Splittable DoFns: unbounded + defer_remainder, custom watermark estimator
+# --------------------------------------------------------------------------
+
+
+class CountToProvider(RestrictionProvider):
+    def initial_restriction(self, n):
+        return OffsetRange(0, n)
+
+    def create_tracker(self, restriction):
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, n, restriction):
+        return restriction.size()
+
+
+class OnePerResumeFn(beam.DoFn):
+    """Emits one offset per invocation, then checkpoints: N outputs need N resumes."""
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, n, tracker=beam.DoFn.RestrictionParam(CountToProvider())):
+        position = tracker.current_restriction().start
+        if tracker.try_claim(position):
+            yield position
+            tracker.defer_remainder(Duration(micros=10_000))
+
+
+def test_unbounded_sdf_is_resumed_after_each_defer_remainder():
+    with streaming() as p:
+        offsets = p | beam.Create([6]) | beam.ParDo(OnePerResumeFn())
+        assert_that(offsets, equal_to(list(range(6))))
+
+
+class LateAfterWatermarkFn(beam.DoFn):
+    """Two on-time events in [0, 10), a checkpoint that moves the estimator's
+    watermark to 20, then one event at 5 that is now behind the watermark."""
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        n,
+        tracker=beam.DoFn.RestrictionParam(CountToProvider()),
+        watermark=beam.DoFn.WatermarkEstimatorParam(
+            EventTimeWatermarkEstimatorProvider(max_out_of_orderness=Duration(0), idle_timeout=Duration(3600))),
+    ):
+        position = tracker.current_restriction().start
+        if position == 0:
+            for offset, ts in ((0, 1), (1, 2)):
+                tracker.try_claim(offset)
+                yield window.TimestampedValue("on-time", ts)
+            watermark.observe_event_time(Timestamp(20))
+            tracker.defer_remainder(Duration(micros=100_000))
+        elif tracker.try_claim(position):
+            yield window.TimestampedValue("late", 5)
+            tracker.try_claim(n)
+
+
+def test_custom_watermark_estimator_state_drives_the_watermark_at_checkpoints():
+    with streaming() as p:
+        counts = (
+            p
+            | beam.Create([3])
+            | beam.ParDo(LateAfterWatermarkFn())
+            | beam.WindowInto(window.FixedWindows(10), allowed_lateness=0)
+            | beam.Map(lambda kind: (kind, 1))
+            | beam.CombinePerKey(sum))
+        # Had the runner ignored the estimator, "late" would be on time too.
+        assert_that(counts, equal_to([("on-time", 2)]))
+
+
+# --------------------------------------------------------------------------
+# Bundle finalization
+# --------------------------------------------------------------------------
+
+
+class MarkOnFinalizeFn(beam.DoFn):
+    def __init__(self, directory):
+        self._directory = directory
+
+    def process(self, element, finalizer=beam.DoFn.BundleFinalizerParam):
+        marker = Path(self._directory) / f"finalized-{element}"
+        finalizer.register(lambda: marker.write_text(element))
+        yield element
+
+
+class MarkOnFinalizeSdf(beam.DoFn):
+    def __init__(self, directory):
+        self._directory = directory
+
+    def process(self, element, finalizer=beam.DoFn.BundleFinalizerParam,
+                tracker=beam.DoFn.RestrictionParam(CountToProvider())):
+        position = tracker.current_restriction().start
+        while tracker.try_claim(position):
+            position += 1
+        marker = Path(self._directory) / f"sdf-finalized-{element}"
+        finalizer.register(lambda: marker.write_text(str(position)))
+        yield element
+
+
+def test_bundle_finalizers_run_after_the_bundle_for_plain_and_splittable_dofns(tmp_path):
+    with batch() as p:
+        words = p | beam.Create(["a", "b", "c"])
+        words | "Plain" >> beam.ParDo(MarkOnFinalizeFn(str(tmp_path)))
+        p | "Sizes" >> beam.Create([2, 5]) | "Splittable" >> beam.ParDo(MarkOnFinalizeSdf(str(tmp_path)))
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "finalized-a", "finalized-b", "finalized-c", "sdf-finalized-2", "sdf-finalized-5"]
+    assert (tmp_path / "sdf-finalized-5").read_text() == "5"
+
+
+# --------------------------------------------------------------------------
+# State and timers
+# --------------------------------------------------------------------------
+
+
+class SumAtWindowEndFn(beam.DoFn):
+    BUFFER = userstate.BagStateSpec("buffer", beam.coders.VarIntCoder())
+    FLUSH = userstate.TimerSpec("flush", TimeDomain.WATERMARK)
+
+    def process(self, kv, w=beam.DoFn.WindowParam,
+                buffer=beam.DoFn.StateParam(BUFFER), flush=beam.DoFn.TimerParam(FLUSH)):
+        buffer.add(kv[1])
+        flush.set(w.max_timestamp())
+
+    @userstate.on_timer(FLUSH)
+    def on_flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER)):
+        yield key, sum(buffer.read())
+        buffer.clear()
+
+
+def test_bag_state_with_event_time_timers_fires_once_per_key_and_window():
+    with batch() as p:
+        sums = (
+            p
+            | beam.Create([("a", 1, 1), ("a", 2, 3), ("b", 5, 4), ("a", 10, 12)])
+            | beam.Map(lambda t: window.TimestampedValue((t[0], t[1]), t[2]))
+            | beam.WindowInto(window.FixedWindows(10))
+            | beam.ParDo(SumAtWindowEndFn()))
+        assert_that(sums, equal_to([("a", 3), ("b", 5), ("a", 10)]))
+
+
+class CountUntilProcessingTimeFn(beam.DoFn):
+    COUNT = userstate.CombiningValueStateSpec("count", combine_fn=sum)
+    EMIT = userstate.TimerSpec("emit", TimeDomain.REAL_TIME)
+
+    def process(self, kv, count=beam.DoFn.StateParam(COUNT), emit=beam.DoFn.TimerParam(EMIT)):
+        if count.read() == 0:
+            emit.set(Timestamp.now() + Duration(seconds=10))
+        count.add(1)
+
+    @userstate.on_timer(EMIT)
+    def on_emit(self, key=beam.DoFn.KeyParam, count=beam.DoFn.StateParam(COUNT)):
+        yield key, count.read()
+        count.clear()
+
+
+def test_processing_time_timers_fire_when_processing_time_advances():
+    stream = (TestStream()
+              .add_elements([("k", 1), ("k", 2)])
+              .advance_processing_time(30)
+              .advance_watermark_to_infinity())
+    with streaming() as p:
+        counts = p | stream | beam.ParDo(CountUntilProcessingTimeFn())
+        assert_that(counts, equal_to([("k", 2)]))
+
+
+# --------------------------------------------------------------------------
+# TestStream, triggers and allowed lateness
+# --------------------------------------------------------------------------
+
+
+def test_teststream_late_data_within_allowed_lateness_fires_a_late_pane_and_beyond_it_is_dropped():
+    stream = (TestStream()
+              .add_elements([window.TimestampedValue(("k", 1), 1), window.TimestampedValue(("k", 1), 2)])
+              .advance_watermark_to(15)
+              .add_elements([window.TimestampedValue(("k", 1), 3)])   # late, within 30 s of lateness
+              .advance_watermark_to(100)
+              .add_elements([window.TimestampedValue(("k", 1), 4)])   # beyond the allowed lateness
+              .advance_watermark_to_infinity())
+    with streaming() as p:
+        panes = (
+            p
+            | stream
+            | beam.WindowInto(window.FixedWindows(10),
+                              trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                              accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                              allowed_lateness=30)
+            | beam.CombinePerKey(sum)
+            | beam.Map(lambda kv, pane=beam.DoFn.PaneInfoParam: (kv[1], pane.timing)))
+        assert_that(panes, equal_to([(2, beam.utils.windowed_value.PaneInfoTiming.ON_TIME),
+                                     (1, beam.utils.windowed_value.PaneInfoTiming.LATE)]))
+
+
+def test_early_firings_emit_speculative_panes_before_the_watermark():
+    stream = (TestStream()
+              .add_elements([window.TimestampedValue(("k", 1), 1)])
+              .add_elements([window.TimestampedValue(("k", 1), 2)])
+              .advance_watermark_to_infinity())
+    with streaming() as p:
+        panes = (
+            p
+            | stream
+            | beam.WindowInto(window.FixedWindows(10),
+                              trigger=trigger.AfterWatermark(early=trigger.AfterCount(1)),
+                              accumulation_mode=trigger.AccumulationMode.ACCUMULATING)
+            | beam.CombinePerKey(sum)
+            | beam.Map(lambda kv, pane=beam.DoFn.PaneInfoParam: (kv[1], pane.timing)))
+        early, on_time = beam.utils.windowed_value.PaneInfoTiming.EARLY, beam.utils.windowed_value.PaneInfoTiming.ON_TIME
+        assert_that(panes, equal_to([(1, early), (2, early), (2, on_time)]))
+
+
+# --------------------------------------------------------------------------
+# Merging windows
+# --------------------------------------------------------------------------
+
+
+def test_session_windows_merge_events_closer_than_the_gap():
+    with batch() as p:
+        sessions = (
+            p
+            | beam.Create([("u", 0), ("u", 5), ("u", 12), ("u", 40), ("v", 3)])
+            | beam.Map(lambda kv: window.TimestampedValue((kv[0], 1), kv[1]))
+            | beam.WindowInto(window.Sessions(10))
+            | beam.CombinePerKey(sum)
+            | beam.Map(lambda kv, w=beam.DoFn.WindowParam: (kv[0], kv[1], int(w.start), int(w.end))))
+        assert_that(sessions, equal_to([("u", 3, 0, 22), ("u", 1, 40, 50), ("v", 1, 3, 13)]))
+
+
+# --------------------------------------------------------------------------
+# Side inputs
+# --------------------------------------------------------------------------
+
+
+def test_static_side_inputs_are_visible_to_every_element():
+    with batch() as p:
+        plans = p | "Plans" >> beam.Create([("u1", "pro"), ("u2", "free")])
+        joined = (p | "Users" >> beam.Create(["u1", "u2", "u3"])
+                  | beam.Map(lambda u, plans: (u, plans.get(u, "unknown")), plans=beam.pvalue.AsDict(plans)))
+        assert_that(joined, equal_to([("u1", "pro"), ("u2", "free"), ("u3", "unknown")]))
+
+
+def test_periodic_impulse_side_input_refreshes_per_window():
+    start = Timestamp(int(time.time()) + 2)
+    with streaming() as p:
+        versions = p | "Versions" >> PeriodicImpulse(
+            start, start + 3, fire_interval=1, apply_windowing=True, data=["v0", "v1", "v2"])
+        lookups = (
+            p
+            | "Lookups" >> PeriodicImpulse(start, start + 3, fire_interval=1, apply_windowing=True,
+                                           data=[0, 1, 2])
+            | beam.Map(lambda i, current: (i, list(current)), current=beam.pvalue.AsList(versions)))
+        assert_that(lookups, equal_to([(0, ["v0"]), (1, ["v1"]), (2, ["v2"])]))
+
+
+def test_global_window_side_input_with_repeated_processing_time_trigger_is_rejected():
+    with pytest.raises(Exception, match="Unbounded GlobalWindow Triggered SideInput"):
+        with streaming() as p:
+            refresh = (p
+                       | "Refresh" >> PeriodicImpulse(fire_interval=1)
+                       | beam.WindowInto(window.GlobalWindows(),
+                                         trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+                                         accumulation_mode=trigger.AccumulationMode.DISCARDING))
+            (p
+             | "Main" >> PeriodicImpulse(fire_interval=1)
+             | beam.Map(lambda x, latest: x, latest=beam.pvalue.AsSingleton(refresh, default_value=None)))
+
+
+# --------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------
+
+
+class CountAndMeasureFn(beam.DoFn):
+    def __init__(self):
+        self._seen = Metrics.counter("pinned", "elements")
+        self._sizes = Metrics.distribution("pinned", "sizes")
+
+    def process(self, element):
+        self._seen.inc()
+        self._sizes.update(len(element))
+        yield element
+
+
+def test_counters_and_distributions_are_queryable_from_the_pipeline_result():
+    p = batch()
+    p | beam.Create(["a", "bb", "cccc"]) | beam.ParDo(CountAndMeasureFn())
+    result = p.run()
+    result.wait_until_finish()
+    metrics = result.metrics().query(MetricsFilter().with_namespace("pinned"))
+    (counter,) = metrics["counters"]
+    (distribution,) = metrics["distributions"]
+    assert counter.committed == 3
+    assert (distribution.committed.count, distribution.committed.sum,
+            distribution.committed.min, distribution.committed.max) == (3, 7, 1, 4)

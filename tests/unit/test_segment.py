@@ -1,0 +1,371 @@
+"""Rule segments: the seed rules, the condition language, its validation, diffs, the transform."""
+import textwrap
+
+import apache_beam as beam
+import pytest
+# Aliased so pytest does not try to collect Beam's class as a test class.
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from onboardflow.transforms.segment import (
+    DAY_MS,
+    DEFAULT_RULES_PATH,
+    AssignRuleSegments,
+    RuleError,
+    RuleSet,
+)
+
+
+# Beam's local runner with the project's binary. No shared job server: a
+# default-runner pipeline elsewhere in the process may have cached one that
+# tries to download Prism.
+PRISM = [
+    "--runner=PrismRunner",
+    "--prism_location=/work/main/.cache/bin/prism",
+    "--experiments=disable_prism_server_singleton",
+]
+
+
+def prism_pipeline():
+    return BeamTestPipeline(options=PipelineOptions(PRISM))
+
+AT = 1_700_000_000_000
+SEEDS = {"highly_engaged_new", "dormant", "active_engaged"}
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return RuleSet.load(DEFAULT_RULES_PATH)
+
+
+def seeds_of(rules, profile, at=AT):
+    return rules.evaluate(profile, at) & SEEDS
+
+
+def rule(when, name="s", extra=""):
+    """A one-segment rule set from a YAML condition."""
+    body = textwrap.indent(textwrap.dedent(when).strip(), " " * 6)
+    return RuleSet.from_yaml(f"version: 1\n{extra}segments:\n  - name: {name}\n    when:\n{body}\n")
+
+
+# --------------------------------------------------------------------------- seed rules
+
+
+def test_packaged_rules_file_defines_the_seed_segments(rules):
+    assert SEEDS <= set(rules.names)
+    assert rules.version.startswith("2025-01.1+")
+
+
+@pytest.mark.parametrize(
+    "profile, expected",
+    [
+        # highly_engaged_new: session_count > 5 AND signup within 7 days
+        ({"session_count": 6, "signup_at": AT - DAY_MS}, {"highly_engaged_new"}),
+        ({"session_count": 5, "signup_at": AT - DAY_MS}, set()),  # exactly 5 is not > 5
+        ({"session_count": 6, "signup_at": AT - 7 * DAY_MS}, {"highly_engaged_new"}),  # exactly 7 days: within
+        ({"session_count": 6, "signup_at": AT - 7 * DAY_MS - 1}, set()),
+        ({"session_count": 6}, set()),  # never signed up
+        ({"signup_at": AT}, set()),  # no session count
+        # dormant: last activity more than 30 days ago
+        ({"last_event_at": AT - 30 * DAY_MS}, set()),  # exactly 30 days: not more than
+        ({"last_event_at": AT - 30 * DAY_MS - 1}, {"dormant"}),
+        ({"last_event_at": AT - 400 * DAY_MS}, {"dormant"}),
+        ({"last_event_at": None}, set()),
+        # active_engaged: sessions_7d > 3 OR feature_usage_score > 80
+        ({"sessions_7d": 3, "feature_usage_score": 80.0}, set()),
+        ({"sessions_7d": 4, "feature_usage_score": 10.0}, {"active_engaged"}),
+        ({"sessions_7d": 0, "feature_usage_score": 80.01}, {"active_engaged"}),
+        ({"sessions_7d": 9, "feature_usage_score": 99.0}, {"active_engaged"}),
+        ({"feature_usage_score": 81.0}, {"active_engaged"}),  # OR with one branch missing
+        # several at once
+        (
+            {"session_count": 8, "signup_at": AT - DAY_MS, "sessions_7d": 5, "last_event_at": AT},
+            {"highly_engaged_new", "active_engaged"},
+        ),
+        ({}, set()),
+    ],
+)
+def test_seed_rules(rules, profile, expected):
+    assert seeds_of(rules, profile) == expected
+
+
+def test_seed_rules_evaluate_relative_to_the_evaluation_time(rules):
+    profile = {"last_event_at": AT}
+    assert "dormant" not in rules.evaluate(profile, AT + 30 * DAY_MS)
+    assert "dormant" in rules.evaluate(profile, AT + 30 * DAY_MS + 1)
+
+
+# --------------------------------------------------------------------------- condition types
+
+
+@pytest.mark.parametrize(
+    "condition, value, expected",
+    [
+        ("{field: engagement_score, gt: 5}", 5, False),
+        ("{field: engagement_score, gt: 5}", 5.5, True),
+        ("{field: engagement_score, gte: 5}", 5, True),
+        ("{field: engagement_score, lt: 5}", 5, False),
+        ("{field: engagement_score, lt: 5}", 4.9, True),
+        ("{field: engagement_score, lte: 5}", 5, True),
+        ("{field: engagement_score, eq: 5}", 5.0, True),
+        ("{field: engagement_score, ne: 5}", 5, False),
+        ("{field: engagement_score, ne: 5}", 6, True),
+        ("{field: engagement_score, in: [1, 2, 3]}", 2, True),
+        ("{field: engagement_score, in: [1, 2, 3]}", 4, False),
+        ("{field: engagement_score, between: [1, 3]}", 1, True),
+        ("{field: engagement_score, between: [1, 3]}", 3, True),
+        ("{field: engagement_score, between: [1, 3]}", 3.01, False),
+        ("{field: engagement_score, gt: 5}", None, False),
+        ("{field: engagement_score, ne: 5}", None, False),
+        ("{field: engagement_score, gt: 5}", "9", False),  # wrong type in the profile: no match, no crash
+        ("{field: engagement_score, gt: 5}", True, False),
+    ],
+)
+def test_comparisons_on_numeric_fields(condition, value, expected):
+    assert rule(condition).evaluate({"engagement_score": value}, AT) == ({"s"} if expected else set())
+
+
+@pytest.mark.parametrize(
+    "condition, profile, expected",
+    [
+        ("{field: plan, eq: pro}", {"plan": "pro"}, True),
+        ("{field: plan, ne: pro}", {"plan": "free"}, True),
+        ("{field: plan, in: [free, trial]}", {"plan": "trial"}, True),
+        ("{field: plan, in: [free, trial]}", {"plan": "pro"}, False),
+        ("{field: plan, eq: pro}", {}, False),
+        ("{field: dormant, eq: true}", {"dormant": True}, True),
+        ("{field: dormant, eq: true}", {"dormant": 1}, False),
+    ],
+)
+def test_comparisons_on_string_and_boolean_fields(condition, profile, expected):
+    assert bool(rule(condition).evaluate(profile, AT)) is expected
+
+
+@pytest.mark.parametrize(
+    "condition, profile, expected",
+    [
+        ("all: [{field: events_7d, gt: 1}, {field: events_30d, gt: 10}]", {"events_7d": 2, "events_30d": 11}, True),
+        ("all: [{field: events_7d, gt: 1}, {field: events_30d, gt: 10}]", {"events_7d": 2, "events_30d": 10}, False),
+        ("any: [{field: events_7d, gt: 1}, {field: events_30d, gt: 10}]", {"events_7d": 0, "events_30d": 11}, True),
+        ("any: [{field: events_7d, gt: 1}, {field: events_30d, gt: 10}]", {"events_7d": 0, "events_30d": 0}, False),
+        ("not: {field: events_7d, gt: 1}", {"events_7d": 0}, True),
+        ("not: {field: events_7d, gt: 1}", {"events_7d": 5}, False),
+        ("not: {field: events_7d, gt: 1}", {}, True),  # a missing field is false, so not is true
+        (
+            "all: [{any: [{field: plan, eq: pro}, {not: {field: events_7d, lt: 3}}]}, {field: distinct_features, gte: 1}]",
+            {"plan": "free", "events_7d": 3, "distinct_features": 1},
+            True,
+        ),
+    ],
+)
+def test_boolean_combinations(condition, profile, expected):
+    assert bool(rule(condition).evaluate(profile, AT)) is expected
+
+
+@pytest.mark.parametrize(
+    "condition, offset_ms, expected",
+    [
+        ("within_days: {field: signup_at, days: 14}", -14 * DAY_MS, True),
+        ("within_days: {field: signup_at, days: 14}", -14 * DAY_MS - 1, False),
+        ("within_days: {field: signup_at, days: 14}", DAY_MS, True),  # stamped after the evaluation time
+        ("within_days: {field: signup_at, days: 0.5}", -DAY_MS // 2, True),
+        ("older_than_days: {field: signup_at, days: 14}", -14 * DAY_MS, False),
+        ("older_than_days: {field: signup_at, days: 14}", -14 * DAY_MS - 1, True),
+        ("older_than_days: {field: signup_at, days: 14}", DAY_MS, False),
+    ],
+)
+def test_time_conditions_are_relative_to_the_evaluation_time(condition, offset_ms, expected):
+    assert bool(rule(condition).evaluate({"signup_at": AT + offset_ms}, AT)) is expected
+
+
+def test_time_conditions_on_a_missing_timestamp_are_false():
+    assert rule("within_days: {field: signup_at, days: 7}").evaluate({"signup_at": None}, AT) == set()
+    assert rule("older_than_days: {field: signup_at, days: 7}").evaluate({}, AT) == set()
+
+
+@pytest.mark.parametrize(
+    "condition, profile, expected",
+    [
+        ("event_seen: purchase", {"event_counts": {"purchase": 1}}, True),
+        ("event_seen: purchase", {"event_counts": {"purchase": 0, "login": 3}}, False),
+        ("event_seen: purchase", {}, False),
+        ("event_seen: tutorial_completed", {"event_counts": {}, "milestones": ["tutorial_completed"]}, True),
+        ("event_seen: tutorial_completed", {"milestones": []}, False),
+        ("event_count: {event: support_message, gte: 2}", {"event_counts": {"support_message": 2}}, True),
+        ("event_count: {event: support_message, gte: 2}", {"event_counts": {"support_message": 1}}, False),
+        ("event_count: {event: purchase, eq: 0}", {"event_counts": {"login": 1}}, True),  # never seen counts 0
+        ("event_count: {event: purchase, eq: 0}", {}, True),
+        ("feature_count: {feature: export, gte: 3}", {"features_used": {"export": 3}}, True),
+        ("feature_count: {feature: export, gte: 3}", {"features_used": {"share": 9}}, False),
+        ("feature_count: {feature: export, between: [1, 2]}", {"features_used": {"export": 2}}, True),
+    ],
+)
+def test_event_based_conditions(condition, profile, expected):
+    assert bool(rule(condition).evaluate(profile, AT)) is expected
+
+
+def test_extra_fields_and_events_can_be_declared_by_the_caller():
+    text = "version: 1\nsegments:\n  - name: s\n    when: {all: [{field: nps, gte: 9}, {event_seen: webinar_joined}]}\n"
+    with pytest.raises(RuleError):
+        RuleSet.from_yaml(text)
+    rules = RuleSet.from_yaml(text, extra_fields={"nps": "number"}, extra_events={"webinar_joined"})
+    assert rules.evaluate({"nps": 10, "event_counts": {"webinar_joined": 1}}, AT) == {"s"}
+
+
+def test_disabled_rules_are_validated_but_not_evaluated():
+    rules = RuleSet.from_yaml(
+        "version: 1\nsegments:\n"
+        "  - {name: live, when: {field: events_7d, gte: 0}}\n"
+        "  - {name: paused, enabled: false, when: {field: events_7d, gte: 0}}\n"
+    )
+    assert rules.evaluate({"events_7d": 1}, AT) == {"live"}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("version: 1\nsegments: [\n", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("segments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n", "'version' is required"),
+        ("version: 1\nsegments: []\n", "'segments' must be a non-empty list"),
+        ("version: 1\nrules: []\nsegments: [{name: s, when: {field: events_7d, gt: 1}}]\n", "unknown top-level keys ['rules']"),
+        ("version: 1\nsegments:\n  - {name: Bad-Name, when: {field: events_7d, gt: 1}}\n", "'name' must match"),
+        ("version: 1\nsegments:\n  - {name: s}\n", "segment 's': 'when' (the condition) is required"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}, owner: me}\n", "unknown keys ['owner']"),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n  - {name: s, when: {field: events_7d, gt: 2}}\n",
+            "segment 's': defined twice",
+        ),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: sesion_count, gt: 5}}\n", "when.field: unknown field 'sesion_count'"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, greater: 5}}\n", "unknown comparison operator 'greater'"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, gt: 5, lt: 9}}\n", "exactly one comparison operator"),
+        ("version: 1\nsegments:\n  - {name: s, when: {gt: 5}}\n", "comparison 'gt' needs a 'field'"),
+        ("version: 1\nsegments:\n  - {name: s, when: {xor: []}}\n", "unknown operator 'xor'"),
+        ("version: 1\nsegments:\n  - {name: s, when: {all: [], any: []}}\n", "exactly one operator"),
+        ("version: 1\nsegments:\n  - {name: s, when: {all: []}}\n", "when.all: expects a non-empty list"),
+        ("version: 1\nsegments:\n  - {name: s, when: {any: [{field: plan, gt: 1}]}}\n", "when.any[0].gt: 'gt' needs a numeric"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, gt: five}}\n", "expects a number, got 'five'"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: plan, eq: 3}}\n", "expects a string, got 3"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, in: 3}}\n", "expects a non-empty list"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, between: [9, 1]}}\n", "low 9 is greater than high 1"),
+        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, between: [1]}}\n", "expects a list [low, high]"),
+        ("version: 1\nsegments:\n  - {name: s, when: {within_days: {field: plan, days: 3}}}\n", "'plan' is not a timestamp field"),
+        ("version: 1\nsegments:\n  - {name: s, when: {within_days: {field: signup_at, days: -1}}}\n", "days >= 0"),
+        ("version: 1\nsegments:\n  - {name: s, when: {older_than_days: {field: signup_at}}}\n", "expects {field: <timestamp field>, days: <number>}"),
+        ("version: 1\nsegments:\n  - {name: s, when: {event_seen: tutorial_complete}}\n", "unknown event 'tutorial_complete'"),
+        ("version: 1\nsegments:\n  - {name: s, when: {event_count: {event: login}}}\n", "exactly one comparison operator"),
+        ("version: 1\nsegments:\n  - {name: s, when: {feature_count: {gte: 1}}}\n", "expects {feature: <name>, <op>: <number>}"),
+        ("version: 1\nsegments:\n  - {name: s, when: [1, 2]}\n", "a condition must be a non-empty mapping"),
+        ("version: 1\nretired: [s]\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n", "both defined and retired"),
+    ],
+)
+def test_invalid_rules_are_refused_at_load_time_with_a_clear_message(text, message):
+    with pytest.raises(RuleError) as info:
+        RuleSet.from_yaml(text, source="rules.yaml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("rules.yaml")
+
+
+def test_missing_rules_file_is_a_rule_error(tmp_path):
+    with pytest.raises(RuleError, match="cannot read rules file"):
+        RuleSet.load(tmp_path / "absent.yaml")
+
+
+def test_rule_text_is_never_evaluated_as_code():
+    with pytest.raises(RuleError):
+        RuleSet.from_yaml("version: 1\nsegments:\n  - {name: s, when: {field: \"__import__('os')\", gt: 1}}\n")
+    with pytest.raises(RuleError, match="not valid YAML"):
+        RuleSet.from_yaml("version: 1\nsegments: !!python/object/apply:os.system ['true']\n")
+
+
+# --------------------------------------------------------------------------- diff and assignment
+
+
+def test_diff_reports_entered_and_exited_segments_with_the_rule_description(rules):
+    changes = rules.diff({"dormant", "active_engaged"}, {"active_engaged", "highly_engaged_new"}, AT, user_key="k1")
+    assert changes == [
+        {"user_key": "k1", "segment": "dormant", "change": "exited", "at": AT,
+         "reason": "Last activity more than 30 days ago", "version": rules.version},
+        {"user_key": "k1", "segment": "highly_engaged_new", "change": "entered", "at": AT,
+         "reason": "More than 5 sessions and signed up within the last 7 days", "version": rules.version},
+    ]
+
+
+def test_diff_names_the_trigger_and_falls_back_to_the_rule_name():
+    rules = rule("{field: events_7d, gt: 1}", name="busy")
+    (change,) = rules.diff(set(), {"busy"}, AT, reason="dormancy")
+    assert change["reason"] == "busy (trigger: dormancy)"
+
+
+def test_no_change_means_no_diff(rules):
+    assert rules.diff({"dormant"}, {"dormant"}, AT) == []
+
+
+def test_assignment_keeps_segments_owned_by_others_and_removes_retired_ones():
+    rules = rule("{field: events_7d, gt: 1}", name="busy", extra="retired: [old_rule]\n")
+    new = rules.assign({"ml_cluster_3", "old_rule", "busy"}, {"events_7d": 0}, AT)
+    assert new == {"ml_cluster_3"}
+    changes = rules.diff({"ml_cluster_3", "old_rule", "busy"}, new, AT)
+    assert [(c["segment"], c["change"]) for c in changes] == [("busy", "exited"), ("old_rule", "exited")]
+    assert changes[1]["reason"] == f"segment old_rule retired in rules version {rules.version}"
+
+
+def test_version_changes_when_the_rules_change():
+    first = rule("{field: events_7d, gt: 1}")
+    second = rule("{field: events_7d, gt: 2}")
+    assert first.version.split("+")[0] == second.version.split("+")[0] == "1"
+    assert first.version != second.version
+
+
+# --------------------------------------------------------------------------- transform
+
+
+def test_assign_rule_segments_updates_profiles_and_emits_changes():
+    profiles = [
+        {"user_key": "k-new", "as_of": AT, "session_count": 6, "signup_at": AT - DAY_MS, "last_event_at": AT},
+        {"user_key": "k-back", "as_of": AT, "last_event_at": AT, "sessions_7d": 4,
+         "segments": ["dormant", "ml_cluster_1"], "trigger": "events"},
+        {"user_key": "k-same", "as_of": AT, "last_event_at": AT - 31 * DAY_MS, "segments": ["dormant"],
+         "trigger": "dormancy"},
+        {"as_of": AT, "session_count": 1},
+        {"user_key": "k-bad", "as_of": AT, "segments": "dormant"},
+        ["not", "a", "profile"],
+    ]
+    with prism_pipeline() as pipeline:
+        result = pipeline | beam.Create(profiles) | AssignRuleSegments(DEFAULT_RULES_PATH)
+        version = AssignRuleSegments(DEFAULT_RULES_PATH).rules.version
+        assert_that(
+            result.profiles | "Segments" >> beam.Map(lambda p: (p["user_key"], tuple(p["segments"]))),
+            equal_to([
+                ("k-new", ("highly_engaged_new",)),
+                ("k-back", ("active_engaged", "ml_cluster_1")),
+                ("k-same", ("dormant",)),
+            ]),
+            label="profiles",
+        )
+        assert_that(
+            result.segment_changes
+            | "Changes" >> beam.Map(lambda c: (c["user_key"], c["segment"], c["change"], c["at"], c["version"])),
+            equal_to([
+                ("k-new", "highly_engaged_new", "entered", AT, version),
+                ("k-back", "active_engaged", "entered", AT, version),
+                ("k-back", "dormant", "exited", AT, version),
+            ]),
+            label="changes",
+        )
+        assert_that(
+            result.dead_letter | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"])),
+            equal_to([("segment", "missing_user_key"), ("segment", "bad_segments"), ("segment", "not_a_mapping")]),
+            label="dead_letter",
+        )
+
+
+def test_assign_rule_segments_refuses_a_bad_rules_file_at_construction(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("version: 1\nsegments:\n  - {name: s, when: {field: nope, gt: 1}}\n")
+    with pytest.raises(RuleError, match="unknown field 'nope'"):
+        AssignRuleSegments(path)

@@ -1,0 +1,359 @@
+"""Build each user's profile from their anonymized events, in one keyed stage.
+
+``BuildUserProfiles`` keys anonymized events by ``user_key`` and keeps, per
+user, one state cell that composes the per-concern state classes:
+
+* ``RecentEventIds`` (normalize.py): drops duplicate ``event_id``s within the
+  dedup horizon;
+* ``SessionState`` (sessionize.py): event-time sessions, gap 30 min;
+* ``EngagementState`` (score.py): time-decay engagement and intent scores,
+  7/30-day frequency, feature adoption, onboarding progress, signup;
+* the newest anonymized context (email domain, device class, country) and the
+  account id, for enrichment.
+
+Why one stage rather than one per concern: each keyed stateful stage costs a
+shuffle, and on the 2-core reference machine two chained keyed stages on Prism
+took 1.8x the time of one (200k elements, 12.5 s vs 6.9 s). The concerns stay
+separately testable as pure classes; this module only composes them.
+
+Time, lateness and timers (event time throughout):
+
+* An event older than the watermark minus ``allowed_lateness`` is *too late*:
+  it does not change the profile, it is counted (``too_late_events``) and goes
+  to the ``too_late`` output, never silently lost. The stage knows a lower
+  bound of the watermark from a per-user "probe" timer set at the newest event
+  time it has seen: when the timer fires the watermark has passed it. The
+  bound lags the true watermark, so the rule never rejects an on-time event
+  and may let a slightly-too-late one through. In a bounded replay nothing is
+  late: the watermark only moves at the end.
+* Later events within the allowed lateness simply update the profile: every
+  state class here is order-independent.
+* A ``lifecycle`` timer re-evaluates a user with no new events when a
+  time-based rule can flip: at the end of the "new user" window (signup +
+  ``new_user_window``), at dormancy (last activity + ``dormancy``; fires with
+  no new event, which is how dormant users are detected), and finally clears
+  the state at last activity + ``state_ttl`` (the Redis profile then expires by
+  its own TTL).
+
+Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
+profile as last emitted, and as it is now), coalesced per bundle so a burst of
+one user's events yields one update. ``current["version"]`` is monotonic per
+user: ``as_of * 1000 + n`` where ``as_of`` is the newest event or timer time
+folded in and ``n`` counts the updates that did not move ``as_of`` (late
+events within the allowed lateness). Replaying the same input from the same
+state yields the same versions, so the Redis sink's compare-and-set makes
+replays no-ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import apache_beam as beam
+from apache_beam.coders import FastPrimitivesCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from onboardflow.transforms.enrich import ProfileUpdate
+from onboardflow.transforms.normalize import RecentEventIds
+from onboardflow.transforms.score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
+from onboardflow.transforms.sessionize import DAY_MS, MINUTE_MS, SessionState
+
+HOUR_MS = 3_600_000
+TOO_LATE = "too_late"
+
+#: Profile fields reserved for the online-learning stage (filled in later).
+MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Settings of the keyed profile stage (see the module docstring)."""
+
+    session_gap_ms: int = 30 * MINUTE_MS
+    allowed_lateness_ms: int = 24 * HOUR_MS
+    dedup_horizon_ms: int = 48 * HOUR_MS
+    new_user_window_ms: int = 7 * DAY_MS
+    dormancy_ms: int = 30 * DAY_MS
+    state_ttl_ms: int = 90 * DAY_MS
+    score: ScoreConfig = DEFAULT_SCORE_CONFIG
+
+    def __post_init__(self):
+        if self.dedup_horizon_ms < self.allowed_lateness_ms:
+            raise ValueError("dedup_horizon_ms must cover allowed_lateness_ms, or late duplicates would count twice")
+        if self.state_ttl_ms <= self.dormancy_ms:
+            raise ValueError("state_ttl_ms must exceed dormancy_ms, or dormancy would never be reported")
+
+
+_CONTEXT_FIELDS = ("email_domain", "device_class", "country", "os", "locale")
+
+
+@dataclass
+class UserProfileState:
+    """Everything the profile stage keeps about one user."""
+
+    config: ProfileConfig
+    engagement: EngagementState
+    sessions: SessionState
+    seen: RecentEventIds
+    # name -> (event time, value): the newest by event time wins, whatever the arrival order.
+    context: dict = field(default_factory=dict)
+    as_of: int = 0
+    seq: int = 0
+    watermark_lb: Optional[int] = None
+    probe_at: Optional[int] = None
+    last_emitted: Optional[dict] = None
+
+    @classmethod
+    def new(cls, config: ProfileConfig) -> "UserProfileState":
+        return cls(
+            config=config,
+            engagement=EngagementState(config.score),
+            sessions=SessionState(gap_ms=config.session_gap_ms, retention_ms=config.state_ttl_ms),
+            seen=RecentEventIds(config.dedup_horizon_ms),
+        )
+
+    # -- updates -------------------------------------------------------------
+
+    def is_too_late(self, t: int) -> bool:
+        return self.watermark_lb is not None and t < self.watermark_lb - self.config.allowed_lateness_ms
+
+    def apply(self, event: dict) -> None:
+        """Fold one new (not duplicate, not too late) event in."""
+        t = event["occurred_at"]
+        self.engagement.add(event)
+        self.sessions.add(t)
+        props = event.get("properties") or {}
+        account = props.get("account_id")
+        if account:
+            self._newest("account_id", t, account)
+        if event.get("event_type") == "signup" and props.get("plan"):
+            self._newest("signup_plan", t, props["plan"])
+        for name in _CONTEXT_FIELDS:
+            value = event.get(name)
+            if value:
+                self._newest(name, t, value)
+        self._advance(t)
+
+    def _newest(self, name: str, t: int, value: Any) -> None:
+        seen = self.context.get(name)
+        if seen is None or (t, str(value)) > (seen[0], str(seen[1])):
+            self.context[name] = (t, value)
+
+    def _advance(self, t: int) -> None:
+        if t > self.as_of:
+            self.as_of, self.seq = t, 0
+        else:
+            self.seq = min(self.seq + 1, 999)
+
+    def advance_to(self, t: int) -> None:
+        """A timer at event time ``t`` fired: the profile is now as of ``t``."""
+        self._advance(t)
+        if self.watermark_lb is None or t > self.watermark_lb:
+            self.watermark_lb = t
+
+    @property
+    def version(self) -> int:
+        return self.as_of * 1000 + self.seq
+
+    def next_lifecycle_ms(self) -> int:
+        """Next event time at which a time-based rule can flip, or the state expires."""
+        last = self.engagement.last_event_at
+        signup = self.engagement.signup_at
+        candidates = [last + self.config.dormancy_ms + 1, last + self.config.state_ttl_ms]
+        if signup is not None:
+            candidates.append(signup + self.config.new_user_window_ms + 1)
+        return min(c for c in candidates if c > self.as_of)
+
+    def expired_at(self, t: int) -> bool:
+        return t >= self.engagement.last_event_at + self.config.state_ttl_ms
+
+    # -- output --------------------------------------------------------------
+
+    def snapshot(self, user_key: str) -> dict:
+        profile = self.engagement.snapshot(self.as_of)
+        profile["purchased_plan"] = profile.pop("plan")
+        profile.update(self.sessions.snapshot(self.as_of))
+        for name, (_, value) in self.context.items():
+            profile[name] = value
+        for name in ("account_id", "signup_plan", *_CONTEXT_FIELDS):
+            profile.setdefault(name, None)
+        for name in MODEL_FIELDS:
+            profile[name] = None
+        profile["user_key"] = user_key
+        profile["as_of"] = self.as_of
+        profile["version"] = self.version
+        profile["segments"] = []
+        return profile
+
+    # -- storage: compact primitives for FastPrimitivesCoder -------------------
+
+    def to_primitive(self) -> tuple:
+        s = self.sessions
+        return (
+            1,
+            self.engagement.to_primitive(),
+            (s.starts, s.ends, s.counts, s.folded_sessions, s.folded_duration_ms, s.folded_events, s.max_event_ms),
+            (self.seen.seen, self.seen.max_ms, self.seen.prune_at),
+            self.context, self.as_of, self.seq, self.watermark_lb, self.probe_at, self.last_emitted,
+        )
+
+    @classmethod
+    def from_primitive(cls, data: tuple, config: ProfileConfig) -> "UserProfileState":
+        (_, engagement, sessions, seen, context, as_of, seq, watermark_lb, probe_at, last_emitted) = data
+        state = cls.new(config)
+        state.engagement = EngagementState.from_primitive(engagement, config.score)
+        s = state.sessions
+        (s.starts, s.ends, s.counts, s.folded_sessions, s.folded_duration_ms, s.folded_events, s.max_event_ms) = (
+            list(sessions[0]), list(sessions[1]), list(sessions[2]), *sessions[3:])
+        state.seen.seen, state.seen.max_ms, state.seen.prune_at = dict(seen[0]), seen[1], seen[2]
+        state.context = {k: tuple(v) for k, v in context.items()}
+        state.as_of, state.seq, state.watermark_lb, state.probe_at = as_of, seq, watermark_lb, probe_at
+        state.last_emitted = last_emitted
+        return state
+
+
+def _ts(ms: int) -> Timestamp:
+    return Timestamp(micros=ms * 1000)
+
+
+def _ms(ts: Timestamp) -> int:
+    return ts.micros // 1000
+
+
+class _UserProfileFn(beam.DoFn):
+    PROFILE = ReadModifyWriteStateSpec("profile", FastPrimitivesCoder())
+    LIFECYCLE = TimerSpec("lifecycle", TimeDomain.WATERMARK)
+    PROBE = TimerSpec("watermark_probe", TimeDomain.WATERMARK)
+
+    def __init__(self, config: ProfileConfig):
+        self._config = config
+        self._duplicates = Metrics.counter("onboardflow", "duplicates_dropped")
+        self._too_late = Metrics.counter("onboardflow", "too_late_events")
+        self._invalid = Metrics.counter("onboardflow", "profile_invalid_events")
+        self._lifecycle = Metrics.counter("onboardflow", "lifecycle_timers_fired")
+        self._expired = Metrics.counter("onboardflow", "profile_state_expired")
+        self._emitted = Metrics.counter("onboardflow", "profile_updates_emitted")
+
+    def start_bundle(self):
+        # user_key -> (previous profile, current profile, window): one update per user per bundle.
+        self._pending: dict[str, tuple[Optional[dict], dict, Any]] = {}
+
+    def _load(self, cell) -> UserProfileState:
+        data = cell.read()
+        return UserProfileState.new(self._config) if data is None else UserProfileState.from_primitive(data, self._config)
+
+    def _emit(self, user_key: str, state: UserProfileState, window) -> None:
+        current = state.snapshot(user_key)
+        pending = self._pending.get(user_key)
+        previous = pending[0] if pending else state.last_emitted
+        self._pending[user_key] = (previous, current, window)
+        state.last_emitted = current
+
+    def process(
+        self,
+        element,
+        window=beam.DoFn.WindowParam,
+        cell=beam.DoFn.StateParam(PROFILE),
+        lifecycle=beam.DoFn.TimerParam(LIFECYCLE),
+        probe=beam.DoFn.TimerParam(PROBE),
+    ):
+        user_key, event = element
+        state = self._load(cell)
+        t = event["occurred_at"]
+        if state.is_too_late(t):
+            self._too_late.inc()
+            yield beam.pvalue.TaggedOutput(TOO_LATE, event)
+            return
+        if not state.seen.add(event["event_id"], t):
+            self._duplicates.inc()
+            return
+        try:
+            state.apply(event)
+        except InvalidEvent:
+            # Validation upstream makes this unreachable for decoded events; count, never crash.
+            self._invalid.inc()
+            return
+        if state.probe_at is None:
+            state.probe_at = t
+            probe.set(_ts(t))
+        lifecycle.set(_ts(state.next_lifecycle_ms()))
+        self._emit(user_key, state, window)
+        cell.write(state.to_primitive())
+
+    @on_timer(PROBE)
+    def on_probe(
+        self,
+        key=beam.DoFn.KeyParam,
+        fired=beam.DoFn.TimestampParam,
+        cell=beam.DoFn.StateParam(PROFILE),
+        probe=beam.DoFn.TimerParam(PROBE),
+    ):
+        data = cell.read()
+        if data is None:
+            return
+        state = UserProfileState.from_primitive(data, self._config)
+        t = _ms(fired)
+        state.watermark_lb = t if state.watermark_lb is None else max(state.watermark_lb, t)
+        newest = state.engagement.last_event_at
+        if newest is not None and newest > t:
+            state.probe_at = newest
+            probe.set(_ts(newest))
+        else:
+            state.probe_at = None
+        cell.write(state.to_primitive())
+
+    @on_timer(LIFECYCLE)
+    def on_lifecycle(
+        self,
+        key=beam.DoFn.KeyParam,
+        fired=beam.DoFn.TimestampParam,
+        window=beam.DoFn.WindowParam,
+        cell=beam.DoFn.StateParam(PROFILE),
+        lifecycle=beam.DoFn.TimerParam(LIFECYCLE),
+    ):
+        data = cell.read()
+        if data is None:
+            return
+        state = UserProfileState.from_primitive(data, self._config)
+        t = _ms(fired)
+        if state.expired_at(t):
+            self._expired.inc()
+            cell.clear()
+            self._pending.pop(key, None)
+            return
+        self._lifecycle.inc()
+        state.advance_to(t)
+        lifecycle.set(_ts(state.next_lifecycle_ms()))
+        self._emit(key, state, window)
+        cell.write(state.to_primitive())
+
+    def finish_bundle(self):
+        for previous, current, window in self._pending.values():
+            self._emitted.inc()
+            yield WindowedValue(ProfileUpdate(previous, current), _ts(current["as_of"]), [window])
+        self._pending = {}
+
+
+class BuildUserProfiles(beam.PTransform):
+    """Anonymized events in; ``ProfileUpdate(previous, current)`` out.
+
+    Input events must carry ``user_key`` (AnonymizeEvents). Duplicates are
+    dropped (counted ``duplicates_dropped``); events later than the allowed
+    lateness go to the ``too_late`` output (counted ``too_late_events``).
+    Returns a ``DoOutputsTuple`` with the main output and ``too_late``.
+    """
+
+    def __init__(self, config: ProfileConfig = ProfileConfig()):
+        super().__init__()
+        self._config = config
+
+    def expand(self, events):
+        return (
+            events
+            | "KeyByUser" >> beam.Map(lambda e: (e["user_key"], e))
+            | "UpdateProfileState" >> beam.ParDo(_UserProfileFn(self._config)).with_outputs(TOO_LATE, main="profiles")
+        )
