@@ -173,6 +173,13 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
 
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers,
                              **{**producer_settings(), **dict(producer_config or {})})
+    try:
+        # Fetch the topic's metadata now, so the first send does not stall the
+        # pacing (and a missing topic fails here, once).
+        producer.partitions_for(topic)
+    except BaseException:
+        producer.close(timeout=5)
+        raise
     bucket = TokenBucket(rate, clock=clock) if rate > 0 else None
     bar = tqdm(total=total, unit="msg", file=sys.stderr, disable=not progress,
                mininterval=0.5, dynamic_ncols=True, desc=topic)
@@ -206,11 +213,13 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
         except KeyboardInterrupt:
             stats.interrupted = True
         _flush(producer)
+        stats.elapsed_s = clock() - start  # delivered: closing the client is not part of the rate
     finally:
         producer.close(timeout=30)
         bar.update(unreported)
         bar.close()
-        stats.elapsed_s = clock() - start
+        if not stats.elapsed_s:
+            stats.elapsed_s = clock() - start
     return stats
 
 

@@ -15,25 +15,27 @@ downstream (sessionization, scoring, segmentation, the warehouse) works on
   IPv6 addresses are reduced through their embedded IPv4 address, whose /48
   would otherwise keep all 32 bits), ``context.user_agent`` -> ``device_class``
   (desktop / mobile / tablet / bot / unknown), ``context.locale`` -> ``country``
-  (the region subtag, e.g. "en-US" -> "US").
+  (its ISO 3166-1 alpha-2 region subtag, e.g. "en-US" -> "US"; the language
+  part is not kept).
 * ``properties`` lose every entry whose key names PII (email, phone, name of a
   person, ip, address, password, ...: see ``is_pii_property_key``), whose value
   looks like an email address, or whose value contains one of the event's raw
   identifiers. Non-string values that are not plain scalars are dropped too,
   since the contract says property values are strings.
-* ``referrer`` (reader schema v2) keeps only its host name: paths and query
+* ``referrer`` (reader schema v2) becomes ``referrer_host``: paths and query
   strings routinely carry emails and tokens.
 * Fields are allow-listed: a new schema field only reaches downstream stages
   once it is added here, so new PII cannot slip through by default.
 
-The anonymized event shape::
+The anonymized event shape is flat, as the profile stage and the warehouse
+``events`` table read it::
 
     {"event_id", "event_type", "user_key", "identified": bool, "session_id",
      "occurred_at", "received_at", "properties": {str: str},
-     "context": {"device", "os", "app_version", "country",
-                 "email_domain", "ip_prefix", "device_class"},
+     "device", "os", "app_version", "country", "email_domain", "ip_prefix",
+     "device_class",
      "consent": {"analytics", "personalization", "marketing"},
-     "referrer": host or None            # only when the input has the field
+     "referrer_host": host or None       # only when the input has a referrer
     }
 
 Consent gate (``AnonymizeEvents``): events of users with personalization
@@ -323,13 +325,14 @@ _LOCALE_SPLIT_RE = re.compile(r"[-_.@]")
 
 @functools.lru_cache(maxsize=1024)
 def country_from_locale(locale: Optional[str]) -> Optional[str]:
-    """The region subtag of a BCP 47 / POSIX locale: "en-US", "en_us.UTF-8" -> "US",
-    "zh-Hant-TW" -> "TW", "es-419" -> "419"; "fr" (no region) -> None."""
+    """The ISO 3166-1 alpha-2 region of a BCP 47 / POSIX locale: "en-US",
+    "en_us.UTF-8" -> "US", "zh-Hant-TW" -> "TW"; no region ("fr") or a
+    numeric UN M.49 region ("es-419", not a country) -> None."""
     if not isinstance(locale, str):
         return None
     parts = _LOCALE_SPLIT_RE.split(locale.strip())
     for part in parts[1:]:
-        if (len(part) == 2 and part.isalpha()) or (len(part) == 3 and part.isdigit()):
+        if len(part) == 2 and part.isascii() and part.isalpha():
             return part.upper()
     return None
 
@@ -441,15 +444,13 @@ class Pseudonymizer:
             "occurred_at": event["occurred_at"],
             "received_at": event.get("received_at"),
             "properties": properties,
-            "context": {
-                "device": _clean_context_value(context.get("device"), needles),
-                "os": _clean_context_value(context.get("os"), needles),
-                "app_version": _clean_context_value(context.get("app_version"), needles),
-                "country": country_from_locale(context.get("locale")),
-                "email_domain": email_domain(raw_email),
-                "ip_prefix": ip_prefix(raw_ip),
-                "device_class": device_class(raw_ua),
-            },
+            "device": _clean_context_value(context.get("device"), needles),
+            "os": _clean_context_value(context.get("os"), needles),
+            "app_version": _clean_context_value(context.get("app_version"), needles),
+            "country": country_from_locale(context.get("locale")),
+            "email_domain": email_domain(raw_email),
+            "ip_prefix": ip_prefix(raw_ip),
+            "device_class": device_class(raw_ua),
             "consent": {
                 "analytics": consent.get("analytics") is True,
                 "personalization": consent.get("personalization") is True,
@@ -457,7 +458,7 @@ class Pseudonymizer:
             },
         }
         if "referrer" in event:
-            out["referrer"] = referrer_host(event["referrer"])
+            out["referrer_host"] = referrer_host(event["referrer"])
         return out, stripped
 
 
@@ -504,11 +505,12 @@ def _scrub_properties(properties: Mapping[str, Any], needles: list[tuple[str, bo
 # --------------------------------------------------------------------------- Beam
 
 
-def _dead_letter(reason: str, event: Any) -> dict:
+def _dead_letter(reason: str, detail: str, event: Any) -> dict:
     event_id = event.get("event_id") if isinstance(event, Mapping) else None
     return {
         "stage": "anonymize",
         "reason": reason,
+        "detail": detail,  # names fields only, never values
         "event_id": event_id if isinstance(event_id, str) else None,
         # The raw event is kept so it can be replayed once fixed: the dead-letter
         # sink is a PII store with the same protection as the input topic.
@@ -525,27 +527,30 @@ def _consent_flag(consent: Mapping[str, Any], name: str) -> Optional[bool]:
     return None  # malformed
 
 
-def _validation_error(event: Mapping[str, Any]) -> Optional[str]:
+def _is_millis(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validation_error(event: Mapping[str, Any]) -> Optional[tuple[str, str]]:
+    """(reason, detail) of why an event cannot be anonymized, or None."""
     for field in ("event_id", "event_type"):
         value = event.get(field)
         if not isinstance(value, str) or not value:
-            return f"missing_{field}"
-    occurred_at = event.get("occurred_at")
-    if not isinstance(occurred_at, int) or isinstance(occurred_at, bool):
-        return "missing_occurred_at"
+            return f"missing_{field}", f"{field} is missing or not a non-empty string"
+    if not _is_millis(event.get("occurred_at")):
+        return "missing_occurred_at", "occurred_at is missing or not epoch millis"
     received_at = event.get("received_at")
-    if received_at is not None and (not isinstance(received_at, int) or isinstance(received_at, bool)):
-        return "bad_received_at"
+    if received_at is not None and not _is_millis(received_at):
+        return "bad_received_at", "received_at is not epoch millis"
     user_id, anonymous_id = event.get("user_id"), event.get("anonymous_id")
-    if user_id is not None and not isinstance(user_id, str):
-        return "bad_user_id"
-    if anonymous_id is not None and not isinstance(anonymous_id, str):
-        return "bad_anonymous_id"
+    for field, value in (("user_id", user_id), ("anonymous_id", anonymous_id)):
+        if value is not None and not isinstance(value, str):
+            return f"bad_{field}", f"{field} is not a string"
     if not user_id and not anonymous_id:
-        return "missing_identity"
+        return "missing_identity", "neither user_id nor anonymous_id is set"
     context = event.get("context")
     if context is not None and not isinstance(context, Mapping):
-        return "bad_context"
+        return "bad_context", "context is not a mapping"
     return None
 
 
@@ -566,20 +571,28 @@ class _AnonymizeFn(beam.DoFn):
     def process(self, event):
         if not isinstance(event, Mapping):
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter("not_a_mapping", event))
+            yield beam.pvalue.TaggedOutput(
+                AnonymizeEvents.DEAD_LETTER,
+                _dead_letter("not_a_mapping", f"event is a {type(event).__name__}", event),
+            )
             return
         consent = event.get("consent")
         if consent is None:
             consent = {}  # the contract's default: no consent at all
         if not isinstance(consent, Mapping):
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter("bad_consent", event))
+            yield beam.pvalue.TaggedOutput(
+                AnonymizeEvents.DEAD_LETTER, _dead_letter("bad_consent", "consent is not a mapping", event)
+            )
             return
         personalization = _consent_flag(consent, "personalization")
         analytics = _consent_flag(consent, "analytics")
         if personalization is None or analytics is None:
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter("bad_consent", event))
+            yield beam.pvalue.TaggedOutput(
+                AnonymizeEvents.DEAD_LETTER,
+                _dead_letter("bad_consent", "consent.analytics / consent.personalization is not a boolean", event),
+            )
             return
         if not personalization and not analytics:
             # Decided before validation so nothing of a non-consenting user is
@@ -589,7 +602,7 @@ class _AnonymizeFn(beam.DoFn):
         error = _validation_error(event)
         if error is not None:
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter(error, event))
+            yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter(*error, event))
             return
         anonymized, stripped = self._pseudonymizer.anonymize(event)
         if stripped:
@@ -612,7 +625,8 @@ class AnonymizeEvents(beam.PTransform):
       consent; they go on to profiles and segments.
     * ``analytics_only``: anonymized events of users with analytics but no
       personalization consent; anonymized analytics only, never profiles.
-    * ``dead_letter``: ``{"stage", "reason", "event_id", "payload"}`` for events
+    * ``dead_letter``: ``{"stage", "reason", "detail", "event_id", "payload"}``
+      (payload = the raw event, for replay) for events
       that cannot be anonymized (not a mapping, malformed consent, missing
       event_id / event_type / occurred_at / identity, ...), counted in
       ``onboardflow:anonymize_dead_letter``.

@@ -499,11 +499,12 @@ class EngagementState:
 _STATE_CODER = FastPrimitivesCoder()
 
 
-def _dead_letter(reason: str, payload: Any) -> dict:
+def _dead_letter(reason: str, detail: str, payload: Any) -> dict:
     event_id = payload.get("event_id") if isinstance(payload, Mapping) else None
     return {
         "stage": "score",
         "reason": reason,
+        "detail": detail,
         "event_id": event_id if isinstance(event_id, str) else None,
         "payload": payload,  # anonymized already: no raw PII
     }
@@ -565,7 +566,9 @@ class _TimeDecayScoreFn(beam.DoFn):
                 state.add(event)
             except InvalidEvent as exc:
                 self._dead_letters.inc()
-                yield beam.pvalue.TaggedOutput(TimeDecayScore.DEAD_LETTER, _dead_letter(str(exc), event))
+                yield beam.pvalue.TaggedOutput(
+                    TimeDecayScore.DEAD_LETTER, _dead_letter("invalid_event", str(exc), event)
+                )
                 continue
             accepted += 1
             t = event["occurred_at"]
@@ -624,7 +627,7 @@ class TimeDecayScore(beam.PTransform):
     ``trigger`` ("events"); and one per dormancy, with ``trigger`` "dormancy",
     when a user has had no event for more than ``dormancy_days`` of event time
     (an event-time timer: it fires on watermark progress, without new events).
-    ``dead_letter``: ``{"stage": "score", "reason", "event_id", "payload"}`` for
+    ``dead_letter``: ``{"stage": "score", "reason", "detail", "event_id", "payload"}`` for
     events without a user_key, occurred_at or event_type (counted in
     ``onboardflow:score_dead_letter``).
     Dropped: the state of users with no event for ``state_ttl_days`` of event
@@ -682,6 +685,8 @@ class _KeyByUserFn(beam.DoFn):
         user_key = event.get("user_key") if isinstance(event, Mapping) else None
         if not isinstance(user_key, str) or not user_key:
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(TimeDecayScore.DEAD_LETTER, _dead_letter("missing user_key", event))
+            yield beam.pvalue.TaggedOutput(
+                TimeDecayScore.DEAD_LETTER, _dead_letter("missing_user_key", "event has no user_key", event)
+            )
             return
         yield user_key, event

@@ -38,8 +38,9 @@ A comparison or time condition on a field the profile does not have (None or
 absent) is false; ``not`` turns that into true, so write ``not`` with care.
 
 ``RuleSet.evaluate(profile, at_ms)`` gives the set of matching segments;
-``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts.
-``AssignRuleSegments`` is the Beam composite.
+``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts
+(``schemas/segment_change.avsc``: reason ``rule:<name>``, version = the
+profile's event-time version). ``AssignRuleSegments`` is the Beam composite.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ from typing import Any, Optional, TypedDict, Union
 import apache_beam as beam
 import yaml
 from apache_beam.metrics import Metrics
+
+from onboardflow.transforms.enrich import ProfileUpdate
 
 METRICS_NAMESPACE = "onboardflow"
 DAY_MS = 86_400_000
@@ -112,12 +115,14 @@ class RuleError(ValueError):
 
 
 class SegmentChange(TypedDict):
+    """One entry or exit, in the shape of schemas/segment_change.avsc."""
+
     user_key: Optional[str]
     segment: str
     change: str  # "entered" | "exited"
     at: int  # epoch millis of the evaluation (event time)
-    reason: str  # the rule's description / name and the trigger; never PII
-    version: str  # rules version + content fingerprint
+    reason: str  # a short code: rule:<name>, retired:<name>; never PII
+    version: int  # event-time version of the profile that caused the change
 
 
 def _is_number(value: Any) -> bool:
@@ -323,7 +328,7 @@ class SegmentRule:
 
     @property
     def reason(self) -> str:
-        return self.description or self.name
+        return f"rule:{self.name}"
 
 
 class RuleSet:
@@ -432,24 +437,28 @@ class RuleSet:
         at_ms: int,
         reason: Optional[str] = None,
         user_key: Optional[str] = None,
+        version: Optional[int] = None,
     ) -> list[SegmentChange]:
         """Entered / exited changes between two segment sets, sorted by segment.
 
-        Each change's reason is the rule's description (or name); ``reason``,
-        when given, says what triggered the evaluation (e.g. "dormancy").
+        Each change's reason is ``reason`` when given (e.g. another stage's
+        "model:cluster_7"), else the rule's code: ``rule:<name>``,
+        ``retired:<name>`` for retired segments, ``segment:<name>`` for
+        segments these rules do not define. ``version`` is the profile's
+        event-time version (consumers keep the newest change per user and
+        segment); it defaults to ``at_ms``.
         """
         old, new = set(old_segments), set(new_segments)
         changes: list[SegmentChange] = []
         for segment in sorted(old ^ new):
-            rule = self._by_name.get(segment)
-            if rule is not None:
-                why = rule.reason
-            elif segment in self.retired:
-                why = f"segment {segment} retired in rules version {self.version}"
-            else:
-                why = segment
             if reason:
-                why = f"{why} (trigger: {reason})"
+                why = reason
+            elif segment in self._by_name:
+                why = self._by_name[segment].reason
+            elif segment in self.retired:
+                why = f"retired:{segment}"
+            else:
+                why = f"segment:{segment}"
             changes.append(
                 SegmentChange(
                     user_key=user_key,
@@ -457,7 +466,7 @@ class RuleSet:
                     change="entered" if segment in new else "exited",
                     at=at_ms,
                     reason=why,
-                    version=self.version,
+                    version=at_ms if version is None else version,
                 )
             )
         return changes
@@ -471,8 +480,13 @@ class RuleSet:
 # --------------------------------------------------------------------------- Beam
 
 
-def _dead_letter(reason: str, payload: Any) -> dict:
-    return {"stage": "segment", "reason": reason, "event_id": None, "payload": payload}
+def _dead_letter(reason: str, detail: str, payload: Any) -> dict:
+    return {"stage": "segment", "reason": reason, "detail": detail, "event_id": None, "payload": payload}
+
+
+def _eval_time(profile: Mapping[str, Any], fallback_ms: int) -> int:
+    at_ms = profile.get("as_of")
+    return at_ms if _is_number(at_ms) else fallback_ms
 
 
 class _AssignRuleSegmentsFn(beam.DoFn):
@@ -492,55 +506,81 @@ class _AssignRuleSegmentsFn(beam.DoFn):
             self._rules_yaml, self._source, self._extra_fields, self._extra_events
         )
 
-    def process(self, profile, timestamp=beam.DoFn.TimestampParam):
-        if not isinstance(profile, Mapping):
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AssignRuleSegments.DEAD_LETTER, _dead_letter("not_a_mapping", profile))
-            return
-        user_key = profile.get("user_key")
-        previous = profile.get("segments")
-        if previous is None:
-            previous = ()
-        if not isinstance(user_key, str) or not user_key:
-            reason = "missing_user_key"
-        elif isinstance(previous, (str, bytes)) or not isinstance(previous, Iterable):
-            reason = "bad_segments"
+    def process(self, element, timestamp=beam.DoFn.TimestampParam):
+        if isinstance(element, ProfileUpdate):
+            previous_profile, profile = element.previous, element.current
         else:
-            reason = None
-        if reason is not None:
+            previous_profile, profile = None, element
+        error = _profile_error(profile, previous_profile)
+        if error is not None:
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AssignRuleSegments.DEAD_LETTER, _dead_letter(reason, profile))
+            yield beam.pvalue.TaggedOutput(AssignRuleSegments.DEAD_LETTER, _dead_letter(*error, element))
             return
-        at_ms = profile.get("as_of")
-        if not _is_number(at_ms):
-            # Profiles carry their event-time evaluation point; fall back to the element time.
-            at_ms = timestamp.micros // 1000
-        previous = set(previous)
-        current = self._rules.assign(previous, profile, at_ms)
+        rules = self._rules
+        element_ms = timestamp.micros // 1000
+        at_ms = _eval_time(profile, element_ms)
+        segments = set(profile.get("segments") or ())
+        if isinstance(element, ProfileUpdate):
+            # The profile stage does not keep segments: the rule segments the user
+            # was in are the rules evaluated on the profile as last emitted.
+            before = (
+                rules.evaluate(previous_profile, _eval_time(previous_profile, at_ms))
+                if previous_profile is not None
+                else set()
+            )
+        else:
+            before = segments & rules.owned
+        now = rules.evaluate(profile, at_ms)
         updated = dict(profile)
-        updated["segments"] = sorted(current)
+        updated["segments"] = sorted((segments - rules.owned) | now)
         yield updated
-        trigger = profile.get("trigger")
-        for change in self._rules.diff(
-            previous, current, at_ms, trigger if isinstance(trigger, str) else None, user_key
+        version = profile.get("version")
+        for change in rules.diff(
+            before, now, at_ms, user_key=profile["user_key"],
+            version=version if isinstance(version, int) and not isinstance(version, bool) else at_ms,
         ):
             self._changes.inc()
             yield beam.pvalue.TaggedOutput(AssignRuleSegments.SEGMENT_CHANGES, change)
 
 
+def _profile_error(profile: Any, previous: Any) -> Optional[tuple[str, str]]:
+    if not isinstance(profile, Mapping):
+        return "not_a_mapping", f"profile is a {type(profile).__name__}"
+    user_key = profile.get("user_key")
+    if not isinstance(user_key, str) or not user_key:
+        return "missing_user_key", "profile has no user_key"
+    segments = profile.get("segments")
+    if segments is not None and (
+        not isinstance(segments, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in segments)
+    ):
+        return "bad_segments", "segments must be a list of strings"
+    if previous is not None and not isinstance(previous, Mapping):
+        return "not_a_mapping", f"previous profile is a {type(previous).__name__}"
+    return None
+
+
 class AssignRuleSegments(beam.PTransform):
     """Re-evaluate rule segments on every profile update.
 
-    In: profile dicts with ``user_key``, the features rules use (see
-    ``PROFILE_FIELDS``), ``as_of`` (event-time evaluation point, epoch millis;
-    the element timestamp otherwise) and the previous ``segments`` (a list,
-    absent on a first evaluation).
-    Out (main, ``profiles``): the same profiles with ``segments`` updated: rule
-    segments re-evaluated, retired ones removed, segments the rules do not own
-    (e.g. from the online model) kept. ``segment_changes``: one
-    ``SegmentChange`` per segment entered or exited. ``dead_letter``: profiles
-    that are not mappings, lack a user_key or have a malformed ``segments``
-    (counted in ``onboardflow:segment_dead_letter``).
+    In, either:
+
+    * ``ProfileUpdate(previous, current)`` (``transforms.enrich``, from
+      ``BuildUserProfiles``): the rule segments the user was in are the rules
+      evaluated on ``previous`` at its ``as_of`` (none when ``previous`` is
+      None), so no segment state is needed here; or
+    * a profile dict whose ``segments`` holds the previous segments (absent on
+      a first evaluation).
+
+    Profiles carry ``user_key``, the features rules use (``PROFILE_FIELDS``),
+    ``as_of`` (event-time evaluation point, epoch millis; the element timestamp
+    otherwise) and ``version`` (copied into SegmentChange; ``as_of`` otherwise).
+    Out (main, ``profiles``): the current profile dict with ``segments`` set:
+    rule segments re-evaluated, retired ones removed, segments the rules do not
+    own (e.g. from the online model) kept. ``segment_changes``: one
+    ``SegmentChange`` (schemas/segment_change.avsc) per rule segment entered or
+    exited. ``dead_letter``: ``{"stage", "reason", "detail", "event_id",
+    "payload"}`` for elements that are not mappings, lack a user_key or have a
+    malformed ``segments`` (counted in ``onboardflow:segment_dead_letter``).
 
     The rules file is read and validated when the transform is constructed
     (a bad file fails pipeline construction) and compiled once per worker.

@@ -209,11 +209,12 @@ def test_script_missing_after_a_redis_restart_is_reloaded(redis_url, admin, pref
 
 
 def _counters(result):
-    return {
-        c.key.metric.name: c.committed
-        for c in result.metrics().query(MetricsFilter())["counters"]
-        if c.key.metric.namespace == "onboardflow"
-    }
+    """Counters of the onboardflow namespace, summed over the steps that report them."""
+    totals = {}
+    for c in result.metrics().query(MetricsFilter())["counters"]:
+        if c.key.metric.namespace == "onboardflow":
+            totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
+    return totals
 
 
 def _run_write_pipeline(redis_url, prefix, profiles):

@@ -429,9 +429,9 @@ def test_events_without_user_key_or_time_are_dead_lettered():
     with prism_pipeline() as pipeline:
         result = pipeline | beam.Create(events) | TimeDecayScore()
         assert_that(
-            result["dead_letter"] | beam.Map(lambda d: (d["stage"], d["event_id"], d["reason"])),
-            equal_to([("score", "no-key", "missing user_key"),
-                      ("score", "no-time", "occurred_at missing or not epoch millis")]),
+            result["dead_letter"] | beam.Map(lambda d: (d["stage"], d["event_id"], d["reason"], d["detail"])),
+            equal_to([("score", "no-key", "missing_user_key", "event has no user_key"),
+                      ("score", "no-time", "invalid_event", "occurred_at missing or not epoch millis")]),
             label="dead_letter",
         )
         assert_that(

@@ -8,6 +8,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
+from onboardflow.transforms.enrich import ProfileUpdate
 from onboardflow.transforms.segment import (
     DAY_MS,
     DEFAULT_RULES_PATH,
@@ -285,20 +286,24 @@ def test_rule_text_is_never_evaluated_as_code():
 # --------------------------------------------------------------------------- diff and assignment
 
 
-def test_diff_reports_entered_and_exited_segments_with_the_rule_description(rules):
-    changes = rules.diff({"dormant", "active_engaged"}, {"active_engaged", "highly_engaged_new"}, AT, user_key="k1")
+def test_diff_reports_entered_and_exited_segments_as_rule_codes(rules):
+    changes = rules.diff(
+        {"dormant", "active_engaged"}, {"active_engaged", "highly_engaged_new"}, AT, user_key="k1", version=AT * 1000 + 2
+    )
     assert changes == [
         {"user_key": "k1", "segment": "dormant", "change": "exited", "at": AT,
-         "reason": "Last activity more than 30 days ago", "version": rules.version},
+         "reason": "rule:dormant", "version": AT * 1000 + 2},
         {"user_key": "k1", "segment": "highly_engaged_new", "change": "entered", "at": AT,
-         "reason": "More than 5 sessions and signed up within the last 7 days", "version": rules.version},
+         "reason": "rule:highly_engaged_new", "version": AT * 1000 + 2},
     ]
 
 
-def test_diff_names_the_trigger_and_falls_back_to_the_rule_name():
+def test_diff_version_defaults_to_the_evaluation_time_and_reason_can_be_given():
     rules = rule("{field: events_7d, gt: 1}", name="busy")
-    (change,) = rules.diff(set(), {"busy"}, AT, reason="dormancy")
-    assert change["reason"] == "busy (trigger: dormancy)"
+    (change,) = rules.diff(set(), {"busy"}, AT)
+    assert (change["reason"], change["version"]) == ("rule:busy", AT)
+    (change,) = rules.diff({"cluster_7"}, set(), AT, reason="model:cluster_7")
+    assert (change["segment"], change["change"], change["reason"]) == ("cluster_7", "exited", "model:cluster_7")
 
 
 def test_no_change_means_no_diff(rules):
@@ -310,8 +315,10 @@ def test_assignment_keeps_segments_owned_by_others_and_removes_retired_ones():
     new = rules.assign({"ml_cluster_3", "old_rule", "busy"}, {"events_7d": 0}, AT)
     assert new == {"ml_cluster_3"}
     changes = rules.diff({"ml_cluster_3", "old_rule", "busy"}, new, AT)
-    assert [(c["segment"], c["change"]) for c in changes] == [("busy", "exited"), ("old_rule", "exited")]
-    assert changes[1]["reason"] == f"segment old_rule retired in rules version {rules.version}"
+    assert [(c["segment"], c["change"], c["reason"]) for c in changes] == [
+        ("busy", "exited", "rule:busy"),
+        ("old_rule", "exited", "retired:old_rule"),
+    ]
 
 
 def test_version_changes_when_the_rules_change():
@@ -326,18 +333,17 @@ def test_version_changes_when_the_rules_change():
 
 def test_assign_rule_segments_updates_profiles_and_emits_changes():
     profiles = [
-        {"user_key": "k-new", "as_of": AT, "session_count": 6, "signup_at": AT - DAY_MS, "last_event_at": AT},
-        {"user_key": "k-back", "as_of": AT, "last_event_at": AT, "sessions_7d": 4,
-         "segments": ["dormant", "ml_cluster_1"], "trigger": "events"},
-        {"user_key": "k-same", "as_of": AT, "last_event_at": AT - 31 * DAY_MS, "segments": ["dormant"],
-         "trigger": "dormancy"},
+        {"user_key": "k-new", "as_of": AT, "version": AT * 1000, "session_count": 6, "signup_at": AT - DAY_MS,
+         "last_event_at": AT},
+        {"user_key": "k-back", "as_of": AT, "version": AT * 1000 + 1, "last_event_at": AT, "sessions_7d": 4,
+         "segments": ["dormant", "ml_cluster_1"]},
+        {"user_key": "k-same", "as_of": AT, "last_event_at": AT - 31 * DAY_MS, "segments": ["dormant"]},
         {"as_of": AT, "session_count": 1},
         {"user_key": "k-bad", "as_of": AT, "segments": "dormant"},
         ["not", "a", "profile"],
     ]
     with prism_pipeline() as pipeline:
         result = pipeline | beam.Create(profiles) | AssignRuleSegments(DEFAULT_RULES_PATH)
-        version = AssignRuleSegments(DEFAULT_RULES_PATH).rules.version
         assert_that(
             result.profiles | "Segments" >> beam.Map(lambda p: (p["user_key"], tuple(p["segments"]))),
             equal_to([
@@ -349,11 +355,11 @@ def test_assign_rule_segments_updates_profiles_and_emits_changes():
         )
         assert_that(
             result.segment_changes
-            | "Changes" >> beam.Map(lambda c: (c["user_key"], c["segment"], c["change"], c["at"], c["version"])),
+            | "Changes" >> beam.Map(lambda c: (c["user_key"], c["segment"], c["change"], c["at"], c["reason"], c["version"])),
             equal_to([
-                ("k-new", "highly_engaged_new", "entered", AT, version),
-                ("k-back", "active_engaged", "entered", AT, version),
-                ("k-back", "dormant", "exited", AT, version),
+                ("k-new", "highly_engaged_new", "entered", AT, "rule:highly_engaged_new", AT * 1000),
+                ("k-back", "active_engaged", "entered", AT, "rule:active_engaged", AT * 1000 + 1),
+                ("k-back", "dormant", "exited", AT, "rule:dormant", AT * 1000 + 1),
             ]),
             label="changes",
         )
@@ -361,6 +367,43 @@ def test_assign_rule_segments_updates_profiles_and_emits_changes():
             result.dead_letter | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"])),
             equal_to([("segment", "missing_user_key"), ("segment", "bad_segments"), ("segment", "not_a_mapping")]),
             label="dead_letter",
+        )
+
+
+def test_assign_rule_segments_derives_changes_from_profile_updates():
+    day = DAY_MS
+    quiet = {"user_key": "k1", "as_of": AT, "version": AT * 1000, "last_event_at": AT, "sessions_7d": 1,
+             "segments": []}
+    busy = dict(quiet, version=AT * 1000 + 1, sessions_7d=5)
+    # the profile stage re-emits a silent user when its dormancy timer fires
+    gone = dict(busy, as_of=AT + 31 * day, version=(AT + 31 * day) * 1000, sessions_7d=0)
+    updates = [
+        ProfileUpdate(None, quiet),
+        ProfileUpdate(quiet, busy),
+        ProfileUpdate(busy, gone),
+        ProfileUpdate(gone, dict(gone, version=gone["version"] + 1, segments=["ml_cluster_2"])),
+    ]
+    with prism_pipeline() as pipeline:
+        result = pipeline | beam.Create(updates) | AssignRuleSegments(DEFAULT_RULES_PATH)
+        assert_that(
+            result.profiles | "Segments" >> beam.Map(lambda p: (p["version"], tuple(p["segments"]))),
+            equal_to([
+                (AT * 1000, ()),
+                (AT * 1000 + 1, ("active_engaged",)),
+                ((AT + 31 * day) * 1000, ("dormant",)),
+                # segments from elsewhere are kept; nothing changed for the rules
+                ((AT + 31 * day) * 1000 + 1, ("dormant", "ml_cluster_2")),
+            ]),
+            label="profiles",
+        )
+        assert_that(
+            result.segment_changes | "Changes" >> beam.Map(lambda c: (c["segment"], c["change"], c["at"], c["version"])),
+            equal_to([
+                ("active_engaged", "entered", AT, AT * 1000 + 1),
+                ("active_engaged", "exited", AT + 31 * day, (AT + 31 * day) * 1000),
+                ("dormant", "entered", AT + 31 * day, (AT + 31 * day) * 1000),
+            ]),
+            label="changes",
         )
 
 
