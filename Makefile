@@ -50,6 +50,9 @@ $(PRISM_STAMP):
 	@command -v go >/dev/null || { source runners/services/env.sh; apt_install golang-go; }
 	@mkdir -p $(OBF_CACHE_DIR)/bin
 	GOBIN=$(OBF_CACHE_DIR)/bin GOFLAGS=-mod=mod go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+	@# Also seed Beam's own Prism cache with it, so code that runs on Beam's
+	@# default runner (which delegates to Prism) never tries to download one.
+	python3 runners/seed_prism_cache.py $(PRISM) $(BEAM_VERSION)
 	@touch $@
 
 jars:

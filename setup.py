@@ -18,7 +18,7 @@ setup(
     package_dir={"onboardflow": "."},
     packages=["onboardflow"] + [f"onboardflow.{p}" for p in PACKAGES],
     package_data={
-        "onboardflow.schemas": ["*.avsc", "registry.json"],
+        "onboardflow.schemas": ["*.avsc", "registry.json", "warehouse/*.sql"],
         "onboardflow.pipelines": ["*.yaml"],
     },
     install_requires=[
@@ -27,6 +27,8 @@ setup(
         # own virtualenv (runners/flink).
         "apache-beam>=2.77.0,<2.78",
         "kafka-python>=2.2,<4",
+        # C CRC32C for kafka-python: its pure-Python fallback caps a consumer at ~14k records/s.
+        "crc32c>=2.3,<3",
         "redis>=5.0,<9",
         "avro>=1.12,<1.13",
         "fastavro>=1.9,<2",

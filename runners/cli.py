@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("onboardflow.runners.registry", "list or serve the Avro schema registry"),
     "run": ("onboardflow.pipelines.onboarding", "run the onboarding personalization pipeline"),
     "profile": ("onboardflow.runners.profile", "read one user's profile from Redis"),
+    "warehouse": ("onboardflow.runners.warehouse", "apply or inspect warehouse migrations"),
     "demo": ("onboardflow.runners.demo", "produce events, run the pipeline, print a summary"),
 }
 

@@ -410,6 +410,13 @@ def _consumer_config(
         "allow_auto_create_topics": False,
         "auto_offset_reset": "earliest",
         "client_id": "onboardflow-kafka-source",
+        # After every seek kafka-python validates the position with the leader
+        # and poll() sleeps retry_backoff_ms meanwhile: 100 ms by default, paid
+        # per partition when a read starts.
+        "retry_backoff_ms": 25,
+        # Fewer fetch round trips per partition; kafka-python only fetches a
+        # partition again once its buffered records are consumed.
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
     config.update(extra or {})
     config.update(overrides)

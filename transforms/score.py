@@ -30,7 +30,8 @@ score "before" an event already folded in has no meaning.
   pricing pages, form submissions, use of premium features.
 * ``feature_usage_score``: 0..100, a saturating map of the decayed count of
   ``feature_used`` events: 100 * (1 - exp(-count / feature_usage_scale)); with
-  the default scale of 10, about 16 recent feature uses give 80.
+  the default scale of 10, 10 recent feature uses give 63 and 17 give 81
+  (80 is crossed at 10 * ln 5 ~ 16.1 uses).
 * recency (``recency_ms`` = as_of - newest event), ``first_event_at``,
   ``last_event_at``, ``events_total`` and per-type ``event_counts``.
 * frequency: ``events_7d`` / ``events_30d`` and ``active_days_7d`` /

@@ -64,9 +64,9 @@ DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "seg
 
 NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
 
-# The profile features rules may use, with their kinds. Most come from
-# transforms.score (EngagementState.snapshot); session counts come from the
-# sessionization stage. Callers can add fields with RuleSet.load(extra_fields=...).
+# The profile features rules may use, with their kinds: transforms.score
+# (EngagementState.snapshot), the session stage and the profile / enrichment
+# stages. Callers can add fields with RuleSet.load(extra_fields=...).
 PROFILE_FIELDS: dict[str, str] = {
     "engagement_score": NUMBER,
     "intent_score": NUMBER,
@@ -85,12 +85,25 @@ PROFILE_FIELDS: dict[str, str] = {
     "tutorial_step_total": NUMBER,
     "onboarding_progress": NUMBER,
     "days_since_signup": NUMBER,
-    "plan": STRING,
     "dormant": BOOL,
+    # transforms.sessionize (SessionState.snapshot)
     "session_count": NUMBER,
     "sessions_7d": NUMBER,
     "sessions_30d": NUMBER,
-    "last_session_at": TIMESTAMP,
+    "avg_session_duration_s": NUMBER,
+    "last_session_duration_s": NUMBER,
+    "avg_events_per_session": NUMBER,
+    # transforms.profile / transforms.enrich: the latest purchase's plan, the
+    # account's plan and tier, and the anonymized context
+    "purchased_plan": STRING,
+    "plan": STRING,
+    "signup_plan": STRING,
+    "account_tier": STRING,
+    "industry": STRING,
+    "company_size": STRING,
+    "email_domain": STRING,
+    "country": STRING,
+    "device_class": STRING,
 }
 
 # Event names for event_seen / event_count: the schema's event types (v1 and

@@ -244,7 +244,9 @@ class RowError(ValueError):
 
 
 def _ts(ms: Any, name: str, *, required: bool = True) -> Optional[dt.datetime]:
-    if ms is None and not required:
+    if ms is None:
+        if required:
+            raise RowError(f"missing_{name}", f"{name} is required")
         return None
     if not isinstance(ms, numbers.Integral) or isinstance(ms, bool):
         raise RowError("invalid_field", f"{name} must be epoch milliseconds (int)")

@@ -88,6 +88,14 @@ def test_an_older_version_written_after_a_newer_one_is_ignored(writer, admin, pr
     assert (got["version"], got["engagement_score"]) == (T0 + 2000, 0.9)
 
 
+def test_unicode_and_wide_profiles_round_trip_through_the_script(writer, admin, prefix):
+    wide = {f"feature_{i:03d}": i * 0.5 for i in range(250)}  # more fields than one HSET chunk
+    p = profile("u1", T0, segments=["überfan", "😀"], plan="Prö ✓", tags={"ключ": "значение"}, **wide)
+    assert write(writer, p) == [True]
+    assert stored(admin, prefix, "u1") == p
+    assert members(admin, prefix, "😀") == {key_of("u1")}
+
+
 def test_the_same_version_twice_is_written_once(writer, admin, prefix):
     assert write(writer, profile("u1", T0, engagement_score=0.5)) == [True]
     # Same version, different content: an idempotent replay, not an update.
@@ -150,6 +158,15 @@ def test_a_retried_flush_recognizes_its_own_write_and_does_not_rewrite(writer, a
 
 
 # --------------------------------------------------------------------------- failures
+
+
+def test_a_write_redis_refuses_is_reported_rejected_and_the_rest_land(writer, admin, prefix):
+    admin.set(f"{prefix}:profile:{key_of('u2')}", "not a hash")
+    outcomes = writer.write([encode_profile(profile(f"u{i}", T0)) for i in range(4)])
+    assert [o.applied for o in outcomes] == [True, True, False, True]
+    assert outcomes[2].rejected.startswith("WRONGTYPE")
+    assert writer.retries == 0
+    assert stored(admin, prefix, "u3")["version"] == T0
 
 
 def test_connection_killed_mid_write_is_retried_and_the_write_lands_once(writer, admin, prefix):
@@ -230,18 +247,20 @@ def test_write_profiles_to_redis_in_a_pipeline_and_replay_it(redis_url, admin, p
     seed = RedisProfileWriter(redis_url, prefix)
     seed.write([encode_profile(profile("u0", T0 + 10_000))])
     seed.close()
+    # Someone else's string sits where u9's hash belongs: Redis refuses that one write.
+    admin.set(f"{prefix}:profile:{key_of('u9')}", "not a hash")
     profiles = [profile(f"u{i}", T0 + i, session_count=i) for i in range(10)] + [{"user_key": "raw-id", "version": 1}]
 
     p, applied, reasons = _run_write_pipeline(redis_url, prefix, profiles)
-    assert_that(applied, equal_to([(key_of(f"u{i}"), T0 + i) for i in range(1, 10)]), label="Applied")
-    assert_that(reasons, equal_to(["invalid_user_key"]), label="DeadLetters")
+    assert_that(applied, equal_to([(key_of(f"u{i}"), T0 + i) for i in range(1, 9)]), label="Applied")
+    assert_that(reasons, equal_to(["invalid_user_key", "redis_rejected"]), label="DeadLetters")
     result = p.run()
     result.wait_until_finish()
     counters = _counters(result)
-    assert counters["profiles_written"] == 9
+    assert counters["profiles_written"] == 8
     assert counters["profiles_stale_skipped"] == 1
-    assert counters["profile_store_dead_letter"] == 1
-    for i in range(1, 10):
+    assert counters["profile_store_dead_letter"] == 2
+    for i in range(1, 9):
         got = stored(admin, prefix, f"u{i}")
         assert (got["version"], got["session_count"]) == (T0 + i, i)
     assert stored(admin, prefix, "u0")["version"] == T0 + 10_000
@@ -253,7 +272,7 @@ def test_write_profiles_to_redis_in_a_pipeline_and_replay_it(redis_url, admin, p
     result.wait_until_finish()
     counters = _counters(result)
     assert counters.get("profiles_written", 0) == 0
-    assert counters["profiles_stale_skipped"] == 10
+    assert counters["profiles_stale_skipped"] == 9
 
 
 def test_write_results_carry_the_write_time_for_latency(redis_url, prefix):

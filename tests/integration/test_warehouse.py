@@ -295,7 +295,7 @@ def _counters(result):
 
 def _sink_pipeline(dsn, schema):
     events = [event(i, occurred_at=T0 + (i % 2) * DAY_MS + i) for i in range(40)]
-    events += [event(900, event_id=None), event(901, session_id="nul\x00")]
+    events += [event(900, event_id=None), event(901, session_id="nul\x00"), {k: v for k, v in event(902).items() if k != "occurred_at"}]
     changes = [
         {"user_key": USER_KEY, "segment": "activated", "change": "entered", "at": T0, "reason": "rule:a", "version": T0},
         {"user_key": USER_KEY, "segment": "activated", "change": "exited", "at": T0 + 9, "reason": "rule:a", "version": T0 + 9},
@@ -318,6 +318,7 @@ def _sink_pipeline(dsn, schema):
         dead | beam.Map(lambda d: (d["stage"], d["reason"])),
         equal_to([
             ("warehouse.events", "missing_event_id"),
+            ("warehouse.events", "missing_occurred_at"),
             ("warehouse.events", "database_rejected"),
             ("warehouse.segment_changes", "invalid_field"),
         ]),
@@ -334,7 +335,7 @@ def test_warehouse_sinks_in_a_pipeline_are_idempotent_under_replay(pg_dsn, schem
     assert first["rows_written_segment_changes"] == 2
     assert first["rows_written_profile_snapshots"] == 3
     assert first["rows_written_dead_letters"] == 4
-    assert first["warehouse_dead_letter"] == 3
+    assert first["warehouse_dead_letter"] == 4
     tables = ("events", "late_events", "segment_changes", "profile_snapshots", "dead_letters")
     counts = {t: count(pg_dsn, schema, t) for t in tables}
     assert counts == {"events": 40, "late_events": 3, "segment_changes": 2, "profile_snapshots": 3, "dead_letters": 4}

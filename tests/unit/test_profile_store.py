@@ -41,8 +41,7 @@ def profile(user_id="user-1", version=1_736_899_200_000, **fields):
 
 def as_hash(encoded):
     """The hash the upsert script would store (minus _write_id, which the script adds)."""
-    flat = encoded.fields
-    return dict(zip(flat[0::2], flat[1::2]))
+    return json.loads(encoded.fields)
 
 
 def test_encoded_fields_are_plain_strings_and_decode_back_to_the_same_types():
@@ -109,6 +108,7 @@ def test_segments_are_deduplicated_in_order_and_sets_sorted():
         ({"raw": b"bytes"}, "unencodable_field"),
         ({"scores": {"a": float("nan")}}, "unencodable_field"),
         ({"when": object()}, "unencodable_field"),
+        ({"label": "broken \ud800 surrogate"}, "unencodable_field"),
     ],
 )
 def test_invalid_profiles_are_refused_with_a_reason(bad, reason):
@@ -122,6 +122,12 @@ def test_refusal_detail_names_the_field_but_not_its_value():
         encode_profile(profile(notes=b"alice@example.com"))
     assert "notes" in err.value.detail
     assert "alice" not in err.value.detail
+
+
+def test_non_string_field_names_are_refused():
+    with pytest.raises(ProfileEncodingError) as err:
+        encode_profile({**profile(), 7: "x"})
+    assert err.value.reason == "invalid_field_name"
 
 
 def test_non_mapping_profile_is_refused():
@@ -149,7 +155,7 @@ json_value = st.recursive(
 @given(st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda n: n not in ("_types", "_write_id", "user_key", "version", "updated_at", "segments")),
                        st.one_of(scalar, json_value.filter(lambda v: isinstance(v, (list, dict)))), max_size=8))
 def test_any_encodable_profile_round_trips(features):
-    original = profile(**features)
+    original = {**profile(), **features}
     expected = {k: v for k, v in original.items() if v is not None}
     assert decode_profile(as_hash(encode_profile(original))) == expected
 

@@ -266,9 +266,12 @@ def test_intent_score_counts_pricing_views_purchases_and_premium_features_only()
     assert state.snapshot(T0)["intent_score"] == pytest.approx(3.0 + 2.0 + 4.0 + 4.0 + 10.0)
 
 
-def test_feature_usage_score_is_bounded_and_about_80_after_16_recent_uses():
+def test_feature_usage_score_saturates_towards_100_and_crosses_80_at_17_recent_uses():
     state = state_of([event("feature_used", T0, feature="f") for _ in range(16)])
     assert state.snapshot(T0)["feature_usage_score"] == pytest.approx(100 * (1 - math.exp(-1.6)))
+    assert state.snapshot(T0)["feature_usage_score"] < 80
+    state.add(event("feature_used", T0, feature="f"))
+    assert state.snapshot(T0)["feature_usage_score"] > 80
     state = state_of([event("feature_used", T0, feature="f") for _ in range(5000)])
     assert state.snapshot(T0)["feature_usage_score"] <= 100.0
 

@@ -91,6 +91,20 @@ def test_seed_rules(rules, profile, expected):
     assert seeds_of(rules, profile) == expected
 
 
+def test_seed_rules_on_real_engagement_snapshots(rules):
+    from onboardflow.transforms.score import EngagementState
+
+    state = EngagementState()
+    state.add({"event_type": "signup", "occurred_at": AT - DAY_MS})
+    for i in range(17):  # a burst of feature use today: feature usage score ~81.7
+        state.add({"event_type": "feature_used", "occurred_at": AT - i, "properties": {"feature": "export"}})
+    today = state.snapshot(AT)
+    assert today["feature_usage_score"] > 80
+    assert seeds_of(rules, dict(today, session_count=6, sessions_7d=2), AT) == {"highly_engaged_new", "active_engaged"}
+    later = AT + 30 * DAY_MS + 1
+    assert seeds_of(rules, dict(state.snapshot(later), session_count=6, sessions_7d=0), later) == {"dormant"}
+
+
 def test_seed_rules_evaluate_relative_to_the_evaluation_time(rules):
     profile = {"last_event_at": AT}
     assert "dormant" not in rules.evaluate(profile, AT + 30 * DAY_MS)

@@ -1,0 +1,63 @@
+"""Typed options of the onboarding pipeline (beyond Beam's and ``--kafka_*``).
+
+Each option reads like a Flink operator setting: a name, a default, and the
+trade-off in one sentence. Kafka source options (bootstrap servers, topics,
+consumer group, start position, out-of-orderness, idleness, bounded replay)
+are ``KafkaReadOptions`` in ``transforms/kafka_io.py``.
+"""
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_WAREHOUSE_DSN = "postgresql://onboardflow:onboardflow@127.0.0.1:5432/onboardflow"
+
+
+class OnboardingOptions(PipelineOptions):
+    """Sinks, secrets, rules and event-time settings of the onboarding pipeline."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        g = parser.add_argument_group("onboardflow")
+        g.add_argument("--registry_url", default=None,
+                       help="Schema registry: a file path / file:// URL (default: the registry shipped in "
+                            "schemas/registry.json) or the http(s):// URL of a Confluent-compatible registry.")
+        g.add_argument("--dead_letter_topic", default="onboarding.events.dlq",
+                       help="Kafka topic for records that cannot be decoded or validated (raw bytes + reason).")
+        g.add_argument("--segment_changes_topic", default="onboarding.segment-changes",
+                       help="Kafka topic for SegmentChange records (entered/exited), for downstream triggers.")
+        g.add_argument("--redis_url", default=DEFAULT_REDIS_URL, help="Redis profile store.")
+        g.add_argument("--redis_key_prefix", default="obf",
+                       help="Prefix of every Redis key the pipeline writes (see docs/redis-contract.md).")
+        g.add_argument("--profile_ttl_days", type=float, default=90.0,
+                       help="A profile hash expires this long after its last accepted write; longer keeps "
+                            "returning users' history, shorter bounds Redis memory.")
+        g.add_argument("--warehouse_dsn", default=DEFAULT_WAREHOUSE_DSN, help="PostgreSQL warehouse (libpq URL).")
+        g.add_argument("--warehouse_schema", default="public", help="PostgreSQL schema of the warehouse tables.")
+        g.add_argument("--rules_file", default=None,
+                       help="Segment rules YAML (default: pipelines/segment_rules.yaml).")
+        g.add_argument("--secret_file", default=None,
+                       help="File holding the pseudonymization key (HMAC-SHA256, >= 16 bytes). Required "
+                            "unless --secret_env or --demo_mode.")
+        g.add_argument("--secret_env", default=None,
+                       help="Name of an environment variable holding the key, read once at launch.")
+        g.add_argument("--demo_mode", action="store_true", default=False,
+                       help="Generate a throw-away pseudonymization key when none is given (says so). "
+                            "Never in production: keys then change between runs.")
+        g.add_argument("--session_gap_minutes", type=float, default=30.0,
+                       help="Inactivity gap that closes a session, in event time.")
+        g.add_argument("--allowed_lateness_hours", type=float, default=24.0,
+                       help="Events later than the watermark minus this still update profiles; later ones "
+                            "are counted and written to the late-events table instead. Longer tolerates "
+                            "slower producers, at the cost of larger dedup state.")
+        g.add_argument("--dedup_horizon_hours", type=float, default=48.0,
+                       help="Duplicate event ids are recognised within this much event time (>= lateness).")
+        g.add_argument("--new_user_window_days", type=float, default=7.0,
+                       help="How long after signup a user counts as new (re-evaluated by timer when it ends).")
+        g.add_argument("--dormancy_days", type=float, default=30.0,
+                       help="No activity for this long makes a user dormant (an event-time timer, fires "
+                            "without new events).")
+        g.add_argument("--state_ttl_days", type=float, default=90.0,
+                       help="Per-user pipeline state is cleared this long after the last activity.")
+        g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,
+                       help="Streaming: re-read the accounts reference table this often (0: read once).")
