@@ -354,6 +354,7 @@ class BuildUserProfiles(beam.PTransform):
     def expand(self, events):
         return (
             events
-            | "KeyByUser" >> beam.Map(lambda e: (e["user_key"], e))
+            # Typed, so runners pick a deterministic key coder for the state.
+            | "KeyByUser" >> beam.Map(lambda e: (e["user_key"], e)).with_output_types(tuple[str, dict])
             | "UpdateProfileState" >> beam.ParDo(_UserProfileFn(self._config)).with_outputs(TOO_LATE, main="profiles")
         )

@@ -1,0 +1,230 @@
+"""The onboarding personalization pipeline: Kafka events in, Redis profiles out.
+
+Concepts: event time throughout (element timestamps are the events'
+``occurred_at``), a watermark per Kafka partition that trails the newest event
+by a bounded out-of-orderness, allowed lateness in the keyed profile stage
+(later events are counted and kept in the warehouse, never silently dropped),
+and event-time timers for dormancy and state cleanup. Composition only: every
+step is a transform from ``transforms/`` (see docs/architecture.md)::
+
+    ReadFromKafka(decode) ─► NormalizeEvents ─► AnonymizeEvents ─► BuildUserProfiles
+         │ dead letters           │ events (warehouse)      │ ProfileUpdate
+         ▼                        ▼                         ▼
+    DLQ topic + metadata    WriteEventsToWarehouse    EnrichProfiles ─► AssignRuleSegments
+                                                            │ profiles         │ segment changes
+                                                            ▼                  ▼
+                                     WriteProfilesToRedis + snapshots   Kafka topic + warehouse
+
+Run it locally (Prism), streaming, reading from the committed offsets::
+
+    onboardflow run --demo_mode
+
+as a bounded replay / backfill of what is in the topic now::
+
+    onboardflow run --kafka_bounded --kafka_start_position=earliest --secret_file=key.bin
+
+or on Flink (see docs/flink.md)::
+
+    onboardflow run --runner=FlinkRunner --flink_master=localhost:8081 \\
+        --flink_job_server_jar=... --environment_type=EXTERNAL \\
+        --environment_config=localhost:50000 --streaming --secret_file=key.bin
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from onboardflow.pipelines.options import OnboardingOptions
+from onboardflow.transforms.anonymize import (
+    AnonymizeEvents, SecretKey, generate_demo_secret, load_secret,
+)
+from onboardflow.transforms.decode import OnboardingEventDecoder
+from onboardflow.transforms.enrich import EnrichProfiles
+from onboardflow.transforms.kafka_io import DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, WriteToKafka
+from onboardflow.transforms.normalize import NormalizeEvents
+from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
+from onboardflow.transforms.profile_store import WriteProfilesToRedis
+from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments
+from onboardflow.transforms.warehouse import (
+    WriteDeadLetterMetadata, WriteEventsToWarehouse, WriteLateEvents, WriteProfileSnapshots,
+    WriteSegmentChanges, apply_migrations, read_accounts,
+)
+
+_LOG = logging.getLogger(__name__)
+
+
+class AccountsTable:
+    """Picklable loader of the accounts reference table (runs on a worker)."""
+
+    def __init__(self, dsn: str, schema: str):
+        self.dsn, self.schema = dsn, schema
+
+    def __call__(self) -> dict:
+        return read_accounts(self.dsn, self.schema)
+
+
+class PipelineOutputs(NamedTuple):
+    """The PCollections a test or the demo may want to observe."""
+
+    events: Any
+    dead_letters: Any
+    profiles: Any
+    segment_changes: Any
+    redis_writes: Any
+    too_late: Any
+
+
+def resolve_secret(opts: OnboardingOptions) -> SecretKey:
+    """The pseudonymization key: from a file or env var; generated only in demo mode."""
+    if opts.secret_file or opts.secret_env:
+        return SecretKey(load_secret(opts.secret_file, opts.secret_env))
+    if opts.demo_mode:
+        key = SecretKey(generate_demo_secret())
+        _LOG.warning("demo mode: generated a throw-away pseudonymization key (%s); user keys will "
+                     "differ from any other run", key.key_id)
+        return key
+    raise SystemExit("onboardflow run: no pseudonymization secret; pass --secret_file or --secret_env "
+                     "(or --demo_mode for a throw-away key)")
+
+
+def profile_config(opts: OnboardingOptions) -> ProfileConfig:
+    return ProfileConfig(
+        session_gap_ms=int(opts.session_gap_minutes * MINUTE_MS),
+        allowed_lateness_ms=int(opts.allowed_lateness_hours * HOUR_MS),
+        dedup_horizon_ms=int(opts.dedup_horizon_hours * HOUR_MS),
+        new_user_window_ms=int(opts.new_user_window_days * DAY_MS),
+        dormancy_ms=int(opts.dormancy_days * DAY_MS),
+        state_ttl_ms=int(opts.state_ttl_days * DAY_MS),
+    )
+
+
+def _dead_letter_kv(decoder: OnboardingEventDecoder):
+    def encode(letter: dict):
+        return letter.get("key"), decoder.encode_dead_letter(letter)
+    return encode
+
+
+def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey] = None) -> PipelineOutputs:
+    """Apply the onboarding pipeline to ``p``; returns the observable outputs."""
+    opts = options.view_as(OnboardingOptions)
+    kafka = options.view_as(KafkaReadOptions)
+    streaming = options.view_as(StandardOptions).streaming
+    secret = secret or resolve_secret(opts)
+    decoder = OnboardingEventDecoder(registry_url=opts.registry_url)
+    bootstrap = kafka.kafka_bootstrap_servers
+    dsn, schema = opts.warehouse_dsn, opts.warehouse_schema
+
+    read = p | "ReadEvents" >> ReadFromKafka.from_options(options, decoder=decoder)
+    dead_letters = read[DEAD_LETTERS]
+    (dead_letters
+     | "EncodeDeadLetters" >> beam.Map(_dead_letter_kv(decoder))
+     | "WriteDeadLetterTopic" >> WriteToKafka(bootstrap, opts.dead_letter_topic))
+
+    anonymized = (
+        read.events
+        | "Normalize" >> NormalizeEvents()
+        | "Anonymize" >> AnonymizeEvents(secret)
+    )
+    events = anonymized[AnonymizeEvents.PERSONALIZATION]
+    analytics_only = anonymized[AnonymizeEvents.ANALYTICS_ONLY]
+
+    event_rejects = (
+        (events, analytics_only) | "AllAnonymizedEvents" >> beam.Flatten()
+        | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema))
+
+    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts))
+    too_late = built[TOO_LATE]
+    late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema)
+
+    refresh = opts.accounts_refresh_seconds if streaming and opts.accounts_refresh_seconds > 0 else None
+    segmented = (
+        built.profiles
+        | "Enrich" >> EnrichProfiles(AccountsTable(dsn, schema), refresh)
+        | "AssignSegments" >> AssignRuleSegments(opts.rules_file or DEFAULT_RULES_PATH)
+    )
+    profiles = segmented[AssignRuleSegments.PROFILES]
+    changes = segmented[AssignRuleSegments.SEGMENT_CHANGES]
+
+    redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
+        opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400)
+    snapshot_rejects = profiles | "WriteSnapshots" >> WriteProfileSnapshots(dsn, schema)
+    change_rejects = changes | "WriteSegmentChanges" >> WriteSegmentChanges(dsn, schema)
+    (changes
+     | "EncodeSegmentChanges" >> beam.Map(_segment_change_kv(opts.registry_url))
+     | "PublishSegmentChanges" >> WriteToKafka(bootstrap, opts.segment_changes_topic))
+
+    # In-pipeline rejects (anonymize, rules, sinks) carry no raw Kafka bytes:
+    # their metadata goes to the warehouse's dead_letters table with the rest.
+    internal_rejects = (
+        anonymized[AnonymizeEvents.DEAD_LETTER], segmented[AssignRuleSegments.DEAD_LETTER],
+        redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, snapshot_rejects, change_rejects,
+    )
+    ((dead_letters,) + internal_rejects
+     | "AllDeadLetters" >> beam.Flatten()
+     | "WriteDeadLetterMetadata" >> WriteDeadLetterMetadata(dsn, schema))
+
+    return PipelineOutputs(read.events, dead_letters, profiles, changes,
+                           redis[WriteProfilesToRedis.WRITTEN], too_late)
+
+
+class _SegmentChangeEncoder:
+    """SegmentChange dict -> (user_key, framed Avro) for the segment-changes topic."""
+
+    def __init__(self, registry_url: Optional[str]):
+        self._registry_url = registry_url
+        self._serializer = None
+
+    def __call__(self, change: dict):
+        if self._serializer is None:
+            from onboardflow.schemas import SEGMENT_CHANGES_SUBJECT, load_schema
+            from onboardflow.schemas.registry import registry_from_url
+            from onboardflow.schemas.wire import AvroSerializer
+            self._serializer = AvroSerializer(
+                registry_from_url(self._registry_url), SEGMENT_CHANGES_SUBJECT, load_schema("segment_change"))
+        return change["user_key"].encode("ascii"), self._serializer.serialize(change)
+
+
+def _segment_change_kv(registry_url: Optional[str]) -> _SegmentChangeEncoder:
+    return _SegmentChangeEncoder(registry_url)
+
+
+def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):
+    """Build and run the pipeline from command-line style arguments.
+
+    Without ``--runner`` it runs locally on Prism (``runners/local.py``).
+    Returns the PipelineResult (finished when ``wait``).
+    """
+    from onboardflow.runners.local import local_pipeline_options
+
+    options = PipelineOptions(argv)
+    std = options.view_as(StandardOptions)
+    if not std.runner:
+        local = local_pipeline_options(streaming=std.streaming or not options.view_as(KafkaReadOptions).kafka_bounded)
+        options = PipelineOptions(argv, **{k: v for k, v in local.get_all_options(drop_default=True).items()
+                                           if k in ("runner", "prism_location", "environment_type", "streaming",
+                                                    "prism_log_level")})
+    opts = options.view_as(OnboardingOptions)
+    secret = secret or resolve_secret(opts)
+    applied = apply_migrations(opts.warehouse_dsn, opts.warehouse_schema)
+    if applied:
+        _LOG.info("warehouse: applied migrations %s", ", ".join(m.name for m in applied))
+    p = beam.Pipeline(options=options)
+    build(p, options, secret)
+    result = p.run()
+    if wait:
+        result.wait_until_finish()
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
