@@ -60,3 +60,32 @@ def kafka_topic(kafka_bootstrap, unique_name):
         except Exception:  # noqa: BLE001 - cleanup must not mask the test result
             pass
     admin.close()
+
+
+@pytest.fixture
+def redis_key_prefix(redis_url, unique_name):
+    """A Redis key prefix unique to this test; every key under it is deleted after."""
+    import redis
+
+    yield unique_name
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{unique_name}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def warehouse_schema(pg_dsn, unique_name):
+    """A PostgreSQL schema name unique to this test (not created); dropped after, with its tables."""
+    import re
+
+    import psycopg
+    from psycopg import sql
+
+    name = re.sub(r"[^a-z0-9_]", "_", unique_name.lower())[:63]
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))

@@ -1,11 +1,16 @@
 """Join profiles with account reference data (plans, tiers), as a side input.
 
 The reference data is the warehouse's ``accounts`` table: small, slowly
-changing, and owned by another system. It is read whole into a dict and handed
-to the join as a side input, the "slowly updating global window side input"
-pattern: in streaming it is re-read every ``refresh_seconds`` (a
-``PeriodicImpulse`` fires, the table is read, the newest read replaces the
-previous one); in a bounded replay it is read once.
+changing, and owned by another system. It is read whole into a dict:
+
+* in a bounded replay, once, and handed to the join as a singleton side input;
+* in streaming, by each worker, and re-read every ``refresh_seconds`` (checked
+  at bundle start; a failed re-read keeps the previous table and is counted as
+  ``enrich_reference_refresh_failed``). Beam's usual "slowly updating global
+  window side input" (``PeriodicImpulse`` -> triggered global window ->
+  ``AsSingleton``) is not supported by Prism, the local runner
+  (apache/beam#31438: "Unbounded GlobalWindow Triggered SideInput"), so the
+  streaming path uses this worker-side cache, which behaves the same on Flink.
 
 A profile whose account is missing from the table (or that has no account yet)
 is enriched with documented defaults, never dropped: ``plan`` falls back to the
@@ -18,9 +23,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+import time
+
 from apache_beam.pvalue import AsSingleton
-from apache_beam.transforms import trigger, window
-from apache_beam.transforms.periodicsequence import PeriodicImpulse
 
 ACCOUNT_FIELDS = ("plan", "account_tier", "industry", "company_size")
 DEFAULTS = {"plan": "free", "account_tier": "unknown", "industry": "unknown", "company_size": "unknown"}
@@ -50,10 +55,29 @@ def enrich_profile(profile: Mapping[str, Any], accounts: Mapping[str, Mapping[st
 
 
 class _EnrichFn(beam.DoFn):
-    def __init__(self):
+    def __init__(self, load_accounts=None, refresh_seconds: Optional[float] = None):
+        self._load = load_accounts
+        self._refresh = refresh_seconds
         self._missing = Metrics.counter("onboardflow", "enrich_reference_missing")
+        self._refresh_failed = Metrics.counter("onboardflow", "enrich_reference_refresh_failed")
 
-    def process(self, update: ProfileUpdate, accounts):
+    def setup(self):
+        self._accounts, self._loaded_at = None, 0.0
+
+    def start_bundle(self):
+        if self._load is None or time.monotonic() - self._loaded_at < self._refresh:
+            return
+        try:
+            self._accounts = self._load()
+        except Exception:  # noqa: BLE001 - keep serving the last good table; the first read must succeed
+            if self._accounts is None:
+                raise
+            self._refresh_failed.inc()
+        self._loaded_at = time.monotonic()
+
+    def process(self, update: ProfileUpdate, accounts=None):
+        if accounts is None:
+            accounts = self._accounts
         current, found = enrich_profile(update.current, accounts)
         if not found:
             self._missing.inc()
@@ -67,7 +91,8 @@ class EnrichProfiles(beam.PTransform):
     Args:
       load_accounts: picklable callable returning ``{account_id: {plan, account_tier,
         industry, company_size}}``; called on a worker.
-      refresh_seconds: re-read period in streaming; ``None`` reads once (bounded runs).
+      refresh_seconds: re-read period of the worker-side cache in streaming;
+        ``None`` reads once into a side input (bounded runs).
 
     Nothing is dropped: missing references get the defaults in the module docstring.
     """
@@ -80,17 +105,6 @@ class EnrichProfiles(beam.PTransform):
     def expand(self, updates):
         load = self._load
         if self._refresh:
-            accounts = (
-                updates.pipeline
-                | "AccountsRefreshTick" >> PeriodicImpulse(fire_interval=self._refresh, apply_windowing=False)
-                | "ReadAccounts" >> beam.Map(lambda _: load())
-                # Each re-read replaces the previous one for every later lookup.
-                | "LatestAccounts" >> beam.WindowInto(
-                    window.GlobalWindows(),
-                    trigger=trigger.Repeatedly(trigger.AfterCount(1)),
-                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
-                )
-            )
-        else:
-            accounts = updates.pipeline | "AccountsOnce" >> beam.Create([None]) | "ReadAccounts" >> beam.Map(lambda _: load())
+            return updates | "JoinAccountsCached" >> beam.ParDo(_EnrichFn(load, self._refresh))
+        accounts = updates.pipeline | "AccountsOnce" >> beam.Create([None]) | "ReadAccounts" >> beam.Map(lambda _: load())
         return updates | "JoinAccounts" >> beam.ParDo(_EnrichFn(), accounts=AsSingleton(accounts))

@@ -27,11 +27,16 @@ topic-partition::
 * The watermark is ``EventTimeWatermarkEstimator``: max event time seen on the
   partition minus ``max_out_of_orderness``, never backwards, and idle
   partitions advance with the wall clock (see the class docstring).
-* Consumer-group offsets are committed only once the runner has durably
-  persisted the bundle's outputs, through bundle finalization. They are a
-  progress marker for operators and for ``start_position="committed"``
-  restarts; the runner's own checkpoint (Flink) or the pipeline run (Prism) is
-  what provides at-least-once delivery inside Beam.
+* Consumer-group offsets (the next offset to read, per partition) are
+  committed from a bundle finalizer, i.e. only once the runner has persisted
+  the bundle's outputs: on Prism right after the bundle, on Flink when the
+  checkpoint holding them completes (so only with checkpointing enabled); see
+  docs/local-runner.md. A ``bounded`` read ends with the group's offsets at
+  the end offsets taken at start. Offsets are a progress marker for operators
+  and for ``start_position="committed"`` restarts; inside a running job the
+  runner's own checkpoints give at-least-once delivery.
+* Partitions are discovered once, when the job starts; partitions added to a
+  topic later are picked up by the next run.
 
 Writing (``WriteToKafka``) sends ``(key, value)`` byte pairs with an idempotent
 ``acks="all"`` producer and flushes in ``finish_bundle``, so a bundle only
@@ -55,6 +60,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 _LOG = logging.getLogger(__name__)
 
@@ -356,12 +363,23 @@ def _event_time_ms(event: Mapping[str, Any]) -> int:
 class _PartitionConsumers:
     """The KafkaConsumers of one DoFn instance, positioned for a partition.
 
-    ``per_partition=True`` keeps one consumer per partition the instance reads:
-    when the SDF resumes a partition after a checkpoint the consumer is already
-    at the right offset and its prefetched records are still buffered.
-    ``per_partition=False`` keeps a single consumer and re-assigns/seeks it when
-    the instance switches partitions (fewer connections, a fetch round trip
-    per switch). ``bench_kafka_source.py`` measures both.
+    ``per_partition=True`` keeps one consumer per partition the instance
+    reads: when the SDF resumes a partition after a checkpoint the consumer is
+    already at the right offset, its prefetched records are still buffered
+    and its long-poll fetch is in flight. ``per_partition=False`` keeps a
+    single consumer and re-assigns/seeks it whenever the instance switches
+    partitions, which throws prefetched records away and costs a position
+    validation round trip, but runs one kafka-python I/O thread instead of one
+    per partition (each kafka-python 3 consumer has its own).
+
+    Measured (bench_kafka_source.py, 50k records on 4 partitions, Prism, shared
+    2-core VM, several sessions): streaming, an idle partition costs ~0.1 s per
+    resume per partition vs ~0.9 s shared (after a seek kafka-python does not
+    know the high watermark until a long-poll fetch returns), so streaming
+    reads default to per-partition consumers. Bounded read+decode was 4-27%
+    faster with the single consumer in every session (the idle consumers' I/O
+    threads compete for the GIL with decoding), so bounded reads default to
+    it; bounded read-only was 40-50% faster per partition.
     """
 
     def __init__(self, config: Mapping[str, Any], per_partition: bool):
@@ -369,17 +387,12 @@ class _PartitionConsumers:
         self._per_partition = per_partition
         self._consumers: dict = {}
 
-    def _new_consumer(self):
-        from kafka import KafkaConsumer
-
-        return KafkaConsumer(**self._config)
-
     def at(self, tp, offset: int):
         """A consumer assigned to ``tp`` whose next record is ``offset``."""
         key = tp if self._per_partition else None
         consumer = self._consumers.get(key)
         if consumer is None:
-            consumer = self._consumers[key] = self._new_consumer()
+            consumer = self._consumers[key] = KafkaConsumer(**self._config)
         if consumer.assignment() != {tp}:
             consumer.assign([tp])
             consumer.seek(tp, offset)
@@ -433,6 +446,7 @@ class _DiscoverPartitionsFn(beam.DoFn):
     """Impulse -> one KafkaPartition per topic-partition, offsets resolved now."""
 
     def __init__(self, bootstrap_servers, topics, consumer_group, start_position, bounded, consumer_config):
+        super().__init__()
         self._bootstrap_servers = bootstrap_servers
         self._topics = list(topics)
         self._group = consumer_group
@@ -441,8 +455,6 @@ class _DiscoverPartitionsFn(beam.DoFn):
         self._consumer_config = consumer_config
 
     def process(self, _impulse) -> Iterable[KafkaPartition]:
-        from kafka import KafkaConsumer, TopicPartition
-
         consumer = KafkaConsumer(
             **_consumer_config(
                 self._bootstrap_servers,
@@ -537,9 +549,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         highwater = None
         consumers = getattr(self, "_consumers", None)
         if consumers is not None:
-            from kafka import TopicPartition
-
-            highwater = consumers.highwater(TopicPartition(element.topic, element.partition))
+                highwater = consumers.highwater(TopicPartition(element.topic, element.partition))
         # Backlog when known; an unknown backlog still is work, never "done".
         return float(max(highwater - restriction.start, 1)) if highwater is not None else 1.0
 
@@ -587,9 +597,6 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
             self._finalizer_registered = True
 
     def _commit(self, offsets: Mapping) -> None:
-        from kafka import KafkaConsumer
-        from kafka.structs import OffsetAndMetadata
-
         if not offsets or self._group is None:
             return
         try:
@@ -613,8 +620,6 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
     # -- reading ----------------------------------------------------------------
 
     def _read(self, partition: KafkaPartition, tracker, watermark, finalizer):
-        from kafka import TopicPartition
-
         tp = TopicPartition(partition.topic, partition.partition)
         restriction = tracker.current_restriction()
         start, stop = restriction.start, restriction.stop
@@ -747,7 +752,13 @@ class _ReadUnboundedPartitionsFn(_ReadPartitionsFn):
 
 
 class KafkaReadOptions(PipelineOptions):
-    """Where and how ReadFromKafka reads (``--kafka_*`` flags)."""
+    """Where and how ReadFromKafka reads (``--kafka_*`` flags).
+
+    The watermark of each partition is the largest event time seen on it minus
+    ``--kafka_max_out_of_orderness``; a partition without new records for
+    ``--kafka_idle_timeout`` stops holding the watermark back. Build the source
+    with ``ReadFromKafka.from_options(options, decoder=...)``.
+    """
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -824,16 +835,34 @@ class ReadFromKafka(beam.PTransform):
     ``KafkaRecord`` timestamped with the Kafka record timestamp. With a
     ``decoder`` (``decode(record) -> dict`` raising an error with ``.reason`` on
     bad input, ``dead_letter(record, error, stage) -> dict``): a tagged result
-    whose main output (``result.events`` / ``result[None]``) holds the decoded
+    whose main output (``result.events``) holds the decoded
     events timestamped with their ``occurred_at`` (epoch ms), and
     ``result.dead_letters`` the dead-letter dicts of undecodable records (or
     events without a usable ``occurred_at``), timestamped with the Kafka record
     timestamp. Nothing is dropped; counters live in namespace
     ``onboardflow.kafka_source``.
 
-    ``bounded=True`` (alias ``stop_at_end_offsets``) reads up to the end offsets
-    taken at start and finishes; otherwise the read is unbounded (streaming).
-    See ``EventTimeWatermarkEstimator`` for the watermark policy.
+    Args:
+      bootstrap_servers: ``host:port[,host:port]`` of the brokers.
+      topics: a topic or a list of topics; every partition of each is read.
+      consumer_group: group whose offsets are committed after each bundle's
+        outputs are persisted (none committed without one).
+      start_position: ``committed`` (default; earliest if never committed),
+        ``earliest``, ``latest`` or ``timestamp:<epoch ms>``.
+      bounded / stop_at_end_offsets: read up to the end offsets taken at start
+        and finish (batch, replay); otherwise read forever (streaming).
+      decoder: see above; without one, KafkaRecords come out.
+      max_out_of_orderness, idle_timeout: seconds (or Durations) of the
+        watermark policy, see ``EventTimeWatermarkEstimator``.
+      poll_batch_size: records per kafka-python poll.
+      poll_timeout_ms: how long a poll waits for records, and how long a
+        caught-up partition rests before it is polled again.
+      max_read_seconds: longest stretch a partition is read before the SDF
+        checkpoints, which is when its watermark and offsets move on.
+      consumer_per_partition: one KafkaConsumer per partition per DoFn instance,
+        or a single one re-assigned between partitions. Default: per partition
+        when streaming, single when bounded (measured in ``_PartitionConsumers``).
+      consumer_config: extra kafka-python consumer settings (security, ...).
     """
 
     def __init__(
@@ -851,7 +880,7 @@ class ReadFromKafka(beam.PTransform):
         poll_batch_size: int = 500,
         poll_timeout_ms: int = 100,
         max_read_seconds: float = 1.0,
-        consumer_per_partition: bool = True,
+        consumer_per_partition: Optional[bool] = None,
         consumer_config: Optional[Mapping[str, Any]] = None,
     ):
         super().__init__()
@@ -872,7 +901,10 @@ class ReadFromKafka(beam.PTransform):
         self._poll_batch_size = poll_batch_size
         self._poll_timeout_ms = poll_timeout_ms
         self._max_read_seconds = max_read_seconds
-        self._consumer_per_partition = consumer_per_partition
+        # The faster strategy for each mode, as measured in _PartitionConsumers.
+        self._consumer_per_partition = (
+            not self._bounded if consumer_per_partition is None else consumer_per_partition
+        )
         self._consumer_config = dict(consumer_config or {})
 
     @classmethod
@@ -943,6 +975,7 @@ class _WriteToKafkaFn(beam.DoFn):
     """(key, value) -> Kafka; a bundle finishes only once Kafka acked every record."""
 
     def __init__(self, bootstrap_servers: str, topic: str, producer_config: Mapping[str, Any]):
+        super().__init__()
         self._bootstrap_servers = bootstrap_servers
         self._topic = topic
         self._producer_config = dict(producer_config)
@@ -950,8 +983,6 @@ class _WriteToKafkaFn(beam.DoFn):
         self._invalid = Metrics.counter(_SINK_NAMESPACE, "invalid_elements")
 
     def setup(self):
-        from kafka import KafkaProducer
-
         self._producer = KafkaProducer(bootstrap_servers=self._bootstrap_servers, **self._producer_config)
         self._lock = threading.Lock()
 

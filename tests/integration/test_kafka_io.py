@@ -110,7 +110,7 @@ def read_topic(bootstrap, topic, expected, timeout_s=60):
 
 
 def run_until(pipeline, condition, timeout_s=120):
-    """Run a streaming pipeline until ``condition()`` holds, then cancel it."""
+    """Run a streaming pipeline until ``condition()`` holds, then cancel it cleanly."""
     result = pipeline.run()
     try:
         deadline = time.monotonic() + timeout_s
@@ -121,6 +121,7 @@ def run_until(pipeline, condition, timeout_s=120):
             time.sleep(0.5)
     finally:
         result.cancel()
+    assert result.state == PipelineState.CANCELLED
     return result
 
 
@@ -140,9 +141,8 @@ def test_bounded_read_returns_exactly_the_produced_records_and_commits_the_end_o
                                            consumer_per_partition=consumer_per_partition,
                                            poll_batch_size=37)
         assert_that(records | beam.Map(keyed), equal_to([keyed(r) for r in sent]))
-        stamped = records | beam.Map(lambda r, ts=beam.DoFn.TimestampParam: (r.offset, r.partition,
-                                                                            ts.micros // 1000 == r.timestamp_ms))
-        assert_that(stamped | beam.Map(lambda t: t[2]) | beam.Distinct(), equal_to([True]), label="BrokerTime")
+        on_broker_time = records | beam.Map(lambda r, ts=beam.DoFn.TimestampParam: ts.micros // 1000 == r.timestamp_ms)
+        assert_that(on_broker_time | beam.Distinct(), equal_to([True]), label="BrokerTime")
 
     committed, end = group_offsets(kafka_bootstrap, topic, group)
     assert committed == end
@@ -270,6 +270,8 @@ def test_streaming_read_delivers_records_as_they_arrive_and_commits_what_it_read
                 return False
             # The job is up and has read the backlog: produce while it runs.
             produced_more.extend(produce(kafka_bootstrap, topic, json_events(40, first_id=40)))
+            return False
+        if len(read_topic(kafka_bootstrap, out, expected=80, timeout_s=1)) < 80:
             return False
         committed, end = group_offsets(kafka_bootstrap, topic, group)
         return committed == end and sum(end.values()) == 80

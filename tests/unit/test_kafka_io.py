@@ -384,6 +384,13 @@ def test_committed_start_without_a_consumer_group_is_refused():
         ReadFromKafka("localhost:9092", "t", start_position="committed")
 
 
+def test_streaming_reads_default_to_a_consumer_per_partition_and_bounded_reads_to_one_per_dofn():
+    assert ReadFromKafka("b:9092", "t", start_position="earliest")._consumer_per_partition is True
+    assert ReadFromKafka("b:9092", "t", start_position="earliest", bounded=True)._consumer_per_partition is False
+    assert ReadFromKafka("b:9092", "t", start_position="earliest", bounded=True,
+                         consumer_per_partition=True)._consumer_per_partition is True
+
+
 def test_read_from_options_refuses_a_malformed_start_position():
     options = PipelineOptions(["--kafka_start_position=timestamp:soon"])
     with pytest.raises(ValueError, match="epoch milliseconds"):

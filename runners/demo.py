@@ -1,0 +1,262 @@
+"""`onboardflow demo`: the main job end to end on the local services.
+
+1. Fresh demo resources: topics ``demo.onboarding.events`` (4 partitions),
+   ``.dlq`` and segment changes; Redis prefix ``demo``; warehouse schema
+   ``demo`` (migrated, accounts table loaded from the generator's accounts).
+2. About 50,000 synthetic onboarding events (a 45-day timeline ending now,
+   with late, out-of-order, duplicate and malformed messages) produced to Kafka.
+3. The streaming pipeline on Prism, reading from the earliest offsets, until it
+   has caught up: the consumer group's committed offsets equal the end offsets
+   and the Redis profile count has stopped changing.
+4. Latency probes: fresh events sent one by one, each timed until its profile
+   update is visible in Redis (produce -> Redis, the path an app sees).
+5. A summary: events read / valid / dead-lettered / consent-filtered / late,
+   users, members per segment, one profile read back through ``ProfileStore``,
+   warehouse row counts, throughput and latency percentiles. The pipeline is
+   then cancelled; the demo's data stays for inspection
+   (``onboardflow profile USER_ID --secret-file .run/demo/pseudonym.key --key-prefix demo``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+DAY_MS = 86_400_000
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="onboardflow demo", description=__doc__.split("\n")[0])
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--warehouse-dsn", default="postgresql://onboardflow:onboardflow@127.0.0.1:5432/onboardflow")
+    p.add_argument("--events", type=int, default=50_000, help="messages to produce (default 50,000)")
+    p.add_argument("--users", type=int, default=400)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--probes", type=int, default=20, help="latency probe events after catch-up")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for catch-up")
+    p.add_argument("--run-dir", default=str(REPO / ".run" / "demo"))
+    return p.parse_args(argv)
+
+
+def _fresh_topics(bootstrap, specs):
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import UnknownTopicOrPartitionError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-demo")
+    try:
+        existing = set(admin.list_topics())
+        stale = [name for name, _ in specs if name in existing]
+        if stale:
+            try:
+                admin.delete_topics(stale)
+            except UnknownTopicOrPartitionError:
+                pass
+            deadline = time.time() + 30
+            while set(admin.list_topics()) & set(stale) and time.time() < deadline:
+                time.sleep(0.5)
+        for _ in range(30):
+            try:
+                admin.create_topics([NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs])
+                break
+            except Exception:  # noqa: BLE001 - deletion may still be in flight
+                time.sleep(1)
+    finally:
+        admin.close()
+
+
+def _lag(bootstrap, topic, group):
+    """Total of (end offset - committed offset) over the topic's partitions."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = consumer.end_offsets(parts)
+        lag = 0
+        for tp in parts:
+            committed = consumer.committed(tp) or 0
+            lag += max(0, ends[tp] - committed)
+        return lag, sum(ends.values())
+    finally:
+        consumer.close()
+
+
+def _count_keys(client, pattern):
+    return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+
+
+def _percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "apache_beam", "PrismRunner"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    import psycopg
+    import redis
+
+    from onboardflow.pipelines.onboarding import run
+    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.produce import produce
+    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
+    from onboardflow.schemas.wire import AvroSerializer
+    from onboardflow.transforms.anonymize import SecretKey, load_secret
+    from onboardflow.transforms.profile_store import ProfileStore
+    from onboardflow.transforms.warehouse import apply_migrations, upsert_accounts
+
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    secret_file = run_dir / "pseudonym.key"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_hex(32) + "\n")
+        secret_file.chmod(0o600)
+    secret = SecretKey(load_secret(secret_file))
+    topic, dlq, changes_topic = "demo.onboarding.events", "demo.onboarding.events.dlq", "demo.onboarding.segment-changes"
+    prefix, schema, group = "demo", "demo", f"onboardflow-demo-{uuid.uuid4().hex[:8]}"
+
+    print("== onboardflow demo")
+    print(f"   topics {topic} (+ .dlq, segment changes), Redis prefix '{prefix}', warehouse schema '{schema}'")
+    _fresh_topics(args.bootstrap_servers, [(topic, 4), (dlq, 2), (changes_topic, 4)])
+    r = redis.Redis.from_url(args.redis_url)
+    stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+    for i in range(0, len(stale), 500):
+        r.unlink(*stale[i:i + 500])
+    with psycopg.connect(args.warehouse_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    apply_migrations(args.warehouse_dsn, schema)
+
+    now_ms = int(time.time() * 1000)
+    gen = JourneyGenerator(GeneratorConfig(
+        seed=args.seed, users=args.users, start_ms=now_ms - 45 * DAY_MS, horizon_days=45,
+        malformed_fraction=0.005, duplicate_fraction=0.01, late_fraction=0.01))
+    upsert_accounts(args.warehouse_dsn, [dataclasses.asdict(a) for a in gen.accounts()], schema=schema)
+    gen.write_ground_truth(run_dir / "ground_truth.csv")
+
+    print(f"== producing ~{args.events:,} events for {args.users} users (45-day journeys ending now)")
+    stats = produce(gen.messages(max_messages=args.events), args.bootstrap_servers, topic,
+                    progress=sys.stderr.isatty(), total=args.events)
+    produced = sum(stats.attempted.values()) - sum(stats.failed.values())
+    print(f"   produced {produced:,} messages in {stats.elapsed_s:.1f}s: " +
+          ", ".join(f"{k} {v:,}" for k, v in sorted(stats.attempted.items())))
+
+    print("== streaming pipeline on Prism (until caught up)")
+    t0 = time.time()
+    result = run([
+        "--streaming", f"--kafka_bootstrap_servers={args.bootstrap_servers}", f"--kafka_topics={topic}",
+        "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",
+        f"--dead_letter_topic={dlq}", f"--segment_changes_topic={changes_topic}",
+        f"--redis_url={args.redis_url}", f"--redis_key_prefix={prefix}",
+        f"--warehouse_dsn={args.warehouse_dsn}", f"--warehouse_schema={schema}",
+        f"--secret_file={secret_file}",
+    ], secret=secret, wait=False)
+    caught_up_at, stable, last_count = None, 0, -1
+    try:
+        while time.time() - t0 < args.timeout:
+            time.sleep(1.0)
+            lag, total = _lag(args.bootstrap_servers, topic, group)
+            count = _count_keys(r, f"{prefix}:profile:*")
+            stable = stable + 1 if (count == last_count and lag == 0) else 0
+            last_count = count
+            print(f"   t={time.time() - t0:5.0f}s  lag {lag:>7,}  profiles in Redis {count:,}", flush=True)
+            if stable >= 5:
+                caught_up_at = time.time() - 5
+                break
+        if caught_up_at is None:
+            print("   did not catch up within the timeout", file=sys.stderr)
+            return 1
+        elapsed = caught_up_at - t0
+
+        # Latency probes: one login per fresh probe user, timed to its Redis profile.
+        serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
+        from kafka import KafkaProducer
+        producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=0)
+        store = ProfileStore(args.redis_url, secret, key_prefix=prefix)
+        latencies = []
+        for i in range(args.probes):
+            user = f"demo-probe-{uuid.uuid4().hex[:10]}"
+            sent = time.time()
+            t = int(sent * 1000)
+            event = {"event_id": str(uuid.uuid4()), "event_type": "login", "user_id": user, "anonymous_id": None,
+                     "session_id": None, "occurred_at": t, "received_at": t, "properties": {},
+                     "context": {"device": "desktop", "os": "linux", "app_version": "demo", "locale": "en-US",
+                                 "ip": None, "user_agent": None, "email": None},
+                     "consent": {"analytics": True, "personalization": True, "marketing": False}}
+            producer.send(topic, key=user.encode(), value=serializer.serialize(event)).get(timeout=10)
+            while time.time() - sent < 30:
+                if store.get(user) is not None:
+                    latencies.append(time.time() - sent)
+                    break
+                time.sleep(0.01)
+        producer.close()
+
+        _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix)
+    finally:
+        try:
+            result.cancel()
+        except Exception:  # noqa: BLE001 - the job may already be gone
+            pass
+    return 0
+
+
+def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix):
+    import psycopg
+
+    with psycopg.connect(args.warehouse_dsn) as conn:
+        def q(sql):
+            return conn.execute(sql).fetchall()
+        tables = {t: q(f'SELECT count(*) FROM "{schema}".{t}')[0][0]
+                  for t in ("events", "late_events", "profile_snapshots", "segment_changes", "dead_letters")}
+        dlq = dict(q(f"SELECT reason, count(*) FROM \"{schema}\".dead_letters WHERE stage = 'decode' GROUP BY reason"))
+    valid = produced - sum(dlq.values())
+    profiles = _count_keys(r, f"{prefix}:profile:*")
+    duplicates = stats.attempted.get("duplicate", 0)
+    print("\n== summary")
+    print(f"   events read            {produced:>9,}")
+    print(f"   valid                  {valid:>9,}   (of which re-sent duplicates {duplicates:,}, dropped by event_id)")
+    print(f"   dead-lettered          {sum(dlq.values()):>9,}   " + ", ".join(f"{k} {v}" for k, v in sorted(dlq.items())))
+    print(f"   consent-filtered       {valid - duplicates - tables['events'] - tables['late_events']:>9,}   "
+          "(no analytics or personalization consent: never stored)")
+    print(f"   too late for profiles  {tables['late_events']:>9,}   (kept in warehouse.late_events)")
+    print(f"   users with a profile   {profiles:>9,}")
+    print("   segment members:")
+    for seg in store.segments():
+        print(f"     {seg:<28} {len(store.segment_members(seg)):>6,}")
+    sample_user = next((u.user_id for u in gen.users() if store.get(u.user_id)), None)
+    if sample_user:
+        profile = store.get(sample_user)
+        keep = ("segments", "engagement_score", "intent_score", "session_count", "sessions_7d", "feature_usage_score",
+                "onboarding_progress", "days_since_signup", "plan", "account_tier", "device_class", "email_domain",
+                "country", "version")
+        print(f"   sample profile (ProfileStore.get of one generated user id; Redis key is its HMAC):")
+        print("     " + json.dumps({k: profile.get(k) for k in keep}, default=str))
+    print("   warehouse rows:        " + ", ".join(f"{t} {n:,}" for t, n in tables.items()))
+    print(f"   throughput             {produced / elapsed:>9,.0f} events/s  ({produced:,} events caught up in "
+          f"{elapsed:.1f}s, pipeline start-up included)")
+    if latencies:
+        print(f"   produce->Redis latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
+              f"p90 {_percentile(latencies, 0.9) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
+              f"({len(latencies)} probes)")
+    print(f"   look up a profile: onboardflow profile USER_ID --secret-file {args.run_dir}/pseudonym.key "
+          f"--key-prefix {prefix}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
