@@ -48,14 +48,15 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _fresh_topics(bootstrap, specs):
+def _fresh_topics(bootstrap, specs, drop_prefix):
+    """Delete earlier demo topics (names starting with ``drop_prefix``), create ``specs``."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import UnknownTopicOrPartitionError
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-demo")
     try:
         existing = set(admin.list_topics())
-        stale = [name for name, _ in specs if name in existing]
+        stale = [name for name in existing if name.startswith(drop_prefix)]
         if stale:
             try:
                 admin.delete_topics(stale)
@@ -64,12 +65,7 @@ def _fresh_topics(bootstrap, specs):
             deadline = time.time() + 30
             while set(admin.list_topics()) & set(stale) and time.time() < deadline:
                 time.sleep(0.5)
-        for _ in range(30):
-            try:
-                admin.create_topics([NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs])
-                break
-            except Exception:  # noqa: BLE001 - deletion may still be in flight
-                time.sleep(1)
+        admin.create_topics([NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs])
     finally:
         admin.close()
 
@@ -129,12 +125,16 @@ def main(argv=None) -> int:
         secret_file.write_text(secrets.token_hex(32) + "\n")
         secret_file.chmod(0o600)
     secret = SecretKey(load_secret(secret_file))
-    topic, dlq, changes_topic = "demo.onboarding.events", "demo.onboarding.events.dlq", "demo.onboarding.segment-changes"
-    prefix, schema, group = "demo", "demo", f"onboardflow-demo-{uuid.uuid4().hex[:8]}"
+    # Fresh topic names per run: Kafka 4 gives a re-created topic a new topic id,
+    # and clients holding the old one's metadata can stall on it.
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    topic = f"demo-{run_id}.onboarding.events"
+    dlq, changes_topic = f"{topic}.dlq", f"demo-{run_id}.onboarding.segment-changes"
+    prefix, schema, group = "demo", "demo", f"onboardflow-demo-{run_id}"
 
     print("== onboardflow demo")
     print(f"   topics {topic} (+ .dlq, segment changes), Redis prefix '{prefix}', warehouse schema '{schema}'")
-    _fresh_topics(args.bootstrap_servers, [(topic, 4), (dlq, 2), (changes_topic, 4)])
+    _fresh_topics(args.bootstrap_servers, [(topic, 4), (dlq, 2), (changes_topic, 4)], drop_prefix="demo-")
     r = redis.Redis.from_url(args.redis_url)
     stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(stale), 500):
@@ -235,7 +235,7 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
     print(f"   consent-filtered       {valid - duplicates - tables['events'] - tables['late_events']:>9,}   "
           "(no analytics or personalization consent: never stored)")
     print(f"   too late for profiles  {tables['late_events']:>9,}   (kept in warehouse.late_events)")
-    print(f"   users with a profile   {profiles:>9,}")
+    print(f"   profiles               {profiles:>9,}   (signed-up users and anonymous visitors)")
     print("   segment members:")
     for seg in store.segments():
         print(f"     {seg:<28} {len(store.segment_members(seg)):>6,}")

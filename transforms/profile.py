@@ -24,8 +24,11 @@ Time, lateness and timers (event time throughout):
   bound of the watermark from a per-user "probe" timer set at the newest event
   time it has seen: when the timer fires the watermark has passed it. The
   bound lags the true watermark, so the rule never rejects an on-time event
-  and may let a slightly-too-late one through. In a bounded replay nothing is
-  late: the watermark only moves at the end.
+  and may let a slightly-too-late one through. A user the stage holds no
+  state for (new, or expired) has no bound at all: their first event is never
+  too late, and if it is far behind the watermark its overdue lifecycle timers
+  fire at once. In a bounded replay nothing is late: the watermark only moves
+  at the end.
 * Later events within the allowed lateness simply update the profile: every
   state class here is order-independent.
 * A ``lifecycle`` timer re-evaluates a user with no new events when a
@@ -37,7 +40,11 @@ Time, lateness and timers (event time throughout):
 
 Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
 profile as last emitted, and as it is now), coalesced per bundle so a burst of
-one user's events yields one update. ``current["version"]`` is monotonic per
+one user's events yields one update. Events the stage cannot key or fold in
+(no ``user_key``, ``event_id`` or integer ``occurred_at``, a malformed
+``event_type`` or ``properties``) go to the ``dead_letter`` output with a
+reason, counted ``profile_dead_letter``; upstream validation makes them rare,
+but they must neither crash the stage nor vanish. ``current["version"]`` is monotonic per
 user: ``as_of * 1000 + n`` where ``as_of`` is the newest event or timer time
 folded in and ``n`` counts the updates that did not move ``as_of`` (late
 events within the allowed lateness). Replaying the same input from the same
@@ -47,7 +54,8 @@ replays no-ops.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.coders import FastPrimitivesCoder
@@ -64,6 +72,7 @@ from onboardflow.transforms.sessionize import DAY_MS, MINUTE_MS, SessionState
 
 HOUR_MS = 3_600_000
 TOO_LATE = "too_late"
+DEAD_LETTER = "dead_letter"
 
 #: Profile fields reserved for the online-learning stage (filled in later).
 MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
@@ -82,10 +91,19 @@ class ProfileConfig:
     score: ScoreConfig = DEFAULT_SCORE_CONFIG
 
     def __post_init__(self):
+        for name in ("session_gap_ms", "allowed_lateness_ms", "dedup_horizon_ms", "new_user_window_ms",
+                     "dormancy_ms", "state_ttl_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of milliseconds, got {value!r}")
         if self.dedup_horizon_ms < self.allowed_lateness_ms:
             raise ValueError("dedup_horizon_ms must cover allowed_lateness_ms, or late duplicates would count twice")
         if self.state_ttl_ms <= self.dormancy_ms:
             raise ValueError("state_ttl_ms must exceed dormancy_ms, or dormancy would never be reported")
+        if self.state_ttl_ms <= self.allowed_lateness_ms + self.session_gap_ms:
+            # Sessions are kept for state_ttl_ms; a late event landing next to an
+            # already folded session would otherwise be counted as a new one.
+            raise ValueError("state_ttl_ms must exceed allowed_lateness_ms + session_gap_ms")
 
 
 _CONTEXT_FIELDS = ("email_domain", "device_class", "country", "os", "locale")
@@ -217,11 +235,55 @@ class UserProfileState:
 
 
 def _ts(ms: int) -> Timestamp:
+    # From integer micros: float seconds would round some millis down by one.
     return Timestamp(micros=ms * 1000)
 
 
 def _ms(ts: Timestamp) -> int:
     return ts.micros // 1000
+
+
+def _dead_letter(reason: str, detail: str, event: Any) -> dict:
+    event_id = event.get("event_id") if isinstance(event, Mapping) else None
+    return {
+        "stage": "profile",
+        "reason": reason,
+        "detail": detail,  # names fields only, never values
+        "event_id": event_id if isinstance(event_id, str) else None,
+        "payload": event,  # anonymized already: no raw PII
+    }
+
+
+def _unusable(event: Any) -> Optional[tuple[str, str]]:
+    """(reason, detail) if the keyed stage cannot take ``event``, else None."""
+    if not isinstance(event, Mapping):
+        return "not_a_mapping", f"event is a {type(event).__name__}"
+    for name in ("user_key", "event_id", "event_type"):
+        value = event.get(name)
+        if not isinstance(value, str) or not value:
+            return f"missing_{name}", f"{name} missing or not a non-empty string"
+    t = event.get("occurred_at")
+    if not isinstance(t, int) or isinstance(t, bool):
+        return "missing_occurred_at", "occurred_at missing or not epoch millis"
+    properties = event.get("properties")
+    if properties is not None and not isinstance(properties, Mapping):
+        return "bad_properties", "properties is not a mapping"
+    return None
+
+
+class _KeyByUserFn(beam.DoFn):
+    """Usable events -> (user_key, event); the rest -> dead letters."""
+
+    def __init__(self):
+        self._dead_letters = Metrics.counter("onboardflow", "profile_dead_letter")
+
+    def process(self, event):
+        problem = _unusable(event)
+        if problem is not None:
+            self._dead_letters.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter(*problem, event))
+            return
+        yield event["user_key"], event
 
 
 class _UserProfileFn(beam.DoFn):
@@ -233,14 +295,15 @@ class _UserProfileFn(beam.DoFn):
         self._config = config
         self._duplicates = Metrics.counter("onboardflow", "duplicates_dropped")
         self._too_late = Metrics.counter("onboardflow", "too_late_events")
-        self._invalid = Metrics.counter("onboardflow", "profile_invalid_events")
+        self._dead_letters = Metrics.counter("onboardflow", "profile_dead_letter")
         self._lifecycle = Metrics.counter("onboardflow", "lifecycle_timers_fired")
         self._expired = Metrics.counter("onboardflow", "profile_state_expired")
         self._emitted = Metrics.counter("onboardflow", "profile_updates_emitted")
 
     def start_bundle(self):
-        # user_key -> (previous profile, current profile, window): one update per user per bundle.
-        self._pending: dict[str, tuple[Optional[dict], dict, Any]] = {}
+        # (user_key, window) -> (previous profile, current profile): one update per user per bundle.
+        # Keyed with the window too: state and timers are per key *and* window.
+        self._pending: dict[tuple[str, Any], tuple[Optional[dict], dict]] = {}
 
     def _load(self, cell) -> UserProfileState:
         data = cell.read()
@@ -248,9 +311,9 @@ class _UserProfileFn(beam.DoFn):
 
     def _emit(self, user_key: str, state: UserProfileState, window) -> None:
         current = state.snapshot(user_key)
-        pending = self._pending.get(user_key)
+        pending = self._pending.get((user_key, window))
         previous = pending[0] if pending else state.last_emitted
-        self._pending[user_key] = (previous, current, window)
+        self._pending[(user_key, window)] = (previous, current)
         state.last_emitted = current
 
     def process(
@@ -273,9 +336,10 @@ class _UserProfileFn(beam.DoFn):
             return
         try:
             state.apply(event)
-        except InvalidEvent:
-            # Validation upstream makes this unreachable for decoded events; count, never crash.
-            self._invalid.inc()
+        except InvalidEvent as exc:
+            # _KeyByUserFn checks the same fields, so this is a second line of defence.
+            self._dead_letters.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter("invalid_event", str(exc), event))
             return
         if state.probe_at is None:
             state.probe_at = t
@@ -323,7 +387,7 @@ class _UserProfileFn(beam.DoFn):
         if state.expired_at(t):
             self._expired.inc()
             cell.clear()
-            self._pending.pop(key, None)
+            self._pending.pop((key, window), None)
             return
         self._lifecycle.inc()
         state.advance_to(t)
@@ -332,19 +396,34 @@ class _UserProfileFn(beam.DoFn):
         cell.write(state.to_primitive())
 
     def finish_bundle(self):
-        for previous, current, window in self._pending.values():
+        for (_, window), (previous, current) in self._pending.items():
             self._emitted.inc()
             yield WindowedValue(ProfileUpdate(previous, current), _ts(current["as_of"]), [window])
         self._pending = {}
 
 
+class ProfileOutputs(NamedTuple):
+    """The outputs of ``BuildUserProfiles``, by attribute or by tag (``outputs[TOO_LATE]``)."""
+
+    profiles: Any
+    too_late: Any
+    dead_letter: Any
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+
 class BuildUserProfiles(beam.PTransform):
     """Anonymized events in; ``ProfileUpdate(previous, current)`` out.
 
-    Input events must carry ``user_key`` (AnonymizeEvents). Duplicates are
-    dropped (counted ``duplicates_dropped``); events later than the allowed
-    lateness go to the ``too_late`` output (counted ``too_late_events``).
-    Returns a ``DoOutputsTuple`` with the main output and ``too_late``.
+    Input events carry ``user_key`` (AnonymizeEvents). Duplicates are dropped
+    (counted ``duplicates_dropped``); events later than the allowed lateness go
+    to the ``too_late`` output (counted ``too_late_events``); events without a
+    usable ``user_key``, ``event_id``, ``event_type``, integer ``occurred_at``
+    or mapping ``properties`` go to ``dead_letter`` as
+    ``{"stage": "profile", "reason", "detail", "event_id", "payload"}``
+    (counted ``profile_dead_letter``). Returns ``ProfileOutputs(profiles,
+    too_late, dead_letter)``.
     """
 
     def __init__(self, config: ProfileConfig = ProfileConfig()):
@@ -352,9 +431,13 @@ class BuildUserProfiles(beam.PTransform):
         self._config = config
 
     def expand(self, events):
-        return (
+        keyed = (
             events
             # Typed, so runners pick a deterministic key coder for the state.
-            | "KeyByUser" >> beam.Map(lambda e: (e["user_key"], e)).with_output_types(tuple[str, dict])
-            | "UpdateProfileState" >> beam.ParDo(_UserProfileFn(self._config)).with_outputs(TOO_LATE, main="profiles")
+            | "KeyByUser" >> beam.ParDo(_KeyByUserFn()).with_output_types(tuple[str, dict])
+            .with_outputs(DEAD_LETTER, main="keyed")
         )
+        built = keyed.keyed | "UpdateProfileState" >> beam.ParDo(_UserProfileFn(self._config)).with_outputs(
+            TOO_LATE, DEAD_LETTER, main="profiles")
+        dead_letters = (keyed[DEAD_LETTER], built[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
+        return ProfileOutputs(built.profiles, built[TOO_LATE], dead_letters)

@@ -1,4 +1,4 @@
-"""Time-decay engagement scoring: per-user state, its math, and the stateful DoFn.
+"""Time-decay engagement scoring: the math and the per-user state, pure Python.
 
 The engagement score of a user at time t is
 
@@ -50,26 +50,18 @@ State is stored in Beam as a compact, versioned tuple of primitives
 (``to_primitive`` / ``from_primitive``) so the scoring configuration is not
 repeated in every user's state; ``EngagementState`` also pickles whole.
 
-``TimeDecayScore`` is the stateful composite: keyed by ``user_key``, it updates
-the state per input element, emits a profile-features dict, fires an
-event-time dormancy timer when a user has been silent for ``dormancy_days`` and
-clears the state of users inactive for ``state_ttl_days`` of event time.
+Nothing here touches Beam: the keyed stateful stage that keeps one
+``EngagementState`` per user (with its dormancy and state-expiry timers) is
+``BuildUserProfiles`` in ``transforms/profile.py``, which composes it with the
+session and duplicate-detection state in a single shuffle.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import apache_beam as beam
-from apache_beam.coders import FastPrimitivesCoder
-from apache_beam.metrics import Metrics
-from apache_beam.transforms import userstate
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.utils.timestamp import Timestamp
-
-METRICS_NAMESPACE = "onboardflow"
 DAY_MS = 86_400_000
 LN2 = math.log(2.0)
 HISTOGRAM_DAYS = 30
@@ -493,201 +485,3 @@ class EngagementState:
 
     def __repr__(self) -> str:
         return f"EngagementState(events_total={self.events_total}, last_event_at={self.last_event_at})"
-
-
-# --------------------------------------------------------------------------- Beam
-
-_STATE_CODER = FastPrimitivesCoder()
-
-
-def _dead_letter(reason: str, detail: str, payload: Any) -> dict:
-    event_id = payload.get("event_id") if isinstance(payload, Mapping) else None
-    return {
-        "stage": "score",
-        "reason": reason,
-        "detail": detail,
-        "event_id": event_id if isinstance(event_id, str) else None,
-        "payload": payload,  # anonymized already: no raw PII
-    }
-
-
-def _ms(ts: Timestamp) -> int:
-    return ts.micros // 1000
-
-
-def _ts(ms: int) -> Timestamp:
-    # Built from integer micros: float seconds would round some millis down by one.
-    return Timestamp(micros=ms * 1000)
-
-
-class _TimeDecayScoreFn(beam.DoFn):
-    """Per user_key: fold events into EngagementState, emit profile features."""
-
-    ENGAGEMENT = userstate.ReadModifyWriteStateSpec("engagement", _STATE_CODER)
-    DORMANCY = userstate.TimerSpec("dormancy", TimeDomain.WATERMARK)
-    STATE_TTL = userstate.TimerSpec("state_ttl", TimeDomain.WATERMARK)
-
-    def __init__(self, config: ScoreConfig, dormancy_ms: int, state_ttl_ms: int) -> None:
-        self._config = config
-        self._dormancy_ms = dormancy_ms
-        self._state_ttl_ms = state_ttl_ms
-        self._profiles = Metrics.counter(METRICS_NAMESPACE, "profile_updates")
-        self._dormant = Metrics.counter(METRICS_NAMESPACE, "dormancy_fired")
-        self._expired = Metrics.counter(METRICS_NAMESPACE, "engagement_state_expired")
-        self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "score_dead_letter")
-
-    def _load(self, cell) -> EngagementState:
-        stored = cell.read()
-        if stored is None:
-            return EngagementState(self._config)
-        return EngagementState.from_primitive(stored, self._config)
-
-    def _profile(self, user_key: str, state: EngagementState, at_ms: int, trigger: str) -> dict:
-        profile = state.snapshot(at_ms)
-        profile["user_key"] = user_key
-        # Strictly later than dormancy_ms, like the "dormant" segment rule.
-        profile["dormant"] = profile["recency_ms"] is not None and profile["recency_ms"] > self._dormancy_ms
-        profile["trigger"] = trigger
-        return profile
-
-    def process(
-        self,
-        element,
-        cell=beam.DoFn.StateParam(ENGAGEMENT),
-        dormancy=beam.DoFn.TimerParam(DORMANCY),
-        state_ttl=beam.DoFn.TimerParam(STATE_TTL),
-    ):
-        user_key, value = element
-        events = value if isinstance(value, (list, tuple)) else [value]
-        state = self._load(cell)
-        newest_in_batch = None
-        accepted = 0
-        for event in events:
-            try:
-                state.add(event)
-            except InvalidEvent as exc:
-                self._dead_letters.inc()
-                yield beam.pvalue.TaggedOutput(
-                    TimeDecayScore.DEAD_LETTER, _dead_letter("invalid_event", str(exc), event)
-                )
-                continue
-            accepted += 1
-            t = event["occurred_at"]
-            if newest_in_batch is None or t > newest_in_batch:
-                newest_in_batch = t
-        if not accepted:
-            return
-        cell.write(state.to_primitive())
-        # +1 ms: dormancy means "more than N days" and the timer must see it so.
-        dormancy.set(_ts(state.last_event_at + self._dormancy_ms + 1))
-        state_ttl.set(_ts(state.last_event_at + self._state_ttl_ms))
-        self._profiles.inc()
-        yield self._profile(user_key, state, newest_in_batch, "events")
-
-    @userstate.on_timer(DORMANCY)
-    def on_dormancy(
-        self,
-        user_key=beam.DoFn.KeyParam,
-        timer_ts=beam.DoFn.TimestampParam,
-        cell=beam.DoFn.StateParam(ENGAGEMENT),
-    ):
-        stored = cell.read()
-        if stored is None:
-            return
-        state = EngagementState.from_primitive(stored, self._config)
-        fired_at = _ms(timer_ts)
-        if fired_at - state.last_event_at <= self._dormancy_ms:
-            return  # a newer event moved the deadline (timers are reset, this guards replays)
-        self._dormant.inc()
-        yield self._profile(user_key, state, fired_at, "dormancy")
-
-    @userstate.on_timer(STATE_TTL)
-    def on_state_ttl(
-        self,
-        timer_ts=beam.DoFn.TimestampParam,
-        cell=beam.DoFn.StateParam(ENGAGEMENT),
-    ):
-        stored = cell.read()
-        if stored is None:
-            return
-        state = EngagementState.from_primitive(stored, self._config)
-        if _ms(timer_ts) - state.last_event_at < self._state_ttl_ms:
-            return
-        cell.clear()
-        self._expired.inc()
-
-
-class TimeDecayScore(beam.PTransform):
-    """Keep per-user engagement state and emit profile features.
-
-    In: anonymized event dicts (``transforms.anonymize`` shape, with
-    ``user_key``), or ``(user_key, [events])`` batches when
-    ``keyed_batches=True`` (e.g. after ``GroupIntoBatches``).
-    Out (main): one profile-features dict per input element: the
-    ``EngagementState.snapshot`` fields plus ``user_key``, ``dormant`` and
-    ``trigger`` ("events"); and one per dormancy, with ``trigger`` "dormancy",
-    when a user has had no event for more than ``dormancy_days`` of event time
-    (an event-time timer: it fires on watermark progress, without new events).
-    ``dead_letter``: ``{"stage": "score", "reason", "detail", "event_id", "payload"}`` for
-    events without a user_key, occurred_at or event_type (counted in
-    ``onboardflow:score_dead_letter``).
-    Dropped: the state of users with no event for ``state_ttl_days`` of event
-    time (counted in ``onboardflow:engagement_state_expired``); a later event
-    starts them afresh.
-    """
-
-    DEAD_LETTER = "dead_letter"
-    PROFILES = "profiles"
-
-    def __init__(
-        self,
-        config: ScoreConfig = DEFAULT_SCORE_CONFIG,
-        dormancy_days: float = 30,
-        state_ttl_days: float = 90,
-        keyed_batches: bool = False,
-        label: Optional[str] = None,
-    ) -> None:
-        super().__init__(label)
-        dormancy_ms = int(_positive_finite(dormancy_days, "dormancy_days") * DAY_MS)
-        state_ttl_ms = int(_positive_finite(state_ttl_days, "state_ttl_days") * DAY_MS)
-        if state_ttl_ms <= dormancy_ms:
-            raise ValueError("state_ttl_days must exceed dormancy_days, or dormancy would never be reported")
-        self._config = config
-        self._dormancy_ms = dormancy_ms
-        self._state_ttl_ms = state_ttl_ms
-        self._keyed_batches = keyed_batches
-
-    def expand(self, events):
-        if self._keyed_batches:
-            keyed = events | "TypeKeyedBatches" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, Any])
-            dead = None
-        else:
-            # Typed as KV so runners (Prism) see a key coder for the stateful step.
-            split = events | "KeyByUser" >> beam.ParDo(_KeyByUserFn()).with_output_types(
-                tuple[str, Any]
-            ).with_outputs(
-                self.DEAD_LETTER, main="keyed"
-            )
-            keyed, dead = split.keyed, split[self.DEAD_LETTER]
-        scored = keyed | "ScoreEngagement" >> beam.ParDo(
-            _TimeDecayScoreFn(self._config, self._dormancy_ms, self._state_ttl_ms)
-        ).with_outputs(self.DEAD_LETTER, main=self.PROFILES)
-        dead_letters = scored[self.DEAD_LETTER]
-        if dead is not None:
-            dead_letters = (dead, dead_letters) | "MergeDeadLetters" >> beam.Flatten()
-        return {self.PROFILES: scored[self.PROFILES], self.DEAD_LETTER: dead_letters}
-
-
-class _KeyByUserFn(beam.DoFn):
-    def __init__(self) -> None:
-        self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "score_dead_letter")
-
-    def process(self, event) -> Iterable:
-        user_key = event.get("user_key") if isinstance(event, Mapping) else None
-        if not isinstance(user_key, str) or not user_key:
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(
-                TimeDecayScore.DEAD_LETTER, _dead_letter("missing_user_key", "event has no user_key", event)
-            )
-            return
-        yield user_key, event

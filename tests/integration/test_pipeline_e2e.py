@@ -234,6 +234,8 @@ def redis_dump(redis_url: str, prefix: str) -> dict[bytes, Any]:
         dump: dict[bytes, Any] = {}
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             kind = client.type(key)
+            if kind == b"none":
+                continue  # deleted since SCAN saw it (a running pipeline emptied a segment set)
             if kind == b"hash":
                 dump[key] = client.hgetall(key)
             elif kind == b"set":
@@ -256,6 +258,8 @@ def final_profiles(redis_url: str, prefix: str) -> tuple[dict[str, dict], dict[s
     profile_prefix, segment_prefix = f"{prefix}:profile:".encode(), f"{prefix}:segment:".encode()
     profiles, segments = {}, {}
     for key, content in redis_dump(redis_url, prefix).items():
+        if not content:
+            continue  # deleted between TYPE and the read
         if key.startswith(profile_prefix):
             profile = decode_profile(content)
             profile.pop("updated_at")
@@ -515,6 +519,15 @@ def test_replaying_the_topic_from_the_start_changes_no_profile_and_adds_no_wareh
 # --------------------------------------------------------------------------- 6. streaming vs batch
 
 
+def cancel(result, timeout_s: float = 60) -> None:
+    """Cancel a streaming job and wait until it stopped writing."""
+    result.cancel()
+    deadline = time.monotonic() + timeout_s
+    while result.state not in (PipelineState.CANCELLED, PipelineState.FAILED, PipelineState.DONE):
+        assert time.monotonic() < deadline, "the streaming job did not stop"
+        time.sleep(0.2)
+
+
 def assert_same_profiles(streaming: dict[str, dict], bounded: dict[str, dict]) -> None:
     """Field by field; floats (decayed scores) to 1e-9 relative.
 
@@ -571,8 +584,7 @@ def test_streaming_and_bounded_runs_of_the_same_input_end_with_the_same_profiles
             if snapshot[0] and committed == end and time.monotonic() - quiet_since >= quiet_for_s:
                 break
     finally:
-        result.cancel()
-        result.wait_until_finish(duration=60_000)
+        cancel(result)
 
     streaming_profiles, streaming_segments = last
     assert_same_profiles(streaming_profiles, bounded_profiles)

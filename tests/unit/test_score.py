@@ -1,17 +1,11 @@
-"""Time-decay engagement scoring: the math, the per-user state and the stateful DoFn."""
+"""Time-decay engagement scoring: the math and the per-user state (pure; the keyed
+Beam stage that holds this state is pinned in test_profile.py)."""
 import math
 import pickle
 import random
 
-import apache_beam as beam
 import pytest
 from apache_beam.coders import FastPrimitivesCoder
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.testing.test_stream import TestStream as BeamTestStream
-# Aliased so pytest does not try to collect Beam's classes as test classes.
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,17 +19,8 @@ from onboardflow.transforms.score import (
     EngagementState,
     InvalidEvent,
     ScoreConfig,
-    TimeDecayScore,
 )
 
-# Beam's local runner with the project's binary. No shared job server: a
-# default-runner pipeline elsewhere in the process may have cached one that
-# tries to download Prism.
-PRISM = [
-    "--runner=PrismRunner",
-    "--prism_location=/work/main/.cache/bin/prism",
-    "--experiments=disable_prism_server_singleton",
-]
 HALF_LIFE = 7 * DAY_MS
 T0 = 1_700_000_000_000 // DAY_MS * DAY_MS  # a UTC midnight
 EVENT_TYPES = sorted(DEFAULT_ENGAGEMENT_WEIGHTS)
@@ -367,115 +352,3 @@ def test_stored_state_of_an_unknown_format_is_refused():
     data = (99,) + EngagementState().to_primitive()[1:]
     with pytest.raises(ValueError, match="unsupported EngagementState format"):
         EngagementState.from_primitive(data)
-
-
-# --------------------------------------------------------------------------- TimeDecayScore
-
-
-def scored_event(user_key, at, event_type="login", **properties):
-    return TimestampedValue(
-        {"event_id": f"{user_key}-{at}", "user_key": user_key, "event_type": event_type, "occurred_at": at,
-         "properties": properties},
-        at / 1000,
-    )
-
-
-def prism_pipeline():
-    options = PipelineOptions(PRISM)
-    options.view_as(StandardOptions).streaming = True
-    return BeamTestPipeline(options=options)
-
-
-def test_dormancy_timer_fires_on_watermark_advance_and_ttl_clears_state_on_prism():
-    day = DAY_MS
-    stream = (
-        BeamTestStream()
-        .advance_watermark_to(T0 / 1000)
-        .add_elements([scored_event("alice", T0), scored_event("carol", T0, "signup")])
-        .add_elements([scored_event("alice", T0 + day, "feature_used", feature="export")])
-        .advance_watermark_to((T0 + 20 * day) / 1000)
-        .add_elements([scored_event("carol", T0 + 20 * day)])
-        # alice's deadline (day 31 + 1ms) passes with no new event for anyone
-        .advance_watermark_to((T0 + 40 * day) / 1000)
-        # alice's state expires at day 1 + 90; carol's at day 20 + 90
-        .advance_watermark_to((T0 + 95 * day) / 1000)
-        .add_elements([scored_event("alice", T0 + 95 * day)])
-        .advance_watermark_to_infinity()
-    )
-    with prism_pipeline() as pipeline:
-        result = pipeline | stream | TimeDecayScore(dormancy_days=30, state_ttl_days=90)
-        summary = result["profiles"] | beam.Map(
-            lambda p: (p["user_key"], p["trigger"], p["as_of"], p["events_total"], p["dormant"])
-        )
-        assert_that(
-            summary,
-            equal_to([
-                ("alice", "events", T0, 1, False),
-                ("alice", "events", T0 + day, 2, False),
-                ("alice", "dormancy", T0 + 31 * day + 1, 2, True),
-                ("carol", "events", T0, 1, False),
-                ("carol", "events", T0 + 20 * day, 2, False),
-                ("carol", "dormancy", T0 + 50 * day + 1, 2, True),
-                # after the TTL, alice starts afresh
-                ("alice", "events", T0 + 95 * day, 1, False),
-                ("alice", "dormancy", T0 + 125 * day + 1, 1, True),
-            ]),
-        )
-
-
-def test_events_without_user_key_or_time_are_dead_lettered():
-    events = [
-        {"event_id": "ok", "user_key": "u1", "event_type": "login", "occurred_at": T0},
-        {"event_id": "no-key", "event_type": "login", "occurred_at": T0},
-        {"event_id": "no-time", "user_key": "u2", "event_type": "login"},
-    ]
-    with prism_pipeline() as pipeline:
-        result = pipeline | beam.Create(events) | TimeDecayScore()
-        assert_that(
-            result["dead_letter"] | beam.Map(lambda d: (d["stage"], d["event_id"], d["reason"], d["detail"])),
-            equal_to([("score", "no-key", "missing_user_key", "event has no user_key"),
-                      ("score", "no-time", "invalid_event", "occurred_at missing or not epoch millis")]),
-            label="dead_letter",
-        )
-        assert_that(
-            result["profiles"] | beam.Map(lambda p: (p["user_key"], p["trigger"])),
-            equal_to([("u1", "events"), ("u1", "dormancy")]),
-            label="profiles",
-        )
-
-
-def test_keyed_batches_emit_one_profile_per_batch():
-    batch = [
-        {"event_id": "a", "event_type": "login", "occurred_at": T0},
-        {"event_id": "b", "event_type": "purchase", "occurred_at": T0 + 5},
-    ]
-    with prism_pipeline() as pipeline:
-        result = pipeline | beam.Create([("u1", batch)]) | TimeDecayScore(keyed_batches=True)
-        events_profiles = result["profiles"] | beam.Filter(lambda p: p["trigger"] == "events")
-        assert_that(
-            events_profiles | beam.Map(lambda p: (p["user_key"], p["events_total"], p["as_of"])),
-            equal_to([("u1", 2, T0 + 5)]),
-        )
-
-
-def test_a_very_late_event_reports_dormancy_at_once_and_its_state_expires_on_prism():
-    stream = (
-        BeamTestStream()
-        .advance_watermark_to((T0 + 200 * DAY_MS) / 1000)
-        # 199 days behind the watermark: both its timers are already due
-        .add_elements([scored_event("late", T0 + DAY_MS)])
-        .advance_watermark_to((T0 + 201 * DAY_MS) / 1000)
-        .add_elements([scored_event("late", T0 + 201 * DAY_MS)])
-        .advance_watermark_to_infinity()
-    )
-    with prism_pipeline() as pipeline:
-        result = pipeline | stream | TimeDecayScore(dormancy_days=30, state_ttl_days=90)
-        assert_that(
-            result["profiles"] | beam.Map(lambda p: (p["trigger"], p["as_of"], p["events_total"])),
-            equal_to([
-                ("events", T0 + DAY_MS, 1),
-                ("dormancy", T0 + 31 * DAY_MS + 1, 1),
-                ("events", T0 + 201 * DAY_MS, 1),  # the expired state did not carry over
-                ("dormancy", T0 + 231 * DAY_MS + 1, 1),
-            ]),
-        )
