@@ -160,7 +160,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # In-pipeline rejects (anonymize, rules, sinks) carry no raw Kafka bytes:
     # their metadata goes to the warehouse's dead_letters table with the rest.
     internal_rejects = (
-        anonymized[AnonymizeEvents.DEAD_LETTER], segmented[AssignRuleSegments.DEAD_LETTER],
+        anonymized[AnonymizeEvents.DEAD_LETTER], built.dead_letter, segmented[AssignRuleSegments.DEAD_LETTER],
         redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, snapshot_rejects, change_rejects,
     )
     ((dead_letters,) + internal_rejects

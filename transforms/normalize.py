@@ -21,8 +21,8 @@ rules, applied in this order:
   derived from event time, not from the client's id.
 
 Duplicates (the same ``event_id`` sent twice) are recognised per user by
-:class:`RecentEventIds` inside the keyed profile stage, within a bounded
-horizon, because only there is per-user state at hand.
+:class:`RecentEventIds` inside the keyed profile stage, because only there is
+per-user state at hand; ids are forgotten once they are too late to matter.
 """
 from __future__ import annotations
 
@@ -112,13 +112,17 @@ class _NormalizeFn(beam.DoFn):
 
 @dataclass
 class RecentEventIds:
-    """Event ids of one user seen within ``horizon_ms`` of event time.
+    """Event ids of one user that a duplicate could still be compared against.
 
-    Ids are kept as 8-byte digests with their event time and pruned once they
-    fall more than ``horizon_ms`` behind the newest event, so state stays
-    bounded by the user's activity in the horizon. The horizon must be at
-    least the allowed lateness: a duplicate older than that is rejected as too
-    late before it gets here.
+    Ids are kept as 8-byte digests with their event time. They are forgotten
+    only through ``forget_before(floor)``, which the keyed profile stage calls
+    with *watermark - allowed lateness*: anything older is rejected as too late
+    before it reaches the dedup check, so forgetting it can never let a
+    duplicate through. That keeps dedup exact whatever the arrival order (a
+    streaming run and a bounded replay drop the same duplicates); in a bounded
+    replay the watermark only moves at the end, so ids are kept for the run.
+    ``horizon_ms`` is the minimum time an id is kept even when the watermark
+    races ahead (e.g. an idle partition following the wall clock).
     """
 
     horizon_ms: int
@@ -134,9 +138,12 @@ class RecentEventIds:
         self.seen[digest] = t
         if t > self.max_ms:
             self.max_ms = t
-        # Prune only once the dict has doubled since the last prune: O(1) amortized.
+        return True
+
+    def forget_before(self, floor: int) -> None:
+        """Forget ids older than ``floor`` (and than the horizon behind the newest id)."""
+        floor = min(floor, self.max_ms - self.horizon_ms)
+        # Only once the dict has doubled since the last prune: O(1) amortized.
         if len(self.seen) >= self.prune_at:
-            floor = self.max_ms - self.horizon_ms
             self.seen = {d: ts for d, ts in self.seen.items() if ts >= floor}
             self.prune_at = max(64, 2 * len(self.seen))
-        return True

@@ -40,21 +40,23 @@ Time, lateness and timers (event time throughout):
 
 Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
 profile as last emitted, and as it is now), coalesced per bundle so a burst of
-one user's events yields one update. Events the stage cannot key or fold in
-(no ``user_key``, ``event_id`` or integer ``occurred_at``, a malformed
-``event_type`` or ``properties``) go to the ``dead_letter`` output with a
-reason, counted ``profile_dead_letter``; upstream validation makes them rare,
-but they must neither crash the stage nor vanish. ``current["version"]`` is monotonic per
+one user's events yields one update. ``current["version"]`` is monotonic per
 user: ``as_of * 1000 + n`` where ``as_of`` is the newest event or timer time
-folded in and ``n`` counts the updates that did not move ``as_of`` (late
-events within the allowed lateness). Replaying the same input from the same
-state yields the same versions, so the Redis sink's compare-and-set makes
+folded in and ``n`` counts the events that did not move ``as_of`` (late events
+within the allowed lateness; capped at 999). Replaying the same input from the
+same state yields the same versions, so the Redis sink's compare-and-set makes
 replays no-ops.
+
+Events the stage cannot key or fold in (no ``user_key``, ``event_id`` or
+integer ``occurred_at``, a malformed ``event_type`` or ``properties``) go to
+the ``dead_letter`` output with a reason, counted ``profile_dead_letter``:
+upstream validation makes them rare, but they must neither crash the stage
+nor vanish.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
@@ -95,7 +97,7 @@ class ProfileConfig:
                      "dormancy_ms", "state_ttl_ms"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of milliseconds, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer number of milliseconds, got {value!r}")
         if self.dedup_horizon_ms < self.allowed_lateness_ms:
             raise ValueError("dedup_horizon_ms must cover allowed_lateness_ms, or late duplicates would count twice")
         if self.state_ttl_ms <= self.dormancy_ms:
@@ -362,6 +364,7 @@ class _UserProfileFn(beam.DoFn):
         state = UserProfileState.from_primitive(data, self._config)
         t = _ms(fired)
         state.watermark_lb = t if state.watermark_lb is None else max(state.watermark_lb, t)
+        state.seen.forget_before(state.watermark_lb - self._config.allowed_lateness_ms)
         newest = state.engagement.last_event_at
         if newest is not None and newest > t:
             state.probe_at = newest
@@ -387,7 +390,7 @@ class _UserProfileFn(beam.DoFn):
         if state.expired_at(t):
             self._expired.inc()
             cell.clear()
-            self._pending.pop((key, window), None)
+            # An update emitted earlier in this bundle still goes out: only the state goes.
             return
         self._lifecycle.inc()
         state.advance_to(t)
