@@ -36,7 +36,7 @@ import sys
 from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
 from onboardflow.pipelines.options import OnboardingOptions
 from onboardflow.transforms.anonymize import (
@@ -55,6 +55,9 @@ from onboardflow.transforms.warehouse import (
 )
 
 _LOG = logging.getLogger(__name__)
+
+#: Prism experiment that turns off runner-initiated bundle splits (see run()).
+PRISM_NO_DYNAMIC_SPLITS = "prism_disable_sdf_split"
 
 
 class AccountsTable:
@@ -204,9 +207,18 @@ def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wa
     std = options.view_as(StandardOptions)
     if not std.runner:
         local = local_pipeline_options(streaming=std.streaming or not options.view_as(KafkaReadOptions).kafka_bounded)
-        options = PipelineOptions(argv, **{k: v for k, v in local.get_all_options(drop_default=True).items()
-                                           if k in ("runner", "prism_location", "environment_type", "streaming",
-                                                    "prism_log_level")})
+        # Prism (Beam 2.77) splits a bundle that looks slow and releases the keys
+        # of its residual while the primary half still runs, so the profile
+        # stage can process one user in two bundles at once, the later one
+        # from stale state: lost updates (engine/elementmanager.go splitBundle,
+        # apache/beam#35771). The Kafka source declines such splits anyway.
+        experiments = list(options.view_as(DebugOptions).experiments or [])
+        if PRISM_NO_DYNAMIC_SPLITS not in experiments:
+            experiments.append(PRISM_NO_DYNAMIC_SPLITS)
+        options = PipelineOptions(argv, experiments=experiments,
+                                  **{k: v for k, v in local.get_all_options(drop_default=True).items()
+                                     if k in ("runner", "prism_location", "environment_type", "streaming",
+                                              "prism_log_level")})
     opts = options.view_as(OnboardingOptions)
     secret = secret or resolve_secret(opts)
     applied = apply_migrations(opts.warehouse_dsn, opts.warehouse_schema)
