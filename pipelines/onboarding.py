@@ -48,16 +48,13 @@ from onboardflow.transforms.kafka_io import DEAD_LETTERS, KafkaReadOptions, Read
 from onboardflow.transforms.normalize import NormalizeEvents
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
-from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments
+from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, SegmentChangesFromStore
 from onboardflow.transforms.warehouse import (
     WriteDeadLetterMetadata, WriteEventsToWarehouse, WriteLateEvents, WriteProfileSnapshots,
     WriteSegmentChanges, apply_migrations, read_accounts,
 )
 
 _LOG = logging.getLogger(__name__)
-
-#: Prism experiment that turns off runner-initiated bundle splits (see run()).
-PRISM_NO_DYNAMIC_SPLITS = "prism_disable_sdf_split"
 
 
 class AccountsTable:
@@ -144,17 +141,23 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema)
 
     refresh = opts.accounts_refresh_seconds if streaming and opts.accounts_refresh_seconds > 0 else None
+    rules = AssignRuleSegments(opts.rules_file or DEFAULT_RULES_PATH)
     segmented = (
         built.profiles
         | "Enrich" >> EnrichProfiles(AccountsTable(dsn, schema), refresh)
-        | "AssignSegments" >> AssignRuleSegments(opts.rules_file or DEFAULT_RULES_PATH)
+        | "AssignSegments" >> rules
     )
     profiles = segmented[AssignRuleSegments.PROFILES]
-    changes = segmented[AssignRuleSegments.SEGMENT_CHANGES]
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400)
-    snapshot_rejects = profiles | "WriteSnapshots" >> WriteProfileSnapshots(dsn, schema)
+    # History follows what the store accepted: snapshots and segment changes of
+    # applied writes only, so a replay (whose writes are all stale) adds nothing.
+    applied = (redis[WriteProfilesToRedis.WRITTEN]
+               | "AppliedWrites" >> beam.Filter(lambda r: r.applied))
+    snapshot_rejects = (applied | "AppliedProfiles" >> beam.Map(lambda r: r.profile)
+                        | "WriteSnapshots" >> WriteProfileSnapshots(dsn, schema))
+    changes = applied | "SegmentChanges" >> SegmentChangesFromStore(rules)
     change_rejects = changes | "WriteSegmentChanges" >> WriteSegmentChanges(dsn, schema)
     (changes
      | "EncodeSegmentChanges" >> beam.Map(_segment_change_kv(opts.registry_url))
@@ -207,14 +210,10 @@ def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wa
     std = options.view_as(StandardOptions)
     if not std.runner:
         local = local_pipeline_options(streaming=std.streaming or not options.view_as(KafkaReadOptions).kafka_bounded)
-        # Prism (Beam 2.77) splits a bundle that looks slow and releases the keys
-        # of its residual while the primary half still runs, so the profile
-        # stage can process one user in two bundles at once, the later one
-        # from stale state: lost updates (engine/elementmanager.go splitBundle,
-        # apache/beam#35771). The Kafka source declines such splits anyway.
+        # Local settings (Prism binary, LOOPBACK workers, no runner-initiated
+        # splits: see runners/local.py) under whatever the caller passed.
         experiments = list(options.view_as(DebugOptions).experiments or [])
-        if PRISM_NO_DYNAMIC_SPLITS not in experiments:
-            experiments.append(PRISM_NO_DYNAMIC_SPLITS)
+        experiments += [e for e in local.view_as(DebugOptions).experiments if e not in experiments]
         options = PipelineOptions(argv, experiments=experiments,
                                   **{k: v for k, v in local.get_all_options(drop_default=True).items()
                                      if k in ("runner", "prism_location", "environment_type", "streaming",

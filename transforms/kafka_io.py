@@ -386,13 +386,17 @@ class _PartitionConsumers:
         self._config = dict(config)
         self._per_partition = per_partition
         self._consumers: dict = {}
+        # teardown may run on another SDK-harness thread than a bundle that is
+        # still creating a consumer (seen on cancel: "dictionary changed size").
+        self._lock = threading.Lock()
 
     def at(self, tp, offset: int):
         """A consumer assigned to ``tp`` whose next record is ``offset``."""
         key = tp if self._per_partition else None
-        consumer = self._consumers.get(key)
-        if consumer is None:
-            consumer = self._consumers[key] = KafkaConsumer(**self._config)
+        with self._lock:
+            consumer = self._consumers.get(key)
+            if consumer is None:
+                consumer = self._consumers[key] = KafkaConsumer(**self._config)
         if consumer.assignment() != {tp}:
             consumer.assign([tp])
             consumer.seek(tp, offset)
@@ -407,12 +411,13 @@ class _PartitionConsumers:
         return consumer.highwater(tp)
 
     def close(self) -> None:
-        for consumer in self._consumers.values():
+        with self._lock:
+            consumers, self._consumers = list(self._consumers.values()), {}
+        for consumer in consumers:
             try:
                 consumer.close(autocommit=False)
             except Exception:  # noqa: BLE001 - closing must not mask teardown
                 _LOG.warning("closing a Kafka consumer failed", exc_info=True)
-        self._consumers.clear()
 
 
 def _consumer_config(

@@ -119,8 +119,7 @@ class RecentEventIds:
     with *watermark - allowed lateness*: anything older is rejected as too late
     before it reaches the dedup check, so forgetting it can never let a
     duplicate through. That keeps dedup exact whatever the arrival order (a
-    streaming run and a bounded replay drop the same duplicates); in a bounded
-    replay the watermark only moves at the end, so ids are kept for the run.
+    streaming run and a bounded replay drop the same duplicates).
     ``horizon_ms`` is the minimum time an id is kept even when the watermark
     races ahead (e.g. an idle partition following the wall clock).
     """

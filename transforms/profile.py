@@ -27,8 +27,9 @@ Time, lateness and timers (event time throughout):
   and may let a slightly-too-late one through. A user the stage holds no
   state for (new, or expired) has no bound at all: their first event is never
   too late, and if it is far behind the watermark its overdue lifecycle timers
-  fire at once. In a bounded replay nothing is late: the watermark only moves
-  at the end.
+  fire at once. A bounded replay has a watermark too (the source's, per
+  partition), so give a backfill an allowed lateness that covers how late its
+  events really are; the end-to-end tests use 96 hours for 3-day-late events.
 * Later events within the allowed lateness simply update the profile: every
   state class here is order-independent.
 * A ``lifecycle`` timer re-evaluates a user with no new events when a

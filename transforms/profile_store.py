@@ -74,7 +74,10 @@ DEFAULT_MAX_ATTEMPTS = 8
 
 TYPES_FIELD = "_types"
 WRITE_ID_FIELD = "_write_id"
-RESERVED_FIELDS = frozenset({TYPES_FIELD, WRITE_ID_FIELD})
+# The segments the hash held before the last accepted write (JSON list): lets a
+# retried write whose reply was lost still report the store's segment changes.
+PREVIOUS_SEGMENTS_FIELD = "_prev_segments"
+RESERVED_FIELDS = frozenset({TYPES_FIELD, WRITE_ID_FIELD, PREVIOUS_SEGMENTS_FIELD})
 
 # Lua numbers are doubles: versions above 2**53 would compare inexactly.
 MAX_VERSION = 2**53 - 1
@@ -96,12 +99,12 @@ _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 UPSERT_PROFILE_LUA = """
 local key = KEYS[1]
 local incoming = tonumber(ARGV[1])
-local stored = redis.call('HMGET', key, 'version', '_write_id', 'segments')
+local stored = redis.call('HMGET', key, 'version', '_write_id', 'segments', '_prev_segments')
 local stored_version = tonumber(stored[1])
 if stored_version then
   if stored_version > incoming then return 0 end
   if stored_version == incoming then
-    if stored[2] == ARGV[2] then return 2 end
+    if stored[2] == ARGV[2] then return {2, stored[4] or '[]'} end
     return 0
   end
 end
@@ -130,6 +133,8 @@ for name, value in pairs(fields) do
 end
 args[#args + 1] = '_write_id'
 args[#args + 1] = ARGV[2]
+args[#args + 1] = '_prev_segments'
+args[#args + 1] = stored[3] or '[]'
 redis.call('HSET', key, unpack(args))
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
@@ -138,7 +143,7 @@ for s, _ in pairs(old) do
   if not new[s] then redis.call('SREM', prefix .. s, member) end
 end
 for s, _ in pairs(new) do redis.call('SADD', prefix .. s, member) end
-return 1
+return {1, stored[3] or '[]'}
 """
 
 # KEYS[1] segment set. ARGV: [1] profile key prefix, [2] segment name,
@@ -355,13 +360,18 @@ def decode_profile(raw: Mapping[Union[bytes, str], Union[bytes, str]]) -> dict[s
 class ProfileWriteResult(NamedTuple):
     """What happened to one profile: ``applied`` False means stale or a replay.
 
-    ``written_at - version`` is the event-to-Redis latency of an applied write.
+    For an applied write, ``previous_segments`` are the segments the store held
+    just before it and ``profile`` the profile written, so downstream stages
+    can report exactly the changes apps saw (and a replay, applying nothing,
+    reports none). Both are None when not applied.
     """
 
     user_key: str
     applied: bool
     version: int
     written_at: int
+    previous_segments: Optional[tuple] = None
+    profile: Optional[dict] = None
 
 
 @dataclass
@@ -370,6 +380,7 @@ class WriteOutcome:
 
     applied: bool
     rejected: Optional[str] = None  # Redis error text when the server refused the item
+    previous_segments: Optional[tuple] = None  # what the store held before an applied write
 
 
 # Replies (per pipelined command) that are worth retrying rather than rejecting.
@@ -382,6 +393,14 @@ def _is_transient_reply(error: Exception) -> bool:
     if isinstance(error, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
         return True
     return str(error).upper().startswith(_TRANSIENT_REPLY_PREFIXES)
+
+
+def _segments_json(text) -> tuple:
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return ()
+    return tuple(s for s in value if isinstance(s, str)) if isinstance(value, list) else ()
 
 
 class RedisProfileWriter:
@@ -499,6 +518,9 @@ class RedisProfileWriter:
                         last_error = reply
                     else:
                         outcomes[index] = WriteOutcome(applied=False, rejected=str(reply)[:500])
+                elif isinstance(reply, list):  # applied now, or by an earlier try of this write
+                    previous = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+                    outcomes[index] = WriteOutcome(applied=True, previous_segments=_segments_json(previous))
                 else:
                     outcomes[index] = WriteOutcome(applied=int(reply) in (_APPLIED, _ALREADY_APPLIED))
             pending = retry
@@ -608,7 +630,11 @@ class _WriteProfilesFn(beam.DoFn):
                 self._written.inc()
             else:
                 self._stale.inc()
-            result = ProfileWriteResult(h.encoded.user_key, outcome.applied, h.encoded.version, written_at)
+            if outcome.applied:
+                result = ProfileWriteResult(h.encoded.user_key, True, h.encoded.version, written_at,
+                                            outcome.previous_segments, h.profile)
+            else:
+                result = ProfileWriteResult(h.encoded.user_key, False, h.encoded.version, written_at)
             yield WindowedValue(result, h.timestamp, windows)
 
     def teardown(self) -> None:

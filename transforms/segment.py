@@ -625,3 +625,48 @@ class AssignRuleSegments(beam.PTransform):
         return profiles | "EvaluateRules" >> beam.ParDo(
             _AssignRuleSegmentsFn(self._rules_yaml, self._source, self._extra_fields, self._extra_events)
         ).with_outputs(self.SEGMENT_CHANGES, self.DEAD_LETTER, main=self.PROFILES)
+
+
+class _StoredSegmentChangesFn(beam.DoFn):
+    def __init__(self, rules_yaml: str, source: str, extra_fields, extra_events) -> None:
+        self._args = (rules_yaml, source, extra_fields, extra_events)
+        self._rules: Optional[RuleSet] = None
+        self._changes = Metrics.counter(METRICS_NAMESPACE, "segment_changes_published")
+
+    def setup(self) -> None:
+        self._rules = RuleSet.from_yaml(*self._args)
+
+    def process(self, result):
+        if not result.applied or result.profile is None:
+            return
+        profile = result.profile
+        at_ms = profile.get("as_of")
+        at_ms = at_ms if _is_number(at_ms) else result.version // 1000
+        for change in self._rules.diff(result.previous_segments or (), profile.get("segments") or (), int(at_ms),
+                                       user_key=result.user_key, version=result.version):
+            self._changes.inc()
+            yield change
+
+
+class SegmentChangesFromStore(beam.PTransform):
+    """Profile-store write results in; the segment changes apps actually saw out.
+
+    In: ``ProfileWriteResult``s from ``WriteProfilesToRedis``. Out: one
+    ``SegmentChange`` per segment entered or exited between the segments the
+    store held before an *applied* write and the segments written. Writes that
+    were not applied (stale, superseded in the same bundle, or a replay of
+    what the store already has) produce nothing, so replays never publish a
+    change twice, and the published stream per user and segment always
+    alternates entered / exited. Counted in ``segment_changes_published``.
+
+    ``AssignRuleSegments.segment_changes`` is the change between consecutive
+    profile updates instead; it depends on how updates were batched, so the
+    pipeline publishes these.
+    """
+
+    def __init__(self, rules: AssignRuleSegments) -> None:
+        super().__init__()
+        self._args = (rules._rules_yaml, rules._source, rules._extra_fields, rules._extra_events)
+
+    def expand(self, results):
+        return results | "DiffStoredSegments" >> beam.ParDo(_StoredSegmentChangesFn(*self._args))

@@ -157,6 +157,35 @@ def test_a_retried_flush_recognizes_its_own_write_and_does_not_rewrite(writer, a
     assert write(writer, p, write_id="flush-2") == [False]  # another flush: a replay
 
 
+def test_an_applied_write_reports_the_segments_the_store_held_before_it_even_when_retried(writer, prefix):
+    [first] = writer.write([encode_profile(profile("u1", T0, segments=("new",)))])
+    assert first.applied and first.previous_segments == ()
+    p2 = encode_profile(profile("u1", T0 + 1, segments=("active", "dormant")))
+    [second] = writer.write([p2], write_id="flush-7")
+    assert second.previous_segments == ("new",)
+    [retried] = writer.write([p2], write_id="flush-7")  # the reply was lost: same write again
+    assert retried.applied and retried.previous_segments == ("new",)
+    [stale] = writer.write([encode_profile(profile("u1", T0, segments=("x",)))])
+    assert not stale.applied and stale.previous_segments is None
+
+
+def test_segment_changes_follow_the_store_and_a_replay_publishes_none(redis_url, prefix):
+    from onboardflow.transforms.segment import AssignRuleSegments, SegmentChangesFromStore
+
+    rules = AssignRuleSegments()
+    batch = [profile("u1", T0, segments=("dormant",), as_of=T0),
+             profile("u2", T0, segments=(), as_of=T0)]
+
+    with BeamTestPipeline() as p:
+        written = (p | beam.Create(batch) | WriteProfilesToRedis(redis_url, prefix, profile_ttl_s=3600))["written"]
+        changes = written | SegmentChangesFromStore(rules) | beam.Map(lambda c: (c["segment"], c["change"], c["reason"]))
+        assert_that(changes, equal_to([("dormant", "entered", "rule:dormant")]))
+    with BeamTestPipeline() as p:  # the same writes again: all stale, nothing published
+        written = (p | beam.Create(batch) | WriteProfilesToRedis(redis_url, prefix, profile_ttl_s=3600))["written"]
+        changes = written | SegmentChangesFromStore(rules)
+        assert_that(changes, equal_to([]))
+
+
 # --------------------------------------------------------------------------- failures
 
 
