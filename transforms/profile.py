@@ -126,6 +126,9 @@ class UserProfileState:
     seq: int = 0
     watermark_lb: Optional[int] = None
     probe_at: Optional[int] = None
+    # Event time the lifecycle timer is set for (None: not set). Kept so the
+    # timer is only moved *earlier*: see _UserProfileFn.process.
+    lifecycle_at: Optional[int] = None
     last_emitted: Optional[dict] = None
 
     @classmethod
@@ -220,11 +223,13 @@ class UserProfileState:
             (s.starts, s.ends, s.counts, s.folded_sessions, s.folded_duration_ms, s.folded_events, s.max_event_ms),
             (self.seen.seen, self.seen.max_ms, self.seen.prune_at),
             self.context, self.as_of, self.seq, self.watermark_lb, self.probe_at, self.last_emitted,
+            self.lifecycle_at,
         )
 
     @classmethod
     def from_primitive(cls, data: tuple, config: ProfileConfig) -> "UserProfileState":
-        (_, engagement, sessions, seen, context, as_of, seq, watermark_lb, probe_at, last_emitted) = data
+        (_, engagement, sessions, seen, context, as_of, seq, watermark_lb, probe_at, last_emitted,
+         lifecycle_at) = data
         state = cls.new(config)
         state.engagement = EngagementState.from_primitive(engagement, config.score)
         s = state.sessions
@@ -233,7 +238,7 @@ class UserProfileState:
         state.seen.seen, state.seen.max_ms, state.seen.prune_at = dict(seen[0]), seen[1], seen[2]
         state.context = {k: tuple(v) for k, v in context.items()}
         state.as_of, state.seq, state.watermark_lb, state.probe_at = as_of, seq, watermark_lb, probe_at
-        state.last_emitted = last_emitted
+        state.last_emitted, state.lifecycle_at = last_emitted, lifecycle_at
         return state
 
 
@@ -347,7 +352,13 @@ class _UserProfileFn(beam.DoFn):
         if state.probe_at is None:
             state.probe_at = t
             probe.set(_ts(t))
-        lifecycle.set(_ts(state.next_lifecycle_ms()))
+        # Lazy lifecycle timer: every event pushes dormancy and expiry later, so
+        # re-setting the timer per event would cost a timer write per event.
+        # It is only moved earlier; when it fires early, on_lifecycle re-arms it.
+        due = state.next_lifecycle_ms()
+        if state.lifecycle_at is None or due < state.lifecycle_at:
+            state.lifecycle_at = due
+            lifecycle.set(_ts(due))
         self._emit(user_key, state, window)
         cell.write(state.to_primitive())
 
@@ -388,6 +399,13 @@ class _UserProfileFn(beam.DoFn):
             return
         state = UserProfileState.from_primitive(data, self._config)
         t = _ms(fired)
+        due = state.next_lifecycle_ms()
+        if due > t:
+            # Set before later events moved the next transition on: not due yet.
+            state.lifecycle_at = due
+            lifecycle.set(_ts(due))
+            cell.write(state.to_primitive())
+            return
         if state.expired_at(t):
             self._expired.inc()
             cell.clear()
@@ -395,7 +413,8 @@ class _UserProfileFn(beam.DoFn):
             return
         self._lifecycle.inc()
         state.advance_to(t)
-        lifecycle.set(_ts(state.next_lifecycle_ms()))
+        state.lifecycle_at = state.next_lifecycle_ms()
+        lifecycle.set(_ts(state.lifecycle_at))
         self._emit(key, state, window)
         cell.write(state.to_primitive())
 
