@@ -69,6 +69,8 @@ from urllib.parse import urlsplit
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from onboardflow.transforms.dead_letter import pipeline_dead_letter
+
 METRICS_NAMESPACE = "onboardflow"
 MIN_SECRET_BYTES = 16
 ANONYMOUS_KEY_PREFIX = "anon:"
@@ -506,16 +508,8 @@ def _scrub_properties(properties: Mapping[str, Any], needles: list[tuple[str, bo
 
 
 def _dead_letter(reason: str, detail: str, event: Any) -> dict:
-    event_id = event.get("event_id") if isinstance(event, Mapping) else None
-    return {
-        "stage": "anonymize",
-        "reason": reason,
-        "detail": detail,  # names fields only, never values
-        "event_id": event_id if isinstance(event_id, str) else None,
-        # The raw event is kept so it can be replayed once fixed: the dead-letter
-        # sink is a PII store with the same protection as the input topic.
-        "payload": event,
-    }
+    # The raw event is kept so it can be replayed once fixed (see transforms/dead_letter.py).
+    return pipeline_dead_letter("anonymize", reason, detail, event)
 
 
 def _consent_flag(consent: Mapping[str, Any], name: str) -> Optional[bool]:

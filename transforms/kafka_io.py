@@ -233,7 +233,10 @@ class EventTimeWatermarkEstimator(WatermarkEstimator):
         return int(self._clock() * 1_000_000)
 
     def observe_timestamp(self, timestamp: Timestamp) -> None:
-        pass
+        # Beam calls this with every output's timestamp, dead letters included
+        # (stamped with Kafka's clock, not event time). The watermark follows
+        # decoded event time only, fed through observe_event_time.
+        return None
 
     def observe_event_time(self, timestamp: Timestamp) -> None:
         """New records arrived; ``timestamp`` is the max event time among them."""

@@ -68,6 +68,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.enrich import ProfileUpdate
 from onboardflow.transforms.normalize import RecentEventIds
 from onboardflow.transforms.score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
@@ -252,14 +253,7 @@ def _ms(ts: Timestamp) -> int:
 
 
 def _dead_letter(reason: str, detail: str, event: Any) -> dict:
-    event_id = event.get("event_id") if isinstance(event, Mapping) else None
-    return {
-        "stage": "profile",
-        "reason": reason,
-        "detail": detail,  # names fields only, never values
-        "event_id": event_id if isinstance(event_id, str) else None,
-        "payload": event,  # anonymized already: no raw PII
-    }
+    return pipeline_dead_letter("profile", reason, detail, event)
 
 
 def _unusable(event: Any) -> Optional[tuple[str, str]]:

@@ -62,6 +62,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey
 
 METRICS_NAMESPACE = "onboardflow"
@@ -533,14 +534,7 @@ class RedisProfileWriter:
 
 
 def _dead_letter(reason: str, detail: str, profile: Any) -> dict:
-    user_key = profile.get("user_key") if isinstance(profile, Mapping) else None
-    return {
-        "stage": STAGE,
-        "reason": reason,
-        "detail": detail,
-        "user_key": user_key if isinstance(user_key, str) and _USER_KEY_RE.match(user_key) else None,
-        "payload": profile,  # a profile: pseudonymous, no raw PII
-    }
+    return pipeline_dead_letter(STAGE, reason, detail, profile, key_field="user_key")
 
 
 class _Held(NamedTuple):

@@ -56,6 +56,7 @@ import apache_beam as beam
 import yaml
 from apache_beam.metrics import Metrics
 
+from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.enrich import ProfileUpdate
 
 METRICS_NAMESPACE = "onboardflow"
@@ -494,7 +495,7 @@ class RuleSet:
 
 
 def _dead_letter(reason: str, detail: str, payload: Any) -> dict:
-    return {"stage": "segment", "reason": reason, "detail": detail, "event_id": None, "payload": payload}
+    return pipeline_dead_letter("segment", reason, detail, payload, key_field="user_key")
 
 
 def _eval_time(profile: Mapping[str, Any], fallback_ms: int) -> int:

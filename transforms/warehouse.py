@@ -58,6 +58,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 from psycopg import sql
 
+from onboardflow.transforms.dead_letter import pipeline_dead_letter
+
 METRICS_NAMESPACE = "onboardflow"
 DEFAULT_SCHEMA = "warehouse"
 DEFAULT_BATCH_SIZE = 1000
@@ -661,16 +663,7 @@ class _Held(NamedTuple):
 
 
 def _dead_letter(spec: TableSpec, reason: str, detail: str, element: Any) -> dict:
-    event_id = element.get("event_id") if isinstance(element, Mapping) else None
-    return {
-        "stage": spec.stage,
-        "reason": reason,
-        "detail": detail,
-        "event_id": event_id if isinstance(event_id, str) else None,
-        # Anonymized events, profiles, segment changes: no raw PII. A refused
-        # dead letter carries the original record back to the dead-letter topic.
-        "payload": element,
-    }
+    return pipeline_dead_letter(spec.stage, reason, detail, element)
 
 
 class _WarehouseWriteFn(beam.DoFn):
