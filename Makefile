@@ -27,6 +27,10 @@ PYTEST        := $(PY) -m pytest
 
 .PHONY: help install venv prism jars services-up services-down services-status \
         test test-unit test-integration test-e2e demo bench clean distclean
+.PHONY: promtool check-alerts lag-exporter
+.PHONY: train evaluate
+.PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
+        flink-worker-pool-down flink-demo test-flink
 
 help:
 	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
@@ -85,6 +89,97 @@ test-integration: install services-up
 
 test-e2e: install services-up
 	$(PYTEST) tests/integration -m e2e
+
+# ---- observability (docs/observability.md) ---------------------------------
+
+# promtool, Prometheus' own checker, built from the Go module proxy at the
+# version of the prom/prometheus image in docker/docker-compose.yml
+# (Go module v0.316.0 is Prometheus 3.16.0). The first build takes several minutes.
+PROMETHEUS_VERSION ?= 3.16.0
+PROMTOOL_MODULE_VERSION ?= v0.316.0
+PROMTOOL      := $(OBF_CACHE_DIR)/bin/promtool
+PROMTOOL_STAMP := $(OBF_CACHE_DIR)/bin/.promtool-$(PROMETHEUS_VERSION)
+
+promtool: $(PROMTOOL_STAMP)
+$(PROMTOOL_STAMP):
+	@command -v go >/dev/null || { source runners/services/env.sh; apt_install golang-go; }
+	@mkdir -p $(OBF_CACHE_DIR)/bin
+	GOBIN=$(OBF_CACHE_DIR)/bin GOFLAGS=-mod=mod go install \
+	  github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_MODULE_VERSION)
+	@touch $@
+
+# Scrape config and alert rules as Prometheus reads them, and the rules'
+# unit tests (docker/prometheus/alerts_test.yml). Not part of `make test`:
+# the first promtool build takes ~10 minutes on 2 cores.
+check-alerts: promtool
+	@# check config also checks the rule files it names (the file_sd warning is
+	@# about the path inside the Prometheus container).
+	$(PROMTOOL) check config docker/prometheus/prometheus.yml
+	$(PROMTOOL) test rules docker/prometheus/alerts_test.yml
+
+# The lag exporter for the local services (Prometheus scrapes :9308).
+lag-exporter: venv
+	$(VENV)/bin/onboardflow lag-exporter --port 9308 --redis-url redis://127.0.0.1:6379/0
+
+# ---- models (docs/models-registry.md) ---------------------------------------
+
+# Bootstrap the online segmenter from the warehouse history (fill it first,
+# e.g. with `make demo`): report and plot in .run/train, model published to
+# the registry. TRAIN_ARGS adds flags, e.g. TRAIN_ARGS="--k-max 8 --no-publish".
+TRAIN_ARGS ?=
+train: install services-up
+	$(VENV)/bin/onboardflow warehouse migrate
+	$(VENV)/bin/onboardflow train --out .run/train $(TRAIN_ARGS)
+
+# The online models against the generator's ground truth (docs/models.md): the
+# default generator settings (10,000 users, seed 42), no services needed, about
+# 1.5 minutes on 2 cores; table on stdout, report.json and evaluation.png in
+# .run/evaluate. EVALUATE_ARGS adds flags, e.g. EVALUATE_ARGS="--users 2000".
+EVALUATE_ARGS ?=
+evaluate: $(VENV_STAMP)
+	$(VENV)/bin/onboardflow evaluate --out .run/evaluate $(EVALUATE_ARGS)
+
+# ---- Flink (docs/flink.md) ---------------------------------------------------
+
+# A Flink 2.2 session cluster (JobManager + TaskManager, REST on FLINK_REST_PORT,
+# default 8081) from PyPI's apache-flink in its own virtualenv under .cache;
+# settings in runners/flink/env.sh. Idempotent and health-checked via REST.
+FLINK := runners/flink/flink.sh
+
+flink-install:
+	$(FLINK) install
+
+flink-up:
+	$(FLINK) up
+
+flink-down:
+	$(FLINK) down
+
+flink-status:
+	$(FLINK) status
+
+# Beam's Flink job server jar (beam-runners-flink-2.2-job-server:$(BEAM_VERSION))
+# resolved with Maven into .cache/beam-flink-jobserver. Fails, saying why, where
+# the Maven registry does not serve it; FLINK_JOB_SERVER_JAR=/path uses a given jar.
+flink-jobserver-jar:
+	BEAM_VERSION=$(BEAM_VERSION) runners/flink/jobserver.sh fetch
+
+# The Beam Python SDK worker pool (EXTERNAL environment) on BEAM_WORKER_POOL_PORT.
+flink-worker-pool-up: venv
+	$(FLINK) worker-pool-up
+
+flink-worker-pool-down:
+	$(FLINK) worker-pool-down
+
+# The demo with the pipeline on Flink: stops first, saying why, while the job
+# server jar is unavailable (docs/flink.md); stops what it started at the end.
+flink-demo: install
+	BEAM_VERSION=$(BEAM_VERSION) runners/flink/demo.sh
+
+# The cluster's own checks (a PyFlink job: parallelism, checkpoints, savepoint
+# stop/resume); also part of `make test` through tests/integration.
+test-flink: venv
+	$(PYTEST) tests/integration/test_flink_cluster.py
 
 # ---- demo and benchmarks ---------------------------------------------------
 

@@ -33,6 +33,8 @@ setup(
         "avro>=1.12,<1.13",
         "fastavro>=1.9,<2",
         "scikit-learn>=1.5,<2",
+        # `onboardflow train` plots k against silhouette / Davies-Bouldin (PNG, Agg backend).
+        "matplotlib>=3.8,<4",
         "river>=0.22,<0.27",
         "prometheus-client>=0.20,<1",
         "psycopg[binary]>=3.2,<4",

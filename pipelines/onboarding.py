@@ -45,6 +45,7 @@ from onboardflow.transforms.anonymize import (
 from onboardflow.transforms.decode import OnboardingEventDecoder
 from onboardflow.transforms.enrich import EnrichProfiles
 from onboardflow.transforms.kafka_io import DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, WriteToKafka
+from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics
 from onboardflow.transforms.normalize import NormalizeEvents
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
@@ -118,7 +119,10 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     bootstrap = kafka.kafka_bootstrap_servers
     dsn, schema = opts.warehouse_dsn, opts.warehouse_schema
 
-    read = p | "ReadEvents" >> ReadFromKafka.from_options(options, decoder=decoder)
+    # One facade for every stage: Beam metrics + each worker's /metrics (docs/observability.md).
+    metrics = PipelineMetrics.from_options(options)
+
+    read = p | "ReadEvents" >> ReadFromKafka.from_options(options, decoder=decoder, metrics=metrics)
     dead_letters = read[DEAD_LETTERS]
     (dead_letters
      | "EncodeDeadLetters" >> beam.Map(_dead_letter_kv(decoder))
@@ -127,18 +131,18 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     anonymized = (
         read.events
         | "Normalize" >> NormalizeEvents()
-        | "Anonymize" >> AnonymizeEvents(secret)
+        | "Anonymize" >> AnonymizeEvents(secret, metrics=metrics)
     )
     events = anonymized[AnonymizeEvents.PERSONALIZATION]
     analytics_only = anonymized[AnonymizeEvents.ANALYTICS_ONLY]
 
     event_rejects = (
         (events, analytics_only) | "AllAnonymizedEvents" >> beam.Flatten()
-        | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema))
+        | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
 
-    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts))
+    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts), metrics=metrics)
     too_late = built[TOO_LATE]
-    late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema)
+    late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema, metrics=metrics)
 
     refresh = opts.accounts_refresh_seconds if streaming and opts.accounts_refresh_seconds > 0 else None
     rules = AssignRuleSegments(opts.rules_file or DEFAULT_RULES_PATH)
@@ -150,15 +154,15 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     profiles = segmented[AssignRuleSegments.PROFILES]
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
-        opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400)
+        opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics)
     # History follows what the store accepted: snapshots and segment changes of
     # applied writes only, so a replay (whose writes are all stale) adds nothing.
     applied = (redis[WriteProfilesToRedis.WRITTEN]
                | "AppliedWrites" >> beam.Filter(lambda r: r.applied))
     snapshot_rejects = (applied | "AppliedProfiles" >> beam.Map(lambda r: r.profile)
-                        | "WriteSnapshots" >> WriteProfileSnapshots(dsn, schema))
-    changes = applied | "SegmentChanges" >> SegmentChangesFromStore(rules)
-    change_rejects = changes | "WriteSegmentChanges" >> WriteSegmentChanges(dsn, schema)
+                        | "WriteSnapshots" >> WriteProfileSnapshots(dsn, schema, metrics=metrics))
+    changes = applied | "SegmentChanges" >> SegmentChangesFromStore(rules, metrics=metrics)
+    change_rejects = changes | "WriteSegmentChanges" >> WriteSegmentChanges(dsn, schema, metrics=metrics)
     (changes
      | "EncodeSegmentChanges" >> beam.Map(_segment_change_kv(opts.registry_url))
      | "PublishSegmentChanges" >> WriteToKafka(bootstrap, opts.segment_changes_topic))
@@ -171,6 +175,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     )
     ((dead_letters,) + internal_rejects
      | "AllDeadLetters" >> beam.Flatten()
+     | "CountDeadLetters" >> CountDeadLetters(metrics)
      | "WriteDeadLetterMetadata" >> WriteDeadLetterMetadata(dsn, schema))
 
     return PipelineOutputs(read.events, dead_letters, profiles, changes,
@@ -204,8 +209,12 @@ def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wa
     Without ``--runner`` it runs locally on Prism (``runners/local.py``).
     Returns the PipelineResult (finished when ``wait``).
     """
+    from onboardflow.runners.flink_runner import flink_argv
     from onboardflow.runners.local import local_pipeline_options
 
+    # `--runner flink`: onboardflow's Flink settings (job server jar checked
+    # first, EXTERNAL worker pool, checkpointing); other runners unchanged.
+    argv = flink_argv(sys.argv[1:] if argv is None else argv)
     options = PipelineOptions(argv)
     std = options.view_as(StandardOptions)
     if not std.runner:

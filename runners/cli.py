@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, one-line help)
+# name -> ("module" or "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("onboardflow.runners.produce", "produce synthetic onboarding journeys to Kafka"),
     "registry": ("onboardflow.runners.registry", "list or serve the Avro schema registry"),
@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("onboardflow.runners.profile", "read one user's profile from Redis"),
     "warehouse": ("onboardflow.runners.warehouse", "apply or inspect warehouse migrations"),
     "demo": ("onboardflow.runners.demo", "produce events, run the pipeline, print a summary"),
+    "lag": ("onboardflow.runners.lag", "print the pipeline's consumer lag and event-time lag once"),
+    "lag-exporter": ("onboardflow.runners.lag:exporter_main", "serve consumer and event-time lag for Prometheus"),
+    "train": ("onboardflow.runners.train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
+    "models": ("onboardflow.runners.models", "list, show, roll back or promote model versions"),
+    "evaluate": ("onboardflow.runners.evaluate", "replay synthetic journeys through the online models; ARI, ROC-AUC, plot"),
 }
 
 
@@ -42,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"onboardflow: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
+    # "module" runs module.main; "module:function" runs another entry point of it.
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    result = getattr(module, function or "main")(rest)
     return int(result or 0)
 
 

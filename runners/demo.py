@@ -45,6 +45,9 @@ def _parse(argv):
     p.add_argument("--probes", type=int, default=20, help="latency probe events after catch-up")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for catch-up")
     p.add_argument("--run-dir", default=str(REPO / ".run" / "demo"))
+    p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: run on Flink, not Prism "
+                   "(see docs/flink.md; needs the Beam Flink job server jar)")
+    p.add_argument("--flink-job-server-jar", help="the beam-runners-flink-2.2-job-server jar (make flink-jobserver-jar)")
     return p.parse_args(argv)
 
 
@@ -157,9 +160,14 @@ def main(argv=None) -> int:
     print(f"   produced {produced:,} messages in {stats.elapsed_s:.1f}s: " +
           ", ".join(f"{k} {v:,}" for k, v in sorted(stats.attempted.items())))
 
-    print("== streaming pipeline on Prism (until caught up)")
+    flink = []
+    if args.flink_master:
+        flink = ["--runner=flink", f"--flink_master={args.flink_master}"]
+        if args.flink_job_server_jar:
+            flink.append(f"--flink_job_server_jar={args.flink_job_server_jar}")
+    print(f"== streaming pipeline on {'Flink at ' + args.flink_master if flink else 'Prism'} (until caught up)")
     t0 = time.time()
-    result = run([
+    result = run(flink + [
         "--streaming", f"--kafka_bootstrap_servers={args.bootstrap_servers}", f"--kafka_topics={topic}",
         "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",
         f"--dead_letter_topic={dlq}", f"--segment_changes_topic={changes_topic}",

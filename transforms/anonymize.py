@@ -70,6 +70,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from onboardflow.transforms.dead_letter import pipeline_dead_letter
+from onboardflow.transforms.metrics import PipelineMetrics
 
 METRICS_NAMESPACE = "onboardflow"
 MIN_SECRET_BYTES = 16
@@ -549,8 +550,9 @@ def _validation_error(event: Mapping[str, Any]) -> Optional[tuple[str, str]]:
 
 
 class _AnonymizeFn(beam.DoFn):
-    def __init__(self, secret_provider: SecretProvider) -> None:
+    def __init__(self, secret_provider: SecretProvider, metrics: Optional[PipelineMetrics] = None) -> None:
         self._secret_provider = secret_provider
+        self._metrics = metrics or PipelineMetrics(prometheus=False)
         self._pseudonymizer: Optional[Pseudonymizer] = None
         self._consent_filtered = Metrics.counter(METRICS_NAMESPACE, "consent_filtered")
         self._personalization = Metrics.counter(METRICS_NAMESPACE, "anonymized_personalization")
@@ -559,6 +561,7 @@ class _AnonymizeFn(beam.DoFn):
         self._stripped = Metrics.counter(METRICS_NAMESPACE, "pii_properties_stripped")
 
     def setup(self) -> None:
+        self._metrics.setup()
         # Resolved on the worker: a SecretFile is read here, never on the driver's graph.
         self._pseudonymizer = Pseudonymizer(self._secret_provider.resolve())
 
@@ -592,6 +595,7 @@ class _AnonymizeFn(beam.DoFn):
             # Decided before validation so nothing of a non-consenting user is
             # kept anywhere, dead letters included.
             self._consent_filtered.inc()
+            self._metrics.consent_filtered(1)
             return
         error = _validation_error(event)
         if error is not None:
@@ -599,6 +603,7 @@ class _AnonymizeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter(*error, event))
             return
         anonymized, stripped = self._pseudonymizer.anonymize(event)
+        self._metrics.events_valid(1)
         if stripped:
             self._stripped.inc(stripped)
         if personalization:
@@ -637,11 +642,13 @@ class AnonymizeEvents(beam.PTransform):
     ANALYTICS_ONLY = "analytics_only"
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, secret_provider: Union[SecretProvider, bytes], label: Optional[str] = None) -> None:
+    def __init__(self, secret_provider: Union[SecretProvider, bytes], label: Optional[str] = None,
+                 metrics: Optional[PipelineMetrics] = None) -> None:
         super().__init__(label)
         self._secret_provider = _as_provider(secret_provider)
+        self._metrics = metrics
 
     def expand(self, events):
         return events | "PseudonymizeAndRoute" >> beam.ParDo(
-            _AnonymizeFn(self._secret_provider)
+            _AnonymizeFn(self._secret_provider, self._metrics)
         ).with_outputs(self.ANALYTICS_ONLY, self.DEAD_LETTER, main=self.PERSONALIZATION)

@@ -63,6 +63,8 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from onboardflow.transforms.metrics import PipelineMetrics
+
 _LOG = logging.getLogger(__name__)
 
 #: Stop offset of a streaming restriction (Java KafkaIO uses Long.MAX_VALUE).
@@ -520,8 +522,10 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         max_read_seconds: float,
         consumer_per_partition: bool,
         consumer_config: Optional[Mapping[str, Any]],
+        metrics: Optional[PipelineMetrics] = None,
     ):
         beam.DoFn.__init__(self)
+        self._metrics = metrics or PipelineMetrics(prometheus=False)
         EventTimeWatermarkEstimatorProvider.__init__(self, max_out_of_orderness, idle_timeout)
         self._bootstrap_servers = bootstrap_servers
         self._group = consumer_group
@@ -564,6 +568,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
     # -- lifecycle ------------------------------------------------------------
 
     def setup(self):
+        self._metrics.setup()
         self._consumers = _PartitionConsumers(
             _consumer_config(
                 self._bootstrap_servers,
@@ -710,6 +715,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                     finished = True
                     break
             self._records_read.inc(read)
+            self._metrics.events_read(tp.topic, tp.partition, read)
             if decode is not None:
                 self._events.inc(events)
                 self._dead_letters.inc(read - events)
@@ -725,6 +731,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                 break
         if next_offset > start:
             self._bundle_offsets[tp] = next_offset
+        self._metrics.source_watermark(tp.topic, tp.partition, watermark.current_watermark().micros)
 
 
 class _ReadBoundedPartitionsFn(_ReadPartitionsFn):
@@ -890,8 +897,10 @@ class ReadFromKafka(beam.PTransform):
         max_read_seconds: float = 1.0,
         consumer_per_partition: Optional[bool] = None,
         consumer_config: Optional[Mapping[str, Any]] = None,
+        metrics: Optional[PipelineMetrics] = None,
     ):
         super().__init__()
+        self._metrics = metrics
         self._topics = [topics] if isinstance(topics, str) else list(topics)
         if not self._topics:
             raise ValueError("ReadFromKafka needs at least one topic")
@@ -963,6 +972,7 @@ class ReadFromKafka(beam.PTransform):
                 max_read_seconds=self._max_read_seconds,
                 consumer_per_partition=self._consumer_per_partition,
                 consumer_config=self._consumer_config,
+                metrics=self._metrics,
             )
         )
         if self._decoder is None:

@@ -64,6 +64,7 @@ from redis.retry import Retry
 
 from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey
+from onboardflow.transforms.metrics import EventTimeProgress, PipelineMetrics
 
 METRICS_NAMESPACE = "onboardflow"
 STAGE = "profile_store"
@@ -554,7 +555,10 @@ class _WriteProfilesFn(beam.DoFn):
         profile_ttl_s: Optional[float],
         batch_size: int,
         max_attempts: int,
+        metrics: Optional[PipelineMetrics] = None,
     ) -> None:
+        self._metrics = metrics or PipelineMetrics(prometheus=False)
+        self._progress = EventTimeProgress(key_prefix)
         self._redis_url = redis_url
         self._key_prefix = key_prefix
         self._profile_ttl_s = profile_ttl_s
@@ -567,6 +571,7 @@ class _WriteProfilesFn(beam.DoFn):
         self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "profile_store_dead_letter")
 
     def setup(self) -> None:
+        self._metrics.setup()
         # The client itself connects on the first flush (lazily).
         self._writer = RedisProfileWriter(
             self._redis_url, self._key_prefix, self._profile_ttl_s, max_attempts=self._max_attempts
@@ -609,8 +614,17 @@ class _WriteProfilesFn(beam.DoFn):
         held = list(self._held.values())
         self._held = {}
         # Raises after the retry budget: the runner then retries the bundle.
-        outcomes = self._writer.write([h.encoded for h in held])
+        retries_before = self._writer.retries
+        started = time.perf_counter()
+        try:
+            outcomes = self._writer.write([h.encoded for h in held])
+        except Exception:
+            self._metrics.redis_error("profile_write", self._writer.retries - retries_before + 1)
+            raise
+        self._metrics.redis_write_seconds(time.perf_counter() - started)
+        self._metrics.redis_error("profile_write", self._writer.retries - retries_before)
         written_at = now_ms()
+        self._record_applied(held, outcomes, written_at)
         for h, outcome in zip(held, outcomes):
             windows = (h.window,)
             if outcome.rejected is not None:
@@ -630,6 +644,31 @@ class _WriteProfilesFn(beam.DoFn):
             else:
                 result = ProfileWriteResult(h.encoded.user_key, False, h.encoded.version, written_at)
             yield WindowedValue(result, h.timestamp, windows)
+
+    def _record_applied(self, held, outcomes, written_at: int) -> None:
+        """Metrics of the applied writes, and the event-time progress key."""
+        newest = None
+        applied = 0
+        for h, outcome in zip(held, outcomes):
+            if not outcome.applied:
+                continue
+            applied += 1
+            last_event_at = h.profile.get("last_event_at") if isinstance(h.profile, Mapping) else None
+            if not isinstance(last_event_at, int) or isinstance(last_event_at, bool):
+                continue
+            newest = last_event_at if newest is None else max(newest, last_event_at)
+            # Only updates an event caused: a timer's update (dormancy) would
+            # measure how long the user has been away.
+            if h.profile.get("as_of") == last_event_at:
+                self._metrics.event_to_redis_seconds((written_at - last_event_at) / 1000)
+        self._metrics.profiles_written(applied)
+        if newest is not None:
+            try:
+                self._progress.record(self._writer.client, newest, written_at)
+            except redis.exceptions.RedisError:
+                # A monitoring marker: a missed update only makes freshness look
+                # older until the next flush; never fail the bundle for it.
+                self._metrics.redis_error("progress")
 
     def teardown(self) -> None:
         if self._writer is not None:
@@ -670,12 +709,13 @@ class WriteProfilesToRedis(beam.PTransform):
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         label: Optional[str] = None,
+        metrics: Optional[PipelineMetrics] = None,
     ) -> None:
         super().__init__(label)
         ProfileKeys(key_prefix)  # fail at construction, not on the workers
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self._fn = _WriteProfilesFn(redis_url, key_prefix, profile_ttl_s, batch_size, max_attempts)
+        self._fn = _WriteProfilesFn(redis_url, key_prefix, profile_ttl_s, batch_size, max_attempts, metrics)
 
     def expand(self, profiles):
         outputs = profiles | "UpsertProfiles" >> beam.ParDo(self._fn).with_outputs(

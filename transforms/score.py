@@ -340,8 +340,9 @@ class EngagementState:
     def is_empty(self) -> bool:
         return self.events_total == 0
 
-    def add(self, event: Mapping[str, Any]) -> None:
-        """Fold one (anonymized) event in; raises InvalidEvent and changes nothing if malformed."""
+    @staticmethod
+    def validate(event: Any) -> None:
+        """Raise InvalidEvent if ``add`` could not fold ``event`` in."""
         if not isinstance(event, Mapping):
             raise InvalidEvent("event is not a mapping")
         event_type = event.get("event_type")
@@ -350,10 +351,14 @@ class EngagementState:
             raise InvalidEvent("event_type missing")
         if not isinstance(t, int) or isinstance(t, bool):
             raise InvalidEvent("occurred_at missing or not epoch millis")
-        properties = event.get("properties") or {}
-        if not isinstance(properties, Mapping):
+        if not isinstance(event.get("properties") or {}, Mapping):
             raise InvalidEvent("properties is not a mapping")
 
+    def add(self, event: Mapping[str, Any]) -> None:
+        """Fold one (anonymized) event in; raises InvalidEvent and changes nothing if malformed."""
+        self.validate(event)
+        event_type, t = event["event_type"], event["occurred_at"]
+        properties = event.get("properties") or {}
         config = self.config
         self.engagement.add(t, config.engagement_weight(event_type))
         self.intent.add(t, config.intent_weight(event_type, properties))

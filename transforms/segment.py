@@ -58,6 +58,7 @@ from apache_beam.metrics import Metrics
 
 from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.enrich import ProfileUpdate
+from onboardflow.transforms.metrics import PipelineMetrics
 
 METRICS_NAMESPACE = "onboardflow"
 DAY_MS = 86_400_000
@@ -629,12 +630,15 @@ class AssignRuleSegments(beam.PTransform):
 
 
 class _StoredSegmentChangesFn(beam.DoFn):
-    def __init__(self, rules_yaml: str, source: str, extra_fields, extra_events) -> None:
+    def __init__(self, rules_yaml: str, source: str, extra_fields, extra_events,
+                 metrics: Optional[PipelineMetrics] = None) -> None:
         self._args = (rules_yaml, source, extra_fields, extra_events)
+        self._metrics = metrics or PipelineMetrics(prometheus=False)
         self._rules: Optional[RuleSet] = None
         self._changes = Metrics.counter(METRICS_NAMESPACE, "segment_changes_published")
 
     def setup(self) -> None:
+        self._metrics.setup()
         self._rules = RuleSet.from_yaml(*self._args)
 
     def process(self, result):
@@ -646,6 +650,7 @@ class _StoredSegmentChangesFn(beam.DoFn):
         for change in self._rules.diff(result.previous_segments or (), profile.get("segments") or (), int(at_ms),
                                        user_key=result.user_key, version=result.version):
             self._changes.inc()
+            self._metrics.segment_changes(1)
             yield change
 
 
@@ -665,9 +670,10 @@ class SegmentChangesFromStore(beam.PTransform):
     pipeline publishes these.
     """
 
-    def __init__(self, rules: AssignRuleSegments) -> None:
+    def __init__(self, rules: AssignRuleSegments, metrics: Optional[PipelineMetrics] = None) -> None:
         super().__init__()
         self._args = (rules._rules_yaml, rules._source, rules._extra_fields, rules._extra_events)
+        self._metrics = metrics
 
     def expand(self, results):
-        return results | "DiffStoredSegments" >> beam.ParDo(_StoredSegmentChangesFn(*self._args))
+        return results | "DiffStoredSegments" >> beam.ParDo(_StoredSegmentChangesFn(*self._args, self._metrics))
