@@ -46,12 +46,14 @@ from onboardflow.transforms.decode import OnboardingEventDecoder
 from onboardflow.transforms.enrich import EnrichProfiles
 from onboardflow.transforms.kafka_io import DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, WriteToKafka
 from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics
+from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.transforms.normalize import NormalizeEvents
+from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
 from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, SegmentChangesFromStore
 from onboardflow.transforms.warehouse import (
-    WriteDeadLetterMetadata, WriteEventsToWarehouse, WriteLateEvents, WriteProfileSnapshots,
+    WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents, WriteProfileSnapshots,
     WriteSegmentChanges, apply_migrations, read_accounts,
 )
 
@@ -152,6 +154,17 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         | "AssignSegments" >> rules
     )
     profiles = segmented[AssignRuleSegments.PROFILES]
+    track_rejects = ()
+    if not opts.disable_online_models:
+        tracked = (
+            profiles
+            | "ScoreProfiles" >> ScoreProfiles(opts.redis_url, opts.redis_key_prefix,
+                                                refresh_seconds=opts.model_refresh_seconds, metrics=metrics)
+            | "AssignTracks" >> AssignOnboardingTracks(opts.tracks_file or DEFAULT_TRACKS_PATH,
+                                                      opts.rules_file or DEFAULT_RULES_PATH)
+        )
+        profiles = tracked.profiles
+        track_rejects = (tracked[AssignOnboardingTracks.DEAD_LETTER],)
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics)
@@ -167,11 +180,26 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
      | "EncodeSegmentChanges" >> beam.Map(_segment_change_kv(opts.registry_url))
      | "PublishSegmentChanges" >> WriteToKafka(bootstrap, opts.segment_changes_topic))
 
+    model_rejects = ()
+    if not opts.disable_online_models:
+        # The learner follows the store too: a replay's stale writes teach the models nothing.
+        drift = (applied
+                 | "AppliedScoredProfiles" >> beam.Map(lambda r: r.profile)
+                 | "LearnModels" >> LearnOnlineModels(
+                     opts.redis_url, dsn, schema, opts.redis_key_prefix,
+                     publish_seconds=opts.model_publish_seconds, batch_size=opts.model_batch_size,
+                     metrics=metrics))
+        model_rejects = (drift | "WriteDriftEvents" >> WriteDriftEvents(dsn, schema),)
+        (drift
+         | "EncodeDriftEvents" >> beam.Map(_drift_event_kv(opts.registry_url))
+         | "PublishDriftEvents" >> WriteToKafka(bootstrap, opts.model_events_topic))
+
     # In-pipeline rejects (anonymize, rules, sinks) carry no raw Kafka bytes:
     # their metadata goes to the warehouse's dead_letters table with the rest.
     internal_rejects = (
         anonymized[AnonymizeEvents.DEAD_LETTER], built.dead_letter, segmented[AssignRuleSegments.DEAD_LETTER],
         redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, snapshot_rejects, change_rejects,
+        *track_rejects, *model_rejects,
     )
     ((dead_letters,) + internal_rejects
      | "AllDeadLetters" >> beam.Flatten()
@@ -182,25 +210,34 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                            redis[WriteProfilesToRedis.WRITTEN], too_late)
 
 
-class _SegmentChangeEncoder:
-    """SegmentChange dict -> (user_key, framed Avro) for the segment-changes topic."""
+class _RecordEncoder:
+    """A record dict -> (key, framed Avro) for one of the pipeline's output topics."""
 
-    def __init__(self, registry_url: Optional[str]):
+    def __init__(self, registry_url: Optional[str], subject: str, schema_name: str, key_field: str):
         self._registry_url = registry_url
+        self._subject, self._schema_name, self._key_field = subject, schema_name, key_field
         self._serializer = None
 
-    def __call__(self, change: dict):
+    def __call__(self, record: dict):
         if self._serializer is None:
-            from onboardflow.schemas import SEGMENT_CHANGES_SUBJECT, load_schema
+            from onboardflow.schemas import load_schema
             from onboardflow.schemas.registry import registry_from_url
             from onboardflow.schemas.wire import AvroSerializer
             self._serializer = AvroSerializer(
-                registry_from_url(self._registry_url), SEGMENT_CHANGES_SUBJECT, load_schema("segment_change"))
-        return change["user_key"].encode("ascii"), self._serializer.serialize(change)
+                registry_from_url(self._registry_url), self._subject, load_schema(self._schema_name))
+        return record[self._key_field].encode("ascii"), self._serializer.serialize(record)
 
 
-def _segment_change_kv(registry_url: Optional[str]) -> _SegmentChangeEncoder:
-    return _SegmentChangeEncoder(registry_url)
+def _segment_change_kv(registry_url: Optional[str]) -> _RecordEncoder:
+    """SegmentChange dict -> (user_key, framed Avro) for the segment-changes topic."""
+    from onboardflow.schemas import SEGMENT_CHANGES_SUBJECT
+    return _RecordEncoder(registry_url, SEGMENT_CHANGES_SUBJECT, "segment_change", "user_key")
+
+
+def _drift_event_kv(registry_url: Optional[str]) -> _RecordEncoder:
+    """DriftEvent dict -> (model_name, framed Avro) for the model-events topic."""
+    from onboardflow.schemas import DRIFT_EVENT_SUBJECT
+    return _RecordEncoder(registry_url, DRIFT_EVENT_SUBJECT, "drift_event", "model_name")
 
 
 def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):

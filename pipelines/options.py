@@ -61,3 +61,17 @@ class OnboardingOptions(PipelineOptions):
                        help="Per-user pipeline state is cleared this long after the last activity.")
         g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,
                        help="Streaming: re-read the accounts reference table this often (0: read once).")
+        m = parser.add_argument_group("onboardflow online models (docs/models.md)")
+        m.add_argument("--disable_online_models", action="store_true", default=False,
+                       help="Write profiles without cluster, propensity and track, and learn nothing.")
+        m.add_argument("--model_refresh_seconds", type=float, default=60.0,
+                       help="Workers re-check the registry's serving model versions this often.")
+        m.add_argument("--model_publish_seconds", type=float, default=300.0,
+                       help="The learner publishes model snapshots to the registry this often "
+                            "(processing time; also when a bounded input ends).")
+        m.add_argument("--model_batch_size", type=int, default=500,
+                       help="Profile updates the learner folds in per state read/write.")
+        m.add_argument("--tracks_file", default=None,
+                       help="Onboarding tracks policy (YAML); default pipelines/onboarding_tracks.yaml.")
+        m.add_argument("--model_events_topic", default="onboarding.model-events",
+                       help="Kafka topic of drift events (schemas/drift_event.avsc).")

@@ -174,6 +174,8 @@ def main(argv=None) -> int:
         f"--redis_url={args.redis_url}", f"--redis_key_prefix={prefix}",
         f"--warehouse_dsn={args.warehouse_dsn}", f"--warehouse_schema={schema}",
         f"--secret_file={secret_file}",
+        # A short demo: publish and pick up online model versions within seconds, not minutes.
+        "--model_publish_seconds=10", "--model_refresh_seconds=5",
     ], secret=secret, wait=False)
     caught_up_at, stable, last_count = None, 0, -1
     try:
@@ -247,12 +249,15 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
     print("   segment members:")
     for seg in store.segments():
         print(f"     {seg:<28} {len(store.segment_members(seg)):>6,}")
-    sample_user = next((u.user_id for u in gen.users() if store.get(u.user_id)), None)
+    _models_summary(args, r, schema, prefix)
+    sample_user = next((u.user_id for u in gen.users() if (store.get(u.user_id) or {}).get("model_version")),
+                       None) or next((u.user_id for u in gen.users() if store.get(u.user_id)), None)
     if sample_user:
         profile = store.get(sample_user)
         keep = ("segments", "engagement_score", "intent_score", "session_count", "sessions_7d", "feature_usage_score",
                 "onboarding_progress", "days_since_signup", "plan", "account_tier", "device_class", "email_domain",
-                "country", "version")
+                "country", "cluster_id", "segment_label", "propensity", "model_version", "onboarding_track",
+                "version")
         print(f"   sample profile (ProfileStore.get of one generated user id; Redis key is its HMAC):")
         print("     " + json.dumps({k: profile.get(k) for k in keep}, default=str))
     print("   warehouse rows:        " + ", ".join(f"{t} {n:,}" for t, n in tables.items()))
@@ -264,6 +269,36 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
               f"({len(latencies)} probes)")
     print(f"   look up a profile: onboardflow profile USER_ID --secret-file {args.run_dir}/pseudonym.key "
           f"--key-prefix {prefix}")
+
+
+def _models_summary(args, r, schema, prefix):
+    """Serving model versions, and how the profiles in Redis were scored and routed."""
+    import collections
+
+    from onboardflow.models.registry import ModelRegistry
+
+    with ModelRegistry(args.redis_url, args.warehouse_dsn, schema=schema, key_prefix=prefix) as registry:
+        for kind in ("segmentation", "propensity"):
+            current = registry.current(kind)
+            if current is None:
+                print(f"   {kind} model         not published yet (the learner is still warming up)")
+            else:
+                print(f"   {kind} model         {current.id} (published {len(registry.versions(kind))} versions; "
+                      f"counts {json.dumps(dict(current.counts))}; metrics {json.dumps(dict(current.metrics))})")
+    labels, tracks, scored, total = collections.Counter(), collections.Counter(), 0, 0
+    for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
+        label, track, version = r.hmget(key, "segment_label", "onboarding_track", "model_version")
+        total += 1
+        scored += version not in (None, b"", b"null")
+        if label not in (None, b"", b"null"):
+            labels[label.decode().strip('"')] += 1
+        if track not in (None, b"", b"null"):
+            tracks[track.decode().strip('"')] += 1
+    print(f"   scored by online models {scored:>8,} of {total:,} profiles (updates after the first publish)")
+    if labels:
+        print("   clusters: " + ", ".join(f"{k} {v:,}" for k, v in labels.most_common()))
+    if tracks:
+        print("   onboarding tracks: " + ", ".join(f"{k} {v:,}" for k, v in tracks.most_common()))
 
 
 if __name__ == "__main__":

@@ -371,6 +371,28 @@ def segment_change_row(element: Any) -> tuple:
     )
 
 
+def drift_event_row(element: Any) -> tuple:
+    """A ``DriftEvent`` dict (schemas/drift_event.avsc) as a ``drift_events`` row."""
+    event = _mapping(element)
+    value, threshold = event.get("value"), event.get("threshold")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RowError("invalid_field", "value must be a number")
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)):
+        raise RowError("invalid_field", "threshold must be a number or null")
+    return (
+        _text(event.get("drift_id"), "drift_id", required=True),
+        _text(event.get("model_name"), "model_name", required=True),
+        _text(event.get("model_version"), "model_version", required=True),
+        _text(event.get("detector"), "detector", required=True),
+        _text(event.get("metric"), "metric", required=True),
+        float(value),
+        None if threshold is None else float(threshold),
+        _int(event.get("window_events", 0), "window_events"),
+        _text(event.get("action"), "action") or "none",
+        _ts(event.get("detected_at"), "detected_at"),
+    )
+
+
 def _payload_bytes(letter: Mapping[str, Any]) -> Optional[bytes]:
     if "value" in letter:  # a Kafka record (schemas/dead_letter.avsc)
         value = letter["value"]
@@ -454,6 +476,12 @@ PROFILE_SNAPSHOTS = TableSpec(
 LATE_EVENTS = TableSpec("late_events", EVENTS.columns, event_row)
 SEGMENT_CHANGES = TableSpec(
     "segment_changes", ("user_key", "segment", "change", "at", "reason", "version"), segment_change_row
+)
+DRIFT_EVENTS = TableSpec(
+    "drift_events",
+    ("drift_id", "model_name", "model_version", "detector", "metric", "value", "threshold", "window_events",
+     "action", "detected_at"),
+    drift_event_row,
 )
 DEAD_LETTERS = TableSpec(
     "dead_letters",
@@ -805,6 +833,16 @@ class WriteSegmentChanges(_WriteToWarehouse):
     """
 
     SPEC = SEGMENT_CHANGES
+
+
+class WriteDriftEvents(_WriteToWarehouse):
+    """Drift event dicts -> ``drift_events`` (key: drift_id, so replays add nothing).
+
+    Out: dead letters for events with a missing or mistyped field. Counters
+    ``rows_written_drift_events``, ``rows_duplicate_drift_events``.
+    """
+
+    SPEC = DRIFT_EVENTS
 
 
 class WriteDeadLetterMetadata(_WriteToWarehouse):

@@ -55,13 +55,56 @@ def _prism_pids() -> list[int]:
     return pids
 
 
-def _start_pipeline(bootstrap, topic, group, prefix, schema, secret):
+def _start_pipeline(bootstrap, topic, group, prefix, schema, secret, extra=()):
     from onboardflow.pipelines.onboarding import run
 
     return run(["--streaming", f"--kafka_bootstrap_servers={bootstrap}", f"--kafka_topics={topic}",
                 "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",
                 f"--dead_letter_topic={topic}.dlq", f"--segment_changes_topic={topic}.changes",
-                f"--redis_key_prefix={prefix}", f"--warehouse_schema={schema}"], secret=secret, wait=False)
+                f"--model_events_topic={topic}.models",
+                f"--redis_key_prefix={prefix}", f"--warehouse_schema={schema}", *extra], secret=secret, wait=False)
+
+
+def _sustained(args, run_id, tag, schema, secret, extra=()):
+    """Time a backlog of ``args.events`` from the first offset commit until Redis stops changing."""
+    import redis
+
+    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.produce import produce
+
+    topic = f"bench-{run_id}-{tag}.onboarding.events"
+    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
+                  drop_prefix=f"bench-{run_id}-{tag}-x")
+    now = int(time.time() * 1000)
+    gen = JourneyGenerator(GeneratorConfig(seed=3, users=400, start_ms=now - 45 * DAY_MS))
+    produce(gen.messages(max_messages=args.events), args.bootstrap, topic, progress=False)
+    group, prefix = f"bench-{run_id}-{tag}", f"bench{run_id}{tag}"
+    result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret, extra)
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    first = done = None
+    last_count, last_change = -1, time.time()
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 900:
+            time.sleep(0.5)
+            lag, total = _lag(args.bootstrap, topic, group)
+            if first is None and lag < total:
+                first = time.time()
+            count = sum(1 for _ in client.scan_iter(match=f"{prefix}:profile:*", count=1000))
+            if count != last_count:
+                last_count, last_change = count, time.time()
+            if lag == 0 and count > 0 and time.time() - last_change >= 3:
+                done = last_change
+                break
+    finally:
+        result.cancel()
+    label = "online models on " if not extra else "online models off"
+    if done and first:
+        print(f"   sustained, {label}: {args.events:,} events into {last_count:,} Redis profiles in "
+              f"{done - t0:.1f}s = {args.events / (done - t0):,.0f} events/s with start-up; "
+              f"{args.events / (done - first):,.0f} events/s after the first commit ({first - t0:.1f}s start-up)")
+    else:
+        print(f"   sustained, {label}: did not drain within 900 s")
 
 
 def main() -> None:
@@ -90,43 +133,15 @@ def main() -> None:
     schema = f"bench_{run_id}"
     print("== bench_pipeline (Prism, LOOPBACK workers, real Kafka/Redis/PostgreSQL; 2-core machine)")
 
-    # 1. Sustained throughput over a backlog.
-    topic = f"bench-{run_id}-a.onboarding.events"
-    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1)], drop_prefix="bench-")
-    now = int(time.time() * 1000)
-    gen = JourneyGenerator(GeneratorConfig(seed=3, users=400, start_ms=now - 45 * DAY_MS))
-    produce(gen.messages(max_messages=args.events), args.bootstrap, topic, progress=False)
-    group = f"bench-{run_id}-a"
-    result = _start_pipeline(args.bootstrap, topic, group, f"bench{run_id}a", schema, secret)
-    import redis
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    first = done = None
-    last_count, last_change = -1, time.time()
-    t0 = time.time()
-    try:
-        while time.time() - t0 < 900:
-            time.sleep(0.5)
-            lag, total = _lag(args.bootstrap, topic, group)
-            if first is None and lag < total:
-                first = time.time()
-            count = sum(1 for _ in client.scan_iter(match=f"bench{run_id}a:profile:*", count=1000))
-            if count != last_count:
-                last_count, last_change = count, time.time()
-            if lag == 0 and count > 0 and time.time() - last_change >= 3:
-                done = last_change
-                break
-    finally:
-        result.cancel()
-    if done and first:
-        print(f"   sustained: {args.events:,} events into {last_count:,} Redis profiles in {done - t0:.1f}s "
-              f"= {args.events / (done - t0):,.0f} events/s with start-up; "
-              f"{args.events / (done - first):,.0f} events/s after the first commit ({first - t0:.1f}s start-up)")
-    else:
-        print("   sustained: did not drain within 900 s")
+    # 1. Sustained throughput over a backlog, with the online models and without.
+    _fresh_topics(args.bootstrap, [], drop_prefix="bench-")
+    _sustained(args, run_id, "a", schema, secret)
+    _sustained(args, run_id, "c", schema, secret, extra=("--disable_online_models",))
 
     # 2. Latency at a fixed rate.
     topic = f"bench-{run_id}-b.onboarding.events"
-    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1)], drop_prefix="bench-x")
+    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
+                  drop_prefix="bench-x")
     group, prefix = f"bench-{run_id}-b", f"bench{run_id}b"
     result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret)
     time.sleep(10)  # start-up

@@ -30,6 +30,7 @@ import hashlib
 import math
 import re
 import time
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -42,6 +43,7 @@ from apache_beam.runners.runner import PipelineState
 from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
+from onboardflow.models import snapshot
 from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.generator import (
     DUPLICATE, MALFORMATION_REASONS, VALID, GeneratedMessage, GeneratorConfig, JourneyGenerator, UserProfile,
@@ -406,13 +408,21 @@ def raw_identifier_pattern(stream: Stream) -> re.Pattern:
         f"|(?<![0-9a-f:])(?:{_trie_pattern(ipv6)})(?![0-9a-f:/])")
 
 
+def _value_text(value: bytes) -> str:
+    """A Redis value as scannable text; model snapshots (zlib'd pickles) are opened up first."""
+    if value.startswith(snapshot.MAGIC):
+        start = len(snapshot.MAGIC) + 2 + value[len(snapshot.MAGIC) + 1]
+        return zlib.decompress(value[start:]).decode("latin-1")
+    return value.decode()
+
+
 def redis_text(redis_url: str, prefix: str) -> str:
     parts = []
     for key, content in redis_dump(redis_url, prefix).items():
         parts.append(key.decode())
         if isinstance(content, dict):
             for name, value in content.items():
-                parts.extend((name.decode(), value.decode()))
+                parts.extend((name.decode(), _value_text(value)))
         elif isinstance(content, (set, list)):
             parts.extend(v.decode() if isinstance(v, bytes) else repr(v) for v in content)
         else:

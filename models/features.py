@@ -1,0 +1,163 @@
+"""The feature vector the online models see: one user's profile, as numbers.
+
+The profile stage (``transforms/profile.py``, ``UserProfileState.snapshot``)
+emits a dict per user update; ``feature_vector`` turns it into a fixed set of
+named, bounded floats that the segmenter and the propensity model share:
+
+* counts with heavy tails (events, sessions, scores that sum events) go
+  through ``log1p``, so a power user with 5,000 events is not 100 standard
+  deviations from everyone else;
+* rates are normalized by how long the user has been around (sessions per
+  week of tenure, share of active days since signup), because on a stream the
+  same persona is seen at every age: a two-day-old fast adopter has few
+  sessions in total but many per week;
+* shares of event types (support, browsing, feature use) describe *how* a user
+  works, independently of how much;
+* every value is clipped to ``[0, FEATURE_BOUNDS[name]]`` so one absurd input
+  (a replayed bot, a clock bug) cannot move a cluster centre arbitrarily far.
+
+No identifiers, timestamps or free-text fields enter the vector: a model
+snapshot must never carry per-user data, and absolute timestamps would make
+every centre drift with the calendar.
+
+Both naming conventions of a profile are accepted: the pipeline's dict
+(``events_7d``, ``recency_ms``, ``features_used``, ``event_counts``) and the
+stored ``UserProfile`` record of ``schemas/user_profile.avsc``
+(``frequency_7d``, ``recency`` in seconds, ``feature_adoption``). Missing or
+null fields count as 0, so a profile read back from Redis scores too (without
+``event_counts`` its event-type shares are 0).
+
+>>> from onboardflow.models.features import feature_vector
+>>> x = feature_vector({"events_7d": 0, "onboarding_progress": 0.4, "days_since_signup": 2.0})
+>>> x["onboarding_progress"], round(x["tenure_days"], 3)
+(0.4, 1.099)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+DAY_MS = 86_400_000
+
+#: Feature names, in the order models and reports list them.
+FEATURES: tuple[str, ...] = (
+    "engagement",            # log1p(time-decayed engagement score)
+    "intent",                # log1p(time-decayed intent score)
+    "feature_usage",         # feature_usage_score / 100, 0..1
+    "recency_days",          # log1p(days since the last event)
+    "events_7d",             # log1p(events in the last 7 days)
+    "events_30d",            # log1p(events in the last 30 days)
+    "active_share_30d",      # active days / days since signup (at most 30), 0..1
+    "sessions_per_week",     # log1p(sessions per week of tenure)
+    "events_per_session",    # log1p(mean events per session)
+    "session_minutes",       # log1p(mean session duration, minutes)
+    "feature_breadth",       # log1p(distinct features used)
+    "onboarding_progress",   # fraction of the tutorial done, 0..1
+    "support_share",         # support messages / events, 0..1
+    "browse_share",          # (page views + clicks) / events, 0..1
+    "feature_use_share",     # feature_used / events, 0..1
+    "purchased",             # 1 if the user bought a plan, else 0
+    "tenure_days",           # log1p(days since signup)
+)
+
+#: Upper clip per feature (lower clip is 0 for all). log1p features are capped
+#: at log1p of a generous raw maximum.
+FEATURE_BOUNDS: dict[str, float] = {
+    "engagement": math.log1p(1e5),
+    "intent": math.log1p(1e5),
+    "feature_usage": 1.0,
+    "recency_days": math.log1p(3650.0),
+    "events_7d": math.log1p(1e5),
+    "events_30d": math.log1p(1e6),
+    "active_share_30d": 1.0,
+    "sessions_per_week": math.log1p(500.0),
+    "events_per_session": math.log1p(1e4),
+    "session_minutes": math.log1p(24 * 60.0),
+    "feature_breadth": math.log1p(1e3),
+    "onboarding_progress": 1.0,
+    "support_share": 1.0,
+    "browse_share": 1.0,
+    "feature_use_share": 1.0,
+    "purchased": 1.0,
+    "tenure_days": math.log1p(3650.0),
+}
+
+
+def _number(profile: Mapping[str, Any], *names: str) -> float:
+    """The first of ``names`` the profile has as a finite, non-negative number; else 0."""
+    for name in names:
+        value = profile.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        value = float(value)
+        if math.isfinite(value):
+            return max(0.0, value)
+    return 0.0
+
+
+def _clip(name: str, value: float) -> float:
+    return min(max(value, 0.0), FEATURE_BOUNDS[name])
+
+
+def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
+    """The model features of one profile (see the module docstring), keyed by ``FEATURES``."""
+    if "recency_ms" in profile and profile.get("recency_ms") is not None:
+        recency_days = _number(profile, "recency_ms") / DAY_MS
+    else:
+        recency_days = _number(profile, "recency") / 86_400.0
+    tenure = _number(profile, "days_since_signup")
+    # A visitor without signup: tenure since the first event, else 0.
+    if profile.get("days_since_signup") is None and profile.get("first_event_at") is not None:
+        as_of = _number(profile, "as_of", "updated_at", "last_event_at")
+        tenure = max(0.0, as_of - _number(profile, "first_event_at")) / DAY_MS
+
+    counts = profile.get("event_counts")
+    counts = counts if isinstance(counts, Mapping) else {}
+    events_total = _number(profile, "events_total") or float(sum(
+        v for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0))
+
+    def share(*types: str) -> float:
+        if events_total <= 0:
+            return 0.0
+        n = 0.0
+        for t in types:
+            v = counts.get(t)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                n += v
+        return n / events_total
+
+    features_used = profile.get("features_used")
+    if not isinstance(features_used, Mapping):
+        features_used = profile.get("feature_adoption")
+    breadth = _number(profile, "distinct_features")
+    if not breadth and isinstance(features_used, Mapping):
+        breadth = float(len(features_used))
+
+    sessions = _number(profile, "session_count")
+    # Tenure of at least one day: a user's first day is one day of exposure.
+    weeks = max(tenure, 1.0) / 7.0
+    active_days = _number(profile, "active_days_30d")
+    progress = profile.get("onboarding_progress")
+
+    raw = {
+        "engagement": math.log1p(_number(profile, "engagement_score")),
+        "intent": math.log1p(_number(profile, "intent_score")),
+        "feature_usage": _number(profile, "feature_usage_score") / 100.0,
+        "recency_days": math.log1p(recency_days),
+        "events_7d": math.log1p(_number(profile, "events_7d", "frequency_7d")),
+        "events_30d": math.log1p(_number(profile, "events_30d", "frequency_30d")),
+        "active_share_30d": active_days / min(30.0, math.floor(tenure) + 1.0),
+        "sessions_per_week": math.log1p(sessions / weeks),
+        "events_per_session": math.log1p(_number(profile, "avg_events_per_session")
+                                         or (events_total / sessions if sessions else 0.0)),
+        "session_minutes": math.log1p(_number(profile, "avg_session_duration_s") / 60.0),
+        "feature_breadth": math.log1p(breadth),
+        "onboarding_progress": _number({"p": progress}, "p"),
+        "support_share": share("support_message"),
+        "browse_share": share("page_view", "click"),
+        "feature_use_share": share("feature_used"),
+        "purchased": 1.0 if profile.get("purchased_plan") or counts.get("purchase") else 0.0,
+        "tenure_days": math.log1p(tenure),
+    }
+    return {name: _clip(name, raw[name]) for name in FEATURES}

@@ -1,0 +1,170 @@
+"""The model registry from the command line: list, show, roll back, promote, sync.
+
+    onboardflow models list     --kind segmentation
+    onboardflow models show     --kind segmentation [--version seg-000003]
+    onboardflow models rollback --kind segmentation [--to seg-000002] [--reason TEXT]
+    onboardflow models promote  --kind segmentation [--to seg-000004] [--reason TEXT]
+    onboardflow models sync     --kind segmentation
+
+``list`` prints every version (oldest first) with its counts and headline
+metrics, marks the served one with ``*`` and says whether the pointer is
+pinned, then the pointer's moves. ``show`` prints one version (default: the
+served one) without its payload bytes. ``rollback`` serves an earlier version
+(default: the newest one older than the current) and pins it, so scheduled
+publishes do not undo it; ``promote`` serves a version (default: the newest)
+and unpins. ``sync`` rewrites the Redis serving copy from the warehouse, after
+Redis lost data. How the registry works: docs/models-registry.md.
+
+Connection settings default to the local services (REDIS_HOST / REDIS_PORT,
+PG_* as in runners/services/env.sh); the DSN is never printed. Exit status: 0
+done, 1 nothing to show, 2 a refused request or an unreachable service.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from typing import Optional
+
+
+def _default_redis_url() -> str:
+    return f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from onboardflow.models.registry import DEFAULT_KEY_PREFIX, DEFAULT_SCHEMA, KINDS
+
+    parser = argparse.ArgumentParser(prog="onboardflow models", description="Versioned model registry.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "list": "every version of a kind and the pointer's history",
+        "show": "one version (default: the one served)",
+        "rollback": "serve an earlier version and pin it there",
+        "promote": "serve a version (default: the newest) and unpin",
+        "sync": "rewrite the Redis serving copy from the warehouse",
+    }
+    for name, help_ in commands.items():
+        cmd = sub.add_parser(name, help=help_, description=help_)
+        cmd.add_argument("--kind", required=True, choices=sorted(KINDS), help="model kind")
+        if name == "show":
+            cmd.add_argument("--version", default=None, help="version id or number (default: the served one)")
+            cmd.add_argument("--json", action="store_true", help="print JSON")
+        if name in ("rollback", "promote"):
+            cmd.add_argument("--to", default=None, help="version id (seg-000002) or number")
+            cmd.add_argument("--reason", default="", help="why, recorded with the pointer move (no PII)")
+        cmd.add_argument("--redis-url", default=_default_redis_url(), help="Redis URL of the serving copy")
+        cmd.add_argument("--warehouse-dsn", default=None, help="PostgreSQL DSN (default: from PG_* variables)")
+        cmd.add_argument("--schema", default=DEFAULT_SCHEMA, help="warehouse schema (default: %(default)s)")
+        cmd.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="Redis key prefix (default: %(default)s)")
+    return parser
+
+
+def _headline(metrics) -> str:
+    shown = []
+    for name in ("k", "silhouette", "davies_bouldin", "roc_auc", "log_loss"):
+        value = metrics.get(name)
+        if isinstance(value, float):
+            shown.append(f"{name}={value:.3f}")
+        elif value is not None and not isinstance(value, (dict, list)):
+            shown.append(f"{name}={value}")
+    return " ".join(shown)
+
+
+def _counts(counts) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if not isinstance(v, (dict, list)))
+
+
+def _list(registry, kind: str) -> int:
+    from onboardflow.models.registry import version_id
+
+    versions = registry.versions(kind)
+    if not versions:
+        print(f"no {kind} versions")
+        return 1
+    pointer = registry.pointer(kind)
+    print(f"{'':1} {'version':<12} {'created (UTC)':<19}  {'source':<8} {'bytes':>8}  counts / metrics")
+    for v in versions:
+        mark = "*" if pointer and pointer.version == v.number else " "
+        print(f"{mark} {v.id:<12} {v.created_at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S}  {v.source:<8} "
+              f"{v.payload_size:>8}  {_counts(v.counts)}  {_headline(v.metrics)}".rstrip())
+    if pointer:
+        state = "pinned (publishes do not move it; `promote` unpins)" if pointer.pinned else "follows new publishes"
+        print(f"\nserving {version_id(kind, pointer.version)}, {state}")
+    events = registry.events(kind)
+    if events:
+        print("\npointer moves:")
+        for e in events:
+            came_from = version_id(kind, e.from_version) if e.from_version else "-"
+            reason = f"  ({e.reason})" if e.reason else ""
+            print(f"  {e.at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S}  {e.action:<8} {came_from} -> "
+                  f"{version_id(kind, e.to_version)}{reason}")
+    return 0
+
+
+def _show(registry, kind: str, version: Optional[str], as_json: bool) -> int:
+    if version is None:
+        pointer = registry.pointer(kind)
+        if pointer is None:
+            print(f"no {kind} model has been published yet", file=sys.stderr)
+            return 1
+        version = pointer.version
+    found = registry.get(kind, version)
+    served = registry.store.current_version(kind)
+    doc = {
+        "id": found.id, "kind": found.kind, "version": found.number, "serving": served == found.number,
+        "created_at": found.created_at.isoformat(), "source": found.source,
+        "payload_sha256": found.payload_sha256, "payload_bytes": found.payload_size,
+        "counts": found.counts, "metrics": found.metrics,
+    }
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    for key in ("id", "serving", "created_at", "source", "payload_sha256", "payload_bytes"):
+        print(f"{key:<15} {doc[key]}")
+    for key in ("counts", "metrics"):
+        print(f"{key:<15} {json.dumps(doc[key], sort_keys=True)}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    import psycopg
+    import redis
+
+    from onboardflow.models.registry import ModelRegistry, RegistryError, version_id
+    from onboardflow.runners.warehouse import default_dsn
+
+    try:
+        with ModelRegistry(args.redis_url, args.warehouse_dsn or default_dsn(), args.schema,
+                           args.key_prefix) as registry:
+            if args.command == "list":
+                return _list(registry, args.kind)
+            if args.command == "show":
+                return _show(registry, args.kind, args.version, args.json)
+            if args.command == "sync":
+                print(f"mirrored {registry.sync(args.kind)} {args.kind} versions to Redis")
+                return 0
+            move = registry.rollback if args.command == "rollback" else registry.promote
+            pointer = move(args.kind, args.to, reason=args.reason)
+            pinned = " (pinned)" if pointer.pinned else ""
+            print(f"{args.kind}: serving {version_id(args.kind, pointer.version)}{pinned}")
+            return 0
+    except RegistryError as exc:
+        print(f"onboardflow models: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.errors.UndefinedTable:
+        print("onboardflow models: the registry tables are missing: run `onboardflow warehouse migrate`",
+              file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        print(f"onboardflow models: cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"onboardflow models: Redis: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Learn and predict rates of the online models, and the clusterer/classifier comparison.
+
+Run: .venv/bin/python tests/benchmarks/bench_models.py [--users N] [--repeats R]
+
+One replay of the generator's stream (``replay_profiles`` of
+runners/evaluate.py: N users, default 1,000, seed 42) gives the profile
+updates in event-time order; their feature vectors are kept in memory so
+every model is timed on the same points, without the replay's own cost.
+Single-threaded; rates are the median of R runs (default 3), in profile
+updates per second:
+
+* feature_vector: profile dict -> features;
+* each River clusterer behind OnlineSegmenter (kmeans, streamkmeans,
+  dbstream, denstream): learn_one alone, predict_one alone, and the
+  adjusted Rand index of each user's last assignment against the personas
+  (prequential: predict, then learn) -- the evidence for the choice of
+  KMeans in docs/models.md;
+* each propensity classifier (logistic regression, Hoeffding tree):
+  predict (with checkpoint storage), and learn (River learn_one on stored
+  points), plus its prequential ROC-AUC on this stream;
+* snapshot size and to_bytes/from_bytes time of both models.
+
+DenStream is slow (hundreds of updates/s): with the default 1,000 users its
+three runs take a few minutes.
+"""
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+
+from sklearn.metrics import adjusted_rand_score, roc_auc_score
+
+from onboardflow.models.features import feature_vector
+from onboardflow.models.propensity import CLASSIFIERS, PropensityModel
+from onboardflow.models.segmentation import CLUSTERERS, UNASSIGNED, OnlineSegmenter
+from onboardflow.runners.evaluate import replay_profiles
+from onboardflow.runners.generator import GeneratorConfig
+
+
+def median_rate(n, runs):
+    return n / statistics.median(runs)
+
+
+def timed(fn, repeats):
+    runs, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        runs.append(time.perf_counter() - t0)
+    return runs, result
+
+
+def bench_segmenters(points, repeats):
+    rows = []
+    for name in CLUSTERERS:
+        def prequential():
+            seg = OnlineSegmenter(clusterer=name, seed=42)
+            last = {}
+            for key, _, _, x, _ in points:
+                cid = seg.predict_one(x)
+                seg.learn_one(x)
+                if cid != UNASSIGNED:
+                    last[key] = cid
+            return seg, last
+
+        runs, (seg, last) = timed(prequential, 1)
+        keys = sorted(last)
+        persona = {key: p for key, p, _, _, _ in points}
+        ari = adjusted_rand_score([persona[k] for k in keys], [last[k] for k in keys]) if keys else float("nan")
+
+        def learn_only():
+            s = OnlineSegmenter(clusterer=name, seed=42)
+            for _, _, _, x, _ in points:
+                s.learn_one(x)
+            return s
+
+        learn_runs, _ = timed(learn_only, repeats if name not in ("denstream", "dbstream") else 1)
+        # DenStream re-clusters its micro-clusters on every predict_one: one run is plenty.
+        predict_runs, _ = timed(lambda: [seg.predict_one(x) for _, _, _, x, _ in points],
+                                repeats if name not in ("denstream", "dbstream") else 1)
+        n_clusters = len(set(last.values()))
+        rows.append((name, ari, n_clusters, median_rate(len(points), learn_runs),
+                     median_rate(len(points), predict_runs)))
+        print(f"  {name:<13} ARI {ari:6.3f}  clusters used {n_clusters:3d}  "
+              f"learn {rows[-1][3]:>9,.0f}/s  predict {rows[-1][4]:>9,.0f}/s", flush=True)
+    return rows
+
+
+def bench_propensity(points, repeats):
+    for name in CLASSIFIERS:
+        def prequential():
+            model = PropensityModel(classifier=name)
+            outcomes, done = [], set()
+            predict_s = 0.0
+            for key, _, at, x, progress in points:
+                outcomes += model.expire(at)
+                if progress >= 1.0 and key not in done:
+                    done.add(key)
+                    outcomes += model.label(key, 1, at)
+                t0 = time.perf_counter()
+                model.predict(key, x, at)
+                predict_s += time.perf_counter() - t0
+            return model, outcomes, predict_s
+
+        results = [prequential() for _ in range(repeats)]
+        model, outcomes, _ = results[-1]
+        predict_rate = len(points) / statistics.median(r[2] for r in results)
+        auc = roc_auc_score([o.label for o in outcomes], [o.probability for o in outcomes])
+        auc_at_label = roc_auc_score([o.label for o in outcomes], [o.probability_at_label for o in outcomes])
+        # Learning alone, timed on every update's features with the user's stream label.
+        label_of = {o.user_key: o.label for o in outcomes}
+        stored = [(x, label_of.get(key, 0)) for key, _, _, x, _ in points]
+
+        def learn_only():
+            m = PropensityModel(classifier=name).model
+            for x, y in stored:
+                m.learn_one(x, bool(y))
+
+        learn_runs, _ = timed(learn_only, repeats)
+        print(f"  {name:<20} ROC-AUC {auc:.3f} (at label {auc_at_label:.3f})  "
+              f"predict {predict_rate:>9,.0f}/s  learn {median_rate(len(stored), learn_runs):>9,.0f}/s "
+              f"({len(outcomes):,} labelled points)", flush=True)
+
+
+def bench_snapshots(points, repeats):
+    seg = OnlineSegmenter()
+    prop = PropensityModel()
+    for key, _, at, x, _ in points:
+        seg.learn_one(x)
+        prop.predict(key, x, at)
+        prop.expire(at)
+    for name, model, cls in (("segmenter", seg, OnlineSegmenter), ("propensity", prop, PropensityModel)):
+        dump_runs, data = timed(model.to_bytes, repeats)
+        load_runs, _ = timed(lambda: cls.from_bytes(data), repeats)
+        print(f"  {name:<11} {len(data):>10,} bytes  to_bytes {statistics.median(dump_runs) * 1000:7.1f} ms  "
+              f"from_bytes {statistics.median(load_runs) * 1000:7.1f} ms"
+              + (f"  ({prop.pending_users:,} users pending)" if name == "propensity" else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    stats = Counter()
+    t0 = time.perf_counter()
+    ticks = list(replay_profiles(GeneratorConfig(users=args.users, seed=42), stats=stats))
+    print(f"replay: {args.users:,} users, {stats['events']:,} events -> {len(ticks):,} profile updates "
+          f"in {time.perf_counter() - t0:.1f} s")
+    runs, vectors = timed(lambda: [feature_vector(t.profile) for t in ticks], args.repeats)
+    print(f"feature_vector: {median_rate(len(ticks), runs):,.0f} profiles/s")
+    # (user_key, persona, at_ms, features, onboarding progress), in event-time order
+    points = [(t.user_key, t.persona, t.at_ms, x, t.profile.get("onboarding_progress") or 0.0)
+              for t, x in zip(ticks, vectors)]
+    print("segmenter (StandardScaler | clusterer), prequential ARI vs personas, rates in updates/s:")
+    bench_segmenters(points, args.repeats)
+    print("propensity (delayed labels, 7-day horizon):")
+    bench_propensity(points, args.repeats)
+    print("snapshots:")
+    bench_snapshots(points, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

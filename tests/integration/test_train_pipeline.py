@@ -1,0 +1,164 @@
+"""`onboardflow train` end to end: a warehouse of known structure in, the right k and a served model out.
+
+The warehouse is filled with profiles of generator users: each user's journey
+(runners/generator.py) is folded through the profile stage's own state class
+(``UserProfileState``, as the streaming pipeline does) and written to
+``profile_snapshots`` twice, early in the journey and at the end of the
+horizon, so the job must pick each user's latest snapshot. Three personas
+that behave very differently (fast adopters, churners, support seekers) are
+the known structure: training must find three clusters that match them.
+"""
+import datetime as dt
+import hashlib
+import json
+
+import psycopg
+import pytest
+from psycopg import sql
+from sklearn.metrics import adjusted_rand_score
+
+from onboardflow.models.features import FEATURES, feature_vector
+from onboardflow.models.registry import ModelRegistry
+from onboardflow.models.segmentation import OnlineSegmenter
+from onboardflow.runners import train
+from onboardflow.runners.generator import DAY_MS, GeneratorConfig, JourneyGenerator
+from onboardflow.transforms.profile import ProfileConfig, UserProfileState
+from onboardflow.transforms.warehouse import (
+    PROFILE_SNAPSHOTS, WarehouseWriter, apply_migrations, profile_snapshot_row,
+)
+
+pytestmark = pytest.mark.integration
+
+PERSONAS = ("fast_adopter", "churner", "support_seeker")
+USERS = 240
+EARLY_SNAPSHOT_MS = 3 * DAY_MS
+
+
+def _generator_profiles(users, seed=11):
+    """(persona, early profile, final profile) per user, folded like the pipeline's profile stage."""
+    gen = JourneyGenerator(GeneratorConfig(seed=seed, users=users, persona_mix={p: 1.0 for p in PERSONAS}))
+    config = ProfileConfig()
+    out = []
+    for user in gen.users():
+        # The pipeline's key is an HMAC of the user id; any 64-hex pseudonym will do here.
+        user_key = hashlib.sha256(f"test/{user.user_id}".encode()).hexdigest()
+        state, early = UserProfileState.new(config), None
+        for event in gen.journey(user):
+            if early is None and event["occurred_at"] > user.signup_ms + EARLY_SNAPSHOT_MS and state.as_of:
+                early = state.snapshot(user_key)
+            state.apply({"event_id": event["event_id"], "event_type": event["event_type"],
+                         "occurred_at": event["occurred_at"], "properties": event["properties"]})
+        state.advance_to(gen.horizon_end_ms)  # the lifecycle timer at the end: dormant users look dormant
+        final = state.snapshot(user_key)
+        out.append((user.persona, early, final))
+    return out
+
+
+def _fill_warehouse(dsn, schema, profiles, extra_rows=()):
+    apply_migrations(dsn, schema)
+    rows = [profile_snapshot_row(p) for _, early, final in profiles for p in (early, final) if p is not None]
+    writer = WarehouseWriter(dsn, PROFILE_SNAPSHOTS, schema)
+    try:
+        assert writer.write(rows).inserted == len(rows)
+    finally:
+        writer.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for user_key, snapshot in extra_rows:
+            conn.execute(sql.SQL("INSERT INTO {} (user_key, version, snapshot, written_at) "
+                                 "VALUES (%s, 1, %s::jsonb, now())").format(
+                sql.Identifier(schema, "profile_snapshots")), [user_key, json.dumps(snapshot)])
+
+
+@pytest.fixture(scope="module")
+def generated():
+    return _generator_profiles(USERS)
+
+
+def _args(pg_dsn, redis_url, schema, prefix, out, *extra):
+    return ["--warehouse-dsn", pg_dsn, "--schema", schema, "--redis-url", redis_url, "--key-prefix", prefix,
+            "--out", str(out), "--k-min", "2", "--k-max", "6", "--min-users", "100", "--read-shards", "3", *extra]
+
+
+def test_train_finds_the_personas_and_serves_a_seeded_segmenter(
+        generated, pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path, capsys):
+    broken_key = "f" * 64
+    _fill_warehouse(pg_dsn, warehouse_schema, generated, extra_rows=[(broken_key, ["not", "a", "profile"])])
+
+    report = train.run(_args(pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path))
+
+    # One row per user (the latest snapshot), the broken one dead-lettered with its reason.
+    assert report["counts"] == {"users": USERS, "users_in_warehouse": USERS + 1, "dead_letters": 1}
+    letters = [json.loads(line) for line in (tmp_path / "dead_letters.jsonl").read_text().splitlines()]
+    assert letters == [{"stage": "train", "reason": "not_a_mapping", "detail": "snapshot is a list",
+                        "user_key": broken_key}]
+    rows = {r["user_key"]: r["x"] for r in map(json.loads, (tmp_path / "features.jsonl").read_text().splitlines())}
+    for _, _, final in generated[:20]:
+        assert rows[final["user_key"]] == pytest.approx([feature_vector(final)[n] for n in FEATURES])
+
+    # The known structure: three personas, three clusters.
+    metrics = report["metrics"]
+    assert metrics["k"] == 3
+    assert [s["k"] for s in metrics["k_scores"]] == [2, 3, 4, 5, 6]
+    assert metrics["online_agreement"] >= 0.99
+
+    # What is served is that model: it separates the personas on their final profiles.
+    with ModelRegistry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix) as registry:
+        served = registry.current("segmentation")
+    assert served.id == report["published"]["version"] == "seg-000001"
+    assert served.source == "train" and served.metrics["k"] == 3 and served.counts["users"] == USERS
+    segmenter = OnlineSegmenter.from_bytes(served.payload)
+    predicted = [segmenter.predict_one(feature_vector(final)) for _, _, final in generated]
+    assert adjusted_rand_score([persona for persona, _, _ in generated], predicted) >= 0.9
+
+    # The report: console, text, JSON and a PNG plot.
+    console = capsys.readouterr().out
+    assert "<- chosen" in console and "published seg-000001" in console
+    assert (tmp_path / "train-report.txt").read_text().strip() in console
+    assert json.loads((tmp_path / "train-report.json").read_text())["metrics"]["k"] == 3
+    assert (tmp_path / "k-selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retraining_an_unchanged_warehouse_registers_no_second_version(
+        generated, pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path):
+    _fill_warehouse(pg_dsn, warehouse_schema, generated)
+    first = train.run(_args(pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path / "a", "--pca", "0.9"))
+
+    again = train.run(_args(pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path / "b", "--pca", "0.9"))
+
+    assert first["published"] == {"version": "seg-000001", "created": True, "serving": True}
+    assert again["published"] == {"version": "seg-000001", "created": False, "serving": True}
+    assert again["metrics"]["pca_components"] == first["metrics"]["pca_components"] >= 1
+    with ModelRegistry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix) as registry:
+        assert [v.id for v in registry.versions("segmentation")] == ["seg-000001"]
+
+
+def test_train_on_too_few_profiles_exits_3_and_publishes_nothing(
+        generated, pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path, capsys):
+    _fill_warehouse(pg_dsn, warehouse_schema, generated[:30])
+
+    code = train.main(_args(pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path))
+
+    assert code == train.EXIT_TOO_FEW
+    err = capsys.readouterr().err
+    assert "30 users" in err and "at least 100" in err
+    with ModelRegistry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix) as registry:
+        assert registry.versions("segmentation") == []
+
+
+def test_train_as_of_an_event_time_uses_the_snapshots_of_that_time(
+        generated, pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path):
+    _fill_warehouse(pg_dsn, warehouse_schema, generated)
+    as_of_ms = JourneyGenerator(GeneratorConfig(seed=11, users=1)).start_ms + 20 * DAY_MS
+    early = {e["user_key"]: e for _, e, _ in generated if e is not None and e["as_of"] <= as_of_ms}
+    as_of = dt.datetime.fromtimestamp(as_of_ms / 1000, dt.timezone.utc).isoformat()
+
+    report = train.run(_args(pg_dsn, redis_url, warehouse_schema, redis_key_prefix, tmp_path,
+                             "--as-of", as_of, "--no-publish", "--min-users", "50"))
+
+    rows = {r["user_key"]: r["x"] for r in map(json.loads, (tmp_path / "features.jsonl").read_text().splitlines())}
+    assert set(rows) == set(early) and len(early) >= 150
+    for user_key, profile in list(early.items())[:20]:
+        assert rows[user_key] == pytest.approx([feature_vector(profile)[n] for n in FEATURES])
+    assert report["published"] is None and report["metrics"]["as_of_ms"] == as_of_ms
+    with ModelRegistry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix) as registry:
+        assert registry.versions("segmentation") == []

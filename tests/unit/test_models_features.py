@@ -1,0 +1,68 @@
+"""models/features.py: the feature vector the online models share."""
+import math
+
+from onboardflow.models.features import FEATURE_BOUNDS, FEATURES, feature_vector
+from onboardflow.transforms.profile import ProfileConfig, UserProfileState
+
+T0 = 1_767_571_200_000
+
+
+def _profile_after(events):
+    state = UserProfileState.new(ProfileConfig())
+    for i, (t, event_type, props) in enumerate(events):
+        state.apply({"event_id": f"e{i}", "event_type": event_type, "user_key": "u",
+                     "occurred_at": t, "properties": props})
+    return state.snapshot("u")
+
+
+def test_vector_has_every_feature_in_order_and_no_identifiers():
+    x = feature_vector(_profile_after([(T0, "signup", {"plan": "free"})]))
+    assert tuple(x) == FEATURES
+    assert all(isinstance(v, float) for v in x.values())
+    assert not {"user_key", "account_id", "signup_at", "last_event_at"} & set(x)
+
+
+def test_profile_of_the_pipeline_maps_to_expected_values():
+    minute = 60_000
+    events = [(T0, "signup", {"plan": "free"})]
+    events += [(T0 + (i + 1) * minute, "support_message", {"topic": "setup"}) for i in range(3)]
+    events += [(T0 + 5 * minute, "tutorial_step", {"step": "1", "step_total": "5"}),
+               (T0 + 6 * minute, "feature_used", {"feature": "export"})]
+    x = feature_vector(_profile_after(events))
+    assert x["support_share"] == 3 / 6
+    assert x["feature_use_share"] == 1 / 6
+    assert math.isclose(x["onboarding_progress"], 0.2)
+    assert x["feature_breadth"] == math.log1p(1)
+    assert x["events_7d"] == math.log1p(6)
+    assert x["purchased"] == 0.0
+    assert x["recency_days"] == 0.0
+
+
+def test_stored_profile_field_names_are_read_too():
+    stored = {"frequency_7d": 14, "frequency_30d": 40, "recency": 2 * 86_400.0,
+              "feature_adoption": {"a": 1, "b": 2}, "onboarding_progress": 0.6, "days_since_signup": 3}
+    x = feature_vector(stored)
+    assert x["events_7d"] == math.log1p(14)
+    assert x["events_30d"] == math.log1p(40)
+    assert math.isclose(x["recency_days"], math.log1p(2.0))
+    assert x["feature_breadth"] == math.log1p(2)
+    assert x["support_share"] == 0.0  # no event_counts in a stored profile
+
+
+def test_missing_null_and_absurd_values_stay_bounded():
+    assert set(feature_vector({}).values()) == {0.0}
+    absurd = {"engagement_score": 1e300, "events_7d": float("inf"), "recency_ms": -5,
+              "onboarding_progress": 7.0, "avg_session_duration_s": float("nan"),
+              "days_since_signup": None, "session_count": 10 ** 9}
+    x = feature_vector(absurd)
+    for name, value in x.items():
+        assert 0.0 <= value <= FEATURE_BOUNDS[name], name
+    assert x["onboarding_progress"] == 1.0
+    assert x["events_7d"] == 0.0  # non-finite counts as missing
+
+
+def test_sessions_per_week_is_normalized_by_tenure():
+    young = feature_vector({"session_count": 2, "days_since_signup": 1.0})
+    old = feature_vector({"session_count": 2, "days_since_signup": 28.0})
+    assert young["sessions_per_week"] > old["sessions_per_week"]
+    assert math.isclose(old["sessions_per_week"], math.log1p(0.5))

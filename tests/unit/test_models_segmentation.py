@@ -1,0 +1,126 @@
+"""models/segmentation.py: online clusters, readable labels, seeding, snapshots."""
+import math
+import random
+
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from onboardflow.models.features import FEATURES
+from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter, describe_centre
+
+BASE = {name: 0.2 for name in FEATURES} | {"tenure_days": math.log1p(20.0), "browse_share": 0.4,
+                                           "feature_use_share": 0.1, "support_share": 0.02}
+#: Three behaviours, as feature_vector would give them.
+ARCHETYPES = {
+    "dormant": BASE | {"recency_days": math.log1p(30.0), "events_7d": 0.0, "onboarding_progress": 0.2},
+    "power adopter": BASE | {"feature_use_share": 0.45, "onboarding_progress": 1.0, "purchased": 1.0,
+                             "events_7d": 4.5, "active_share_30d": 0.8},
+    "support seeker": BASE | {"support_share": 0.3, "onboarding_progress": 0.6, "events_7d": 3.0,
+                              "active_share_30d": 0.4},
+}
+
+
+def _stream(n, seed=7):
+    rng = random.Random(seed)
+    names = sorted(ARCHETYPES)
+    for _ in range(n):
+        truth = rng.choice(names)
+        # Noise only where the behaviours differ: the scaler would blow pure-noise features up to unit variance.
+        x = {k: v if v == BASE[k] else max(0.0, v + rng.gauss(0, 0.03)) for k, v in ARCHETYPES[truth].items()}
+        yield truth, x
+
+
+def _trained(n=1500, **kw):
+    seg = OnlineSegmenter(n_clusters=3, warmup=60, seed=3, **kw)
+    for _, x in _stream(n):
+        seg.learn_one(x)
+    return seg
+
+
+def test_unassigned_until_warmup_then_ready():
+    seg = OnlineSegmenter(n_clusters=3, warmup=60)
+    stream = list(_stream(60))
+    for _, x in stream[:59]:
+        seg.learn_one(x)
+        assert seg.predict_one(x) == UNASSIGNED and not seg.ready
+    seg.learn_one(stream[59][1])
+    assert seg.ready and seg.predict_one(stream[59][1]) in {0, 1, 2}
+
+
+def test_recovers_well_separated_behaviours():
+    seg = _trained()
+    truth, assigned = zip(*((t, seg.predict_one(x)) for t, x in _stream(300, seed=99)))
+    assert adjusted_rand_score(truth, assigned) == 1.0
+
+
+def test_labels_are_read_off_the_centres():
+    seg = _trained()
+    labels = {seg.label(seg.predict_one(ARCHETYPES[name])) for name in ARCHETYPES}
+    assert labels == set(ARCHETYPES)
+    assert seg.label(UNASSIGNED) == "unassigned"
+
+
+def test_describe_centre_rules():
+    assert describe_centre(ARCHETYPES["dormant"]) == "dormant"
+    assert describe_centre(BASE | {"tenure_days": 0.2}) == "newcomer"
+    explorer = BASE | {"browse_share": 0.75, "events_per_session": math.log1p(18.0),
+                       "active_share_30d": 0.6, "onboarding_progress": 0.7}
+    assert describe_centre(explorer) == "explorer"
+    assert describe_centre(BASE | {"active_share_30d": 0.1}) == "stalled"
+
+
+def test_seeded_centres_in_the_given_scaling_decide_assignments():
+    seg = OnlineSegmenter(n_clusters=5)
+    mean = {n: 1.0 for n in FEATURES}
+    var = {n: 4.0 for n in FEATURES}
+    low = {n: -1.0 for n in FEATURES}   # z = -1  <=>  x = 1 - 2 = -1
+    high = {n: 1.0 for n in FEATURES}   # z = +1  <=>  x = 3
+    seg.seed_centers([low, high], FEATURES, scaler={"mean": mean, "var": var, "count": 1000})
+    assert seg.ready and seg.seeded and seg.n_clusters == 2
+    assert seg.predict_one({n: -0.5 for n in FEATURES}) == 0
+    assert seg.predict_one({n: 2.5 for n in FEATURES}) == 1
+    assert seg.centres()[1] == pytest.approx({n: 3.0 for n in FEATURES})
+
+
+def test_seed_centres_accepts_sequences_in_feature_name_order():
+    names = list(reversed(FEATURES))
+    seg = OnlineSegmenter()
+    seg.seed_centers([[0.0] * len(names), [2.0] * len(names)], names,
+                     scaler={"mean": [0.0] * len(names), "var": [1.0] * len(names), "count": 10})
+    assert seg.predict_one({n: 1.9 for n in FEATURES}) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    dict(centers=[{"a": 1.0}], feature_names=("a",)),                               # not our features
+    dict(centers=[], feature_names=FEATURES),                                       # nothing to seed
+    dict(centers=[{n: float("nan") for n in FEATURES}], feature_names=FEATURES),    # not finite
+])
+def test_seed_centres_rejects_inconsistent_input(bad):
+    with pytest.raises(ValueError):
+        OnlineSegmenter().seed_centers(scaler={"mean": [0.0] * len(FEATURES), "var": [1.0] * len(FEATURES),
+                                               "count": 1}, **bad)
+
+
+def test_seeding_without_a_scaler_needs_a_scaler_that_saw_data():
+    with pytest.raises(ValueError, match="scaler"):
+        OnlineSegmenter().seed_centers([{n: 0.0 for n in FEATURES}], FEATURES)
+
+
+def test_snapshot_round_trip_gives_identical_predictions_and_keeps_learning_alike():
+    seg = _trained(600)
+    restored = OnlineSegmenter.from_bytes(seg.to_bytes())
+    probe = [x for _, x in _stream(200, seed=5)]
+    assert [restored.predict_one(x) for x in probe] == [seg.predict_one(x) for x in probe]
+    assert restored.labels() == seg.labels()
+    for x in probe:
+        seg.learn_one(x)
+        restored.learn_one(x)
+    assert restored.centres() == seg.centres()
+
+
+@pytest.mark.parametrize("name", ["streamkmeans", "dbstream"])
+def test_other_clusterers_learn_and_predict(name):
+    seg = OnlineSegmenter(n_clusters=3, clusterer=name, warmup=60)
+    for _, x in _stream(400):
+        seg.learn_one(x)
+    assert isinstance(seg.predict_one(ARCHETYPES["dormant"]), int)

@@ -1,0 +1,192 @@
+"""The pipeline side of the online models: serving cache, scoring, and the learner's state.
+
+Pure unit tests: the registry's Redis copy is replaced by an in-memory store
+with the same three methods; tests/integration/test_online_models.py runs the
+transforms on the real Redis and PostgreSQL.
+"""
+import datetime as dt
+import random
+
+from onboardflow.models.propensity import PropensityModel
+from onboardflow.models.registry import ModelVersion
+from onboardflow.models.segmentation import OnlineSegmenter
+from onboardflow.transforms.online_models import (
+    SEGMENTATION, LearnerState, ServingModels, completed_onboarding, model_version_id,
+)
+
+DAY_MS = 86_400_000
+
+
+class MemoryStore:
+    """The slice of ModelStore that ServingModels reads."""
+
+    def __init__(self):
+        self.versions: dict[tuple[str, int], bytes] = {}
+        self.current: dict[str, int] = {}
+        self.reads = 0
+
+    def publish(self, kind, payload):
+        number = 1 + max((n for k, n in self.versions if k == kind), default=0)
+        self.versions[(kind, number)] = payload
+        self.current[kind] = number
+        return number
+
+    def current_version(self, kind):
+        self.reads += 1
+        return self.current.get(kind)
+
+    def get(self, kind, number):
+        payload = self.versions.get((kind, number))
+        if payload is None:
+            return None
+        return ModelVersion(kind, number, "0" * 64, dt.datetime.now(dt.timezone.utc), payload=payload)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def persona_profile(rng: random.Random, user: str, engaged: bool, at: int, progress: float = 0.5) -> dict:
+    """A pipeline-shaped profile of one of two clearly different kinds of user."""
+    base = 40 if engaged else 1
+    return {
+        "user_key": user, "as_of": at, "version": at * 1000,
+        "engagement_score": base * rng.uniform(0.8, 1.2), "intent_score": base / 4 * rng.uniform(0.8, 1.2),
+        "events_7d": int(base * 3 * rng.uniform(0.8, 1.2)), "events_30d": int(base * 9 * rng.uniform(0.8, 1.2)),
+        "session_count": int(base * rng.uniform(0.8, 1.2)) + 1, "onboarding_progress": progress,
+        "days_since_signup": 5, "feature_usage_score": 90.0 if engaged else 2.0,
+    }
+
+
+def trained_segmenter(rng) -> OnlineSegmenter:
+    seg = OnlineSegmenter(n_clusters=2, warmup=40, seed=1)
+    from onboardflow.models.features import feature_vector
+    for i in range(200):
+        seg.learn_one(feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS * 100 + i)))
+    return seg
+
+
+def test_model_version_names_the_serving_versions_that_scored():
+    assert model_version_id("seg-000003", "prop-000002") == "seg-000003+prop-000002"
+    assert model_version_id("seg-000003", None) == "seg-000003"
+    assert model_version_id(None, None) is None
+
+
+def test_completion_is_progress_reaching_one():
+    assert completed_onboarding({"onboarding_progress": 1.0})
+    assert not completed_onboarding({"onboarding_progress": 0.99})
+    assert not completed_onboarding({"onboarding_progress": None})
+    assert not completed_onboarding({})
+
+
+def test_without_a_published_model_profiles_pass_through_unscored():
+    models = ServingModels(MemoryStore(), refresh_seconds=60, clock=Clock())
+    assert models.refresh() == []
+    profile = persona_profile(random.Random(0), "u1", True, DAY_MS)
+    scored = models.score(profile)
+    assert scored["model_version"] is None
+    assert "cluster_id" not in scored and "propensity" not in scored
+    assert {k: v for k, v in scored.items() if k != "model_version"} == profile
+
+
+def test_scoring_separates_the_kinds_of_user_with_the_served_segmenter():
+    rng = random.Random(2)
+    store = MemoryStore()
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
+    models = ServingModels(store, refresh_seconds=60, clock=Clock())
+    assert models.refresh() == [(SEGMENTATION, 1)]
+    engaged = models.score(persona_profile(rng, "a", True, DAY_MS))
+    idle = models.score(persona_profile(rng, "b", False, DAY_MS))
+    assert engaged["cluster_id"] != idle["cluster_id"]
+    assert isinstance(engaged["segment_label"], str) and engaged["segment_label"]
+    assert engaged["model_version"] == "seg-000001"
+    assert "propensity" not in engaged  # no propensity model is serving
+
+
+def test_a_new_version_or_a_rollback_is_loaded_only_after_the_refresh_interval():
+    rng = random.Random(3)
+    store, clock = MemoryStore(), Clock()
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
+    models = ServingModels(store, refresh_seconds=60, clock=clock)
+    models.refresh()
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
+    clock.now = 59
+    assert models.refresh() == []
+    assert models.versions[SEGMENTATION] == "seg-000001"
+    clock.now = 61
+    assert models.refresh() == [(SEGMENTATION, 2)]
+    store.current[SEGMENTATION] = 1  # rollback: the pointer moves back
+    clock.now = 200
+    assert models.refresh() == [(SEGMENTATION, 1)]
+    assert models.score(persona_profile(rng, "a", True, DAY_MS))["model_version"] == "seg-000001"
+
+
+def test_learner_labels_completions_with_the_features_of_prediction_time():
+    learner = LearnerState(propensity=PropensityModel(min_per_class=1, timeout_days=7))
+    rng = random.Random(4)
+    t0 = DAY_MS * 100
+    early = persona_profile(rng, "u1", False, t0, progress=0.2)
+    assert learner.learn(early) == []
+    assert learner.propensity.pending_users == 1
+    # Much more engaged later, then completes: the stored point is the early one.
+    learner.learn(persona_profile(rng, "u1", True, t0 + DAY_MS // 2, progress=1.0))
+    assert learner.labels_seen == 1
+    assert learner.propensity.pending_users == 0
+    assert learner.propensity.class_counts == [0, 1]
+    # Another user never completes: labelled 0 once the 7-day horizon passes in event time.
+    learner.learn(persona_profile(rng, "u2", False, t0, progress=0.1))
+    learner.learn(persona_profile(rng, "u3", False, t0 + 8 * DAY_MS, progress=0.1))
+    assert learner.propensity.class_counts == [1, 1]
+    assert learner.labels_seen == 2
+
+
+def test_learner_reports_drift_when_the_segment_mix_shifts_and_not_before():
+    learner = LearnerState()
+    rng = random.Random(5)
+    events = []
+    for i in range(3000):
+        profile = persona_profile(rng, f"u{i}", True, DAY_MS * 100 + i)
+        profile["cluster_id"] = rng.choice([0, 1])
+        events += learner.learn(profile)
+    assert events == []
+    for i in range(3000, 4000):
+        profile = persona_profile(rng, f"u{i}", True, DAY_MS * 100 + i)
+        profile["cluster_id"] = 2 if rng.random() < 0.9 else 0
+        events += learner.learn(profile)
+    assert events
+    assert {e["model_name"] for e in events} == {"clustering"}
+    assert all(e["metric"].startswith("segment_share:") for e in events)
+
+
+def test_a_profile_without_key_or_event_time_is_refused_not_learned():
+    learner = LearnerState()
+    for bad in ({"as_of": DAY_MS}, {"user_key": "u1"}, {"user_key": 7, "as_of": DAY_MS}):
+        try:
+            learner.learn(bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{bad} was learned")
+    assert learner.profiles_seen == 0
+
+
+def test_the_served_propensity_model_carries_no_users_but_scores_the_same():
+    model = PropensityModel(min_per_class=1)
+    rng = random.Random(6)
+    from onboardflow.models.features import feature_vector
+    for i in range(60):
+        x = feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS * 100))
+        model.predict(f"u{i}", x, DAY_MS * 100)
+        model.label(f"u{i}", i % 2 == 0, DAY_MS * 101)
+    model.predict("waiting", feature_vector(persona_profile(rng, "w", True, DAY_MS)), DAY_MS * 102)
+    assert model.pending_users == 1
+    served = PropensityModel.from_bytes(model.to_bytes(include_pending=False))
+    assert served.pending_users == 0
+    assert model.pending_users == 1  # the learner's own model is untouched
+    x = feature_vector(persona_profile(rng, "probe", True, DAY_MS))
+    assert served.score(x) == model.score(x)
+    assert served.score(x) > served.score(feature_vector(persona_profile(rng, "probe2", False, DAY_MS)))

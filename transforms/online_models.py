@@ -1,0 +1,407 @@
+"""Online models in the pipeline: scoring in parallel, learning in one keyed stage.
+
+Two transforms, one job each (docs/architecture.md, docs/models.md)::
+
+    profiles ─► ScoreProfiles ─► (AssignOnboardingTracks) ─► Redis / warehouse
+                     │ scored profiles
+                     ▼
+              LearnOnlineModels ─► drift events (Kafka + warehouse)
+                     │ snapshots on a schedule
+                     ▼
+              model registry (Redis for serving, warehouse for history)
+
+* ``ScoreProfiles`` runs on every worker in parallel. It reads the *serving*
+  snapshots of the segmenter and the propensity model from the registry's Redis
+  copy (``models/registry.py`` ModelStore) and keeps them in a per-process cache
+  that re-checks the serving version at most every ``refresh_seconds``: a
+  periodically refreshed side input, held by the worker rather than by the
+  runner, because Prism rejects triggered global-window side inputs
+  (apache/beam#31438; the same choice as the accounts enrichment). A rollback
+  (`onboardflow models rollback`) is therefore picked up by every worker within
+  ``refresh_seconds``. Before any model is published, profiles pass through
+  unscored (model fields null).
+
+* ``LearnOnlineModels`` folds the scored profiles into one learner state: the
+  segmenter learns each feature vector, the propensity model stores
+  point-in-time features and trains on delayed labels (completion when
+  ``onboarding_progress`` reaches 1, a timeout otherwise, both in event time),
+  and ADWIN watches the segment mix and the propensity error. The learner is a
+  keyed stateful stage on a single key, fed by ``GroupIntoBatches`` so its state
+  is read and written once per batch rather than once per profile; it is the
+  serial part of the pipeline, and it learns from profile *updates* (one per
+  user per bundle), not from raw events. Snapshots are published to the
+  registry as soon as each model is first usable, then every
+  ``publish_seconds`` of processing time, and when a bounded input ends. The learner's state lives in Beam state, so on Flink it is
+  checkpointed with the rest of the job.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.coders import BytesCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+
+from onboardflow.models import snapshot
+from onboardflow.models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
+from onboardflow.models.features import feature_vector
+from onboardflow.models.propensity import PropensityModel
+from onboardflow.models.registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
+from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter
+
+_LOG = logging.getLogger(__name__)
+_NAMESPACE = "onboardflow.models"
+
+SEGMENTATION = "segmentation"
+PROPENSITY = "propensity"
+LEARNER_SNAPSHOT_KIND = "online_learner"
+#: The single key of the learning stage.
+LEARNER_KEY = "online-models"
+
+
+def model_version_id(segmentation: Optional[str], propensity: Optional[str]) -> Optional[str]:
+    """The profile's ``model_version``: the serving versions that scored it, e.g. ``seg-000003+prop-000002``."""
+    parts = [v for v in (segmentation, propensity) if v]
+    return "+".join(parts) or None
+
+
+def completed_onboarding(profile: Mapping[str, Any]) -> bool:
+    """The delayed label: the user finished every onboarding step."""
+    progress = profile.get("onboarding_progress")
+    return isinstance(progress, (int, float)) and progress >= 1.0
+
+
+def _event_time_ms(profile: Mapping[str, Any]) -> Optional[int]:
+    for name in ("as_of", "updated_at", "last_event_at"):
+        value = profile.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class ServingModels:
+    """The registry's serving snapshots, cached per process and re-checked on a schedule."""
+
+    def __init__(self, store: ModelStore, refresh_seconds: float, clock=time.monotonic):
+        self._store = store
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._checked_at: Optional[float] = None
+        self.segmenter: Optional[OnlineSegmenter] = None
+        self.propensity: Optional[PropensityModel] = None
+        self.versions: dict[str, Optional[str]] = {SEGMENTATION: None, PROPENSITY: None}
+        self.numbers: dict[str, Optional[int]] = {SEGMENTATION: None, PROPENSITY: None}
+
+    def refresh(self, force: bool = False) -> list[tuple[str, int]]:
+        """Reload the kinds whose serving version changed; returns the (kind, number) loaded."""
+        now = self._clock()
+        if not force and self._checked_at is not None and now - self._checked_at < self._refresh_seconds:
+            return []
+        self._checked_at = now
+        loaded = []
+        for kind, cls in ((SEGMENTATION, OnlineSegmenter), (PROPENSITY, PropensityModel)):
+            number = self._store.current_version(kind)
+            if number is None or number == self.numbers[kind]:
+                continue
+            version = self._store.get(kind, number)
+            if version is None or version.payload is None:
+                continue  # the pointer moved between the two reads: next refresh
+            model = cls.from_bytes(version.payload)
+            if kind == SEGMENTATION:
+                self.segmenter = model
+            else:
+                self.propensity = model
+            self.numbers[kind], self.versions[kind] = number, version.id
+            loaded.append((kind, number))
+        return loaded
+
+    def score(self, profile: Mapping[str, Any]) -> dict:
+        """``profile`` with ``cluster_id``, ``segment_label``, ``propensity`` and ``model_version`` set."""
+        scored = dict(profile)
+        x = feature_vector(profile)
+        seg_version = prop_version = None
+        if self.segmenter is not None and self.segmenter.ready:
+            cluster = self.segmenter.predict_one(x)
+            if cluster != UNASSIGNED:
+                scored["cluster_id"] = int(cluster)
+                scored["segment_label"] = self.segmenter.label(cluster)
+                seg_version = self.versions[SEGMENTATION]
+        if self.propensity is not None and self.propensity.warm:
+            scored["propensity"] = float(self.propensity.score(x))
+            prop_version = self.versions[PROPENSITY]
+        scored["model_version"] = model_version_id(seg_version, prop_version)
+        return scored
+
+
+class _ScoreProfilesFn(beam.DoFn):
+    def __init__(self, redis_url: str, key_prefix: str, refresh_seconds: float, metrics=None):
+        self._redis_url = redis_url
+        self._key_prefix = key_prefix
+        self._refresh_seconds = refresh_seconds
+        self._metrics = metrics
+        self._scored = Metrics.counter(_NAMESPACE, "profiles_scored")
+        self._unscored = Metrics.counter(_NAMESPACE, "profiles_unscored")
+        self._refresh_failures = Metrics.counter(_NAMESPACE, "model_refresh_failures")
+        self._score_failures = Metrics.counter(_NAMESPACE, "model_score_failures")
+
+    def setup(self):
+        if self._metrics is not None:
+            self._metrics.setup()
+        self._store = ModelStore(self._redis_url, self._key_prefix)
+        self._models = ServingModels(self._store, self._refresh_seconds)
+
+    def start_bundle(self):
+        try:
+            loaded = self._models.refresh()
+        except Exception:  # noqa: BLE001 - keep scoring with the models already loaded
+            self._refresh_failures.inc()
+            _LOG.warning("refreshing the serving models failed; scoring with the cached ones", exc_info=True)
+            return
+        for kind, number in loaded:
+            _LOG.info("serving %s model version %d", kind, number)
+            if self._metrics is not None:
+                self._metrics.model_version(kind, number)
+
+    def process(self, profile):
+        try:
+            scored = self._models.score(profile)
+        except Exception as exc:  # noqa: BLE001 - a profile is never dropped for a scoring failure
+            self._score_failures.inc()
+            _LOG.warning("scoring a profile failed (%s); written unscored", type(exc).__name__)
+            yield profile
+            return
+        (self._scored if scored.get("model_version") else self._unscored).inc()
+        yield scored
+
+    def teardown(self):
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
+
+
+class ScoreProfiles(beam.PTransform):
+    """Profiles -> the same profiles with the online models' fields.
+
+    In: profile dicts (after rule segments). Out: one dict per input with
+    ``cluster_id``, ``segment_label``, ``propensity`` and ``model_version`` set
+    from the registry's serving snapshots (null while no model is serving or
+    the model is still warming up). Nothing is dropped: a profile that cannot
+    be scored goes out unscored and is counted (``model_score_failures``).
+    """
+
+    def __init__(self, redis_url: str, key_prefix: str = DEFAULT_KEY_PREFIX, refresh_seconds: float = 60.0,
+                 metrics=None, label: Optional[str] = None):
+        super().__init__(label)
+        if refresh_seconds < 0:
+            raise ValueError("refresh_seconds must be >= 0")
+        self._fn = _ScoreProfilesFn(redis_url, key_prefix, refresh_seconds, metrics)
+
+    def expand(self, profiles):
+        return profiles | "Score" >> beam.ParDo(self._fn)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@dataclass
+class LearnerState:
+    """Everything the learning stage keeps between batches (one snapshot in Beam state)."""
+
+    segmenter: OnlineSegmenter = field(default_factory=OnlineSegmenter)
+    propensity: PropensityModel = field(default_factory=PropensityModel)
+    mix_drift: SegmentMixDrift = field(default_factory=SegmentMixDrift)
+    error_drift: PropensityErrorDrift = field(default_factory=PropensityErrorDrift)
+    profiles_seen: int = 0
+    labels_seen: int = 0
+    newest_ms: int = 0
+    #: outcomes since the last publish: (label, probability at prediction) for its metrics
+    recent_outcomes: list = field(default_factory=list)
+
+    def learn(self, profile: Mapping[str, Any]) -> list[DriftEvent]:
+        """Fold one scored profile update in; returns the drift events it caused."""
+        at = _event_time_ms(profile)
+        user_key = profile.get("user_key")
+        if at is None or not isinstance(user_key, str):
+            raise ValueError("profile without user_key or event time")
+        x = feature_vector(profile)
+        self.profiles_seen += 1
+        self.newest_ms = max(self.newest_ms, at)
+        self.segmenter.learn_one(x)
+        events: list[DriftEvent] = []
+        cluster = profile.get("cluster_id")
+        if isinstance(cluster, int) and not isinstance(cluster, bool):
+            events += self.mix_drift.update(cluster, at)
+        # Timeouts first, then this update: a completed profile labels the
+        # points stored before it and is never stored as a training point itself.
+        outcomes = self.propensity.expire(self.newest_ms)
+        if completed_onboarding(profile):
+            outcomes += self.propensity.label(user_key, 1, at)
+        else:
+            self.propensity.predict(user_key, x, at)
+        for outcome in outcomes:
+            self.labels_seen += 1
+            self.recent_outcomes.append((outcome.label, outcome.probability))
+            events += self.error_drift.update(outcome.label, outcome.probability, outcome.labelled_at)
+        del self.recent_outcomes[:-5000]
+        return events
+
+    def propensity_metrics(self) -> dict:
+        """Prequential figures over the outcomes since the last publish (label vs probability at prediction)."""
+        from river import metrics as river_metrics
+
+        auc, loss = river_metrics.ROCAUC(), river_metrics.LogLoss()
+        for y, p in self.recent_outcomes:
+            auc.update(bool(y), {True: p, False: 1.0 - p})
+            loss.update(bool(y), {True: p, False: 1.0 - p})
+        labelled = len(self.recent_outcomes)
+        both = labelled and 0 < sum(y for y, _ in self.recent_outcomes) < labelled
+        return {"labelled": labelled, "roc_auc": float(auc.get()) if both else None,
+                "log_loss": float(loss.get()) if labelled else None}
+
+
+class _LearnFn(beam.DoFn):
+    STATE = ReadModifyWriteStateSpec("learner", BytesCoder())
+    END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
+
+    def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str, key_prefix: str,
+                 publish_seconds: float, metrics=None):
+        self._redis_url = redis_url
+        self._dsn = warehouse_dsn
+        self._schema = warehouse_schema
+        self._key_prefix = key_prefix
+        self._publish_seconds = publish_seconds
+        self._metrics = metrics
+        self._learned = Metrics.counter(_NAMESPACE, "profiles_learned")
+        self._rejected = Metrics.counter(_NAMESPACE, "profiles_not_learnable")
+        self._published = Metrics.counter(_NAMESPACE, "model_versions_published")
+        self._publish_failures = Metrics.counter(_NAMESPACE, "model_publish_failures")
+        self._drifts = Metrics.counter(_NAMESPACE, "drift_events")
+
+    def setup(self):
+        if self._metrics is not None:
+            self._metrics.setup()
+        self._registry = ModelRegistry(self._redis_url, self._dsn, self._schema, self._key_prefix)
+        self._published_at: Optional[float] = None
+        self._published_kinds: set[str] = set()
+        # (bytes last written to state, the state they encode): decode once per bundle, not per batch.
+        self._decoded: Optional[tuple[bytes, LearnerState]] = None
+
+    def _load(self, cell) -> LearnerState:
+        data = cell.read()
+        if data is None:
+            return LearnerState()
+        if self._decoded is not None and self._decoded[0] is data:
+            return self._decoded[1]
+        return snapshot.load(LEARNER_SNAPSHOT_KIND, data)
+
+    def _store(self, cell, learner: LearnerState) -> None:
+        data = snapshot.dump(LEARNER_SNAPSHOT_KIND, learner)
+        cell.write(data)
+        self._decoded = (data, learner)
+
+    def process(self, batch, window=beam.DoFn.WindowParam, cell=beam.DoFn.StateParam(STATE),
+                end=beam.DoFn.TimerParam(END)):
+        _, profiles = batch
+        learner = self._load(cell)
+        if learner.profiles_seen == 0:
+            end.set(window.max_timestamp())
+        for profile in profiles:
+            try:
+                events = learner.learn(profile)
+            except (ValueError, TypeError, KeyError) as exc:
+                # Malformed updates are not learned from; the profile itself was already written.
+                self._rejected.inc()
+                _LOG.warning("a profile update was not learnable (%s)", type(exc).__name__)
+                continue
+            self._learned.inc()
+            for event in events:
+                self._drift(event)
+                yield event
+        now = time.monotonic()
+        # A kind's first snapshot goes out as soon as it is usable (so scoring
+        # starts early in a stream); after that, on the schedule.
+        newly_usable = ((learner.segmenter.ready and SEGMENTATION not in self._published_kinds)
+                        or (learner.propensity.warm and PROPENSITY not in self._published_kinds))
+        if newly_usable or (self._published_at is not None and now - self._published_at >= self._publish_seconds):
+            self._publish(learner, "first usable snapshot" if newly_usable else "schedule")
+            self._published_at = now
+        self._store(cell, learner)
+
+    @on_timer(END)
+    def on_end(self, cell=beam.DoFn.StateParam(STATE)):
+        # The input is bounded and ended: publish what was learned.
+        data = cell.read()
+        if data is not None:
+            self._publish(self._load(cell), "end of input")
+
+    def _drift(self, event: DriftEvent) -> None:
+        self._drifts.inc()
+        if self._metrics is not None:
+            self._metrics.drift_alarm(f"adwin_{event['model_name']}")
+
+    def _publish(self, learner: LearnerState, reason: str) -> None:
+        counts = {"profiles": learner.profiles_seen, "labels": learner.labels_seen}
+        candidates = []
+        if learner.segmenter.ready:
+            candidates.append((SEGMENTATION, learner.segmenter.to_bytes(),
+                               {"clusters": learner.segmenter.n_clusters, "learned": learner.segmenter.n_learned}))
+        if learner.propensity.warm:
+            candidates.append((PROPENSITY, learner.propensity.to_bytes(include_pending=False),
+                               learner.propensity_metrics()))
+        for kind, payload, metrics in candidates:
+            try:
+                result = self._registry.publish(kind, payload, counts=counts, metrics=metrics,
+                                                source="online", reason=reason)
+            except Exception:  # noqa: BLE001 - learning goes on; the next publish retries
+                self._publish_failures.inc()
+                _LOG.warning("publishing the %s model failed; retried at the next publish", kind, exc_info=True)
+                continue
+            self._published_kinds.add(kind)
+            if result.created:
+                self._published.inc()
+                _LOG.info("published %s model %s (serving: %s)", kind, result.version.id, result.serving)
+        learner.recent_outcomes.clear()
+
+    def teardown(self):
+        registry = getattr(self, "_registry", None)
+        if registry is not None:
+            registry.close()
+
+
+class LearnOnlineModels(beam.PTransform):
+    """Scored profiles -> drift events; publishes model snapshots to the registry as a side effect.
+
+    In: profile dicts as ``ScoreProfiles`` emits them (``user_key``, an event
+    time in ``as_of``, the features of ``models/features.py``; ``cluster_id``
+    when a segmenter is serving). Out: ``DriftEvent`` dicts
+    (``schemas/drift_event.avsc``) when ADWIN detects a change in the segment
+    mix or in the propensity error. Updates without a user key or event time
+    are counted (``profiles_not_learnable``) and not learned from; they were
+    written to Redis before this stage, so nothing is lost.
+    """
+
+    def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str,
+                 key_prefix: str = DEFAULT_KEY_PREFIX, publish_seconds: float = 300.0, batch_size: int = 500,
+                 max_batch_seconds: float = 2.0, metrics=None, label: Optional[str] = None):
+        super().__init__(label)
+        if batch_size < 1 or publish_seconds < 0 or max_batch_seconds <= 0:
+            raise ValueError("batch_size >= 1, publish_seconds >= 0 and max_batch_seconds > 0 required")
+        self._batch_size = batch_size
+        self._max_batch_seconds = max_batch_seconds
+        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, publish_seconds, metrics)
+
+    def expand(self, profiles):
+        return (
+            profiles
+            | "OneLearner" >> beam.Map(lambda p: (LEARNER_KEY, p)).with_output_types(Tuple[str, Any])
+            | "Batch" >> beam.GroupIntoBatches(self._batch_size, max_buffering_duration_secs=self._max_batch_seconds)
+            | "Learn" >> beam.ParDo(self._fn)
+        )
