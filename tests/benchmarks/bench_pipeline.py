@@ -65,7 +65,7 @@ def _start_pipeline(bootstrap, topic, group, prefix, schema, secret, extra=()):
                 f"--redis_key_prefix={prefix}", f"--warehouse_schema={schema}", *extra], secret=secret, wait=False)
 
 
-def _sustained(args, run_id, tag, schema, secret, extra=()):
+def _sustained(args, run_id, tag, schema, secret, extra=(), drop_prefix=None):
     """Time a backlog of ``args.events`` from the first offset commit until Redis stops changing."""
     import redis
 
@@ -74,7 +74,7 @@ def _sustained(args, run_id, tag, schema, secret, extra=()):
 
     topic = f"bench-{run_id}-{tag}.onboarding.events"
     _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
-                  drop_prefix=f"bench-{run_id}-{tag}-x")
+                  drop_prefix=drop_prefix or f"bench-{run_id}-{tag}-x")
     now = int(time.time() * 1000)
     gen = JourneyGenerator(GeneratorConfig(seed=3, users=400, start_ms=now - 45 * DAY_MS))
     produce(gen.messages(max_messages=args.events), args.bootstrap, topic, progress=False)
@@ -98,7 +98,7 @@ def _sustained(args, run_id, tag, schema, secret, extra=()):
                 break
     finally:
         result.cancel()
-    label = "online models on " if not extra else "online models off"
+    label = "online models off" if "--disable_online_models" in extra else "online models on "
     if done and first:
         print(f"   sustained, {label}: {args.events:,} events into {last_count:,} Redis profiles in "
               f"{done - t0:.1f}s = {args.events / (done - t0):,.0f} events/s with start-up; "
@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--probe-interval", type=float, default=1.0)
+    ap.add_argument("--pipeline-arg", action="append", default=[],
+                    help="extra pipeline flag for every run, e.g. --pipeline-arg=--kafka_max_read_seconds=0.25")
+    ap.add_argument("--skip-sustained", action="store_true", help="only the latency measurement")
     args = ap.parse_args()
 
     import logging
@@ -134,16 +137,16 @@ def main() -> None:
     print("== bench_pipeline (Prism, LOOPBACK workers, real Kafka/Redis/PostgreSQL; 2-core machine)")
 
     # 1. Sustained throughput over a backlog, with the online models and without.
-    _fresh_topics(args.bootstrap, [], drop_prefix="bench-")
-    _sustained(args, run_id, "a", schema, secret)
-    _sustained(args, run_id, "c", schema, secret, extra=("--disable_online_models",))
+    if not args.skip_sustained:
+        _sustained(args, run_id, "a", schema, secret, extra=tuple(args.pipeline_arg), drop_prefix="bench-")
+        _sustained(args, run_id, "c", schema, secret, extra=("--disable_online_models", *args.pipeline_arg))
 
     # 2. Latency at a fixed rate.
     topic = f"bench-{run_id}-b.onboarding.events"
     _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
                   drop_prefix="bench-x")
     group, prefix = f"bench-{run_id}-b", f"bench{run_id}b"
-    result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret)
+    result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret, tuple(args.pipeline_arg))
     time.sleep(10)  # start-up
     gen = JourneyGenerator(GeneratorConfig(seed=4, users=5000, start_ms=int(time.time() * 1000) - 45 * DAY_MS))
     n = int(args.rate * args.seconds)
