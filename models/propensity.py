@@ -1,7 +1,7 @@
 """Onboarding-completion propensity, learned online from labels that arrive late.
 
 The model estimates P(the user completes onboarding within N days), N =
-``timeout_days`` (7 by default). Whether that happens is known up to N days
+``timeout_days`` (3 by default). Whether that happens is known up to N days
 after the profile update that was scored, so ``PropensityModel`` keeps
 prediction and training apart:
 
@@ -20,7 +20,10 @@ Why a horizon per prediction rather than "ever completes": with "ever", a
 negative is only known at the end of a long timeout, so for the whole first
 month a new deployment learns from positives alone and ranks users by noise
 (measured: prequential ROC-AUC 0.42 on the generator's stream with a 30-day
-timeout, 0.70 with 7 days). With a 7-day horizon, negatives arrive after a week.
+timeout, 0.70 with 7 days). On the default 10,000-user stream a 3-day horizon
+reached 0.887 (5 days: 0.831, 7 days: 0.744): negatives arrive after 3 days,
+and "will this user finish onboarding in the next 3 days" is also the question
+a track decision acts on.
 
 Both return the ``Outcome``s they trained on, each with two probabilities,
 neither of which has seen the label: ``probability``, the one given at
@@ -127,7 +130,7 @@ class PropensityModel:
         Features used; others in the input are ignored, missing ones count 0.
     """
 
-    def __init__(self, classifier: str = "logistic_regression", timeout_days: float = 7.0,
+    def __init__(self, classifier: str = "logistic_regression", timeout_days: float = 3.0,
                  checkpoints_days: Sequence[float] = DEFAULT_CHECKPOINTS_DAYS, max_pending: int = 200_000,
                  max_resolved: int = 400_000, min_per_class: int = 50, prior: float = 0.5,
                  feature_names: Sequence[str] = FEATURES):

@@ -225,7 +225,7 @@ def _auc(scores: list[float], labels: list[int]) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < sum(labels) < len(labels) else float("nan")
 
 
-def evaluate(config: GeneratorConfig, tick_ms: int = 60 * MINUTE_MS, timeout_days: float = 7.0,
+def evaluate(config: GeneratorConfig, tick_ms: int = 60 * MINUTE_MS, timeout_days: float = 3.0,
              clusterer: str = "kmeans", classifier: str = "logistic_regression",
              progress: bool = False) -> Evaluation:
     """Replay the generator's stream through the online models, prequentially (module docstring)."""
@@ -392,7 +392,7 @@ def _parse(argv):
     p.add_argument("--out", default=".run/evaluate", help="directory for report.json and evaluation.png")
     p.add_argument("--tick-minutes", type=int, default=60,
                    help="event-time slice per profile update, minutes (default %(default)s)")
-    p.add_argument("--timeout-days", type=float, default=7.0,
+    p.add_argument("--timeout-days", type=float, default=3.0,
                    help="prediction horizon: a point without completion this many days later is a 0 "
                         "(default %(default)s)")
     p.add_argument("--clusterer", default="kmeans", help="kmeans, streamkmeans, dbstream or denstream")
