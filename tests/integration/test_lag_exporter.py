@@ -310,3 +310,76 @@ def test_worker_endpoint_counts_what_a_pipeline_run_read_dropped_and_wrote(
     assert run(args, secret=SecretKey(b"lag-test-pseudonymization-key-32")).state == PipelineState.DONE
     after = scrape(port)
     assert_worker_metrics_match_the_input(before, after, messages, events, redis_url, redis_key_prefix)
+
+
+def _wait_for(condition, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@pytest.mark.e2e
+def test_streaming_run_scraped_while_running_counts_the_input_and_lag_rises_while_paused(
+        kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema,
+        exporter):
+    from onboardflow.pipelines.onboarding import run
+    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.produce import produce
+    from onboardflow.transforms.anonymize import SecretKey
+    from onboardflow.transforms.metrics import serve_worker_metrics
+
+    topic = kafka_topic(partitions=2)
+    dlq = kafka_topic(partitions=1, suffix="dlq")
+    changes = kafka_topic(partitions=1, suffix="segment-changes")
+    group = f"{unique_name}-streaming"
+    generator = JourneyGenerator(GeneratorConfig(seed=12, users=30, horizon_days=3.0, malformed_fraction=0.03,
+                                                 duplicate_fraction=0.03, personalization_consent_rate=0.7,
+                                                 analytics_consent_rate=0.5))
+    messages, events = list(generator.messages()), list(generator.events())
+    assert produce(messages, kafka_bootstrap, topic, progress=False).ok
+    worker_port = serve_worker_metrics(0, address="127.0.0.1")  # LOOPBACK: the workers' endpoint
+    lag_port = exporter(group, [topic])
+    args = [a for a in _pipeline_args(kafka_bootstrap, topic, group, dlq, changes, redis_url, redis_key_prefix,
+                                      pg_dsn, warehouse_schema)
+            if a not in ("--kafka_bounded", "--metrics_port=-1")]
+    args += ["--streaming", "--metrics_port=0", "--metrics_bind_address=127.0.0.1",
+             "--allowed_lateness_hours=96", "--dedup_horizon_hours=96"]
+    secret = SecretKey(b"lag-test-pseudonymization-key-32")
+    newest = max(e["occurred_at"] for _, e in events if e["consent"]["personalization"])
+
+    def settled():
+        # Everything read, committed, and the newest consenting event written to Redis.
+        client = redis.Redis.from_url(redis_url)
+        try:
+            progress = EventTimeProgress(redis_key_prefix).read(client)
+        finally:
+            client.close()
+        return (total_lag(scrape(lag_port), group) == 0 and progress is not None
+                and progress.event_time_ms == newest)
+
+    before = scrape(worker_port)
+    result = run(args, secret=secret, wait=False)
+    try:
+        _wait_for(settled, 180, "the streaming run to catch up")
+        # Scraped while the job is still running (it never ends by itself).
+        assert result.state == PipelineState.RUNNING
+        assert_worker_metrics_match_the_input(before, scrape(worker_port), messages, events, redis_url,
+                                              redis_key_prefix)
+    finally:
+        result.cancel()
+    _wait_for(lambda: PipelineState.is_terminal(result.state), 60, "the job to stop")
+
+    # Paused: events keep arriving and the lag grows by exactly them.
+    more = list(JourneyGenerator(GeneratorConfig(seed=13, users=5, horizon_days=1.0)).messages())
+    assert produce(more, kafka_bootstrap, topic, progress=False).ok
+    assert total_lag(scrape(lag_port), group) == len(more)
+
+    result = run(args, secret=secret, wait=False)
+    try:
+        _wait_for(lambda: total_lag(scrape(lag_port), group) == 0, 180, "the resumed run to catch up")
+    finally:
+        result.cancel()
