@@ -11,9 +11,14 @@ step is a transform from ``transforms/`` (see docs/architecture.md)::
          │ dead letters           │ events (warehouse)      │ ProfileUpdate
          ▼                        ▼                         ▼
     DLQ topic + metadata    WriteEventsToWarehouse    EnrichProfiles ─► AssignRuleSegments
-                                                            │ profiles         │ segment changes
-                                                            ▼                  ▼
-                                     WriteProfilesToRedis + snapshots   Kafka topic + warehouse
+                                                                               │ profiles
+                                                                               ▼
+                                    ScoreProfiles (online models) ─► AssignOnboardingTracks
+                                                                               │
+                                                                               ▼
+                  WriteProfilesToRedis ─► applied writes ─► snapshots, segment changes (Kafka +
+                                                            warehouse), LearnOnlineModels ─►
+                                                            registry snapshots, drift events
 
 Run it locally (Prism), streaming, reading from the committed offsets::
 

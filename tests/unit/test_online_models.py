@@ -190,3 +190,24 @@ def test_the_served_propensity_model_carries_no_users_but_scores_the_same():
     x = feature_vector(persona_profile(rng, "probe", True, DAY_MS))
     assert served.score(x) == model.score(x)
     assert served.score(x) > served.score(feature_vector(persona_profile(rng, "probe2", False, DAY_MS)))
+
+
+def test_drift_events_encode_for_the_model_events_topic_and_decode_back():
+    from onboardflow.pipelines.onboarding import _drift_event_kv
+    from onboardflow.schemas import default_registry, load_schema
+    from onboardflow.schemas.wire import AvroDeserializer
+
+    learner = LearnerState()
+    rng = random.Random(7)
+    events = []
+    for i in range(4000):
+        profile = persona_profile(rng, f"u{i}", True, DAY_MS * 100 + i)
+        profile["cluster_id"] = rng.choice([0, 1]) if i < 3000 else 2
+        events += learner.learn(profile)
+    assert events
+    encode = _drift_event_kv(None)
+    decoder = AvroDeserializer(default_registry(), load_schema("drift_event"))
+    for event in events:
+        key, value = encode(event)
+        assert key == b"clustering"
+        assert decoder.deserialize(value) == event
