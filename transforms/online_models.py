@@ -25,7 +25,9 @@ Two transforms, one job each (docs/architecture.md, docs/models.md)::
   segmenter learns each feature vector, the propensity model stores
   point-in-time features and trains on delayed labels (completion when
   ``onboarding_progress`` reaches 1, a timeout otherwise, both in event time),
-  and ADWIN watches the segment mix and the propensity error. The learner is a
+  and ADWIN watches the segment mix and the propensity error. Timeouts are
+  labelled by a watermark timer, so a completion processed late (a backlog,
+  a slow partition) is never pre-empted by a premature negative. The learner is a
   keyed stateful stage on a single key, fed by ``GroupIntoBatches`` so its state
   is read and written once per batch rather than once per profile; it is the
   serial part of the pipeline, and it learns from profile *updates* (one per
@@ -46,6 +48,7 @@ from apache_beam.coders import BytesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from onboardflow.models import snapshot
 from onboardflow.models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
@@ -222,6 +225,8 @@ class LearnerState:
     profiles_seen: int = 0
     labels_seen: int = 0
     newest_ms: int = 0
+    #: event time of the pending expiry timer (None: none set)
+    expire_timer_ms: Optional[int] = None
     #: outcomes since the last publish: (label, probability at prediction) for its metrics
     recent_outcomes: list = field(default_factory=list)
 
@@ -239,13 +244,28 @@ class LearnerState:
         cluster = profile.get("cluster_id")
         if isinstance(cluster, int) and not isinstance(cluster, bool):
             events += self.mix_drift.update(cluster, at)
-        # Timeouts first, then this update: a completed profile labels the
-        # points stored before it and is never stored as a training point itself.
-        outcomes = self.propensity.expire(self.newest_ms)
+        # A completed profile labels the points stored before it and is never
+        # stored as a training point itself. Timeouts are not decided here:
+        # see ``expire``.
         if completed_onboarding(profile):
-            outcomes += self.propensity.label(user_key, 1, at)
+            events += self._learned(self.propensity.label(user_key, 1, at))
         else:
             self.propensity.predict(user_key, x, at)
+        return events
+
+    def expire(self, watermark_ms: int) -> list[DriftEvent]:
+        """Label 0 the stored points whose horizon ended before ``watermark_ms``.
+
+        Called with the *watermark*, not the newest event time seen: a user's
+        completion two days after a prediction may be processed after other
+        users' newer events (a backlog, one partition ahead of another), and
+        only the watermark says that every event before the horizon's end has
+        been seen, so no completion can still arrive for the expired points.
+        """
+        return self._learned(self.propensity.expire(watermark_ms))
+
+    def _learned(self, outcomes) -> list[DriftEvent]:
+        events: list[DriftEvent] = []
         for outcome in outcomes:
             self.labels_seen += 1
             self.recent_outcomes.append((outcome.label, outcome.probability))
@@ -270,6 +290,7 @@ class LearnerState:
 class _LearnFn(beam.DoFn):
     STATE = ReadModifyWriteStateSpec("learner", BytesCoder())
     END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
+    EXPIRE = TimerSpec("label_timeouts", TimeDomain.WATERMARK)
 
     def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str, key_prefix: str,
                  publish_seconds: float, metrics=None):
@@ -308,7 +329,7 @@ class _LearnFn(beam.DoFn):
         self._decoded = (data, learner)
 
     def process(self, batch, window=beam.DoFn.WindowParam, cell=beam.DoFn.StateParam(STATE),
-                end=beam.DoFn.TimerParam(END)):
+                end=beam.DoFn.TimerParam(END), expire=beam.DoFn.TimerParam(EXPIRE)):
         _, profiles = batch
         learner = self._load(cell)
         if learner.profiles_seen == 0:
@@ -325,6 +346,11 @@ class _LearnFn(beam.DoFn):
             for event in events:
                 self._drift(event)
                 yield event
+        if learner.expire_timer_ms is None and learner.newest_ms:
+            # Timeouts follow the watermark (LearnerState.expire). One pending
+            # timer, moved on when it fires, rather than one per batch.
+            learner.expire_timer_ms = learner.newest_ms
+            expire.set(Timestamp(micros=learner.newest_ms * 1000))
         now = time.monotonic()
         # A kind's first snapshot goes out as soon as it is usable (so scoring
         # starts early in a stream); after that, on the schedule.
@@ -335,12 +361,38 @@ class _LearnFn(beam.DoFn):
             self._published_at = now
         self._store(cell, learner)
 
+    @on_timer(EXPIRE)
+    def on_expire(self, fired=beam.DoFn.TimestampParam, cell=beam.DoFn.StateParam(STATE),
+                  expire=beam.DoFn.TimerParam(EXPIRE)):
+        data = cell.read()
+        if data is None:
+            return
+        learner = self._load(cell)
+        watermark_ms = fired.micros // 1000
+        for event in learner.expire(watermark_ms):
+            self._drift(event)
+            yield event
+        learner.expire_timer_ms = None
+        if learner.newest_ms > watermark_ms:
+            learner.expire_timer_ms = learner.newest_ms
+            expire.set(Timestamp(micros=learner.newest_ms * 1000))
+        self._store(cell, learner)
+
     @on_timer(END)
     def on_end(self, cell=beam.DoFn.StateParam(STATE)):
-        # The input is bounded and ended: publish what was learned.
+        # The input is bounded and ended: every event has been seen, so every
+        # horizon that ended by the newest event time is final (an expiry timer
+        # re-set in the same final watermark step may not have fired yet; later
+        # horizons stay open: censored, not negative). Then publish.
         data = cell.read()
-        if data is not None:
-            self._publish(self._load(cell), "end of input")
+        if data is None:
+            return
+        learner = self._load(cell)
+        for event in learner.expire(learner.newest_ms):
+            self._drift(event)
+            yield event
+        self._publish(learner, "end of input")
+        self._store(cell, learner)
 
     def _drift(self, event: DriftEvent) -> None:
         self._drifts.inc()

@@ -99,3 +99,32 @@ def test_drift_events_reach_the_warehouse_once_even_when_the_stage_runs_again(
         assert {r[0] for r in rows} == {"clustering"}
         runs.append(sorted(rows))
     assert runs[1] == runs[0]
+
+
+def test_timeouts_follow_the_watermark_and_a_warm_propensity_model_is_published(
+        redis_url, pg_dsn, migrated, redis_key_prefix):
+    # 200 users, one a day apart: each seen at progress 0.2, then a day later
+    # either completed (even users) or at 0.4. Completions label the earlier
+    # point positive at once; the rest become negatives only through the
+    # watermark timer (LearnerState.expire), which a bounded input fires at
+    # its end.
+    rows = []
+    for i in range(200):
+        start = DAY_MS * (100 + i)
+        base = {"user_key": f"p-{i}", "events_7d": 5, "session_count": 2, "days_since_signup": 1}
+        rows.append({**base, "as_of": start, "version": start, "onboarding_progress": 0.2})
+        rows.append({**base, "as_of": start + DAY_MS, "version": start + DAY_MS,
+                     "onboarding_progress": 1.0 if i % 2 == 0 else 0.4})
+    rows.sort(key=lambda r: r["as_of"])
+    with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
+        _ = (p | beam.Create(rows)
+             | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix, publish_seconds=3600,
+                                 batch_size=50))
+    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=redis_key_prefix) as registry:
+        served = registry.current("propensity")
+    assert served is not None, "the propensity model never became warm"
+    # 100 positives (the completers' first points) and the others' two points
+    # each as negatives, except those whose 3-day horizon runs past the newest
+    # event (day 300): user 199's two points and user 197's second stay
+    # unlabelled (censored, not negative). 100 + 200 - 3.
+    assert served.counts["labels"] == 297

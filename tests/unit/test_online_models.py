@@ -137,9 +137,14 @@ def test_learner_labels_completions_with_the_features_of_prediction_time():
     assert learner.labels_seen == 1
     assert learner.propensity.pending_users == 0
     assert learner.propensity.class_counts == [0, 1]
-    # Another user never completes: labelled 0 once the 7-day horizon passes in event time.
+    # Another user never completes. Newer events of other users do not label
+    # them: only the watermark passing the 7-day horizon does.
     learner.learn(persona_profile(rng, "u2", False, t0, progress=0.1))
     learner.learn(persona_profile(rng, "u3", False, t0 + 8 * DAY_MS, progress=0.1))
+    assert learner.propensity.class_counts == [0, 1]
+    learner.expire(t0 + 6 * DAY_MS)
+    assert learner.propensity.class_counts == [0, 1]
+    learner.expire(t0 + 8 * DAY_MS)
     assert learner.propensity.class_counts == [1, 1]
     assert learner.labels_seen == 2
 
