@@ -8,9 +8,10 @@ rolls a bad model back with one command (``onboardflow models rollback``).
 Two stores, two jobs:
 
 * the **warehouse** (``model_versions``, ``model_pointers``, ``model_events``
-  from ``schemas/warehouse/V003__models.sql``) is the authority: it numbers
-  versions, keeps every payload ever published, where each kind's serving
-  pointer is, and every move of that pointer;
+  from ``schemas/warehouse/V003__models.sql`` and ``V005__model_retention.sql``)
+  is the authority: it numbers versions, keeps every version ever published
+  (its payload until retention prunes it), where each kind's serving pointer
+  is, and every move of that pointer;
 * **Redis** is the serving copy (``ModelStore``, key layout below and in
   docs/redis-contract.md): what a scoring worker reads, in one round trip,
   without touching PostgreSQL.
@@ -37,6 +38,18 @@ undo the rollback; new versions are still recorded while pinned.
 ``promote`` moves the pointer to any version (default: the newest) and
 unpins. Every move is a row in ``model_events``.
 
+Retention: ``prune(kind, keep_last, keep_days)`` drops the payload of old
+versions from both stores and keeps their warehouse row (id, SHA-256, counts,
+metrics, ``pruned_at``), so the pointer's history stays readable. It never
+prunes the version either store serves, the newest ``keep_last`` versions, the
+versions the newest ``keep_last`` pointer moves served, nor, with
+``keep_days``, versions published or served in the last ``keep_days`` days.
+A pruned version cannot be served again (``rollback`` and ``promote`` refuse
+it by name, and ``rollback`` without a target steps over it) until its exact
+bytes are published again, which restores its payload under the same version.
+Pruning takes the same per-kind lock as publish, and is idempotent; the
+learner may call it after every publish (docs/models-registry.md#retention).
+
 Redis layout (prefix ``obf`` by default; ``{kind}`` is ``segmentation`` or
 ``propensity``, ``{n}`` the version number in decimal)::
 
@@ -47,6 +60,8 @@ Redis layout (prefix ``obf`` by default; ``{kind}`` is ``segmentation`` or
     obf:model:{kind}:versions  sorted set of the version numbers mirrored (score = n)
 
 Nothing here expires: a model must not vanish from under a scoring worker.
+``prune`` deletes the ``v:{n}`` hashes (and zset members) of pruned versions,
+never the one ``current`` names, checked inside the same Lua script.
 Version ids read ``seg-000012`` / ``prop-000003`` (``ModelVersion.id``).
 
 Example (needs Redis and PostgreSQL with the migrations applied)::
@@ -64,7 +79,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Union
 
@@ -143,7 +158,11 @@ def _epoch_ms(value: dt.datetime) -> int:
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One published model. ``payload`` is None in listings (``payload_size`` says how big)."""
+    """One published model. ``payload`` is None in listings (``payload_size`` says how big).
+
+    A pruned version (``pruned_at`` set) keeps its metadata; its payload is
+    gone, so ``payload`` and ``payload_size`` are None.
+    """
 
     kind: str
     number: int
@@ -154,10 +173,15 @@ class ModelVersion:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     payload: Optional[bytes] = None
     payload_size: Optional[int] = None
+    pruned_at: Optional[dt.datetime] = None
 
     @property
     def id(self) -> str:
         return version_id(self.kind, self.number)
+
+    @property
+    def pruned(self) -> bool:
+        return self.pruned_at is not None
 
 
 class Pointer(NamedTuple):
@@ -186,6 +210,57 @@ class PublishResult(NamedTuple):
     version: ModelVersion
     created: bool  # False: the payload was already registered under this version
     serving: bool  # the version is current after the call
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def check_retention(keep_last: int, keep_days: Optional[float]) -> None:
+    """Refuse a retention that would keep nothing or cannot be read as a time span."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        # The newest version is what the learner just published and what
+        # ``promote`` serves by default: it always stays.
+        raise RegistryError(f"keep_last must be a whole number >= 1, got {keep_last!r}")
+    if keep_days is not None:
+        if isinstance(keep_days, bool) or not isinstance(keep_days, (int, float)) or not keep_days >= 0 \
+                or keep_days == float("inf"):
+            raise RegistryError(f"keep_days must be a finite number of days >= 0, got {keep_days!r}")
+
+
+def retention_cutoff(now: dt.datetime, keep_days: Optional[float]) -> Optional[dt.datetime]:
+    """The creation (or pointer move) time before which ``keep_days`` no longer protects; None without it."""
+    if keep_days is None:
+        return None
+    try:
+        return now - dt.timedelta(days=keep_days)
+    except OverflowError:  # more days than the calendar holds: everything is recent
+        return _EPOCH
+
+
+def prunable_versions(kept: Mapping[int, dt.datetime], newest: int, protected: Iterable[int], keep_last: int,
+                      cutoff: Optional[dt.datetime] = None) -> list[int]:
+    """The versions a prune removes, oldest first.
+
+    ``kept`` maps each version that still holds a payload to its creation
+    time; ``newest`` is the kind's highest version number (numbers count up
+    without gaps, so the newest ``keep_last`` are those above
+    ``newest - keep_last``, pruned or not); ``protected`` are versions that
+    stay whatever their age (served now, or by a recent pointer move);
+    ``cutoff`` (``retention_cutoff``): versions created at or after it stay.
+
+    >>> t = dt.datetime(2026, 1, 10, tzinfo=dt.timezone.utc)
+    >>> kept = {n: t + dt.timedelta(hours=n) for n in range(1, 8)}
+    >>> prunable_versions(kept, newest=7, protected={2}, keep_last=3)
+    [1, 3, 4]
+    >>> prunable_versions(kept, newest=7, protected={2}, keep_last=3, cutoff=t + dt.timedelta(hours=3))
+    [1]
+    """
+    check_retention(keep_last, None)
+    protected = set(protected)
+    return sorted(
+        n for n, created_at in kept.items()
+        if n <= newest - keep_last and n not in protected and (cutoff is None or created_at < cutoff)
+    )
 
 
 # --------------------------------------------------------------------------- Redis: the serving copy
@@ -218,6 +293,28 @@ return {pointer, redis.call('HGETALL', ARGV[1] .. version)}
 """
 
 
+# KEYS: current hash, versions zset. ARGV[1]: key prefix of version hashes
+# ("obf:model:{kind}:v:"); ARGV[2..]: version numbers to drop.
+# The served version is checked in the same script that deletes, so a pointer
+# moved by a concurrent mirror can never be left naming a deleted hash.
+_DROP_LUA = """
+local serving = redis.call('HGET', KEYS[1], 'version')
+local dropped = {}
+for i = 2, #ARGV do
+  if ARGV[i] ~= serving then
+    redis.call('DEL', ARGV[1] .. ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    dropped[#dropped + 1] = ARGV[i]
+  end
+end
+return dropped
+"""
+
+#: Versions dropped per script call: a first prune of a long history must not
+#: block Redis for long.
+_DROP_BATCH = 500
+
+
 def _pairs(flat: list) -> dict[str, bytes]:
     return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
@@ -238,6 +335,7 @@ class ModelStore:
         self._client = client if client is not None else redis.Redis.from_url(redis_url)
         self._mirror = self._client.register_script(_MIRROR_LUA)
         self._read_current = self._client.register_script(_READ_CURRENT_LUA)
+        self._drop = self._client.register_script(_DROP_LUA)
 
     # keys -------------------------------------------------------------------
 
@@ -271,6 +369,14 @@ class ModelStore:
 
     def mirrored_versions(self, kind: str) -> list[int]:
         return [int(m) for m in self._client.zrange(self.versions_key(kind), 0, -1)]
+
+    def mirror_state(self, kind: str) -> tuple[Optional[int], list[int]]:
+        """(the version ``current`` names or None, every mirrored version), in one round trip."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hget(self.current_key(kind), "version")
+        pipe.zrange(self.versions_key(kind), 0, -1)
+        serving, members = pipe.execute()
+        return (None if serving is None else int(serving)), [int(m) for m in members]
 
     @staticmethod
     def _version(kind: str, number: int, fields: Mapping[str, bytes]) -> ModelVersion:
@@ -308,6 +414,21 @@ class ModelStore:
         )
         return bool(moved)
 
+    def drop(self, kind: str, numbers: Iterable[int]) -> list[int]:
+        """Delete the mirrored ``numbers`` of ``kind``, except the one ``current`` names; returns those deleted.
+
+        Deleting a version Redis does not hold is a no-op (it is still
+        reported), so a retried drop is harmless.
+        """
+        numbers = sorted(set(numbers))
+        prefix = f"{self.key_prefix}:model:{check_kind(kind)}:v:"
+        dropped: list[int] = []
+        for start in range(0, len(numbers), _DROP_BATCH):
+            batch = numbers[start:start + _DROP_BATCH]
+            reply = self._drop(keys=[self.current_key(kind), self.versions_key(kind)], args=[prefix, *batch])
+            dropped.extend(int(n) for n in reply)
+        return dropped
+
     def close(self) -> None:
         self._client.close()
 
@@ -323,7 +444,7 @@ class ModelRegistry:
     redis_url
         Redis holding the serving copy (``ModelStore``).
     warehouse_dsn
-        PostgreSQL with ``schemas/warehouse`` migrations up to V003 applied.
+        PostgreSQL with ``schemas/warehouse`` migrations up to V005 applied.
     schema
         Warehouse schema (``warehouse``; tests use a private one).
     key_prefix
@@ -352,7 +473,7 @@ class ModelRegistry:
         digest = hashlib.sha256(f"onboardflow.models.{self.schema}.{kind}".encode()).digest()
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [int.from_bytes(digest[:8], "big", signed=True)])
 
-    _VERSION_COLUMNS = "kind, version, payload_sha256, created_at, source, counts, metrics"
+    _VERSION_COLUMNS = "kind, version, payload_sha256, created_at, source, counts, metrics, pruned_at"
 
     def _select_version(self, conn, kind: str, where: str, params: list, with_payload: bool) -> Optional[ModelVersion]:
         columns = self._VERSION_COLUMNS + (", payload" if with_payload else ", octet_length(payload)")
@@ -364,10 +485,26 @@ class ModelRegistry:
 
     @staticmethod
     def _row_version(row: tuple, with_payload: bool) -> ModelVersion:
-        kind, number, sha, created_at, source, counts, metrics, last = row
-        payload = bytes(last) if with_payload else None
-        return ModelVersion(kind, number, sha, created_at, source, counts, metrics, payload,
-                            len(payload) if with_payload else last)
+        kind, number, sha, created_at, source, counts, metrics, pruned_at, last = row
+        payload = bytes(last) if with_payload and last is not None else None
+        size = (None if payload is None else len(payload)) if with_payload else last
+        return ModelVersion(kind, number, sha, created_at, source, counts, metrics, payload, size, pruned_at)
+
+    @staticmethod
+    def _refuse_pruned(version: ModelVersion) -> None:
+        if version.pruned:
+            raise RegistryError(
+                f"{version.id} was pruned on {version.pruned_at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
+                "(retention): its payload is no longer kept, so it cannot be served; `onboardflow models list` "
+                "shows the versions that can")
+
+    def _servable(self, conn, kind: str, number: int) -> ModelVersion:
+        """Version ``number`` without payload; RegistryError if it does not exist or was pruned."""
+        found = self._select_version(conn, kind, "version = %s", [number], with_payload=False)
+        if found is None:
+            raise RegistryError(f"{version_id(kind, number)} does not exist")
+        self._refuse_pruned(found)
+        return found
 
     def _pointer(self, conn, kind: str, lock: bool = False) -> Optional[Pointer]:
         row = conn.execute(
@@ -417,7 +554,9 @@ class ModelRegistry:
         A payload already registered (same SHA-256) returns its existing
         version with ``created=False`` and changes nothing in the warehouse;
         the Redis mirror is re-run, so a publish that failed after its
-        warehouse commit is completed by retrying it.
+        warehouse commit is completed by retrying it. If that version was
+        pruned, its payload is restored (same version, not served unless the
+        pointer is already on it; ``promote`` or ``rollback`` can serve it).
         """
         check_kind(kind)
         if not isinstance(payload, (bytes, bytearray)) or not payload:
@@ -428,6 +567,13 @@ class ModelRegistry:
         with self._connect() as conn, conn.transaction():
             self._lock(conn, kind)
             existing = self._select_version(conn, kind, "payload_sha256 = %s", [sha], with_payload=True)
+            if existing is not None and existing.pruned:
+                conn.execute(
+                    sql.SQL("UPDATE {} SET payload = %s, pruned_at = NULL WHERE kind = %s AND version = %s").format(
+                        self._table("model_versions")),
+                    [payload, kind, existing.number],
+                )
+                existing = self._select_version(conn, kind, "version = %s", [existing.number], with_payload=True)
             created = existing is None
             if created:
                 row = conn.execute(
@@ -451,11 +597,12 @@ class ModelRegistry:
         """Serve an earlier version and pin the pointer there.
 
         ``to_version`` None: the newest version older than the current one
-        (each call steps back one more). With ``to_version`` the call is
-        idempotent: rolling back to the version already served only re-runs
-        the Redis mirror. Raises RegistryError when nothing is published,
-        there is nothing older, the version does not exist, or it is newer
-        than the current one (that is ``promote``).
+        that was not pruned (each call steps back one more). With
+        ``to_version`` the call is idempotent: rolling back to the version
+        already served only re-runs the Redis mirror. Raises RegistryError
+        when nothing is published, there is nothing older (or every older
+        version was pruned), the version does not exist or was pruned, or it
+        is newer than the current one (that is ``promote``).
         """
         check_kind(kind)
         target = None if to_version is None else parse_version(kind, to_version)
@@ -465,17 +612,21 @@ class ModelRegistry:
             if pointer is None:
                 raise RegistryError(f"no {kind} model has been published yet")
             if target is None:
-                row = conn.execute(
-                    sql.SQL("SELECT MAX(version) FROM {} WHERE kind = %s AND version < %s").format(
-                        self._table("model_versions")),
+                older, servable = conn.execute(
+                    sql.SQL("SELECT MAX(version), MAX(version) FILTER (WHERE pruned_at IS NULL) FROM {} "
+                            "WHERE kind = %s AND version < %s").format(self._table("model_versions")),
                     [kind, pointer.version],
                 ).fetchone()
-                if row[0] is None:
+                if older is None:
                     raise RegistryError(
                         f"{version_id(kind, pointer.version)} is the oldest {kind} version: nothing to roll back to")
-                target = row[0]
-            elif self._select_version(conn, kind, "version = %s", [target], with_payload=False) is None:
-                raise RegistryError(f"{version_id(kind, target)} does not exist")
+                if servable is None:
+                    raise RegistryError(
+                        f"every {kind} version older than {version_id(kind, pointer.version)} was pruned "
+                        "(retention): nothing to roll back to")
+                target = servable
+            else:
+                self._servable(conn, kind, target)
             if target > pointer.version:
                 raise RegistryError(
                     f"{version_id(kind, target)} is newer than the current {version_id(kind, pointer.version)}: "
@@ -486,7 +637,11 @@ class ModelRegistry:
         return pointer
 
     def promote(self, kind: str, to_version: Union[int, str, None] = None, reason: str = "") -> Pointer:
-        """Serve ``to_version`` (default: the newest) and unpin, so publishes move the pointer again."""
+        """Serve ``to_version`` (default: the newest) and unpin, so publishes move the pointer again.
+
+        Raises RegistryError when nothing is published, or the version does not
+        exist or was pruned (retention never prunes the newest version).
+        """
         check_kind(kind)
         target = None if to_version is None else parse_version(kind, to_version)
         with self._connect() as conn, conn.transaction():
@@ -500,25 +655,120 @@ class ModelRegistry:
                 if row[0] is None:
                     raise RegistryError(f"no {kind} model has been published yet")
                 target = row[0]
-            elif self._select_version(conn, kind, "version = %s", [target], with_payload=False) is None:
-                raise RegistryError(f"{version_id(kind, target)} does not exist")
+            self._servable(conn, kind, target)
             if pointer is None or target != pointer.version or pointer.pinned:
                 pointer = self._move(conn, kind, "promote", pointer, target, False, reason)
         self._mirror(kind, pointer)
         return pointer
 
     def sync(self, kind: str) -> int:
-        """Re-mirror every version and the pointer of ``kind`` to Redis (after Redis lost data); returns versions."""
+        """Re-mirror every kept version and the pointer of ``kind`` to Redis (after Redis lost data).
+
+        Returns how many versions were mirrored. Pruned versions are not
+        mirrored, and any Redis still holds are deleted.
+        """
         check_kind(kind)
+        _, mirrored = self.store.mirror_state(kind)
         with self._connect() as conn:
             pointer = self._pointer(conn, kind)
-            numbers = [n for (n,) in conn.execute(
-                sql.SQL("SELECT version FROM {} WHERE kind = %s ORDER BY version").format(
-                    self._table("model_versions")), [kind]).fetchall()]
-            for number in numbers:
+            rows = conn.execute(
+                sql.SQL("SELECT version, pruned_at IS NOT NULL FROM {} WHERE kind = %s ORDER BY version").format(
+                    self._table("model_versions")), [kind]).fetchall()
+            mirrored_now = 0
+            for number in (n for n, pruned in rows if not pruned):
                 version = self._select_version(conn, kind, "version = %s", [number], with_payload=True)
+                if version.pruned:  # a prune ran since the listing
+                    continue
                 self.store.mirror(version, pointer if pointer and pointer.version == number else None)
-        return len(numbers)
+                mirrored_now += 1
+        self.store.drop(kind, {n for n, pruned in rows if pruned}.intersection(mirrored))
+        return mirrored_now
+
+    def prune(self, kind: str, keep_last: int, keep_days: Optional[float] = None,
+              dry_run: bool = False) -> list[int]:
+        """Drop the payloads of old versions of ``kind`` from the warehouse and Redis; returns their numbers.
+
+        Kept whatever their age: the version the warehouse pointer serves and
+        the one Redis serves (they differ only while a mirror is pending; a
+        pinned pointer is one of them), the newest ``keep_last`` versions
+        (>= 1), the versions the newest ``keep_last`` pointer moves served
+        (after rollbacks these are not the newest), and with ``keep_days``:
+        versions created, or served at any time, in the last ``keep_days``
+        days. A pruned version keeps its warehouse row (metadata,
+        ``pruned_at``), so ``versions``, ``events`` and ``models list`` still
+        show it.
+
+        ``dry_run`` returns what would be pruned and changes nothing.
+        Otherwise the warehouse change is one transaction under the kind's
+        writer lock (publish, rollback and promote wait for it, and it for
+        them); then Redis drops the pruned versions, plus any pruned version
+        it still holds from an earlier prune (whose Redis step failed, or
+        raced a slow publisher's mirror), never the one its pointer names.
+        Idempotent: a second call prunes nothing and returns []. Cheap when
+        there is nothing to prune (one Redis round trip, a few indexed
+        queries), so the learner can call it after every publish.
+        """
+        check_kind(kind)
+        check_retention(keep_last, keep_days)
+        served_by_redis, mirrored = self.store.mirror_state(kind)
+        versions = self._table("model_versions")
+        with self._connect() as conn, conn.transaction():
+            self._lock(conn, kind)
+            pointer = self._pointer(conn, kind)
+            now, newest = conn.execute(
+                sql.SQL("SELECT now(), MAX(version) FROM {} WHERE kind = %s").format(versions), [kind]).fetchone()
+            if newest is None:
+                return []
+            kept = dict(conn.execute(
+                sql.SQL("SELECT version, created_at FROM {} WHERE kind = %s AND pruned_at IS NULL "
+                        "AND version <= %s").format(versions),
+                [kind, newest - keep_last],
+            ).fetchall())
+            cutoff = retention_cutoff(now, keep_days)
+            doomed: list[int] = []
+            if kept:
+                protected = self._recently_served(conn, kind, keep_last, cutoff)
+                protected.update(n for n in (served_by_redis, pointer.version if pointer else None) if n is not None)
+                doomed = prunable_versions(kept, newest, protected, keep_last, cutoff)
+            if dry_run:
+                return doomed
+            if doomed:
+                conn.execute(
+                    sql.SQL("UPDATE {} SET payload = NULL, pruned_at = now() "
+                            "WHERE kind = %s AND version = ANY(%s)").format(versions),
+                    [kind, doomed],
+                )
+            stale = [n for (n,) in conn.execute(
+                sql.SQL("SELECT version FROM {} WHERE kind = %s AND version = ANY(%s) "
+                        "AND pruned_at IS NOT NULL").format(versions),
+                [kind, mirrored],
+            ).fetchall()] if mirrored else []
+        if doomed or stale:
+            self.store.drop(kind, set(doomed).union(stale))
+        return doomed
+
+    def _recently_served(self, conn, kind: str, keep_last: int, cutoff: Optional[dt.datetime]) -> set[int]:
+        """Versions the newest ``keep_last`` pointer moves served, and every version served at/after ``cutoff``.
+
+        A move's ``to_version`` was served from the move on; its
+        ``from_version`` until the move, so a move after ``cutoff`` names two
+        versions served since then.
+        """
+        events = self._table("model_events")
+        query = sql.SQL("SELECT to_version, NULL::integer FROM "
+                        "(SELECT to_version FROM {} WHERE kind = %s ORDER BY id DESC LIMIT %s) recent"
+                        ).format(events)
+        params: list = [kind, keep_last]
+        if cutoff is not None:
+            query = sql.SQL("{} UNION SELECT to_version, from_version FROM {} WHERE kind = %s AND at >= %s").format(
+                query, events)
+            params += [kind, cutoff]
+        served: set[int] = set()
+        for to_version, from_version in conn.execute(query, params).fetchall():
+            served.add(to_version)
+            if from_version is not None:
+                served.add(from_version)
+        return served
 
     # -- reads -----------------------------------------------------------------
 
@@ -527,16 +777,22 @@ class ModelRegistry:
         return self.store.current(check_kind(kind))
 
     def get(self, kind: str, version: Union[int, str]) -> ModelVersion:
-        """Any version ever published, with its payload (from the warehouse)."""
+        """Any version not pruned, with its payload (from the warehouse); RegistryError if missing or pruned."""
+        found = self.describe(kind, version, with_payload=True)
+        self._refuse_pruned(found)
+        return found
+
+    def describe(self, kind: str, version: Union[int, str], with_payload: bool = False) -> ModelVersion:
+        """Any version ever published, pruned or not; without its payload unless asked for."""
         number = parse_version(check_kind(kind), version)
         with self._connect() as conn:
-            found = self._select_version(conn, kind, "version = %s", [number], with_payload=True)
+            found = self._select_version(conn, kind, "version = %s", [number], with_payload=with_payload)
         if found is None:
             raise RegistryError(f"{version_id(kind, number)} does not exist")
         return found
 
     def versions(self, kind: str) -> list[ModelVersion]:
-        """Every version of ``kind``, oldest first, without payloads."""
+        """Every version of ``kind``, oldest first, without payloads (pruned ones included, ``pruned_at`` set)."""
         check_kind(kind)
         with self._connect() as conn:
             rows = conn.execute(

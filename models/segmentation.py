@@ -1,12 +1,16 @@
 """Online segmentation: users clustered as their profiles evolve, with readable labels.
 
 ``OnlineSegmenter`` is a River pipeline, ``StandardScaler | KMeans``, over the
-feature vector of ``models/features.py``. Every profile update is one
-observation: the scaler's running mean and variance move, then the closest
-centre moves ``halflife`` of the way towards the scaled point. The user's
-``cluster_id`` is the closest centre; its ``segment_label`` ("power adopter",
-"explorer", "stalled", ...) is read off the centre itself, in the original
-feature units, so a label follows its cluster when the centres move.
+behaviour features of ``models/features.py`` (``SEGMENT_FEATURES``: how a
+user works -- rates, shares, depth -- not how much or for how long, which
+would split a stream of users of every age by age). Every profile update is
+one observation: the scaler's running mean and variance move, then the
+closest centre moves ``halflife`` of the way towards the scaled point. The
+user's ``cluster_id`` is the closest centre. Its ``segment_label`` ("power
+adopter", "explorer", "stalled", ...) is read off the cluster's *profile*: a
+running mean, over the points the cluster won, of the whole feature vector
+(``FEATURES``, including recency and tenure, which the distance does not
+use), so a label follows its cluster when the centres move.
 
 Why KMeans, with these settings (evidence in docs/models.md, measured by
 tests/benchmarks/bench_models.py and ``onboardflow evaluate --clusterer``
@@ -36,8 +40,8 @@ stay consistent, and the scaler keeps learning from there. Without ``scaler``
 the centres are read in the segmenter's current running scaling (which must
 then have seen data).
 
-Snapshots (``to_bytes``/``from_bytes``) hold the scaler, the centres and the
-counters, no per-user data.
+Snapshots (``to_bytes``/``from_bytes``) hold the scaler, the centres, the
+cluster profiles and the counters, no per-user data.
 
 >>> from onboardflow.models.segmentation import OnlineSegmenter
 >>> seg = OnlineSegmenter(n_clusters=2, warmup=4, feature_names=("a", "b"))
@@ -52,14 +56,14 @@ from __future__ import annotations
 
 import collections
 import math
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
 from river import cluster, compose, preprocessing
 
 from onboardflow.models import snapshot
-from onboardflow.models.features import FEATURES
+from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
 
 UNASSIGNED = -1
 CLUSTERERS = ("kmeans", "streamkmeans", "dbstream", "denstream")
@@ -68,7 +72,7 @@ SNAPSHOT_KIND = "segmenter"
 ScalerState = Mapping[str, Union[Mapping[str, float], Sequence[float], float, int]]
 
 
-def make_clusterer(name: str, n_clusters: int = 5, halflife: float = 0.01, seed: int = 42):
+def make_clusterer(name: str, n_clusters: int = 5, halflife: float = 0.02, seed: int = 42):
     """A River clusterer by name, with the settings compared in docs/models.md."""
     if name == "kmeans":
         return cluster.KMeans(n_clusters=n_clusters, halflife=halflife, sigma=1.0, seed=seed)
@@ -88,14 +92,19 @@ def describe_centre(centre: Mapping[str, float]) -> str:
 
     The rules read the features that separate the onboarding behaviours, most
     decisive first: a long silence trumps everything, heavy support use comes
-    next, then how far and how deep into the product the user has gone.
+    next, then how far and how deep into the product the user has gone. A
+    rule whose feature the centre lacks does not apply (a centre of a
+    segmenter clustering on fewer features, before its profile is known).
     """
-    def f(name: str) -> float:
-        return float(centre.get(name, 0.0))
+    def has(name: str) -> bool:
+        return centre.get(name) is not None
 
-    if f("recency_days") >= math.log1p(14.0):
+    def f(name: str) -> float:
+        return float(centre.get(name) or 0.0)
+
+    if has("recency_days") and f("recency_days") >= math.log1p(14.0):
         return "dormant"
-    if f("tenure_days") < math.log1p(1.0):
+    if has("tenure_days") and f("tenure_days") < math.log1p(1.0):
         return "newcomer"
     if f("support_share") >= 0.15:
         return "support seeker"
@@ -103,7 +112,7 @@ def describe_centre(centre: Mapping[str, float]) -> str:
         return "power adopter"
     if f("browse_share") >= 0.6 and f("events_per_session") >= math.log1p(12.0):
         return "explorer"
-    if f("active_share_30d") < 0.3 or f("onboarding_progress") < 0.4:
+    if (has("active_share_30d") and f("active_share_30d") < 0.3) or f("onboarding_progress") < 0.4:
         return "stalled"
     return "steady learner"
 
@@ -125,6 +134,37 @@ def _aligned(values: Union[Mapping[str, float], Sequence[float]], names: Sequenc
     return out
 
 
+def _kmeans_plus_plus(points: "np.ndarray", k: int, rng: "np.random.Generator") -> "np.ndarray":
+    """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
+    centres = [points[rng.integers(len(points))]]
+    d2 = ((points - centres[0]) ** 2).sum(axis=1)
+    while len(centres) < k:
+        total = d2.sum()
+        # Fewer distinct points than clusters: duplicates are as good as any.
+        pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=d2 / total)
+        centres.append(points[pick])
+        d2 = np.minimum(d2, ((points - points[pick]) ** 2).sum(axis=1))
+    return np.array(centres)
+
+
+def _lloyd(points: "np.ndarray", centres: "np.ndarray", iterations: int = 50) -> tuple["np.ndarray", float]:
+    """Lloyd's iterations from ``centres``; returns the centres and their inertia (sum of squared distances)."""
+    centres = centres.copy()
+    for _ in range(iterations):
+        d2 = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+        nearest = d2.argmin(axis=1)
+        moved = centres.copy()
+        for c in range(len(centres)):
+            members = points[nearest == c]
+            if len(members):  # an empty cluster keeps its seed
+                moved[c] = members.mean(axis=0)
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    d2 = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    return centres, float(d2.min(axis=1).sum())
+
+
 class OnlineSegmenter:
     """Online clustering of user feature vectors (see the module docstring).
 
@@ -138,15 +178,23 @@ class OnlineSegmenter:
     halflife
         Fraction of the way a centre moves towards each point it wins.
     warmup
-        Observations buffered before the k-means++ initialization.
+        Observations buffered before the initialization (batch k-means over them).
+    init_restarts
+        k-means++ seedings tried on the warm-up buffer, each refined by
+        Lloyd's iterations; the one of least inertia is kept.
     seed
         Seed of the initialization (deterministic for a given stream).
     feature_names
-        Features used, in order; others in the input are ignored, missing ones count 0.
+        Features the distance uses, in order; others in the input are
+        ignored, missing ones count 0.
+    profile_names
+        Features of the cluster profiles the labels are read from (running
+        means over each cluster's points; not used for assignment).
     """
 
-    def __init__(self, n_clusters: int = 5, clusterer: str = "kmeans", halflife: float = 0.01,
-                 warmup: int = 250, seed: int = 42, feature_names: Sequence[str] = FEATURES):
+    def __init__(self, n_clusters: int = 5, clusterer: str = "kmeans", halflife: float = 0.02,
+                 warmup: int = 500, seed: int = 42, feature_names: Sequence[str] = SEGMENT_FEATURES,
+                 profile_names: Sequence[str] = FEATURES, init_restarts: int = 10):
         if n_clusters < 1:
             raise ValueError("n_clusters must be >= 1")
         if warmup < n_clusters:
@@ -155,8 +203,14 @@ class OnlineSegmenter:
         self.clusterer_name = clusterer
         self.halflife = halflife
         self.warmup = warmup
+        self.init_restarts = init_restarts
         self.seed = seed
         self.feature_names = tuple(feature_names)
+        self.profile_names = tuple(profile_names)
+        # cluster id -> running mean of ``profile_names`` over the points it won, and their count
+        self._profiles: dict[int, dict[str, float]] = {}
+        self._profile_counts: dict[int, int] = {}
+        self._buffer_full: list[dict[str, float]] = []
         self.scaler = preprocessing.StandardScaler()
         self.clusterer = make_clusterer(clusterer, n_clusters, halflife, seed)
         self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))
@@ -171,17 +225,44 @@ class OnlineSegmenter:
     def _select(self, x: Mapping[str, float]) -> dict[str, float]:
         return {n: float(x.get(n, 0.0)) for n in self.feature_names}
 
-    def learn_one(self, x: Mapping[str, float]) -> None:
-        """Learn from one feature vector (``feature_vector`` output)."""
+    def learn_one(self, x: Mapping[str, float], cluster_id: Optional[int] = None) -> None:
+        """Learn from one feature vector (``feature_vector`` output).
+
+        ``cluster_id``: what ``predict_one(x)`` just answered, if the caller
+        asked (saves a second search for the cluster profile's update).
+        """
+        full = x
         x = self._select(x)
         self.n_learned += 1
         if not self.ready:
             self.scaler.learn_one(x)
             self._buffer.append(x)
+            if self._kmeans_family:
+                self._buffer_full.append({n: float(full.get(n, 0.0)) for n in self.profile_names})
             if len(self._buffer) >= self.warmup:
                 self._initialize_from_buffer()
             return
+        if not self._kmeans_family:
+            self._pipeline.learn_one(x)
+            return
+        if cluster_id is None or cluster_id == UNASSIGNED:
+            cluster_id = self.predict_one(full)
         self._pipeline.learn_one(x)
+        self._learn_profile(cluster_id, full)
+
+    def _learn_profile(self, cluster_id: int, x: Mapping[str, float]) -> None:
+        # A running mean that becomes an exponential one (weight ``halflife``)
+        # once the cluster has won 1/halflife points: it follows the centre.
+        if cluster_id == UNASSIGNED:
+            return
+        n = self._profile_counts.get(cluster_id, 0) + 1
+        self._profile_counts[cluster_id] = n
+        rate = max(1.0 / n, self.halflife)
+        profile = self._profiles.setdefault(cluster_id, {})
+        for name in self.profile_names:
+            value = float(x.get(name, 0.0))
+            old = profile.get(name, value)
+            profile[name] = old + rate * (value - old)
 
     def predict_one(self, x: Mapping[str, float]) -> int:
         """The id of the closest cluster, or ``UNASSIGNED`` (-1) before the segmenter is ready."""
@@ -193,28 +274,24 @@ class OnlineSegmenter:
         return int(self._pipeline.predict_one(self._select(x)))
 
     def _initialize_from_buffer(self) -> None:
-        # k-means++ seeding over the buffered points, in the scaling as it is now.
-        points = [self.scaler.transform_one(x) for x in self._buffer]
-        rng = random.Random(self.seed)
-        centres = [points[rng.randrange(len(points))]]
-        d2 = [self._sq_dist(p, centres[0]) for p in points]
-        while len(centres) < self.n_clusters:
-            total = sum(d2)
-            if total <= 0:
-                # Fewer distinct points than clusters: duplicates are as good as any.
-                pick = rng.randrange(len(points))
-            else:
-                r, acc, pick = rng.random() * total, 0.0, len(points) - 1
-                for i, d in enumerate(d2):
-                    acc += d
-                    if acc >= r:
-                        pick = i
-                        break
-            centres.append(points[pick])
-            d2 = [min(d, self._sq_dist(p, points[pick])) for d, p in zip(d2, points)]
-        self._set_centres(centres)
+        # Batch k-means over the warm-up buffer, in the scaling as it is now:
+        # ``init_restarts`` k-means++ seedings, each refined by Lloyd
+        # iterations, the one of least inertia kept (scikit-learn's n_init).
+        names = self.feature_names
+        points = np.array([[self.scaler.transform_one(x).get(n, 0.0) for n in names] for x in self._buffer],
+                          dtype=float)
+        rng = np.random.default_rng(self.seed)
+        best, best_inertia = None, math.inf
+        for _ in range(max(1, self.init_restarts)):
+            centres, inertia = _lloyd(points, _kmeans_plus_plus(points, self.n_clusters, rng))
+            if inertia < best_inertia:
+                best, best_inertia = centres, inertia
+        self._set_centres([{n: float(v) for n, v in zip(names, row)} for row in best])
         self._buffer = []
         self.ready = True
+        for full in self._buffer_full:
+            self._learn_profile(self.predict_one(full), full)
+        self._buffer_full = []
 
     @staticmethod
     def _sq_dist(a: Mapping[str, float], b: Mapping[str, float]) -> float:
@@ -232,11 +309,15 @@ class OnlineSegmenter:
     # -- seeding from the offline bootstrap ----------------------------------
 
     def seed_centers(self, centers: Sequence[Mapping[str, float]], feature_names: Sequence[str],
-                     scaler: Optional[ScalerState] = None) -> None:
+                     scaler: Optional[ScalerState] = None,
+                     profiles: Optional[Sequence[Mapping[str, float]]] = None) -> None:
         """Replace the clustering with ``centers`` found offline (standardized space, see the module docstring).
 
         ``scaler``: ``{"mean": ..., "var": ..., "count": n}`` with mean and var
         as mappings by feature name or sequences in ``feature_names`` order.
+        ``profiles``: per centre, the mean of ``profile_names`` over its
+        members (``feature_vector`` units), for the labels; without them the
+        labels come from the centres until the clusters have won points.
         The number of clusters becomes ``len(centers)``.
         """
         if self.clusterer_name != "kmeans":
@@ -264,6 +345,15 @@ class OnlineSegmenter:
         self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))
         self._set_centres(centres)
         self._buffer = []
+        self._buffer_full = []
+        self._profiles, self._profile_counts = {}, {}
+        if profiles is not None:
+            if len(profiles) != len(centres):
+                raise ValueError(f"{len(profiles)} profiles for {len(centres)} centres")
+            for i, profile in enumerate(profiles):
+                self._profiles[i] = _aligned(profile, self.profile_names, f"profile {i}")
+                # Worth as many points as it takes for new ones to be weighed at ``halflife``.
+                self._profile_counts[i] = int(math.ceil(1.0 / self.halflife)) if self.halflife > 0 else 1
         self.ready = True
         self.seeded = True
 
@@ -283,12 +373,19 @@ class OnlineSegmenter:
                       for n, z in c.items()}
         return out
 
+    def profiles(self) -> dict[int, dict[str, float]]:
+        """Cluster id -> mean of ``profile_names`` over the points it won (``feature_vector`` units)."""
+        return {i: dict(p) for i, p in sorted(self._profiles.items())}
+
     def labels(self) -> dict[int, str]:
-        """Cluster id -> label; clusters with the same description get " 2", " 3"... in id order."""
+        """Cluster id -> label; clusters with the same description get " 2", " 3"... in id order.
+
+        Read off the cluster's profile, or off its centre while it has none.
+        """
         seen: collections.Counter = collections.Counter()
         out = {}
         for i, centre in sorted(self.centres().items()):
-            text = describe_centre(centre)
+            text = describe_centre(self._profiles.get(i) or centre)
             seen[text] += 1
             out[i] = text if seen[text] == 1 else f"{text} {seen[text]}"
         return out
@@ -316,5 +413,11 @@ class OnlineSegmenter:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Snapshots from before cluster profiles: labels come from the centres.
+        state.setdefault("profile_names", tuple(FEATURES))
+        state.setdefault("_profiles", {})
+        state.setdefault("_profile_counts", {})
+        state.setdefault("_buffer_full", [])
+        state.setdefault("init_restarts", 1)
         self.__dict__.update(state)
         self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))

@@ -193,7 +193,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                  | "LearnModels" >> LearnOnlineModels(
                      opts.redis_url, dsn, schema, opts.redis_key_prefix,
                      publish_seconds=opts.model_publish_seconds, batch_size=opts.model_batch_size,
-                     metrics=metrics))
+                     metrics=metrics, keep_versions=opts.model_keep_versions, keep_days=opts.model_keep_days or None))
         model_rejects = (drift | "WriteDriftEvents" >> WriteDriftEvents(dsn, schema),)
         (drift
          | "EncodeDriftEvents" >> beam.Map(_drift_event_kv(opts.registry_url))

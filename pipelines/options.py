@@ -69,6 +69,13 @@ class OnboardingOptions(PipelineOptions):
         m.add_argument("--model_publish_seconds", type=float, default=300.0,
                        help="The learner publishes model snapshots to the registry this often "
                             "(processing time; also when a bounded input ends).")
+        m.add_argument("--model_keep_versions", type=int, default=50,
+                       help="After each publish, drop the payloads of a kind's versions older than the newest "
+                            "this many (never the serving or a pinned one; 0: keep all). "
+                            "`onboardflow models prune` does it by hand.")
+        m.add_argument("--model_keep_days", type=float, default=0.0,
+                       help="With --model_keep_versions, also keep every version published or served within "
+                            "this many days (0: by count only; a publish every 5 min makes 288 a day).")
         m.add_argument("--model_batch_size", type=int, default=500,
                        help="Profile updates the learner folds in per state read/write.")
         m.add_argument("--tracks_file", default=None,

@@ -323,8 +323,13 @@ def fit_bootstrap(matrix, k_values: Iterable[int], pca: Optional[float] = None, 
     )
 
 
-def seed_segmenter(boot: Bootstrap, feature_names: Sequence[str], seed: int = DEFAULT_SEED):
-    """An ``OnlineSegmenter`` started from the chosen centres and the training scaler."""
+def seed_segmenter(boot: Bootstrap, feature_names: Sequence[str], seed: int = DEFAULT_SEED,
+                   profiles: Optional[Sequence[Mapping[str, float]]] = None):
+    """An ``OnlineSegmenter`` started from the chosen centres and the training scaler.
+
+    ``profiles``: per cluster, the mean of the whole feature vector over its
+    members (see ``cluster_profiles``), which the segment labels are read from.
+    """
     from onboardflow.models.segmentation import OnlineSegmenter
 
     k = boot.chosen.k
@@ -334,8 +339,22 @@ def seed_segmenter(boot: Bootstrap, feature_names: Sequence[str], seed: int = DE
         "mean": [float(v) for v in boot.scaler_mean],
         "var": [float(v) for v in boot.scaler_var],
         "count": boot.n_rows,
-    })
+    }, profiles=profiles)
     return segmenter
+
+
+def cluster_profiles(full_matrix, labels, k: int, profile_names: Sequence[str]) -> list[dict[str, float]]:
+    """Per cluster, the mean of every column of ``full_matrix`` (in ``profile_names`` order) over its rows."""
+    import numpy as np
+
+    x = np.asarray(full_matrix, dtype=float)
+    labels = np.asarray(labels)
+    out = []
+    for c in range(k):
+        members = x[labels == c]
+        means = members.mean(axis=0) if len(members) else x.mean(axis=0)
+        out.append({name: float(v) for name, v in zip(profile_names, means)})
+    return out
 
 
 # --------------------------------------------------------------------------- the report
@@ -496,7 +515,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
         raise ValueError("need 2 <= --k-min <= --k-max")
     if args.read_shards < 1 or args.silhouette_sample < 2 or args.min_users < 1:
         raise ValueError("--read-shards, --min-users must be >= 1 and --silhouette-sample >= 2")
-    from onboardflow.models.features import FEATURES
+    from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
     from onboardflow.runners.warehouse import default_dsn
 
     dsn = args.warehouse_dsn or default_dsn()
@@ -538,11 +557,15 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
     import numpy as np
 
-    matrix = np.array([r["x"] for r in rows], dtype=float)
+    # The feature matrix holds the whole vector; the clustering uses the
+    # behaviour features the online segmenter uses, the profiles (labels) all.
+    full = np.array([r["x"] for r in rows], dtype=float)
+    matrix = full[:, [FEATURES.index(name) for name in SEGMENT_FEATURES]]
     boot = fit_bootstrap(matrix, range(args.k_min, args.k_max + 1), args.pca, args.seed,
                          args.silhouette_sample, args.tolerance)
-    segmenter = seed_segmenter(boot, FEATURES, args.seed)
-    online = np.array([segmenter.predict_one(dict(zip(FEATURES, r))) for r in matrix.tolist()])
+    segmenter = seed_segmenter(boot, SEGMENT_FEATURES, args.seed,
+                               profiles=cluster_profiles(full, boot.labels, boot.chosen.k, FEATURES))
+    online = np.array([segmenter.predict_one(dict(zip(FEATURES, r))) for r in full.tolist()])
     agreement = float((online == boot.labels).mean())
     labels = segmenter.labels()
     sizes = np.bincount(boot.labels, minlength=boot.chosen.k)
@@ -554,7 +577,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
         "online_agreement": round(agreement, 6), "pca_components": boot.pca_components,
         "explained_variance": boot.explained_variance, "tolerance": args.tolerance,
         "k_scores": [asdict(s) for s in boot.scores], "clusters": clusters, "seed": args.seed,
-        "features": list(FEATURES),
+        "features": list(SEGMENT_FEATURES),
     }
     if args.as_of is not None:
         metrics["as_of_ms"] = args.as_of

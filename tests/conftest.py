@@ -89,3 +89,25 @@ def warehouse_schema(pg_dsn, unique_name):
     yield name
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def model_registry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix):
+    """A ``ModelRegistry`` over a freshly migrated schema (every migration: V003 models, V005 retention, ...)."""
+    from onboardflow.models.registry import ModelRegistry
+    from onboardflow.transforms.warehouse import apply_migrations
+
+    applied = [m.label for m in apply_migrations(pg_dsn, warehouse_schema)]
+    assert {"V003__models", "V005__model_retention"} <= set(applied)
+    with ModelRegistry(redis_url, pg_dsn, schema=warehouse_schema, key_prefix=redis_key_prefix) as registry:
+        yield registry
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A plain redis-py client on the test Redis, closed afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()

@@ -293,7 +293,10 @@ class _LearnFn(beam.DoFn):
     EXPIRE = TimerSpec("label_timeouts", TimeDomain.WATERMARK)
 
     def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str, key_prefix: str,
-                 publish_seconds: float, metrics=None):
+                 publish_seconds: float, metrics=None, keep_versions: int = 0,
+                 keep_days: Optional[float] = None):
+        self._keep_versions = keep_versions
+        self._keep_days = keep_days
         self._redis_url = redis_url
         self._dsn = warehouse_dsn
         self._schema = warehouse_schema
@@ -304,6 +307,7 @@ class _LearnFn(beam.DoFn):
         self._rejected = Metrics.counter(_NAMESPACE, "profiles_not_learnable")
         self._published = Metrics.counter(_NAMESPACE, "model_versions_published")
         self._publish_failures = Metrics.counter(_NAMESPACE, "model_publish_failures")
+        self._pruned = Metrics.counter(_NAMESPACE, "model_versions_pruned")
         self._drifts = Metrics.counter(_NAMESPACE, "drift_events")
 
     def setup(self):
@@ -420,7 +424,22 @@ class _LearnFn(beam.DoFn):
             if result.created:
                 self._published.inc()
                 _LOG.info("published %s model %s (serving: %s)", kind, result.version.id, result.serving)
+                self._apply_retention(kind)
         learner.recent_outcomes.clear()
+
+    def _apply_retention(self, kind: str) -> None:
+        # Old versions' payloads go (models/registry.py ``prune``: never the
+        # serving or a pinned one); a failure only delays it to the next publish.
+        if self._keep_versions < 1:
+            return
+        try:
+            pruned = self._registry.prune(kind, keep_last=self._keep_versions, keep_days=self._keep_days)
+        except Exception:  # noqa: BLE001 - retention is housekeeping; learning goes on
+            _LOG.warning("pruning old %s model versions failed; retried after the next publish", kind,
+                         exc_info=True)
+            return
+        if pruned:
+            self._pruned.inc(len(pruned))
 
     def teardown(self):
         registry = getattr(self, "_registry", None)
@@ -442,13 +461,16 @@ class LearnOnlineModels(beam.PTransform):
 
     def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str,
                  key_prefix: str = DEFAULT_KEY_PREFIX, publish_seconds: float = 300.0, batch_size: int = 500,
-                 max_batch_seconds: float = 2.0, metrics=None, label: Optional[str] = None):
+                 max_batch_seconds: float = 2.0, metrics=None, keep_versions: int = 0,
+                 keep_days: Optional[float] = None, label: Optional[str] = None):
         super().__init__(label)
-        if batch_size < 1 or publish_seconds < 0 or max_batch_seconds <= 0:
-            raise ValueError("batch_size >= 1, publish_seconds >= 0 and max_batch_seconds > 0 required")
+        if batch_size < 1 or publish_seconds < 0 or max_batch_seconds <= 0 or keep_versions < 0:
+            raise ValueError("batch_size >= 1, publish_seconds >= 0, max_batch_seconds > 0 and "
+                             "keep_versions >= 0 required")
         self._batch_size = batch_size
         self._max_batch_seconds = max_batch_seconds
-        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, publish_seconds, metrics)
+        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, publish_seconds, metrics,
+                            keep_versions, keep_days)
 
     def expand(self, profiles):
         return (

@@ -1,35 +1,23 @@
 """The model registry on the real Redis and PostgreSQL: publish, serve, roll back, recover.
 
-Each test gets a private warehouse schema (migrated up to V003) and a private
+Each test gets a private warehouse schema (all migrations applied) and a private
 Redis key prefix, both removed afterwards.
 """
 import threading
 
 import psycopg
 import pytest
-import redis
 from psycopg import sql
 
 from onboardflow.models.registry import ModelRegistry, RegistryError
 from onboardflow.runners import models as models_cli
-from onboardflow.transforms.warehouse import apply_migrations
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def registry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix):
-    applied = apply_migrations(pg_dsn, warehouse_schema)
-    assert "V003__models" in [m.label for m in applied]
-    with ModelRegistry(redis_url, pg_dsn, schema=warehouse_schema, key_prefix=redis_key_prefix) as reg:
-        yield reg
-
-
-@pytest.fixture
-def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
+def registry(model_registry):
+    return model_registry
 
 
 def _cli(registry, redis_url, pg_dsn, *args):

@@ -82,6 +82,25 @@ def test_learner_publishes_when_usable_and_at_end_of_input_and_the_next_run_scor
         assert_that(scored, check)
 
 
+def test_learner_prunes_old_versions_after_publishing_but_keeps_the_served_one(
+        redis_url, pg_dsn, migrated, redis_key_prefix):
+    # A publish after every batch (publish_seconds=0), keeping the newest 2:
+    # the registry ends with every version listed, only 2 payloads left, and
+    # the served one among them.
+    prefix = redis_key_prefix + "r"
+    with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
+        _ = (p | beam.Create(profiles(1500, seed=4))
+             | LearnOnlineModels(redis_url, pg_dsn, migrated, prefix, publish_seconds=0, batch_size=100,
+                                 keep_versions=2))
+    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=prefix) as registry:
+        versions = registry.versions(SEGMENTATION)
+        kept = [v for v in versions if not v.pruned]
+        assert len(versions) > 3
+        assert [v.id for v in kept] == [v.id for v in versions[-2:]]
+        assert registry.current(SEGMENTATION).id == versions[-1].id
+        assert registry.store.mirrored_versions(SEGMENTATION) == [int(v.id.split("-")[1]) for v in kept]
+
+
 def test_drift_events_reach_the_warehouse_once_even_when_the_stage_runs_again(
         redis_url, pg_dsn, migrated, redis_key_prefix):
     data = profiles(4000, seed=3, shift_at=3000)

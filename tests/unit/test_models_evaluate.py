@@ -31,3 +31,19 @@ def test_evaluate_command_prints_the_table_and_writes_report_and_plot(tmp_path, 
     assert "prequential ROC-AUC" in out and "ARI vs personas" in out
     assert (tmp_path / "report.json").stat().st_size > 0
     assert (tmp_path / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_user_silent_at_the_end_of_the_new_user_window_gets_an_update_then():
+    # The pipeline's lifecycle timer fires at signup + 7 days (+1 ms), when the
+    # "new user" rules flip, even without a new event; the replay does too,
+    # exactly once per user, with the profile advanced to that moment.
+    config = GeneratorConfig(users=40, seed=5)
+    signup = {u.user_id: u.signup_ms for u in JourneyGenerator(config).users()}
+    ticks = list(replay_profiles(config))
+    window_end = {k: s + 7 * DAY_MS + 1 for k, s in signup.items()}
+    at_window_end = [t for t in ticks if t.at_ms == window_end[t.user_key]]
+    assert at_window_end, "no user was silent when their new-user window ended"
+    assert len({t.user_key for t in at_window_end}) == len(at_window_end)
+    for t in at_window_end:
+        assert t.profile["as_of"] == t.at_ms
+        assert t.profile["recency_ms"] > 0

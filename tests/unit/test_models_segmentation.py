@@ -5,7 +5,7 @@ import random
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from onboardflow.models.features import FEATURES
+from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
 from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter, describe_centre
 
 BASE = {name: 0.2 for name in FEATURES} | {"tenure_days": math.log1p(20.0), "browse_share": 0.4,
@@ -71,39 +71,39 @@ def test_describe_centre_rules():
 
 def test_seeded_centres_in_the_given_scaling_decide_assignments():
     seg = OnlineSegmenter(n_clusters=5)
-    mean = {n: 1.0 for n in FEATURES}
-    var = {n: 4.0 for n in FEATURES}
-    low = {n: -1.0 for n in FEATURES}   # z = -1  <=>  x = 1 - 2 = -1
-    high = {n: 1.0 for n in FEATURES}   # z = +1  <=>  x = 3
-    seg.seed_centers([low, high], FEATURES, scaler={"mean": mean, "var": var, "count": 1000})
+    mean = {n: 1.0 for n in SEGMENT_FEATURES}
+    var = {n: 4.0 for n in SEGMENT_FEATURES}
+    low = {n: -1.0 for n in SEGMENT_FEATURES}   # z = -1  <=>  x = 1 - 2 = -1
+    high = {n: 1.0 for n in SEGMENT_FEATURES}   # z = +1  <=>  x = 3
+    seg.seed_centers([low, high], SEGMENT_FEATURES, scaler={"mean": mean, "var": var, "count": 1000})
     assert seg.ready and seg.seeded and seg.n_clusters == 2
-    assert seg.predict_one({n: -0.5 for n in FEATURES}) == 0
-    assert seg.predict_one({n: 2.5 for n in FEATURES}) == 1
-    assert seg.centres()[1] == pytest.approx({n: 3.0 for n in FEATURES})
+    assert seg.predict_one({n: -0.5 for n in SEGMENT_FEATURES}) == 0
+    assert seg.predict_one({n: 2.5 for n in SEGMENT_FEATURES}) == 1
+    assert seg.centres()[1] == pytest.approx({n: 3.0 for n in SEGMENT_FEATURES})
 
 
 def test_seed_centres_accepts_sequences_in_feature_name_order():
-    names = list(reversed(FEATURES))
+    names = list(reversed(SEGMENT_FEATURES))
     seg = OnlineSegmenter()
     seg.seed_centers([[0.0] * len(names), [2.0] * len(names)], names,
                      scaler={"mean": [0.0] * len(names), "var": [1.0] * len(names), "count": 10})
-    assert seg.predict_one({n: 1.9 for n in FEATURES}) == 1
+    assert seg.predict_one({n: 1.9 for n in SEGMENT_FEATURES}) == 1
 
 
 @pytest.mark.parametrize("bad", [
     dict(centers=[{"a": 1.0}], feature_names=("a",)),                               # not our features
-    dict(centers=[], feature_names=FEATURES),                                       # nothing to seed
-    dict(centers=[{n: float("nan") for n in FEATURES}], feature_names=FEATURES),    # not finite
+    dict(centers=[], feature_names=SEGMENT_FEATURES),                                       # nothing to seed
+    dict(centers=[{n: float("nan") for n in SEGMENT_FEATURES}], feature_names=SEGMENT_FEATURES),    # not finite
 ])
 def test_seed_centres_rejects_inconsistent_input(bad):
     with pytest.raises(ValueError):
-        OnlineSegmenter().seed_centers(scaler={"mean": [0.0] * len(FEATURES), "var": [1.0] * len(FEATURES),
+        OnlineSegmenter().seed_centers(scaler={"mean": [0.0] * len(SEGMENT_FEATURES), "var": [1.0] * len(SEGMENT_FEATURES),
                                                "count": 1}, **bad)
 
 
 def test_seeding_without_a_scaler_needs_a_scaler_that_saw_data():
     with pytest.raises(ValueError, match="scaler"):
-        OnlineSegmenter().seed_centers([{n: 0.0 for n in FEATURES}], FEATURES)
+        OnlineSegmenter().seed_centers([{n: 0.0 for n in SEGMENT_FEATURES}], SEGMENT_FEATURES)
 
 
 def test_snapshot_round_trip_gives_identical_predictions_and_keeps_learning_alike():
@@ -124,3 +124,70 @@ def test_other_clusterers_learn_and_predict(name):
     for _, x in _stream(400):
         seg.learn_one(x)
     assert isinstance(seg.predict_one(ARCHETYPES["dormant"]), int)
+
+
+def test_clusters_on_behaviour_features_only():
+    # Age and volume do not move a user between clusters: the same behaviour
+    # at 1 day and at 40 days of tenure, with 10x the events, is one cluster.
+    seg = _trained()
+    assert seg.feature_names == SEGMENT_FEATURES
+    assert "tenure_days" not in SEGMENT_FEATURES and "events_30d" not in SEGMENT_FEATURES
+    for name, x in ARCHETYPES.items():
+        older = x | {"tenure_days": math.log1p(40.0), "events_30d": x["events_30d"] + math.log(10.0),
+                     "engagement": 9.0}
+        assert seg.predict_one(older) == seg.predict_one(x), name
+
+
+def test_labels_come_from_cluster_profiles_including_features_the_distance_ignores():
+    # Tenure is not a clustering feature, yet the label of a cluster whose
+    # members are all hours old says so: it is read off the cluster profile.
+    young = {name: x | {"tenure_days": math.log1p(0.2)} for name, x in ARCHETYPES.items()}
+    seg = OnlineSegmenter(n_clusters=3, warmup=60, seed=3)
+    rng = random.Random(1)
+    for _ in range(900):
+        name = rng.choice(sorted(young))
+        seg.learn_one(young[name] if name == "support seeker" else ARCHETYPES[name])
+    support = seg.predict_one(ARCHETYPES["support seeker"])
+    assert seg.profiles()[support]["tenure_days"] == pytest.approx(math.log1p(0.2))
+    assert seg.label(support) == "newcomer"
+    assert {seg.label(seg.predict_one(ARCHETYPES[n])) for n in ("dormant", "power adopter")} == \
+        {"dormant", "power adopter"}
+    # The centres alone (no tenure) would not say "newcomer".
+    assert describe_centre(seg.centres()[support]) == "support seeker"
+
+
+def test_initialization_is_the_best_of_several_restarts_whatever_the_seed():
+    # Batch k-means with k-means++ restarts over the warm-up buffer finds the
+    # same partition from any seed on separable data (ids may differ).
+    probe = [x for _, x in _stream(200, seed=11)]
+    partitions = []
+    for seed in (1, 2, 3, 42):
+        seg = OnlineSegmenter(n_clusters=3, warmup=90, seed=seed)
+        for _, x in _stream(90):
+            seg.learn_one(x)
+        assert seg.ready
+        partitions.append([seg.predict_one(x) for x in probe])
+    assert all(adjusted_rand_score(partitions[0], p) == 1.0 for p in partitions[1:])
+
+
+def test_snapshot_from_before_cluster_profiles_still_loads_and_labels_from_centres():
+    seg = _trained(600)
+    state = seg.__getstate__()
+    for key in ("profile_names", "_profiles", "_profile_counts", "_buffer_full", "init_restarts"):
+        state.pop(key)
+    old = OnlineSegmenter.__new__(OnlineSegmenter)
+    old.__setstate__(state)
+    assert old.profiles() == {}
+    assert old.labels() == {i: describe_centre(c) for i, c in old.centres().items()}
+    x = ARCHETYPES["dormant"]
+    assert old.predict_one(x) == seg.predict_one(x)
+    old.learn_one(x)
+    assert old.profiles()[old.predict_one(x)]
+
+
+def test_describe_centre_skips_rules_whose_feature_is_absent():
+    centre = {"support_share": 0.02, "feature_use_share": 0.1, "onboarding_progress": 0.9,
+              "browse_share": 0.3, "events_per_session": 1.0}
+    assert describe_centre(centre) == "steady learner"          # no tenure: not "newcomer"
+    assert describe_centre(centre | {"tenure_days": 0.1}) == "newcomer"
+    assert describe_centre(centre | {"recency_days": math.log1p(20.0)}) == "dormant"
