@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,7 +103,10 @@ class Outcome(NamedTuple):
 @dataclass
 class _Pending:
     first_at: int
-    # (predicted_at, deadline, features, probability), in prediction order
+    # (predicted_at, deadline, features, probability), in prediction order;
+    # features packed as float64 bytes in the model's ``feature_names`` order
+    # (``_pack``): a pending user costs ~140 bytes per point in a checkpoint,
+    # not a dict of 17 floats (snapshots from before hold dicts; both load).
     points: list = field(default_factory=list)
     next_checkpoint: int = 0
 
@@ -198,7 +202,7 @@ class PropensityModel:
             reached += 1
         if reached > pending.next_checkpoint:
             deadline = at_ms + self.timeout_ms
-            pending.points.append((at_ms, deadline, features, p))
+            pending.points.append((at_ms, deadline, self._pack(features), p))
             pending.next_checkpoint = reached
             heapq.heappush(self._deadlines, (deadline, user_key))
         return p
@@ -217,7 +221,8 @@ class PropensityModel:
 
     def _learn(self, user_key: str, points: list, target: bool, at_ms: int) -> list[Outcome]:
         outcomes = []
-        for predicted_at, _, features, p in points:
+        for predicted_at, _, packed, p in points:
+            features = self._unpack(packed)
             outcomes.append(Outcome(user_key, predicted_at, at_ms, p, int(target), self._score(features)))
             self.model.learn_one(features, target)
             self.n_learned += 1
@@ -254,6 +259,16 @@ class PropensityModel:
         self._resolved.move_to_end(user_key)
         while len(self._resolved) > self.max_resolved:
             self._resolved.popitem(last=False)
+
+    def _pack(self, features: Mapping[str, float]) -> bytes:
+        return array("d", [features[n] for n in self.feature_names]).tobytes()
+
+    def _unpack(self, packed) -> dict[str, float]:
+        if isinstance(packed, Mapping):  # a point stored by an older snapshot
+            return dict(packed)
+        values = array("d")
+        values.frombytes(packed)
+        return dict(zip(self.feature_names, values))
 
     # -- snapshots -----------------------------------------------------------
 

@@ -92,7 +92,10 @@ def describe_centre(centre: Mapping[str, float]) -> str:
 
     The rules read the features that separate the onboarding behaviours, most
     decisive first: a long silence trumps everything, heavy support use comes
-    next, then how far and how deep into the product the user has gone. A
+    next, then how far and how deep into the product the user has gone. Age
+    is not a label: clusters group behaviours (a cluster of mostly new users
+    is still explorers or stalled users; the "new user" rule segments say
+    who is new). A
     rule whose feature the centre lacks does not apply (a centre of a
     segmenter clustering on fewer features, before its profile is known).
     """
@@ -104,8 +107,6 @@ def describe_centre(centre: Mapping[str, float]) -> str:
 
     if has("recency_days") and f("recency_days") >= math.log1p(14.0):
         return "dormant"
-    if has("tenure_days") and f("tenure_days") < math.log1p(1.0):
-        return "newcomer"
     if f("support_share") >= 0.15:
         return "support seeker"
     if f("feature_use_share") >= 0.3 or (f("onboarding_progress") >= 0.85 and f("purchased") >= 0.4):

@@ -24,12 +24,14 @@ class SnapshotError(ValueError):
     """The bytes are not a snapshot of the expected kind and format."""
 
 
-def dump(kind: str, state: Any) -> bytes:
-    """``state`` as snapshot bytes of model ``kind``."""
+def dump(kind: str, state: Any, level: int = 6) -> bytes:
+    """``state`` as snapshot bytes of model ``kind``; ``level``: zlib compression (1 fastest, 9 smallest)."""
     name = kind.encode("ascii")
     if not 0 < len(name) < 256:
         raise ValueError("kind must be 1..255 ASCII characters")
-    body = zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), level=6)
+    if not 0 <= level <= 9:
+        raise ValueError("level must be 0..9")
+    body = zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), level=level)
     return MAGIC + bytes([FORMAT_VERSION, len(name)]) + name + body
 
 

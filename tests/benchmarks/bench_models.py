@@ -31,11 +31,13 @@ from collections import Counter
 
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
+from onboardflow.models import snapshot
 from onboardflow.models.features import feature_vector
-from onboardflow.models.propensity import CLASSIFIERS, PropensityModel
+from onboardflow.models.propensity import CLASSIFIERS, DAY_MS, PropensityModel
 from onboardflow.models.segmentation import CLUSTERERS, UNASSIGNED, OnlineSegmenter
 from onboardflow.runners.evaluate import replay_profiles
 from onboardflow.runners.generator import GeneratorConfig
+from onboardflow.transforms.online_models import LEARNER_SNAPSHOT_KIND, LearnerState
 
 
 def median_rate(n, runs):
@@ -138,6 +140,26 @@ def bench_snapshots(points, repeats):
               + (f"  ({prop.pending_users:,} users pending)" if name == "propensity" else ""))
 
 
+def bench_learner_checkpoint(points, repeats, pending_users=(10_000, 50_000)):
+    """The learning stage's Beam-state checkpoint (written after every batch) as users await labels.
+
+    Each synthetic pending user has three stored points (day 0, 1, 2 of the
+    3-day horizon) with the feature vectors of the replay, cycled.
+    """
+    vectors = [x for _, _, _, x, _ in points]
+    for n in pending_users:
+        learner = LearnerState()
+        for i in range(n):
+            for day in range(3):
+                learner.propensity.predict(f"u{i}", vectors[(3 * i + day) % len(vectors)], day * DAY_MS + i)
+        for level in (6, 1):
+            dump_runs, data = timed(lambda: snapshot.dump(LEARNER_SNAPSHOT_KIND, learner, level=level), repeats)
+            load_runs, _ = timed(lambda: snapshot.load(LEARNER_SNAPSHOT_KIND, data), repeats)
+            print(f"  {n:>7,} users pending, zlib level {level}: {len(data) / 1e6:6.1f} MB  "
+                  f"dump {statistics.median(dump_runs) * 1000:7.0f} ms  load {statistics.median(load_runs) * 1000:7.0f} ms"
+                  + ("  (what the learner writes)" if level == 1 else ""), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=1000)
@@ -160,6 +182,8 @@ def main(argv=None):
     bench_propensity(points, args.repeats)
     print("snapshots:")
     bench_snapshots(points, args.repeats)
+    print("learner checkpoint (transforms/online_models.py LearnerState, per batch):")
+    bench_learner_checkpoint(points, args.repeats)
     return 0
 
 

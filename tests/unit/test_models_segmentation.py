@@ -62,7 +62,7 @@ def test_labels_are_read_off_the_centres():
 
 def test_describe_centre_rules():
     assert describe_centre(ARCHETYPES["dormant"]) == "dormant"
-    assert describe_centre(BASE | {"tenure_days": 0.2}) == "newcomer"
+    assert describe_centre(BASE | {"tenure_days": 0.2}) == describe_centre(BASE)  # age is not a label
     explorer = BASE | {"browse_share": 0.75, "events_per_session": math.log1p(18.0),
                        "active_share_30d": 0.6, "onboarding_progress": 0.7}
     assert describe_centre(explorer) == "explorer"
@@ -139,21 +139,23 @@ def test_clusters_on_behaviour_features_only():
 
 
 def test_labels_come_from_cluster_profiles_including_features_the_distance_ignores():
-    # Tenure is not a clustering feature, yet the label of a cluster whose
-    # members are all hours old says so: it is read off the cluster profile.
-    young = {name: x | {"tenure_days": math.log1p(0.2)} for name, x in ARCHETYPES.items()}
+    # "purchased" is not a clustering feature, yet a cluster of users far into
+    # the tutorial who all bought a plan is labelled "power adopter": the
+    # label is read off the cluster profile (the whole vector), not the centre.
+    buyers = ARCHETYPES["support seeker"] | {"support_share": 0.02, "onboarding_progress": 0.9, "purchased": 1.0}
+    kinds = {"dormant": ARCHETYPES["dormant"], "buyers": buyers, "support seeker": ARCHETYPES["support seeker"]}
     seg = OnlineSegmenter(n_clusters=3, warmup=60, seed=3)
     rng = random.Random(1)
     for _ in range(900):
-        name = rng.choice(sorted(young))
-        seg.learn_one(young[name] if name == "support seeker" else ARCHETYPES[name])
-    support = seg.predict_one(ARCHETYPES["support seeker"])
-    assert seg.profiles()[support]["tenure_days"] == pytest.approx(math.log1p(0.2))
-    assert seg.label(support) == "newcomer"
-    assert {seg.label(seg.predict_one(ARCHETYPES[n])) for n in ("dormant", "power adopter")} == \
-        {"dormant", "power adopter"}
-    # The centres alone (no tenure) would not say "newcomer".
-    assert describe_centre(seg.centres()[support]) == "support seeker"
+        seg.learn_one(kinds[rng.choice(sorted(kinds))])
+    cluster = seg.predict_one(buyers)
+    assert "purchased" not in seg.feature_names
+    assert seg.profiles()[cluster]["purchased"] == pytest.approx(1.0)
+    assert seg.label(cluster) == "power adopter"
+    assert {seg.label(seg.predict_one(kinds[n])) for n in ("dormant", "support seeker")} == \
+        {"dormant", "support seeker"}
+    # The centre alone (no purchases) reads as a steady learner.
+    assert describe_centre(seg.centres()[cluster]) == "steady learner"
 
 
 def test_initialization_is_the_best_of_several_restarts_whatever_the_seed():
@@ -188,6 +190,6 @@ def test_snapshot_from_before_cluster_profiles_still_loads_and_labels_from_centr
 def test_describe_centre_skips_rules_whose_feature_is_absent():
     centre = {"support_share": 0.02, "feature_use_share": 0.1, "onboarding_progress": 0.9,
               "browse_share": 0.3, "events_per_session": 1.0}
-    assert describe_centre(centre) == "steady learner"          # no tenure: not "newcomer"
-    assert describe_centre(centre | {"tenure_days": 0.1}) == "newcomer"
+    assert describe_centre(centre) == "steady learner"          # no activity share: not "stalled"
+    assert describe_centre(centre | {"active_share_30d": 0.1}) == "stalled"
     assert describe_centre(centre | {"recency_days": math.log1p(20.0)}) == "dormant"
