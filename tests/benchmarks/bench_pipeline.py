@@ -8,6 +8,7 @@ Two measurements against the real local Kafka / Redis / PostgreSQL:
    (the source commits before the sinks finish, so lag alone would flatter
    it). Reported with and without start-up (time to the first commit).
 2. Latency at a fixed input rate: the pipeline runs while events are produced
+   (by a separate process, which would otherwise share the GIL with the workers)
    at --rate events/s; every --probe-interval a probe event for a fresh user
    is sent and timed until its profile is visible in Redis (produce -> Redis).
    p50 / p99 over the probes.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
+import multiprocessing
 import time
 import uuid
 
@@ -107,6 +108,15 @@ def _sustained(args, run_id, tag, schema, secret, extra=(), drop_prefix=None):
         print(f"   sustained, {label}: did not drain within 900 s")
 
 
+def _feed(bootstrap: str, topic: str, rate: float, n: int, start_ms: int) -> None:
+    """Produce ``n`` generated events at ``rate`` per second (the latency run's background load)."""
+    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.produce import produce
+
+    gen = JourneyGenerator(GeneratorConfig(seed=4, users=5000, start_ms=start_ms))
+    produce(gen.messages(max_messages=n), bootstrap, topic, rate=rate, progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
@@ -124,8 +134,6 @@ def main() -> None:
     import psycopg
 
     from onboardflow.pipelines.options import DEFAULT_WAREHOUSE_DSN
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
     from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
     from onboardflow.schemas.wire import AvroSerializer
     from onboardflow.transforms.anonymize import SecretKey
@@ -148,10 +156,12 @@ def main() -> None:
     group, prefix = f"bench-{run_id}-b", f"bench{run_id}b"
     result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret, tuple(args.pipeline_arg))
     time.sleep(10)  # start-up
-    gen = JourneyGenerator(GeneratorConfig(seed=4, users=5000, start_ms=int(time.time() * 1000) - 45 * DAY_MS))
     n = int(args.rate * args.seconds)
-    feeder = threading.Thread(target=produce, args=(gen.messages(max_messages=n), args.bootstrap, topic),
-                              kwargs={"rate": args.rate, "progress": False}, daemon=True)
+    # The load generator runs in its own process: in this one it would share
+    # the GIL with the LOOPBACK SDK workers it is measuring.
+    feeder = multiprocessing.get_context("spawn").Process(
+        target=_feed, args=(args.bootstrap, topic, args.rate, n, int(time.time() * 1000) - 45 * DAY_MS),
+        daemon=True)
     serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
     from kafka import KafkaProducer
     producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0)
@@ -183,6 +193,8 @@ def main() -> None:
         result.cancel()
         producer.close()
     feeder.join(timeout=5)
+    if feeder.is_alive():
+        feeder.terminate()
     if latencies:
         print(f"   latency at {args.rate:,.0f} events/s for {args.seconds:.0f}s: p50 "
               f"{statistics.median(latencies) * 1000:.0f} ms, p99 {_percentile(latencies, 0.99) * 1000:.0f} ms "

@@ -55,7 +55,7 @@ def test_learner_publishes_when_usable_and_at_end_of_input_and_the_next_run_scor
     with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=redis_key_prefix) as registry:
         served = registry.current(SEGMENTATION)
         versions = registry.versions(SEGMENTATION)
-        # Published once as soon as it was usable (after the 250-update warm-up),
+        # Published once as soon as it was usable (after the 500-update warm-up),
         # then at the end of the input: the end-of-input version is served.
         assert len(versions) == 2
         assert served is not None and served.id == versions[-1].id == "seg-000002"
