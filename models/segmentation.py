@@ -18,14 +18,15 @@ on the generator's stream): its adjusted Rand index against the five
 ground-truth personas was the best or close to it, with stable cluster ids.
 DenStream scored comparably but predicts 150x slower (it re-clusters on every
 ``predict_one``) and renumbers its clusters each time; DBSTREAM fragmented the
-personas; STREAMKMeans lost a third of the ARI. A small ``halflife`` (0.01)
-makes each centre average over about a hundred recent points: stable, yet
-able to follow a population that ages.
+personas; STREAMKMeans lost a third of the ARI. A small ``halflife`` (0.02)
+makes each centre average over about fifty recent points: stable, yet able
+to follow a population that ages.
 
 Initialization: River's KMeans starts from random Gaussian centres, some of
 which never win a point. Instead the segmenter buffers its first ``warmup``
-observations (only the scaler learns from them) and picks the initial centres
-among them with k-means++ seeding. Until then ``predict_one`` returns
+observations (only the scaler learns from them) and runs batch k-means over
+them (``init_restarts`` k-means++ seedings refined by Lloyd's iterations, the
+one of least inertia kept). Until then ``predict_one`` returns
 ``UNASSIGNED`` (-1) and ``ready`` is False: the pipeline writes no
 ``cluster_id`` for those updates. ``seed_centers`` skips the warm-up with
 centres found offline (``onboardflow train``, scikit-learn's MiniBatchKMeans).
