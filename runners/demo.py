@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import secrets
 import statistics
 import sys
@@ -258,7 +257,7 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
                 "onboarding_progress", "days_since_signup", "plan", "account_tier", "device_class", "email_domain",
                 "country", "cluster_id", "segment_label", "propensity", "model_version", "onboarding_track",
                 "version")
-        print(f"   sample profile (ProfileStore.get of one generated user id; Redis key is its HMAC):")
+        print("   sample profile (ProfileStore.get of one generated user id; Redis key is its HMAC):")
         print("     " + json.dumps({k: profile.get(k) for k in keep}, default=str))
     print("   warehouse rows:        " + ", ".join(f"{t} {n:,}" for t, n in tables.items()))
     print(f"   throughput             {produced / elapsed:>9,.0f} events/s  ({produced:,} events caught up in "
@@ -275,16 +274,25 @@ def _models_summary(args, r, schema, prefix):
     """Serving model versions, and how the profiles in Redis were scored and routed."""
     import collections
 
+    from onboardflow.models.propensity import PropensityModel
     from onboardflow.models.registry import ModelRegistry
 
     with ModelRegistry(args.redis_url, args.warehouse_dsn, schema=schema, key_prefix=prefix) as registry:
+        seen_labels = None
         for kind in ("segmentation", "propensity"):
             current = registry.current(kind)
-            if current is None:
+            if current is None and kind == "propensity":
+                # Served only once warm: min_per_class labelled points of each class (docs/models.md).
+                print("   propensity model           not published: it serves once it has learned "
+                      f"{PropensityModel().min_per_class} completions and {PropensityModel().min_per_class} "
+                      "timeouts (3-day horizon)"
+                      + (f"; {seen_labels:,} labelled points so far" if seen_labels is not None else ""))
+            elif current is None:
                 print(f"   {kind} model         not published yet (the learner is still warming up)")
             else:
                 print(f"   {kind} model         {current.id} (published {len(registry.versions(kind))} versions; "
                       f"counts {json.dumps(dict(current.counts))}; metrics {json.dumps(dict(current.metrics))})")
+                seen_labels = current.counts.get("labels") if kind == "segmentation" else seen_labels
     labels, tracks, scored, total = collections.Counter(), collections.Counter(), 0, 0
     for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
         label, track, version = r.hmget(key, "segment_label", "onboarding_track", "model_version")

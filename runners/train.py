@@ -56,6 +56,7 @@ than ``--k-max``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -470,6 +471,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-shards", type=int, default=4, help="parallel warehouse reads (default: %(default)s)")
     parser.add_argument("--out", default=".run/train", help="report directory (default: %(default)s)")
     parser.add_argument("--no-publish", action="store_true", help="report only; do not register the model")
+    parser.add_argument("--no-propensity", action="store_true",
+                        help="do not bootstrap the propensity model from the snapshot history")
+    parser.add_argument("--timeout-days", type=float, default=3.0,
+                        help="propensity horizon: completes onboarding within N days (default: %(default)s)")
     parser.add_argument("--runner", default="prism",
                         help="'prism' (local, default) or a Beam runner name; other flags go to Beam")
     parser.add_argument("--prism-path", default=None, help=argparse.SUPPRESS)
@@ -486,6 +491,89 @@ def _pipeline_options(args, beam_args: list[str]):
             raise SystemExit(f"onboardflow train: unknown arguments for the local runner: {' '.join(beam_args)}")
         return local_pipeline_options(False, prism_path=args.prism_path, job_name="onboardflow-train")
     return PipelineOptions([f"--runner={args.runner}", *beam_args])
+
+
+# --------------------------------------------------------------------------- propensity bootstrap
+
+
+def read_snapshot_history(dsn: str, schema: str, as_of_ms: Optional[int], batch: int = 5000):
+    """Every profile snapshot of the warehouse in event-time order (``version`` = as_of * 1000 + n).
+
+    A server-side cursor streams them, so the history need not fit in memory.
+    """
+    import psycopg
+    from psycopg import sql
+
+    query = sql.SQL("SELECT snapshot FROM {}").format(sql.Identifier(schema, "profile_snapshots"))
+    params: list = []
+    if as_of_ms is not None:
+        query = sql.SQL("{} WHERE version < %s").format(query)
+        params.append((as_of_ms + 1) * 1000)
+    query = sql.SQL("{} ORDER BY version, user_key").format(query)
+    with psycopg.connect(dsn, application_name="onboardflow-train") as conn:
+        with conn.cursor(name="onboardflow_train_history") as cur:
+            cur.itersize = batch
+            cur.execute(query, params)
+            for (snapshot,) in cur:
+                yield snapshot
+
+
+@dataclass
+class PropensityBootstrap:
+    """What replaying the warehouse history taught a fresh propensity model."""
+
+    model: Any  # PropensityModel
+    snapshots: int
+    skipped: int
+    labelled: int
+    positives: int
+    roc_auc: Optional[float]
+    log_loss: Optional[float]
+
+
+def bootstrap_propensity(snapshots: Iterable[Mapping[str, Any]], timeout_days: float = 3.0) -> PropensityBootstrap:
+    """Replay profile snapshots, in event-time order, through a fresh ``PropensityModel``.
+
+    The same point-in-time labelling as the online learner: a snapshot that
+    shows the tutorial completed labels the user's earlier stored points 1;
+    every other snapshot is a prediction (stored at the model's checkpoints);
+    points whose horizon ended before the current snapshot's time are
+    labelled 0. Offline every earlier event is already known, so the stream's
+    newest time stands in for the watermark. Horizons still open at the end
+    of the history stay unlabelled (censored). Sequential by nature (the order
+    is the point), so it runs in the launcher over a streamed cursor, not in
+    Beam. ROC-AUC / log loss are prequential: the probability given when each
+    point was stored, against its later label.
+    """
+    from onboardflow.models.features import feature_vector
+    from onboardflow.models.propensity import PropensityModel, log_loss
+    from onboardflow.transforms.online_models import _event_time_ms, completed_onboarding
+
+    model = PropensityModel(timeout_days=timeout_days)
+    outcomes, count, skipped = [], 0, 0
+    for profile in snapshots:
+        if not isinstance(profile, Mapping):  # dead-lettered by the feature stage too
+            skipped += 1
+            continue
+        at = _event_time_ms(profile)
+        user_key = profile.get("user_key")
+        if at is None or not isinstance(user_key, str):
+            skipped += 1
+            continue
+        count += 1
+        outcomes += model.expire(at)
+        if completed_onboarding(profile):
+            outcomes += model.label(user_key, 1, at)
+        else:
+            model.predict(user_key, feature_vector(profile), at)
+    labels = [o.label for o in outcomes]
+    auc = None
+    if 0 < sum(labels) < len(labels):
+        from sklearn.metrics import roc_auc_score
+
+        auc = round(float(roc_auc_score(labels, [o.probability for o in outcomes])), 6)
+    loss = round(sum(log_loss(o.label, o.probability) for o in outcomes) / len(outcomes), 6) if outcomes else None
+    return PropensityBootstrap(model, count, skipped, len(outcomes), sum(labels), auc, loss)
 
 
 def _count_users(dsn: str, schema: str, as_of_ms: Optional[int]) -> int:
@@ -583,12 +671,31 @@ def run(argv: Optional[list[str]] = None) -> dict:
         metrics["as_of_ms"] = args.as_of
     report = {"counts": counts, "metrics": metrics, "beam_seconds": round(beam_seconds, 3), "published": None}
 
+    prop = None
+    if not args.no_propensity:
+        # closing(): an error mid-replay must not leave the server-side cursor's transaction open.
+        with contextlib.closing(read_snapshot_history(dsn, args.schema, args.as_of)) as history:
+            prop = bootstrap_propensity(history, args.timeout_days)
+        report["propensity"] = {
+            "snapshots": prop.snapshots, "skipped": prop.skipped, "labelled": prop.labelled,
+            "positives": prop.positives, "roc_auc": prop.roc_auc, "log_loss": prop.log_loss,
+            "warm": prop.model.warm, "timeout_days": args.timeout_days, "published": None,
+        }
+
     if not args.no_publish:
         from onboardflow.models.registry import ModelRegistry
 
         with ModelRegistry(args.redis_url, dsn, args.schema, args.key_prefix) as registry:
             result = registry.publish("segmentation", segmenter.to_bytes(), counts=counts, metrics=metrics,
                                       source="train", reason=f"onboardflow train: k={boot.chosen.k}")
+            if prop is not None and prop.model.warm:
+                pub = registry.publish(
+                    "propensity", prop.model.to_bytes(include_pending=False),
+                    counts={"snapshots": prop.snapshots, "labels": prop.labelled, "positives": prop.positives},
+                    metrics={"roc_auc": prop.roc_auc, "log_loss": prop.log_loss, "timeout_days": args.timeout_days},
+                    source="train", reason="onboardflow train: replay of the snapshot history")
+                report["propensity"]["published"] = {"version": pub.version.id, "created": pub.created,
+                                                     "serving": pub.serving}
         report["published"] = {"version": result.version.id, "created": result.created, "serving": result.serving}
 
     text = format_report(boot, clusters, agreement, counts, args.tolerance)
@@ -596,6 +703,19 @@ def run(argv: Optional[list[str]] = None) -> dict:
         p = report["published"]
         text += (f"\npublished {p['version']}" + ("" if p["created"] else " (already registered: same model)")
                  + ("" if p["serving"] else "; NOT serving: the segmentation pointer is pinned by a rollback"))
+    if prop is not None:
+        text += (f"\npropensity (completes onboarding within {args.timeout_days:g} days), replayed from "
+                 f"{prop.snapshots:,} snapshots: {prop.labelled:,} labelled points ({prop.positives:,} positive), "
+                 f"prequential ROC-AUC {prop.roc_auc if prop.roc_auc is not None else 'n/a'}, "
+                 f"log loss {prop.log_loss if prop.log_loss is not None else 'n/a'}; ")
+        published = report["propensity"]["published"]
+        if published:
+            text += f"published {published['version']}" + ("" if published["created"] else " (already registered)")
+        elif not prop.model.warm:
+            text += (f"not published: needs {prop.model.min_per_class} labelled points of each class "
+                     f"(has {prop.positives:,} positive, {prop.labelled - prop.positives:,} negative)")
+        else:
+            text += "not published (--no-publish)"
     (out / "train-report.txt").write_text(text + "\n", encoding="utf-8")
     (out / "train-report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     plot_k_selection(boot.scores, boot.chosen.k, out / "k-selection.png")

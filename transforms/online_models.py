@@ -322,10 +322,30 @@ class _LearnFn(beam.DoFn):
     def _load(self, cell) -> LearnerState:
         data = cell.read()
         if data is None:
-            return LearnerState()
+            return self._fresh()
         if self._decoded is not None and self._decoded[0] is data:
             return self._decoded[1]
         return snapshot.load(LEARNER_SNAPSHOT_KIND, data)
+
+    def _fresh(self) -> LearnerState:
+        """A learner with no state yet starts from the registry's serving versions (e.g. the
+        segmenter `onboardflow train` seeded, or what an earlier run published), else from scratch."""
+        learner = LearnerState()
+        for kind, cls, attr in ((SEGMENTATION, OnlineSegmenter, "segmenter"),
+                                (PROPENSITY, PropensityModel, "propensity")):
+            try:
+                version = self._registry.store.current(kind)
+                if version is None or version.payload is None:
+                    continue
+                setattr(learner, attr, cls.from_bytes(version.payload))
+            except Exception:  # noqa: BLE001 - an unreadable registry must not stop learning
+                _LOG.warning("could not start the %s learner from the serving version; starting cold", kind,
+                             exc_info=True)
+                continue
+            # Its continuation is published on the schedule, not at once as a "first usable" model.
+            self._published_kinds.add(kind)
+            _LOG.info("the %s learner starts from the serving version %s", kind, version.id)
+        return learner
 
     def _store(self, cell, learner: LearnerState) -> None:
         # Written after every batch: the fastest compression (the state

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from apache_beam.testing.util import assert_that
 
+from onboardflow.models.features import feature_vector
 from onboardflow.models.registry import ModelRegistry
 from onboardflow.runners.local import local_pipeline_options
 from onboardflow.transforms.online_models import SEGMENTATION, LearnOnlineModels, ScoreProfiles
@@ -101,15 +102,41 @@ def test_learner_prunes_old_versions_after_publishing_but_keeps_the_served_one(
         assert registry.store.mirrored_versions(SEGMENTATION) == [int(v.id.split("-")[1]) for v in kept]
 
 
+def test_a_new_learner_starts_from_the_serving_versions(redis_url, pg_dsn, migrated, redis_key_prefix):
+    # A segmenter seeded offline (as `onboardflow train` publishes it) is served;
+    # a learner with no state continues from it instead of starting cold: after
+    # fewer updates than a cold warm-up needs, what it publishes at the end of
+    # the input is that segmenter, having learned them.
+    from onboardflow.models.segmentation import OnlineSegmenter
+
+    prefix = redis_key_prefix + "s"
+    seeded = OnlineSegmenter()
+    for x in map(feature_vector, profiles(600, seed=7)):
+        seeded.learn_one(x)
+    assert seeded.ready and seeded.n_learned == 600
+    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=prefix) as registry:
+        registry.publish(SEGMENTATION, seeded.to_bytes(), source="train")
+    with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
+        _ = (p | beam.Create(profiles(60, seed=8))
+             | LearnOnlineModels(redis_url, pg_dsn, migrated, prefix, publish_seconds=3600, batch_size=100))
+    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=prefix) as registry:
+        versions = registry.versions(SEGMENTATION)
+        assert [v.source for v in versions] == ["train", "online"]
+        continued = OnlineSegmenter.from_bytes(registry.current(SEGMENTATION).payload)
+    assert continued.n_learned == 660 and continued.ready
+
+
 def test_drift_events_reach_the_warehouse_once_even_when_the_stage_runs_again(
         redis_url, pg_dsn, migrated, redis_key_prefix):
     data = profiles(4000, seed=3, shift_at=3000)
     runs = []
-    for _ in range(2):
+    for run in range(2):
+        # The same run twice: each from a cold learner (its own registry
+        # prefix; a learner starts from the serving version of its registry).
         with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
             drift = (p | beam.Create(data)
-                     | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix + "x", publish_seconds=3600,
-                                         batch_size=4000))
+                     | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix + f"x{run}",
+                                         publish_seconds=3600, batch_size=4000))
             _ = drift | WriteDriftEvents(pg_dsn, migrated)
         with psycopg.connect(pg_dsn) as conn:
             rows = conn.execute(
