@@ -8,9 +8,13 @@
 3. The streaming pipeline on Prism, reading from the earliest offsets, until it
    has caught up: the consumer group's committed offsets equal the end offsets
    and the Redis profile count has stopped changing.
-4. Latency probes: fresh events sent one by one, each timed until its profile
+4. Live phase: once the learner has published a segmenter from the history
+   (and the scorers had time to load it), one login per generated user now;
+   their profiles come back scored (``cluster_id``, ``segment_label``,
+   ``propensity`` once warm, ``onboarding_track``).
+5. Latency probes: fresh events sent one by one, each timed until its profile
    update is visible in Redis (produce -> Redis, the path an app sees).
-5. A summary: events read / valid / dead-lettered / consent-filtered / late,
+6. A summary: events read / valid / dead-lettered / consent-filtered / late,
    users, members per segment, one profile read back through ``ProfileStore``,
    warehouse row counts, throughput and latency percentiles. The pipeline is
    then cancelled; the demo's data stays for inspection
@@ -193,21 +197,21 @@ def main(argv=None) -> int:
             return 1
         elapsed = caught_up_at - t0
 
-        # Latency probes: one login per fresh probe user, timed to its Redis profile.
         serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
         from kafka import KafkaProducer
         producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=0)
+
+        # Live traffic after the backfill: the learner has published from the
+        # history; one login per user now is scored by the served models.
+        later = _live_phase(args, r, producer, serializer, topic, group, prefix, gen)
+
+        # Latency probes: one login per fresh probe user, timed to its Redis profile.
         store = ProfileStore(args.redis_url, secret, key_prefix=prefix)
         latencies = []
         for i in range(args.probes):
             user = f"demo-probe-{uuid.uuid4().hex[:10]}"
             sent = time.time()
-            t = int(sent * 1000)
-            event = {"event_id": str(uuid.uuid4()), "event_type": "login", "user_id": user, "anonymous_id": None,
-                     "session_id": None, "occurred_at": t, "received_at": t, "properties": {},
-                     "context": {"device": "desktop", "os": "linux", "app_version": "demo", "locale": "en-US",
-                                 "ip": None, "user_agent": None, "email": None},
-                     "consent": {"analytics": True, "personalization": True, "marketing": False}}
+            event = _login(user, int(sent * 1000), {"analytics": True, "personalization": True, "marketing": False})
             producer.send(topic, key=user.encode(), value=serializer.serialize(event)).get(timeout=10)
             while time.time() - sent < 30:
                 if store.get(user) is not None:
@@ -216,7 +220,8 @@ def main(argv=None) -> int:
                 time.sleep(0.01)
         producer.close()
 
-        _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix)
+        _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix,
+                 later=later + args.probes)
     finally:
         try:
             result.cancel()
@@ -225,7 +230,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix):
+def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix, later=0):
+    """``produced``: the backfill; ``later``: valid events sent after it (live logins, probes)."""
     import psycopg
 
     with psycopg.connect(args.warehouse_dsn) as conn:
@@ -234,11 +240,11 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
         tables = {t: q(f'SELECT count(*) FROM "{schema}".{t}')[0][0]
                   for t in ("events", "late_events", "profile_snapshots", "segment_changes", "dead_letters")}
         dlq = dict(q(f"SELECT reason, count(*) FROM \"{schema}\".dead_letters WHERE stage = 'decode' GROUP BY reason"))
-    valid = produced - sum(dlq.values())
+    valid = produced + later - sum(dlq.values())
     profiles = _count_keys(r, f"{prefix}:profile:*")
     duplicates = stats.attempted.get("duplicate", 0)
     print("\n== summary")
-    print(f"   events read            {produced:>9,}")
+    print(f"   events read            {produced + later:>9,}   ({produced:,} backfill, {later:,} live logins and probes)")
     print(f"   valid                  {valid:>9,}   (of which re-sent duplicates {duplicates:,}, dropped by event_id)")
     print(f"   dead-lettered          {sum(dlq.values()):>9,}   " + ", ".join(f"{k} {v}" for k, v in sorted(dlq.items())))
     print(f"   consent-filtered       {valid - duplicates - tables['events'] - tables['late_events']:>9,}   "
@@ -270,6 +276,63 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
           f"--key-prefix {prefix}")
 
 
+def _login(user_id: str, at_ms: int, consent: dict) -> dict:
+    """A valid v2 ``login`` event of ``user_id`` at ``at_ms``."""
+    return {"event_id": str(uuid.uuid4()), "event_type": "login", "user_id": user_id, "anonymous_id": None,
+            "session_id": None, "occurred_at": at_ms, "received_at": at_ms, "properties": {},
+            "context": {"device": "desktop", "os": "linux", "app_version": "demo", "locale": "en-US",
+                        "ip": None, "user_agent": None, "email": None},
+            "consent": dict(consent)}
+
+
+def _scored(r, prefix) -> tuple[int, int]:
+    """(profiles carrying a model_version, all profiles) in Redis under ``prefix``."""
+    scored = total = 0
+    for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
+        total += 1
+        scored += r.hget(key, "model_version") not in (None, b"", b"null")
+    return scored, total
+
+
+def _live_phase(args, r, producer, serializer, topic, group, prefix, gen, wait_s: float = 90.0) -> int:
+    """Wait for a served segmenter, send one login per generated user, wait until they are scored.
+
+    Returns the number of events sent.
+    """
+    from onboardflow.models.registry import ModelStore
+
+    store = ModelStore(args.redis_url, key_prefix=prefix)
+    t0 = time.time()
+    try:
+        while store.current_version("segmentation") is None and time.time() - t0 < wait_s:
+            time.sleep(1.0)
+        version = store.current_version("segmentation")
+    finally:
+        store.close()
+    if version is None:
+        print(f"== live phase skipped: no segmentation model served within {wait_s:.0f} s")
+        return 0
+    time.sleep(6.0)  # the scorers re-check the registry every 5 s (--model_refresh_seconds)
+    users = list(gen.users())
+    now = int(time.time() * 1000)
+    for user in users:
+        event = _login(user.user_id, now, user.consent)
+        producer.send(topic, key=user.user_id.encode(), value=serializer.serialize(event))
+    producer.flush()
+    print(f"== live phase: models served (segmentation v{version}); one login for each of {len(users)} users")
+    last, since = None, time.time()
+    while time.time() - t0 < wait_s + 60:
+        time.sleep(1.0)
+        lag, _ = _lag(args.bootstrap_servers, topic, group)
+        counts = _scored(r, prefix)
+        if counts != last:
+            last, since = counts, time.time()
+        elif lag == 0 and time.time() - since >= 3:
+            break
+    print(f"   scored profiles {last[0]:,} of {last[1]:,}")
+    return len(users)
+
+
 def _models_summary(args, r, schema, prefix):
     """Serving model versions, and how the profiles in Redis were scored and routed."""
     import collections
@@ -293,16 +356,15 @@ def _models_summary(args, r, schema, prefix):
                 print(f"   {kind} model         {current.id} (published {len(registry.versions(kind))} versions; "
                       f"counts {json.dumps(dict(current.counts))}; metrics {json.dumps(dict(current.metrics))})")
                 seen_labels = current.counts.get("labels") if kind == "segmentation" else seen_labels
-    labels, tracks, scored, total = collections.Counter(), collections.Counter(), 0, 0
+    labels, tracks = collections.Counter(), collections.Counter()
+    scored, total = _scored(r, prefix)
     for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
-        label, track, version = r.hmget(key, "segment_label", "onboarding_track", "model_version")
-        total += 1
-        scored += version not in (None, b"", b"null")
+        label, track = r.hmget(key, "segment_label", "onboarding_track")
         if label not in (None, b"", b"null"):
             labels[label.decode().strip('"')] += 1
         if track not in (None, b"", b"null"):
             tracks[track.decode().strip('"')] += 1
-    print(f"   scored by online models {scored:>8,} of {total:,} profiles (updates after the first publish)")
+    print(f"   scored by online models {scored:>8,} of {total:,} profiles (updated after the first publish)")
     if labels:
         print("   clusters: " + ", ".join(f"{k} {v:,}" for k, v in labels.most_common()))
     if tracks:
