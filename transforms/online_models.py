@@ -342,8 +342,11 @@ class _LearnFn(beam.DoFn):
                 _LOG.warning("could not start the %s learner from the serving version; starting cold", kind,
                              exc_info=True)
                 continue
-            # Its continuation is published on the schedule, not at once as a "first usable" model.
+            # Its continuation is published on the schedule, not at once as a "first usable" model:
+            # the schedule starts now.
             self._published_kinds.add(kind)
+            if self._published_at is None:
+                self._published_at = time.monotonic()
             _LOG.info("the %s learner starts from the serving version %s", kind, version.id)
         return learner
 

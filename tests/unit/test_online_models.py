@@ -216,3 +216,77 @@ def test_drift_events_encode_for_the_model_events_topic_and_decode_back():
         key, value = encode(event)
         assert key == b"clustering"
         assert decoder.deserialize(value) == event
+
+
+class _Cell:
+    def __init__(self):
+        self.data = None
+
+    def read(self):
+        return self.data
+
+    def write(self, data):
+        self.data = data
+
+
+class _Timer:
+    def set(self, ts):
+        self.at = ts
+
+
+class _Window:
+    def max_timestamp(self):
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP
+        return MAX_TIMESTAMP
+
+
+class _Registry:
+    """The slice of ModelRegistry the learner uses: the Redis store, publish, prune."""
+
+    def __init__(self, store):
+        self._memory = store
+        self.store = _ServingStore(store)
+        self.published = []
+
+    def publish(self, kind, payload, **_):
+        number = self._memory.publish(kind, payload)
+        self.published.append((kind, number))
+        from onboardflow.models.registry import PublishResult
+        return PublishResult(self._memory.get(kind, number), True, True)
+
+    def prune(self, *_, **__):
+        return []
+
+
+class _ServingStore:
+    """MemoryStore seen through ModelStore.current (the serving version with its payload)."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def current(self, kind):
+        number = self._store.current_version(kind)
+        return None if number is None else self._store.get(kind, number)
+
+
+def test_a_learner_without_state_continues_the_served_model_and_publishes_on_schedule():
+    # Seeded offline and served: a new learner starts from it (not cold), and
+    # its continuation still goes out on the publish schedule in a stream
+    # (a learner that never published must not wait for the end of the input).
+    from onboardflow.transforms.online_models import _LearnFn
+
+    rng = random.Random(3)
+    seeded = trained_segmenter(rng)
+    store = MemoryStore()
+    store.publish(SEGMENTATION, seeded.to_bytes())
+    fn = _LearnFn("redis://unused", "unused", "unused", "obf", publish_seconds=0)
+    fn._registry, fn._published_at, fn._published_kinds, fn._decoded = _Registry(store), None, set(), None
+    batch = [persona_profile(rng, f"n{i}", i % 2 == 0, DAY_MS * 101 + i) for i in range(10)]
+    cell = _Cell()
+
+    list(fn.process(("learner", batch), window=_Window(), cell=cell, end=_Timer(), expire=_Timer()))
+
+    assert fn._registry.published == [(SEGMENTATION, 2)]
+    continued = OnlineSegmenter.from_bytes(store.versions[(SEGMENTATION, 2)])
+    assert continued.n_learned == seeded.n_learned + 10
+    assert cell.data is not None
