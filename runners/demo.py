@@ -356,10 +356,11 @@ def _models_summary(args, r, schema, prefix):
                 print(f"   {kind} model         {current.id} (published {len(registry.versions(kind))} versions; "
                       f"counts {json.dumps(dict(current.counts))}; metrics {json.dumps(dict(current.metrics))})")
                 seen_labels = current.counts.get("labels") if kind == "segmentation" else seen_labels
-    labels, tracks = collections.Counter(), collections.Counter()
-    scored, total = _scored(r, prefix)
+    labels, tracks, scored, total = collections.Counter(), collections.Counter(), 0, 0
     for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
-        label, track = r.hmget(key, "segment_label", "onboarding_track")
+        label, track, version = r.hmget(key, "segment_label", "onboarding_track", "model_version")
+        total += 1
+        scored += version not in (None, b"", b"null")
         if label not in (None, b"", b"null"):
             labels[label.decode().strip('"')] += 1
         if track not in (None, b"", b"null"):

@@ -10,7 +10,6 @@ import time
 
 import apache_beam as beam
 import pytest
-import redis
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -44,10 +43,8 @@ def profile(user_id, version, segments=("activated",), **fields):
 
 
 @pytest.fixture
-def admin(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
+def admin(redis_client):
+    return redis_client
 
 
 @pytest.fixture

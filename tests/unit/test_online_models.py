@@ -149,14 +149,18 @@ def test_learner_labels_completions_with_the_features_of_prediction_time():
     assert learner.labels_seen == 2
 
 
-def test_learner_reports_drift_when_the_segment_mix_shifts_and_not_before():
-    learner = LearnerState()
-    rng = random.Random(5)
-    events = []
-    for i in range(3000):
+def _learn_cluster_mix(seed: int, n: int, shift_at=None):
+    """A learner fed ``n`` engaged profiles scored into clusters 0/1, then only 2 from ``shift_at``."""
+    learner, rng, events = LearnerState(), random.Random(seed), []
+    for i in range(n):
         profile = persona_profile(rng, f"u{i}", True, DAY_MS * 100 + i)
-        profile["cluster_id"] = rng.choice([0, 1])
+        profile["cluster_id"] = rng.choice([0, 1]) if shift_at is None or i < shift_at else 2
         events += learner.learn(profile)
+    return learner, events, rng
+
+
+def test_learner_reports_drift_when_the_segment_mix_shifts_and_not_before():
+    learner, events, rng = _learn_cluster_mix(seed=5, n=3000)
     assert events == []
     for i in range(3000, 4000):
         profile = persona_profile(rng, f"u{i}", True, DAY_MS * 100 + i)
@@ -202,13 +206,7 @@ def test_drift_events_encode_for_the_model_events_topic_and_decode_back():
     from onboardflow.schemas import default_registry, load_schema
     from onboardflow.schemas.wire import AvroDeserializer
 
-    learner = LearnerState()
-    rng = random.Random(7)
-    events = []
-    for i in range(4000):
-        profile = persona_profile(rng, f"u{i}", True, DAY_MS * 100 + i)
-        profile["cluster_id"] = rng.choice([0, 1]) if i < 3000 else 2
-        events += learner.learn(profile)
+    learner, events, _ = _learn_cluster_mix(seed=7, n=4000, shift_at=3000)
     assert events
     encode = _drift_event_kv(None)
     decoder = AvroDeserializer(default_registry(), load_schema("drift_event"))
