@@ -26,7 +26,9 @@ topic-partition::
   time. Undecodable records go to the ``dead_letters`` output.
 * The watermark is ``EventTimeWatermarkEstimator``: max event time seen on the
   partition minus ``max_out_of_orderness``, never backwards, and idle
-  partitions advance with the wall clock (see the class docstring).
+  partitions advance with the wall clock (see the class docstring). On the
+  local runners each partition reports the minimum over the read's partitions
+  (``PartitionWatermarks``), because Prism does not take that minimum itself.
 * Consumer-group offsets (the next offset to read, per partition) are
   committed from a bundle finalizer, i.e. only once the runner has persisted
   the bundle's outputs: on Prism right after the bundle, on Flink when the
@@ -50,13 +52,14 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.iobase import RestrictionProgress, WatermarkEstimator
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
@@ -103,6 +106,9 @@ class KafkaPartition(NamedTuple):
     partition: int
     start_offset: int
     stop_offset: Optional[int]
+    #: Every (topic, partition) the same read covers, this one included: what
+    #: ``PartitionWatermarks`` aligns this partition's watermark with.
+    peers: tuple = ()
 
 
 # --------------------------------------------------------------------------
@@ -181,6 +187,66 @@ def resolve_start_offset(
 # --------------------------------------------------------------------------
 
 
+class PartitionWatermarks:
+    """Process-wide watermarks of the partitions one read covers, to align them.
+
+    Beam holds an SDF's output watermark at the minimum over its outstanding
+    restrictions, and Flink's runner does. Prism (Beam 2.77) does not: it sets
+    the stage's output watermark from the residuals of the *latest* bundle
+    only (``stage.estimatedOutput`` in prism/internal/engine/elementmanager.go,
+    "aggregated here until it makes a difference"), and a bundle often holds a
+    single partition. So the source watermark followed whichever partition was
+    read last: when one partition went idle (wall clock) while another still
+    had a backlog, every event left in the backlog was behind the watermark,
+    lifecycle timers fired early and the profile stage saw those events as too
+    late (measured: 2 of 3 streaming runs of the end-to-end equivalence test).
+
+    With alignment each partition reports ``min`` over the watermarks of all
+    its peers, so whatever bundle Prism reads the estimate from, it is the
+    minimum over the read. This needs every partition of the read in one
+    process, which holds for the local runners (Prism starts one SDK worker
+    per environment); on a distributed runner a peer read by another worker
+    would never report and hold the watermark back forever, so
+    ``ReadFromKafka`` enables it only there (``--kafka_watermark_alignment``).
+
+    Readers are keyed by an id drawn when the ``ReadFromKafka`` is built, so
+    two pipelines in one process (tests, a bounded run then a streaming one)
+    never mix. A partition that has not reported yet holds its peers at the
+    minimum; a bounded partition that finished stops holding them.
+    """
+
+    _lock = threading.Lock()
+    _readers: dict = {}
+
+    @classmethod
+    def expect(cls, reader: str, peers: Iterable) -> None:
+        """Registers the partitions of ``reader``; the first call fixes the set."""
+        with cls._lock:
+            watermarks = cls._readers.setdefault(reader, {})
+            for peer in peers:
+                watermarks.setdefault(tuple(peer), MIN_TIMESTAMP.micros)
+
+    @classmethod
+    def report(cls, reader: str, partition: tuple, micros: int) -> int:
+        """Records ``partition``'s own watermark; returns the minimum over the read."""
+        with cls._lock:
+            watermarks = cls._readers.setdefault(reader, {})
+            if micros > watermarks.get(partition, MIN_TIMESTAMP.micros):
+                watermarks[partition] = micros
+            return min(watermarks.values(), default=micros)
+
+    @classmethod
+    def finish(cls, reader: str, partition: tuple) -> None:
+        """A bounded partition read to its end no longer holds its peers back."""
+        with cls._lock:
+            cls._readers.setdefault(reader, {})[partition] = MAX_TIMESTAMP.micros
+
+    @classmethod
+    def forget(cls, reader: str) -> None:
+        with cls._lock:
+            cls._readers.pop(reader, None)
+
+
 class EventTimeWatermarkEstimator(WatermarkEstimator):
     """Per-partition watermark: max event time less a bounded out-of-orderness.
 
@@ -213,6 +279,11 @@ class EventTimeWatermarkEstimator(WatermarkEstimator):
     included) is deliberately ignored: dead letters are stamped with Kafka's
     broker time, which must not move an event-time watermark.
 
+    * **Aligned across partitions** (when ``aligned_with`` names a reader): the
+      watermark reported to the runner is the minimum over every partition of
+      the read, see ``PartitionWatermarks``. The estimator state keeps the
+      partition's own watermark.
+
     ``clock`` returns epoch seconds; tests inject a fake one.
     """
 
@@ -222,8 +293,14 @@ class EventTimeWatermarkEstimator(WatermarkEstimator):
         max_out_of_orderness: Duration,
         idle_timeout: Duration,
         clock: Callable[[], float] = time.time,
+        aligned_with: Optional[str] = None,
     ):
-        watermark_micros, max_event_micros, caught_up_since_micros = state or (None, None, None)
+        state = tuple(state or ())
+        watermark_micros, max_event_micros, caught_up_since_micros = (state + (None,) * 3)[:3]
+        # The (topic, partition) the estimator belongs to: set by
+        # initial_estimator_state (states written before it have none).
+        self._partition = state[3] if len(state) > 3 else None
+        self._reader = aligned_with if self._partition is not None else None
         self._watermark = MIN_TIMESTAMP if watermark_micros is None else Timestamp(micros=watermark_micros)
         self._max_event_micros = max_event_micros
         self._caught_up_since_micros = caught_up_since_micros
@@ -263,6 +340,15 @@ class EventTimeWatermarkEstimator(WatermarkEstimator):
         )
 
     def current_watermark(self) -> Timestamp:
+        """The watermark reported to the runner (aligned across partitions when enabled)."""
+        own = self.partition_watermark()
+        if self._reader is None or own == MIN_TIMESTAMP:
+            return own
+        aligned = PartitionWatermarks.report(self._reader, self._partition, own.micros)
+        return own if aligned >= own.micros else Timestamp(micros=aligned)
+
+    def partition_watermark(self) -> Timestamp:
+        """This partition's own watermark (max event time, idleness), never backwards."""
         now = self._now_micros()
         candidate = None
         if self._max_event_micros is not None:
@@ -277,9 +363,10 @@ class EventTimeWatermarkEstimator(WatermarkEstimator):
         return self._watermark
 
     def get_estimator_state(self) -> tuple:
-        watermark = self.current_watermark()
+        watermark = self.partition_watermark()
         watermark_micros = None if watermark == MIN_TIMESTAMP else watermark.micros
-        return (watermark_micros, self._max_event_micros, self._caught_up_since_micros)
+        state = (watermark_micros, self._max_event_micros, self._caught_up_since_micros)
+        return state if self._partition is None else state + (self._partition,)
 
 
 class EventTimeWatermarkEstimatorProvider(WatermarkEstimatorProvider):
@@ -290,17 +377,21 @@ class EventTimeWatermarkEstimatorProvider(WatermarkEstimatorProvider):
         max_out_of_orderness: Duration,
         idle_timeout: Duration,
         clock: Callable[[], float] = time.time,
+        aligned_with: Optional[str] = None,
     ):
         self._max_out_of_orderness = Duration.of(max_out_of_orderness)
         self._idle_timeout = Duration.of(idle_timeout)
         self._clock = clock
+        self._aligned_with = aligned_with
 
     def initial_estimator_state(self, element, restriction):
-        return None
+        if isinstance(element, KafkaPartition):
+            return (None, None, None, (element.topic, element.partition))
+        return None  # any other element: a watermark of its own, never aligned
 
     def create_watermark_estimator(self, estimator_state):
         return EventTimeWatermarkEstimator(
-            estimator_state, self._max_out_of_orderness, self._idle_timeout, self._clock
+            estimator_state, self._max_out_of_orderness, self._idle_timeout, self._clock, self._aligned_with
         )
 
 
@@ -487,6 +578,7 @@ class _DiscoverPartitionsFn(beam.DoFn):
             if self._start.kind == "timestamp":
                 found = consumer.offsets_for_times({tp: self._start.timestamp_ms for tp in partitions})
                 by_time = {tp: (hit.offset if hit is not None else None) for tp, hit in found.items()}
+            peers = tuple((tp.topic, tp.partition) for tp in partitions)
             for tp in partitions:
                 committed = consumer.committed(tp) if self._start.kind == "committed" else None
                 start = resolve_start_offset(
@@ -496,7 +588,7 @@ class _DiscoverPartitionsFn(beam.DoFn):
                     committed=committed,
                     offset_for_time=by_time.get(tp),
                 )
-                yield KafkaPartition(tp.topic, tp.partition, start, end[tp] if self._bounded else None)
+                yield KafkaPartition(tp.topic, tp.partition, start, end[tp] if self._bounded else None, peers)
         finally:
             consumer.close(autocommit=False)
 
@@ -523,10 +615,13 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         consumer_per_partition: bool,
         consumer_config: Optional[Mapping[str, Any]],
         metrics: Optional[PipelineMetrics] = None,
+        aligned_with: Optional[str] = None,
     ):
         beam.DoFn.__init__(self)
         self._metrics = metrics or PipelineMetrics(prometheus=False)
-        EventTimeWatermarkEstimatorProvider.__init__(self, max_out_of_orderness, idle_timeout)
+        EventTimeWatermarkEstimatorProvider.__init__(
+            self, max_out_of_orderness, idle_timeout, aligned_with=aligned_with
+        )
         self._bootstrap_servers = bootstrap_servers
         self._group = consumer_group
         self._decoder = decoder
@@ -638,9 +733,12 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         start, stop = restriction.start, restriction.stop
         bounded = stop != UNBOUNDED_STOP
         self._register_commit(finalizer)
+        if self._aligned_with is not None:
+            PartitionWatermarks.expect(self._aligned_with, partition.peers)
         if start >= stop:
             # Nothing to read (empty partition, or committed at its end offset).
             self._bundle_offsets[tp] = stop
+            self._finished(tp)
             return
         consumer = self._consumers.at(tp, start)
         decoder = self._decoder
@@ -731,7 +829,13 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                 break
         if next_offset > start:
             self._bundle_offsets[tp] = next_offset
-        self._metrics.source_watermark(tp.topic, tp.partition, watermark.current_watermark().micros)
+        if bounded and next_offset >= stop:
+            self._finished(tp)
+        self._metrics.source_watermark(tp.topic, tp.partition, watermark.partition_watermark().micros)
+
+    def _finished(self, tp) -> None:
+        if self._aligned_with is not None:
+            PartitionWatermarks.finish(self._aligned_with, (tp.topic, tp.partition))
 
 
 class _ReadBoundedPartitionsFn(_ReadPartitionsFn):
@@ -827,6 +931,18 @@ class KafkaReadOptions(PipelineOptions):
             ),
         )
         parser.add_argument(
+            "--kafka_watermark_alignment",
+            choices=WATERMARK_ALIGNMENTS,
+            default="auto",
+            help=(
+                "'process': every partition reports the minimum watermark over all partitions of "
+                "the read, kept per SDK process (needed on Prism, which takes an SDF's watermark "
+                "from its latest bundle only; see PartitionWatermarks). 'off': each partition "
+                "reports its own (distributed runners, e.g. Flink, hold the minimum themselves). "
+                "'auto': 'process' on the local runners (Prism, Direct), else 'off'."
+            ),
+        )
+        parser.add_argument(
             "--kafka_poll_batch_size",
             type=int,
             default=500,
@@ -851,6 +967,25 @@ class KafkaReadOptions(PipelineOptions):
                 "pipeline starts, instead of reading forever."
             ),
         )
+
+
+#: Values of ``--kafka_watermark_alignment``.
+WATERMARK_ALIGNMENTS = ("auto", "process", "off")
+
+#: Runners that execute every SDK worker of a job in one process (lower-cased,
+#: without a "runner" suffix): Prism starts one worker per environment.
+_SINGLE_PROCESS_RUNNERS = {"", "prism", "direct", "switchingdirect", "bundlebaseddirect"}
+
+
+def watermark_alignment(options: PipelineOptions) -> bool:
+    """Whether ``--kafka_watermark_alignment`` (and, for ``auto``, the runner) asks for alignment."""
+    mode = options.view_as(KafkaReadOptions).kafka_watermark_alignment
+    if mode != "auto":
+        return mode == "process"
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner is not None else ""
+    name = name.lower().rsplit(".", 1)[-1]
+    return (name[: -len("runner")] if name.endswith("runner") else name) in _SINGLE_PROCESS_RUNNERS
 
 
 class ReadFromKafka(beam.PTransform):
@@ -892,6 +1027,10 @@ class ReadFromKafka(beam.PTransform):
         or a single one re-assigned between partitions. Default: per partition
         when streaming, single when bounded (measured in ``_PartitionConsumers``).
       consumer_config: extra kafka-python consumer settings (security, ...).
+      align_watermarks: report each partition's watermark as the minimum over
+        all partitions of the read (``PartitionWatermarks``); only for runners
+        that read every partition in one process. ``from_options`` decides it
+        from ``--kafka_watermark_alignment`` and the runner.
     """
 
     def __init__(
@@ -912,9 +1051,12 @@ class ReadFromKafka(beam.PTransform):
         consumer_per_partition: Optional[bool] = None,
         consumer_config: Optional[Mapping[str, Any]] = None,
         metrics: Optional[PipelineMetrics] = None,
+        align_watermarks: bool = False,
     ):
         super().__init__()
         self._metrics = metrics
+        # One id per read, so the alignment of two pipelines in one process never mixes.
+        self._aligned_with = f"read-{uuid.uuid4().hex}" if align_watermarks else None
         self._topics = [topics] if isinstance(topics, str) else list(topics)
         if not self._topics:
             raise ValueError("ReadFromKafka needs at least one topic")
@@ -952,6 +1094,7 @@ class ReadFromKafka(beam.PTransform):
             idle_timeout=kafka.kafka_idle_timeout,
             poll_batch_size=kafka.kafka_poll_batch_size,
             max_read_seconds=kafka.kafka_max_read_seconds,
+            align_watermarks=watermark_alignment(options),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -988,6 +1131,7 @@ class ReadFromKafka(beam.PTransform):
                 consumer_per_partition=self._consumer_per_partition,
                 consumer_config=self._consumer_config,
                 metrics=self._metrics,
+                aligned_with=self._aligned_with,
             )
         )
         if self._decoder is None:

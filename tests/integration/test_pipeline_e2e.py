@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import re
 import time
 import zlib
@@ -44,6 +45,10 @@ from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
 from onboardflow.models import snapshot
+from onboardflow.models.features import feature_vector
+from onboardflow.models.propensity import PropensityModel
+from onboardflow.models.registry import ModelRegistry
+from onboardflow.models.segmentation import OnlineSegmenter
 from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.generator import (
     DUPLICATE, MALFORMATION_REASONS, VALID, GeneratedMessage, GeneratorConfig, JourneyGenerator, UserProfile,
@@ -52,7 +57,9 @@ from onboardflow.runners.produce import produce
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.transforms.anonymize import SecretKey, ip_prefix
+from onboardflow.transforms.online_models import PROPENSITY, SEGMENTATION
 from onboardflow.transforms.profile_store import ProfileStore, decode_profile
+from onboardflow.transforms.warehouse import apply_migrations
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -595,10 +602,58 @@ def assert_same_profiles(streaming: dict[str, dict], bounded: dict[str, dict]) -
     assert differences == [], f"{len(differences)} fields differ (user, field, streaming, bounded)"
 
 
+def fixed_models() -> dict[str, bytes]:
+    """A ready segmenter and a warm propensity model, learned from synthetic profiles."""
+    rng = random.Random(11)
+    segmenter, propensity = OnlineSegmenter(), PropensityModel()
+    for i in range(600):
+        kind = i % 3  # support-heavy, feature-heavy and browse-only users
+        sessions = rng.randint(1, 12)
+        counts = {"support_message": rng.randint(0, 3) + 6 * (kind == 0),
+                  "feature_used": rng.randint(0, 3) + 12 * (kind == 1),
+                  "page_view": rng.randint(5, 30)}
+        x = feature_vector({
+            "event_counts": counts, "events_total": sum(counts.values()), "session_count": sessions,
+            "days_since_signup": rng.uniform(0, 14), "distinct_features": counts["feature_used"] // 2,
+            "onboarding_progress": rng.choice([0.0, 0.4, 1.0]), "engagement_score": rng.uniform(0, 40),
+            "recency_ms": rng.uniform(0, 10) * 86_400_000, "events_7d": sum(counts.values()),
+        })
+        segmenter.learn_one(x)
+        propensity.predict(f"u{i}", x, i * 1000)
+        propensity.label(f"u{i}", int(kind == 1), i * 1000 + 1)
+    assert segmenter.ready and propensity.warm
+    return {SEGMENTATION: segmenter.to_bytes(), PROPENSITY: propensity.to_bytes()}
+
+
+def serve_pinned(deployment, prefixes: list[str]) -> None:
+    """Serve ``fixed_models()`` under every Redis prefix, pinned, before any run starts.
+
+    Scoring reads whatever model is serving when a profile passes by, and the
+    learner publishes on a processing-time schedule (and when a bounded input
+    ends), so without a pin which profiles get scored, and by which version,
+    depends on timing. Pinned, every run scores every update with the same
+    versions from its first bundle, so the model fields (cluster, label,
+    propensity, track, model_version) must agree like the rest; the learners
+    still record their versions, unserved.
+    """
+    apply_migrations(deployment.dsn, deployment.schema)
+    for i, prefix in enumerate(prefixes):
+        with ModelRegistry(deployment.redis_url, deployment.dsn, schema=deployment.schema,
+                           key_prefix=prefix) as registry:
+            for kind, payload in fixed_models().items():
+                if i == 0:
+                    version = registry.publish(kind, payload, source="test").version
+                    registry.rollback(kind, to_version=version.number, reason="test: pinned")
+                else:
+                    registry.sync(kind)  # the warehouse pointer is shared: mirror it here
+
+
 def test_streaming_and_bounded_runs_of_the_same_input_end_with_the_same_profiles(deployment, stream):
     # Both runs allow LATENESS_HOURS: an event later than the allowed lateness
     # is (by design) kept out of the profile, and whether one is depends on
     # how far the watermark got when it arrived, which differs between runs.
+    prefix = deployment.other_prefix("streaming")
+    serve_pinned(deployment, [deployment.prefix, prefix])
     deployment.run_bounded(deployment.group("bounded"))
     bounded_profiles, bounded_segments = final_profiles(deployment.redis_url, deployment.prefix)
     assert len(bounded_profiles) > len(stream.users) / 2
@@ -610,7 +665,6 @@ def test_streaming_and_bounded_runs_of_the_same_input_end_with_the_same_profiles
     # generator's fixed January 2026 timeline: the same timers fire. So
     # version and as_of (set by the last timer, dormancy) are compared too;
     # only the write time updated_at is not.
-    prefix = deployment.other_prefix("streaming")
     group = deployment.group("streaming")
     result = run(deployment.args(group, prefix, "--streaming", "--kafka_idle_timeout=2"),
                  secret=SECRET, wait=False)
@@ -637,4 +691,6 @@ def test_streaming_and_bounded_runs_of_the_same_input_end_with_the_same_profiles
     streaming_profiles, streaming_segments = last
     assert_same_profiles(streaming_profiles, bounded_profiles)
     assert streaming_segments == bounded_segments
+    # Both scored every update with the pinned versions (not the learners' own).
+    assert {p["model_version"] for p in bounded_profiles.values()} == {"seg-000001+prop-000001"}
     assert table_counts(deployment.dsn, deployment.schema)["late_events"] == 0

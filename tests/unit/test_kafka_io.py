@@ -18,6 +18,7 @@ from onboardflow.transforms.kafka_io import (
     KafkaPartition,
     KafkaReadOptions,
     PartitionOffsetTracker,
+    PartitionWatermarks,
     ReadFromKafka,
     StartPosition,
     UNBOUNDED_STOP,
@@ -26,6 +27,7 @@ from onboardflow.transforms.kafka_io import (
     _ReadUnboundedPartitionsFn,
     _WriteToKafkaFn,
     resolve_start_offset,
+    watermark_alignment,
 )
 
 NOW_S = 1_767_571_200.0  # a fixed wall clock: 2026-01-05T00:00:00Z
@@ -155,7 +157,8 @@ def test_dead_letter_only_batches_still_end_idleness():
 def test_watermark_and_idle_clock_survive_a_checkpoint_through_the_estimator_state():
     clock = FakeClock()
     provider = EventTimeWatermarkEstimatorProvider(Duration(60), Duration(30), clock)
-    first = provider.create_watermark_estimator(provider.initial_estimator_state(None, None))
+    first = provider.create_watermark_estimator(
+        provider.initial_estimator_state(KafkaPartition("t", 0, 0, None), None))
     first.observe_event_time(at(600))
     first.observe_caught_up()
     clock.advance(20)
@@ -174,6 +177,112 @@ def test_restored_watermark_is_not_lowered_by_the_out_of_orderness_of_older_even
     resumed = estimator(clock, state=state)
     resumed.observe_event_time(at(900))
     assert resumed.current_watermark() == at(60)
+
+
+def test_estimator_state_written_before_it_named_its_partition_still_restores():
+    clock = FakeClock()
+    resumed = estimator(clock, state=(at(660).micros, at(600).micros, None))
+    assert resumed.current_watermark() == at(660)
+    assert resumed.get_estimator_state() == (at(660).micros, at(600).micros, None)
+
+
+# -- alignment across partitions (PartitionWatermarks) -----------------------
+
+PEERS = (("t", 0), ("t", 1))
+
+
+@pytest.fixture
+def aligned():
+    """An aligned provider for the read of PEERS; the process-wide entry is dropped afterwards."""
+    reader = "test-read"
+    clock = FakeClock()
+    provider = EventTimeWatermarkEstimatorProvider(Duration(60), Duration(30), clock, aligned_with=reader)
+    PartitionWatermarks.expect(reader, PEERS)
+    yield clock, provider, reader
+    PartitionWatermarks.forget(reader)
+
+
+def partition_estimator(provider, partition):
+    return provider.create_watermark_estimator(
+        provider.initial_estimator_state(KafkaPartition("t", partition, 0, None, PEERS), None))
+
+
+def test_aligned_partition_reports_the_slowest_peer_while_keeping_its_own_watermark(aligned):
+    clock, provider, _ = aligned
+    fast, slow = partition_estimator(provider, 0), partition_estimator(provider, 1)
+    fast.observe_event_time(at(600))
+    assert fast.current_watermark() == MIN_TIMESTAMP  # the slow partition has not reported yet
+    slow.observe_event_time(at(86_400))  # a day behind: a backlog still being read
+    assert slow.current_watermark() == at(86_460)
+    assert fast.current_watermark() == at(86_460)
+    assert fast.partition_watermark() == at(660)
+    assert fast.get_estimator_state()[0] == at(660).micros  # the state keeps the partition's own
+
+
+def test_an_idle_partition_does_not_carry_the_read_past_a_peer_with_a_backlog(aligned):
+    # The flake this fixes: Prism takes the stage watermark from the latest
+    # bundle, and a bundle holding only the idle partition moved it to the
+    # wall clock while the other partition still had events to read.
+    clock, provider, _ = aligned
+    idle, busy = partition_estimator(provider, 0), partition_estimator(provider, 1)
+    busy.observe_event_time(at(86_400))
+    busy.current_watermark()
+    idle.observe_caught_up()
+    clock.advance(30)
+    assert idle.partition_watermark() == Timestamp(clock() - 60)
+    assert idle.current_watermark() == at(86_460)
+    busy.observe_caught_up()
+    clock.advance(30)
+    # Both idle: the read moves on, each partition as of its peers' last reports
+    # (every partition reports at each of its checkpoints).
+    assert busy.current_watermark() == Timestamp(clock() - 90)
+    assert idle.current_watermark() == Timestamp(clock() - 60)
+    assert busy.current_watermark() == Timestamp(clock() - 60)
+
+
+def test_a_finished_bounded_partition_stops_holding_its_peers(aligned):
+    clock, provider, reader = aligned
+    done, reading = partition_estimator(provider, 0), partition_estimator(provider, 1)
+    done.observe_event_time(at(86_400))
+    done.current_watermark()
+    reading.observe_event_time(at(600))
+    assert reading.current_watermark() == at(86_460)
+    PartitionWatermarks.finish(reader, ("t", 0))
+    assert reading.current_watermark() == at(660)
+
+
+def test_two_reads_in_one_process_are_aligned_separately(aligned):
+    clock, provider, _ = aligned
+    other = EventTimeWatermarkEstimatorProvider(Duration(60), Duration(30), clock, aligned_with="other-read")
+    try:
+        PartitionWatermarks.expect("other-read", PEERS[:1])
+        mine, theirs = partition_estimator(provider, 0), partition_estimator(other, 0)
+        mine.observe_event_time(at(86_400))
+        mine.current_watermark()
+        theirs.observe_event_time(at(600))
+        assert theirs.current_watermark() == at(660)
+    finally:
+        PartitionWatermarks.forget("other-read")
+
+
+def test_an_unaligned_estimator_reports_its_own_watermark():
+    provider = EventTimeWatermarkEstimatorProvider(Duration(60), Duration(30), FakeClock())
+    est = partition_estimator(provider, 0)
+    est.observe_event_time(at(600))
+    assert est.current_watermark() == at(660)
+
+
+@pytest.mark.parametrize("argv,aligned", [
+    ([], True),  # no runner: onboardflow runs it on Prism
+    (["--runner=PrismRunner"], True),
+    (["--runner=DirectRunner"], True),
+    (["--runner=FlinkRunner"], False),
+    (["--runner=PortableRunner"], False),
+    (["--runner=FlinkRunner", "--kafka_watermark_alignment=process"], True),
+    (["--runner=PrismRunner", "--kafka_watermark_alignment=off"], False),
+])
+def test_watermark_alignment_is_on_for_single_process_runners_unless_set(argv, aligned):
+    assert watermark_alignment(PipelineOptions(argv)) is aligned
 
 
 # --------------------------------------------------------------------------

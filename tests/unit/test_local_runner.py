@@ -27,7 +27,11 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from onboardflow.runners import local
 from onboardflow.runners.local import local_pipeline_options, prism_location
-from onboardflow.transforms.kafka_io import EventTimeWatermarkEstimatorProvider
+from onboardflow.transforms.kafka_io import (
+    EventTimeWatermarkEstimatorProvider,
+    KafkaPartition,
+    PartitionWatermarks,
+)
 
 
 def batch():
@@ -143,6 +147,80 @@ def test_custom_watermark_estimator_state_drives_the_watermark_at_checkpoints():
             | beam.CombinePerKey(sum))
         # Had the runner ignored the estimator, "late" would be on time too.
         assert_that(counts, equal_to([("on-time", 2)]))
+
+
+class PartitionRange(RestrictionProvider):
+    """A KafkaPartition's restriction: offsets [0, stop_offset)."""
+
+    def initial_restriction(self, partition):
+        return OffsetRange(0, partition.stop_offset)
+
+    def create_tracker(self, restriction):
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, partition, restriction):
+        return restriction.size()
+
+
+def assert_two_partitions_one_behind_give(expected, aligned_with=None):
+    """Partition 0 sits far ahead in event time (watermark 100 s) and checkpoints
+    every 50 ms; partition 1 reads an event at 1 s, rests for 2 s (a slow read),
+    then reads one at 5 s. Only a runner that holds the stage's watermark at
+    the minimum over both restrictions keeps the second one on time. Asserts
+    the per-event counts of the window [0 s, 10 s) equal ``expected``."""
+    provider = EventTimeWatermarkEstimatorProvider(
+        max_out_of_orderness=Duration(0), idle_timeout=Duration(3600), aligned_with=aligned_with)
+
+    class TwoPartitionsFn(beam.DoFn):
+        @beam.DoFn.unbounded_per_element()
+        def process(self, partition, tracker=beam.DoFn.RestrictionParam(PartitionRange()),
+                    watermark=beam.DoFn.WatermarkEstimatorParam(provider)):
+            if aligned_with is not None:
+                PartitionWatermarks.expect(aligned_with, partition.peers)
+            position = tracker.current_restriction().start
+            if not tracker.try_claim(position):
+                return
+            if partition.partition == 0:
+                watermark.observe_event_time(Timestamp(100))
+                if position == partition.stop_offset - 1:
+                    return
+                tracker.defer_remainder(Duration(micros=50_000))
+            elif position == 0:
+                yield window.TimestampedValue("first", 1)
+                watermark.observe_event_time(Timestamp(1))
+                tracker.defer_remainder(Duration(2))
+            else:
+                yield window.TimestampedValue("second", 5)
+
+    peers = (("t", 0), ("t", 1))
+    partitions = [KafkaPartition("t", 0, 0, 20, peers), KafkaPartition("t", 1, 0, 2, peers)]
+    with streaming() as p:
+        counts = (
+            p
+            | beam.Create(partitions)
+            | beam.ParDo(TwoPartitionsFn())
+            | beam.WindowInto(window.FixedWindows(10), allowed_lateness=0)
+            | beam.Map(lambda name: (name, 1))
+            | beam.CombinePerKey(sum))
+        assert_that(counts, equal_to(expected))
+
+
+def test_prism_takes_an_sdf_watermark_from_the_latest_bundle_not_the_minimum_over_restrictions():
+    """Prism 2.77 sets a stage's output watermark from the residuals of the last
+    bundle (``estimatedOutput`` in prism/internal/engine/elementmanager.go): a
+    bundle holding only partition 0 moves it to 100 s while partition 1 still
+    has an event at 5 s to read, which is then late and dropped. When this
+    starts failing, Prism fixed it: update docs/local-runner.md and
+    PartitionWatermarks in transforms/kafka_io.py."""
+    assert_two_partitions_one_behind_give([("first", 1)])
+
+
+def test_aligned_partition_watermarks_keep_a_slow_partition_on_time_on_prism():
+    reader = "test-local-runner-aligned"
+    try:
+        assert_two_partitions_one_behind_give([("first", 1), ("second", 1)], aligned_with=reader)
+    finally:
+        PartitionWatermarks.forget(reader)
 
 
 # --------------------------------------------------------------------------
