@@ -122,6 +122,22 @@ def _clip(name: str, value: float) -> float:
     return min(max(value, 0.0), FEATURE_BOUNDS[name])
 
 
+def is_activity_update(profile: Mapping[str, Any]) -> bool:
+    """Whether new events moved this profile, as opposed to a timer with no event.
+
+    The profile stage also emits updates when time alone changes a user (the
+    daily refresh, a rule's time mark, dormancy; ``transforms/profile.py``):
+    their ``as_of`` is the timer's time, after the newest event. The models
+    learn from both, but the segment-mix drift detector watches activity
+    updates only: the timer updates of a quiet, ageing population would
+    otherwise read as a shift in who is onboarding every day.
+    """
+    as_of, last = profile.get("as_of"), profile.get("last_event_at")
+    if isinstance(as_of, int) and isinstance(last, int):
+        return as_of <= last
+    return not profile.get("recency_ms")
+
+
 def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
     """The model features of one profile (see the module docstring), keyed by ``FEATURES``."""
     if "recency_ms" in profile and profile.get("recency_ms") is not None:

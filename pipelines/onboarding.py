@@ -56,7 +56,7 @@ from onboardflow.transforms.normalize import NormalizeEvents
 from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
-from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, SegmentChangesFromStore
+from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet, SegmentChangesFromStore
 from onboardflow.transforms.warehouse import (
     WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents, WriteProfileSnapshots,
     WriteSegmentChanges, apply_migrations, read_accounts,
@@ -100,6 +100,8 @@ def resolve_secret(opts: OnboardingOptions) -> SecretKey:
 
 
 def profile_config(opts: OnboardingOptions) -> ProfileConfig:
+    """The profile stage's settings from the options; the rules file adds its time marks."""
+    rules = RuleSet.load(opts.rules_file or DEFAULT_RULES_PATH)
     return ProfileConfig(
         session_gap_ms=int(opts.session_gap_minutes * MINUTE_MS),
         allowed_lateness_ms=int(opts.allowed_lateness_hours * HOUR_MS),
@@ -107,6 +109,8 @@ def profile_config(opts: OnboardingOptions) -> ProfileConfig:
         new_user_window_ms=int(opts.new_user_window_days * DAY_MS),
         dormancy_ms=int(opts.dormancy_days * DAY_MS),
         state_ttl_ms=int(opts.state_ttl_days * DAY_MS),
+        refresh_ms=int(opts.profile_refresh_hours * HOUR_MS),
+        time_marks=rules.time_marks,
     )
 
 

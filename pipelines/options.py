@@ -57,6 +57,10 @@ class OnboardingOptions(PipelineOptions):
         g.add_argument("--dormancy_days", type=float, default=30.0,
                        help="No activity for this long makes a user dormant (an event-time timer, fires "
                             "without new events).")
+        g.add_argument("--profile_refresh_hours", type=float, default=24.0,
+                       help="Re-emit a quiet user's profile this long after their newest event or refresh, "
+                            "until dormancy, so rolling 7/30-day counts, recency and segments stay current "
+                            "without new events (an event-time timer; 0: never).")
         g.add_argument("--state_ttl_days", type=float, default=90.0,
                        help="Per-user pipeline state is cleared this long after the last activity.")
         g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,

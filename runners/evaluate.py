@@ -14,8 +14,9 @@ What it does, without Kafka, Beam or any service:
    touched within a ``--tick-minutes`` slice of event time (default 60) gets
    one update at the end of the slice. Like the pipeline's lifecycle timer
    (``UserProfileState.next_lifecycle_ms``), a user also gets an update with
-   no new event when a time-based rule can flip: at the end of the new-user
-   window (signup + 7 days) and at dormancy (30 days of silence).
+   no new event when a time-based rule can flip (the end of the new-user
+   window, dormancy, the default rules' time marks) and, until dormancy, a
+   refresh a day after their newest event or refresh.
 3. **Prequential learning (test, then train).** For every update: the
    segmenter assigns a cluster with the model as it is, then learns the
    point; the propensity model predicts completion within ``--timeout-days``
@@ -26,7 +27,8 @@ What it does, without Kafka, Beam or any service:
    stored prediction is scored against its label *before* the model learns
    from it: that is the prequential ROC-AUC and log loss. Points whose
    horizon reaches past the end of the stream are never labelled.
-   Drift detectors watch the cluster mix and the propensity error.
+   Drift detectors watch the cluster mix (of updates carrying new events,
+   as the pipeline's learner does) and the propensity error.
 4. **Report.** ARI of the profiles' ``cluster_id`` (each user's latest
    assignment, as Redis would hold it) against the personas, at the moment
    the 10,000th user is first seen and at the end of the stream; prequential
@@ -242,9 +244,10 @@ def evaluate(config: GeneratorConfig, tick_ms: int = 60 * MINUTE_MS, timeout_day
     from sklearn.metrics import adjusted_rand_score
 
     from onboardflow.models.drift import PropensityErrorDrift, SegmentMixDrift
-    from onboardflow.models.features import feature_vector
+    from onboardflow.models.features import feature_vector, is_activity_update
     from onboardflow.models.propensity import PropensityModel, log_loss
     from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter
+    from onboardflow.transforms.segment import RuleSet
 
     started = time.perf_counter()
     segmenter = OnlineSegmenter(clusterer=clusterer, seed=config.seed)
@@ -277,7 +280,9 @@ def evaluate(config: GeneratorConfig, tick_ms: int = 60 * MINUTE_MS, timeout_day
         return (_auc([o.probability for o in done], [o.label for o in done]),
                 sum(log_loss(o.label, o.probability) for o in done) / len(done))
 
-    for tick in replay_profiles(config, tick_ms=tick_ms, stats=stats):
+    # The pipeline's profile settings with the default rules' time marks (pipelines/onboarding.py).
+    profile_config = ProfileConfig(time_marks=RuleSet.load().time_marks)
+    for tick in replay_profiles(config, tick_ms=tick_ms, profile_config=profile_config, stats=stats):
         key, at = tick.user_key, tick.at_ms
         if next_day is None:
             next_day = (at // DAY_MS + 1) * DAY_MS
@@ -301,6 +306,7 @@ def evaluate(config: GeneratorConfig, tick_ms: int = 60 * MINUTE_MS, timeout_day
         t1 = time.perf_counter()
         if cid != UNASSIGNED:
             cluster_of[key] = cid
+        if cid != UNASSIGNED and is_activity_update(tick.profile):
             for _ in mix_drift.update(cid, at):
                 drift_counts["clustering"] += 1
 

@@ -52,7 +52,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from onboardflow.models import snapshot
 from onboardflow.models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
-from onboardflow.models.features import feature_vector
+from onboardflow.models.features import feature_vector, is_activity_update
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
 from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter
@@ -242,7 +242,7 @@ class LearnerState:
         self.segmenter.learn_one(x)
         events: list[DriftEvent] = []
         cluster = profile.get("cluster_id")
-        if isinstance(cluster, int) and not isinstance(cluster, bool):
+        if isinstance(cluster, int) and not isinstance(cluster, bool) and is_activity_update(profile):
             events += self.mix_drift.update(cluster, at)
         # A completed profile labels the points stored before it and is never
         # stored as a training point itself. Timeouts are not decided here:

@@ -35,9 +35,19 @@ Time, lateness and timers (event time throughout):
 * A ``lifecycle`` timer re-evaluates a user with no new events when a
   time-based rule can flip: at the end of the "new user" window (signup +
   ``new_user_window``), at dormancy (last activity + ``dormancy``; fires with
-  no new event, which is how dormant users are detected), and finally clears
-  the state at last activity + ``state_ttl`` (the Redis profile then expires by
-  its own TTL).
+  no new event, which is how dormant users are detected), at every time mark
+  of the rule segments (``time_marks``, from ``RuleSet.time_marks``: e.g.
+  signup + 3 days for "onboarding stalled"), and finally clears the state at
+  last activity + ``state_ttl`` (the Redis profile then expires by its own
+  TTL).
+* Until dormancy the same timer also *refreshes* a quiet user's profile every
+  ``refresh_ms`` of event time (default one day after the newest event or
+  refresh): rolling-window counts (7/30-day events, sessions, active days),
+  recency, days since signup and the decayed scores move with time alone, and
+  the rule segments and online models downstream should see them move. One
+  update per quiet user per period; 0 turns it off. A replay of old data (or
+  a streaming run whose watermark jumps to the wall clock) fires a user's
+  refreshes one after another, at most ``dormancy / refresh`` of them.
 
 Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
 profile as last emitted, and as it is now), coalesced per bundle so a burst of
@@ -83,6 +93,9 @@ DEAD_LETTER = "dead_letter"
 MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
 
 
+#: The profile's timestamp fields a time mark may be measured from.
+TIMESTAMP_FIELDS = ("signup_at", "first_event_at", "last_event_at")
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """Settings of the keyed profile stage (see the module docstring)."""
@@ -93,6 +106,10 @@ class ProfileConfig:
     new_user_window_ms: int = 7 * DAY_MS
     dormancy_ms: int = 30 * DAY_MS
     state_ttl_ms: int = 90 * DAY_MS
+    #: re-emit a quiet user's profile this long after the newest event or refresh, until dormancy (0: never)
+    refresh_ms: int = 24 * HOUR_MS
+    #: (timestamp field, offset ms): also re-evaluate at profile[field] + offset (RuleSet.time_marks)
+    time_marks: tuple[tuple[str, int], ...] = ()
     score: ScoreConfig = DEFAULT_SCORE_CONFIG
 
     def __post_init__(self):
@@ -109,6 +126,13 @@ class ProfileConfig:
             # Sessions are kept for state_ttl_ms; a late event landing next to an
             # already folded session would otherwise be counted as a new one.
             raise ValueError("state_ttl_ms must exceed allowed_lateness_ms + session_gap_ms")
+        if not isinstance(self.refresh_ms, int) or isinstance(self.refresh_ms, bool) or self.refresh_ms < 0:
+            raise ValueError(f"refresh_ms must be a non-negative integer number of milliseconds, got {self.refresh_ms!r}")
+        for mark in self.time_marks:
+            if (not isinstance(mark, tuple) or len(mark) != 2 or mark[0] not in TIMESTAMP_FIELDS
+                    or not isinstance(mark[1], int) or isinstance(mark[1], bool) or mark[1] <= 0):
+                raise ValueError(f"time_marks holds (one of {TIMESTAMP_FIELDS}, a positive integer of "
+                                 f"milliseconds), got {mark!r}")
 
 
 _CONTEXT_FIELDS = ("email_domain", "device_class", "country", "os", "locale")
@@ -186,12 +210,20 @@ class UserProfileState:
         return self.as_of * 1000 + self.seq
 
     def next_lifecycle_ms(self) -> int:
-        """Next event time at which a time-based rule can flip, or the state expires."""
+        """Next event time at which a time-based rule can flip, a refresh is due, or the state expires."""
+        config = self.config
         last = self.engagement.last_event_at
         signup = self.engagement.signup_at
-        candidates = [last + self.config.dormancy_ms + 1, last + self.config.state_ttl_ms]
+        dormant_at = last + config.dormancy_ms + 1
+        candidates = [dormant_at, last + config.state_ttl_ms]
         if signup is not None:
-            candidates.append(signup + self.config.new_user_window_ms + 1)
+            candidates.append(signup + config.new_user_window_ms + 1)
+        if config.refresh_ms and self.as_of + config.refresh_ms < dormant_at:
+            candidates.append(self.as_of + config.refresh_ms)
+        for name, offset in config.time_marks:
+            since = getattr(self.engagement, name)
+            if since is not None:
+                candidates.append(since + offset)
         return min(c for c in candidates if c > self.as_of)
 
     def expired_at(self, t: int) -> bool:

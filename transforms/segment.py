@@ -37,6 +37,18 @@ Conditions (``field`` must be a known profile field, see PROFILE_FIELDS):
 A comparison or time condition on a field the profile does not have (None or
 absent) is false; ``not`` turns that into true, so write ``not`` with care.
 
+Rules are evaluated on profile updates, so a time condition can only flip
+when the profile stage emits one. ``RuleSet.time_marks`` tells that stage
+when: every ``within_days`` / ``older_than_days`` condition, and every
+ordering comparison on a field that grows with time alone (``recency_ms``,
+``days_since_signup``), becomes a *mark* ``(timestamp field, offset ms)``:
+the condition can flip at ``profile[field] + offset``. ``BuildUserProfiles``
+sets its lifecycle timer for the next mark, so a user who signs up and goes
+silent enters ``onboarding_stalled`` three days later, to the millisecond,
+without a new event. Rolling-window counts (``sessions_7d``, ``events_30d``,
+...) fall as days pass too; they are brought up to date by the profile
+stage's periodic refresh (``--profile_refresh_hours``), not by marks.
+
 ``RuleSet.evaluate(profile, at_ms)`` gives the set of matching segments;
 ``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts
 (``schemas/segment_change.avsc``: reason ``rule:<name>``, version = the
@@ -122,6 +134,18 @@ _TIME_OPS = ("within_days", "older_than_days")
 _EVENT_OPS = ("event_seen", "event_count", "feature_count")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
+#: Fields that change with the evaluation time alone, as (the timestamp they
+#: are measured from, milliseconds per unit): ``recency_ms`` is ``at -
+#: last_event_at``, ``days_since_signup`` is ``(at - signup_at) / 1 day``.
+#: Ordering comparisons on them yield time marks (``RuleSet.time_marks``).
+TIME_RELATIVE_FIELDS: dict[str, tuple[str, int]] = {
+    "recency_ms": ("last_event_at", 1),
+    "days_since_signup": ("signup_at", DAY_MS),
+}
+
+#: A time mark: the condition can flip at ``profile[field] + offset_ms``.
+TimeMark = tuple[str, int]
+
 Predicate = Callable[[Mapping[str, Any], int], bool]
 
 
@@ -147,11 +171,24 @@ def _is_number(value: Any) -> bool:
 # --------------------------------------------------------------------------- compiler
 
 
+def _marks_at(field: str, offset_ms: float) -> set[TimeMark]:
+    """The integer instants around ``field + offset_ms`` at which a threshold on it can flip.
+
+    A strict and a non-strict comparison flip one millisecond apart (``> x``
+    becomes true at ``x + 1`` for integer times, ``>= x`` at ``x``), and a
+    fractional threshold between two milliseconds flips at the next one.
+    """
+    low = math.ceil(offset_ms)
+    return {(field, m) for m in (low, math.floor(offset_ms) + 1) if m > 0}
+
+
 class _Compiler:
     def __init__(self, fields: Mapping[str, str], events: frozenset[str], where: str) -> None:
         self._fields = fields
         self._events = events
         self._where = where
+        #: Time marks of the conditions compiled so far (module docstring).
+        self.marks: set[TimeMark] = set()
 
     def fail(self, path: str, message: str) -> RuleError:
         return RuleError(f"{self._where}: {path}: {message}")
@@ -209,7 +246,13 @@ class _Compiler:
         name = self._field(node["field"], f"{path}.field")
         op, value = self._op_and_value(node, {"field"}, path)
         kind = self._fields[name]
-        return _comparison_predicate(name, kind, op, self._check_value(kind, op, value, f"{path}.{op}"))
+        value = self._check_value(kind, op, value, f"{path}.{op}")
+        if name in TIME_RELATIVE_FIELDS and op in _ORDERING_OPS | {"eq", "ne", "in"}:
+            since, unit_ms = TIME_RELATIVE_FIELDS[name]
+            thresholds = value if isinstance(value, (tuple, frozenset)) else (value,)
+            for threshold in thresholds:
+                self.marks |= _marks_at(since, threshold * unit_ms)
+        return _comparison_predicate(name, kind, op, value)
 
     def _check_value(self, kind: str, op: str, value: Any, path: str) -> Any:
         numeric = kind in (NUMBER, TIMESTAMP)
@@ -248,6 +291,8 @@ class _Compiler:
         if not _is_number(days) or days < 0:
             raise self.fail(f"{path}.days", f"expects a number of days >= 0, got {days!r}")
         span_ms = days * DAY_MS
+        # Both flip at the first millisecond with at - t > span_ms.
+        self.marks.add((name, math.floor(span_ms) + 1))
         if op == "within_days":
             def within(p, at, name=name, span_ms=span_ms):
                 t = p.get(name)
@@ -349,10 +394,14 @@ class SegmentRule:
 class RuleSet:
     """Compiled segment rules; build with ``RuleSet.load`` / ``RuleSet.from_yaml``."""
 
-    def __init__(self, rules: Iterable[SegmentRule], version: str, retired: Iterable[str] = ()) -> None:
+    def __init__(self, rules: Iterable[SegmentRule], version: str, retired: Iterable[str] = (),
+                 time_marks: Iterable[TimeMark] = ()) -> None:
         self.rules: tuple[SegmentRule, ...] = tuple(rules)
         self.version = version
         self.retired: frozenset[str] = frozenset(retired)
+        #: When the enabled rules' time conditions can flip without a new event,
+        #: sorted (module docstring); ``ProfileConfig.time_marks`` takes them.
+        self.time_marks: tuple[TimeMark, ...] = tuple(sorted(set(time_marks)))
         self._by_name = {rule.name: rule for rule in self.rules}
         self.owned: frozenset[str] = frozenset(self._by_name) | self.retired
 
@@ -409,6 +458,7 @@ class RuleSet:
             raise RuleError(f"{source}: 'retired' must be a list of segment names")
 
         rules = []
+        marks: set[TimeMark] = set()
         seen: set[str] = set()
         for index, entry in enumerate(segments):
             where = f"{source}: segments[{index}]"
@@ -434,12 +484,14 @@ class RuleSet:
                 raise RuleError(f"{where}: 'enabled' must be true or false")
             if "when" not in entry:
                 raise RuleError(f"{where}: 'when' (the condition) is required")
-            predicate = _Compiler(fields, events, where).compile(entry["when"], "when")
+            compiler = _Compiler(fields, events, where)
+            predicate = compiler.compile(entry["when"], "when")
             if enabled:
                 rules.append(SegmentRule(name, description.strip(), predicate))
+                marks |= compiler.marks
 
         fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-        return cls(rules, f"{declared}+{fingerprint}", retired)
+        return cls(rules, f"{declared}+{fingerprint}", retired, marks)
 
     def evaluate(self, profile: Mapping[str, Any], at_ms: int) -> set[str]:
         """Names of the segments whose rule matches the profile at at_ms."""

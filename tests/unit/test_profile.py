@@ -557,3 +557,65 @@ def test_version_counts_updates_that_do_not_move_as_of_and_restarts_when_as_of_m
 def test_profile_config_refuses_settings_that_would_lose_or_double_count_events(changes, message):
     with pytest.raises(ValueError, match=message):
         replace(CONFIG, **changes)
+
+
+# -- refresh and time marks ----------------------------------------------------
+
+
+def test_a_quiet_user_is_refreshed_every_refresh_period_after_the_newest_event_until_dormancy():
+    config = replace(CONFIG, refresh_ms=4 * HOUR)
+    state = state_with(event("u", T0), event("u", T0 + 1 * HOUR), config=config)
+    due = []
+    while (t := state.next_lifecycle_ms()) <= T0 + 1 * HOUR + config.dormancy_ms + 1:
+        due.append(t - T0)
+        state.advance_to(t)
+    # 5 h, 9 h, 13 h: refreshes 4 h apart; dormancy at 13 h + 1 ms; then nothing until expiry.
+    assert due == [5 * HOUR, 9 * HOUR, 13 * HOUR, 13 * HOUR + 1]
+    assert state.next_lifecycle_ms() == T0 + 1 * HOUR + config.state_ttl_ms
+    state.apply(event("u", T0 + 14 * HOUR))  # back: refreshes resume from the new event
+    assert state.next_lifecycle_ms() == T0 + 18 * HOUR
+
+
+def test_a_time_mark_schedules_a_re_evaluation_at_its_offset_from_the_field():
+    config = replace(CONFIG, time_marks=(("signup_at", 3 * HOUR + 1), ("last_event_at", 2 * HOUR)))
+    state = state_with(event("u", T0, "signup"), event("u", T0 + 30 * MIN), config=config)
+    assert state.next_lifecycle_ms() == T0 + 2 * HOUR + 30 * MIN
+    state.advance_to(T0 + 2 * HOUR + 30 * MIN)
+    assert state.next_lifecycle_ms() == T0 + 3 * HOUR + 1
+    # A user without a signup has no signup_at: that mark does not apply.
+    anonymous = state_with(event("v", T0), config=config)
+    assert anonymous.next_lifecycle_ms() == T0 + 2 * HOUR
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"refresh_ms": -1}, "refresh_ms must be a non-negative"),
+    ({"time_marks": (("updated_at", HOUR),)}, "time_marks holds"),
+    ({"time_marks": (("signup_at", 0),)}, "time_marks holds"),
+])
+def test_profile_config_refuses_a_negative_refresh_and_unknown_time_marks(changes, message):
+    with pytest.raises(ValueError, match=message):
+        replace(CONFIG, **changes)
+
+
+def test_refreshes_bring_rolling_counts_recency_and_decayed_scores_up_to_date_without_new_events():
+    config = replace(CONFIG, refresh_ms=3 * HOUR)
+    stream = (
+        BeamTestStream()
+        .advance_watermark_to(ts(T0))
+        .add_elements(arriving(event("u", T0, "signup"), event("u", T0 + 10 * MIN, "feature_used", feature="export")))
+        .advance_watermark_to_infinity()
+    )
+
+    def check(updates):
+        chain = by_user(updates)["u"]
+        quiet = [u["current"] for u in chain if u["current"]["as_of"] > T0 + 10 * MIN]
+        # A refresh 3 h after the newest event; the end of the new-user window (+6 h + 1 ms);
+        # refreshes 3 h after that one and the next; dormancy at +12 h 10 min + 1 ms.
+        assert [p["as_of"] - T0 for p in quiet] == [
+            3 * HOUR + 10 * MIN, 6 * HOUR + 1, 9 * HOUR + 1, 12 * HOUR + 1, 12 * HOUR + 10 * MIN + 1]
+        assert all(p["events_total"] == 2 for p in quiet)
+        assert [p["recency_ms"] for p in quiet] == [p["as_of"] - T0 - 10 * MIN for p in quiet]
+        scores = [p["engagement_score"] for p in quiet]
+        assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+
+    run_profiles(stream, config=config, check_updates=check)

@@ -426,3 +426,88 @@ def test_assign_rule_segments_refuses_a_bad_rules_file_at_construction(tmp_path)
     path.write_text("version: 1\nsegments:\n  - {name: s, when: {field: nope, gt: 1}}\n")
     with pytest.raises(RuleError, match="unknown field 'nope'"):
         AssignRuleSegments(path)
+
+
+# --------------------------------------------------------------------------- time marks
+
+
+def test_the_packaged_rules_mark_the_times_their_conditions_flip_without_new_events(rules):
+    assert rules.time_marks == (
+        ("last_event_at", 7 * DAY_MS),        # purchase_intent_no_purchase: recency_ms <= 7 days ...
+        ("last_event_at", 7 * DAY_MS + 1),    # ... is false from 7 days + 1 ms
+        ("last_event_at", 30 * DAY_MS + 1),   # dormant
+        ("signup_at", 3 * DAY_MS + 1),        # onboarding_stalled
+        ("signup_at", 7 * DAY_MS + 1),        # highly_engaged_new
+    )
+
+
+def _as_time_passes(base: int, at: int) -> dict:
+    """A user whose signup and last event were at ``base``, seen at ``at``: the fields time alone moves."""
+    return {"signup_at": base, "last_event_at": base, "recency_ms": at - base,
+            "days_since_signup": (at - base) / DAY_MS, "events_7d": 4}
+
+
+@pytest.mark.parametrize(
+    "condition, marks",
+    [
+        ("within_days: {field: signup_at, days: 3}", {("signup_at", 3 * DAY_MS + 1)}),
+        ("older_than_days: {field: last_event_at, days: 0.5}", {("last_event_at", DAY_MS // 2 + 1)}),
+        ("{field: recency_ms, lte: 1000}", {("last_event_at", 1000), ("last_event_at", 1001)}),
+        ("{field: recency_ms, gt: 1000.5}", {("last_event_at", 1001)}),
+        ("{field: days_since_signup, between: [1, 2]}",
+         {("signup_at", DAY_MS), ("signup_at", DAY_MS + 1), ("signup_at", 2 * DAY_MS), ("signup_at", 2 * DAY_MS + 1)}),
+        ("not: {older_than_days: {field: signup_at, days: 1}}", {("signup_at", DAY_MS + 1)}),
+    ],
+)
+def test_a_time_condition_flips_only_at_its_marks(condition, marks):
+    rules = rule(condition)
+    assert set(rules.time_marks) == marks
+    base = AT
+    instants = sorted({base + offset + d for _, offset in marks for d in (-2, -1, 0, 1, 2)} | {base})
+    truth = [bool(rules.evaluate(_as_time_passes(base, t), t)) for t in instants]
+    flips = {t - base for t, before, now in zip(instants[1:], truth, truth[1:]) if before != now}
+    assert flips and flips <= {offset for _, offset in marks}
+
+
+def test_conditions_that_time_alone_does_not_move_have_no_marks_and_disabled_rules_add_none():
+    assert rule("{field: events_7d, gt: 3}").time_marks == ()
+    assert rule("{field: signup_at, gt: 1700000000000}").time_marks == ()  # an absolute instant
+    rules = RuleSet.from_yaml(
+        "version: 1\nsegments:\n"
+        "  - {name: live, when: {field: events_7d, gte: 0}}\n"
+        "  - {name: paused, enabled: false, when: {older_than_days: {field: signup_at, days: 2}}}\n"
+    )
+    assert rules.time_marks == ()
+
+
+def test_a_user_who_signs_up_and_goes_quiet_enters_onboarding_stalled_three_days_later_to_the_millisecond():
+    """The profile stage's lifecycle timer follows the rules' marks (no refresh, no new event)."""
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+    from apache_beam.utils.timestamp import Timestamp
+
+    from onboardflow.transforms.profile import BuildUserProfiles, ProfileConfig
+
+    rules = RuleSet.load(DEFAULT_RULES_PATH)
+    signup = AT // DAY_MS * DAY_MS
+    events = [
+        {"event_id": "e1", "user_key": "quiet", "event_type": "signup", "occurred_at": signup,
+         "properties": {"plan": "trial"}},
+        {"event_id": "e2", "user_key": "quiet", "event_type": "page_view", "occurred_at": signup + 60_000,
+         "properties": {}},
+    ]
+    stream = (TestStream()
+              .advance_watermark_to(Timestamp(micros=signup * 1000))
+              .add_elements([TimestampedValue(e, Timestamp(micros=e["occurred_at"] * 1000)) for e in events])
+              .advance_watermark_to_infinity())
+    config = ProfileConfig(refresh_ms=0, time_marks=rules.time_marks)
+    options = PipelineOptions(PRISM + ["--streaming"])
+    with BeamTestPipeline(options=options) as pipeline:
+        segmented = (pipeline | stream | BuildUserProfiles(config)).profiles | AssignRuleSegments(DEFAULT_RULES_PATH)
+        assert_that(
+            segmented.segment_changes | beam.Map(lambda c: (c["segment"], c["change"], c["at"] - signup)),
+            equal_to([
+                ("onboarding_stalled", "entered", 3 * DAY_MS + 1),
+                ("dormant", "entered", 60_000 + 30 * DAY_MS + 1),
+            ]),
+        )
