@@ -117,6 +117,7 @@ def main(argv=None) -> int:
 
     from onboardflow.pipelines.onboarding import run
     from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.local import stop_streaming_job
     from onboardflow.runners.produce import produce
     from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
     from onboardflow.schemas.wire import AvroSerializer
@@ -223,10 +224,7 @@ def main(argv=None) -> int:
         _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix,
                  later=later + args.probes)
     finally:
-        try:
-            result.cancel()
-        except Exception:  # noqa: BLE001 - the job may already be gone
-            pass
+        stop_streaming_job(result)
     return 0
 
 

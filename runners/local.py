@@ -79,3 +79,65 @@ def local_pipeline_options(
     settings.update(extra)
     # An explicit empty flag list: options come from here, never from sys.argv.
     return PipelineOptions([], **settings)
+
+
+class _Discard:
+    """A write-only text stream that drops everything (a stand-in for sys.stderr)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+def stop_streaming_job(result, timeout_s: float = 30.0, quiet: bool = True, grace_s: float = 5.0) -> Optional[str]:
+    """Cancel a streaming job on Prism and wait until it stopped; returns its final state.
+
+    Cancelling tears the in-process SDK workers down under their running
+    bundles, and Beam's harness prints a traceback for each one it interrupts
+    ("Channel closed prematurely", "Bundle Failed ... pipeline canceled",
+    ``_queue.Empty``), to ``sys.stderr`` and through the ``apache_beam``
+    loggers, for a job that is only doing what it was told. With ``quiet``
+    (the demo and the benchmarks, after they have printed their results)
+    those are silenced until the job is down and then ``grace_s`` more
+    seconds, while Prism fails the interrupted bundles and the harness
+    threads wind up; a job that failed *before* the cancel still reports its own
+    error, which was logged when it happened. Returns the state (``CANCELLED``,
+    or ``FAILED``/``DONE`` if it had already ended), or None if it did not
+    stop within ``timeout_s``.
+    """
+    import logging
+    import sys
+    import time
+
+    from apache_beam.runners.runner import PipelineState
+
+    terminal = (PipelineState.CANCELLED, PipelineState.FAILED, PipelineState.DONE)
+    # Prism's own output arrives through a logger named after Beam's job-server
+    # class, set to INFO by Beam (job_server.SubprocessJobServer.start).
+    loggers = [logging.getLogger(name) for name in ("apache_beam", "PrismJobServer", "root")]
+    levels = [logger.level for logger in loggers]
+    saved_stderr = sys.stderr
+    if quiet:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        sys.stderr = _Discard()
+    try:
+        try:
+            result.cancel()
+        except Exception:  # noqa: BLE001 - the job may be gone already; its state says how it ended
+            pass
+        deadline = time.monotonic() + timeout_s
+        state = result.state
+        while state not in terminal and time.monotonic() < deadline:
+            time.sleep(0.2)
+            state = result.state
+        if quiet:
+            time.sleep(grace_s)
+        return state if state in terminal else None
+    finally:
+        if quiet:
+            sys.stderr = saved_stderr
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

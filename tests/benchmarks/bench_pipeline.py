@@ -28,6 +28,7 @@ import time
 import uuid
 
 from onboardflow.runners.demo import _fresh_topics, _lag, _percentile
+from onboardflow.runners.local import stop_streaming_job
 
 DAY_MS = 86_400_000
 
@@ -98,7 +99,7 @@ def _sustained(args, run_id, tag, schema, secret, extra=(), drop_prefix=None):
                 done = last_change
                 break
     finally:
-        result.cancel()
+        stop_streaming_job(result)
     label = "online models off" if "--disable_online_models" in extra else "online models on "
     if done and first:
         print(f"   sustained, {label}: {args.events:,} events into {last_count:,} Redis profiles in "
@@ -190,7 +191,7 @@ def main() -> None:
                 latencies.append(time.time() - pending.pop(u))
             time.sleep(0.01)
     finally:
-        result.cancel()
+        stop_streaming_job(result)
         producer.close()
     feeder.join(timeout=5)
     if feeder.is_alive():

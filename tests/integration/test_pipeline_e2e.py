@@ -53,6 +53,7 @@ from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.generator import (
     DUPLICATE, MALFORMATION_REASONS, VALID, GeneratedMessage, GeneratorConfig, JourneyGenerator, UserProfile,
 )
+from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.produce import produce
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
@@ -574,12 +575,8 @@ def test_replaying_the_topic_from_the_start_adds_no_profile_snapshot_or_segment_
 
 
 def cancel(result, timeout_s: float = 60) -> None:
-    """Cancel a streaming job and wait until it stopped writing."""
-    result.cancel()
-    deadline = time.monotonic() + timeout_s
-    while result.state not in (PipelineState.CANCELLED, PipelineState.FAILED, PipelineState.DONE):
-        assert time.monotonic() < deadline, "the streaming job did not stop"
-        time.sleep(0.2)
+    """Cancel a streaming job and wait until it stopped writing (its errors stay visible)."""
+    assert stop_streaming_job(result, timeout_s, quiet=False) is not None, "the streaming job did not stop"
 
 
 def assert_same_profiles(streaming: dict[str, dict], bounded: dict[str, dict]) -> None:

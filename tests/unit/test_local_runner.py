@@ -467,3 +467,55 @@ def test_counters_and_distributions_are_queryable_from_the_pipeline_result():
     assert counter.committed == 3
     assert (distribution.committed.count, distribution.committed.sum,
             distribution.committed.min, distribution.committed.max) == (3, 7, 1, 4)
+
+
+# --------------------------------------------------------------------------- stopping a streaming job
+
+
+class _StoppingJob:
+    """A PipelineResult stand-in: reaches ``final`` some polls after cancel(), noisily."""
+
+    def __init__(self, final, polls_to_stop=3):
+        self.final, self.polls_left, self.cancelled = final, polls_to_stop, False
+        self._state = "RUNNING"
+
+    def cancel(self):
+        import logging
+        import sys
+
+        self.cancelled = True
+        print("Traceback ... Channel closed prematurely", file=sys.stderr)
+        logging.getLogger("apache_beam.runners.worker.sdk_worker").error("Error processing instruction")
+
+    @property
+    def state(self):
+        if self.cancelled and self._state == "RUNNING":
+            self.polls_left -= 1
+            if self.polls_left <= 0:
+                self._state = self.final
+        return self._state
+
+
+def test_stop_streaming_job_cancels_waits_for_the_end_and_silences_only_the_teardown(capsys, caplog):
+    import logging
+
+    from apache_beam.runners.runner import PipelineState
+
+    beam_logger = logging.getLogger("apache_beam")
+    level = beam_logger.level
+    job = _StoppingJob(PipelineState.CANCELLED)
+    with caplog.at_level(logging.INFO):
+        assert local.stop_streaming_job(job, timeout_s=10, grace_s=0.1) == PipelineState.CANCELLED
+        assert job.cancelled
+        assert capsys.readouterr().err == ""
+        assert [r for r in caplog.records if "Error processing" in r.getMessage()] == []
+        # Afterwards stderr and the loggers are as they were.
+        print("after", file=__import__("sys").stderr)
+        assert capsys.readouterr().err == "after\n"
+    assert beam_logger.level == level
+
+
+def test_stop_streaming_job_reports_a_job_that_does_not_stop_and_can_stay_loud(capsys):
+    job = _StoppingJob("CANCELLED", polls_to_stop=10**9)
+    assert local.stop_streaming_job(job, timeout_s=0.5, quiet=False) is None
+    assert "Channel closed prematurely" in capsys.readouterr().err
