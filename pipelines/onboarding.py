@@ -110,6 +110,7 @@ def profile_config(opts: OnboardingOptions) -> ProfileConfig:
         dormancy_ms=int(opts.dormancy_days * DAY_MS),
         state_ttl_ms=int(opts.state_ttl_days * DAY_MS),
         refresh_ms=int(opts.profile_refresh_hours * HOUR_MS),
+        refresh_window_ms=int(opts.profile_refresh_window_days * DAY_MS),
         time_marks=rules.time_marks,
     )
 

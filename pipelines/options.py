@@ -59,8 +59,11 @@ class OnboardingOptions(PipelineOptions):
                             "without new events).")
         g.add_argument("--profile_refresh_hours", type=float, default=24.0,
                        help="Re-emit a quiet user's profile this long after their newest event or refresh, "
-                            "until dormancy, so rolling 7/30-day counts, recency and segments stay current "
-                            "without new events (an event-time timer; 0: never).")
+                            "so rolling 7-day counts, recency and segments stay current without new events "
+                            "(an event-time timer; 0: never).")
+        g.add_argument("--profile_refresh_window_days", type=float, default=7.0,
+                       help="Refreshes stop this long after a user's newest event (then the 7-day counts are 0; "
+                            "rule time marks and dormancy still fire).")
         g.add_argument("--state_ttl_days", type=float, default=90.0,
                        help="Per-user pipeline state is cleared this long after the last activity.")
         g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,

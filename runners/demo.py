@@ -7,7 +7,10 @@
    with late, out-of-order, duplicate and malformed messages) produced to Kafka.
 3. The streaming pipeline on Prism, reading from the earliest offsets, until it
    has caught up: the consumer group's committed offsets equal the end offsets
-   and the Redis profile count has stopped changing.
+   and the Redis profile count has stopped changing (the throughput figure);
+   then until the profile writes (warehouse snapshots) stop too: the timers
+   that came due when the watermark reached the wall clock (refreshes, rule
+   time marks, dormancy) have fired.
 4. Live phase: once the learner has published a segmenter from the history
    (and the scorers had time to load it), one login per generated user now;
    their profiles come back scored (``cluster_id``, ``segment_label``,
@@ -181,22 +184,38 @@ def main(argv=None) -> int:
         # A short demo: publish and pick up online model versions within seconds, not minutes.
         "--model_publish_seconds=10", "--model_refresh_seconds=5",
     ], secret=secret, wait=False)
-    caught_up_at, stable, last_count = None, 0, -1
+    # Caught up: every event read (lag 0) and the profile stage quiet. The
+    # backfill's timeline ends now, so once the partitions go idle and the
+    # watermark reaches the wall clock, each quiet user's due timers (daily
+    # refreshes, rule time marks, dormancy) fire one after another: their
+    # writes (one warehouse snapshot per applied profile write) must have
+    # stopped too, or the live phase and the latency probes would share the
+    # workers with them.
+    caught_up_at, settled_at, read_stable, stable, last = None, None, 0, 0, None
+    warehouse = psycopg.connect(args.warehouse_dsn, autocommit=True)
     try:
         while time.time() - t0 < args.timeout:
             time.sleep(1.0)
             lag, total = _lag(args.bootstrap_servers, topic, group)
             count = _count_keys(r, f"{prefix}:profile:*")
-            stable = stable + 1 if (count == last_count and lag == 0) else 0
-            last_count = count
-            print(f"   t={time.time() - t0:5.0f}s  lag {lag:>7,}  profiles in Redis {count:,}", flush=True)
-            if stable >= 5:
+            writes = warehouse.execute(f'SELECT count(*) FROM "{schema}".profile_snapshots').fetchone()[0]
+            # Events: every one read and every user's profile in Redis (the count stops moving).
+            read_stable = read_stable + 1 if (last and count == last[0] and count and lag == 0) else 0
+            if caught_up_at is None and read_stable >= 5:
                 caught_up_at = time.time() - 5
+            stable = stable + 1 if ((count, writes) == last and lag == 0) else 0
+            last = (count, writes)
+            print(f"   t={time.time() - t0:5.0f}s  lag {lag:>7,}  profiles in Redis {count:,}"
+                  f"  profile writes {writes:,}", flush=True)
+            if stable >= 5:
+                settled_at = time.time() - 5
                 break
-        if caught_up_at is None:
+        if settled_at is None or caught_up_at is None:
             print("   did not catch up within the timeout", file=sys.stderr)
             return 1
         elapsed = caught_up_at - t0
+        print(f"   events caught up after {elapsed:.0f} s; the timers due by now (daily refreshes of quiet "
+              f"users, rule time marks, dormancy) settled after {settled_at - t0:.0f} s, {last[1]:,} profile writes")
 
         serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
         from kafka import KafkaProducer
@@ -224,6 +243,7 @@ def main(argv=None) -> int:
         _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix,
                  later=later + args.probes)
     finally:
+        warehouse.close()
         stop_streaming_job(result)
     return 0
 

@@ -40,14 +40,16 @@ Time, lateness and timers (event time throughout):
   signup + 3 days for "onboarding stalled"), and finally clears the state at
   last activity + ``state_ttl`` (the Redis profile then expires by its own
   TTL).
-* Until dormancy the same timer also *refreshes* a quiet user's profile every
-  ``refresh_ms`` of event time (default one day after the newest event or
-  refresh): rolling-window counts (7/30-day events, sessions, active days),
-  recency, days since signup and the decayed scores move with time alone, and
-  the rule segments and online models downstream should see them move. One
-  update per quiet user per period; 0 turns it off. A replay of old data (or
-  a streaming run whose watermark jumps to the wall clock) fires a user's
-  refreshes one after another, at most ``dormancy / refresh`` of them.
+* For ``refresh_window_ms`` after the newest event (default 7 days) the same
+  timer also *refreshes* a quiet user's profile every ``refresh_ms`` of event
+  time (default a day after the newest event or refresh): the 7-day counts
+  (events, sessions, active days), recency and the decayed scores move with
+  time alone, and the rule segments and online models downstream should see
+  them move. After the window the 7-day counts are 0 and the next update is
+  a rule's time mark or dormancy. One update per quiet user per period, at
+  most ``refresh_window / refresh`` (7) per silence; a replay of old data (or
+  a streaming run whose watermark jumps to the wall clock) fires them one
+  after another. ``refresh_ms=0`` turns refreshes off.
 
 Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
 profile as last emitted, and as it is now), coalesced per bundle so a burst of
@@ -106,8 +108,10 @@ class ProfileConfig:
     new_user_window_ms: int = 7 * DAY_MS
     dormancy_ms: int = 30 * DAY_MS
     state_ttl_ms: int = 90 * DAY_MS
-    #: re-emit a quiet user's profile this long after the newest event or refresh, until dormancy (0: never)
+    #: re-emit a quiet user's profile this long after the newest event or refresh (0: never) ...
     refresh_ms: int = 24 * HOUR_MS
+    #: ... for this long after the newest event (and never past dormancy)
+    refresh_window_ms: int = 7 * DAY_MS
     #: (timestamp field, offset ms): also re-evaluate at profile[field] + offset (RuleSet.time_marks)
     time_marks: tuple[tuple[str, int], ...] = ()
     score: ScoreConfig = DEFAULT_SCORE_CONFIG
@@ -126,8 +130,10 @@ class ProfileConfig:
             # Sessions are kept for state_ttl_ms; a late event landing next to an
             # already folded session would otherwise be counted as a new one.
             raise ValueError("state_ttl_ms must exceed allowed_lateness_ms + session_gap_ms")
-        if not isinstance(self.refresh_ms, int) or isinstance(self.refresh_ms, bool) or self.refresh_ms < 0:
-            raise ValueError(f"refresh_ms must be a non-negative integer number of milliseconds, got {self.refresh_ms!r}")
+        for name in ("refresh_ms", "refresh_window_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer number of milliseconds, got {value!r}")
         for mark in self.time_marks:
             if (not isinstance(mark, tuple) or len(mark) != 2 or mark[0] not in TIMESTAMP_FIELDS
                     or not isinstance(mark[1], int) or isinstance(mark[1], bool) or mark[1] <= 0):
@@ -218,8 +224,9 @@ class UserProfileState:
         candidates = [dormant_at, last + config.state_ttl_ms]
         if signup is not None:
             candidates.append(signup + config.new_user_window_ms + 1)
-        if config.refresh_ms and self.as_of + config.refresh_ms < dormant_at:
-            candidates.append(self.as_of + config.refresh_ms)
+        refresh = self.as_of + config.refresh_ms
+        if config.refresh_ms and refresh <= last + config.refresh_window_ms and refresh < dormant_at:
+            candidates.append(refresh)
         for name, offset in config.time_marks:
             since = getattr(self.engagement, name)
             if since is not None:

@@ -619,3 +619,14 @@ def test_refreshes_bring_rolling_counts_recency_and_decayed_scores_up_to_date_wi
         assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
 
     run_profiles(stream, config=config, check_updates=check)
+
+
+def test_refreshes_stop_at_the_end_of_the_refresh_window_and_the_next_update_is_dormancy():
+    config = replace(CONFIG, refresh_ms=2 * HOUR, refresh_window_ms=5 * HOUR)
+    state = state_with(event("u", T0), config=config)
+    due = []
+    while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
+        due.append(t - T0)
+        state.advance_to(t)
+    # Refreshes at 2 h and 4 h (6 h is past the 5 h window); dormancy at 12 h + 1 ms.
+    assert due == [2 * HOUR, 4 * HOUR, 12 * HOUR + 1]
