@@ -98,6 +98,7 @@ MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "o
 #: The profile's timestamp fields a time mark may be measured from.
 TIMESTAMP_FIELDS = ("signup_at", "first_event_at", "last_event_at")
 
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """Settings of the keyed profile stage (see the module docstring)."""
