@@ -46,8 +46,11 @@ the condition can flip at ``profile[field] + offset``. ``BuildUserProfiles``
 sets its lifecycle timer for the next mark, so a user who signs up and goes
 silent enters ``onboarding_stalled`` three days later, to the millisecond,
 without a new event. Rolling-window counts (``sessions_7d``, ``events_30d``,
-...) fall as days pass too; they are brought up to date by the profile
-stage's periodic refresh (``--profile_refresh_hours``), not by marks.
+...) fall as days pass too, but not at instants a mark can name: the 7-day
+ones are brought up to date by the profile stage's daily refresh during the
+first week of silence (``--profile_refresh_hours``,
+``--profile_refresh_window_days``), after which they are 0; a rule on a
+30-day count sees it fall at the next mark, refresh or dormancy.
 
 ``RuleSet.evaluate(profile, at_ms)`` gives the set of matching segments;
 ``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts
