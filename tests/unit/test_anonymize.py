@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.display import DisplayData
 
+from onboardflow.runners.local import prism_location
 from onboardflow.transforms.anonymize import (
     AnonymizeEvents,
     Pseudonymizer,
@@ -36,7 +37,7 @@ from onboardflow.transforms.anonymize import (
 # tries to download Prism.
 PRISM = [
     "--runner=PrismRunner",
-    "--prism_location=/work/main/.cache/bin/prism",
+    f"--prism_location={prism_location()}",
     "--experiments=disable_prism_server_singleton",
 ]
 

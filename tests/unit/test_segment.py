@@ -8,6 +8,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
+from onboardflow.runners.local import prism_location
 from onboardflow.transforms.enrich import ProfileUpdate
 from onboardflow.transforms.segment import (
     DAY_MS,
@@ -23,7 +24,7 @@ from onboardflow.transforms.segment import (
 # tries to download Prism.
 PRISM = [
     "--runner=PrismRunner",
-    "--prism_location=/work/main/.cache/bin/prism",
+    f"--prism_location={prism_location()}",
     "--experiments=disable_prism_server_singleton",
 ]
 

@@ -17,10 +17,11 @@ from onboardflow.models.tracks import (
     TrackPolicy,
     TrackPolicyError,
 )
+from onboardflow.runners.local import prism_location
 
 PRISM = [
     "--runner=PrismRunner",
-    "--prism_location=/work/main/.cache/bin/prism",
+    f"--prism_location={prism_location()}",
     "--experiments=disable_prism_server_singleton",
 ]
 SEGMENTS = {"highly_engaged_new", "active_engaged", "dormant", "onboarding_stalled", "needs_help",

@@ -10,6 +10,7 @@ from sklearn.datasets import make_blobs
 
 from onboardflow.models.features import FEATURES, feature_vector
 from onboardflow.runners import train
+from onboardflow.runners.local import prism_location
 from onboardflow.runners.train import (
     BuildFeatureVectors,
     KScore,
@@ -22,7 +23,7 @@ from onboardflow.runners.train import (
 
 PRISM = [
     "--runner=PrismRunner",
-    "--prism_location=/work/main/.cache/bin/prism",
+    f"--prism_location={prism_location()}",
     "--experiments=disable_prism_server_singleton",
 ]
 
