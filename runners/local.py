@@ -81,16 +81,6 @@ def local_pipeline_options(
     return PipelineOptions([], **settings)
 
 
-class _Discard:
-    """A write-only text stream that drops everything (a stand-in for sys.stderr)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        return None
-
-
 def stop_streaming_job(result, timeout_s: float = 30.0, quiet: bool = True, grace_s: float = 5.0) -> Optional[str]:
     """Cancel a streaming job on Prism and wait until it stopped; returns its final state.
 
@@ -122,12 +112,13 @@ def stop_streaming_job(result, timeout_s: float = 30.0, quiet: bool = True, grac
     if quiet:
         for logger in loggers:
             logger.setLevel(logging.CRITICAL)
-        sys.stderr = _Discard()
+        # Never closed: a harness thread may still hold it after stderr is restored.
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
     try:
         try:
             result.cancel()
         except Exception:  # noqa: BLE001 - the job may be gone already; its state says how it ended
-            pass
+            logging.getLogger(__name__).debug("cancel refused; the job's state decides", exc_info=True)
         deadline = time.monotonic() + timeout_s
         state = result.state
         while state not in terminal and time.monotonic() < deadline:
