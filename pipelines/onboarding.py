@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
@@ -250,30 +250,44 @@ def _drift_event_kv(registry_url: Optional[str]) -> _RecordEncoder:
     return _RecordEncoder(registry_url, DRIFT_EVENT_SUBJECT, "drift_event", "model_name")
 
 
-def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):
-    """Build and run the pipeline from command-line style arguments.
+def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
+    """PipelineOptions for ``argv``; without ``--runner``, Prism's local settings under them.
 
-    Without ``--runner`` it runs locally on Prism (``runners/local.py``).
-    Returns the PipelineResult (finished when ``wait``).
+    ``--runner flink`` is completed with onboardflow's Flink settings (job
+    server jar checked first, EXTERNAL worker pool, checkpointing). Without a
+    runner the job runs locally on Prism (``runners/local.py``): the Prism
+    binary, LOOPBACK workers, streaming unless ``--kafka_bounded``, and the
+    experiment that turns off Prism's dynamic splits. Flags the caller gave
+    win, e.g. ``--environment_type=EXTERNAL --environment_config=host:port``
+    to run the SDK workers in a worker pool's processes.
     """
-    from onboardflow.runners.flink_runner import flink_argv
+    from onboardflow.runners.flink_runner import flink_argv, given_flags
     from onboardflow.runners.local import local_pipeline_options
 
-    # `--runner flink`: onboardflow's Flink settings (job server jar checked
-    # first, EXTERNAL worker pool, checkpointing); other runners unchanged.
-    argv = flink_argv(sys.argv[1:] if argv is None else argv)
+    argv = flink_argv(list(argv))
     options = PipelineOptions(argv)
     std = options.view_as(StandardOptions)
-    if not std.runner:
-        local = local_pipeline_options(streaming=std.streaming or not options.view_as(KafkaReadOptions).kafka_bounded)
-        # Local settings (Prism binary, LOOPBACK workers, no runner-initiated
-        # splits: see runners/local.py) under whatever the caller passed.
-        experiments = list(options.view_as(DebugOptions).experiments or [])
-        experiments += [e for e in local.view_as(DebugOptions).experiments if e not in experiments]
-        options = PipelineOptions(argv, experiments=experiments,
-                                  **{k: v for k, v in local.get_all_options(drop_default=True).items()
-                                     if k in ("runner", "prism_location", "environment_type", "streaming",
-                                              "prism_log_level")})
+    if std.runner:
+        return options
+    local = local_pipeline_options(streaming=std.streaming or not options.view_as(KafkaReadOptions).kafka_bounded)
+    experiments = list(options.view_as(DebugOptions).experiments or [])
+    experiments += [e for e in local.view_as(DebugOptions).experiments if e not in experiments]
+    # Keyword arguments override flags in PipelineOptions, so only the
+    # settings the caller left out are passed that way (a flag given with its
+    # default value counts as given).
+    given = given_flags(argv)
+    return PipelineOptions(argv, experiments=experiments,
+                           **{k: v for k, v in local.get_all_options(drop_default=True).items()
+                              if k in ("runner", "prism_location", "environment_type", "streaming",
+                                       "prism_log_level") and k not in given})
+
+
+def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):
+    """Build and run the pipeline from command-line style arguments (see ``pipeline_options``).
+
+    Returns the PipelineResult (finished when ``wait``).
+    """
+    options = pipeline_options(sys.argv[1:] if argv is None else argv)
     opts = options.view_as(OnboardingOptions)
     secret = secret or resolve_secret(opts)
     applied = apply_migrations(opts.warehouse_dsn, opts.warehouse_schema)

@@ -203,7 +203,7 @@ def flink_pipeline_args(
     return args
 
 
-def _given_flags(argv: Sequence[str]) -> dict[str, Optional[str]]:
+def given_flags(argv: Sequence[str]) -> dict[str, Optional[str]]:
     """``--name=value`` and ``--name value`` flags of argv by name (None for bare switches)."""
     flags: dict[str, Optional[str]] = {}
     for i, arg in enumerate(argv):
@@ -221,7 +221,7 @@ def _given_flags(argv: Sequence[str]) -> dict[str, Optional[str]]:
 
 def is_flink_run(argv: Sequence[str]) -> bool:
     """True when argv asks for Beam's Flink runner (``flink`` or ``FlinkRunner``, any case)."""
-    return (_given_flags(argv).get("runner") or "").lower() in ("flink", "flinkrunner")
+    return (given_flags(argv).get("runner") or "").lower() in ("flink", "flinkrunner")
 
 
 def flink_argv(argv: Sequence[str], *, jar_cache: Union[str, os.PathLike] = DEFAULT_JAR_CACHE) -> list[str]:
@@ -235,7 +235,7 @@ def flink_argv(argv: Sequence[str], *, jar_cache: Union[str, os.PathLike] = DEFA
     argv = list(argv)
     if not is_flink_run(argv):
         return argv
-    given = _given_flags(argv)
+    given = given_flags(argv)
     jar = resolve_job_server_jar(given.get("flink_job_server_jar"), cache_dir=jar_cache)
     defaults = flink_pipeline_args(given.get("flink_master") or DEFAULT_FLINK_MASTER, job_server_jar=jar)
     if "kafka_bounded" in given:

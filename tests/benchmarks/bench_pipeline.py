@@ -1,31 +1,44 @@
 """End-to-end benchmark of the onboarding pipeline on Prism (prints, never asserts).
 
-Two measurements against the real local Kafka / Redis / PostgreSQL:
+Against the real local Kafka / Redis / PostgreSQL, with the SDK workers in a
+Beam worker pool's processes (``--environment_type=EXTERNAL``, as on Flink),
+so that this process, which measures, never shares a GIL with them
+(``--workers loopback`` runs them in-process instead, as ``onboardflow run``
+does by default).
 
-1. Sustained throughput: N events are produced first, then the streaming
-   pipeline starts; measured until the consumer group has committed every
-   offset AND the number of profiles in Redis has stopped changing for 3 s
-   (the source commits before the sinks finish, so lag alone would flatter
-   it). Reported with and without start-up (time to the first commit).
-2. Latency at a fixed input rate: the pipeline runs while events are produced
-   (by a separate process, which would otherwise share the GIL with the workers)
-   at --rate events/s; every --probe-interval a probe event for a fresh user
-   is sent and timed until its profile is visible in Redis (produce -> Redis).
-   p50 / p99 over the probes.
+1. Sustained throughput (backfill): N generated events spanning 45 days are
+   produced first, then the streaming pipeline starts; measured until the
+   consumer group has committed every offset AND the number of profiles in
+   Redis has stopped changing for 3 s (the source commits before the sinks
+   finish, so lag alone would flatter it). Reported with and without start-up
+   (time to the first commit), with the online models and without.
+2. Latency under live traffic, at each rate of --rates: a separate process
+   (which would otherwise share the GIL with what it measures) sends
+   generated events stamped with the wall clock as they go out (event time =
+   now, as in production; a 45-day backfill compressed into a minute would
+   fire days of lifecycle timers per second instead). Every --probe-interval
+   a probe event for a fresh user is sent and timed until its profile is
+   visible in Redis (produce -> Redis). p50 / p99 over all probes and over
+   the steady state (probes sent after the first --warmup seconds of load:
+   first model publications, worker start-up).
 
-Peak memory: VmHWM of this process (the SDK workers run in-process, LOOPBACK)
-and of the Prism process. Usage:
+Each measurement runs in a process of its own, with its own Prism. Peak
+memory, per measurement: VmHWM of the largest SDK worker process (of the
+job's process with LOOPBACK workers) and of Prism. Usage:
 
-    python tests/benchmarks/bench_pipeline.py [--events 50000] [--rate 1000] [--seconds 60]
+    python tests/benchmarks/bench_pipeline.py [--events 50000] [--rates 500,1000,2000] [--seconds 60]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
-import multiprocessing
+import subprocess
+import sys
 import time
 import uuid
+from typing import Optional
 
 from onboardflow.runners.demo import _fresh_topics, _lag, _percentile
 from onboardflow.runners.local import stop_streaming_job
@@ -44,30 +57,56 @@ def _vm_hwm_kb(pid: int) -> int:
     return 0
 
 
-def _prism_pids() -> list[int]:
+def _pids(needle: bytes, first_arg_only: bool = False) -> list[int]:
+    """Pids of the processes whose command line (or only its first word) contains ``needle``."""
     pids = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) != os.getpid():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"prism" in f.read().split(b"\0")[0]:
-                        pids.append(int(entry))
+                    words = f.read().split(b"\0")
             except OSError:
-                pass
+                continue
+            if needle in (words[0] if first_arg_only else b" ".join(words)):
+                pids.append(int(entry))
     return pids
 
 
-def _start_pipeline(bootstrap, topic, group, prefix, schema, secret, extra=()):
+class PeakMemory:
+    """Largest VmHWM seen per role (SDK workers, Prism), sampled before each job stops."""
+
+    def __init__(self, in_process_workers: bool):
+        self.in_process_workers = in_process_workers
+        self.workers_kb = 0
+        self.prism_kb = 0
+
+    def sample(self) -> None:
+        workers = [os.getpid()] if self.in_process_workers else _pids(b"SdkHarness")
+        self.workers_kb = max([self.workers_kb] + [_vm_hwm_kb(p) for p in workers])
+        self.prism_kb = max([self.prism_kb] + [_vm_hwm_kb(p) for p in _pids(b"prism", first_arg_only=True)])
+
+    def __str__(self) -> str:
+        who = "launcher + in-process SDK workers" if self.in_process_workers else "largest SDK worker process"
+        return f"peak memory: {who} {self.workers_kb / 1024:.0f} MiB; Prism {self.prism_kb / 1024:.0f} MiB"
+
+
+def _start_pipeline(args, topic, group, prefix, schema, secret, extra=()):
     from onboardflow.pipelines.onboarding import run
 
-    return run(["--streaming", f"--kafka_bootstrap_servers={bootstrap}", f"--kafka_topics={topic}",
+    return run(["--streaming", f"--kafka_bootstrap_servers={args.bootstrap}", f"--kafka_topics={topic}",
                 "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",
                 f"--dead_letter_topic={topic}.dlq", f"--segment_changes_topic={topic}.changes",
                 f"--model_events_topic={topic}.models",
-                f"--redis_key_prefix={prefix}", f"--warehouse_schema={schema}", *extra], secret=secret, wait=False)
+                f"--redis_key_prefix={prefix}", f"--warehouse_schema={schema}",
+                *args.environment, *args.pipeline_arg, *extra], secret=secret, wait=False)
 
 
-def _sustained(args, run_id, tag, schema, secret, extra=(), drop_prefix=None):
+def _topics(args, topic: str, drop_prefix: str) -> None:
+    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
+                  drop_prefix=drop_prefix)
+
+
+def _sustained(args, run_id, tag, schema, secret, memory: PeakMemory, extra=(), drop_prefix=None):
     """Time a backlog of ``args.events`` from the first offset commit until Redis stops changing."""
     import redis
 
@@ -75,13 +114,12 @@ def _sustained(args, run_id, tag, schema, secret, extra=(), drop_prefix=None):
     from onboardflow.runners.produce import produce
 
     topic = f"bench-{run_id}-{tag}.onboarding.events"
-    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
-                  drop_prefix=drop_prefix or f"bench-{run_id}-{tag}-x")
+    _topics(args, topic, drop_prefix or f"bench-{run_id}-{tag}-x")
     now = int(time.time() * 1000)
     gen = JourneyGenerator(GeneratorConfig(seed=3, users=400, start_ms=now - 45 * DAY_MS))
     produce(gen.messages(max_messages=args.events), args.bootstrap, topic, progress=False)
     group, prefix = f"bench-{run_id}-{tag}", f"bench{run_id}{tag}"
-    result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret, extra)
+    result = _start_pipeline(args, topic, group, prefix, schema, secret, extra)
     client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
     first = done = None
     last_count, last_change = -1, time.time()
@@ -98,114 +136,212 @@ def _sustained(args, run_id, tag, schema, secret, extra=(), drop_prefix=None):
             if lag == 0 and count > 0 and time.time() - last_change >= 3:
                 done = last_change
                 break
+        memory.sample()
     finally:
         stop_streaming_job(result)
     label = "online models off" if "--disable_online_models" in extra else "online models on "
     if done and first:
         print(f"   sustained, {label}: {args.events:,} events into {last_count:,} Redis profiles in "
               f"{done - t0:.1f}s = {args.events / (done - t0):,.0f} events/s with start-up; "
-              f"{args.events / (done - first):,.0f} events/s after the first commit ({first - t0:.1f}s start-up)")
+              f"{args.events / (done - first):,.0f} events/s after the first commit ({first - t0:.1f}s start-up)",
+              flush=True)
     else:
-        print(f"   sustained, {label}: did not drain within 900 s")
+        print(f"   sustained, {label}: did not drain within 900 s", flush=True)
 
 
-def _feed(bootstrap: str, topic: str, rate: float, n: int, start_ms: int) -> None:
-    """Produce ``n`` generated events at ``rate`` per second (the latency run's background load)."""
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
+def _feed_live(bootstrap: str, topic: str, rate: float, n: int, ready, go) -> None:
+    """Send ``n`` generated events at ``rate`` per second, each stamped with the wall clock as it goes out.
 
-    gen = JourneyGenerator(GeneratorConfig(seed=4, users=5000, start_ms=start_ms))
-    produce(gen.messages(max_messages=n), bootstrap, topic, rate=rate, progress=False)
+    The events (their users, types and properties) come from the journey
+    generator; their times are replaced when sent, keeping each event's own
+    collector delay (received_at - occurred_at) so out-of-order and late
+    events stay so. Generation happens first, then ``ready`` is set and
+    sending starts when ``go`` is.
+    """
+    from kafka import KafkaProducer
+
+    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator, message_key, v1_serializer
+    from onboardflow.runners.produce import TokenBucket, producer_settings
+
+    gen = JourneyGenerator(GeneratorConfig(seed=4, users=max(5_000, n // 5)))
+    events = []
+    for _, event in gen.events():
+        events.append(event)
+        if len(events) >= n:
+            break
+    serialize = v1_serializer()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **producer_settings())
+    producer.partitions_for(topic)
+    ready.set()
+    go.wait()
+    bucket = TokenBucket(rate)
+    for event in events:
+        bucket.acquire()
+        now = int(time.time() * 1000)
+        event["occurred_at"], event["received_at"] = now - (event["received_at"] - event["occurred_at"]), now
+        producer.send(topic, key=message_key(event), value=serialize(event))
+    producer.flush()
+    producer.close()
+
+
+def _probe_event(user: str, t: int) -> dict:
+    return {"event_id": str(uuid.uuid4()), "event_type": "login", "user_id": user,
+            "anonymous_id": None, "session_id": None, "occurred_at": t, "received_at": t,
+            "properties": {}, "context": {"device": None, "os": None, "app_version": None,
+                                           "locale": None, "ip": None, "user_agent": None, "email": None},
+            "consent": {"analytics": True, "personalization": True, "marketing": False}}
+
+
+def _latency(args, run_id, rate: float, schema, secret, memory: PeakMemory) -> None:
+    """Probe produce -> Redis latency while live traffic flows at ``rate`` events/s."""
+    from kafka import KafkaProducer
+
+    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
+    from onboardflow.schemas.wire import AvroSerializer
+    from onboardflow.transforms.profile_store import ProfileStore
+
+    tag = f"l{int(rate)}"
+    topic = f"bench-{run_id}-{tag}.onboarding.events"
+    _topics(args, topic, f"bench-{run_id}-{tag}-x")
+    n = int(rate * args.seconds)
+    spawn = multiprocessing.get_context("spawn")
+    ready, go = spawn.Event(), spawn.Event()
+    feeder = spawn.Process(target=_feed_live, args=(args.bootstrap, topic, rate, n, ready, go), daemon=True)
+    feeder.start()
+    if not ready.wait(timeout=300):
+        raise RuntimeError("the load generator did not get ready within 300 s")
+    group, prefix = f"bench-{run_id}-{tag}", f"bench{run_id}{tag}"
+    result = _start_pipeline(args, topic, group, prefix, schema, secret)
+    serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0)
+    store = ProfileStore("redis://127.0.0.1:6379/0", secret, key_prefix=prefix)
+    time.sleep(10)  # start-up
+    go.set()
+    t_start = time.time()
+    t_end = t_start + args.seconds
+    probes: list[tuple[float, float]] = []  # (sent, latency)
+    pending: dict[str, float] = {}
+    next_probe = t_start
+    try:
+        while time.time() < t_end + 30 and (time.time() < t_end or pending):
+            if next_probe <= time.time() < t_end:
+                user = f"probe-{uuid.uuid4().hex[:10]}"
+                producer.send(topic, key=user.encode(), value=serializer.serialize(
+                    _probe_event(user, int(time.time() * 1000))))
+                producer.flush()
+                pending[user] = time.time()
+                next_probe += args.probe_interval
+            found = [u for u, r in zip(pending, store.get_many(list(pending))) if r is not None]
+            for u in found:
+                sent = pending.pop(u)
+                probes.append((sent, time.time() - sent))
+            time.sleep(0.01)
+        memory.sample()
+    finally:
+        stop_streaming_job(result)
+        producer.close()
+        store.close()
+    feeder.join(timeout=5)
+    if feeder.is_alive():
+        feeder.terminate()
+    if not probes:
+        print(f"   latency at {rate:,.0f} events/s: no probe reached Redis within 30 s", flush=True)
+        return
+    every = [lat for _, lat in probes]
+    steady = [lat for sent, lat in probes if sent - t_start >= args.warmup]
+    ms = lambda v: f"{v * 1000:,.0f} ms"  # noqa: E731
+    line = (f"   latency at {rate:,.0f} events/s live for {args.seconds:.0f}s: all probes p50 "
+            f"{ms(statistics.median(every))}, p99 {ms(_percentile(every, 0.99))} ({len(every)} probes, "
+            f"{len(pending)} not seen within 30 s)")
+    if steady:
+        line += (f"; after {args.warmup:.0f}s warm-up p50 {ms(statistics.median(steady))}, "
+                 f"p99 {ms(_percentile(steady, 0.99))} ({len(steady)} probes)")
+    print(line, flush=True)
+    # Median per 10 s of load: shows warm-up and falling behind at a glance.
+    buckets: dict[int, list[float]] = {}
+    for sent, lat in probes:
+        buckets.setdefault(int((sent - t_start) // 10), []).append(lat)
+    print("     median by 10 s of load: " + "  ".join(
+        f"{b * 10}s {statistics.median(v):.1f}s" for b, v in sorted(buckets.items())), flush=True)
+
+
+def _phase(args) -> None:
+    """One measurement (``--phase``), in a process of its own (see ``main``)."""
+    import logging
+
+    from onboardflow.transforms.anonymize import SecretKey
+
+    logging.basicConfig(level=logging.ERROR)
+    args.environment = (["--environment_type=EXTERNAL", f"--environment_config={args.pool}"] if args.pool else [])
+    memory = PeakMemory(in_process_workers=not args.pool)
+    secret = SecretKey(b"bench-secret-0123456789abcdef-xyz")
+    schema = f"bench_{args.run_id}"
+    kind, _, value = args.phase.partition(":")
+    if kind == "sustained":
+        models_off = value == "models-off"
+        _sustained(args, args.run_id, "c" if models_off else "a", schema, secret, memory,
+                   extra=("--disable_online_models",) if models_off else (),
+                   drop_prefix=None if models_off else "bench-")
+    else:
+        _latency(args, args.run_id, float(value), schema, secret, memory)
+    print(f"     {memory}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
     ap.add_argument("--events", type=int, default=50_000)
-    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--rates", default="500,1000,2000", help="comma-separated live rates (events/s) for the latency runs")
     ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--probe-interval", type=float, default=1.0)
+    ap.add_argument("--workers", choices=("process", "loopback"), default="process",
+                    help="SDK workers in a worker pool's processes (EXTERNAL) or in the job's process (LOOPBACK)")
     ap.add_argument("--pipeline-arg", action="append", default=[],
                     help="extra pipeline flag for every run, e.g. --pipeline-arg=--kafka_max_read_seconds=0.25")
-    ap.add_argument("--skip-sustained", action="store_true", help="only the latency measurement")
+    ap.add_argument("--skip-sustained", action="store_true", help="only the latency measurements")
+    # Set by main() for the process that runs one measurement.
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--run-id", help=argparse.SUPPRESS)
+    ap.add_argument("--pool", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.phase:
+        _phase(args)
+        return
 
-    import logging
-    logging.basicConfig(level=logging.ERROR)
     import psycopg
 
     from onboardflow.pipelines.options import DEFAULT_WAREHOUSE_DSN
-    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
-    from onboardflow.schemas.wire import AvroSerializer
-    from onboardflow.transforms.anonymize import SecretKey
-    from onboardflow.transforms.profile_store import ProfileStore
+    from onboardflow.runners.flink_runner import WorkerPool
+    from onboardflow.runners.local import REPO_ROOT
 
-    secret = SecretKey(b"bench-secret-0123456789abcdef-xyz")
     run_id = time.strftime("%H%M%S")
-    schema = f"bench_{run_id}"
-    print("== bench_pipeline (Prism, LOOPBACK workers, real Kafka/Redis/PostgreSQL; 2-core machine)")
+    pool: Optional[WorkerPool] = None
+    if args.workers == "process":
+        from apache_beam.utils.subprocess_server import pick_port
 
-    # 1. Sustained throughput over a backlog, with the online models and without.
-    if not args.skip_sustained:
-        _sustained(args, run_id, "a", schema, secret, extra=tuple(args.pipeline_arg), drop_prefix="bench-")
-        _sustained(args, run_id, "c", schema, secret, extra=("--disable_online_models", *args.pipeline_arg))
-
-    # 2. Latency at a fixed rate.
-    topic = f"bench-{run_id}-b.onboarding.events"
-    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
-                  drop_prefix="bench-x")
-    group, prefix = f"bench-{run_id}-b", f"bench{run_id}b"
-    result = _start_pipeline(args.bootstrap, topic, group, prefix, schema, secret, tuple(args.pipeline_arg))
-    time.sleep(10)  # start-up
-    n = int(args.rate * args.seconds)
-    # The load generator runs in its own process: in this one it would share
-    # the GIL with the LOOPBACK SDK workers it is measuring.
-    feeder = multiprocessing.get_context("spawn").Process(
-        target=_feed, args=(args.bootstrap, topic, args.rate, n, int(time.time() * 1000) - 45 * DAY_MS),
-        daemon=True)
-    serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
-    from kafka import KafkaProducer
-    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0)
-    store = ProfileStore("redis://127.0.0.1:6379/0", secret, key_prefix=prefix)
-    latencies, pending = [], {}
-    feeder.start()
-    t_end = time.time() + args.seconds
-    next_probe = time.time()
+        pool = WorkerPool(port=pick_port(None)[0], log_path=REPO_ROOT / ".run" / "bench" / "worker-pool.log").start()
+    print(f"== bench_pipeline (Prism, SDK workers: {'worker-pool processes' if pool else 'in-process'}; "
+          f"real Kafka/Redis/PostgreSQL; {os.cpu_count()} cores)", flush=True)
+    phases = [] if args.skip_sustained else ["sustained:models-on", "sustained:models-off"]
+    phases += [f"latency:{float(r)}" for r in args.rates.split(",") if r.strip()]
+    # Each measurement runs in a fresh interpreter, hence with a Prism of its
+    # own that exits with it: measurements start from the same state, and the
+    # peak memory figures (VmHWM never goes down within a process) are each
+    # measurement's own.
     try:
-        while time.time() < t_end + 30 and (time.time() < t_end or pending):
-            if time.time() >= next_probe and time.time() < t_end:
-                user = f"probe-{uuid.uuid4().hex[:10]}"
-                t = int(time.time() * 1000)
-                event = {"event_id": str(uuid.uuid4()), "event_type": "login", "user_id": user,
-                         "anonymous_id": None, "session_id": None, "occurred_at": t, "received_at": t,
-                         "properties": {}, "context": {"device": None, "os": None, "app_version": None,
-                                                        "locale": None, "ip": None, "user_agent": None,
-                                                        "email": None},
-                         "consent": {"analytics": True, "personalization": True, "marketing": False}}
-                producer.send(topic, key=user.encode(), value=serializer.serialize(event))
-                producer.flush()
-                pending[user] = time.time()
-                next_probe += args.probe_interval
-            found = [u for u, r in zip(pending, store.get_many(list(pending))) if r is not None]
-            for u in found:
-                latencies.append(time.time() - pending.pop(u))
-            time.sleep(0.01)
+        for phase in phases:
+            argv = [sys.executable, __file__, *sys.argv[1:], f"--phase={phase}", f"--run-id={run_id}"]
+            if pool is not None:
+                argv.append(f"--pool={pool.address}")
+            code = subprocess.run(argv, check=False).returncode
+            if code:
+                print(f"   {phase}: failed (exit code {code})", flush=True)
     finally:
-        stop_streaming_job(result)
-        producer.close()
-    feeder.join(timeout=5)
-    if feeder.is_alive():
-        feeder.terminate()
-    if latencies:
-        print(f"   latency at {args.rate:,.0f} events/s for {args.seconds:.0f}s: p50 "
-              f"{statistics.median(latencies) * 1000:.0f} ms, p99 {_percentile(latencies, 0.99) * 1000:.0f} ms "
-              f"({len(latencies)} probes, {len(pending)} not seen within 30 s)")
-    print(f"   peak memory: launcher+SDK workers {_vm_hwm_kb(os.getpid()) / 1024:.0f} MiB; Prism "
-          + ", ".join(f"{_vm_hwm_kb(p) / 1024:.0f} MiB" for p in _prism_pids()))
-    time.sleep(5)  # let cancelled bundles wind down before their schema goes
-    with psycopg.connect(DEFAULT_WAREHOUSE_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
+        if pool is not None:
+            pool.stop()
+        with psycopg.connect(DEFAULT_WAREHOUSE_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "bench_{run_id}" CASCADE')
 
 if __name__ == "__main__":
     main()

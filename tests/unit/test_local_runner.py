@@ -16,7 +16,7 @@ import pytest
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PortableOptions, PrismRunnerOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, PortableOptions, PrismRunnerOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger, userstate, window
@@ -77,6 +77,31 @@ def test_local_options_let_callers_override_defaults():
     options = local_pipeline_options(streaming=False, environment_type="PROCESS")
     assert options.view_as(StandardOptions).streaming is False
     assert options.view_as(PortableOptions).environment_type == "PROCESS"
+
+
+def test_a_pipeline_run_without_a_runner_gets_prism_and_in_process_workers():
+    from onboardflow.pipelines.onboarding import pipeline_options
+
+    options = pipeline_options(["--kafka_topics=t"])
+    assert options.view_as(StandardOptions).runner == "PrismRunner"
+    assert options.view_as(StandardOptions).streaming is True
+    assert options.view_as(PortableOptions).environment_type == "LOOPBACK"
+    assert local.PRISM_NO_DYNAMIC_SPLITS in options.view_as(DebugOptions).experiments
+    assert pipeline_options(["--kafka_bounded"]).view_as(StandardOptions).streaming is False
+
+
+def test_a_pipeline_runs_sdk_workers_in_a_worker_pool_when_the_caller_says_so():
+    # PipelineOptions lets keyword arguments override flags; the local
+    # defaults must not override what the caller asked for.
+    from onboardflow.pipelines.onboarding import pipeline_options
+
+    options = pipeline_options(["--environment_type=EXTERNAL", "--environment_config=localhost:50123",
+                                "--prism_log_level=info", "--experiments=keep_me"])
+    portable = options.view_as(PortableOptions)
+    assert (portable.environment_type, portable.environment_config) == ("EXTERNAL", "localhost:50123")
+    assert options.view_as(PrismRunnerOptions).prism_log_level == "info"
+    assert options.view_as(StandardOptions).runner == "PrismRunner"
+    assert set(options.view_as(DebugOptions).experiments) >= {"keep_me", local.PRISM_NO_DYNAMIC_SPLITS}
 
 
 # --------------------------------------------------------------------------
