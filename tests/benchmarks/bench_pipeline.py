@@ -40,10 +40,11 @@ import time
 import uuid
 from typing import Optional
 
-from onboardflow.runners.demo import _fresh_topics, _lag, _percentile
+from onboardflow.runners.demo import _fresh_topics, _lag, _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
 
 DAY_MS = 86_400_000
+_PROBE_CONSENT = {"analytics": True, "personalization": True, "marketing": False}
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -184,14 +185,6 @@ def _feed_live(bootstrap: str, topic: str, rate: float, n: int, ready, go) -> No
     producer.close()
 
 
-def _probe_event(user: str, t: int) -> dict:
-    return {"event_id": str(uuid.uuid4()), "event_type": "login", "user_id": user,
-            "anonymous_id": None, "session_id": None, "occurred_at": t, "received_at": t,
-            "properties": {}, "context": {"device": None, "os": None, "app_version": None,
-                                           "locale": None, "ip": None, "user_agent": None, "email": None},
-            "consent": {"analytics": True, "personalization": True, "marketing": False}}
-
-
 def _latency(args, run_id, rate: float, schema, secret, memory: PeakMemory) -> None:
     """Probe produce -> Redis latency while live traffic flows at ``rate`` events/s."""
     from kafka import KafkaProducer
@@ -227,7 +220,7 @@ def _latency(args, run_id, rate: float, schema, secret, memory: PeakMemory) -> N
             if next_probe <= time.time() < t_end:
                 user = f"probe-{uuid.uuid4().hex[:10]}"
                 producer.send(topic, key=user.encode(), value=serializer.serialize(
-                    _probe_event(user, int(time.time() * 1000))))
+                    _login(user, int(time.time() * 1000), _PROBE_CONSENT)))
                 producer.flush()
                 pending[user] = time.time()
                 next_probe += args.probe_interval
