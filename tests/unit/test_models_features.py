@@ -66,3 +66,23 @@ def test_sessions_per_week_is_normalized_by_tenure():
     old = feature_vector({"session_count": 2, "days_since_signup": 28.0})
     assert young["sessions_per_week"] > old["sessions_per_week"]
     assert math.isclose(old["sessions_per_week"], math.log1p(0.5))
+
+
+def test_active_sessions_per_week_is_the_rate_while_the_user_came_back():
+    # Eight sessions in the first three days, then silence (a churner's shape),
+    # read on day 3 and again on day 10: the active rate stays, the tenure rate falls.
+    burst = {"session_count": 8, "days_since_signup": 3.0, "recency_ms": 0}
+    after_silence = {"session_count": 8, "days_since_signup": 10.0, "recency_ms": 7 * 86_400_000}
+    a, b = feature_vector(burst), feature_vector(after_silence)
+    assert math.isclose(a["active_sessions_per_week"], math.log1p(8 / (4 / 7)))
+    assert math.isclose(b["active_sessions_per_week"], a["active_sessions_per_week"])
+    assert b["sessions_per_week"] < a["sessions_per_week"]
+    # The same eight sessions spread over ten days (a stalled user's shape) read lower.
+    spread = feature_vector({"session_count": 8, "days_since_signup": 10.0, "recency_ms": 0})
+    assert spread["active_sessions_per_week"] < b["active_sessions_per_week"]
+
+
+def test_active_sessions_per_week_reads_the_stored_record_too():
+    # schemas/user_profile.avsc: recency in seconds, whole days since signup.
+    stored = feature_vector({"session_count": 8, "days_since_signup": 10, "recency": 7 * 86_400.0})
+    assert math.isclose(stored["active_sessions_per_week"], math.log1p(8 / (4 / 7)))
