@@ -111,6 +111,7 @@ def profile_config(opts: OnboardingOptions) -> ProfileConfig:
         state_ttl_ms=int(opts.state_ttl_days * DAY_MS),
         refresh_ms=int(opts.profile_refresh_hours * HOUR_MS),
         refresh_window_ms=int(opts.profile_refresh_window_days * DAY_MS),
+        slow_refresh_ms=int(opts.profile_slow_refresh_days * DAY_MS),
         time_marks=rules.time_marks,
     )
 

@@ -62,8 +62,12 @@ class OnboardingOptions(PipelineOptions):
                             "so rolling 7-day counts, recency and segments stay current without new events "
                             "(an event-time timer; 0: never).")
         g.add_argument("--profile_refresh_window_days", type=float, default=7.0,
-                       help="Refreshes stop this long after a user's newest event (then the 7-day counts are 0; "
-                            "rule time marks and dormancy still fire).")
+                       help="Daily refreshes stop this long after a user's newest event (then the 7-day counts "
+                            "are 0; rule time marks and dormancy still fire).")
+        g.add_argument("--profile_slow_refresh_days", type=float, default=7.0,
+                       help="After the refresh window, keep re-emitting a quiet user's profile this often until "
+                            "dormancy, so recency, 30-day counts and the cluster stay current and the online "
+                            "segmenter keeps seeing users who went quiet (0: never).")
         g.add_argument("--state_ttl_days", type=float, default=90.0,
                        help="Per-user pipeline state is cleared this long after the last activity.")
         g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,

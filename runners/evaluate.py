@@ -16,7 +16,8 @@ What it does, without Kafka, Beam or any service:
    (``UserProfileState.next_lifecycle_ms``), a user also gets an update with
    no new event when a time-based rule can flip (the end of the new-user
    window, dormancy, the default rules' time marks) and, in their first week
-   of silence, a refresh a day after their newest event or refresh.
+   of silence, a refresh a day after their newest event or refresh, then a
+   weekly one until dormancy (``ProfileConfig.slow_refresh_ms``).
 3. **Prequential learning (test, then train).** For every update: the
    segmenter assigns a cluster with the model as it is, then learns the
    point; the propensity model predicts completion within ``--timeout-days``

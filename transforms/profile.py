@@ -45,11 +45,16 @@ Time, lateness and timers (event time throughout):
   time (default a day after the newest event or refresh): the 7-day counts
   (events, sessions, active days), recency and the decayed scores move with
   time alone, and the rule segments and online models downstream should see
-  them move. After the window the 7-day counts are 0 and the next update is
-  a rule's time mark or dormancy. One update per quiet user per period, at
-  most ``refresh_window / refresh`` (7) per silence; a replay of old data (or
-  a streaming run whose watermark jumps to the wall clock) fires them one
-  after another. ``refresh_ms=0`` turns refreshes off.
+  them move. After the window the 7-day counts are 0, and the refresh slows
+  to every ``slow_refresh_ms`` (default 7 days) until dormancy: recency, the
+  30-day counts and the cluster assignment stay current within a week, and
+  the online segmenter keeps seeing the users who went quiet (without them
+  the centre of a segment whose users all went quiet is pulled into its
+  neighbours; docs/models.md). At most ``refresh_window / refresh +
+  (dormancy - refresh_window) / slow_refresh`` (7 + 3) updates per silence;
+  a replay of old data (or a streaming run whose watermark jumps to the wall
+  clock) fires them one after another. ``refresh_ms=0`` and
+  ``slow_refresh_ms=0`` turn refreshes off.
 
 Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
 profile as last emitted, and as it is now), coalesced per bundle so a burst of
@@ -113,6 +118,8 @@ class ProfileConfig:
     refresh_ms: int = 24 * HOUR_MS
     #: ... for this long after the newest event (and never past dormancy)
     refresh_window_ms: int = 7 * DAY_MS
+    #: after that window, re-emit every this long until dormancy (0: never)
+    slow_refresh_ms: int = 7 * DAY_MS
     #: (timestamp field, offset ms): also re-evaluate at profile[field] + offset (RuleSet.time_marks)
     time_marks: tuple[tuple[str, int], ...] = ()
     score: ScoreConfig = DEFAULT_SCORE_CONFIG
@@ -131,7 +138,7 @@ class ProfileConfig:
             # Sessions are kept for state_ttl_ms; a late event landing next to an
             # already folded session would otherwise be counted as a new one.
             raise ValueError("state_ttl_ms must exceed allowed_lateness_ms + session_gap_ms")
-        for name in ("refresh_ms", "refresh_window_ms"):
+        for name in ("refresh_ms", "refresh_window_ms", "slow_refresh_ms"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer number of milliseconds, got {value!r}")
@@ -226,7 +233,10 @@ class UserProfileState:
         if signup is not None:
             candidates.append(signup + config.new_user_window_ms + 1)
         refresh = self.as_of + config.refresh_ms
-        if config.refresh_ms and refresh <= last + config.refresh_window_ms and refresh < dormant_at:
+        if not (config.refresh_ms and refresh <= last + config.refresh_window_ms):
+            # Past the refresh window: the slow refresh, until dormancy.
+            refresh = self.as_of + config.slow_refresh_ms if config.slow_refresh_ms else dormant_at
+        if refresh < dormant_at:
             candidates.append(refresh)
         for name, offset in config.time_marks:
             since = getattr(self.engagement, name)

@@ -50,7 +50,8 @@ without a new event. Rolling-window counts (``sessions_7d``, ``events_30d``,
 ones are brought up to date by the profile stage's daily refresh during the
 first week of silence (``--profile_refresh_hours``,
 ``--profile_refresh_window_days``), after which they are 0; a rule on a
-30-day count sees it fall at the next mark, refresh or dormancy.
+30-day count sees it fall at the next mark, refresh (weekly after the first
+week, ``--profile_slow_refresh_days``) or dormancy.
 
 ``RuleSet.evaluate(profile, at_ms)`` gives the set of matching segments;
 ``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts

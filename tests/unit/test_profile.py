@@ -589,6 +589,7 @@ def test_a_time_mark_schedules_a_re_evaluation_at_its_offset_from_the_field():
 
 @pytest.mark.parametrize("changes, message", [
     ({"refresh_ms": -1}, "refresh_ms must be a non-negative"),
+    ({"slow_refresh_ms": -1}, "slow_refresh_ms must be a non-negative"),
     ({"time_marks": (("updated_at", HOUR),)}, "time_marks holds"),
     ({"time_marks": (("signup_at", 0),)}, "time_marks holds"),
 ])
@@ -621,8 +622,8 @@ def test_refreshes_bring_rolling_counts_recency_and_decayed_scores_up_to_date_wi
     run_profiles(stream, config=config, check_updates=check)
 
 
-def test_refreshes_stop_at_the_end_of_the_refresh_window_and_the_next_update_is_dormancy():
-    config = replace(CONFIG, refresh_ms=2 * HOUR, refresh_window_ms=5 * HOUR)
+def test_without_slow_refreshes_refreshes_stop_at_the_end_of_the_refresh_window_and_the_next_update_is_dormancy():
+    config = replace(CONFIG, refresh_ms=2 * HOUR, refresh_window_ms=5 * HOUR, slow_refresh_ms=0)
     state = state_with(event("u", T0), config=config)
     due = []
     while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
@@ -630,3 +631,39 @@ def test_refreshes_stop_at_the_end_of_the_refresh_window_and_the_next_update_is_
         state.advance_to(t)
     # Refreshes at 2 h and 4 h (6 h is past the 5 h window); dormancy at 12 h + 1 ms.
     assert due == [2 * HOUR, 4 * HOUR, 12 * HOUR + 1]
+
+
+def test_after_the_refresh_window_a_quiet_user_is_refreshed_at_the_slow_pace_until_dormancy():
+    config = replace(CONFIG, refresh_ms=2 * HOUR, refresh_window_ms=5 * HOUR, slow_refresh_ms=3 * HOUR)
+    state = state_with(event("u", T0), config=config)
+    due = []
+    while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
+        due.append(t - T0)
+        state.advance_to(t)
+    # Every 2 h within the 5 h window (2 h, 4 h), then every 3 h (7 h, 10 h; 13 h is past
+    # dormancy at 12 h + 1 ms), then nothing until the state expires.
+    assert due == [2 * HOUR, 4 * HOUR, 7 * HOUR, 10 * HOUR, 12 * HOUR + 1]
+    state.apply(event("u", T0 + 13 * HOUR))  # back: the fast pace resumes from the new event
+    assert state.next_lifecycle_ms() == T0 + 15 * HOUR
+
+
+def test_slow_refreshes_alone_start_from_the_newest_event():
+    config = replace(CONFIG, refresh_ms=0, slow_refresh_ms=5 * HOUR)
+    state = state_with(event("u", T0), config=config)
+    due = []
+    while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
+        due.append(t - T0)
+        state.advance_to(t)
+    assert due == [5 * HOUR, 10 * HOUR, 12 * HOUR + 1]
+
+
+def test_the_refresh_options_reach_the_profile_stage():
+    from onboardflow.pipelines.onboarding import profile_config
+    from onboardflow.pipelines.options import OnboardingOptions
+
+    default = profile_config(OnboardingOptions([]))
+    assert (default.refresh_ms, default.refresh_window_ms, default.slow_refresh_ms) == (
+        24 * HOUR, 7 * 24 * HOUR, 7 * 24 * HOUR)
+    given = profile_config(OnboardingOptions(
+        ["--profile_refresh_hours=12", "--profile_refresh_window_days=3", "--profile_slow_refresh_days=0"]))
+    assert (given.refresh_ms, given.refresh_window_ms, given.slow_refresh_ms) == (12 * HOUR, 3 * 24 * HOUR, 0)
