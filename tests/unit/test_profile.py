@@ -562,6 +562,15 @@ def test_profile_config_refuses_settings_that_would_lose_or_double_count_events(
 # -- refresh and time marks ----------------------------------------------------
 
 
+def lifecycle_until_expiry(state):
+    """The lifecycle timer's instants (ms after T0) a quiet user's state goes through before it expires."""
+    due = []
+    while (t := state.next_lifecycle_ms()) < state.engagement.last_event_at + state.config.state_ttl_ms:
+        due.append(t - T0)
+        state.advance_to(t)
+    return due
+
+
 def test_a_quiet_user_is_refreshed_every_refresh_period_after_the_newest_event_until_dormancy():
     config = replace(CONFIG, refresh_ms=4 * HOUR)
     state = state_with(event("u", T0), event("u", T0 + 1 * HOUR), config=config)
@@ -625,10 +634,7 @@ def test_refreshes_bring_rolling_counts_recency_and_decayed_scores_up_to_date_wi
 def test_without_slow_refreshes_refreshes_stop_at_the_end_of_the_refresh_window_and_the_next_update_is_dormancy():
     config = replace(CONFIG, refresh_ms=2 * HOUR, refresh_window_ms=5 * HOUR, slow_refresh_ms=0)
     state = state_with(event("u", T0), config=config)
-    due = []
-    while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
-        due.append(t - T0)
-        state.advance_to(t)
+    due = lifecycle_until_expiry(state)
     # Refreshes at 2 h and 4 h (6 h is past the 5 h window); dormancy at 12 h + 1 ms.
     assert due == [2 * HOUR, 4 * HOUR, 12 * HOUR + 1]
 
@@ -636,10 +642,7 @@ def test_without_slow_refreshes_refreshes_stop_at_the_end_of_the_refresh_window_
 def test_after_the_refresh_window_a_quiet_user_is_refreshed_at_the_slow_pace_until_dormancy():
     config = replace(CONFIG, refresh_ms=2 * HOUR, refresh_window_ms=5 * HOUR, slow_refresh_ms=3 * HOUR)
     state = state_with(event("u", T0), config=config)
-    due = []
-    while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
-        due.append(t - T0)
-        state.advance_to(t)
+    due = lifecycle_until_expiry(state)
     # Every 2 h within the 5 h window (2 h, 4 h), then every 3 h (7 h, 10 h; 13 h is past
     # dormancy at 12 h + 1 ms), then nothing until the state expires.
     assert due == [2 * HOUR, 4 * HOUR, 7 * HOUR, 10 * HOUR, 12 * HOUR + 1]
@@ -650,10 +653,7 @@ def test_after_the_refresh_window_a_quiet_user_is_refreshed_at_the_slow_pace_unt
 def test_slow_refreshes_alone_start_from_the_newest_event():
     config = replace(CONFIG, refresh_ms=0, slow_refresh_ms=5 * HOUR)
     state = state_with(event("u", T0), config=config)
-    due = []
-    while (t := state.next_lifecycle_ms()) < T0 + config.state_ttl_ms:
-        due.append(t - T0)
-        state.advance_to(t)
+    due = lifecycle_until_expiry(state)
     assert due == [5 * HOUR, 10 * HOUR, 12 * HOUR + 1]
 
 
