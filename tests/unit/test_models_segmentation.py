@@ -118,6 +118,19 @@ def test_snapshot_round_trip_gives_identical_predictions_and_keeps_learning_alik
     assert restored.centres() == seg.centres()
 
 
+def test_a_snapshot_keeps_the_features_it_was_built_on_when_the_segment_features_change():
+    # A segmenter published before active_sessions_per_week replaced sessions_per_week.
+    before = tuple("sessions_per_week" if n == "active_sessions_per_week" else n for n in SEGMENT_FEATURES)
+    assert before != SEGMENT_FEATURES
+    seg = _trained(600, feature_names=before)
+    restored = OnlineSegmenter.from_bytes(seg.to_bytes())
+    assert restored.feature_names == before
+    probe = [x for _, x in _stream(200, seed=5)]
+    # Today's vectors carry both rates: the old snapshot reads the one it knows, and nothing else.
+    assert [restored.predict_one(x | {"active_sessions_per_week": 9.0}) for x in probe] == \
+        [seg.predict_one(x) for x in probe]
+
+
 @pytest.mark.parametrize("name", ["streamkmeans", "dbstream"])
 def test_other_clusterers_learn_and_predict(name):
     seg = OnlineSegmenter(n_clusters=3, clusterer=name, warmup=60)
