@@ -27,7 +27,6 @@ What is pinned:
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 import time
@@ -579,26 +578,6 @@ def cancel(result, timeout_s: float = 60) -> None:
     assert stop_streaming_job(result, timeout_s, quiet=False) is not None, "the streaming job did not stop"
 
 
-def assert_same_profiles(streaming: dict[str, dict], bounded: dict[str, dict]) -> None:
-    """Field by field; floats (decayed scores) to 1e-9 relative.
-
-    The scores are incremental sums whose result depends on the order events
-    are folded in by a few ulps (transforms/score.py documents and tests
-    order independence to 1e-9 relative); everything else must be identical.
-    """
-    assert streaming.keys() == bounded.keys()
-    differences = []
-    for user_key, expected in sorted(bounded.items()):
-        actual = streaming[user_key]
-        for name in sorted(expected.keys() | actual.keys()):
-            want, got = expected.get(name), actual.get(name)
-            same = (math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
-                    if isinstance(want, float) and isinstance(got, float) else got == want)
-            if not same:
-                differences.append((user_key[:12], name, got, want))
-    assert differences == [], f"{len(differences)} fields differ (user, field, streaming, bounded)"
-
-
 def fixed_models() -> dict[str, bytes]:
     """A ready segmenter and a warm propensity model, learned from synthetic profiles."""
     rng = random.Random(11)
@@ -645,7 +624,8 @@ def serve_pinned(deployment, prefixes: list[str]) -> None:
                     registry.sync(kind)  # the warehouse pointer is shared: mirror it here
 
 
-def test_streaming_and_bounded_runs_of_the_same_input_end_with_the_same_profiles(deployment, stream):
+def test_streaming_and_bounded_runs_of_the_same_input_end_with_the_same_profiles(deployment, stream,
+                                                                                  assert_same_profiles):
     # Both runs allow LATENESS_HOURS: an event later than the allowed lateness
     # is (by design) kept out of the profile, and whether one is depends on
     # how far the watermark got when it arrived, which differs between runs.
