@@ -1,11 +1,13 @@
 """Online segmentation: users clustered as their profiles evolve, with readable labels.
 
-``OnlineSegmenter`` is a River pipeline, ``StandardScaler | KMeans``, over the
-behaviour features of ``models/features.py`` (``SEGMENT_FEATURES``: how a
-user works -- rates, shares, depth -- not how much or for how long, which
-would split a stream of users of every age by age). Every profile update is
-one observation: the scaler's running mean and variance move, then the
-closest centre moves ``halflife`` of the way towards the scaled point. The
+``OnlineSegmenter`` is a River pipeline, ``FadingStandardScaler | KMeans``,
+over the behaviour features of ``models/features.py`` (``SEGMENT_FEATURES``:
+how a user works -- rates, shares, depth -- not how much or for how long,
+which would split a stream of users of every age by age). Every profile
+update is one observation: the scaler's mean and variance move (weighing
+about the last ``1 / scaler_fading`` updates: the population ages, and the
+scaling follows it), then the closest centre moves ``halflife`` of the way
+towards the scaled point. The
 user's ``cluster_id`` is the closest centre. Its ``segment_label`` ("power
 adopter", "explorer", "stalled", ...) is read off the cluster's *profile*: a
 running mean, over the points the cluster won, of the whole feature vector
@@ -71,6 +73,49 @@ CLUSTERERS = ("kmeans", "streamkmeans", "dbstream", "denstream")
 SNAPSHOT_KIND = "segmenter"
 
 ScalerState = Mapping[str, Union[Mapping[str, float], Sequence[float], float, int]]
+
+
+class FadingStandardScaler(preprocessing.StandardScaler):
+    """River's ``StandardScaler`` whose statistics forget old observations at rate ``fading``.
+
+    In: feature dicts (``learn_one``); out: the same features standardized,
+    z = (x - mean) / std (``transform_one``, River's own). Observation n of a
+    feature moves its mean and (population) variance with weight
+    ``max(1 / n, fading)``: exactly River's running mean and variance for the
+    first ``1 / fading`` observations, then exponentially weighted ones whose
+    memory is about the last ``1 / fading`` observations. ``fading=0`` never
+    forgets (River's ``StandardScaler``).
+
+    Why forget: the segmenter learns from profile updates of a population
+    that ages through onboarding, so its features drift (recency and breadth
+    grow, session rates fall); a scaler that remembers every update since
+    launch scales today's users with the statistics of the first days' young
+    ones. The state is River's (``counts``, ``means``, ``vars``), so
+    ``centres()`` and ``_from_state`` read and seed it unchanged.
+
+    >>> scaler = FadingStandardScaler(fading=0.5)
+    >>> for value in (0.0, 2.0, 10.0):
+    ...     scaler.learn_one({"x": value})
+    >>> scaler.means["x"], scaler.vars["x"]
+    (5.5, 20.75)
+    """
+
+    def __init__(self, fading: float = 0.0, with_std: bool = True):
+        if isinstance(fading, bool) or not isinstance(fading, (int, float)) or not 0.0 <= fading < 1.0:
+            raise ValueError(f"fading must be a number in [0, 1), got {fading!r}")
+        super().__init__(with_std=with_std)
+        self.fading = float(fading)
+
+    def learn_one(self, x):
+        counts, means, variances, fading = self.counts, self.means, self.vars, self.fading
+        for name, value in x.items():
+            counts[name] += 1
+            rate = max(1.0 / counts[name], fading)
+            delta = value - means[name]
+            means[name] += rate * delta
+            if self.with_std:
+                # West's weighted update; with rate 1/n it is Welford's population variance.
+                variances[name] = (1.0 - rate) * (variances[name] + rate * delta * delta)
 
 
 def make_clusterer(name: str, n_clusters: int = 5, halflife: float = 0.02, seed: int = 42):
@@ -186,6 +231,10 @@ class OnlineSegmenter:
         Lloyd's iterations; the one of least inertia is kept.
     seed
         Seed of the initialization (deterministic for a given stream).
+    scaler_fading
+        How fast the scaler forgets (``FadingStandardScaler``): 0.001 weighs
+        about the last thousand updates. 0 scales with every update since the
+        start.
     feature_names
         Features the distance uses, in order; others in the input are
         ignored, missing ones count 0.
@@ -196,7 +245,8 @@ class OnlineSegmenter:
 
     def __init__(self, n_clusters: int = 5, clusterer: str = "kmeans", halflife: float = 0.02,
                  warmup: int = 500, seed: int = 42, feature_names: Sequence[str] = SEGMENT_FEATURES,
-                 profile_names: Sequence[str] = FEATURES, init_restarts: int = 10):
+                 profile_names: Sequence[str] = FEATURES, init_restarts: int = 10,
+                 scaler_fading: float = 0.001):
         if n_clusters < 1:
             raise ValueError("n_clusters must be >= 1")
         if warmup < n_clusters:
@@ -213,7 +263,7 @@ class OnlineSegmenter:
         self._profiles: dict[int, dict[str, float]] = {}
         self._profile_counts: dict[int, int] = {}
         self._buffer_full: list[dict[str, float]] = []
-        self.scaler = preprocessing.StandardScaler()
+        self.scaler = FadingStandardScaler(scaler_fading)
         self.clusterer = make_clusterer(clusterer, n_clusters, halflife, seed)
         self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))
         self._kmeans_family = clusterer in ("kmeans", "streamkmeans")
@@ -338,8 +388,10 @@ class OnlineSegmenter:
             variances = _aligned(scaler["var"], names, "scaler var")
             if any(v < 0 for v in variances.values()):
                 raise ValueError("scaler variances must be >= 0")
-            self.scaler = preprocessing.StandardScaler._from_state(
+            fading = getattr(self.scaler, "fading", 0.0)
+            self.scaler = FadingStandardScaler._from_state(
                 counts={n: int(count) for n in names}, means=means, vars=variances)
+            self.scaler.fading = fading
         elif not self.scaler.counts:
             raise ValueError("the segmenter has seen no data: pass the scaler the centres were computed in")
         self.n_clusters = len(centres)

@@ -176,7 +176,7 @@ def main(argv=None):
     # (user_key, persona, at_ms, features, onboarding progress), in event-time order
     points = [(t.user_key, t.persona, t.at_ms, x, t.profile.get("onboarding_progress") or 0.0)
               for t, x in zip(ticks, vectors)]
-    print("segmenter (StandardScaler | clusterer), prequential ARI vs personas, rates in updates/s:")
+    print("segmenter (FadingStandardScaler | clusterer), prequential ARI vs personas, rates in updates/s:")
     bench_segmenters(points, args.repeats)
     print("propensity (delayed labels, 7-day horizon):")
     bench_propensity(points, args.repeats)

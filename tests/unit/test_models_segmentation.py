@@ -1,12 +1,15 @@
 """models/segmentation.py: online clusters, readable labels, seeding, snapshots."""
+import doctest
 import math
 import random
 
 import pytest
+from river import preprocessing
 from sklearn.metrics import adjusted_rand_score
 
+from onboardflow.models import segmentation
 from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
-from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter, describe_centre
+from onboardflow.models.segmentation import UNASSIGNED, FadingStandardScaler, OnlineSegmenter, describe_centre
 
 BASE = {name: 0.2 for name in FEATURES} | {"tenure_days": math.log1p(20.0), "browse_share": 0.4,
                                            "feature_use_share": 0.1, "support_share": 0.02}
@@ -109,6 +112,7 @@ def test_seeding_without_a_scaler_needs_a_scaler_that_saw_data():
 def test_snapshot_round_trip_gives_identical_predictions_and_keeps_learning_alike():
     seg = _trained(600)
     restored = OnlineSegmenter.from_bytes(seg.to_bytes())
+    assert restored.scaler.fading == seg.scaler.fading == 0.001
     probe = [x for _, x in _stream(200, seed=5)]
     assert [restored.predict_one(x) for x in probe] == [seg.predict_one(x) for x in probe]
     assert restored.labels() == seg.labels()
@@ -206,3 +210,84 @@ def test_describe_centre_skips_rules_whose_feature_is_absent():
     assert describe_centre(centre) == "steady learner"          # no activity share: not "stalled"
     assert describe_centre(centre | {"active_share_30d": 0.1}) == "stalled"
     assert describe_centre(centre | {"recency_days": math.log1p(20.0)}) == "dormant"
+
+
+# --------------------------------------------------------------------------- the fading scaler
+
+
+def test_the_module_examples_run():
+    assert doctest.testmod(segmentation).failed == 0
+
+
+def test_the_fading_scaler_without_fading_is_rivers_standard_scaler():
+    rng = random.Random(3)
+    fading, river = FadingStandardScaler(fading=0.0), preprocessing.StandardScaler()
+    for _ in range(2000):
+        x = {"a": rng.gauss(3.0, 2.0), "b": rng.expovariate(0.5)}
+        fading.learn_one(x)
+        river.learn_one(x)
+    for name in ("a", "b"):
+        assert fading.means[name] == pytest.approx(river.means[name], rel=1e-12)
+        assert fading.vars[name] == pytest.approx(river.vars[name], rel=1e-9)
+    x = {"a": 1.0, "b": 4.0}
+    assert fading.transform_one(x) == pytest.approx(river.transform_one(x), rel=1e-9)
+
+
+def test_the_fading_scaler_is_exact_for_its_first_one_over_fading_observations():
+    values = [float(v) for v in range(1, 11)]
+    scaler = FadingStandardScaler(fading=0.1)
+    for v in values:
+        scaler.learn_one({"x": v})
+    mean = sum(values) / len(values)
+    assert scaler.means["x"] == pytest.approx(mean)
+    assert scaler.vars["x"] == pytest.approx(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def test_the_fading_scaler_follows_a_population_that_drifts_where_the_cumulative_one_lags():
+    rng = random.Random(5)
+    fading, cumulative = FadingStandardScaler(fading=0.001), FadingStandardScaler(fading=0.0)
+    for mean, std in ((0.0, 1.0), (5.0, 2.0)):   # e.g. recency, as the users of the first days age
+        for _ in range(10_000):
+            x = {"x": rng.gauss(mean, std)}
+            fading.learn_one(x)
+            cumulative.learn_one(x)
+    assert fading.means["x"] == pytest.approx(5.0, abs=0.3)
+    assert math.sqrt(fading.vars["x"]) == pytest.approx(2.0, abs=0.3)
+    assert cumulative.means["x"] == pytest.approx(2.5, abs=0.1)   # half of what it remembers is the old population
+    assert math.sqrt(cumulative.vars["x"]) > 2.8                   # and the two populations' spread counts as variance
+
+
+@pytest.mark.parametrize("fading", [-0.1, 1.0, True, "0.1"])
+def test_the_fading_scaler_refuses_a_fading_outside_0_1(fading):
+    with pytest.raises(ValueError, match="fading"):
+        FadingStandardScaler(fading=fading)
+
+
+def test_seeding_keeps_the_segmenters_fading():
+    for fading in (0.0, 0.01):
+        seg = OnlineSegmenter(scaler_fading=fading)
+        seg.seed_centers([[0.0] * len(SEGMENT_FEATURES)], SEGMENT_FEATURES,
+                         scaler={"mean": [0.0] * len(SEGMENT_FEATURES), "var": [1.0] * len(SEGMENT_FEATURES),
+                                 "count": 10})
+        assert isinstance(seg.scaler, FadingStandardScaler) and seg.scaler.fading == fading
+        assert seg.scaler.counts["support_share"] == 10
+
+
+def test_a_snapshot_with_rivers_cumulative_scaler_still_loads_and_keeps_it():
+    # Snapshots published before the fading scaler hold River's StandardScaler.
+    seg = _trained(600, scaler_fading=0.0)
+    state = seg.__getstate__()
+    state["scaler"] = preprocessing.StandardScaler._from_state(
+        counts=dict(seg.scaler.counts), means=dict(seg.scaler.means), vars=dict(seg.scaler.vars))
+    old = OnlineSegmenter.__new__(OnlineSegmenter)
+    old.__setstate__(state)
+    restored = OnlineSegmenter.from_bytes(old.to_bytes())
+    assert type(restored.scaler) is preprocessing.StandardScaler
+    probe = [x for _, x in _stream(200, seed=5)]
+    assert [restored.predict_one(x) for x in probe] == [seg.predict_one(x) for x in probe]
+    for x in probe:
+        seg.learn_one(x)
+        restored.learn_one(x)
+    assert restored.centres().keys() == seg.centres().keys()
+    for i, centre in seg.centres().items():
+        assert restored.centres()[i] == pytest.approx(centre, rel=1e-9)
