@@ -63,7 +63,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
-from river import cluster, compose, preprocessing
+from river import cluster, compose, preprocessing, utils
 
 from onboardflow.models import snapshot
 from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
@@ -116,6 +116,11 @@ class FadingStandardScaler(preprocessing.StandardScaler):
             if self.with_std:
                 # West's weighted update; with rate 1/n it is Welford's population variance.
                 variances[name] = (1.0 - rate) * (variances[name] + rate * delta * delta)
+
+    def learn_many(self, X):
+        """Row by row, in order: River's batched merge would weigh the rows as if nothing faded."""
+        for row in utils.dataframe.into_frame(X).iter_rows(named=True):
+            self.learn_one(row)
 
 
 def make_clusterer(name: str, n_clusters: int = 5, halflife: float = 0.02, seed: int = 42):

@@ -121,7 +121,7 @@ def _assert_same_profiles(actual: dict[str, dict], expected: dict[str, dict]) ->
     order events are folded in (transforms/score.py documents and tests order
     independence to 1e-9 relative), and two runs of the same input need not
     fold a user's events in the same order: bundles differ. Measured: one
-    ``engagement_score`` differing in its last digit in 1 of 20 repetitions of
+    ``engagement_score`` differing in its last digit in 1 of 25 repetitions of
     an in-process vs worker-pool run. Everything else must be identical. The
     failure lists (user, field, actual, expected) rather than a diff of two
     big dicts, which pytest truncates into a misleading whole-profile block.

@@ -257,6 +257,17 @@ def test_the_fading_scaler_follows_a_population_that_drifts_where_the_cumulative
     assert math.sqrt(cumulative.vars["x"]) > 2.8                   # and the two populations' spread counts as variance
 
 
+def test_the_fading_scaler_learns_a_batch_as_its_rows_in_order():
+    import pyarrow  # an apache-beam dependency
+    rng = random.Random(9)
+    rows = [{"a": rng.gauss(0.0, 1.0) + i / 50, "b": rng.random()} for i in range(300)]
+    batch, one_by_one = FadingStandardScaler(fading=0.01), FadingStandardScaler(fading=0.01)
+    batch.learn_many(pyarrow.Table.from_pylist(rows))
+    for row in rows:
+        one_by_one.learn_one(row)
+    assert (batch.counts, batch.means, batch.vars) == (one_by_one.counts, one_by_one.means, one_by_one.vars)
+
+
 @pytest.mark.parametrize("fading", [-0.1, 1.0, True, "0.1"])
 def test_the_fading_scaler_refuses_a_fading_outside_0_1(fading):
     with pytest.raises(ValueError, match="fading"):
