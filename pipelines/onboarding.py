@@ -56,10 +56,14 @@ from onboardflow.transforms.normalize import NormalizeEvents
 from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
-from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet, SegmentChangesFromStore
+from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
+from onboardflow.transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
+from onboardflow.transforms.outbox import RelaySettings
+from onboardflow.transforms.relay import RecordDeadLetters, RelayOutboxes
+from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
 from onboardflow.transforms.warehouse import (
-    WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents, WriteProfileSnapshots,
-    WriteSegmentChanges, apply_migrations, read_accounts,
+    WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents, apply_migrations,
+    read_accounts,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -81,7 +85,7 @@ class PipelineOutputs(NamedTuple):
     events: Any
     dead_letters: Any
     profiles: Any
-    segment_changes: Any
+    relayed: Any
     redis_writes: Any
     too_late: Any
 
@@ -116,12 +120,6 @@ def profile_config(opts: OnboardingOptions) -> ProfileConfig:
     )
 
 
-def _dead_letter_kv(decoder: OnboardingEventDecoder):
-    def encode(letter: dict):
-        return letter.get("key"), decoder.encode_dead_letter(letter)
-    return encode
-
-
 def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey] = None) -> PipelineOutputs:
     """Apply the onboarding pipeline to ``p``; returns the observable outputs."""
     opts = options.view_as(OnboardingOptions)
@@ -137,9 +135,10 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
 
     read = p | "ReadEvents" >> ReadFromKafka.from_options(options, decoder=decoder, metrics=metrics)
     dead_letters = read[DEAD_LETTERS]
-    (dead_letters
-     | "EncodeDeadLetters" >> beam.Map(_dead_letter_kv(decoder))
-     | "WriteDeadLetterTopic" >> WriteToKafka(bootstrap, opts.dead_letter_topic))
+    # Once per source coordinate into the dead-letter outbox, relayed below:
+    # a replay re-publishes none (docs/reliability.md).
+    recorded_letters = dead_letters | "RecordDeadLetters" >> RecordDeadLetters(
+        opts.redis_url, opts.redis_key_prefix, decoder.encode_dead_letter)
 
     anonymized = (
         read.events
@@ -179,17 +178,20 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics)
-    # History follows what the store accepted: snapshots and segment changes of
-    # applied writes only, so a replay (whose writes are all stale) adds nothing.
-    applied = (redis[WriteProfilesToRedis.WRITTEN]
-               | "AppliedWrites" >> beam.Filter(lambda r: r.applied))
-    snapshot_rejects = (applied | "AppliedProfiles" >> beam.Map(lambda r: r.profile)
-                        | "WriteSnapshots" >> WriteProfileSnapshots(dsn, schema, metrics=metrics))
-    changes = applied | "SegmentChanges" >> SegmentChangesFromStore(rules, metrics=metrics)
-    change_rejects = changes | "WriteSegmentChanges" >> WriteSegmentChanges(dsn, schema, metrics=metrics)
-    (changes
-     | "EncodeSegmentChanges" >> beam.Map(_segment_change_kv(opts.registry_url))
-     | "PublishSegmentChanges" >> WriteToKafka(bootstrap, opts.segment_changes_topic))
+    written = redis[WriteProfilesToRedis.WRITTEN]
+    # History follows what the store accepted: each applied write put its
+    # segment changes and snapshot in the outbox in the same Redis script; the
+    # relay moves them to Kafka and the warehouse exactly once. Every write
+    # result triggers it, applied or not: a replay after a crash relays what
+    # the crashed run left behind.
+    relayed = (
+        (written | "OutboxesOfWrites" >> beam.FlatMap(lambda _: (SEGMENT_CHANGES_OUTBOX, PROFILE_SNAPSHOTS_OUTBOX)),
+         recorded_letters)
+        | "OutboxTriggers" >> beam.Flatten()
+        | "RelayOutboxes" >> RelayOutboxes(RelaySettings(
+            opts.redis_url, opts.redis_key_prefix, bootstrap, opts.segment_changes_topic, opts.dead_letter_topic,
+            dsn, schema, opts.rules_file, opts.registry_url), metrics=metrics))
+    applied = written | "AppliedWrites" >> beam.Filter(lambda r: r.applied)
 
     model_rejects = ()
     if not opts.disable_online_models:
@@ -209,16 +211,14 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # their metadata goes to the warehouse's dead_letters table with the rest.
     internal_rejects = (
         anonymized[AnonymizeEvents.DEAD_LETTER], built.dead_letter, segmented[AssignRuleSegments.DEAD_LETTER],
-        redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, snapshot_rejects, change_rejects,
-        *track_rejects, *model_rejects,
+        redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, *track_rejects, *model_rejects,
     )
     ((dead_letters,) + internal_rejects
      | "AllDeadLetters" >> beam.Flatten()
      | "CountDeadLetters" >> CountDeadLetters(metrics)
      | "WriteDeadLetterMetadata" >> WriteDeadLetterMetadata(dsn, schema))
 
-    return PipelineOutputs(read.events, dead_letters, profiles, changes,
-                           redis[WriteProfilesToRedis.WRITTEN], too_late)
+    return PipelineOutputs(read.events, dead_letters, profiles, relayed, written, too_late)
 
 
 class _RecordEncoder:
@@ -237,12 +237,6 @@ class _RecordEncoder:
             self._serializer = AvroSerializer(
                 registry_from_url(self._registry_url), self._subject, load_schema(self._schema_name))
         return record[self._key_field].encode("ascii"), self._serializer.serialize(record)
-
-
-def _segment_change_kv(registry_url: Optional[str]) -> _RecordEncoder:
-    """SegmentChange dict -> (user_key, framed Avro) for the segment-changes topic."""
-    from onboardflow.schemas import SEGMENT_CHANGES_SUBJECT
-    return _RecordEncoder(registry_url, SEGMENT_CHANGES_SUBJECT, "segment_change", "user_key")
 
 
 def _drift_event_kv(registry_url: Optional[str]) -> _RecordEncoder:

@@ -65,6 +65,7 @@ from redis.retry import Retry
 from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey
 from onboardflow.transforms.metrics import EventTimeProgress, PipelineMetrics
+from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
 
 METRICS_NAMESPACE = "onboardflow"
 STAGE = "profile_store"
@@ -89,7 +90,9 @@ _KEY_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Script replies.
 _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 
-# KEYS[1] profile hash. ARGV: [1] version, [2] write id, [3] ttl ms (0: none),
+# KEYS[1] profile hash, KEYS[2] the segment-change outbox stream, KEYS[3] the
+# profile-snapshot outbox stream (transforms/outbox.py; '' for either: none).
+# ARGV: [1] version, [2] write id, [3] ttl ms (0: none),
 # [4] segment key prefix, [5] user_key (the set member), [6] n segments,
 # [7 .. 6+n] segments, [7+n] the hash fields as one JSON object of strings
 # (version and _types included; the script adds _write_id). One JSON argument
@@ -145,16 +148,30 @@ for s, _ in pairs(old) do
   if not new[s] then redis.call('SREM', prefix .. s, member) end
 end
 for s, _ in pairs(new) do redis.call('SADD', prefix .. s, member) end
+-- The history of this write, in the same script: recorded if and only if the write is.
+local changed = false
+for s, _ in pairs(old) do if not new[s] then changed = true end end
+for s, _ in pairs(new) do if not old[s] then changed = true end end
+if changed and KEYS[2] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'u', member, 'v', ARGV[1],
+             'at', fields['as_of'] or tostring(math.floor(incoming / 1000)),
+             'old', stored[3] or '[]', 'new', fields['segments'] or '[]')
+end
+if KEYS[3] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'u', member, 'v', ARGV[1], 'f', ARGV[7 + n])
+end
 return {1, stored[3] or '[]'}
 """
 
-# KEYS[1] segment set. ARGV: [1] profile key prefix, [2] segment name,
-# [3..] members to check. A member stays only if its profile exists and still
-# lists the segment; checked and removed atomically so a concurrent upsert
-# cannot be undone by the sweep.
+# KEYS[1] segment set, KEYS[2] the segment-change outbox stream ('' for none).
+# ARGV: [1] profile key prefix, [2] segment name, [3] now (ms), [4..] members
+# to check. A member stays only if its profile exists and still lists the
+# segment; checked and removed atomically so a concurrent upsert cannot be
+# undone by the sweep, and each removal is recorded as an exit in the outbox
+# (version now * 1000, reason ``expired`` or ``swept``).
 SWEEP_SEGMENT_LUA = """
 local removed = 0
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local member = ARGV[i]
   local segs = redis.call('HGET', ARGV[1] .. member, 'segments')
   local keep = false
@@ -169,6 +186,10 @@ for i = 3, #ARGV do
   if not keep then
     redis.call('SREM', KEYS[1], member)
     removed = removed + 1
+    if KEYS[2] ~= '' then
+      redis.call('XADD', KEYS[2], '*', 'u', member, 'v', tostring(tonumber(ARGV[3]) * 1000), 'at', ARGV[3],
+                 'old', cjson.encode({ARGV[2]}), 'new', '[]', 'why', segs and 'swept' or 'expired')
+    end
   end
 end
 return removed
@@ -210,6 +231,10 @@ class ProfileKeys:
 
     def segment(self, segment: str) -> str:
         return self.segment_prefix + segment
+
+    def outbox(self, name: str) -> str:
+        """The outbox stream ``name`` (transforms/outbox.py) under this prefix."""
+        return OutboxKeys(self.prefix).stream(name)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -426,10 +451,15 @@ class RedisProfileWriter:
         backoff_base_s: float = 0.05,
         backoff_cap_s: float = 5.0,
         socket_timeout_s: float = 10.0,
+        outbox: bool = True,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.keys = ProfileKeys(key_prefix)
+        # Each applied write records its segment changes and its snapshot in
+        # these streams, in the same script (transforms/outbox.py).
+        self._outboxes = ((self.keys.outbox(SEGMENT_CHANGES), self.keys.outbox(PROFILE_SNAPSHOTS)) if outbox
+                          else ("", ""))
         self._redis_url = redis_url
         self._ttl_ms = int(profile_ttl_s * 1000) if profile_ttl_s else 0
         self._max_attempts = max_attempts
@@ -498,7 +528,8 @@ class RedisProfileWriter:
                 pipe = self.client.pipeline(transaction=False)
                 for index in pending:
                     item = items[index]
-                    pipe.evalsha(self._sha, 1, self.keys.profile(item.user_key), *self._args(item, write_id))
+                    pipe.evalsha(self._sha, 3, self.keys.profile(item.user_key), *self._outboxes,
+                                 *self._args(item, write_id))
                 replies = pipe.execute(raise_on_error=False)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 # The connection is dropped by redis-py; the next attempt reconnects.
@@ -556,8 +587,12 @@ class _WriteProfilesFn(beam.DoFn):
         batch_size: int,
         max_attempts: int,
         metrics: Optional[PipelineMetrics] = None,
+        future_tolerance_s: float = 600.0,
+        outbox: bool = True,
     ) -> None:
         self._metrics = metrics or PipelineMetrics(prometheus=False)
+        self._future_tolerance_ms = int(future_tolerance_s * 1000)
+        self._outbox = outbox
         self._progress = EventTimeProgress(key_prefix)
         self._redis_url = redis_url
         self._key_prefix = key_prefix
@@ -574,7 +609,8 @@ class _WriteProfilesFn(beam.DoFn):
         self._metrics.setup()
         # The client itself connects on the first flush (lazily).
         self._writer = RedisProfileWriter(
-            self._redis_url, self._key_prefix, self._profile_ttl_s, max_attempts=self._max_attempts
+            self._redis_url, self._key_prefix, self._profile_ttl_s, max_attempts=self._max_attempts,
+            outbox=self._outbox,
         )
 
     def start_bundle(self) -> None:
@@ -586,6 +622,15 @@ class _WriteProfilesFn(beam.DoFn):
         except ProfileEncodingError as exc:
             self._dead_letters.inc()
             yield beam.pvalue.TaggedOutput(WriteProfilesToRedis.DEAD_LETTER, _dead_letter(exc.reason, exc.detail, profile))
+            return
+        if encoded.version // 1000 > now_ms() + self._future_tolerance_ms:
+            # A profile as of a time that has not come yet (a producer's clock
+            # ahead, or a timer fired past the wall clock) would freeze the
+            # user: every real event would then look older than it.
+            self._dead_letters.inc()
+            yield beam.pvalue.TaggedOutput(WriteProfilesToRedis.DEAD_LETTER, _dead_letter(
+                "version_in_future", f"profile as of more than {self._future_tolerance_ms} ms after the wall clock",
+                profile))
             return
         held = self._held.get(encoded.user_key)
         if held is not None:
@@ -689,7 +734,13 @@ class WriteProfilesToRedis(beam.PTransform):
     * ``dead_letter``: ``{"stage": "profile_store", "reason", "detail",
       "user_key", "payload"}`` for profiles that cannot be stored (not a
       mapping, user_key that is not a hex pseudonym, bad version or segments,
-      reserved or unencodable fields) or that Redis refused outright.
+      reserved or unencodable fields), that Redis refused outright, or whose
+      ``version`` is as of more than ``future_tolerance_s`` after the wall
+      clock (``version_in_future``).
+
+    With ``outbox`` (the default) every applied write also appends its
+    segment changes and its snapshot to the outbox streams, atomically with
+    the write; ``RelayOutboxes`` (transforms/relay.py) publishes them.
 
     Counters (namespace ``onboardflow``): ``profiles_written``,
     ``profiles_stale_skipped``, ``redis_retries``,
@@ -710,12 +761,15 @@ class WriteProfilesToRedis(beam.PTransform):
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         label: Optional[str] = None,
         metrics: Optional[PipelineMetrics] = None,
+        future_tolerance_s: float = 600.0,
+        outbox: bool = True,
     ) -> None:
         super().__init__(label)
         ProfileKeys(key_prefix)  # fail at construction, not on the workers
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self._fn = _WriteProfilesFn(redis_url, key_prefix, profile_ttl_s, batch_size, max_attempts, metrics)
+        self._fn = _WriteProfilesFn(redis_url, key_prefix, profile_ttl_s, batch_size, max_attempts, metrics,
+                                    future_tolerance_s, outbox)
 
     def expand(self, profiles):
         outputs = profiles | "UpsertProfiles" >> beam.ParDo(self._fn).with_outputs(
@@ -824,5 +878,6 @@ class ProfileStore:
             for start in range(0, len(members), batch_size):
                 batch = members[start:start + batch_size]
                 checked += len(batch)
-                removed += int(self._sweep(keys=[key], args=[self.keys.profile_prefix, segment, *batch]))
+                removed += int(self._sweep(keys=[key, self.keys.outbox(SEGMENT_CHANGES)],
+                                           args=[self.keys.profile_prefix, segment, now_ms(), *batch]))
         return SweepReport(scanned, checked, removed)
