@@ -56,23 +56,63 @@ Time, lateness and timers (event time throughout):
   clock) fires them one after another. ``refresh_ms=0`` and
   ``slow_refresh_ms=0`` turn refreshes off.
 
+Horizon (``ProfileConfig.horizon_ms``, set for bounded runs). When a bounded
+input ends, the watermark jumps to +infinity and every pending timer fires:
+without a horizon a backfill of last week's events would emit each user's
+dormancy at last event + 30 days, i.e. profiles (and versions) in the future,
+which Redis then holds against every live event that follows. With a horizon
+H the lifecycle timer is never set later than H: the timers due before H fire
+as they would in streaming, and every user whose profile is older than H gets
+one last update exactly *as of H*; nothing is emitted beyond it. The launcher
+fixes H before the run (``transforms/backfill_horizon.py``: the newest event
+time in the exact offset ranges the run reads, capped at the wall clock), so
+a backfill's final profiles are a function of its input alone: the same
+topic backfilled twice, a day apart, ends with the same profiles and versions.
+A streaming run has no horizon; its watermark never passes the wall clock
+(the Kafka source caps it there), and a lifecycle timer that fires later than
+the wall clock + ``max_future_ms`` anyway (a drained job) emits nothing.
+Events stamped later than that (a skewed client or collector clock) are dead
+letters (``occurred_in_the_future``): folded in, they would move ``as_of``
+into the future and Redis would refuse every honest update after them.
+
 Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
 profile as last emitted, and as it is now), coalesced per bundle so a burst of
-one user's events yields one update. ``current["version"]`` is monotonic per
-user: ``as_of * 1000 + n`` where ``as_of`` is the newest event or timer time
-folded in and ``n`` counts the events that did not move ``as_of`` (late events
-within the allowed lateness; capped at 999). Replaying the same input from the
-same state yields the same versions, so the Redis sink's compare-and-set makes
-replays no-ops.
+one user's events yields one update.
+
+Versions. ``current["version"] = as_of * 1000 + n`` where ``as_of`` is the
+newest event or timer time folded in and ``n = min(999, events_total)``, the
+number of distinct events folded into the profile. Both parts depend only on
+*which* events are in (and the timer instant), never on their arrival order
+or partitioning, so:
+
+* a profile built from a subset of another's events never has a larger
+  version: its ``as_of`` is at most the other's, and at equal ``as_of`` its
+  count is at most the other's. A replay that reads a user's events from
+  several partitions in another interleaving cannot roll Redis back;
+* the same events give the same version, so a replay's writes are no-ops
+  (Redis treats an equal version from another write as stale);
+* an event that does not move ``as_of`` (a late one) still raises ``n`` and
+  reaches Redis, up to the cap. Past 999 events, a late event that leaves
+  ``as_of`` where it was no longer raises the version: Redis keeps the
+  profile without it until the user's next newer event or the next refresh
+  timer (a day later by default) carries it in. A count within a recent
+  window would hit the cap later for heavy users but never count an event
+  older than the window, which in a skewed replay is exactly the late kind.
+
+Versions stay below 2**53 (Redis compares them as doubles) until as_of reaches
+the year 2255. Timer updates at ``t`` carry ``t * 1000 + n``, so they are
+monotonic too.
 
 Events the stage cannot key or fold in (no ``user_key``, ``event_id`` or
-integer ``occurred_at``, a malformed ``event_type`` or ``properties``) go to
-the ``dead_letter`` output with a reason, counted ``profile_dead_letter``:
+integer ``occurred_at``, a malformed ``event_type`` or ``properties``, an
+``occurred_at`` after the wall clock + ``max_future_ms``) go to the
+``dead_letter`` output with a reason, counted ``profile_dead_letter``:
 upstream validation makes them rare, but they must neither crash the stage
 nor vanish.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
@@ -123,6 +163,12 @@ class ProfileConfig:
     #: (timestamp field, offset ms): also re-evaluate at profile[field] + offset (RuleSet.time_marks)
     time_marks: tuple[tuple[str, int], ...] = ()
     score: ScoreConfig = DEFAULT_SCORE_CONFIG
+    #: bounded runs: no lifecycle timer later than this event time (epoch ms); every profile
+    #: older than it gets one last update as of it. None: no horizon (streaming).
+    horizon_ms: Optional[int] = None
+    #: a profile is never as of later than the wall clock + this: later events are dead
+    #: letters, later lifecycle timers (a drained streaming run) emit nothing
+    max_future_ms: int = 5 * MINUTE_MS
 
     def __post_init__(self):
         for name in ("session_gap_ms", "allowed_lateness_ms", "dedup_horizon_ms", "new_user_window_ms",
@@ -142,6 +188,12 @@ class ProfileConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer number of milliseconds, got {value!r}")
+        if self.horizon_ms is not None and (
+                not isinstance(self.horizon_ms, int) or isinstance(self.horizon_ms, bool) or self.horizon_ms < 0):
+            raise ValueError(f"horizon_ms must be None or a non-negative epoch millisecond int, got {self.horizon_ms!r}")
+        if not isinstance(self.max_future_ms, int) or isinstance(self.max_future_ms, bool) or self.max_future_ms < 0:
+            raise ValueError(f"max_future_ms must be a non-negative integer number of milliseconds, "
+                             f"got {self.max_future_ms!r}")
         for mark in self.time_marks:
             if (not isinstance(mark, tuple) or len(mark) != 2 or mark[0] not in TIMESTAMP_FIELDS
                     or not isinstance(mark[1], int) or isinstance(mark[1], bool) or mark[1] <= 0):
@@ -163,7 +215,6 @@ class UserProfileState:
     # name -> (event time, value): the newest by event time wins, whatever the arrival order.
     context: dict = field(default_factory=dict)
     as_of: int = 0
-    seq: int = 0
     watermark_lb: Optional[int] = None
     probe_at: Optional[int] = None
     # Event time the lifecycle timer is set for (None: not set). Kept so the
@@ -209,9 +260,7 @@ class UserProfileState:
 
     def _advance(self, t: int) -> None:
         if t > self.as_of:
-            self.as_of, self.seq = t, 0
-        else:
-            self.seq = min(self.seq + 1, 999)
+            self.as_of = t
 
     def advance_to(self, t: int) -> None:
         """A timer at event time ``t`` fired: the profile is now as of ``t``."""
@@ -221,10 +270,21 @@ class UserProfileState:
 
     @property
     def version(self) -> int:
-        return self.as_of * 1000 + self.seq
+        """``as_of * 1000 + min(999, events folded in)``: see "Versions" in the module docstring."""
+        return self.as_of * 1000 + min(self.engagement.events_total, 999)
 
-    def next_lifecycle_ms(self) -> int:
-        """Next event time at which a time-based rule can flip, a refresh is due, or the state expires."""
+    def next_lifecycle_ms(self) -> Optional[int]:
+        """Next event time at which a time-based rule can flip, a refresh is due, or the state expires.
+
+        With a horizon: never later than it, and None once the profile is as of the horizon.
+        """
+        due = self._next_transition_ms()
+        horizon = self.config.horizon_ms
+        if horizon is None:
+            return due
+        return None if self.as_of >= horizon else min(due, horizon)
+
+    def _next_transition_ms(self) -> int:
         config = self.config
         last = self.engagement.last_event_at
         signup = self.engagement.signup_at
@@ -270,17 +330,19 @@ class UserProfileState:
     def to_primitive(self) -> tuple:
         s = self.sessions
         return (
-            1,
+            2,
             self.engagement.to_primitive(),
             (s.starts, s.ends, s.counts, s.folded_sessions, s.folded_duration_ms, s.folded_events, s.max_event_ms),
             (self.seen.seen, self.seen.max_ms, self.seen.prune_at),
-            self.context, self.as_of, self.seq, self.watermark_lb, self.probe_at, self.last_emitted,
+            self.context, self.as_of, self.watermark_lb, self.probe_at, self.last_emitted,
             self.lifecycle_at,
         )
 
     @classmethod
     def from_primitive(cls, data: tuple, config: ProfileConfig) -> "UserProfileState":
-        (_, engagement, sessions, seen, context, as_of, seq, watermark_lb, probe_at, last_emitted,
+        if data[0] == 1:  # layout 1 kept an arrival-order counter after as_of (no longer used)
+            data = data[:6] + data[7:]
+        (_, engagement, sessions, seen, context, as_of, watermark_lb, probe_at, last_emitted,
          lifecycle_at) = data
         state = cls.new(config)
         state.engagement = EngagementState.from_primitive(engagement, config.score)
@@ -289,7 +351,7 @@ class UserProfileState:
             list(sessions[0]), list(sessions[1]), list(sessions[2]), *sessions[3:])
         state.seen.seen, state.seen.max_ms, state.seen.prune_at = dict(seen[0]), seen[1], seen[2]
         state.context = {k: tuple(v) for k, v in context.items()}
-        state.as_of, state.seq, state.watermark_lb, state.probe_at = as_of, seq, watermark_lb, probe_at
+        state.as_of, state.watermark_lb, state.probe_at = as_of, watermark_lb, probe_at
         state.last_emitted, state.lifecycle_at = last_emitted, lifecycle_at
         return state
 
@@ -301,6 +363,10 @@ def _ts(ms: int) -> Timestamp:
 
 def _ms(ts: Timestamp) -> int:
     return ts.micros // 1000
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _dead_letter(reason: str, detail: str, event: Any) -> dict:
@@ -356,6 +422,8 @@ class _UserProfileFn(beam.DoFn):
         self._lifecycle = Metrics.counter("onboardflow", "lifecycle_timers_fired")
         self._expired = Metrics.counter("onboardflow", "profile_state_expired")
         self._emitted = Metrics.counter("onboardflow", "profile_updates_emitted")
+        self._future = Metrics.counter("onboardflow", "future_events")
+        self._beyond_clock = Metrics.counter("onboardflow", "lifecycle_timers_beyond_clock")
 
     def start_bundle(self):
         # (user_key, window) -> (previous profile, current profile): one update per user per bundle.
@@ -408,8 +476,15 @@ class _UserProfileFn(beam.DoFn):
             self._dead_letters.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter("invalid_event", str(exc), event))
             return
-        state = self._load(cell, user_key, window)
         t = event["occurred_at"]
+        if t > _now_ms() + self._config.max_future_ms:
+            self._dead_letters.inc()
+            self._future.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter(
+                "occurred_in_the_future", f"occurred_at more than {self._config.max_future_ms} ms after the "
+                "pipeline's clock", event))
+            return
+        state = self._load(cell, user_key, window)
         if state.is_too_late(t):
             self._too_late.inc()
             self._metrics.late(1)
@@ -427,7 +502,7 @@ class _UserProfileFn(beam.DoFn):
         # re-setting the timer per event would cost a timer write per event.
         # It is only moved earlier; when it fires early, on_lifecycle re-arms it.
         due = state.next_lifecycle_ms()
-        if state.lifecycle_at is None or due < state.lifecycle_at:
+        if due is not None and (state.lifecycle_at is None or due < state.lifecycle_at):
             state.lifecycle_at = due
             lifecycle.set(_ts(due))
         self._emit(user_key, state, window)
@@ -471,6 +546,15 @@ class _UserProfileFn(beam.DoFn):
         state = UserProfileState.from_primitive(data, self._config)
         t = _ms(fired)
         due = state.next_lifecycle_ms()
+        if due is None or t > _now_ms() + self._config.max_future_ms:
+            # At the horizon already (set before later events moved as_of
+            # there), or the watermark ran past the wall clock (a drained
+            # streaming run): the profile stays as it is; the next event re-arms.
+            if due is not None:
+                self._beyond_clock.inc()
+            state.lifecycle_at = None
+            cell.write(state.to_primitive())
+            return
         if due > t:
             # Set before later events moved the next transition on: not due yet.
             state.lifecycle_at = due
@@ -485,7 +569,8 @@ class _UserProfileFn(beam.DoFn):
         self._lifecycle.inc()
         state.advance_to(t)
         state.lifecycle_at = state.next_lifecycle_ms()
-        lifecycle.set(_ts(state.lifecycle_at))
+        if state.lifecycle_at is not None:
+            lifecycle.set(_ts(state.lifecycle_at))
         self._emit(key, state, window)
         cell.write(state.to_primitive())
 
@@ -515,9 +600,12 @@ class BuildUserProfiles(beam.PTransform):
     (counted ``duplicates_dropped``); events later than the allowed lateness go
     to the ``too_late`` output (counted ``too_late_events``); events without a
     usable ``user_key``, ``event_id``, ``event_type``, integer ``occurred_at``
-    or mapping ``properties`` go to ``dead_letter`` as
+    or mapping ``properties``, or stamped later than the wall clock +
+    ``max_future_ms`` (reason ``occurred_in_the_future``, also counted
+    ``future_events``), go to ``dead_letter`` as
     ``{"stage": "profile", "reason", "detail", "event_id", "payload"}``
-    (counted ``profile_dead_letter``). Returns ``ProfileOutputs(profiles,
+    (counted ``profile_dead_letter``). With ``config.horizon_ms`` (bounded
+    runs) no update is as of later than the horizon. Returns ``ProfileOutputs(profiles,
     too_late, dead_letter)``.
     """
 

@@ -371,14 +371,15 @@ def test_successive_updates_have_strictly_increasing_versions_and_a_late_event_t
         chain = by_user(updates)["u"]
         at_20 = [u for u in chain if u["current"]["as_of"] == T0 + 20 * MIN]
         base = (T0 + 20 * MIN) * 1000
+        # n is the number of events folded in: each late event raises it without moving as_of.
         assert [(u["current"]["version"] - base, u["current"]["events_total"]) for u in at_20] == [
-            (0, 2), (1, 3), (2, 4)]
-        assert at_20[1]["previous"]["version"] == base
-        # Timer updates move as_of: their versions restart the count above it.
-        assert final(chain)["version"] == (T0 + 20 * MIN + CONFIG.dormancy_ms + 1) * 1000
+            (2, 2), (3, 3), (4, 4)]
+        assert at_20[1]["previous"]["version"] == base + 2
+        # Timer updates move as_of and keep the count.
+        assert final(chain)["version"] == (T0 + 20 * MIN + CONFIG.dormancy_ms + 1) * 1000 + 4
         # The other user's versions follow their own as_of (and chain, checked for every run).
         assert [u["current"]["version"] for u in by_user(updates)["v"]] == [
-            (T0 + 1 * MIN) * 1000, base, (T0 + 20 * MIN + CONFIG.dormancy_ms + 1) * 1000]
+            (T0 + 1 * MIN) * 1000 + 1, base + 2, (T0 + 20 * MIN + CONFIG.dormancy_ms + 1) * 1000 + 2]
 
     run_profiles(stream, check_updates=check)
 
@@ -484,8 +485,8 @@ def test_profile_state_survives_a_fast_primitives_coder_round_trip():
 
     assert restored.to_primitive() == state.to_primitive()
     assert restored.snapshot("u") == state.snapshot("u")
-    assert (restored.as_of, restored.seq, restored.watermark_lb, restored.probe_at) == (
-        T0 + 6 * HOUR + 1, 0, T0 + 6 * HOUR + 1, T0 + 3 * HOUR)
+    assert (restored.as_of, restored.version, restored.watermark_lb, restored.probe_at) == (
+        T0 + 6 * HOUR + 1, (T0 + 6 * HOUR + 1) * 1000 + 4, T0 + 6 * HOUR + 1, T0 + 3 * HOUR)
     snapshot = restored.snapshot("u")
     assert (snapshot["account_id"], snapshot["email_domain"], snapshot["country"], snapshot["device_class"]) == (
         "acc-1", "example.com", "FR", "mobile")
@@ -536,14 +537,27 @@ def test_is_too_late_needs_a_watermark_bound_and_spares_events_within_the_latene
     assert state.is_too_late(T0 + 4 * HOUR - 1) and not state.is_too_late(T0 + 4 * HOUR)
 
 
-def test_version_counts_updates_that_do_not_move_as_of_and_restarts_when_as_of_moves():
+def test_version_is_as_of_times_1000_plus_the_number_of_events_folded_in_capped_at_999():
     state = state_with(event("u", T0 + 1 * HOUR))
-    assert state.version == (T0 + 1 * HOUR) * 1000
+    assert state.version == (T0 + 1 * HOUR) * 1000 + 1
     state.apply(event("u", T0))
     state.apply(event("u", T0 + 1 * HOUR, "click"))  # same time as as_of: does not move it either
-    assert state.version == (T0 + 1 * HOUR) * 1000 + 2
+    assert state.version == (T0 + 1 * HOUR) * 1000 + 3
     state.apply(event("u", T0 + 2 * HOUR))
-    assert state.version == (T0 + 2 * HOUR) * 1000
+    assert state.version == (T0 + 2 * HOUR) * 1000 + 4
+    state.advance_to(T0 + 5 * HOUR)  # a timer: as_of moves, the count stays
+    assert state.version == (T0 + 5 * HOUR) * 1000 + 4
+    for i in range(1200):
+        state.apply(event("u", T0 + 3 * HOUR, event_id=f"many-{i}"))
+    assert state.version == (T0 + 5 * HOUR) * 1000 + 999  # past the cap a late event no longer raises it
+
+
+def test_a_restored_layout_1_state_drops_its_arrival_order_counter():
+    state = state_with(event("u", T0), event("u", T0 + 1 * MIN))
+    current = state.to_primitive()
+    layout_1 = (1,) + current[1:6] + (7,) + current[6:]
+    restored = UserProfileState.from_primitive(layout_1, CONFIG)
+    assert restored.to_primitive() == current and restored.version == (T0 + 1 * MIN) * 1000 + 2
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -667,3 +681,188 @@ def test_the_refresh_options_reach_the_profile_stage():
     given = profile_config(OnboardingOptions(
         ["--profile_refresh_hours=12", "--profile_refresh_window_days=3", "--profile_slow_refresh_days=0"]))
     assert (given.refresh_ms, given.refresh_window_ms, given.slow_refresh_ms) == (12 * HOUR, 3 * 24 * HOUR, 0)
+
+
+# -- versions depend only on which events are in (issue 13) -------------------------
+
+
+def journey(user="u", n=40, seed=3):
+    """``n`` events of one user over two hours, some sharing a timestamp, ids unique."""
+    rng = random.Random(seed)
+    kinds = ["login", "page_view", "click", "feature_used", "tutorial_step", "support_message"]
+    return [event(user, T0 + rng.randrange(0, 120) * MIN, rng.choice(kinds), event_id=f"{user}-{i}",
+                  feature=rng.choice(["export", "reports"]), step=str(rng.randrange(4)), step_total="4")
+            for i in range(n)]
+
+
+def folded(events, config=CONFIG) -> UserProfileState:
+    """The state after folding ``events`` in this order (all on time), as the stage would."""
+    state = UserProfileState.new(config)
+    for e in events:
+        if state.seen.add(e["event_id"], e["occurred_at"]):
+            state.apply(e)
+    return state
+
+
+def test_a_users_events_in_any_interleaving_give_the_same_final_version_and_profile(assert_same_profiles):
+    events = journey()
+    expected = folded(events)
+    rng = random.Random(13)
+    for _ in range(50):
+        # Several "partitions", each in its own order, merged in a random interleaving.
+        partitions = [[], [], []]
+        for e in events:
+            rng.choice(partitions).append(e)
+        merged = []
+        while any(partitions):
+            merged.append(rng.choice([p for p in partitions if p]).pop(0))
+        merged += [dict(rng.choice(events)) for _ in range(5)]  # resent duplicates change nothing
+        state = folded(merged)
+        assert state.version == expected.version == max(e["occurred_at"] for e in events) * 1000 + len(events)
+        assert_same_profiles({"u": state.snapshot("u")}, {"u": expected.snapshot("u")})  # floats: a few ulps
+
+
+def test_no_prefix_or_subset_of_a_users_events_carries_a_larger_version_than_all_of_them():
+    events = journey(n=60, seed=5)
+    full = folded(events).version
+    rng = random.Random(17)
+    for _ in range(200):
+        order = rng.sample(events, len(events))
+        versions = []
+        state = UserProfileState.new(CONFIG)
+        for e in order:  # every prefix of an arrival order: the updates a replay can emit
+            state.seen.add(e["event_id"], e["occurred_at"])
+            state.apply(e)
+            versions.append(state.version)
+        assert versions == sorted(versions) and versions[-1] == full
+        assert len(set(versions)) == len(versions), "every event must raise the version below the cap"
+        subset = rng.sample(events, rng.randrange(1, len(events)))
+        assert folded(subset).version < full  # a strict subset: fewer events, never a larger as_of
+
+
+def test_a_timer_update_of_a_subset_never_outranks_the_same_timer_update_of_all_events():
+    events = journey(n=30, seed=9)
+    at = T0 + 5 * HOUR
+    full = folded(events)
+    full.advance_to(at)
+    part = folded(events[:17])
+    part.advance_to(at)
+    assert part.version < full.version == at * 1000 + 30
+
+
+def test_two_arrival_orders_through_the_stage_end_with_the_same_final_version():
+    events = journey(n=12, seed=21)
+    horizon = T0 + 3 * HOUR
+    expected = (horizon, horizon * 1000 + 12, 12)
+    for seed in (1, 2):
+        order = random.Random(seed).sample(events, len(events))
+        stream = BeamTestStream().advance_watermark_to(ts(T0))
+        for e in order:
+            stream = stream.add_elements(arriving(e))
+
+        def check(updates):
+            last = final(by_user(updates)["u"])
+            assert (last["as_of"], last["version"], last["events_total"]) == expected
+
+        run_profiles(stream.advance_watermark_to_infinity(), replace(CONFIG, horizon_ms=horizon), check)
+
+
+# -- the horizon of a bounded run, and the wall clock (issue 13) ----------------------
+
+
+def test_with_a_horizon_the_last_update_is_as_of_the_horizon_and_no_timer_fires_beyond_it():
+    horizon = T0 + 5 * HOUR  # before dormancy (T0 + 13 h + 1 ms)
+    stream = (
+        BeamTestStream()
+        .advance_watermark_to(ts(T0))
+        .add_elements(arriving(event("u", T0), event("u", T0 + 1 * HOUR), event("v", horizon)))
+        .advance_watermark_to_infinity()  # the end of a bounded input
+    )
+
+    def check(updates):
+        users = by_user(updates)
+        assert [u["current"]["as_of"] for u in users["u"]][-1] == horizon
+        last = final(users["u"])
+        assert (last["version"], last["recency_ms"], last["events_total"]) == (horizon * 1000 + 2, 4 * HOUR, 2)
+        # v's newest event is the horizon itself: no timer update at all.
+        assert [u["current"]["as_of"] for u in users["v"]] == [horizon]
+        assert max(u["current"]["as_of"] for chain in users.values() for u in chain) == horizon
+
+    result = run_profiles(stream, replace(CONFIG, horizon_ms=horizon), check)
+    assert counter(result, "lifecycle_timers_fired") == 1
+
+
+def test_timers_due_before_the_horizon_fire_as_in_streaming_then_one_update_at_the_horizon():
+    horizon = T0 + 20 * HOUR  # after dormancy (12 h + 1 ms), before state expiry (24 h)
+    stream = (
+        BeamTestStream()
+        .advance_watermark_to(ts(T0))
+        .add_elements(arriving(event("u", T0, "signup")))
+        .advance_watermark_to_infinity()
+    )
+
+    def check(updates):
+        chain = by_user(updates)["u"]
+        # new-user window end, dormancy, then the horizon (not the state expiry at 24 h).
+        assert [u["current"]["as_of"] - T0 for u in chain] == [0, 6 * HOUR + 1, 12 * HOUR + 1, 20 * HOUR]
+        assert final(chain)["recency_ms"] == 20 * HOUR
+
+    run_profiles(stream, replace(CONFIG, horizon_ms=horizon), check)
+
+
+def test_an_event_stamped_after_the_wall_clock_is_dead_lettered_and_changes_no_profile():
+    import time as _time
+    now = _time.time_ns() // 1_000_000
+    future = event("u", now + 1 * HOUR, event_id="from-the-future")
+    stream = (
+        BeamTestStream()
+        .advance_watermark_to(ts(now - 2 * HOUR))
+        .add_elements(arriving(event("u", now - 2 * HOUR)))
+        .add_elements([TimestampedValue(future, ts(now - 2 * HOUR))])
+        .advance_watermark_to(ts(now - 1 * HOUR))
+    )
+
+    def letters(found):
+        assert [(d["reason"], d["event_id"]) for d in found] == [("occurred_in_the_future", "from-the-future")]
+
+    def check(updates):
+        assert final(by_user(updates)["u"])["events_total"] == 1
+
+    result = run_profiles(stream, check_updates=check, dead_letters=letters)
+    assert counter(result, "future_events") == 1
+
+
+def test_a_streaming_run_emits_no_timer_update_later_than_the_wall_clock_when_its_watermark_ends():
+    import time as _time
+    now = _time.time_ns() // 1_000_000
+    last = now - 1 * HOUR  # dormancy at last + 12 h + 1 ms: in the future
+    stream = (
+        BeamTestStream()
+        .advance_watermark_to(ts(last))
+        .add_elements(arriving(event("u", last)))
+        .advance_watermark_to_infinity()  # a drained streaming job, no horizon
+    )
+
+    def check(updates):
+        assert [u["current"]["as_of"] for u in by_user(updates)["u"]] == [last]
+
+    result = run_profiles(stream, check_updates=check)
+    assert counter(result, "lifecycle_timers_beyond_clock") == 1
+    assert counter(result, "lifecycle_timers_fired") == 0
+
+
+def test_next_lifecycle_stops_at_the_horizon():
+    state = state_with(event("u", T0), config=replace(CONFIG, horizon_ms=T0 + 2 * HOUR))
+    assert state.next_lifecycle_ms() == T0 + 2 * HOUR
+    state.advance_to(T0 + 2 * HOUR)
+    assert state.next_lifecycle_ms() is None
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"horizon_ms": -1}, "horizon_ms must be None or"),
+    ({"horizon_ms": 1.5}, "horizon_ms must be None or"),
+    ({"max_future_ms": -1}, "max_future_ms must be a non-negative"),
+])
+def test_profile_config_refuses_a_bad_horizon_or_future_tolerance(changes, message):
+    with pytest.raises(ValueError, match=message):
+        replace(CONFIG, **changes)
