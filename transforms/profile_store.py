@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import numbers
 import random
 import re
@@ -74,6 +75,14 @@ DEFAULT_KEY_PREFIX = "obf"
 DEFAULT_PROFILE_TTL_S = 90 * 24 * 3600
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_ATTEMPTS = 8
+#: Transient Redis errors are retried for at least this long (and at least
+#: ``max_attempts`` times) before the write fails its bundle. On Prism a failed
+#: bundle fails the whole job, so the budget must outlast a Redis restart or
+#: failover (tests/integration/test_reliability.py stops Redis for 30 s);
+#: longer rides out longer outages, at the cost of a job that stalls (holding
+#: its bundle) rather than fails while Redis is away.
+DEFAULT_RETRY_BUDGET_S = 120.0
+_LOG = logging.getLogger(__name__)
 
 TYPES_FIELD = "_types"
 WRITE_ID_FIELD = "_write_id"
@@ -502,14 +511,31 @@ class RedisProfileWriter:
             str(len(item.segments)), *item.segments, item.fields,
         ]
 
+    #: seconds a failing write keeps retrying (see DEFAULT_RETRY_BUDGET_S)
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    _failing_since: float = 0.0
+
     def _backoff(self, attempt: int, error: Exception) -> None:
-        """Sleep before retry number ``attempt`` (1-based), or raise ``error`` when out of attempts."""
-        if attempt >= self._max_attempts:
+        """Sleep before retry number ``attempt`` (1-based), or raise ``error`` when out of budget.
+
+        Out of budget: ``max_attempts`` attempts made *and* ``retry_budget_s``
+        seconds since this write first failed. Each retry is logged (error
+        type and Redis' message: addresses, never profile data).
+        """
+        now = time.monotonic()
+        if attempt == 1:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        if attempt >= self._max_attempts and failing_s >= self.retry_budget_s:
+            _LOG.error("Redis profile write gave up after %d attempts over %.1f s: %s: %s",
+                       attempt, failing_s, type(error).__name__, str(error)[:200])
             raise error
         self.retries += 1
         self._retries_counter.inc()
-        delay = min(self._backoff_cap_s, self._backoff_base_s * (2 ** (attempt - 1)))
-        time.sleep(random.uniform(0, delay))
+        delay = random.uniform(0, min(self._backoff_cap_s, self._backoff_base_s * (2 ** (attempt - 1))))
+        _LOG.warning("Redis profile write failed (attempt %d, failing for %.1f s): %s: %s; retrying in %.2f s",
+                     attempt, failing_s, type(error).__name__, str(error)[:200], delay)
+        time.sleep(delay)
 
     def write(self, items: Sequence[EncodedProfile], write_id: Optional[str] = None) -> list[WriteOutcome]:
         """Upsert ``items`` (at most one per user_key); one outcome per item, in order."""

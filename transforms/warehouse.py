@@ -43,6 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import numbers
 import random
 import re
@@ -65,6 +66,14 @@ METRICS_NAMESPACE = "onboardflow"
 DEFAULT_SCHEMA = "warehouse"
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAX_ATTEMPTS = 8
+#: Connection-level errors are retried for at least this long (and at least
+#: ``max_attempts`` times) before the write fails its bundle. On Prism a failed
+#: bundle fails the whole job, so the budget must outlast a PostgreSQL restart
+#: or failover (tests/integration/test_reliability.py stops it for 30 s);
+#: longer rides out longer outages, at the cost of a job that stalls rather
+#: than fails while the database is away.
+DEFAULT_RETRY_BUDGET_S = 120.0
+_LOG = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "warehouse"
 
 _MIGRATION_FILE_RE = re.compile(r"^V(\d+)__([A-Za-z0-9_]+)\.sql$")
@@ -587,12 +596,33 @@ class WarehouseWriter:
             self._conn.close()
             self._conn = None
 
+    #: seconds a failing write keeps retrying (see DEFAULT_RETRY_BUDGET_S)
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    _failing_since: float = 0.0
+
     def _backoff(self, attempt: int, error: BaseException) -> None:
-        if attempt >= self._max_attempts:
+        """Sleep before retry number ``attempt`` (1-based), or raise ``error`` when out of budget.
+
+        Out of budget: ``max_attempts`` attempts made *and* ``retry_budget_s``
+        seconds since this write first failed. Each retry is logged with the
+        error's first line (psycopg's connection messages name the server,
+        never row values).
+        """
+        now = time.monotonic()
+        if attempt == 1:
+            self._failing_since = now
+        failing_s = now - self._failing_since
+        text = (str(error).strip().splitlines() or [""])[0][:200]
+        if attempt >= self._max_attempts and failing_s >= self.retry_budget_s:
+            _LOG.error("warehouse write to %s gave up after %d attempts over %.1f s: %s: %s",
+                       self.spec.table, attempt, failing_s, type(error).__name__, text)
             raise error
         self.retries += 1
         self._retries_counter.inc()
-        time.sleep(random.uniform(0, min(self._backoff_cap_s, self._backoff_base_s * (2 ** (attempt - 1)))))
+        delay = random.uniform(0, min(self._backoff_cap_s, self._backoff_base_s * (2 ** (attempt - 1))))
+        _LOG.warning("warehouse write to %s failed (attempt %d, failing for %.1f s): %s: %s; retrying in %.2f s",
+                     self.spec.table, attempt, failing_s, type(error).__name__, text, delay)
+        time.sleep(delay)
 
     def write(self, rows: Sequence[tuple]) -> WriteReport:
         if not rows:
