@@ -49,7 +49,10 @@ from onboardflow.transforms.anonymize import (
 )
 from onboardflow.transforms.decode import OnboardingEventDecoder
 from onboardflow.transforms.enrich import EnrichProfiles
-from onboardflow.transforms.kafka_io import DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, WriteToKafka
+from onboardflow.transforms.kafka_io import (
+    DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, StartPosition, WriteToKafka, resolve_partitions,
+)
+from onboardflow.transforms.backfill_horizon import backfill_horizon
 from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics
 from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.transforms.normalize import NormalizeEvents
@@ -103,8 +106,11 @@ def resolve_secret(opts: OnboardingOptions) -> SecretKey:
                      "(or --demo_mode for a throw-away key)")
 
 
-def profile_config(opts: OnboardingOptions) -> ProfileConfig:
-    """The profile stage's settings from the options; the rules file adds its time marks."""
+def profile_config(opts: OnboardingOptions, horizon_ms: Optional[int] = None) -> ProfileConfig:
+    """The profile stage's settings from the options; the rules file adds its time marks.
+
+    ``horizon_ms``: a bounded run's horizon (``backfill_horizon``), None when streaming.
+    """
     rules = RuleSet.load(opts.rules_file or DEFAULT_RULES_PATH)
     return ProfileConfig(
         session_gap_ms=int(opts.session_gap_minutes * MINUTE_MS),
@@ -117,6 +123,8 @@ def profile_config(opts: OnboardingOptions) -> ProfileConfig:
         refresh_window_ms=int(opts.profile_refresh_window_days * DAY_MS),
         slow_refresh_ms=int(opts.profile_slow_refresh_days * DAY_MS),
         time_marks=rules.time_marks,
+        horizon_ms=horizon_ms,
+        max_future_ms=int(opts.future_tolerance_seconds * 1000),
     )
 
 
@@ -133,7 +141,16 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # One facade for every stage: Beam metrics + each worker's /metrics (docs/observability.md).
     metrics = PipelineMetrics.from_options(options)
 
-    read = p | "ReadEvents" >> ReadFromKafka.from_options(options, decoder=decoder, metrics=metrics)
+    # A bounded run reads offset ranges fixed here, and its profiles end at the
+    # newest event in exactly those ranges (transforms/backfill_horizon.py).
+    partitions = horizon = None
+    if kafka.kafka_bounded:
+        partitions = resolve_partitions(bootstrap, [t.strip() for t in kafka.kafka_topics.split(",") if t.strip()],
+                                        kafka.kafka_consumer_group, StartPosition.parse(kafka.kafka_start_position),
+                                        bounded=True)
+        horizon = backfill_horizon(opts.backfill_horizon, bootstrap, partitions, decoder.decode)
+    read = p | "ReadEvents" >> ReadFromKafka.from_options(options, decoder=decoder, metrics=metrics,
+                                                          partitions=partitions)
     dead_letters = read[DEAD_LETTERS]
     # Once per source coordinate into the dead-letter outbox, relayed below:
     # a replay re-publishes none (docs/reliability.md).
@@ -152,7 +169,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         (events, analytics_only) | "AllAnonymizedEvents" >> beam.Flatten()
         | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
 
-    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts), metrics=metrics)
+    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon), metrics=metrics)
     too_late = built[TOO_LATE]
     late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema, metrics=metrics)
 

@@ -106,6 +106,9 @@ class MetricSpec:
 PIPELINE_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(PREFIX + "events_read", "counter",
                "Kafka records read by the source (decoded or not).", ("topic", "partition")),
+    MetricSpec(PREFIX + "events_without_key", "counter",
+               "Decoded events whose Kafka record had no key (their producer spreads a user over partitions).",
+               ("topic", "partition")),
     MetricSpec(PREFIX + "events_valid", "counter",
                "Events that passed validation and consent and go on to profiles or analytics."),
     MetricSpec(PREFIX + "events_dead_lettered", "counter",
@@ -474,6 +477,10 @@ class PipelineMetrics:
     def events_read(self, topic: str, partition: int, n: int = 1) -> None:
         """``n`` Kafka records read from ``topic``/``partition`` (decoded or dead-lettered)."""
         self._count("events_read", n, (topic, str(partition)))
+
+    def events_without_key(self, topic: str, partition: int, n: int = 1) -> None:
+        """``n`` decoded events from ``topic``/``partition`` whose Kafka record had no key."""
+        self._count("events_without_key", n, (topic, str(partition)))
 
     def events_valid(self, n: int = 1) -> None:
         """``n`` events passed validation and consent."""
