@@ -68,6 +68,17 @@ class OnboardingOptions(PipelineOptions):
                        help="After the refresh window, keep re-emitting a quiet user's profile this often until "
                             "dormancy, so recency, 30-day counts and the cluster stay current and the online "
                             "segmenter keeps seeing users who went quiet (0: never).")
+        g.add_argument("--backfill_horizon", default="data",
+                       help="Bounded runs (--kafka_bounded): the event time profiles end at; no timer fires "
+                            "later. 'data': the newest event in the offset ranges read, capped at the wall clock "
+                            "(found by a pre-scan of those ranges; the same input gives the same profiles at any "
+                            "later date); 'now': the wall clock at launch (every timer due by now fires, no "
+                            "pre-scan, not reproducible); or epoch milliseconds. Streaming runs ignore it.")
+        g.add_argument("--future_tolerance_seconds", type=float, default=600.0,
+                       help="How far after the wall clock a profile may be as of: later events are dead letters, "
+                            "later timers do not emit, and the Redis writer refuses later versions. Larger "
+                            "tolerates producer clocks that run ahead; smaller keeps one skewed clock from "
+                            "parking a profile in the future, where Redis would refuse every honest update.")
         g.add_argument("--state_ttl_days", type=float, default=90.0,
                        help="Per-user pipeline state is cleared this long after the last activity.")
         g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,

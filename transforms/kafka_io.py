@@ -543,10 +543,66 @@ def _consumer_config(
 # --------------------------------------------------------------------------
 
 
-class _DiscoverPartitionsFn(beam.DoFn):
-    """Impulse -> one KafkaPartition per topic-partition, offsets resolved now."""
+def resolve_partitions(
+    bootstrap_servers: str,
+    topics: Sequence[str],
+    consumer_group: Optional[str],
+    start_position: StartPosition,
+    bounded: bool,
+    consumer_config: Optional[Mapping[str, Any]] = None,
+) -> list[KafkaPartition]:
+    """One KafkaPartition per topic-partition of ``topics``, offsets resolved now.
 
-    def __init__(self, bootstrap_servers, topics, consumer_group, start_position, bounded, consumer_config):
+    The start offset follows ``start_position``; a ``bounded`` read stops at
+    the partition's end offset of now. ``ReadFromKafka`` calls it on a worker
+    when the job starts; a launcher that must know the exact ranges a bounded
+    run reads (the backfill horizon, transforms/backfill_horizon.py) calls it
+    itself and hands the result to ``ReadFromKafka(partitions=...)``.
+    """
+    consumer = KafkaConsumer(
+        **_consumer_config(
+            bootstrap_servers,
+            consumer_config,
+            group_id=consumer_group,
+            client_id="onboardflow-kafka-discovery",
+        )
+    )
+    try:
+        partitions = []
+        for topic in topics:
+            ids = consumer.partitions_for_topic(topic)
+            if not ids:
+                # A misconfigured topic is a deployment error, not bad input.
+                raise ValueError(f"Kafka topic {topic!r} does not exist or has no partitions")
+            partitions.extend(TopicPartition(topic, p) for p in sorted(ids))
+        beginning = consumer.beginning_offsets(partitions)
+        end = consumer.end_offsets(partitions)
+        by_time = {}
+        if start_position.kind == "timestamp":
+            found = consumer.offsets_for_times({tp: start_position.timestamp_ms for tp in partitions})
+            by_time = {tp: (hit.offset if hit is not None else None) for tp, hit in found.items()}
+        peers = tuple((tp.topic, tp.partition) for tp in partitions)
+        resolved = []
+        for tp in partitions:
+            committed = consumer.committed(tp) if start_position.kind == "committed" else None
+            start = resolve_start_offset(
+                start_position,
+                beginning=beginning[tp],
+                end=end[tp],
+                committed=committed,
+                offset_for_time=by_time.get(tp),
+            )
+            resolved.append(KafkaPartition(tp.topic, tp.partition, start, end[tp] if bounded else None, peers))
+        return resolved
+    finally:
+        consumer.close(autocommit=False)
+
+
+class _DiscoverPartitionsFn(beam.DoFn):
+    """Impulse -> one KafkaPartition per topic-partition (resolved now, or the ones given)."""
+
+    def __init__(self, bootstrap_servers, topics, consumer_group, start_position, bounded, consumer_config,
+                 partitions=None):
         super().__init__()
         self._bootstrap_servers = bootstrap_servers
         self._topics = list(topics)
@@ -554,43 +610,14 @@ class _DiscoverPartitionsFn(beam.DoFn):
         self._start = start_position
         self._bounded = bounded
         self._consumer_config = consumer_config
+        self._partitions = None if partitions is None else tuple(partitions)
 
     def process(self, _impulse) -> Iterable[KafkaPartition]:
-        consumer = KafkaConsumer(
-            **_consumer_config(
-                self._bootstrap_servers,
-                self._consumer_config,
-                group_id=self._group,
-                client_id="onboardflow-kafka-discovery",
-            )
-        )
-        try:
-            partitions = []
-            for topic in self._topics:
-                ids = consumer.partitions_for_topic(topic)
-                if not ids:
-                    # A misconfigured topic is a deployment error, not bad input.
-                    raise ValueError(f"Kafka topic {topic!r} does not exist or has no partitions")
-                partitions.extend(TopicPartition(topic, p) for p in sorted(ids))
-            beginning = consumer.beginning_offsets(partitions)
-            end = consumer.end_offsets(partitions)
-            by_time = {}
-            if self._start.kind == "timestamp":
-                found = consumer.offsets_for_times({tp: self._start.timestamp_ms for tp in partitions})
-                by_time = {tp: (hit.offset if hit is not None else None) for tp, hit in found.items()}
-            peers = tuple((tp.topic, tp.partition) for tp in partitions)
-            for tp in partitions:
-                committed = consumer.committed(tp) if self._start.kind == "committed" else None
-                start = resolve_start_offset(
-                    self._start,
-                    beginning=beginning[tp],
-                    end=end[tp],
-                    committed=committed,
-                    offset_for_time=by_time.get(tp),
-                )
-                yield KafkaPartition(tp.topic, tp.partition, start, end[tp] if self._bounded else None, peers)
-        finally:
-            consumer.close(autocommit=False)
+        if self._partitions is not None:
+            yield from self._partitions
+            return
+        yield from resolve_partitions(self._bootstrap_servers, self._topics, self._group, self._start,
+                                      self._bounded, self._consumer_config)
 
 
 class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstimatorProvider):
@@ -636,6 +663,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         self._dead_letters = Metrics.counter(_SOURCE_NAMESPACE, "dead_letters")
         self._commits = Metrics.counter(_SOURCE_NAMESPACE, "offset_commits")
         self._commit_failures = Metrics.counter(_SOURCE_NAMESPACE, "offset_commit_failures")
+        self._without_key = Metrics.counter(_SOURCE_NAMESPACE, "events_without_key")
 
     # -- restriction provider -------------------------------------------------
 
@@ -674,6 +702,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         )
         self._committer = None
         self._closing = False
+        self._warned_keyless: set = set()
 
     def start_bundle(self):
         # Offsets to commit once this bundle's outputs are durable.
@@ -778,7 +807,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                 break
             finished = False
             max_event_ms = None
-            read = events = 0
+            read = events = keyless = 0
             for rec in batch:
                 offset = rec.offset
                 if not try_claim(offset):
@@ -806,6 +835,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                         )
                     else:
                         events += 1
+                        if not rec.key:
+                            keyless += 1
                         yield TimestampedValue(event, Timestamp(micros=event_ms * 1000))
                 if event_ms is not None and (max_event_ms is None or event_ms > max_event_ms):
                     max_event_ms = event_ms
@@ -817,6 +848,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
             if decode is not None:
                 self._events.inc(events)
                 self._dead_letters.inc(read - events)
+                if keyless:
+                    self._keyless(tp, keyless)
             if max_event_ms is not None:
                 watermark.observe_event_time(Timestamp(micros=max_event_ms * 1000))
             else:
@@ -832,6 +865,14 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
         if bounded and next_offset >= stop:
             self._finished(tp)
         self._metrics.source_watermark(tp.topic, tp.partition, watermark.partition_watermark().micros)
+
+    def _keyless(self, tp, n: int) -> None:
+        self._without_key.inc(n)
+        self._metrics.events_without_key(tp.topic, tp.partition, n)
+        if tp not in self._warned_keyless:
+            self._warned_keyless.add(tp)
+            _LOG.warning("%s/%d: events without a Kafka key (%d in this batch; counted as events_without_key): "
+                         "their producer spreads a user's events over partitions", tp.topic, tp.partition, n)
 
     def _finished(self, tp) -> None:
         if self._aligned_with is not None:
@@ -1031,6 +1072,15 @@ class ReadFromKafka(beam.PTransform):
         all partitions of the read (``PartitionWatermarks``); only for runners
         that read every partition in one process. ``from_options`` decides it
         from ``--kafka_watermark_alignment`` and the runner.
+      partitions: the offset ranges to read, already resolved
+        (``resolve_partitions``), instead of resolving them when the job
+        starts: for a launcher that scanned exactly these ranges first.
+
+    Records without a Kafka key are read like any other: the pipeline keys
+    by the event's own user, never by the Kafka key. Decoded events from such
+    records are counted (``events_without_key``, and a warning once per
+    partition and worker), because their producer spreads one user's events
+    over several partitions.
     """
 
     def __init__(
@@ -1052,9 +1102,14 @@ class ReadFromKafka(beam.PTransform):
         consumer_config: Optional[Mapping[str, Any]] = None,
         metrics: Optional[PipelineMetrics] = None,
         align_watermarks: bool = False,
+        partitions: Optional[Sequence[KafkaPartition]] = None,
     ):
         super().__init__()
         self._metrics = metrics
+        self._partitions = None if partitions is None else tuple(partitions)
+        if self._partitions is not None and bool(bounded if stop_at_end_offsets is None else stop_at_end_offsets) != all(
+                p.stop_offset is not None for p in self._partitions):
+            raise ValueError("partitions given to a bounded read need stop offsets, to a streaming read none")
         # One id per read, so the alignment of two pipelines in one process never mixes.
         self._aligned_with = f"read-{uuid.uuid4().hex}" if align_watermarks else None
         self._topics = [topics] if isinstance(topics, str) else list(topics)
@@ -1112,6 +1167,7 @@ class ReadFromKafka(beam.PTransform):
                     self._start,
                     self._bounded,
                     self._consumer_config,
+                    self._partitions,
                 )
             )
             # Spread partitions over workers; discovery ran on just one.

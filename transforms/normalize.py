@@ -63,12 +63,17 @@ def normalize_locale(value: str | None) -> str:
     return lang
 
 
+def event_time_ms(event: dict) -> int:
+    """The event time the pipeline uses for a decoded event: ``occurred_at``, clamped to ``received_at``."""
+    return min(event["occurred_at"], event["received_at"])
+
+
 def normalize_event(event: dict) -> tuple[dict, bool]:
     """Return the normalized event and whether its clock skew was clamped."""
     out = dict(event)
     clamped = False
     if out["occurred_at"] > out["received_at"]:
-        out["occurred_at"] = out["received_at"]
+        out["occurred_at"] = event_time_ms(out)
         clamped = True
     ctx = dict(out.get("context") or {})
     ctx["os"] = normalize_os(ctx.get("os"))

@@ -168,7 +168,7 @@ class ProfileConfig:
     horizon_ms: Optional[int] = None
     #: a profile is never as of later than the wall clock + this: later events are dead
     #: letters, later lifecycle timers (a drained streaming run) emit nothing
-    max_future_ms: int = 5 * MINUTE_MS
+    max_future_ms: int = 10 * MINUTE_MS
 
     def __post_init__(self):
         for name in ("session_gap_ms", "allowed_lateness_ms", "dedup_horizon_ms", "new_user_window_ms",
