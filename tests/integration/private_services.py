@@ -9,7 +9,7 @@ with ``OBF_RUN_DIR`` and the port variables overridden. Data survives a
 stop/start (Redis: append-only file, flushed at SHUTDOWN; PostgreSQL: its data
 directory; Kafka: its log dirs), so a restart is an outage, not a wipe.
 
-In: a base directory. Out: the three addresses (``redis_url``, ``dsn``,
+In: a base directory (default: a fresh one in /tmp). Out: the three addresses (``redis_url``, ``dsn``,
 ``bootstrap``) and ``stop(name)`` / ``start(name)`` / ``restart(name)``.
 Kafka is started only when asked for (``with_kafka=True``): a JVM broker costs
 10-20 s to start on the 2-core machine.
@@ -17,8 +17,10 @@ Kafka is started only when asked for (``with_kafka=True``): a JVM broker costs
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -43,10 +45,15 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class PrivateServices:
     """Redis, PostgreSQL and (optionally) a KRaft Kafka broker of one's own, under ``base_dir``."""
 
-    def __init__(self, base_dir: os.PathLike, with_kafka: bool = False):
-        self.base_dir = Path(base_dir)
+    def __init__(self, base_dir: Optional[os.PathLike] = None, with_kafka: bool = False):
+        # initdb runs as the postgres OS user, which must reach its data dir
+        # through every parent: pytest's and tempfile's 0700 directories will
+        # not do, so by default the base is a fresh directory right in /tmp
+        # (removed by down()).
+        self._owns_dir = base_dir is None
+        self.base_dir = Path(base_dir) if base_dir is not None else Path(
+            tempfile.mkdtemp(prefix="obf-private-services-", dir="/tmp"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        # The postgres OS user must reach its data dir through the parents.
         os.chmod(self.base_dir, 0o755)
         self.with_kafka = with_kafka
         self.redis_port, self.pg_port = free_port(), free_port()
@@ -124,6 +131,8 @@ class PrivateServices:
                 self._script(name, "down")
             except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 errors.append(f"{name}: {exc}")
+        if self._owns_dir and not errors:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
         if errors:
             raise RuntimeError("; ".join(errors))
 

@@ -204,9 +204,9 @@ def test_replaying_twice_leaves_redis_the_warehouse_and_every_output_topic_byte_
 
 
 @pytest.fixture(scope="module")
-def private_stack(tmp_path_factory):
+def private_stack():
     """Redis, PostgreSQL and a Kafka broker of this module's own (never the shared ones)."""
-    with PrivateServices(tmp_path_factory.mktemp("services"), with_kafka=True) as services:
+    with PrivateServices(with_kafka=True) as services:
         yield services
 
 
