@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lag-exporter": ("onboardflow.runners.lag:exporter_main", "serve consumer and event-time lag for Prometheus"),
     "train": ("onboardflow.runners.train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
     "models": ("onboardflow.runners.models", "list, show, roll back or promote model versions"),
+    "outbox": ("onboardflow.runners.outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
     "evaluate": ("onboardflow.runners.evaluate", "replay synthetic journeys through the online models; ARI, ROC-AUC, plot"),
 }
 

@@ -166,21 +166,18 @@ def test_an_applied_write_reports_the_segments_the_store_held_before_it_even_whe
     assert not stale.applied and stale.previous_segments is None
 
 
-def test_segment_changes_follow_the_store_and_a_replay_publishes_none(redis_url, prefix):
-    from onboardflow.transforms.segment import AssignRuleSegments, SegmentChangesFromStore
+def test_the_sink_records_segment_changes_in_the_outbox_and_a_replay_records_none(redis_url, prefix, admin):
+    from onboardflow.transforms.outbox import SEGMENT_CHANGES, OutboxKeys
 
-    rules = AssignRuleSegments()
     batch = [profile("u1", T0, segments=("dormant",), as_of=T0),
              profile("u2", T0, segments=(), as_of=T0)]
-
-    with BeamTestPipeline() as p:
-        written = (p | beam.Create(batch) | WriteProfilesToRedis(redis_url, prefix, profile_ttl_s=3600))["written"]
-        changes = written | SegmentChangesFromStore(rules) | beam.Map(lambda c: (c["segment"], c["change"], c["reason"]))
-        assert_that(changes, equal_to([("dormant", "entered", "rule:dormant")]))
-    with BeamTestPipeline() as p:  # the same writes again: all stale, nothing published
-        written = (p | beam.Create(batch) | WriteProfilesToRedis(redis_url, prefix, profile_ttl_s=3600))["written"]
-        changes = written | SegmentChangesFromStore(rules)
-        assert_that(changes, equal_to([]))
+    stream = OutboxKeys(prefix).stream(SEGMENT_CHANGES)
+    for _ in range(2):  # the same writes again: all stale, nothing recorded
+        with BeamTestPipeline() as p:
+            _ = p | beam.Create(batch) | WriteProfilesToRedis(redis_url, prefix, profile_ttl_s=3600)
+        entries = admin.xrange(stream)
+        assert [(f[b"u"].decode(), f[b"old"], f[b"new"], int(f[b"at"])) for _, f in entries] == [
+            (key_of("u1"), b"[]", b'["dormant"]', T0)]
 
 
 # --------------------------------------------------------------------------- failures
