@@ -13,7 +13,9 @@ topic-partition::
 * ``DiscoverPartitions`` runs on a worker once per pipeline run: it lists the
   partitions of each topic, resolves the start offset of each one (``committed``
   / ``earliest`` / ``latest`` / ``timestamp:<epoch ms>``) and, in bounded mode,
-  takes the partition's end offset *now* as the stop offset.
+  takes the partition's end offset *now* as the stop offset. A launcher that
+  resolved the ranges itself (``resolve_partitions``, e.g. to pre-scan a
+  backfill's horizon) passes them as ``partitions=`` and exactly those are read.
 * ``ReadPartitions`` polls kafka-python in batches (``poll(max_records=...)``)
   and claims each record's offset before emitting it. In streaming mode the
   restriction is ``[start, UNBOUNDED_STOP)``; the DoFn checkpoints itself
