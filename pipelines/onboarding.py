@@ -53,7 +53,7 @@ from onboardflow.transforms.kafka_io import (
     DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, StartPosition, WriteToKafka, resolve_partitions,
 )
 from onboardflow.transforms.backfill_horizon import backfill_horizon
-from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics
+from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
 from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.transforms.normalize import NormalizeEvents
 from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
@@ -195,6 +195,8 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics)
+    redis[WriteProfilesToRedis.WRITTEN] | "PublishSinkWatermark" >> PublishSinkWatermark(  # "settled": demo.py
+        opts.redis_url, opts.redis_key_prefix, lag_ms=int(kafka.kafka_max_out_of_orderness * 1000))
     written = redis[WriteProfilesToRedis.WRITTEN]
     # History follows what the store accepted: each applied write put its
     # segment changes and snapshot in the outbox in the same Redis script; the

@@ -1,43 +1,76 @@
 """`onboardflow demo`: the main job end to end on the local services.
 
-1. Fresh demo resources: topics ``demo.onboarding.events`` (4 partitions),
-   ``.dlq`` and segment changes; Redis prefix ``demo``; warehouse schema
-   ``demo`` (migrated, accounts table loaded from the generator's accounts).
-2. About 50,000 synthetic onboarding events (a 45-day timeline ending now,
-   with late, out-of-order, duplicate and malformed messages) produced to Kafka.
-3. The streaming pipeline on Prism, reading from the earliest offsets, until it
-   has caught up: the consumer group's committed offsets equal the end offsets
-   and the Redis profile count has stopped changing (the throughput figure);
-   then until the profile writes (warehouse snapshots) stop too: the timers
-   that came due when the watermark reached the wall clock (refreshes, rule
-   time marks, dormancy) have fired.
-4. Live phase: once the learner has published a segmenter from the history
-   (and the scorers had time to load it), one login per generated user now;
-   their profiles come back scored (``cluster_id``, ``segment_label``,
-   ``propensity`` once warm, ``onboarding_track``).
+1. Fresh demo resources under one ``--name`` (default ``demo``): topics
+   ``{name}-{run}.onboarding.events`` (4 partitions), ``.dlq`` and segment
+   changes; Redis prefix ``{name}``; warehouse schema ``{name}`` (migrated,
+   accounts loaded from the generator's accounts). What an earlier run left
+   under the same name is removed first, and the demo says so (a cold or a
+   warm run).
+2. About 50,000 synthetic onboarding events (a 45-day timeline ending at
+   ``--anchor``, default now, with late, out-of-order, duplicate and
+   malformed messages) produced to Kafka.
+3. The streaming pipeline on Prism, reading from the earliest offsets, until
+   the pipeline's own progress says it is done (never a pause in writes):
+   *caught up* = every partition's committed offset at its end offset and the
+   newest event time written to Redis (``{prefix}:pipeline:progress``
+   ``event_time_ms``) at the newest produced event a profile keeps; *settled*
+   = also the sink watermark (``sink_watermark_ms``, ``PublishSinkWatermark``)
+   at the wall clock of catch-up minus the max out-of-orderness, i.e. every
+   timer due by then (daily refreshes, rule time marks, dormancy) has fired
+   and its profile write is in Redis. No settling within ``--timeout`` is a
+   failure (exit 1) that says what was still missing.
+4. Live phase (``--live``, default on): once the learner has published a
+   segmenter, one login per generated user now; waits until every consenting
+   user's profile in Redis holds it (counted, with a timeout).
 5. Latency probes: fresh events sent one by one, each timed until its profile
-   update is visible in Redis (produce -> Redis, the path an app sees).
-6. A summary: events read / valid / dead-lettered / consent-filtered / late,
-   users, members per segment, one profile read back through ``ProfileStore``,
-   warehouse row counts, throughput and latency percentiles. The pipeline is
-   then cancelled; the demo's data stays for inspection
-   (``onboardflow profile USER_ID --secret-file .run/demo/pseudonym.key --key-prefix demo``).
+   is visible in Redis (produce -> Redis, the path an app sees).
+6. A summary of what it waited for and what is in Redis now (SCAN and SCARD,
+   not what was sent): profiles, members per segment, scores, one profile
+   read back through ``ProfileStore``; warehouse row counts, throughput and
+   latency percentiles. The pipeline is then cancelled; the data stays for
+   inspection (``onboardflow profile USER_ID --secret-file .run/demo/pseudonym.key
+   --key-prefix demo``).
+
+Two runs with the same ``--seed`` and ``--anchor`` settle on the same
+profiles and segment table (tests/integration/test_demo.py), except the
+online models' fields, which follow the learner's wall-clock publishing.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
+import re
 import secrets
 import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable, Optional
 
 DAY_MS = 86_400_000
 REPO = Path(__file__).resolve().parents[1]
+#: The source's max out-of-orderness (seconds): an idle pipeline's watermark
+#: trails the wall clock by this much, so "due by now" means due by now minus it.
+MAX_OUT_OF_ORDERNESS_S = 60.0
+#: Model fields: the learner publishes on a wall-clock schedule, so which
+#: version scored a profile depends on timing, not on the input.
+MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
+
+
+def _anchor_ms(text: str) -> int:
+    """``now``, epoch milliseconds, or an ISO 8601 time (UTC when no zone is given)."""
+    if text == "now":
+        return int(time.time() * 1000)
+    if re.fullmatch(r"\d{10,}", text):
+        return int(text)
+    at = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=datetime.timezone.utc)
+    return int(at.timestamp() * 1000)
 
 
 def _parse(argv):
@@ -45,55 +78,89 @@ def _parse(argv):
     p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--warehouse-dsn", default="postgresql://onboardflow:onboardflow@127.0.0.1:5432/onboardflow")
-    p.add_argument("--events", type=int, default=50_000, help="messages to produce (default 50,000)")
+    p.add_argument("--name", default="demo",
+                   help="Names the run's topics ({name}-{run}.*), Redis prefix, warehouse schema and consumer "
+                        "group; an earlier run's resources under the same name are removed first.")
+    p.add_argument("--events", type=int, default=50_000, help="messages to produce at most (default 50,000)")
     p.add_argument("--users", type=int, default=400)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--anchor", default="now",
+                   help="End of the 45-day timeline: 'now' (default), epoch ms or ISO 8601. Pass the same "
+                        "anchor to compare runs: with 'now' each run's events (and profiles) shift with the clock.")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                   help="After settling, send one login per user now and wait until Redis holds them.")
     p.add_argument("--probes", type=int, default=20, help="latency probe events after catch-up")
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for catch-up")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds from the pipeline's start to settled; past it the demo fails (exit 1)")
+    p.add_argument("--live-timeout", type=float, default=150,
+                   help="seconds for the live phase (a served model, then every login in Redis)")
     p.add_argument("--run-dir", default=str(REPO / ".run" / "demo"))
     p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: run on Flink, not Prism "
                    "(see docs/flink.md; needs the Beam Flink job server jar)")
     p.add_argument("--flink-job-server-jar", help="the beam-runners-flink-2.2-job-server jar (make flink-jobserver-jar)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", args.name):
+        p.error("--name: lower-case letters, digits, '-' and '_', starting with a letter (at most 41)")
+    args.anchor_ms = _anchor_ms(args.anchor)
+    return args
 
 
-def _fresh_topics(bootstrap, specs, drop_prefix):
-    """Delete earlier demo topics (names starting with ``drop_prefix``), create ``specs``."""
+@dataclasses.dataclass(frozen=True)
+class DemoNames:
+    """Every resource one demo run uses, derived from ``--name`` and the run id."""
+
+    name: str
+    run_id: str
+
+    @property
+    def topic(self) -> str:
+        return f"{self.name}-{self.run_id}.onboarding.events"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.topic}.dlq"
+
+    @property
+    def segment_changes_topic(self) -> str:
+        return f"{self.name}-{self.run_id}.onboarding.segment-changes"
+
+    @property
+    def prefix(self) -> str:
+        return self.name
+
+    @property
+    def schema(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def group(self) -> str:
+        return f"onboardflow-{self.name}-{self.run_id}"
+
+    def owns_topic(self, topic: str) -> bool:
+        """True for this name's topics of any run (``{name}-YYYYmmdd-HHMMSS.*``), never another name's."""
+        return re.fullmatch(re.escape(self.name) + r"-\d{8}-\d{6}\..+", topic) is not None
+
+
+def _fresh_topics(bootstrap, specs, stale: Callable[[str], bool]) -> list[str]:
+    """Delete earlier demo topics (``stale(name)``), create ``specs``; returns the deleted names."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import UnknownTopicOrPartitionError
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-demo")
     try:
-        existing = set(admin.list_topics())
-        stale = [name for name in existing if name.startswith(drop_prefix)]
-        if stale:
+        old = sorted(name for name in admin.list_topics() if stale(name))
+        if old:
             try:
-                admin.delete_topics(stale)
+                admin.delete_topics(old)
             except UnknownTopicOrPartitionError:
                 pass
             deadline = time.time() + 30
-            while set(admin.list_topics()) & set(stale) and time.time() < deadline:
+            while set(admin.list_topics()) & set(old) and time.time() < deadline:
                 time.sleep(0.5)
         admin.create_topics([NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs])
+        return old
     finally:
         admin.close()
-
-
-def _lag(bootstrap, topic, group):
-    """Total of (end offset - committed offset) over the topic's partitions."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        ends = consumer.end_offsets(parts)
-        lag = 0
-        for tp in parts:
-            committed = consumer.committed(tp) or 0
-            lag += max(0, ends[tp] - committed)
-        return lag, sum(ends.values())
-    finally:
-        consumer.close()
 
 
 def _count_keys(client, pattern):
@@ -109,22 +176,153 @@ def _percentile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+def _utc(ms: Optional[int]) -> str:
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class _NewestProfileEvent:
+    """A serializer wrapper that remembers the newest event a profile will keep.
+
+    The generator serializes each valid event (and re-sent duplicate) right
+    before yielding its message, and malformed variants after; ``note(kind)``
+    is called for each yielded message, so the event serialized last is the
+    message's own. Profiles keep events with personalization consent.
+    """
+
+    def __init__(self, serialize):
+        self._serialize = serialize
+        self._last = None
+        self.newest_ms: Optional[int] = None
+
+    def __call__(self, event):
+        self._last = event
+        return self._serialize(event)
+
+    def note(self, kind: str) -> None:
+        from onboardflow.runners.generator import DUPLICATE, VALID
+
+        event = self._last
+        if kind in (VALID, DUPLICATE) and event is not None and (event.get("consent") or {}).get("personalization"):
+            at = event["occurred_at"]
+            self.newest_ms = at if self.newest_ms is None else max(self.newest_ms, at)
+
+
+@dataclasses.dataclass
+class Settled:
+    """What the demo waited for and when each condition held (``ok`` False: the timeout came first)."""
+
+    ok: bool
+    caught_up_s: Optional[float] = None
+    settled_s: Optional[float] = None
+    due_by_ms: Optional[int] = None
+    newest_event_ms: Optional[int] = None
+    sink_watermark_ms: Optional[int] = None
+    partitions: list = dataclasses.field(default_factory=list)
+    missing: list = dataclasses.field(default_factory=list)
+
+
+def await_settled(kafka, progress, sink_read: Callable[[], Optional[int]], newest_event_ms: Optional[int],
+                  t0: float, timeout_s: float, lag_s: float = MAX_OUT_OF_ORDERNESS_S,
+                  failed: Callable[[], Optional[str]] = lambda: None, poll_s: float = 1.0,
+                  report_every_s: float = 5.0, clock: Callable[[], float] = time.time,
+                  sleep: Callable[[float], None] = time.sleep) -> Settled:
+    """Wait on the pipeline's own progress until settled, or ``timeout_s`` after ``t0``.
+
+    Caught up: every partition committed at its end offset and the newest
+    event in Redis at ``newest_event_ms``. Settled: still so, and the sink
+    watermark at ``due_by`` = wall clock at catch-up − ``lag_s`` (the
+    highest watermark an idle source reaches by then): every timer due by
+    ``due_by`` fired and its write is in Redis. ``failed()`` returns a reason
+    when the job itself died. ``kafka``/``progress``: the readers of
+    runners/lag.py; ``sink_read()``: the sink watermark (epoch ms) or None.
+    """
+    from onboardflow.runners.lag import read_lag, unreached
+
+    state = Settled(ok=False, newest_event_ms=newest_event_ms)
+    last_print = 0.0
+    while True:
+        report = read_lag(kafka, progress, clock)
+        try:
+            watermark = sink_read()
+        except Exception as error:  # noqa: BLE001 - an unreadable Redis is "not yet"
+            watermark, report.redis_error = None, type(error).__name__
+        now = clock()
+        state.partitions, state.sink_watermark_ms = report.partitions, watermark
+        if state.caught_up_s is None:
+            state.missing = unreached(report, newest_event_ms)
+            if not state.missing:
+                state.caught_up_s = now - t0
+                state.due_by_ms = int((now - lag_s) * 1000)
+        if state.caught_up_s is not None:
+            state.missing = unreached(report, newest_event_ms, watermark, state.due_by_ms)
+            if not state.missing:
+                state.ok, state.settled_s = True, now - t0
+                return state
+        if now - last_print >= report_every_s:
+            last_print = now
+            read = sum(p.log_end - p.lag for p in report.partitions)
+            total = sum(p.log_end for p in report.partitions)
+            newest = report.progress.event_time_ms if report.progress else None
+            print(f"   t={now - t0:5.0f}s  offsets committed {read:,} of {total:,}  newest event in Redis "
+                  f"{_utc(newest)}  sink watermark {_utc(watermark)}", flush=True)
+        reason = failed()
+        if reason:
+            state.missing = [f"the pipeline stopped: {reason}"] + state.missing
+            return state
+        if now - t0 >= timeout_s:
+            return state
+        sleep(poll_s)
+
+
+def _describe_settled(state: Settled, lag_s: float) -> list[str]:
+    offsets = ", ".join(f"p{p.partition} {p.committed if p.committed is not None else 0:,}/{p.log_end:,}"
+                        for p in state.partitions)
+    lines = [f"   offsets: every partition's committed offset at its end offset ({offsets})",
+             f"   newest event in Redis {_utc(state.newest_event_ms)} = the newest produced event a profile keeps"]
+    if state.due_by_ms is not None:
+        lines.append(f"   sink watermark {_utc(state.sink_watermark_ms)} >= {_utc(state.due_by_ms)} (wall clock at "
+                     f"catch-up - {lag_s:.0f} s out-of-orderness): every timer due by then has fired and its "
+                     "profile write is in Redis")
+    return lines
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What a run printed, for callers (tests): exit code, settling, Redis counts."""
+
+    exit_code: int
+    names: DemoNames
+    settled: Optional[Settled] = None
+    profiles: int = 0
+    segments: dict = dataclasses.field(default_factory=dict)
+    sample_profile: Optional[dict] = None
+
+
 def main(argv=None) -> int:
-    args = _parse(argv)
+    return run_demo(_parse(argv)).exit_code
+
+
+def run_demo(args) -> DemoResult:
+    """The demo for parsed ``args`` (see ``_parse``); prints as it goes, returns what it found."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "apache_beam", "PrismRunner"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     import psycopg
     import redis
+    from apache_beam.runners.runner import PipelineState
 
     from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator, v1_serializer
+    from onboardflow.runners.lag import KafkaLagReader, ProgressReader
     from onboardflow.runners.local import stop_streaming_job
     from onboardflow.runners.produce import produce
     from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
     from onboardflow.schemas.wire import AvroSerializer
     from onboardflow.transforms.anonymize import SecretKey, load_secret
+    from onboardflow.transforms.metrics import SinkWatermark
     from onboardflow.transforms.profile_store import ProfileStore
     from onboardflow.transforms.warehouse import apply_migrations, upsert_accounts
 
@@ -137,119 +335,162 @@ def main(argv=None) -> int:
     secret = SecretKey(load_secret(secret_file))
     # Fresh topic names per run: Kafka 4 gives a re-created topic a new topic id,
     # and clients holding the old one's metadata can stall on it.
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    topic = f"demo-{run_id}.onboarding.events"
-    dlq, changes_topic = f"{topic}.dlq", f"demo-{run_id}.onboarding.segment-changes"
-    prefix, schema, group = "demo", "demo", f"onboardflow-demo-{run_id}"
+    names = DemoNames(args.name, time.strftime("%Y%m%d-%H%M%S"))
+    topic, prefix, schema, group = names.topic, names.prefix, names.schema, names.group
+    outcome = DemoResult(1, names)
 
     print("== onboardflow demo")
     print(f"   topics {topic} (+ .dlq, segment changes), Redis prefix '{prefix}', warehouse schema '{schema}'")
-    _fresh_topics(args.bootstrap_servers, [(topic, 4), (dlq, 2), (changes_topic, 4)], drop_prefix="demo-")
+    old_topics = _fresh_topics(args.bootstrap_servers,
+                               [(topic, 4), (names.dead_letter_topic, 2), (names.segment_changes_topic, 4)],
+                               stale=names.owns_topic)
     r = redis.Redis.from_url(args.redis_url)
     stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(stale), 500):
         r.unlink(*stale[i:i + 500])
     with psycopg.connect(args.warehouse_dsn, autocommit=True) as conn:
+        had_schema = conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
+                                  (schema,)).fetchone() is not None
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     apply_migrations(args.warehouse_dsn, schema)
+    if stale or had_schema or old_topics:
+        print(f"   warm run: removed an earlier run's {len(stale):,} Redis keys, "
+              f"{'its warehouse schema' if had_schema else 'no warehouse schema'} and {len(old_topics)} topics")
+    else:
+        print("   cold run: nothing of an earlier run under this name")
 
-    now_ms = int(time.time() * 1000)
+    horizon_days = 45
+    recorder = _NewestProfileEvent(v1_serializer())
     gen = JourneyGenerator(GeneratorConfig(
-        seed=args.seed, users=args.users, start_ms=now_ms - 45 * DAY_MS, horizon_days=45,
-        malformed_fraction=0.005, duplicate_fraction=0.01, late_fraction=0.01))
+        seed=args.seed, users=args.users, start_ms=args.anchor_ms - horizon_days * DAY_MS,
+        horizon_days=horizon_days, malformed_fraction=0.005, duplicate_fraction=0.01, late_fraction=0.01),
+        serializer=recorder)
     upsert_accounts(args.warehouse_dsn, [dataclasses.asdict(a) for a in gen.accounts()], schema=schema)
     gen.write_ground_truth(run_dir / "ground_truth.csv")
 
-    print(f"== producing ~{args.events:,} events for {args.users} users (45-day journeys ending now)")
-    stats = produce(gen.messages(max_messages=args.events), args.bootstrap_servers, topic,
+    def noted(messages):
+        for message in messages:
+            recorder.note(message.kind)
+            yield message
+
+    print(f"== producing up to {args.events:,} events for {args.users} users "
+          f"({horizon_days}-day journeys ending {_utc(args.anchor_ms)})")
+    stats = produce(noted(gen.messages(max_messages=args.events)), args.bootstrap_servers, topic,
                     progress=sys.stderr.isatty(), total=args.events)
     produced = sum(stats.attempted.values()) - sum(stats.failed.values())
     print(f"   produced {produced:,} messages in {stats.elapsed_s:.1f}s: " +
           ", ".join(f"{k} {v:,}" for k, v in sorted(stats.attempted.items())))
+    if sum(stats.failed.values()):
+        print(f"   {sum(stats.failed.values()):,} messages could not be produced", file=sys.stderr)
+        return outcome
 
     flink = []
     if args.flink_master:
         flink = ["--runner=flink", f"--flink_master={args.flink_master}"]
         if args.flink_job_server_jar:
             flink.append(f"--flink_job_server_jar={args.flink_job_server_jar}")
-    print(f"== streaming pipeline on {'Flink at ' + args.flink_master if flink else 'Prism'} (until caught up)")
+    # Late events come up to 3 days late (offline clients): allowing more than
+    # that keeps every one in its profile. Within the default 24 h, whether a
+    # late event still counted would depend on how far the watermark had got
+    # when it arrived, i.e. on timing, and two runs could differ.
+    lateness_h = gen.config.max_lateness_ms / 3_600_000 + 24
+    print(f"== streaming pipeline on {'Flink at ' + args.flink_master if flink else 'Prism'} "
+          "(until its own progress says settled)")
     t0 = time.time()
     result = run(flink + [
         "--streaming", f"--kafka_bootstrap_servers={args.bootstrap_servers}", f"--kafka_topics={topic}",
         "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",
-        f"--dead_letter_topic={dlq}", f"--segment_changes_topic={changes_topic}",
+        f"--kafka_max_out_of_orderness={MAX_OUT_OF_ORDERNESS_S}",
+        f"--dead_letter_topic={names.dead_letter_topic}", f"--segment_changes_topic={names.segment_changes_topic}",
         f"--redis_url={args.redis_url}", f"--redis_key_prefix={prefix}",
         f"--warehouse_dsn={args.warehouse_dsn}", f"--warehouse_schema={schema}",
         f"--secret_file={secret_file}",
+        f"--allowed_lateness_hours={lateness_h}", f"--dedup_horizon_hours={lateness_h}",
         # A short demo: publish and pick up online model versions within seconds, not minutes.
         "--model_publish_seconds=10", "--model_refresh_seconds=5",
     ], secret=secret, wait=False)
-    # Caught up: every event read (lag 0) and the profile stage quiet. The
-    # backfill's timeline ends now, so once the partitions go idle and the
-    # watermark reaches the wall clock, each quiet user's due timers (daily
-    # refreshes, rule time marks, dormancy) fire one after another: their
-    # writes (one warehouse snapshot per applied profile write) must have
-    # stopped too, or the live phase and the latency probes would share the
-    # workers with them.
-    caught_up_at, settled_at, read_stable, stable, last = None, None, 0, 0, None
-    warehouse = psycopg.connect(args.warehouse_dsn, autocommit=True)
+
+    def job_failed() -> Optional[str]:
+        state = result.state
+        return state if state in (PipelineState.FAILED, PipelineState.DONE, PipelineState.CANCELLED) else None
+
+    kafka = KafkaLagReader(args.bootstrap_servers, group, [topic])
+    progress = ProgressReader(args.redis_url, prefix)
+    sink = SinkWatermark(prefix)
     try:
-        while time.time() - t0 < args.timeout:
-            time.sleep(1.0)
-            lag, total = _lag(args.bootstrap_servers, topic, group)
-            count = _count_keys(r, f"{prefix}:profile:*")
-            writes = warehouse.execute(f'SELECT count(*) FROM "{schema}".profile_snapshots').fetchone()[0]
-            # Events: every one read and every user's profile in Redis (the count stops moving).
-            read_stable = read_stable + 1 if (last and count == last[0] and count and lag == 0) else 0
-            if caught_up_at is None and read_stable >= 5:
-                caught_up_at = time.time() - 5
-            stable = stable + 1 if ((count, writes) == last and lag == 0) else 0
-            last = (count, writes)
-            print(f"   t={time.time() - t0:5.0f}s  lag {lag:>7,}  profiles in Redis {count:,}"
-                  f"  profile writes {writes:,}", flush=True)
-            if stable >= 5:
-                settled_at = time.time() - 5
-                break
-        if settled_at is None or caught_up_at is None:
-            print("   did not catch up within the timeout", file=sys.stderr)
-            return 1
-        elapsed = caught_up_at - t0
-        print(f"   events caught up after {elapsed:.0f} s; the timers due by now (daily refreshes of quiet "
-              f"users, rule time marks, dormancy) settled after {settled_at - t0:.0f} s, {last[1]:,} profile writes")
+        settled = outcome.settled = await_settled(
+            kafka, progress, lambda: sink.read(r), recorder.newest_ms, t0, args.timeout, failed=job_failed)
+        if not settled.ok:
+            print(f"== NOT settled after {time.time() - t0:.0f} s; still waiting for:", file=sys.stderr)
+            for reason in settled.missing[:12]:
+                print(f"   {reason}", file=sys.stderr)
+            print("   (the summary below counts what Redis holds now, an unfinished run)", file=sys.stderr)
+        else:
+            print(f"== caught up after {settled.caught_up_s:.0f} s, settled after {settled.settled_s:.0f} s; "
+                  "waited for:")
+            for line in _describe_settled(settled, MAX_OUT_OF_ORDERNESS_S):
+                print(line)
+        elapsed = settled.caught_up_s or (time.time() - t0)
 
-        serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
-        from kafka import KafkaProducer
-        producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=0)
+        later, live_ok, latencies = 0, True, []
+        if settled.ok and (args.live or args.probes):
+            serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT,
+                                        load_schema("onboarding_event", version=2))
+            from kafka import KafkaProducer
+            producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=0)
+            store = ProfileStore(args.redis_url, secret, key_prefix=prefix)
+            try:
+                if args.live:
+                    # Live traffic after the backfill: the learner has published
+                    # from the history; one login per user now is scored by the served models.
+                    later, live_ok = _live_phase(args, r, store, producer, serializer, topic, prefix, gen)
+                latencies = _probes(args.probes, store, producer, serializer, topic)
+            finally:
+                producer.close()
+                store.close()
+            later += args.probes
 
-        # Live traffic after the backfill: the learner has published from the
-        # history; one login per user now is scored by the served models.
-        later = _live_phase(args, r, producer, serializer, topic, group, prefix, gen)
-
-        # Latency probes: one login per fresh probe user, timed to its Redis profile.
-        store = ProfileStore(args.redis_url, secret, key_prefix=prefix)
-        latencies = []
-        for i in range(args.probes):
-            user = f"demo-probe-{uuid.uuid4().hex[:10]}"
-            sent = time.time()
-            event = _login(user, int(sent * 1000), {"analytics": True, "personalization": True, "marketing": False})
-            producer.send(topic, key=user.encode(), value=serializer.serialize(event)).get(timeout=10)
-            while time.time() - sent < 30:
-                if store.get(user) is not None:
-                    latencies.append(time.time() - sent)
-                    break
-                time.sleep(0.01)
-        producer.close()
-
-        _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix,
-                 later=later + args.probes)
+        with ProfileStore(args.redis_url, secret, key_prefix=prefix) as store:
+            _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix, outcome,
+                     later=later)
+        outcome.exit_code = 0 if settled.ok and live_ok else 1
     finally:
-        warehouse.close()
+        kafka.close()
+        progress.close()
         stop_streaming_job(result)
-    return 0
+        r.close()
+    return outcome
 
 
-def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix, later=0):
-    """``produced``: the backfill; ``later``: valid events sent after it (live logins, probes)."""
+def _probes(n, store, producer, serializer, topic) -> list[float]:
+    """One login per fresh probe user, each timed until its profile is in Redis (30 s at most)."""
+    latencies = []
+    for _ in range(n):
+        user = f"demo-probe-{uuid.uuid4().hex[:10]}"
+        sent = time.time()
+        event = _login(user, int(sent * 1000), {"analytics": True, "personalization": True, "marketing": False})
+        producer.send(topic, key=user.encode(), value=serializer.serialize(event)).get(timeout=10)
+        while time.time() - sent < 30:
+            if store.get(user) is not None:
+                latencies.append(time.time() - sent)
+                break
+            time.sleep(0.01)
+    return latencies
+
+
+def _segment_table(r, store, prefix) -> dict[str, int]:
+    """Members per segment, as Redis holds them now (SCARD), every rule's segment listed."""
+    from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet
+
+    names = sorted(set(RuleSet.load(DEFAULT_RULES_PATH).names) | set(store.segments()))
+    return {seg: int(r.scard(f"{prefix}:segment:{seg}")) for seg in names}
+
+
+def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix, outcome, later=0):
+    """``produced``: the backfill; ``later``: valid events sent after it (live logins, probes).
+
+    Profiles, segments and scores are counted in Redis (SCAN, SCARD) when printed.
+    """
     import psycopg
 
     with psycopg.connect(args.warehouse_dsn) as conn:
@@ -259,37 +500,42 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
                   for t in ("events", "late_events", "profile_snapshots", "segment_changes", "dead_letters")}
         dlq = dict(q(f"SELECT reason, count(*) FROM \"{schema}\".dead_letters WHERE stage = 'decode' GROUP BY reason"))
     valid = produced + later - sum(dlq.values())
-    profiles = _count_keys(r, f"{prefix}:profile:*")
+    profiles = outcome.profiles = _count_keys(r, f"{prefix}:profile:*")
     duplicates = stats.attempted.get("duplicate", 0)
-    print("\n== summary")
+    print("\n== summary (Redis counted now; warehouse rows as read now)")
     print(f"   events read            {produced + later:>9,}   ({produced:,} backfill, {later:,} live logins and probes)")
     print(f"   valid                  {valid:>9,}   (of which re-sent duplicates {duplicates:,}, dropped by event_id)")
     print(f"   dead-lettered          {sum(dlq.values()):>9,}   " + ", ".join(f"{k} {v}" for k, v in sorted(dlq.items())))
     print(f"   consent-filtered       {valid - duplicates - tables['events'] - tables['late_events']:>9,}   "
           "(no analytics or personalization consent: never stored)")
     print(f"   too late for profiles  {tables['late_events']:>9,}   (kept in warehouse.late_events)")
-    print(f"   profiles               {profiles:>9,}   (signed-up users and anonymous visitors)")
-    print("   segment members:")
-    for seg in store.segments():
-        print(f"     {seg:<28} {len(store.segment_members(seg)):>6,}")
+    print(f"   profiles in Redis      {profiles:>9,}   (signed-up users and anonymous visitors)")
+    print("   segment members in Redis:")
+    outcome.segments = _segment_table(r, store, prefix)
+    for seg, members in outcome.segments.items():
+        print(f"     {seg:<28} {members:>6,}")
     _models_summary(args, r, schema, prefix)
-    sample_user = next((u.user_id for u in gen.users() if (store.get(u.user_id) or {}).get("model_version")),
-                       None) or next((u.user_id for u in gen.users() if store.get(u.user_id)), None)
+    # The first generated user (signup order) that has a profile: the same user in every run of a seed.
+    sample_user = next((u.user_id for u in gen.users() if store.get(u.user_id)), None)
     if sample_user:
         profile = store.get(sample_user)
         keep = ("segments", "engagement_score", "intent_score", "session_count", "sessions_7d", "feature_usage_score",
                 "onboarding_progress", "days_since_signup", "plan", "account_tier", "device_class", "email_domain",
                 "country", "cluster_id", "segment_label", "propensity", "model_version", "onboarding_track",
                 "version")
+        outcome.sample_profile = {k: profile.get(k) for k in keep}
         print("   sample profile (ProfileStore.get of one generated user id; Redis key is its HMAC):")
-        print("     " + json.dumps({k: profile.get(k) for k in keep}, default=str))
+        print("     " + json.dumps(outcome.sample_profile, default=str))
     print("   warehouse rows:        " + ", ".join(f"{t} {n:,}" for t, n in tables.items()))
     print(f"   throughput             {produced / elapsed:>9,.0f} events/s  ({produced:,} events caught up in "
           f"{elapsed:.1f}s, pipeline start-up included)")
-    if latencies:
-        print(f"   produce->Redis latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
-              f"p90 {_percentile(latencies, 0.9) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
-              f"({len(latencies)} probes)")
+    if latencies or args.probes:
+        if latencies:
+            print(f"   produce->Redis latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
+                  f"p90 {_percentile(latencies, 0.9) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
+                  f"({len(latencies)} of {args.probes} probes in Redis within 30 s)")
+        else:
+            print(f"   produce->Redis latency: none of {args.probes} probes reached Redis within 30 s")
     print(f"   look up a profile: onboardflow profile USER_ID --secret-file {args.run_dir}/pseudonym.key "
           f"--key-prefix {prefix}")
 
@@ -303,52 +549,50 @@ def _login(user_id: str, at_ms: int, consent: dict) -> dict:
             "consent": dict(consent)}
 
 
-def _scored(r, prefix) -> tuple[int, int]:
-    """(profiles carrying a model_version, all profiles) in Redis under ``prefix``."""
-    scored = total = 0
-    for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
-        total += 1
-        scored += r.hget(key, "model_version") not in (None, b"", b"null")
-    return scored, total
+def _live_phase(args, r, store, producer, serializer, topic, prefix, gen) -> tuple[int, bool]:
+    """Wait for a served segmenter, send one login per generated user, wait until Redis holds them.
 
-
-def _live_phase(args, r, producer, serializer, topic, group, prefix, gen, wait_s: float = 90.0) -> int:
-    """Wait for a served segmenter, send one login per generated user, wait until they are scored.
-
-    Returns the number of events sent.
+    Done when every user with personalization consent has a profile in
+    Redis whose ``last_event_at`` is the login's time (read back through
+    ``ProfileStore``); ``--live-timeout`` bounds the whole phase. Returns
+    (events sent, every login arrived).
     """
     from onboardflow.models.registry import ModelStore
 
-    store = ModelStore(args.redis_url, key_prefix=prefix)
+    models = ModelStore(args.redis_url, key_prefix=prefix)
     t0 = time.time()
     try:
-        while store.current_version("segmentation") is None and time.time() - t0 < wait_s:
+        while models.current_version("segmentation") is None and time.time() - t0 < args.live_timeout / 2:
             time.sleep(1.0)
-        version = store.current_version("segmentation")
+        version = models.current_version("segmentation")
     finally:
-        store.close()
+        models.close()
     if version is None:
-        print(f"== live phase skipped: no segmentation model served within {wait_s:.0f} s")
-        return 0
-    time.sleep(6.0)  # the scorers re-check the registry every 5 s (--model_refresh_seconds)
+        print(f"== live phase: no segmentation model served within {args.live_timeout / 2:.0f} s; "
+              "logins are sent unscored")
+    else:
+        time.sleep(6.0)  # the scorers re-check the registry every 5 s (--model_refresh_seconds)
     users = list(gen.users())
     now = int(time.time() * 1000)
     for user in users:
-        event = _login(user.user_id, now, user.consent)
-        producer.send(topic, key=user.user_id.encode(), value=serializer.serialize(event))
+        producer.send(topic, key=user.user_id.encode(), value=serializer.serialize(_login(user.user_id, now, user.consent)))
     producer.flush()
-    print(f"== live phase: models served (segmentation v{version}); one login for each of {len(users)} users")
-    last, since = None, time.time()
-    while time.time() - t0 < wait_s + 60:
-        time.sleep(1.0)
-        lag, _ = _lag(args.bootstrap_servers, topic, group)
-        counts = _scored(r, prefix)
-        if counts != last:
-            last, since = counts, time.time()
-        elif lag == 0 and time.time() - since >= 3:
+    expected = [u.user_id for u in users if u.consent.get("personalization")]
+    print(f"== live phase: models served (segmentation v{version}); one login for each of {len(users)} users "
+          f"({len(expected)} with personalization consent)")
+    arrived, scored = 0, 0
+    while True:
+        current = [p for p in store.get_many(expected) if p and (p.get("last_event_at") or 0) >= now]
+        arrived = len(current)
+        scored = sum(1 for p in current if p.get("model_version"))
+        if arrived == len(expected) or time.time() - t0 >= args.live_timeout:
             break
-    print(f"   scored profiles {last[0]:,} of {last[1]:,}")
-    return len(users)
+        time.sleep(1.0)
+    ok = arrived == len(expected)
+    print(f"   {'' if ok else 'NOT ALL: '}logins in Redis {arrived:,} of {len(expected):,} "
+          f"(after {time.time() - t0:.0f} s); scored by the online models {scored:,} of them",
+          file=sys.stdout if ok else sys.stderr)
+    return len(users), ok
 
 
 def _models_summary(args, r, schema, prefix):

@@ -288,6 +288,54 @@ def read_lag(
     return report
 
 
+def unreached(
+    report: LagReport,
+    newest_event_ms: Optional[int] = None,
+    sink_watermark_ms: Optional[int] = None,
+    watermark_target_ms: Optional[int] = None,
+) -> list[str]:
+    """What the pipeline has not reached yet, in words; ``[]`` when it has everything asked.
+
+    In: one ``read_lag`` reading; ``newest_event_ms``, the newest event time
+    the profiles must show (``EventTimeProgress``; None: not asked); the
+    sink watermark read from Redis (``SinkWatermark``) and the value it must
+    reach (None: not asked). Reached means: Kafka and Redis were read, every
+    partition's committed offset is at its end offset (an empty partition
+    counts as read), the newest event written to Redis is at or past
+    ``newest_event_ms``, and the sink watermark is at or past
+    ``watermark_target_ms``. Offsets alone are not enough on Prism, where
+    commits can run a few bundles ahead of Redis (docs/architecture.md).
+    Out: one short reason per missing condition (no record content).
+
+    >>> report = LagReport("g", [PartitionLag("t", 0, 0, 10, 10, 0), PartitionLag("t", 1, 0, 8, 5, 3)], 0.0,
+    ...                    progress=Progress(1_000, 2_000))
+    >>> unreached(report, newest_event_ms=1_000)
+    ['t/1 committed 5 of 8']
+    >>> unreached(report, 1_000, sink_watermark_ms=None, watermark_target_ms=5_000)
+    ['t/1 committed 5 of 8', 'no sink watermark in Redis yet']
+    """
+    missing: list[str] = []
+    if report.kafka_error is not None:
+        missing.append(f"Kafka unreadable: {report.kafka_error}")
+    for p in report.partitions:
+        if p.lag:
+            committed = "nothing" if p.committed is None else f"{p.committed:,}"
+            missing.append(f"{p.topic}/{p.partition} committed {committed} of {p.log_end:,}")
+    if report.redis_error is not None:
+        missing.append(f"Redis unreadable: {report.redis_error}")
+    elif newest_event_ms is not None:
+        if report.progress is None:
+            missing.append("no event written to Redis yet")
+        elif report.progress.event_time_ms < newest_event_ms:
+            missing.append(f"newest event in Redis {report.progress.event_time_ms} < {newest_event_ms} ms")
+    if watermark_target_ms is not None:
+        if sink_watermark_ms is None:
+            missing.append("no sink watermark in Redis yet")
+        elif sink_watermark_ms < watermark_target_ms:
+            missing.append(f"sink watermark {sink_watermark_ms} < {watermark_target_ms} ms")
+    return missing
+
+
 # Flink reports "no watermark yet" as Long.MIN_VALUE.
 _NO_WATERMARK = -(2 ** 63)
 

@@ -58,12 +58,19 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
 import apache_beam as beam
+from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LOG = logging.getLogger(__name__)
@@ -645,3 +652,175 @@ class CountDeadLetters(beam.PTransform):
 
     def expand(self, letters):
         return letters | "CountByStageAndReason" >> beam.ParDo(_CountDeadLettersFn(self._metrics))
+
+
+# --------------------------------------------------------------------------
+# The sink's event-time watermark in Redis
+# --------------------------------------------------------------------------
+
+_WATERMARK_LUA = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'sink_watermark_ms'))
+local incoming = tonumber(ARGV[1])
+if current == nil or incoming > current then
+  redis.call('HSET', KEYS[1], 'sink_watermark_ms', ARGV[1], 'sink_watermark_at_ms', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class SinkWatermark:
+    """How far event time has got *through* the profile sink: fields of ``{prefix}:pipeline:progress``.
+
+    ``sink_watermark_ms`` = W means: every profile update stamped before W (an
+    event's, or a lifecycle timer's: refreshes, time marks, dormancy) has been
+    through ``WriteProfilesToRedis``, so every timer due before W has fired
+    and its write is in Redis. ``sink_watermark_at_ms``: wall clock when it
+    was recorded. Max-only and atomic like ``EventTimeProgress``, in the same
+    hash; never expires. Written by ``PublishSinkWatermark``; read by the demo
+    (runners/demo.py) to decide "settled" from the pipeline's own progress.
+    """
+
+    def __init__(self, key_prefix: str = "obf"):
+        self.key = f"{key_prefix}:pipeline:progress"
+
+    def record(self, client, watermark_ms: int, written_at_ms: int) -> bool:
+        """Raise the recorded watermark to ``watermark_ms``; True when it moved."""
+        return bool(client.eval(_WATERMARK_LUA, 1, self.key, int(watermark_ms), int(written_at_ms)))
+
+    def read(self, client) -> Optional[int]:
+        """The recorded watermark (epoch ms), or None before the first record."""
+        value = client.hget(self.key, "sink_watermark_ms")
+        try:
+            return None if value is None else int(value)
+        except ValueError:
+            return None
+
+
+def next_watermark_probe(fired_at_ms: int, newest_ms: Optional[int], now_ms: int, lag_ms: int,
+                         min_step_ms: int = 1000) -> int:
+    """Event time to set the probe's next timer to, after it fired at ``fired_at_ms``.
+
+    While updates newer than the last firing keep coming (a backlog), the
+    next stop is the newest one seen, so progress is recorded as the backlog
+    drains. Once none is newer, it is the highest watermark the source can
+    reach now (wall clock − ``lag_ms``, the max out-of-orderness): idle
+    partitions move the watermark there, so the timers due by then fire and
+    the probe records it. An update stamped in the future (a skewed device
+    clock) is capped the same way, so it cannot park the probe. Always at
+    least ``min_step_ms`` after the last firing (at most one record per step).
+
+    >>> next_watermark_probe(1_000, newest_ms=50_000, now_ms=900_000, lag_ms=60_000)
+    50000
+    >>> next_watermark_probe(50_000, newest_ms=50_000, now_ms=900_000, lag_ms=60_000)
+    840000
+    >>> next_watermark_probe(840_000, newest_ms=50_000, now_ms=840_500, lag_ms=60_000)
+    841000
+    """
+    reachable = now_ms - lag_ms
+    target = min(newest_ms, reachable) if newest_ms is not None and newest_ms > fired_at_ms else reachable
+    return max(target, fired_at_ms + min_step_ms)
+
+
+class _NewestInBundleFn(beam.DoFn):
+    """One ``("sink", timestamp_ms)`` per bundle: its newest element timestamp (saves a per-element shuffle)."""
+
+    def start_bundle(self):
+        self._newest = None
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam):
+        micros = timestamp.micros
+        if self._newest is None or micros > self._newest:
+            self._newest = micros
+
+    def finish_bundle(self):
+        if self._newest is not None:
+            newest, self._newest = self._newest, None
+            yield WindowedValue(("sink", newest // 1000), Timestamp(micros=newest), (GlobalWindow(),))
+
+
+class _WatermarkProbeFn(beam.DoFn):
+    """A single-key event-time timer that records in Redis each watermark it sees pass."""
+
+    NEWEST = ReadModifyWriteStateSpec("newest_ms", VarIntCoder())
+    NEXT = ReadModifyWriteStateSpec("next_ms", VarIntCoder())
+    TICK = TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, redis_url: str, key_prefix: str, lag_ms: int, min_step_ms: int):
+        self._redis_url = redis_url
+        self._watermark = SinkWatermark(key_prefix)
+        self._lag_ms = lag_ms
+        self._min_step_ms = min_step_ms
+        self._client = None
+        self._recorded = Metrics.counter(BEAM_NAMESPACE, "sink_watermark_recorded")
+        self._failed = Metrics.counter(BEAM_NAMESPACE, "sink_watermark_record_failed")
+
+    def setup(self):
+        import redis
+
+        self._client = redis.Redis.from_url(self._redis_url, socket_timeout=5, socket_connect_timeout=5)
+
+    def process(self, element, newest=beam.DoFn.StateParam(NEWEST), pending=beam.DoFn.StateParam(NEXT),
+                tick=beam.DoFn.TimerParam(TICK)):
+        _, at_ms = element
+        seen = newest.read()
+        if seen is None or at_ms > seen:
+            newest.write(at_ms)
+        if pending.read() is None:
+            # Capped like every later stop: a future-stamped update must not park the probe.
+            first = min(at_ms, int(time.time() * 1000) - self._lag_ms)
+            tick.set(_ms_timestamp(first))
+            pending.write(first)
+
+    @on_timer(TICK)
+    def on_tick(self, fired=beam.DoFn.TimestampParam, newest=beam.DoFn.StateParam(NEWEST),
+                pending=beam.DoFn.StateParam(NEXT), tick=beam.DoFn.TimerParam(TICK)):
+        fired_ms = fired.micros // 1000
+        now_ms = int(time.time() * 1000)
+        try:
+            self._watermark.record(self._client, fired_ms, now_ms)
+            self._recorded.inc()
+        except Exception:  # noqa: BLE001 - a progress marker never fails the pipeline; the next tick retries
+            self._failed.inc()
+            _LOG.warning("could not record the sink watermark in Redis", exc_info=True)
+        if fired_ms > now_ms - self._lag_ms + 5 * self._min_step_ms:
+            # Beyond any watermark the source can reach now (a few steps of clock
+            # skew allowed): only the end of a bounded input (watermark at +inf)
+            # gets here, where ticking on would never end. The next update re-arms it.
+            pending.clear()
+            return
+        at = next_watermark_probe(fired_ms, newest.read(), now_ms, self._lag_ms, self._min_step_ms)
+        tick.set(_ms_timestamp(at))
+        pending.write(at)
+
+    def teardown(self):
+        if self._client is not None:
+            self._client.close()
+
+
+def _ms_timestamp(ms: int) -> Timestamp:
+    return Timestamp(micros=ms * 1000)
+
+
+class PublishSinkWatermark(beam.PTransform):
+    """Records the event-time watermark downstream of the profile sink in Redis (``SinkWatermark``).
+
+    In: the sink's write results (any element; only their timestamps matter).
+    Out: nothing. Each bundle is reduced to its newest timestamp, then one
+    keyed timer follows the watermark (``next_watermark_probe``) and records
+    every firing, max-only. Because a stateful stage holds its output
+    watermark at its earliest pending timer, the recorded value W proves that
+    every profile timer due before W fired and its write reached Redis. While
+    the job is idle it costs one small Redis script per ``min_step_ms``.
+    ``lag_ms``: the source's max out-of-orderness (how far the watermark
+    trails the wall clock when idle).
+    """
+
+    def __init__(self, redis_url: str, key_prefix: str, lag_ms: int = 60_000, min_step_ms: int = 1000):
+        super().__init__()
+        self._fn = _WatermarkProbeFn(redis_url, key_prefix, int(lag_ms), int(min_step_ms))
+
+    def expand(self, written):
+        return (written
+                | "NewestInBundle" >> beam.ParDo(_NewestInBundleFn())
+                | "FollowWatermark" >> beam.ParDo(self._fn))

@@ -1,0 +1,145 @@
+"""`onboardflow demo` settles on the pipeline's own progress, so two runs of one seed agree (issue 13, item 5).
+
+The demo runs in-process with a reduced size, under its own ``--name`` (its
+own topics, Redis prefix, warehouse schema and consumer group), so it never
+touches a real ``make demo``'s resources.
+"""
+import datetime
+import re
+import time
+import uuid
+
+import psycopg
+import pytest
+import redis
+from kafka.admin import KafkaAdminClient
+
+from onboardflow.runners import demo
+from onboardflow.transforms.profile_store import decode_profile
+
+pytestmark = [pytest.mark.integration]
+
+DAY_MS = 86_400_000
+USERS = 40
+DORMANCY_DAYS = 30  # the pipeline's default --dormancy_days
+
+
+@pytest.fixture
+def demo_name(kafka_bootstrap, redis_url, pg_dsn):
+    """A demo ``--name`` of this test only; its topics, Redis keys and schema are removed after."""
+    name = f"t-demo-{uuid.uuid4().hex[:8]}"
+    yield name
+    names = demo.DemoNames(name, "")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="onboardflow-tests")
+    try:
+        mine = [t for t in admin.list_topics() if names.owns_topic(t)]
+        if mine:
+            admin.delete_topics(mine)
+    except Exception:  # noqa: BLE001 - cleanup must not mask the test result
+        pass
+    finally:
+        admin.close()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{names.prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i:i + 500])
+    finally:
+        client.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{names.schema}" CASCADE')
+
+
+def redis_state(redis_url: str, prefix: str) -> tuple[dict, dict]:
+    """(profiles by user_key without the write time and the model fields, members by segment) in Redis now."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        profiles, segments = {}, {}
+        for key in client.scan_iter(match=f"{prefix}:profile:*", count=1000):
+            profile = decode_profile(client.hgetall(key))
+            profile.pop("updated_at")
+            for field in demo.MODEL_FIELDS:
+                profile.pop(field, None)
+            profiles[key.decode().rsplit(":", 1)[1]] = profile
+        for key in client.scan_iter(match=f"{prefix}:segment:*", count=1000, _type="set"):
+            segments[key.decode().rsplit(":", 1)[1]] = {m.decode() for m in client.smembers(key)}
+        return profiles, segments
+    finally:
+        client.close()
+
+
+def printed_segment_table(text: str) -> list[str]:
+    """The summary's "segment members in Redis" lines, as printed."""
+    lines = text.splitlines()
+    start = lines.index("   segment members in Redis:") + 1
+    table = []
+    for line in lines[start:]:
+        if not re.match(r"^     \S", line):
+            break
+        table.append(line)
+    return table
+
+
+def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and_leave_the_same_profiles(
+        demo_name, kafka_bootstrap, redis_url, pg_dsn, tmp_path, capsys, assert_same_profiles):
+    """Cold run (nothing under the name yet), then a warm one right after, same seed and anchor.
+
+    What "the same profiles" means: the demo's timeline is relative to an
+    anchor (by default the wall clock), and a streaming pipeline fires
+    event-time timers (refreshes, time marks, dormancy) as its watermark
+    follows the wall clock. Two runs anchored at their own "now" would differ
+    in every time field, and a timer falling between the two runs' settle
+    times would differ too. So both runs get one fixed anchor, 40 days
+    back: more than the 30-day dormancy after every user's last event, less
+    than the 90-day state expiry, so by either run's settle time every timer
+    a profile can get has fired, and nothing more comes due in between. Then
+    every profile field must agree (decayed scores to 1e-9, the fold-order
+    noise ``assert_same_profiles`` allows), except ``updated_at`` (the write's
+    wall clock) and the online models' fields, which depend on when the
+    learner published (a wall-clock schedule). The live phase and the probes
+    (events at the wall clock) are off. A run that declared itself settled
+    early (the old pause-in-writes check) would leave users not yet dormant
+    and a table that differs from the other run's.
+    """
+    anchor_ms = (int(time.time() * 1000) // DAY_MS - 40) * DAY_MS
+    argv = ["--name", demo_name, "--bootstrap-servers", kafka_bootstrap, "--redis-url", redis_url,
+            "--warehouse-dsn", pg_dsn, "--users", str(USERS), "--events", "20000", "--seed", "13",
+            "--anchor", str(anchor_ms), "--no-live", "--probes", "0", "--timeout", "300",
+            "--run-dir", str(tmp_path)]
+    runs = []
+    for label in ("cold", "warm"):
+        started = time.monotonic()
+        result = demo.run_demo(demo._parse(argv))
+        took = time.monotonic() - started
+        out = capsys.readouterr().out
+        with capsys.disabled():
+            print(f"\n{label} run: {took:.0f} s; settled after {result.settled.settled_s} s, "
+                  f"{result.profiles} profiles, segments {result.segments}")
+        runs.append((result, out, redis_state(redis_url, result.names.prefix)))
+
+    (cold, cold_out, (cold_profiles, cold_segments)), (warm, warm_out, (warm_profiles, warm_segments)) = runs
+    assert "cold run: nothing of an earlier run under this name" in cold_out
+    assert "warm run: removed an earlier run's" in warm_out
+    for result, out in ((cold, cold_out), (warm, warm_out)):
+        assert result.exit_code == 0, out
+        settled = result.settled
+        assert settled.ok and settled.missing == []
+        # What it waited for: every partition at its end offset, the newest event, and a
+        # watermark past every user's dormancy (the timeline ended 40 days before now).
+        assert settled.partitions and all(p.committed == p.log_end for p in settled.partitions)
+        assert settled.newest_event_ms is not None and anchor_ms - DAY_MS < settled.newest_event_ms <= anchor_ms
+        assert settled.sink_watermark_ms >= settled.due_by_ms > anchor_ms + DORMANCY_DAYS * DAY_MS
+        assert "every timer due by then has fired" in out
+        # The summary counts what Redis holds.
+        assert result.profiles == len(cold_profiles) > USERS / 2
+
+    assert printed_segment_table(warm_out) == printed_segment_table(cold_out)
+    assert warm.segments == cold.segments
+    assert {seg: len(m) for seg, m in cold_segments.items()} == {s: n for s, n in cold.segments.items() if n}
+    assert warm_segments == cold_segments
+    assert_same_profiles(warm_profiles, cold_profiles)
+    sample = {k: v for k, v in (cold.sample_profile or {}).items() if k not in demo.MODEL_FIELDS}
+    assert sample and sample == {k: v for k, v in warm.sample_profile.items() if k not in demo.MODEL_FIELDS}
+    # Every timer had fired: 40 days after the timeline, every profile is dormant.
+    assert cold.segments["dormant"] == len(cold_profiles)
+    assert datetime.datetime.fromtimestamp(anchor_ms / 1000, datetime.timezone.utc).hour == 0
