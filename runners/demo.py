@@ -380,6 +380,8 @@ def run_demo(args) -> DemoResult:
     produced = sum(stats.attempted.values()) - sum(stats.failed.values())
     print(f"   produced {produced:,} messages in {stats.elapsed_s:.1f}s: " +
           ", ".join(f"{k} {v:,}" for k, v in sorted(stats.attempted.items())))
+    if recorder.newest_ms is not None and args.anchor_ms - recorder.newest_ms > DAY_MS:
+        print(f"   the --events cap cut the timeline: the newest event a profile keeps is {_utc(recorder.newest_ms)}")
     if sum(stats.failed.values()):
         print(f"   {sum(stats.failed.values()):,} messages could not be produced", file=sys.stderr)
         return outcome

@@ -4,7 +4,6 @@ The demo runs in-process with a reduced size, under its own ``--name`` (its
 own topics, Redis prefix, warehouse schema and consumer group), so it never
 touches a real ``make demo``'s resources.
 """
-import datetime
 import re
 import time
 import uuid
@@ -142,4 +141,3 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
     assert sample and sample == {k: v for k, v in warm.sample_profile.items() if k not in demo.MODEL_FIELDS}
     # Every timer had fired: 40 days after the timeline, every profile is dormant.
     assert cold.segments["dormant"] == len(cold_profiles)
-    assert datetime.datetime.fromtimestamp(anchor_ms / 1000, datetime.timezone.utc).hour == 0
