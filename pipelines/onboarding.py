@@ -194,7 +194,8 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         track_rejects = (tracked[AssignOnboardingTracks.DEAD_LETTER],)
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
-        opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics)
+        opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics,
+        future_tolerance_s=opts.future_tolerance_seconds)
     redis[WriteProfilesToRedis.WRITTEN] | "PublishSinkWatermark" >> PublishSinkWatermark(  # "settled": demo.py
         opts.redis_url, opts.redis_key_prefix, lag_ms=int(kafka.kafka_max_out_of_orderness * 1000))
     written = redis[WriteProfilesToRedis.WRITTEN]
