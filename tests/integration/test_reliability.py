@@ -25,7 +25,7 @@ profile writes arrive in, which differs between any two runs (the e2e tests
 pin a served model for that reason). The replay test runs with them on.
 
 Counts (rounds, kill moments, outage lengths, records compared, lost,
-doubled) are printed; run with ``-s`` to see them. Longer rounds:
+doubled) are printed to the terminal, past pytest's capture. Longer rounds:
 tests/benchmarks/bench_reliability.py.
 """
 from __future__ import annotations
@@ -98,8 +98,17 @@ def deployments(request):
         d.cleanup()
 
 
-def _check(comparison, title: str) -> None:
-    print(f"\n{title}\n{comparison.summary()}")
+@pytest.fixture
+def say(capsys):
+    """Print to the terminal even when pytest captures output: the counts belong in every CI log."""
+    def emit(text: str) -> None:
+        with capsys.disabled():
+            print(text, flush=True)
+    return emit
+
+
+def _check(comparison, title: str, say) -> None:
+    say(f"\n{title}\n{comparison.summary()}")
     assert comparison.problems == {}, f"{title}:\n{comparison.summary()}"
     assert sum(comparison.lost.values()) == 0 and sum(comparison.doubled.values()) == 0
 
@@ -109,7 +118,7 @@ def _check(comparison, title: str) -> None:
 
 def test_kill_9_of_the_process_group_at_random_moments_then_a_replay_from_earliest_loses_and_doubles_nothing(
         kafka_bootstrap, redis_url, pg_dsn, shared_topic, secret_file, deployments, messages, tmp_path,
-        assert_same_profiles):
+        assert_same_profiles, say):
     """KILL_ROUNDS seeded kill -9s of the whole process group (driver, SDK workers, Prism) of a
     bounded run, each followed by the next restart; the last restart runs to its end (the documented
     recovery: a bounded replay from earliest into the same sinks). Then everything equals an
@@ -135,10 +144,10 @@ def test_kill_9_of_the_process_group_at_random_moments_then_a_replay_from_earlie
     recovery_s = run_to_end(crashed, crashed.name, tmp_path / "recovery.log", NO_MODELS)
 
     comparison = compare(Outputs.read(crashed), Outputs.read(reference), assert_same_profiles)
-    print(f"\nkill -9: {len(messages)} input records, uninterrupted run {uninterrupted_s:.1f} s, "
+    say(f"\nkill -9: {len(messages)} input records, uninterrupted run {uninterrupted_s:.1f} s, "
           f"{KILL_ROUNDS} rounds killed at (s, profiles in Redis then) {kills}, recovery run {recovery_s:.1f} s")
     assert any(profiles > 0 for _, profiles in kills), "no kill hit the pipeline while it was writing"
-    _check(comparison, "kill -9 rounds vs an uninterrupted run")
+    _check(comparison, "kill -9 rounds vs an uninterrupted run", say)
 
 
 # --------------------------------------------------------------------------- replay twice
@@ -197,7 +206,7 @@ def _snapshot(d: Deployment) -> dict:
 
 
 def test_replaying_twice_leaves_redis_the_warehouse_and_every_output_topic_byte_for_byte_unchanged(
-        kafka_bootstrap, redis_url, pg_dsn, shared_topic, secret_file, deployments, tmp_path):
+        kafka_bootstrap, redis_url, pg_dsn, shared_topic, secret_file, deployments, tmp_path, say):
     """A bounded run, then two bounded replays from earliest (new consumer groups, same sinks).
 
     Compared byte for byte: every Redis key under the prefix with its whole
@@ -226,7 +235,7 @@ def test_replaying_twice_leaves_redis_the_warehouse_and_every_output_topic_byte_
                                 if first["warehouse"].get(t) != again["warehouse"].get(t))
         changed_topics = {t: (len(first["topics"][t]), len(again["topics"][t])) for t in d.topics
                           if first["topics"][t] != again["topics"][t]}
-        print(f"\nreplay {n}: {len(first['redis'])} Redis keys, "
+        say(f"\nreplay {n}: {len(first['redis'])} Redis keys, "
               f"{sum(map(len, first['warehouse'].values()))} warehouse rows in {len(first['warehouse'])} tables, "
               f"{ {t: len(r) for t, r in first['topics'].items()} } topic records; changed: Redis "
               f"{changed_keys[:10]}, tables {changed_tables}, topics (records before, after) {changed_topics}")
@@ -294,7 +303,7 @@ FAULTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_service_outage_mid_run_is_retried_reported_and_loses_and_doubles_nothing(
-        fault, private_stack, private_input, secret_file, tmp_path, assert_same_profiles):
+        fault, private_stack, private_input, secret_file, tmp_path, assert_same_profiles, say):
     """``fault`` on the private instance once the run has written its first profiles.
 
     The pipeline must keep retrying with backoff (not fail), say so in its
@@ -323,7 +332,7 @@ def test_a_service_outage_mid_run_is_retried_reported_and_loses_and_doubles_noth
         log = process.log_text()
         reports = [line for line in log.splitlines() if reported.search(line)]
         redis_errors = scraper.total("onboardflow_redis_errors_total")
-        print(f"\n{fault}: fault at {fault_at:.1f} s into the run, {service} down {outage_s:.1f} s, "
+        say(f"\n{fault}: fault at {fault_at:.1f} s into the run, {service} down {outage_s:.1f} s, "
               f"run took {process.elapsed():.1f} s (uninterrupted {reference_s:.1f} s), exit {rc}, "
               f"{len(reports)} log lines report it, redis_errors_total peak {redis_errors:.0f}")
         assert rc == 0, f"the pipeline failed after the {service} outage ({outage_s:.1f} s):\n{log[-4000:]}"
@@ -331,6 +340,6 @@ def test_a_service_outage_mid_run_is_retried_reported_and_loses_and_doubles_noth
         assert reports, f"nothing in the log reports the {service} outage"
         if service == "redis":
             assert redis_errors > 0, f"onboardflow_redis_errors_total stayed 0: {dict(scraper.peak)}"
-        _check(compare(Outputs.read(d), expected, assert_same_profiles), f"{fault} vs an uninterrupted run")
+        _check(compare(Outputs.read(d), expected, assert_same_profiles), f"{fault} vs an uninterrupted run", say)
     finally:
         d.cleanup()
