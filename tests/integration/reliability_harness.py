@@ -53,6 +53,7 @@ PARTITIONS = 4
 # keeps every event on time in every run, so what a run keeps does not depend
 # on how far the watermark got (as in test_pipeline_e2e.py).
 LATENESS_HOURS = 3 * 24 + 24
+RETENTION_MS = 7 * DAY_MS
 # Wall-clock columns: when a row was written, not what it says.
 WALL_CLOCK_COLUMNS = {"loaded_at", "written_at", "failed_at", "updated_at"}
 ROW_KEYS = {
@@ -362,6 +363,8 @@ class Outputs:
     topic_changes: list[dict]
     dead_letter_records: list[dict]
     rows: dict[str, list[dict]]
+    #: topic -> records whose Kafka timestamp is already past the retention
+    expiring: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def read(cls, d: Deployment) -> "Outputs":
@@ -374,9 +377,17 @@ class Outputs:
                 profiles[key[len(profile_prefix):].decode()] = profile
             elif key.startswith(segment_prefix) and isinstance(content, set):
                 segments[key[len(segment_prefix):].decode()] = {m.decode() for m in content}
-        changes = [decode("segment_change", r.value) for r in read_topic(d.bootstrap, d.changes_topic)]
-        letters = [decode("dead_letter", r.value) for r in read_topic(d.bootstrap, d.dlq_topic)]
-        return cls(profiles, segments, changes, letters, warehouse_rows(d.dsn, d.schema))
+        change_records, letter_records = read_topic(d.bootstrap, d.changes_topic), read_topic(d.bootstrap, d.dlq_topic)
+        changes = [decode("segment_change", r.value) for r in change_records]
+        letters = [decode("dead_letter", r.value) for r in letter_records]
+        # Kafka deletes a log segment once its newest record timestamp is older
+        # than the retention (7 days: Kafka's default, and runners/services'
+        # log.retention.hours=168), at its next check (every 5 min): records
+        # stamped that old vanish from the topic minutes after they were sent.
+        horizon = int(time.time() * 1000) - RETENTION_MS
+        expiring = {d.changes_topic: sum(1 for r in change_records if r.timestamp < horizon),
+                    d.dlq_topic: sum(1 for r in letter_records if r.timestamp < horizon)}
+        return cls(profiles, segments, changes, letters, warehouse_rows(d.dsn, d.schema), expiring)
 
     # -- derived views -------------------------------------------------------------
 
@@ -530,6 +541,9 @@ def compare(actual: Outputs, expected: Outputs, assert_same_profiles) -> Compari
         if want != got:
             c.add(f"warehouse.{table}", [f"{sum((want - got).values())} missing, {sum((got - want).values())} extra rows"])
 
+    expiring = {topic: n for topic, n in actual.expiring.items() if n}
+    c.add("records stamped older than the topic retention (the broker deletes them within minutes)",
+          [f"{topic}: {n}" for topic, n in expiring.items()])
     letters = actual.source_dead_letters()
     c.compared["dead-letter topic"] = sum(expected.source_dead_letters().values())
     c.doubled["dead-letter topic"] = sum(n - 1 for n in letters.values())

@@ -17,7 +17,9 @@ schema and output topics (``reliability_harness.compare``):
   reference's; the newest profile snapshot per user equals the reference's and
   the profile in Redis (which intermediate versions a run stores depends on
   bundling, in any two runs);
-* the dead-letter topic: one record per source topic/partition/offset.
+* the dead-letter topic: one record per source topic/partition/offset;
+* no output record stamped older than the topics' 7-day retention (Kafka
+  deletes such records at its next retention check, minutes later).
 
 The online models are off in the crash and outage runs
 (``--disable_online_models``): what they learn depends on the order the
@@ -45,7 +47,7 @@ from psycopg import sql
 from onboardflow.runners.produce import produce
 from onboardflow.tests.integration.private_services import PrivateServices
 from onboardflow.tests.integration.reliability_harness import (
-    Deployment, Outputs, PipelineProcess, compare, create_topics, delete_topics, make_input, read_topic,
+    RETENTION_MS, Deployment, Outputs, PipelineProcess, compare, create_topics, delete_topics, make_input, read_topic,
     redis_dump, run_to_end, write_secret,
 )
 
@@ -165,7 +167,8 @@ def _warehouse_snapshot(dsn: str, schema: str) -> dict[str, list[str]]:
 
 
 def _topic_snapshot(bootstrap: str, topic: str) -> list[tuple]:
-    return [(r.partition, r.offset, r.key, r.value, tuple(r.headers or ())) for r in read_topic(bootstrap, topic)]
+    return [(r.partition, r.offset, r.timestamp, r.key, r.value, tuple(r.headers or ()))
+            for r in read_topic(bootstrap, topic)]
 
 
 # Fields docs/redis-contract.md ("Pipeline progress") defines by the wall
@@ -215,7 +218,8 @@ def test_replaying_twice_leaves_redis_the_warehouse_and_every_output_topic_byte_
     schema as text (wall-clock columns included: a replay writes no row, so
     ``loaded_at``/``written_at``/``failed_at`` stay too), and every record of
     the dead-letter, segment-changes and model-events topics (partition,
-    offset, key, value, headers). Online models on. Excluded: the two fields
+    offset, timestamp, key, value, headers), none of them stamped older than
+    the topic's retention (the broker would delete it within minutes). Online models on. Excluded: the two fields
     of ``{prefix}:pipeline:progress`` that docs/redis-contract.md defines by
     the wall clock, ``sink_watermark_ms`` and ``sink_watermark_at_ms`` (a
     probe records how far event time got through the sink, capped at the
@@ -227,6 +231,12 @@ def test_replaying_twice_leaves_redis_the_warehouse_and_every_output_topic_byte_
     first = _snapshot(d)
     assert first["warehouse"]["events"] and first["warehouse"]["segment_changes"]
     assert all(first["topics"][t] for t in (d.dlq_topic, d.changes_topic)), "the run published nothing"
+    # A record stamped older than the topic's retention is deleted by the broker
+    # at its next retention check (every 5 min): "unchanged" would then hold
+    # only by luck of timing.
+    horizon = int(time.time() * 1000) - RETENTION_MS
+    expiring = {t: sum(1 for r in records if r[2] < horizon) for t, records in first["topics"].items()}
+    assert not any(expiring.values()), f"records stamped past the 7-day retention, by topic: {expiring}"
     for n in (1, 2):
         run_to_end(d, f"{d.name}-replay{n}", tmp_path / f"replay{n}.log")
         again = _snapshot(d)
