@@ -197,7 +197,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics,
         future_tolerance_s=opts.future_tolerance_seconds)
     redis[WriteProfilesToRedis.WRITTEN] | "PublishSinkWatermark" >> PublishSinkWatermark(  # "settled": demo.py
-        opts.redis_url, opts.redis_key_prefix, lag_ms=int(kafka.kafka_max_out_of_orderness * 1000))
+        opts.redis_url, opts.redis_key_prefix, lag_ms=int(kafka.kafka_max_out_of_orderness * 1000), cap_ms=horizon)
     written = redis[WriteProfilesToRedis.WRITTEN]
     # History follows what the store accepted: each applied write put its
     # segment changes and snapshot in the outbox in the same Redis script; the

@@ -746,8 +746,10 @@ class _WatermarkProbeFn(beam.DoFn):
     NEXT = ReadModifyWriteStateSpec("next_ms", VarIntCoder())
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, redis_url: str, key_prefix: str, lag_ms: int, min_step_ms: int):
+    def __init__(self, redis_url: str, key_prefix: str, lag_ms: int, min_step_ms: int,
+                 cap_ms: Optional[int] = None):
         self._redis_url = redis_url
+        self._cap_ms = cap_ms
         self._watermark = SinkWatermark(key_prefix)
         self._lag_ms = lag_ms
         self._min_step_ms = min_step_ms
@@ -769,6 +771,8 @@ class _WatermarkProbeFn(beam.DoFn):
         if pending.read() is None:
             # Capped like every later stop: a future-stamped update must not park the probe.
             first = min(at_ms, int(time.time() * 1000) - self._lag_ms)
+            if self._cap_ms is not None:
+                first = min(first, self._cap_ms)
             tick.set(_ms_timestamp(first))
             pending.write(first)
 
@@ -776,6 +780,10 @@ class _WatermarkProbeFn(beam.DoFn):
     def on_tick(self, fired=beam.DoFn.TimestampParam, newest=beam.DoFn.StateParam(NEWEST),
                 pending=beam.DoFn.StateParam(NEXT), tick=beam.DoFn.TimerParam(TICK)):
         fired_ms = fired.micros // 1000
+        if self._cap_ms is not None:
+            # A bounded run's profiles end at its horizon: so does its watermark,
+            # and a replay of the same input records nothing new.
+            fired_ms = min(fired_ms, self._cap_ms)
         now_ms = int(time.time() * 1000)
         try:
             self._watermark.record(self._client, fired_ms, now_ms)
@@ -783,13 +791,15 @@ class _WatermarkProbeFn(beam.DoFn):
         except Exception:  # noqa: BLE001 - a progress marker never fails the pipeline; the next tick retries
             self._failed.inc()
             _LOG.warning("could not record the sink watermark in Redis", exc_info=True)
-        if fired_ms > now_ms - self._lag_ms + 5 * self._min_step_ms:
+        if fired_ms > now_ms - self._lag_ms + 5 * self._min_step_ms or fired_ms == self._cap_ms:
             # Beyond any watermark the source can reach now (a few steps of clock
             # skew allowed): only the end of a bounded input (watermark at +inf)
             # gets here, where ticking on would never end. The next update re-arms it.
             pending.clear()
             return
         at = next_watermark_probe(fired_ms, newest.read(), now_ms, self._lag_ms, self._min_step_ms)
+        if self._cap_ms is not None:
+            at = min(at, self._cap_ms)
         tick.set(_ms_timestamp(at))
         pending.write(at)
 
@@ -813,12 +823,14 @@ class PublishSinkWatermark(beam.PTransform):
     every profile timer due before W fired and its write reached Redis. While
     the job is idle it costs one small Redis script per ``min_step_ms``.
     ``lag_ms``: the source's max out-of-orderness (how far the watermark
-    trails the wall clock when idle).
+    trails the wall clock when idle). ``cap_ms``: a bounded run's horizon
+    (transforms/backfill_horizon.py); the recorded watermark stops there.
     """
 
-    def __init__(self, redis_url: str, key_prefix: str, lag_ms: int = 60_000, min_step_ms: int = 1000):
+    def __init__(self, redis_url: str, key_prefix: str, lag_ms: int = 60_000, min_step_ms: int = 1000,
+                 cap_ms: Optional[int] = None):
         super().__init__()
-        self._fn = _WatermarkProbeFn(redis_url, key_prefix, int(lag_ms), int(min_step_ms))
+        self._fn = _WatermarkProbeFn(redis_url, key_prefix, int(lag_ms), int(min_step_ms), cap_ms)
 
     def expand(self, written):
         return (written
