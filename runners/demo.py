@@ -6,7 +6,7 @@
    accounts loaded from the generator's accounts). What an earlier run left
    under the same name is removed first, and the demo says so (a cold or a
    warm run).
-2. About 50,000 synthetic onboarding events (a 45-day timeline ending at
+2. About 53,000 synthetic onboarding events (150 users, a 45-day timeline ending at
    ``--anchor``, default now, with late, out-of-order, duplicate and
    malformed messages) produced to Kafka.
 3. The streaming pipeline on Prism, reading from the earliest offsets, until
@@ -81,8 +81,10 @@ def _parse(argv):
     p.add_argument("--name", default="demo",
                    help="Names the run's topics ({name}-{run}.*), Redis prefix, warehouse schema and consumer "
                         "group; an earlier run's resources under the same name are removed first.")
-    p.add_argument("--events", type=int, default=50_000, help="messages to produce at most (default 50,000)")
-    p.add_argument("--users", type=int, default=400)
+    # 150 users' 45-day journeys are ~53,000 messages: the cap keeps the whole
+    # timeline, so profiles run up to now (400 users were cut four weeks short).
+    p.add_argument("--events", type=int, default=60_000, help="messages to produce at most (default 60,000)")
+    p.add_argument("--users", type=int, default=150)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--anchor", default="now",
                    help="End of the 45-day timeline: 'now' (default), epoch ms or ISO 8601. Pass the same "
