@@ -481,9 +481,12 @@ def compare(actual: Outputs, expected: Outputs, assert_same_profiles) -> Compari
     Invariants checked on ``actual`` alone: the fold of each user's
     segment-change history, from the topic and from the warehouse, equals the
     user's segment memberships in Redis; no change record and no dead letter
-    (by source topic/partition/offset) is there twice. Against ``expected``:
-    profiles (``assert_same_profiles``), segment sets, warehouse rows by key
-    (events, late events, profile snapshots, segment changes, dead letters).
+    (by source topic/partition/offset) is there twice; the newest snapshot per
+    user is the profile in Redis; no output record is stamped older than the
+    topic retention. Against ``expected``: profiles (``assert_same_profiles``),
+    segment sets, the newest snapshot per user, warehouse rows by key (events,
+    late events, dead letters), the dead-letter topic's source offsets.
+    Returns the counts and problems; asserts nothing itself.
     """
     c = Comparison()
     try:
