@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 import zlib
@@ -64,7 +65,9 @@ OUTBOX_HEADER = "outbox"
 OUTBOX_ID_HEADER = "outbox-id"
 
 DEFAULT_BATCH_SIZE = 500
-DEFAULT_LEASE_MS = 60_000
+#: the relay lock's lease; a live holder renews it every third of it, so a
+#: killed relay's lock is free again within this long
+DEFAULT_LEASE_MS = 10_000
 DEFAULT_LOCK_WAIT_S = 300.0
 
 
@@ -99,12 +102,17 @@ def parse_record_id(text: str) -> tuple[int, int, int]:
 
 
 class OutboxRecord(NamedTuple):
-    """One Kafka record of a relay: its deterministic id, key, value, event timestamp."""
+    """One Kafka record of a relay: its deterministic id, key and value.
+
+    No event-time timestamp: the broker stamps the record when it is sent.
+    Kafka's retention goes by record timestamps, so a backfill's changes
+    stamped with their (weeks-old) event time would be deleted at the next
+    retention check; the event time is in the value (``at``).
+    """
 
     record_id: str
     key: Optional[bytes]
     value: bytes
-    timestamp_ms: Optional[int] = None
 
 
 class Converted(NamedTuple):
@@ -163,18 +171,34 @@ class DeadLetterOutbox:
         return retry_transient(once, self._retry_s, "dead-letter outbox")
 
 
-def retry_transient(call: Callable[[], Any], budget_s: float, what: str, cap_s: float = 5.0):
-    """``call()``, retried on connection-level Redis errors with capped backoff for ``budget_s``."""
+def _transient_errors() -> tuple:
+    from kafka.errors import KafkaError
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+            KafkaError, KafkaRelayError, LostLease)
+
+
+def retry_transient(call: Callable[[], Any], budget_s: float, what: str, cap_s: float = 5.0,
+                    on_error: Optional[Callable[[], None]] = None):
+    """``call()``, retried with capped backoff for ``budget_s`` on errors an outage causes.
+
+    Those are connection-level Redis errors and, for a relay, Kafka errors
+    (no broker to bootstrap from, records not acknowledged): each retry is
+    logged at WARNING with the error's type only; ``on_error`` runs before
+    the wait (e.g. to drop a broken client). Past the budget the error is
+    raised.
+    """
+    transient = _transient_errors()
     deadline = time.monotonic() + budget_s
     delay = 0.1
     while True:
         try:
             return call()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError) as exc:
+        except transient as exc:
+            if on_error is not None:
+                on_error()
             if time.monotonic() >= deadline:
                 raise
-            _LOG.warning("%s: Redis unavailable (%s), retrying in %.1f s", what, type(exc).__name__, delay)
+            _LOG.warning("%s: %s, retrying in %.1f s", what, type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(cap_s, delay * 2)
 
@@ -239,7 +263,7 @@ class KafkaOutboxTarget:
             headers = [(OUTBOX_HEADER, stream_key.encode()), (OUTBOX_ID_HEADER, record.record_id.encode())]
             futures.append(self.producer.send(
                 self.topic, key=record.key, value=record.value, headers=headers,
-                partition=self.partition_for(record), timestamp_ms=record.timestamp_ms))
+                partition=self.partition_for(record)))
         self.producer.flush()
         return [record for record, future in zip(records, futures) if future.failed()]
 
@@ -302,6 +326,11 @@ end
 return 1
 """
 
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -341,6 +370,7 @@ class OutboxRelay:
         self._redis_retry_s = redis_retry_s
         self._cursor = client.register_script(_CURSOR_LUA)
         self._release = client.register_script(_RELEASE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
         self.stream_key = keys.stream(name)
 
     # -- lock ------------------------------------------------------------------
@@ -362,10 +392,27 @@ class OutboxRelay:
     # -- relay -----------------------------------------------------------------
 
     def relay(self) -> RelayReport:
-        return retry_transient(self._relay_once, self._redis_retry_s, f"outbox {self.name}")
+        """Drain the stream; outages of Redis, Kafka or the warehouse are ridden out for ``retry_s``."""
+        return retry_transient(self._relay_once, self._redis_retry_s, f"outbox {self.name}",
+                               on_error=self._reset_kafka)
+
+    def _reset_kafka(self) -> None:
+        if self._kafka is not None:
+            self._kafka.close()  # a producer made while the broker was down is not reused
+
+    def _keep_alive(self, token: str, stop: threading.Event) -> None:
+        """Renew the lease every third of it until ``stop``: the lock lives exactly as long as its holder."""
+        while not stop.wait(self._lease_ms / 3000):
+            try:
+                self._renew(keys=[self._keys.lock(self.name)], args=[token, self._lease_ms])
+            except redis.exceptions.RedisError:
+                pass  # Redis is down: the fenced steps will find out
 
     def _relay_once(self) -> RelayReport:
         token = self._acquire()
+        stop = threading.Event()
+        threading.Thread(target=self._keep_alive, args=(token, stop), daemon=True,
+                         name=f"outbox-lease-{self.name}").start()
         try:
             total = RelayReport()
             while True:
@@ -374,6 +421,7 @@ class OutboxRelay:
                     return total
                 total = RelayReport(*(a + b for a, b in zip(total, report)))
         finally:
+            stop.set()
             try:
                 self._release(keys=[self._keys.lock(self.name)], args=[token])
             except redis.exceptions.RedisError:
@@ -464,7 +512,7 @@ class SegmentChangeConverter:
         records, rows = [], []
         for n, change in enumerate(changes):
             change = dict(change)
-            records.append(OutboxRecord(f"{entry_id}/{n}", user_key.encode("ascii"), self._serialize(change), at))
+            records.append(OutboxRecord(f"{entry_id}/{n}", user_key.encode("ascii"), self._serialize(change)))
             rows.append(segment_change_row(change))
         return Converted(records, rows)
 
