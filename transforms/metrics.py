@@ -134,6 +134,8 @@ PIPELINE_METRICS: tuple[MetricSpec, ...] = (
                "Drift detections raised by an online model's detector.", ("detector",)),
     MetricSpec(PREFIX + "redis_errors", "counter",
                "Failed Redis calls (each retried attempt counts), by operation.", ("operation",)),
+    MetricSpec(PREFIX + "warehouse_errors", "counter",
+               "Failed warehouse batch writes (each retried attempt counts), by table.", ("table",)),
     MetricSpec(PREFIX + "redis_write_seconds", "histogram",
                "Wall time of one profile batch write to Redis, retries included.", (), WRITE_BUCKETS),
     MetricSpec(PREFIX + "warehouse_write_seconds", "histogram",
@@ -520,6 +522,10 @@ class PipelineMetrics:
     def redis_error(self, operation: str, n: int = 1) -> None:
         """A Redis call failed (``operation``: ``"profile_write"``, ``"progress"``, ...)."""
         self._count("redis_errors", n, (operation,), beam_names=(_beam_name("redis_errors", operation),))
+
+    def warehouse_error(self, table: str, n: int = 1) -> None:
+        """A warehouse batch write to ``table`` failed and is retried (or given up)."""
+        self._count("warehouse_errors", n, (table,), beam_names=(_beam_name("warehouse_errors", table),))
 
     # -- latencies ----------------------------------------------------------------
 

@@ -775,8 +775,14 @@ class _WarehouseWriteFn(beam.DoFn):
             return
         held, self._held = self._held, []
         started = time.perf_counter()
-        report = self._writer.write([h.row for h in held])
+        retries_before = self._writer.retries
+        try:
+            report = self._writer.write([h.row for h in held])
+        except Exception:
+            self._metrics.warehouse_error(self._spec.table, self._writer.retries - retries_before + 1)
+            raise
         self._metrics.warehouse_write_seconds(self._spec.table, time.perf_counter() - started)
+        self._metrics.warehouse_error(self._spec.table, self._writer.retries - retries_before)
         self._written.inc(report.inserted)
         self._duplicates.inc(report.duplicates)
         for index, error in report.rejected:
