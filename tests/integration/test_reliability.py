@@ -325,7 +325,8 @@ def test_a_service_outage_mid_run_is_retried_reported_and_loses_and_doubles_noth
     """``fault`` on the private instance once the run has written its first profiles.
 
     The pipeline must keep retrying with backoff (not fail), say so in its
-    log (and, for Redis, in ``onboardflow_redis_errors_total``), exit 0, and
+    log (and, for Redis and PostgreSQL, in ``onboardflow_redis_errors_total`` /
+    ``onboardflow_warehouse_errors_total``), exit 0, and
     leave the same outputs as the uninterrupted reference run.
     """
     service, down_s, reported = FAULTS[fault]
@@ -350,14 +351,18 @@ def test_a_service_outage_mid_run_is_retried_reported_and_loses_and_doubles_noth
         log = process.log_text()
         reports = [line for line in log.splitlines() if reported.search(line)]
         redis_errors = scraper.total("onboardflow_redis_errors_total")
+        warehouse_errors = scraper.total("onboardflow_warehouse_errors_total")
         say(f"\n{fault}: fault at {fault_at:.1f} s into the run, {service} down {outage_s:.1f} s, "
               f"run took {process.elapsed():.1f} s (uninterrupted {reference_s:.1f} s), exit {rc}, "
-              f"{len(reports)} log lines report it, redis_errors_total peak {redis_errors:.0f}")
+              f"{len(reports)} log lines report it, redis_errors_total peak {redis_errors:.0f}, "
+              f"warehouse_errors_total peak {warehouse_errors:.0f}")
         assert rc == 0, f"the pipeline failed after the {service} outage ({outage_s:.1f} s):\n{log[-4000:]}"
         assert still_running, f"the run ended during the {service} outage: it was not mid-run"
         assert reports, f"nothing in the log reports the {service} outage"
         if service == "redis":
             assert redis_errors > 0, f"onboardflow_redis_errors_total stayed 0: {dict(scraper.peak)}"
+        if service == "postgres":
+            assert warehouse_errors > 0, f"onboardflow_warehouse_errors_total stayed 0: {dict(scraper.peak)}"
         _check(compare(Outputs.read(d), expected, assert_same_profiles), f"{fault} vs an uninterrupted run", say)
     finally:
         d.cleanup()
