@@ -216,3 +216,16 @@ def test_invalid_profiles_go_to_the_dead_letter_output_without_touching_redis():
             ]),
             label="DeadLetters",
         )
+
+
+def test_a_profile_as_of_a_time_that_has_not_come_yet_is_dead_lettered_without_touching_redis():
+    import time
+
+    now_ms = time.time_ns() // 1_000_000
+    ahead = profile("user-2", version=(now_ms + 3_600_000) * 1000)  # an hour ahead; tolerance 10 min
+    with BeamTestPipeline() as p:
+        out = p | beam.Create([ahead]) | WriteProfilesToRedis("redis://127.0.0.1:1/0", key_prefix="unit",
+                                                               future_tolerance_s=600)
+        assert_that(out[WriteProfilesToRedis.WRITTEN], is_empty(), label="NothingWritten")
+        assert_that(out[WriteProfilesToRedis.DEAD_LETTER] | beam.Map(lambda d: (d["reason"], d["user_key"])),
+                    equal_to([("version_in_future", key_of("user-2"))]), label="DeadLetters")
