@@ -8,9 +8,11 @@ does by default).
 
 1. Sustained throughput (backfill): N generated events spanning 45 days are
    produced first, then the streaming pipeline starts; measured until the
-   consumer group has committed every offset AND the number of profiles in
-   Redis has stopped changing for 3 s (the source commits before the sinks
-   finish, so lag alone would flatter it). Reported with and without start-up
+   consumer group has committed every offset AND the sink watermark the
+   pipeline records in Redis (``SinkWatermark``) has passed the wall clock of
+   that moment minus the 60 s out-of-orderness, as the demo decides "settled"
+   (the source commits before the sinks finish, so lag alone would flatter
+   it; a pause in writes is no proof either). Reported with and without start-up
    (time to the first commit), with the online models and without.
 2. Latency under live traffic, at each rate of --rates: a separate process
    (which would otherwise share the GIL with what it measures) sends
@@ -40,8 +42,9 @@ import time
 import uuid
 from typing import Optional
 
-from onboardflow.runners.demo import _fresh_topics, _lag, _login, _percentile
+from onboardflow.runners.demo import _fresh_topics, _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
+from onboardflow.transforms.metrics import SinkWatermark
 
 DAY_MS = 86_400_000
 _PROBE_CONSENT = {"analytics": True, "personalization": True, "marketing": False}
@@ -104,11 +107,24 @@ def _start_pipeline(args, topic, group, prefix, schema, secret, extra=()):
 
 def _topics(args, topic: str, drop_prefix: str) -> None:
     _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
-                  drop_prefix=drop_prefix)
+                  stale=lambda name: name.startswith(drop_prefix))
+
+
+def _lag(bootstrap, topic, group):
+    """Total of (end offset - committed offset) over the topic's partitions, and the total of end offsets."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = consumer.end_offsets(parts)
+        return sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in parts), sum(ends.values())
+    finally:
+        consumer.close()
 
 
 def _sustained(args, run_id, tag, schema, secret, memory: PeakMemory, extra=(), drop_prefix=None):
-    """Time a backlog of ``args.events`` from the first offset commit until Redis stops changing."""
+    """Time a backlog of ``args.events`` from the first offset commit until the pipeline settled."""
     import redis
 
     from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
@@ -122,8 +138,9 @@ def _sustained(args, run_id, tag, schema, secret, memory: PeakMemory, extra=(), 
     group, prefix = f"bench-{run_id}-{tag}", f"bench{run_id}{tag}"
     result = _start_pipeline(args, topic, group, prefix, schema, secret, extra)
     client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-    first = done = None
-    last_count, last_change = -1, time.time()
+    watermark = SinkWatermark(prefix)
+    first = done = caught_up_ms = None
+    last_count = 0
     t0 = time.time()
     try:
         while time.time() - t0 < 900:
@@ -131,11 +148,15 @@ def _sustained(args, run_id, tag, schema, secret, memory: PeakMemory, extra=(), 
             lag, total = _lag(args.bootstrap, topic, group)
             if first is None and lag < total:
                 first = time.time()
-            count = sum(1 for _ in client.scan_iter(match=f"{prefix}:profile:*", count=1000))
-            if count != last_count:
-                last_count, last_change = count, time.time()
-            if lag == 0 and count > 0 and time.time() - last_change >= 3:
-                done = last_change
+            if lag == 0 and caught_up_ms is None:
+                caught_up_ms = int(time.time() * 1000)
+            # Settled as the demo decides it: every offset committed, then the
+            # sink watermark past (wall clock at that moment - the source's
+            # 60 s out-of-orderness): every event and timer before it is in Redis.
+            reached = watermark.read(client)
+            if caught_up_ms is not None and reached is not None and reached >= caught_up_ms - 60_000:
+                done = time.time()
+                last_count = sum(1 for _ in client.scan_iter(match=f"{prefix}:profile:*", count=1000))
                 break
         memory.sample()
     finally:
