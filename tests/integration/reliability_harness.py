@@ -35,13 +35,13 @@ from typing import Any, Optional
 
 import psycopg
 import redis
-from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from psycopg import sql
 
 from onboardflow.runners.generator import GeneratedMessage, GeneratorConfig, JourneyGenerator
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
+from onboardflow.tests.integration.outputs import read_topic
 from onboardflow.transforms.profile_store import decode_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -312,25 +312,6 @@ def redis_dump(redis_url: str, prefix: str) -> dict[bytes, Any]:
         return dump
     finally:
         client.close()
-
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every record of ``topic`` from the log start to the end offsets of now."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records = []
-        deadline = time.monotonic() + 60
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end"
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 def warehouse_rows(dsn: str, schema: str) -> dict[str, list[dict]]:

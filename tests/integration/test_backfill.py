@@ -32,13 +32,13 @@ from collections import Counter, defaultdict
 from typing import Optional
 
 import pytest
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineState
 from kafka import KafkaProducer
 
 from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.generator import v1_serializer
 from onboardflow.runners.local import stop_streaming_job
+from onboardflow.tests.integration.outputs import counters
 from onboardflow.transforms.anonymize import SecretKey
 from onboardflow.transforms.profile_store import ProfileStore
 
@@ -216,14 +216,6 @@ def pipeline_args(topic, group, prefix, names, kafka_bootstrap, redis_url, pg_ds
         f"--redis_url={redis_url}", f"--redis_key_prefix={prefix}",
         f"--warehouse_dsn={pg_dsn}", f"--warehouse_schema={schema}", "--disable_online_models", *extra,
     ]
-
-
-def counters(result) -> Counter:
-    out: Counter = Counter()
-    for c in result.metrics().query(MetricsFilter())["counters"]:
-        if c.key.metric.namespace.startswith("onboardflow"):
-            out[(c.key.metric.namespace, c.key.metric.name)] += c.committed
-    return out
 
 
 def read_profiles(redis_url: str, prefix: str, users) -> dict[str, Optional[dict]]:

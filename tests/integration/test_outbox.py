@@ -17,11 +17,11 @@ from collections import Counter, defaultdict
 
 import psycopg
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
 
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
+from onboardflow.tests.integration.outputs import read_topic
 from onboardflow.transforms import outbox
 from onboardflow.transforms.outbox import (
     DEAD_LETTERS, PROFILE_SNAPSHOTS, SEGMENT_CHANGES, DeadLetterOutbox, OutboxKeys, RelaySettings, make_relays,
@@ -63,23 +63,9 @@ def write(writer, *profiles):
     return writer.write([encode_profile(p) for p in profiles])
 
 
-def topic_records(bootstrap: str, topic: str) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
-    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    end = consumer.end_offsets(parts)
-    records = []
-    while any(consumer.position(tp) < end[tp] for tp in parts):
-        for batch in consumer.poll(timeout_ms=1000).values():
-            records.extend(batch)
-    consumer.close()
-    return records
-
-
 def changes_on_topic(bootstrap: str, topic: str) -> list[dict]:
     decode = AvroDeserializer(default_registry(), load_schema("segment_change"))
-    return [decode.deserialize(r.value) for r in topic_records(bootstrap, topic)]
+    return [decode.deserialize(r.value) for r in read_topic(bootstrap, topic)]
 
 
 def warehouse_changes(settings: RelaySettings) -> list[tuple]:
@@ -166,7 +152,7 @@ def test_a_relay_killed_between_sending_and_its_cursor_is_followed_by_one_that_s
     with pytest.raises(_DiesAfterSending):
         relay.relay()
     monkeypatch.setattr(relay, "_fenced", real)
-    assert len(topic_records(kafka_bootstrap, settings.segment_changes_topic)) == 30  # sent, cursor not moved
+    assert len(read_topic(kafka_bootstrap, settings.segment_changes_topic)) == 30  # sent, cursor not moved
     write(writer, *(profile(f"u{i}", T0 + 1, ["activated", "power_user"]) for i in range(30)))
     report = relay.relay()
     assert (report.skipped, report.records) == (30, 30)
@@ -222,5 +208,5 @@ def test_dead_letters_are_recorded_once_per_source_coordinate_and_relayed_with_t
     relays[DEAD_LETTERS].relay()
     assert box.write(letters[:6]) == 0  # a replay of the same coordinates
     relays[DEAD_LETTERS].relay()
-    records = topic_records(kafka_bootstrap, settings.dead_letter_topic)
+    records = read_topic(kafka_bootstrap, settings.dead_letter_topic)
     assert sorted(((r.key, r.value) for r in records), key=repr) == sorted(((k, v) for _, k, v in letters), key=repr)

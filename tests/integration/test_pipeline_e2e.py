@@ -38,7 +38,6 @@ from typing import Any, Optional
 import psycopg
 import pytest
 import redis
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineState
 from kafka import KafkaConsumer, TopicPartition
 from psycopg import sql
@@ -56,6 +55,7 @@ from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.produce import produce
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
+from onboardflow.tests.integration.outputs import counters, read_topic
 from onboardflow.transforms.anonymize import SecretKey, ip_prefix
 from onboardflow.transforms.online_models import PROPENSITY, SEGMENTATION
 from onboardflow.transforms.profile_store import ProfileStore, decode_profile
@@ -194,34 +194,6 @@ def deployment(stream, kafka_bootstrap, kafka_topic, redis_url, redis_key_prefix
 
 
 # --------------------------------------------------------------------------- reading the outputs
-
-
-def counters(result) -> Counter:
-    """The pipeline's own counters, (namespace, name) -> value summed over steps."""
-    out: Counter = Counter()
-    for c in result.metrics().query(MetricsFilter())["counters"]:
-        if c.key.metric.namespace.startswith("onboardflow"):
-            out[(c.key.metric.namespace, c.key.metric.name)] += c.committed
-    return out
-
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every record of ``topic``, from the log start to the end offsets of now."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records = []
-        deadline = time.monotonic() + 60
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end"
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 def group_offsets(bootstrap: str, topic: str, group: str) -> tuple[dict, dict]:
