@@ -564,8 +564,12 @@ class RelaySettings:
     retry_s: float = 300.0
 
 
-def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None) -> dict[str, OutboxRelay]:
-    """One ``OutboxRelay`` per outbox stream of ``settings`` (names: ``STREAMS``)."""
+def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None,
+                on_warehouse_retry: Optional[Callable[[str], None]] = None) -> dict[str, OutboxRelay]:
+    """One ``OutboxRelay`` per outbox stream of ``settings`` (names: ``STREAMS``).
+
+    ``on_warehouse_retry(table)`` is called on every failed warehouse write attempt (metrics).
+    """
     from onboardflow.schemas import SEGMENT_CHANGES_SUBJECT, load_schema
     from onboardflow.schemas.registry import registry_from_url
     from onboardflow.schemas.wire import AvroSerializer
@@ -585,7 +589,7 @@ def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None) -
             return None
         # Attempts sized so a database outage of ``retry_s`` is ridden out (backoff capped at 5 s).
         return WarehouseWriter(settings.warehouse_dsn, spec, settings.warehouse_schema,
-                               max_attempts=max(8, int(settings.retry_s / 2.5)))
+                               max_attempts=max(8, int(settings.retry_s / 2.5)), on_retry=on_warehouse_retry)
 
     serializer = AvroSerializer(registry_from_url(settings.registry_url), SEGMENT_CHANGES_SUBJECT,
                                 load_schema("segment_change"))

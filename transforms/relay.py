@@ -15,7 +15,8 @@ Counters (namespace ``onboardflow``): ``dead_letters_recorded``,
 ``dead_letters_already_recorded``, ``outbox_entries_relayed``,
 ``outbox_records_sent``, ``outbox_records_skipped`` (sent by a relay that
 died before its cursor moved), ``outbox_rows_rejected``; relayed segment
-changes also count in ``onboardflow_segment_changes_total``.
+changes also count in ``onboardflow_segment_changes_total``, failed warehouse
+writes of the relay in ``onboardflow_warehouse_errors_total``.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class _RelayOutboxesFn(beam.DoFn):
 
     def setup(self):
         self._metrics.setup()
-        self._relays = make_relays(self._settings)
+        self._relays = make_relays(self._settings, on_warehouse_retry=self._metrics.warehouse_error)
 
     def start_bundle(self):
         self._due: set[str] = set()

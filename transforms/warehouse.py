@@ -541,10 +541,14 @@ class WarehouseWriter:
         backoff_base_s: float = 0.05,
         backoff_cap_s: float = 5.0,
         connect_timeout_s: int = 10,
+        on_retry: Optional[Callable[[str], None]] = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.spec = spec
+        # Called with the table name on every failed attempt, as it happens
+        # (e.g. PipelineMetrics.warehouse_error): an outage shows while it lasts.
+        self._on_retry = on_retry
         self.schema = _check_schema(schema)
         self._dsn = dsn
         self._max_attempts = max_attempts
@@ -613,6 +617,8 @@ class WarehouseWriter:
             self._failing_since = now
         failing_s = now - self._failing_since
         text = (str(error).strip().splitlines() or [""])[0][:200]
+        if self._on_retry is not None:
+            self._on_retry(self.spec.table)
         if attempt >= self._max_attempts and failing_s >= self.retry_budget_s:
             _LOG.error("warehouse write to %s gave up after %d attempts over %.1f s: %s: %s",
                        self.spec.table, attempt, failing_s, type(error).__name__, text)
@@ -747,7 +753,8 @@ class _WarehouseWriteFn(beam.DoFn):
 
     def setup(self) -> None:
         self._metrics.setup()
-        self._writer = WarehouseWriter(self._dsn, self._spec, self._schema, max_attempts=self._max_attempts)
+        self._writer = WarehouseWriter(self._dsn, self._spec, self._schema, max_attempts=self._max_attempts,
+                                       on_retry=self._metrics.warehouse_error)
         try:
             self._writer.connect()
         except psycopg.OperationalError:
@@ -775,14 +782,8 @@ class _WarehouseWriteFn(beam.DoFn):
             return
         held, self._held = self._held, []
         started = time.perf_counter()
-        retries_before = self._writer.retries
-        try:
-            report = self._writer.write([h.row for h in held])
-        except Exception:
-            self._metrics.warehouse_error(self._spec.table, self._writer.retries - retries_before + 1)
-            raise
+        report = self._writer.write([h.row for h in held])
         self._metrics.warehouse_write_seconds(self._spec.table, time.perf_counter() - started)
-        self._metrics.warehouse_error(self._spec.table, self._writer.retries - retries_before)
         self._written.inc(report.inserted)
         self._duplicates.inc(report.duplicates)
         for index, error in report.rejected:
