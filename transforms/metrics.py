@@ -566,14 +566,15 @@ class PipelineMetrics:
 # Max-only update: a slower worker that flushes an older batch later must not
 # move the progress back.
 _PROGRESS_LUA = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'event_time_ms'))
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[3]))
 local incoming = tonumber(ARGV[1])
 if current == nil or incoming > current then
-  redis.call('HSET', KEYS[1], 'event_time_ms', ARGV[1], 'written_at_ms', ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[3], ARGV[1], ARGV[4], ARGV[2])
   return 1
 end
 return 0
 """
+# ARGV: [1] value, [2] wall clock, [3] the field to raise, [4] the field for the wall clock.
 
 
 class Progress(NamedTuple):
@@ -600,7 +601,8 @@ class EventTimeProgress:
 
     def record(self, client, event_time_ms: int, written_at_ms: int) -> bool:
         """Raise the recorded event time to ``event_time_ms``; True when it moved."""
-        return bool(client.eval(_PROGRESS_LUA, 1, self.key, int(event_time_ms), int(written_at_ms)))
+        return bool(client.eval(_PROGRESS_LUA, 1, self.key, int(event_time_ms), int(written_at_ms),
+                                "event_time_ms", "written_at_ms"))
 
     def read(self, client) -> Optional[Progress]:
         values: Mapping = client.hgetall(self.key)
@@ -664,16 +666,6 @@ class CountDeadLetters(beam.PTransform):
 # The sink's event-time watermark in Redis
 # --------------------------------------------------------------------------
 
-_WATERMARK_LUA = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'sink_watermark_ms'))
-local incoming = tonumber(ARGV[1])
-if current == nil or incoming > current then
-  redis.call('HSET', KEYS[1], 'sink_watermark_ms', ARGV[1], 'sink_watermark_at_ms', ARGV[2])
-  return 1
-end
-return 0
-"""
-
 
 class SinkWatermark:
     """How far event time has got *through* the profile sink: fields of ``{prefix}:pipeline:progress``.
@@ -692,7 +684,8 @@ class SinkWatermark:
 
     def record(self, client, watermark_ms: int, written_at_ms: int) -> bool:
         """Raise the recorded watermark to ``watermark_ms``; True when it moved."""
-        return bool(client.eval(_WATERMARK_LUA, 1, self.key, int(watermark_ms), int(written_at_ms)))
+        return bool(client.eval(_PROGRESS_LUA, 1, self.key, int(watermark_ms), int(written_at_ms),
+                                "sink_watermark_ms", "sink_watermark_at_ms"))
 
     def read(self, client) -> Optional[int]:
         """The recorded watermark (epoch ms), or None before the first record."""

@@ -31,7 +31,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import psycopg
 import redis
@@ -41,7 +41,7 @@ from psycopg import sql
 from onboardflow.runners.generator import GeneratedMessage, GeneratorConfig, JourneyGenerator
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
-from onboardflow.tests.integration.outputs import read_topic
+from onboardflow.tests.integration.outputs import read_topic, redis_dump
 from onboardflow.transforms.profile_store import decode_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,32 +286,6 @@ def run_to_end(deployment: Deployment, group: str, log_path: Path, *extra: str, 
 
 
 # --------------------------------------------------------------------------- reading what a run left
-
-
-def redis_dump(redis_url: str, prefix: str) -> dict[bytes, Any]:
-    """Every key under ``prefix`` with its raw content (hash fields, set members, stream entries, ...)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        dump: dict[bytes, Any] = {}
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            kind = client.type(key)
-            if kind == b"hash":
-                dump[key] = client.hgetall(key)
-            elif kind == b"set":
-                dump[key] = client.smembers(key)
-            elif kind == b"string":
-                dump[key] = client.get(key)
-            elif kind == b"list":
-                dump[key] = client.lrange(key, 0, -1)
-            elif kind == b"zset":
-                dump[key] = client.zrange(key, 0, -1, withscores=True)
-            elif kind == b"stream":
-                dump[key] = client.xrange(key)
-            elif kind != b"none":
-                dump[key] = kind
-        return dump
-    finally:
-        client.close()
 
 
 def warehouse_rows(dsn: str, schema: str) -> dict[str, list[dict]]:

@@ -33,7 +33,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import psycopg
 import pytest
@@ -55,7 +55,7 @@ from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.produce import produce
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
-from onboardflow.tests.integration.outputs import counters, read_topic
+from onboardflow.tests.integration.outputs import counters, read_topic, redis_dump
 from onboardflow.transforms.anonymize import SecretKey, ip_prefix
 from onboardflow.transforms.online_models import PROPENSITY, SEGMENTATION
 from onboardflow.transforms.profile_store import ProfileStore, decode_profile
@@ -216,32 +216,6 @@ def query(dsn: str, schema: str, text: str, params=()) -> list[tuple]:
 
 def table_counts(dsn: str, schema: str) -> dict[str, int]:
     return {table: query(dsn, schema, f"SELECT count(*) FROM {table}")[0][0] for table in WAREHOUSE_TABLES}
-
-
-def redis_dump(redis_url: str, prefix: str) -> dict[bytes, Any]:
-    """Every key under ``prefix`` with its raw content (hash fields, set members, ...)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        dump: dict[bytes, Any] = {}
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            kind = client.type(key)
-            if kind == b"none":
-                continue  # deleted since SCAN saw it (a running pipeline emptied a segment set)
-            if kind == b"hash":
-                dump[key] = client.hgetall(key)
-            elif kind == b"set":
-                dump[key] = client.smembers(key)
-            elif kind == b"string":
-                dump[key] = client.get(key)
-            elif kind == b"list":
-                dump[key] = client.lrange(key, 0, -1)
-            elif kind == b"zset":
-                dump[key] = client.zrange(key, 0, -1, withscores=True)
-            else:
-                dump[key] = kind  # a type this test does not know: still visible in the dump
-        return dump
-    finally:
-        client.close()
 
 
 def final_profiles(redis_url: str, prefix: str) -> tuple[dict[str, dict], dict[str, set]]:
