@@ -56,38 +56,64 @@ FEATURES: tuple[str, ...] = (
     "sessions_per_week",     # log1p(sessions per week of tenure)
     "active_sessions_per_week",  # log1p(sessions per week of the active span: signup to newest event, + 1 day)
     "events_per_session",    # log1p(mean events per session)
+    "content_per_session",   # log1p(content events per session)
     "session_minutes",       # log1p(mean session duration, minutes)
+    "visit_events",          # log1p(median events per visit: sessions of 2+ events)
+    "visit_minutes",         # log1p(median visit duration, minutes)
     "feature_breadth",       # log1p(distinct features used)
     "onboarding_progress",   # fraction of the tutorial done, 0..1
-    "support_share",         # support messages / events, 0..1
-    "browse_share",          # (page views + clicks) / events, 0..1
-    "feature_use_share",     # feature_used / events, 0..1
+    "support_share",         # support messages / content events, 0..1 (shrunk, see CONTENT_PRIOR)
+    "browse_share",          # (page views + clicks) / content events
+    "feature_use_share",     # feature_used / content events
+    "invite_share",          # invite_sent / content events
+    "form_share",            # form_submit / content events
+    "tutorial_share",        # tutorial_step / content events
     "purchased",             # 1 if the user bought a plan, else 0
     "tenure_days",           # log1p(days since signup)
 )
 
-#: The features the *segmenter* clusters on: how a user works (rates, shares,
-#: depth), not how much or how long. Volume and age features (event counts,
-#: decayed scores, tenure) grow with a user's age, so on a stream where users
-#: of every age coexist they make k-means split the population by age rather
-#: than by behaviour. Measured on the default generator stream at the moment
-#: the 10,000th user is first seen (median user 2.4 days old; offline k-means,
-#: k=5, scikit-learn, on every user's latest profile): ARI vs personas 0.33
-#: with all of ``FEATURES``, 0.51 with these but sessions per week of tenure
-#: in place of the active rate, 0.56 with both rates, 0.62 with these
-#: (docs/models.md).
+#: Event types that open, close or identify a visit rather than say what the
+#: user did in it. They are left out of the *content* counts the shares and
+#: ``content_per_session`` divide by, so a login -- the most ordinary event
+#: there is -- moves no share at all.
+SESSION_EVENTS: frozenset[str] = frozenset({"signup", "login", "logout", "unknown"})
+
+#: Pseudo-events added to every share's denominator: a share of 1 out of 1
+#: content event reads 0.33, of 10 out of 10 reads 0.83, of 100 out of 100
+#: 0.98. Shares of users with almost no content are thereby shrunk towards 0
+#: (they look alike: people who did little), and one more event can move a
+#: share by at most 1 / (n + 3).
+CONTENT_PRIOR = 2.0
+
+#: The features the *segmenter* clusters on: what a user does (the mix of
+#: their content, how much a visit holds, how far into the tutorial and the
+#: product they got) and how regularly they come, normalized so that neither
+#: the user's age nor one more event can swing them:
+#:
+#: * no recency, and no rate over the *active span* (signup to newest event):
+#:   one login after weeks of silence resets the first and stretches the
+#:   second, and moved most dormant users into the cluster of daily visitors
+#:   (issue 14, docs/models.md "Stability"). Recency belongs to rules
+#:   (``dormant``) and to the labels, which read the cluster's profile.
+#: * every event type the contract knows contributes: invites and forms have
+#:   their shares; logins, signups and logouts only count sessions.
+#: * session rates are per week of tenure and active days per day of tenure,
+#:   both bounded: one more visit moves them by 1 / tenure at most.
+#:
 #: ``feature_vector`` still returns all ``FEATURES``: the propensity model and
 #: the segment labels use them.
 SEGMENT_FEATURES: tuple[str, ...] = (
-    "events_per_session",
+    "visit_events",
+    "visit_minutes",
     "support_share",
     "browse_share",
     "feature_use_share",
-    "active_sessions_per_week",
+    "invite_share",
+    "form_share",
+    "sessions_per_week",
+    "active_share_30d",
     "feature_breadth",
     "onboarding_progress",
-    "session_minutes",
-    "recency_days",
 )
 
 #: Upper clip per feature (lower clip is 0 for all). log1p features are capped
@@ -103,12 +129,18 @@ FEATURE_BOUNDS: dict[str, float] = {
     "sessions_per_week": math.log1p(500.0),
     "active_sessions_per_week": math.log1p(500.0),
     "events_per_session": math.log1p(1e4),
+    "content_per_session": math.log1p(1e4),
+    "visit_events": math.log1p(1e4),
+    "visit_minutes": math.log1p(24 * 60.0),
     "session_minutes": math.log1p(24 * 60.0),
     "feature_breadth": math.log1p(1e3),
     "onboarding_progress": 1.0,
     "support_share": 1.0,
     "browse_share": 1.0,
     "feature_use_share": 1.0,
+    "invite_share": 1.0,
+    "form_share": 1.0,
+    "tutorial_share": 1.0,
     "purchased": 1.0,
     "tenure_days": math.log1p(3650.0),
 }
@@ -163,15 +195,19 @@ def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
     events_total = _number(profile, "events_total") or float(sum(
         v for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0))
 
-    def share(*types: str) -> float:
-        if events_total <= 0:
-            return 0.0
+    def count(*types: str) -> float:
         n = 0.0
         for t in types:
             v = counts.get(t)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
                 n += v
-        return n / events_total
+        return n
+
+    # Content: what the user did within visits (see SESSION_EVENTS).
+    content = max(0.0, events_total - count(*SESSION_EVENTS)) if counts else 0.0
+
+    def share(*types: str) -> float:
+        return count(*types) / (content + CONTENT_PRIOR) if content > 0 else 0.0
 
     features_used = profile.get("features_used")
     if not isinstance(features_used, Mapping):
@@ -203,12 +239,18 @@ def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
         "active_sessions_per_week": math.log1p(sessions / active_weeks),
         "events_per_session": math.log1p(_number(profile, "avg_events_per_session")
                                          or (events_total / sessions if sessions else 0.0)),
+        "content_per_session": math.log1p(content / sessions if sessions else 0.0),
+        "visit_events": math.log1p(_number(profile, "median_visit_events")),
+        "visit_minutes": math.log1p(_number(profile, "median_visit_duration_s") / 60.0),
         "session_minutes": math.log1p(_number(profile, "avg_session_duration_s") / 60.0),
         "feature_breadth": math.log1p(breadth),
         "onboarding_progress": _number({"p": progress}, "p"),
         "support_share": share("support_message"),
         "browse_share": share("page_view", "click"),
         "feature_use_share": share("feature_used"),
+        "invite_share": share("invite_sent"),
+        "form_share": share("form_submit"),
+        "tutorial_share": share("tutorial_step"),
         "purchased": 1.0 if profile.get("purchased_plan") or counts.get("purchase") else 0.0,
         "tenure_days": math.log1p(tenure),
     }

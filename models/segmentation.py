@@ -1,482 +1,380 @@
-"""Online segmentation: users clustered as their profiles evolve, with readable labels.
+"""Behaviour segments: k-means over what users do, fitted on the population, with names that stay.
 
-``OnlineSegmenter`` is a River pipeline, ``FadingStandardScaler | KMeans``,
-over the behaviour features of ``models/features.py`` (``SEGMENT_FEATURES``:
-how a user works -- rates, shares, depth -- not how much or for how long,
-which would split a stream of users of every age by age). Every profile
-update is one observation: the scaler's mean and variance move (weighing
-about the last ``1 / scaler_fading`` updates: the population ages, and the
-scaling follows it), then the closest centre moves ``halflife`` of the way
-towards the scaled point. The
-user's ``cluster_id`` is the closest centre. Its ``segment_label`` ("power
-adopter", "explorer", "stalled", ...) is read off the cluster's *profile*: a
-running mean, over the points the cluster won, of the whole feature vector
-(``FEATURES``, including recency and tenure, which the distance does not
-use), so a label follows its cluster when the centres move.
+In: feature vectors (``models/features.py``: ``feature_vector`` of a profile).
+Out: a cluster id and a segment label per vector (``predict_one``,
+``label``), and portable snapshots (``to_bytes``: JSON, no pickle, no
+per-user data) that the registry serves to every scorer.
 
-Why KMeans, with these settings (evidence in docs/models.md, measured by
-tests/benchmarks/bench_models.py and ``onboardflow evaluate --clusterer``
-on the generator's stream): its adjusted Rand index against the five
-ground-truth personas was the best or close to it, with stable cluster ids.
-DenStream scored comparably but predicts 150x slower (it re-clusters on every
-``predict_one``) and renumbers its clusters each time; DBSTREAM fragmented the
-personas; STREAMKMeans lost a third of the ARI. A small ``halflife`` (0.02)
-makes each centre average over about fifty recent points: stable, yet able
-to follow a population that ages.
+``Segmenter.fit(vectors)`` clusters a *population*: every scorable user's
+latest profile, as the profile store holds it at an event-time mark
+(``transforms/online_models.py``, ``ProfileSweep``). It is a pure function of
+its input -- the vectors in the order given (callers sort them by user key),
+the seed, the settings -- so the same input gives the same model, byte for
+byte, whatever the runner, its bundles or its speed (issue 14: reproducible
+segments). The fit:
 
-Initialization: River's KMeans starts from random Gaussian centres, some of
-which never win a point. Instead the segmenter buffers its first ``warmup``
-observations (only the scaler learns from them) and runs batch k-means over
-them (``init_restarts`` k-means++ seedings refined by Lloyd's iterations, the
-one of least inertia kept). Until then ``predict_one`` returns
-``UNASSIGNED`` (-1) and ``ready`` is False: the pipeline writes no
-``cluster_id`` for those updates. ``seed_centers`` skips the warm-up with
-centres found offline (``onboardflow train``, scikit-learn's MiniBatchKMeans).
+1. standardizes ``SEGMENT_FEATURES`` by the population's mean and standard
+   deviation (``z = (x - mean) / std``);
+2. runs ``restarts`` k-means++ seedings (numpy ``default_rng(seed)``), each
+   refined by Lloyd's iterations, and keeps the one of least inertia;
+3. records each cluster's *profile*: the mean of the whole ``FEATURES``
+   vector over its members (recency, tenure and purchases included, which the
+   distance does not use), and names the clusters.
 
-The space of seeded centres: a centre is a dict feature name -> value in the
-*standardized* space, z = (x - mean) / sqrt(var), where x is the value
-``feature_vector`` gives and mean/var are per-feature statistics of the data
-the centres were fitted on. Pass those statistics as ``scaler`` (scikit-learn's
-``StandardScaler.mean_``, ``.var_`` and ``.n_samples_seen_``): they replace the
-segmenter's running scaler, so the centres and the scaling that defines them
-stay consistent, and the scaler keeps learning from there. Without ``scaler``
-the centres are read in the segmenter's current running scaling (which must
-then have seen data).
+**Names.** ``ARCHETYPES`` is a fixed catalogue of onboarding behaviours, each a
+weighting of how far a cluster's profile lies above or below the population
+(in standard deviations) on a few features. The clusters get archetypes by
+an optimal one-to-one assignment (Hungarian, ``scipy.optimize.
+linear_sum_assignment``) that maximizes the total match, so labels are
+unique. A cluster's *id* is its archetype's index in the catalogue: the same
+kind of cluster keeps its id and its label from one model version to the
+next, however the k-means run numbered its centres -- matching new clusters
+to old ones through the catalogue rather than through each other, which
+would make the names depend on the history of fits. ``DESCRIPTIONS`` gives a
+sentence per label (docs/redis-contract.md).
 
-Snapshots (``to_bytes``/``from_bytes``) hold the scaler, the centres, the
-cluster profiles and the counters, no per-user data.
+Why a fit on the population rather than River's per-update online k-means:
+an online learner's model depends on the order and grouping of the updates
+it sees, which on a stream depend on the runner's bundles and timing. Two runs
+of the same topic gave opposite pictures (issue 14). Fitting at event-time
+marks on the store's population removes that dependence; docs/models.md
+"Reproducible segments".
 
->>> from onboardflow.models.segmentation import OnlineSegmenter
->>> seg = OnlineSegmenter(n_clusters=2, warmup=4, feature_names=("a", "b"))
->>> for x in ({"a": 0.0, "b": 0.0}, {"a": 10.0, "b": 10.0}, {"a": 0.2, "b": 0.1}, {"a": 9.8, "b": 10.1}):
-...     seg.learn_one(x)
->>> seg.ready
-True
+>>> from onboardflow.models.segmentation import Segmenter
+>>> rows = [{"a": float(i % 2) * 10 + i * 0.01, "b": float(i % 2) * 10} for i in range(40)]
+>>> seg = Segmenter(n_clusters=2, feature_names=("a", "b"), min_users=10).fit(rows)
 >>> seg.predict_one({"a": 0.1, "b": 0.0}) != seg.predict_one({"a": 10.0, "b": 9.9})
 True
 """
 from __future__ import annotations
 
-import collections
+import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
-from river import cluster, compose, preprocessing, utils
 
-from onboardflow.models import snapshot
 from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
 
 UNASSIGNED = -1
-CLUSTERERS = ("kmeans", "streamkmeans", "dbstream", "denstream")
 SNAPSHOT_KIND = "segmenter"
+#: The JSON snapshot's format; ``from_bytes`` refuses others.
+SNAPSHOT_FORMAT = 2
 
-ScalerState = Mapping[str, Union[Mapping[str, float], Sequence[float], float, int]]
+#: label -> (description, {feature: weight on the cluster profile's z-score}).
+#: A cluster matches an archetype by the weighted sum of its profile's
+#: z-scores against the population; order fixes the cluster ids.
+ARCHETYPES: dict[str, tuple[str, dict[str, float]]] = {
+    "power adopter": (
+        "Far through the tutorial, uses many features, often buys a plan.",
+        {"onboarding_progress": 1.0, "feature_breadth": 1.0, "feature_use_share": 0.7,
+         "purchased": 0.5, "sessions_per_week": 0.3}),
+    "daily regular": (
+        "Comes back most days; visits are made of steady work in the product.",
+        {"active_share_30d": 1.2, "sessions_per_week": 1.0, "feature_use_share": 0.3, "recency_days": -0.3}),
+    "explorer": (
+        "Browses a lot (page views, clicks) in long visits, tries the product without settling in.",
+        {"browse_share": 1.2, "visit_events": 0.6, "visit_minutes": 0.4, "onboarding_progress": -0.3}),
+    "team inviter": (
+        "Spends visits bringing teammates in: invites are a large part of what they do.",
+        {"invite_share": 2.0}),
+    "support seeker": (
+        "Asks support for help much more than others.",
+        {"support_share": 2.0}),
+    "setup admin": (
+        "Fills in forms (settings, integrations, billing): configures more than uses.",
+        {"form_share": 2.0}),
+    "dropped off": (
+        "Came a few times early on and stopped: few visits for their age, little progress, long silence.",
+        {"sessions_per_week": -1.0, "active_share_30d": -0.8, "onboarding_progress": -0.6, "recency_days": 0.8}),
+    "casual visitor": (
+        "Short, light visits: a glance at a page or two now and then.",
+        {"visit_events": -1.0, "visit_minutes": -1.0, "feature_breadth": -0.3}),
+    "deep worker": (
+        "Long, dense visits with much done in each.",
+        {"visit_events": 1.0, "visit_minutes": 1.0, "feature_use_share": 0.3}),
+    "tutorial follower": (
+        "Works through the tutorial steadily, doing little else yet.",
+        {"tutorial_share": 1.5, "onboarding_progress": 0.5}),
+}
+LABELS: tuple[str, ...] = tuple(ARCHETYPES)
+DESCRIPTIONS: dict[str, str] = {label: text for label, (text, _) in ARCHETYPES.items()}
+MAX_CLUSTERS = len(ARCHETYPES)
 
 
-class FadingStandardScaler(preprocessing.StandardScaler):
-    """River's ``StandardScaler`` whose statistics forget old observations at rate ``fading``.
+class SnapshotError(ValueError):
+    """The bytes are not a segmenter snapshot this version can read."""
 
-    In: feature dicts (``learn_one``); out: the same features standardized,
-    z = (x - mean) / std (``transform_one``, River's own). Observation n of a
-    feature moves its mean and (population) variance with weight
-    ``max(1 / n, fading)``: exactly River's running mean and variance for the
-    first ``1 / fading`` observations, then exponentially weighted ones whose
-    memory is about the last ``1 / fading`` observations. ``fading=0`` never
-    forgets (River's ``StandardScaler``).
 
-    Why forget: the segmenter learns from profile updates of a population
-    that ages through onboarding, so its features drift (recency and breadth
-    grow, session rates fall); a scaler that remembers every update since
-    launch scales today's users with the statistics of the first days' young
-    ones. The state is River's (``counts``, ``means``, ``vars``), so
-    ``centres()`` and ``_from_state`` read and seed it unchanged.
+def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    n = points.shape[0]
+    centres = [points[int(rng.integers(n))]]
+    closest = ((points - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total <= 0:
+            idx = int(rng.integers(n))
+        else:
+            idx = int(np.searchsorted(np.cumsum(closest), rng.random() * total))
+            idx = min(idx, n - 1)
+        centres.append(points[idx])
+        closest = np.minimum(closest, ((points - points[idx]) ** 2).sum(axis=1))
+    return np.array(centres, dtype=float)
 
-    >>> scaler = FadingStandardScaler(fading=0.5)
-    >>> for value in (0.0, 2.0, 10.0):
-    ...     scaler.learn_one({"x": value})
-    >>> scaler.means["x"], scaler.vars["x"]
-    (5.5, 20.75)
+
+def _lloyd(points: np.ndarray, centres: np.ndarray, iterations: int = 100) -> tuple[np.ndarray, float, np.ndarray]:
+    """Lloyd's iterations from ``centres``: (centres, inertia, assignment). Empty clusters keep their centre."""
+    centres = centres.copy()
+    assign = np.full(points.shape[0], -1)
+    for _ in range(iterations):
+        d = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+        new = d.argmin(axis=1)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        for c in range(centres.shape[0]):
+            members = points[assign == c]
+            if len(members):
+                centres[c] = members.mean(axis=0)
+    d = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    assign = d.argmin(axis=1)
+    return centres, float(d.min(axis=1).sum()), assign
+
+
+def name_clusters(profiles_z: Sequence[Mapping[str, float]]) -> list[str]:
+    """One distinct archetype label per cluster profile (z-scores against the population), best total match.
+
+    Raises ValueError for more profiles than archetypes.
     """
+    from scipy.optimize import linear_sum_assignment
 
-    def __init__(self, fading: float = 0.0, with_std: bool = True):
-        if isinstance(fading, bool) or not isinstance(fading, (int, float)) or not 0.0 <= fading < 1.0:
-            raise ValueError(f"fading must be a number in [0, 1), got {fading!r}")
-        super().__init__(with_std=with_std)
-        self.fading = float(fading)
-
-    def learn_one(self, x):
-        counts, means, variances, fading = self.counts, self.means, self.vars, self.fading
-        for name, value in x.items():
-            counts[name] += 1
-            rate = max(1.0 / counts[name], fading)
-            delta = value - means[name]
-            means[name] += rate * delta
-            if self.with_std:
-                # West's weighted update; with rate 1/n it is Welford's population variance.
-                variances[name] = (1.0 - rate) * (variances[name] + rate * delta * delta)
-
-    def learn_many(self, X):
-        """Row by row, in order: River's batched merge would weigh the rows as if nothing faded."""
-        for row in utils.dataframe.into_frame(X).iter_rows(named=True):
-            self.learn_one(row)
-
-
-def make_clusterer(name: str, n_clusters: int = 5, halflife: float = 0.02, seed: int = 42):
-    """A River clusterer by name, with the settings compared in docs/models.md."""
-    if name == "kmeans":
-        return cluster.KMeans(n_clusters=n_clusters, halflife=halflife, sigma=1.0, seed=seed)
-    if name == "streamkmeans":
-        return cluster.STREAMKMeans(chunk_size=100, n_clusters=n_clusters, halflife=halflife, sigma=1.0, seed=seed)
-    if name == "dbstream":
-        return cluster.DBSTREAM(clustering_threshold=1.5, fading_factor=0.01, cleanup_interval=4,
-                                intersection_factor=0.5, minimum_weight=1.0)
-    if name == "denstream":
-        return cluster.DenStream(decaying_factor=0.01, beta=0.5, mu=2.5, epsilon=1.5,
-                                 n_samples_init=500, stream_speed=100)
-    raise ValueError(f"unknown clusterer {name!r}; known: {CLUSTERERS}")
-
-
-def describe_centre(centre: Mapping[str, float]) -> str:
-    """A human-readable label for a cluster centre given in ``feature_vector`` units.
-
-    The rules read the features that separate the onboarding behaviours, most
-    decisive first: a long silence trumps everything, heavy support use comes
-    next, then how far and how deep into the product the user has gone. Age
-    is not a label: clusters group behaviours (a cluster of mostly new users
-    is still explorers or stalled users; the "new user" rule segments say
-    who is new). A
-    rule whose feature the centre lacks does not apply (a centre of a
-    segmenter clustering on fewer features, before its profile is known).
-    """
-    def has(name: str) -> bool:
-        return centre.get(name) is not None
-
-    def f(name: str) -> float:
-        return float(centre.get(name) or 0.0)
-
-    if has("recency_days") and f("recency_days") >= math.log1p(14.0):
-        return "dormant"
-    if f("support_share") >= 0.15:
-        return "support seeker"
-    if f("feature_use_share") >= 0.3 or (f("onboarding_progress") >= 0.85 and f("purchased") >= 0.4):
-        return "power adopter"
-    if f("browse_share") >= 0.6 and f("events_per_session") >= math.log1p(12.0):
-        return "explorer"
-    if (has("active_share_30d") and f("active_share_30d") < 0.3) or f("onboarding_progress") < 0.4:
-        return "stalled"
-    return "steady learner"
-
-
-def _aligned(values: Union[Mapping[str, float], Sequence[float]], names: Sequence[str], what: str) -> dict[str, float]:
-    if isinstance(values, Mapping):
-        missing = set(names) - set(values)
-        if missing:
-            raise ValueError(f"{what} lacks features {sorted(missing)}")
-        out = {n: float(values[n]) for n in names}
-    else:
-        values = list(values)
-        if len(values) != len(names):
-            raise ValueError(f"{what} has {len(values)} values for {len(names)} features")
-        out = {n: float(v) for n, v in zip(names, values)}
-    bad = [n for n, v in out.items() if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"{what} has non-finite values for {bad}")
+    if len(profiles_z) > MAX_CLUSTERS:
+        raise ValueError(f"at most {MAX_CLUSTERS} clusters can be named")
+    score = np.array([[sum(w * float(p.get(f, 0.0)) for f, w in weights.items())
+                       for _, weights in ARCHETYPES.values()] for p in profiles_z], dtype=float)
+    rows, cols = linear_sum_assignment(-score)
+    out = [""] * len(profiles_z)
+    for r, c in zip(rows, cols):
+        out[int(r)] = LABELS[int(c)]
     return out
 
 
-def _kmeans_plus_plus(points: "np.ndarray", k: int, rng: "np.random.Generator") -> "np.ndarray":
-    """k-means++ seeding: each next centre drawn with probability proportional to D(x)^2."""
-    centres = [points[rng.integers(len(points))]]
-    d2 = ((points - centres[0]) ** 2).sum(axis=1)
-    while len(centres) < k:
-        total = d2.sum()
-        # Fewer distinct points than clusters: duplicates are as good as any.
-        pick = rng.integers(len(points)) if total <= 0 else rng.choice(len(points), p=d2 / total)
-        centres.append(points[pick])
-        d2 = np.minimum(d2, ((points - points[pick]) ** 2).sum(axis=1))
-    return np.array(centres)
-
-
-def _lloyd(points: "np.ndarray", centres: "np.ndarray", iterations: int = 50) -> tuple["np.ndarray", float]:
-    """Lloyd's iterations from ``centres``; returns the centres and their inertia (sum of squared distances)."""
-    centres = centres.copy()
-    for _ in range(iterations):
-        d2 = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
-        nearest = d2.argmin(axis=1)
-        moved = centres.copy()
-        for c in range(len(centres)):
-            members = points[nearest == c]
-            if len(members):  # an empty cluster keeps its seed
-                moved[c] = members.mean(axis=0)
-        if np.allclose(moved, centres):
-            break
-        centres = moved
-    d2 = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
-    return centres, float(d2.min(axis=1).sum())
-
-
-class OnlineSegmenter:
-    """Online clustering of user feature vectors (see the module docstring).
+class Segmenter:
+    """k-means over ``feature_names`` fitted on a population; ids and labels from ``ARCHETYPES``.
 
     Parameters
     ----------
     n_clusters
-        Number of centres (k-means family only).
-    clusterer
-        One of ``CLUSTERERS``; "kmeans" is the default and the only one that
-        supports ``seed_centers`` and warm-up seeding.
-    halflife
-        Fraction of the way a centre moves towards each point it wins.
-    warmup
-        Observations buffered before the initialization (batch k-means over them).
-    init_restarts
-        k-means++ seedings tried on the warm-up buffer, each refined by
-        Lloyd's iterations; the one of least inertia is kept.
-    seed
-        Seed of the initialization (deterministic for a given stream).
-    scaler_fading
-        How fast the scaler forgets (``FadingStandardScaler``): 0.001 weighs
-        about the last thousand updates. 0 scales with every update since the
-        start.
+        k, at most ``MAX_CLUSTERS`` (every cluster needs a distinct name).
+    seed, restarts
+        k-means++ seedings (numpy ``default_rng(seed)``), the best of ``restarts`` kept.
     feature_names
-        Features the distance uses, in order; others in the input are
-        ignored, missing ones count 0.
-    profile_names
-        Features of the cluster profiles the labels are read from (running
-        means over each cluster's points; not used for assignment).
+        Features the distance uses (default ``SEGMENT_FEATURES``); missing ones count 0.
+    min_users
+        ``fit`` refuses smaller populations (``ValueError``): k-means on a
+        handful of users names clusters after noise.
+    max_fit_users
+        ``fit`` uses the first this many vectors (callers order them by user
+        key, an HMAC: a uniform sample) and the population statistics of all.
     """
 
-    def __init__(self, n_clusters: int = 5, clusterer: str = "kmeans", halflife: float = 0.02,
-                 warmup: int = 500, seed: int = 42, feature_names: Sequence[str] = SEGMENT_FEATURES,
-                 profile_names: Sequence[str] = FEATURES, init_restarts: int = 10,
-                 scaler_fading: float = 0.001):
-        if n_clusters < 1:
-            raise ValueError("n_clusters must be >= 1")
-        if warmup < n_clusters:
-            raise ValueError("warmup must be at least n_clusters")
+    def __init__(self, n_clusters: int = 6, seed: int = 42, restarts: int = 10,
+                 feature_names: Sequence[str] = SEGMENT_FEATURES, min_users: int = 50,
+                 max_fit_users: int = 50_000):
+        if not 1 <= n_clusters <= MAX_CLUSTERS:
+            raise ValueError(f"n_clusters must be within 1..{MAX_CLUSTERS}")
+        if restarts < 1 or min_users < n_clusters or max_fit_users < min_users:
+            raise ValueError("need restarts >= 1 and n_clusters <= min_users <= max_fit_users")
         self.n_clusters = n_clusters
-        self.clusterer_name = clusterer
-        self.halflife = halflife
-        self.warmup = warmup
-        self.init_restarts = init_restarts
         self.seed = seed
+        self.restarts = restarts
         self.feature_names = tuple(feature_names)
-        self.profile_names = tuple(profile_names)
-        # cluster id -> running mean of ``profile_names`` over the points it won, and their count
+        self.min_users = min_users
+        self.max_fit_users = max_fit_users
+        #: standardization of ``feature_names``: per feature (mean, std)
+        self.scaling: dict[str, tuple[float, float]] = {}
+        #: population (mean, std) of every ``FEATURES`` entry, for the z-scores of the profiles
+        self.population: dict[str, tuple[float, float]] = {}
+        #: cluster id -> centre (standardized, ``feature_names`` order)
+        self._centres: dict[int, list[float]] = {}
+        #: cluster id -> mean ``FEATURES`` vector of its members
         self._profiles: dict[int, dict[str, float]] = {}
-        self._profile_counts: dict[int, int] = {}
-        self._buffer_full: list[dict[str, float]] = []
-        self.scaler = FadingStandardScaler(scaler_fading)
-        self.clusterer = make_clusterer(clusterer, n_clusters, halflife, seed)
-        self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))
-        self._kmeans_family = clusterer in ("kmeans", "streamkmeans")
-        self._buffer: list[dict[str, float]] = []
-        self.ready = not self._kmeans_family
-        self.n_learned = 0
-        self.seeded = False
+        self._sizes: dict[int, int] = {}
+        self.fitted_on = 0
 
-    # -- learning and scoring ------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return bool(self._centres)
 
-    def _select(self, x: Mapping[str, float]) -> dict[str, float]:
-        return {n: float(x.get(n, 0.0)) for n in self.feature_names}
+    # -- fitting -------------------------------------------------------------
 
-    def learn_one(self, x: Mapping[str, float], cluster_id: Optional[int] = None) -> None:
-        """Learn from one feature vector (``feature_vector`` output).
+    def fit(self, vectors: Sequence[Mapping[str, float]]) -> "Segmenter":
+        """Cluster ``vectors`` (``feature_vector`` dicts, in a canonical order); returns self."""
+        if len(vectors) < self.min_users:
+            raise ValueError(f"{len(vectors)} users: need at least {self.min_users} to fit")
+        full = np.array([[float(v.get(n, 0.0)) for n in FEATURES] for v in vectors], dtype=float)
+        mean, std = full.mean(axis=0), full.std(axis=0)
+        self.population = {n: (float(m), float(s)) for n, m, s in zip(FEATURES, mean, std)}
+        cols = [FEATURES.index(n) if n in FEATURES else None for n in self.feature_names]
+        raw = np.array([[float(v.get(n, 0.0)) for n in self.feature_names] for v in vectors], dtype=float) \
+            if None in cols else full[:, cols]
+        mu, sd = raw.mean(axis=0), raw.std(axis=0)
+        sd = np.where(sd > 1e-9, sd, 1.0)
+        self.scaling = {n: (float(m), float(s)) for n, m, s in zip(self.feature_names, mu, sd)}
+        z = (raw - mu) / sd
+        sample = z[: self.max_fit_users]
+        rng = np.random.default_rng(self.seed)
+        best: Optional[np.ndarray] = None
+        best_inertia = math.inf
+        for _ in range(self.restarts):
+            centres, inertia, _ = _lloyd(sample, _kmeans_plus_plus(sample, self.n_clusters, rng))
+            if inertia < best_inertia - 1e-9:
+                best, best_inertia = centres, inertia
+        assert best is not None
+        assign = ((z[:, None, :] - best[None, :, :]) ** 2).sum(axis=2).argmin(axis=1)
+        profiles = []
+        for c in range(self.n_clusters):
+            members = full[assign == c]
+            profiles.append(members.mean(axis=0) if len(members) else mean)
+        pstd = np.where(std > 1e-9, std, 1.0)
+        names = name_clusters([{n: float(v) for n, v in zip(FEATURES, (p - mean) / pstd)} for p in profiles])
+        self._centres, self._profiles, self._sizes = {}, {}, {}
+        for c, label in enumerate(names):
+            cid = LABELS.index(label)
+            self._centres[cid] = [float(v) for v in best[c]]
+            self._profiles[cid] = {n: float(v) for n, v in zip(FEATURES, profiles[c])}
+            self._sizes[cid] = int((assign == c).sum())
+        self.fitted_on = len(vectors)
+        return self
 
-        ``cluster_id``: what ``predict_one(x)`` just answered, if the caller
-        asked (saves a second search for the cluster profile's update).
-        """
-        full = x
-        x = self._select(x)
-        self.n_learned += 1
-        if not self.ready:
-            self.scaler.learn_one(x)
-            self._buffer.append(x)
-            if self._kmeans_family:
-                self._buffer_full.append({n: float(full.get(n, 0.0)) for n in self.profile_names})
-            if len(self._buffer) >= self.warmup:
-                self._initialize_from_buffer()
-            return
-        if not self._kmeans_family:
-            self._pipeline.learn_one(x)
-            return
-        if cluster_id is None or cluster_id == UNASSIGNED:
-            cluster_id = self.predict_one(full)
-        self._pipeline.learn_one(x)
-        self._learn_profile(cluster_id, full)
+    # -- scoring -------------------------------------------------------------
 
-    def _learn_profile(self, cluster_id: int, x: Mapping[str, float]) -> None:
-        # A running mean that becomes an exponential one (weight ``halflife``)
-        # once the cluster has won 1/halflife points: it follows the centre.
-        if cluster_id == UNASSIGNED:
-            return
-        n = self._profile_counts.get(cluster_id, 0) + 1
-        self._profile_counts[cluster_id] = n
-        rate = max(1.0 / n, self.halflife)
-        profile = self._profiles.setdefault(cluster_id, {})
-        for name in self.profile_names:
-            value = float(x.get(name, 0.0))
-            old = profile.get(name, value)
-            profile[name] = old + rate * (value - old)
+    def _scaled(self, x: Mapping[str, float]) -> list[float]:
+        out = []
+        for n in self.feature_names:
+            m, s = self.scaling[n]
+            v = x.get(n, 0.0)
+            out.append(((float(v) if v is not None else 0.0) - m) / s)
+        return out
 
     def predict_one(self, x: Mapping[str, float]) -> int:
-        """The id of the closest cluster, or ``UNASSIGNED`` (-1) before the segmenter is ready."""
-        if not self.ready:
+        """The id of the closest cluster, or ``UNASSIGNED`` (-1) before the first fit."""
+        if not self._centres:
             return UNASSIGNED
-        if getattr(self.clusterer, "initialized", True) is False:
-            # DenStream before its n_samples_init points: it would answer 0 for everyone.
-            return UNASSIGNED
-        return int(self._pipeline.predict_one(self._select(x)))
+        z = self._scaled(x)
+        best, best_d = UNASSIGNED, math.inf
+        for cid, centre in self._centres.items():
+            d = 0.0
+            for a, b in zip(z, centre):
+                d += (a - b) * (a - b)
+            if d < best_d:
+                best, best_d = cid, d
+        return best
 
-    def _initialize_from_buffer(self) -> None:
-        # Batch k-means over the warm-up buffer, in the scaling as it is now:
-        # ``init_restarts`` k-means++ seedings, each refined by Lloyd
-        # iterations, the one of least inertia kept (scikit-learn's n_init).
-        names = self.feature_names
-        points = np.array([[self.scaler.transform_one(x).get(n, 0.0) for n in names] for x in self._buffer],
-                          dtype=float)
-        rng = np.random.default_rng(self.seed)
-        best, best_inertia = None, math.inf
-        for _ in range(max(1, self.init_restarts)):
-            centres, inertia = _lloyd(points, _kmeans_plus_plus(points, self.n_clusters, rng))
-            if inertia < best_inertia:
-                best, best_inertia = centres, inertia
-        self._set_centres([{n: float(v) for n, v in zip(names, row)} for row in best])
-        self._buffer = []
-        self.ready = True
-        for full in self._buffer_full:
-            self._learn_profile(self.predict_one(full), full)
-        self._buffer_full = []
-
-    @staticmethod
-    def _sq_dist(a: Mapping[str, float], b: Mapping[str, float]) -> float:
-        return sum((a[k] - b.get(k, 0.0)) ** 2 for k in a)
-
-    def _kmeans(self):
-        return self.clusterer._kmeans if self.clusterer_name == "streamkmeans" else self.clusterer
-
-    def _set_centres(self, centres: Sequence[Mapping[str, float]]) -> None:
-        km = self._kmeans()
-        km.centers = {i: collections.defaultdict(float, c) for i, c in enumerate(centres)}
-        if self.clusterer_name == "streamkmeans":
-            self.clusterer.centers = km.centers
-
-    # -- seeding from the offline bootstrap ----------------------------------
-
-    def seed_centers(self, centers: Sequence[Mapping[str, float]], feature_names: Sequence[str],
-                     scaler: Optional[ScalerState] = None,
-                     profiles: Optional[Sequence[Mapping[str, float]]] = None) -> None:
-        """Replace the clustering with ``centers`` found offline (standardized space, see the module docstring).
-
-        ``scaler``: ``{"mean": ..., "var": ..., "count": n}`` with mean and var
-        as mappings by feature name or sequences in ``feature_names`` order.
-        ``profiles``: per centre, the mean of ``profile_names`` over its
-        members (``feature_vector`` units), for the labels; without them the
-        labels come from the centres until the clusters have won points.
-        The number of clusters becomes ``len(centers)``.
-        """
-        if self.clusterer_name != "kmeans":
-            raise ValueError("seed_centers needs the kmeans clusterer")
-        names = tuple(feature_names)
-        if sorted(names) != sorted(self.feature_names) or len(set(names)) != len(names):
-            raise ValueError(f"feature_names must be the segmenter's features {self.feature_names}")
-        if not centers:
-            raise ValueError("need at least one centre")
-        centres = [_aligned(c, names, f"centre {i}") for i, c in enumerate(centers)]
-        if scaler is not None:
-            count = scaler.get("count")
-            if isinstance(count, bool) or not isinstance(count, (int, float)) or count < 1:
-                raise ValueError("scaler['count'] must be the number of samples the scaler saw (>= 1)")
-            means = _aligned(scaler["mean"], names, "scaler mean")
-            variances = _aligned(scaler["var"], names, "scaler var")
-            if any(v < 0 for v in variances.values()):
-                raise ValueError("scaler variances must be >= 0")
-            fading = getattr(self.scaler, "fading", 0.0)
-            self.scaler = FadingStandardScaler._from_state(
-                counts={n: int(count) for n in names}, means=means, vars=variances)
-            self.scaler.fading = fading
-        elif not self.scaler.counts:
-            raise ValueError("the segmenter has seen no data: pass the scaler the centres were computed in")
-        self.n_clusters = len(centres)
-        self.clusterer = make_clusterer("kmeans", self.n_clusters, self.halflife, self.seed)
-        self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))
-        self._set_centres(centres)
-        self._buffer = []
-        self._buffer_full = []
-        self._profiles, self._profile_counts = {}, {}
-        if profiles is not None:
-            if len(profiles) != len(centres):
-                raise ValueError(f"{len(profiles)} profiles for {len(centres)} centres")
-            for i, profile in enumerate(profiles):
-                self._profiles[i] = _aligned(profile, self.profile_names, f"profile {i}")
-                # Worth as many points as it takes for new ones to be weighed at ``halflife``.
-                self._profile_counts[i] = int(math.ceil(1.0 / self.halflife)) if self.halflife > 0 else 1
-        self.ready = True
-        self.seeded = True
+    def distances(self, x: Mapping[str, float]) -> dict[int, float]:
+        """Cluster id -> squared standardized distance of ``x`` to its centre."""
+        z = self._scaled(x)
+        return {cid: sum((a - b) ** 2 for a, b in zip(z, c)) for cid, c in self._centres.items()}
 
     # -- reading the model ---------------------------------------------------
 
+    def labels(self) -> dict[int, str]:
+        """Cluster id -> label (unique: one archetype per cluster)."""
+        return {cid: LABELS[cid] for cid in sorted(self._centres)}
+
+    def label(self, cluster_id: int) -> str:
+        """The label of ``cluster_id`` ("unassigned" for -1 or an unknown id)."""
+        return LABELS[cluster_id] if cluster_id in self._centres else "unassigned"
+
     def centres(self, scaled: bool = False) -> dict[int, dict[str, float]]:
         """Cluster id -> centre, in ``feature_vector`` units (or standardized, if ``scaled``)."""
-        if not self.ready:
-            return {}
-        raw = {int(i): {n: float(c.get(n, 0.0)) for n in self.feature_names}
-               for i, c in self.clusterer.centers.items()}
-        if scaled:
-            return raw
         out = {}
-        for i, c in raw.items():
-            out[i] = {n: self.scaler.means[n] + z * math.sqrt(max(self.scaler.vars[n], 0.0))
-                      for n, z in c.items()}
+        for cid, c in sorted(self._centres.items()):
+            out[cid] = {n: (v if scaled else self.scaling[n][0] + v * self.scaling[n][1])
+                        for n, v in zip(self.feature_names, c)}
         return out
 
     def profiles(self) -> dict[int, dict[str, float]]:
-        """Cluster id -> mean of ``profile_names`` over the points it won (``feature_vector`` units)."""
-        return {i: dict(p) for i, p in sorted(self._profiles.items())}
+        """Cluster id -> mean ``FEATURES`` vector of its members at the fit."""
+        return {cid: dict(p) for cid, p in sorted(self._profiles.items())}
 
-    def labels(self) -> dict[int, str]:
-        """Cluster id -> label; clusters with the same description get " 2", " 3"... in id order.
+    def sizes(self) -> dict[int, int]:
+        """Cluster id -> members at the fit."""
+        return dict(sorted(self._sizes.items()))
 
-        Read off the cluster's profile, or off its centre while it has none.
+    # -- seeding (``onboardflow train``) ---------------------------------------
+
+    def set_model(self, centres: Sequence[Sequence[float]], scaling: Mapping[str, tuple[float, float]],
+                  profiles: Sequence[Mapping[str, float]], population: Mapping[str, tuple[float, float]],
+                  sizes: Optional[Sequence[int]] = None) -> list[int]:
+        """Install centres found elsewhere (standardized by ``scaling``) and name them from ``profiles``.
+
+        Returns the cluster id each centre got, in the order given.
         """
-        seen: collections.Counter = collections.Counter()
-        out = {}
-        for i, centre in sorted(self.centres().items()):
-            text = describe_centre(self._profiles.get(i) or centre)
-            seen[text] += 1
-            out[i] = text if seen[text] == 1 else f"{text} {seen[text]}"
-        return out
-
-    def label(self, cluster_id: int) -> str:
-        """The human-readable label of ``cluster_id`` ("unassigned" for -1 or an unknown id)."""
-        return self.labels().get(cluster_id, "unassigned")
+        if not centres or len(centres) != len(profiles) or len(centres) > MAX_CLUSTERS:
+            raise ValueError(f"need 1..{MAX_CLUSTERS} centres with one profile each")
+        if set(scaling) != set(self.feature_names):
+            raise ValueError(f"scaling must cover exactly {self.feature_names}")
+        for c in centres:
+            if len(c) != len(self.feature_names) or not all(math.isfinite(float(v)) for v in c):
+                raise ValueError("every centre needs one finite value per feature")
+        self.scaling = {n: (float(m), float(s) if s > 1e-9 else 1.0) for n, (m, s) in scaling.items()}
+        self.population = {n: (float(m), float(s)) for n, (m, s) in population.items()}
+        zs = []
+        for p in profiles:
+            zs.append({n: (float(p.get(n, 0.0)) - m) / (s if s > 1e-9 else 1.0)
+                       for n, (m, s) in self.population.items()})
+        names = name_clusters(zs)
+        self.n_clusters = len(centres)
+        self._centres, self._profiles, self._sizes = {}, {}, {}
+        for c, label in enumerate(names):
+            cid = LABELS.index(label)
+            self._centres[cid] = [float(v) for v in centres[c]]
+            self._profiles[cid] = {n: float(profiles[c].get(n, 0.0)) for n in FEATURES}
+            self._sizes[cid] = int(sizes[c]) if sizes is not None else 0
+        return [LABELS.index(label) for label in names]
 
     # -- snapshots -----------------------------------------------------------
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": SNAPSHOT_KIND, "format": SNAPSHOT_FORMAT,
+            "settings": {"n_clusters": self.n_clusters, "seed": self.seed, "restarts": self.restarts,
+                         "feature_names": list(self.feature_names), "min_users": self.min_users,
+                         "max_fit_users": self.max_fit_users},
+            "scaling": {n: list(v) for n, v in self.scaling.items()},
+            "population": {n: list(v) for n, v in self.population.items()},
+            "clusters": [{"id": cid, "label": LABELS[cid], "centre": self._centres[cid],
+                          "profile": self._profiles.get(cid, {}), "size": self._sizes.get(cid, 0)}
+                         for cid in sorted(self._centres)],
+            "fitted_on": self.fitted_on,
+        }
+
     def to_bytes(self) -> bytes:
-        return snapshot.dump(SNAPSHOT_KIND, self)
+        """A portable snapshot: UTF-8 JSON, readable by any Python (or other) environment."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "OnlineSegmenter":
-        model = snapshot.load(SNAPSHOT_KIND, data)
-        if not isinstance(model, cls):
-            raise snapshot.SnapshotError(f"snapshot holds a {type(model).__name__}, expected {cls.__name__}")
-        return model
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        # The pipeline only wraps scaler and clusterer; rebuilt on load so they stay shared.
-        del state["_pipeline"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Snapshots from before cluster profiles: labels come from the centres.
-        state.setdefault("profile_names", tuple(FEATURES))
-        state.setdefault("_profiles", {})
-        state.setdefault("_profile_counts", {})
-        state.setdefault("_buffer_full", [])
-        state.setdefault("init_restarts", 1)
-        self.__dict__.update(state)
-        self._pipeline = compose.Pipeline(("scale", self.scaler), ("cluster", self.clusterer))
+    def from_bytes(cls, data: bytes) -> "Segmenter":
+        try:
+            doc = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, TypeError):
+            raise SnapshotError("not a segmenter snapshot (JSON expected; snapshots before 2026-12 were "
+                                "pickles: refit with the pipeline or `onboardflow train`)") from None
+        if not isinstance(doc, dict) or doc.get("kind") != SNAPSHOT_KIND or doc.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(f"not a format {SNAPSHOT_FORMAT} {SNAPSHOT_KIND} snapshot")
+        s = doc["settings"]
+        seg = cls(n_clusters=s["n_clusters"], seed=s["seed"], restarts=s["restarts"],
+                  feature_names=s["feature_names"], min_users=s["min_users"], max_fit_users=s["max_fit_users"])
+        seg.scaling = {n: (float(v[0]), float(v[1])) for n, v in doc["scaling"].items()}
+        seg.population = {n: (float(v[0]), float(v[1])) for n, v in doc["population"].items()}
+        for c in doc["clusters"]:
+            cid = int(c["id"])
+            if LABELS[cid] != c["label"]:
+                raise SnapshotError(f"cluster {cid} is labelled {c['label']!r}, the catalogue says {LABELS[cid]!r}")
+            seg._centres[cid] = [float(v) for v in c["centre"]]
+            seg._profiles[cid] = {n: float(v) for n, v in c["profile"].items()}
+            seg._sizes[cid] = int(c["size"])
+        seg.fitted_on = int(doc.get("fitted_on", 0))
+        return seg

@@ -23,8 +23,8 @@ Conditions (all optional, at least one per rule):
   segment names, tested against the profile's ``segments``; names must exist
   in the segment rules file (a typo would otherwise silently match nobody);
 * ``segment_labels``: the online cluster's ``segment_label`` is one of these
-  (``models/segmentation.py`` labels; a repeated label's suffix is ignored:
-  ``"stalled 2"`` matches ``stalled``);
+  (names of ``models/segmentation.py`` ``LABELS``; a name outside that
+  catalogue is refused, as a typo would match nobody);
 * ``cluster_ids``: ``cluster_id`` is one of these integers;
 * ``account_tier`` / ``plan``: the profile's value is one of these strings;
 * ``propensity``: ``{gte: 0.7}``, ``{lt: 0.2}`` (any of gt, gte, lt, lte, in
@@ -66,7 +66,6 @@ TRACK_FIELD = "onboarding_track"
 DEFAULT_RULE = "default"
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-_LABEL_SUFFIX_RE = re.compile(r" [0-9]+$")
 _TOP_KEYS = {"version", "default", "tracks", "rules"}
 _RULE_KEYS = {"name", "track", "when"}
 _SEGMENT_CONDITIONS = ("segments_any", "segments_all", "segments_none")
@@ -103,13 +102,6 @@ def _segments(profile: Mapping[str, Any]) -> frozenset:
     return frozenset(s for s in value if isinstance(s, str)) if isinstance(value, (list, tuple, set, frozenset)) else frozenset()
 
 
-def _base_label(label: Any) -> Optional[str]:
-    """A cluster label without the " 2", " 3" the segmenter appends to repeated descriptions."""
-    if not isinstance(label, str):
-        return None
-    return _LABEL_SUFFIX_RE.sub("", label)
-
-
 class _Loader:
     def __init__(self, source: str, known_segments: Optional[frozenset]) -> None:
         self.source = source
@@ -136,8 +128,13 @@ class _Loader:
                 return lambda p: names <= _segments(p)
             return lambda p: not (_segments(p) & names)
         if key == "segment_labels":
+            from onboardflow.models.segmentation import LABELS
+
             labels = frozenset(self.names(value, path))
-            return lambda p: _base_label(p.get("segment_label")) in labels
+            unknown = sorted(labels - set(LABELS))
+            if unknown:
+                raise self.fail(path, f"unknown segment labels {unknown} (known: {', '.join(LABELS)})")
+            return lambda p: p.get("segment_label") in labels
         if key in _STRING_CONDITIONS:
             allowed = frozenset(self.names(value, path))
             field_name = _STRING_CONDITIONS[key]

@@ -56,7 +56,7 @@ from onboardflow.transforms.backfill_horizon import backfill_horizon
 from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
 from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.transforms.normalize import NormalizeEvents
-from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
+from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles, SegmentSettings
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
 from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
@@ -220,7 +220,9 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                  | "AppliedScoredProfiles" >> beam.Map(lambda r: r.profile)
                  | "LearnModels" >> LearnOnlineModels(
                      opts.redis_url, dsn, schema, opts.redis_key_prefix,
-                     publish_seconds=opts.model_publish_seconds, batch_size=opts.model_batch_size,
+                     segments=SegmentSettings(refit_ms=int(opts.model_refit_hours * 3_600_000),
+                                              n_clusters=opts.segment_clusters, min_users=opts.segment_min_users),
+                     tracks_path=opts.tracks_file, rules_path=opts.rules_file, batch_size=opts.model_batch_size,
                      metrics=metrics, keep_versions=opts.model_keep_versions, keep_days=opts.model_keep_days or None))
         model_rejects = (drift | "WriteDriftEvents" >> WriteDriftEvents(dsn, schema),)
         (drift

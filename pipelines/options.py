@@ -88,16 +88,21 @@ class OnboardingOptions(PipelineOptions):
                        help="Write profiles without cluster, propensity and track, and learn nothing.")
         m.add_argument("--model_refresh_seconds", type=float, default=60.0,
                        help="Workers re-check the registry's serving model versions this often.")
-        m.add_argument("--model_publish_seconds", type=float, default=300.0,
-                       help="The learner publishes model snapshots to the registry this often "
-                            "(processing time; also when a bounded input ends).")
+        m.add_argument("--model_refit_hours", type=float, default=24.0,
+                       help="Event time between refits of the segmenter on the profile store; each refit "
+                            "publishes both models and re-scores every profile (also when a bounded input "
+                            "ends). Marks are multiples of this since the epoch.")
+        m.add_argument("--segment_clusters", type=int, default=6,
+                       help="Behaviour segments (k of the segmenter; at most the catalogue's 10 labels).")
+        m.add_argument("--segment_min_users", type=int, default=50,
+                       help="The segmenter is first fitted once the store holds this many identified users.")
         m.add_argument("--model_keep_versions", type=int, default=50,
                        help="After each publish, drop the payloads of a kind's versions older than the newest "
                             "this many (never the serving or a pinned one; 0: keep all). "
                             "`onboardflow models prune` does it by hand.")
         m.add_argument("--model_keep_days", type=float, default=0.0,
                        help="With --model_keep_versions, also keep every version published or served within "
-                            "this many days (0: by count only; a publish every 5 min makes 288 a day).")
+                            "this many days (0: by count only; daily marks publish one version of each kind a day).")
         m.add_argument("--model_batch_size", type=int, default=500,
                        help="Profile updates the learner folds in per state read/write.")
         m.add_argument("--tracks_file", default=None,

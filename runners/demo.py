@@ -410,8 +410,9 @@ def run_demo(args) -> DemoResult:
         f"--warehouse_dsn={args.warehouse_dsn}", f"--warehouse_schema={schema}",
         f"--secret_file={secret_file}",
         f"--allowed_lateness_hours={lateness_h}", f"--dedup_horizon_hours={lateness_h}",
-        # A short demo: publish and pick up online model versions within seconds, not minutes.
-        "--model_publish_seconds=10", "--model_refresh_seconds=5",
+        # Pick up new model versions within seconds; the models are refitted at every
+        # event-time mark (daily), so the backfill's days publish them.
+        "--model_refresh_seconds=5",
     ], secret=secret, wait=False)
 
     def job_failed() -> Optional[str]:

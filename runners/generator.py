@@ -700,6 +700,34 @@ class JourneyGenerator:
         rng = random.Random(f"{self.config.seed}/journey/{profile.index}")
         return iter(_Journey(profile, PERSONAS[profile.persona], rng, self.horizon_end_ms))
 
+    def events_in_event_time(self) -> Iterator[dict]:
+        """Every user's journey merged by event time (``received_at`` not yet stamped).
+
+        Users join lazily as their first event nears, so only the journeys in
+        flight are held.
+        """
+        profiles = self.users()
+        upcoming = next(profiles, None)
+        journeys: list[tuple[int, int, dict, Iterator[dict]]] = []
+        while True:
+            while upcoming is not None and (
+                not journeys or upcoming.signup_ms - MAX_PRE_SIGNUP_MS <= journeys[0][0]
+            ):
+                it = self.journey(upcoming)
+                first = next(it, None)
+                if first is not None:
+                    heapq.heappush(journeys, (first["occurred_at"], upcoming.index, first, it))
+                upcoming = next(profiles, None)
+            if not journeys:
+                return
+            _, index, event, it = journeys[0]
+            following = next(it, None)
+            if following is None:
+                heapq.heappop(journeys)
+            else:
+                heapq.heapreplace(journeys, (following["occurred_at"], index, following, it))
+            yield event
+
     def events(self) -> Iterator[tuple[str, dict]]:
         """(kind, event) for every valid event and duplicate, in the order a collector sends them.
 
@@ -711,32 +739,15 @@ class JourneyGenerator:
         cfg = self.config
         rng = random.Random(f"{cfg.seed}/stream")
         self.perturbations = Counter()
-        profiles = self.users()
-        upcoming = next(profiles, None)
-        journeys: list[tuple[int, int, dict, Iterator[dict]]] = []
         pending: list[tuple[int, int, str, dict]] = []  # (received_at, seq, kind, event)
         seq = 0
         ooo_cut = cfg.out_of_order_fraction
         late_cut = ooo_cut + cfg.late_fraction
-        while True:
-            # Start every user whose first event could come before the next queued one.
-            while upcoming is not None and (
-                not journeys or upcoming.signup_ms - MAX_PRE_SIGNUP_MS <= journeys[0][0]
-            ):
-                it = self.journey(upcoming)
-                first = next(it, None)
-                if first is not None:
-                    heapq.heappush(journeys, (first["occurred_at"], upcoming.index, first, it))
-                upcoming = next(profiles, None)
-            if not journeys:
-                break
-            occurred, index, event, it = journeys[0]
-            following = next(it, None)
-            if following is None:
-                heapq.heappop(journeys)
-            else:
-                heapq.heapreplace(journeys, (following["occurred_at"], index, following, it))
-
+        merged = self.events_in_event_time()
+        event = next(merged, None)
+        while event is not None:
+            occurred = event["occurred_at"]
+            following = next(merged, None)
             # Anything received before this event occurred can no longer be overtaken.
             while pending and pending[0][0] <= occurred:
                 _, _, kind, ready = heapq.heappop(pending)
@@ -745,11 +756,11 @@ class JourneyGenerator:
             draw = rng.random()
             if draw < ooo_cut:
                 delay = rng.randint(5 * SECOND_MS, cfg.max_out_of_order_ms)
-                if journeys:
+                if following is not None:
                     # Make sure at least the next event overtakes it (past its
                     # own collector delay), or it would not be out of order at
                     # all when the stream is sparse.
-                    overtaken = journeys[0][0] - occurred + 2 * SECOND_MS + 1
+                    overtaken = following["occurred_at"] - occurred + 2 * SECOND_MS + 1
                     delay = max(delay, min(overtaken, cfg.max_out_of_order_ms))
                 self.perturbations["out_of_order"] += 1
             elif draw < late_cut:
@@ -766,6 +777,7 @@ class JourneyGenerator:
                 seq += 1
                 heapq.heappush(pending, (again["received_at"], seq, DUPLICATE, again))
                 self.perturbations["duplicate"] += 1
+            event = following
         while pending:
             _, _, kind, ready = heapq.heappop(pending)
             yield kind, ready

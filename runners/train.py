@@ -25,7 +25,7 @@ This batch job starts it from what the warehouse already knows:
    leads because it is bounded and comparable across k; Davies-Bouldin breaks
    near-ties because it penalizes clusters that overlap, which is what makes
    onboarding tracks ambiguous.
-4. The chosen centres seed an ``OnlineSegmenter`` (in its documented space:
+4. The chosen centres seed a ``Segmenter`` (in its documented space:
    standardized features, with the scaler's mean and variance handed over;
    with PCA the centres are mapped back from PCA space first), and the
    snapshot is published to the model registry as a ``segmentation`` version
@@ -325,23 +325,34 @@ def fit_bootstrap(matrix, k_values: Iterable[int], pca: Optional[float] = None, 
 
 
 def seed_segmenter(boot: Bootstrap, feature_names: Sequence[str], seed: int = DEFAULT_SEED,
-                   profiles: Optional[Sequence[Mapping[str, float]]] = None):
-    """An ``OnlineSegmenter`` started from the chosen centres and the training scaler.
+                   profiles: Optional[Sequence[Mapping[str, float]]] = None,
+                   population: Optional[Mapping[str, tuple[float, float]]] = None):
+    """A ``Segmenter`` holding the chosen centres and the training scaler; and each centre's cluster id.
 
     ``profiles``: per cluster, the mean of the whole feature vector over its
-    members (see ``cluster_profiles``), which the segment labels are read from.
+    members (see ``cluster_profiles``), which the segment labels are read
+    from; ``population``: per ``FEATURES`` entry, its (mean, std) over all
+    rows (the reference the labels' z-scores are taken against).
     """
-    from onboardflow.models.segmentation import OnlineSegmenter
+    import math
+
+    from onboardflow.models.features import FEATURES
+    from onboardflow.models.segmentation import Segmenter
 
     k = boot.chosen.k
-    segmenter = OnlineSegmenter(n_clusters=k, warmup=k, seed=seed, feature_names=feature_names)
-    centres = [{name: float(v) for name, v in zip(feature_names, row)} for row in boot.centres_standardized]
-    segmenter.seed_centers(centres, feature_names, scaler={
-        "mean": [float(v) for v in boot.scaler_mean],
-        "var": [float(v) for v in boot.scaler_var],
-        "count": boot.n_rows,
-    }, profiles=profiles)
-    return segmenter
+    segmenter = Segmenter(n_clusters=k, seed=seed, feature_names=feature_names, min_users=k)
+    scaling = {n: (float(m), math.sqrt(max(float(v), 0.0))) for n, m, v in
+               zip(feature_names, boot.scaler_mean, boot.scaler_var)}
+    if profiles is None:
+        # Without profiles the centres themselves (in feature units) describe the clusters.
+        profiles = [{n: scaling[n][0] + float(z) * scaling[n][1] for n, z in zip(feature_names, row)}
+                    for row in boot.centres_standardized]
+    if population is None:
+        population = {n: scaling.get(n, (0.0, 1.0)) for n in FEATURES}
+    sizes = [int((boot.labels == c).sum()) for c in range(k)]
+    ids = segmenter.set_model([list(map(float, row)) for row in boot.centres_standardized], scaling,
+                              profiles, population, sizes)
+    return segmenter, ids
 
 
 def cluster_profiles(full_matrix, labels, k: int, profile_names: Sequence[str]) -> list[dict[str, float]]:
@@ -651,13 +662,14 @@ def run(argv: Optional[list[str]] = None) -> dict:
     matrix = full[:, [FEATURES.index(name) for name in SEGMENT_FEATURES]]
     boot = fit_bootstrap(matrix, range(args.k_min, args.k_max + 1), args.pca, args.seed,
                          args.silhouette_sample, args.tolerance)
-    segmenter = seed_segmenter(boot, SEGMENT_FEATURES, args.seed,
-                               profiles=cluster_profiles(full, boot.labels, boot.chosen.k, FEATURES))
+    population = {n: (float(m), float(s)) for n, m, s in zip(FEATURES, full.mean(axis=0), full.std(axis=0))}
+    segmenter, ids = seed_segmenter(boot, SEGMENT_FEATURES, args.seed,
+                                    profiles=cluster_profiles(full, boot.labels, boot.chosen.k, FEATURES),
+                                    population=population)
     online = np.array([segmenter.predict_one(dict(zip(FEATURES, r))) for r in full.tolist()])
-    agreement = float((online == boot.labels).mean())
-    labels = segmenter.labels()
+    agreement = float((online == np.array(ids)[boot.labels]).mean())
     sizes = np.bincount(boot.labels, minlength=boot.chosen.k)
-    clusters = [{"cluster_id": i, "label": labels.get(i, "unassigned"), "users": int(sizes[i]),
+    clusters = [{"cluster_id": ids[i], "label": segmenter.label(ids[i]), "users": int(sizes[i]),
                  "share": round(float(sizes[i]) / boot.n_rows, 6)} for i in range(boot.chosen.k)]
     counts = {"users": boot.n_rows, "users_in_warehouse": available, "dead_letters": len(dead_letters)}
     metrics = {

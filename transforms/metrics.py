@@ -145,6 +145,8 @@ PIPELINE_METRICS: tuple[MetricSpec, ...] = (
                (), END_TO_END_BUCKETS),
     MetricSpec(PREFIX + "model_version", "gauge",
                "Version number of the online model currently used, by model kind.", ("kind",)),
+    MetricSpec(PREFIX + "profiles_unscored", "gauge",
+               "Profiles in the store without a cluster after the last re-score sweep (target 0)."),
     MetricSpec(PREFIX + "source_watermark_timestamp_seconds", "gauge",
                "The Kafka source's event-time watermark of one partition (epoch seconds).",
                ("topic", "partition")),
@@ -546,6 +548,12 @@ class PipelineMetrics:
         self._beam_gauge(_beam_name("model_version", kind)).set(int(version))
         if self.prometheus:
             self._child("model_version", (kind,)).set(float(version))
+
+    def profiles_unscored(self, n: int) -> None:
+        """After a re-score sweep: profiles in the store the serving segmenter left without a cluster."""
+        self._beam_gauge("profiles_unscored").set(int(n))
+        if self.prometheus:
+            self._child("profiles_unscored", ()).set(float(n))
 
     def source_watermark(self, topic: str, partition: int, watermark_micros: int) -> None:
         """The source's watermark of one partition, as Beam Timestamp micros.

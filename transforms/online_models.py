@@ -3,12 +3,12 @@
 Two transforms, one job each (docs/architecture.md, docs/models.md)::
 
     profiles ─► ScoreProfiles ─► (AssignOnboardingTracks) ─► Redis / warehouse
-                     │ scored profiles
-                     ▼
-              LearnOnlineModels ─► drift events (Kafka + warehouse)
-                     │ snapshots on a schedule
-                     ▼
-              model registry (Redis for serving, warehouse for history)
+                                                                │ applied writes
+                                                                ▼
+              model registry ◄── publish ── LearnOnlineModels ─► drift events (Kafka + warehouse)
+                (serving)                      │ at event-time marks: refit the segmenter on the
+                                               ▼ profile store, publish, re-score every profile
+                                        transforms/rescore.py
 
 * ``ScoreProfiles`` runs on every worker in parallel. It reads the *serving*
   snapshots of the segmenter and the propensity model from the registry's Redis
@@ -21,20 +21,23 @@ Two transforms, one job each (docs/architecture.md, docs/models.md)::
   ``refresh_seconds``. Before any model is published, profiles pass through
   unscored (model fields null).
 
-* ``LearnOnlineModels`` folds the scored profiles into one learner state: the
-  segmenter learns each feature vector, the propensity model stores
-  point-in-time features and trains on delayed labels (completion when
-  ``onboarding_progress`` reaches 1, a timeout otherwise, both in event time),
-  and ADWIN watches the segment mix and the propensity error. Timeouts are
-  labelled by a watermark timer, so a completion processed late (a backlog,
-  a slow partition) is never pre-empted by a premature negative. The learner is a
-  keyed stateful stage on a single key, fed by ``GroupIntoBatches`` so its state
-  is read and written once per batch rather than once per profile; it is the
-  serial part of the pipeline, and it learns from profile *updates* (one per
-  user per bundle), not from raw events. Snapshots are published to the
-  registry as soon as each model is first usable, then every
-  ``publish_seconds`` of processing time, and when a bounded input ends. The learner's state lives in Beam state, so on Flink it is
-  checkpointed with the rest of the job.
+* ``LearnOnlineModels`` follows the profiles Redis accepted. One keyed stage on
+  a single key, fed by ``GroupIntoBatches``: the propensity model (River)
+  stores point-in-time features and trains on delayed labels (completion when
+  ``onboarding_progress`` reaches 1, a timeout otherwise, both in event time,
+  timeouts on a watermark timer so a completion processed late is never
+  pre-empted by a premature negative), and ADWIN watches the segment mix and
+  the propensity error. The segmenter is refitted at **event-time marks**
+  (every ``SegmentSettings.refit_ms``, multiples since the epoch; a watermark
+  timer) and at the end of a bounded input, on the population the profile
+  store holds (``ProfileSweep``); both models are then published and every
+  stored profile is re-scored, so nobody waits for their next event to get
+  a cluster. Nothing depends on bundles or processing time: the same input
+  gives the same segments (docs/models.md "Reproducible segments"). A profile
+  that reaches the learner scored by an older model than the serving one (a
+  worker's cache was behind) is re-scored on the spot. The learner's state
+  lives in Beam state, so on Flink it is checkpointed with the rest of the
+  job.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ from onboardflow.models.drift import DriftEvent, PropensityErrorDrift, SegmentMi
 from onboardflow.models.features import feature_vector, is_activity_update
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
-from onboardflow.models.segmentation import UNASSIGNED, OnlineSegmenter
+from onboardflow.models.segmentation import UNASSIGNED, Segmenter
 
 _LOG = logging.getLogger(__name__)
 _NAMESPACE = "onboardflow.models"
@@ -98,7 +101,7 @@ class ServingModels:
         self._refresh_seconds = refresh_seconds
         self._clock = clock
         self._checked_at: Optional[float] = None
-        self.segmenter: Optional[OnlineSegmenter] = None
+        self.segmenter: Optional[Segmenter] = None
         self.propensity: Optional[PropensityModel] = None
         self.versions: dict[str, Optional[str]] = {SEGMENTATION: None, PROPENSITY: None}
         self.numbers: dict[str, Optional[int]] = {SEGMENTATION: None, PROPENSITY: None}
@@ -110,7 +113,7 @@ class ServingModels:
             return []
         self._checked_at = now
         loaded = []
-        for kind, cls in ((SEGMENTATION, OnlineSegmenter), (PROPENSITY, PropensityModel)):
+        for kind, cls in ((SEGMENTATION, Segmenter), (PROPENSITY, PropensityModel)):
             number = self._store.current_version(kind)
             if number is None or number == self.numbers[kind]:
                 continue
@@ -216,9 +219,12 @@ class ScoreProfiles(beam.PTransform):
 
 @dataclass
 class LearnerState:
-    """Everything the learning stage keeps between batches (one snapshot in Beam state)."""
+    """Everything the learning stage keeps between batches (one snapshot in Beam state).
 
-    segmenter: OnlineSegmenter = field(default_factory=OnlineSegmenter)
+    The segmenter is not here: it is refitted at each mark on the profile
+    store's population (``ProfileSweep``), so it needs no per-update state.
+    """
+
     propensity: PropensityModel = field(default_factory=PropensityModel)
     mix_drift: SegmentMixDrift = field(default_factory=SegmentMixDrift)
     error_drift: PropensityErrorDrift = field(default_factory=PropensityErrorDrift)
@@ -227,6 +233,9 @@ class LearnerState:
     newest_ms: int = 0
     #: event time of the pending expiry timer (None: none set)
     expire_timer_ms: Optional[int] = None
+    #: event time of the pending refit mark (None: none set) and of the last mark refitted
+    mark_timer_ms: Optional[int] = None
+    last_mark_ms: int = 0
     #: outcomes since the last publish: (label, probability at prediction) for its metrics
     recent_outcomes: list = field(default_factory=list)
 
@@ -239,7 +248,6 @@ class LearnerState:
         x = feature_vector(profile)
         self.profiles_seen += 1
         self.newest_ms = max(self.newest_ms, at)
-        self.segmenter.learn_one(x)
         events: list[DriftEvent] = []
         cluster = profile.get("cluster_id")
         if isinstance(cluster, int) and not isinstance(cluster, bool) and is_activity_update(profile):
@@ -287,21 +295,63 @@ class LearnerState:
                 "log_loss": float(loss.get()) if labelled else None}
 
 
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How and when the segmenter is refitted (``--model_refit_hours``, ``--segment_clusters``, ...)."""
+
+    refit_ms: int = 24 * 3_600_000
+    n_clusters: int = 6
+    min_users: int = 50
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.refit_ms < 60_000:
+            raise ValueError("refit_ms must be at least a minute of event time")
+
+    def segmenter(self) -> Segmenter:
+        return Segmenter(n_clusters=self.n_clusters, seed=self.seed, min_users=self.min_users)
+
+    def next_mark(self, after_ms: int) -> int:
+        """The first mark strictly after ``after_ms`` (marks are multiples of ``refit_ms`` since the epoch)."""
+        return (after_ms // self.refit_ms + 1) * self.refit_ms
+
+
+def scorable(profile: Mapping[str, Any]) -> bool:
+    """Whether a stored profile joins the population the segmenter is fitted on: an identified user.
+
+    Anonymous visitors' profiles (no signup) are scored but do not shape the
+    clusters: a visitor's few page views would otherwise pull a cluster of
+    their own.
+    """
+    return profile.get("signup_at") is not None
+
+
+def fit_segmenter(population: list, settings: SegmentSettings) -> Optional[Segmenter]:
+    """The segmenter fitted on the scorable ``population`` (profiles ordered by user key), or None if too few."""
+    rows = [feature_vector(p) for p in population if scorable(p)]
+    if len(rows) < settings.min_users:
+        return None
+    return settings.segmenter().fit(rows)
+
+
 class _LearnFn(beam.DoFn):
     STATE = ReadModifyWriteStateSpec("learner", BytesCoder())
     END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
     EXPIRE = TimerSpec("label_timeouts", TimeDomain.WATERMARK)
+    MARK = TimerSpec("refit_mark", TimeDomain.WATERMARK)
 
     def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str, key_prefix: str,
-                 publish_seconds: float, metrics=None, keep_versions: int = 0,
-                 keep_days: Optional[float] = None):
+                 segments: SegmentSettings, tracks_path: str, rules_path: Optional[str], metrics=None,
+                 keep_versions: int = 0, keep_days: Optional[float] = None):
         self._keep_versions = keep_versions
         self._keep_days = keep_days
         self._redis_url = redis_url
         self._dsn = warehouse_dsn
         self._schema = warehouse_schema
         self._key_prefix = key_prefix
-        self._publish_seconds = publish_seconds
+        self._segments = segments
+        self._tracks_path = str(tracks_path)
+        self._rules_path = rules_path
         self._metrics = metrics
         self._learned = Metrics.counter(_NAMESPACE, "profiles_learned")
         self._rejected = Metrics.counter(_NAMESPACE, "profiles_not_learnable")
@@ -309,13 +359,19 @@ class _LearnFn(beam.DoFn):
         self._publish_failures = Metrics.counter(_NAMESPACE, "model_publish_failures")
         self._pruned = Metrics.counter(_NAMESPACE, "model_versions_pruned")
         self._drifts = Metrics.counter(_NAMESPACE, "drift_events")
+        self._rescored = Metrics.counter(_NAMESPACE, "profiles_rescored")
+        self._sweep_failures = Metrics.counter(_NAMESPACE, "rescore_failures")
 
     def setup(self):
+        from onboardflow.models.tracks import TrackPolicy, known_segment_names
+        from onboardflow.transforms.rescore import ProfileSweep
+
         if self._metrics is not None:
             self._metrics.setup()
         self._registry = ModelRegistry(self._redis_url, self._dsn, self._schema, self._key_prefix)
-        self._published_at: Optional[float] = None
-        self._published_kinds: set[str] = set()
+        self._serving = ServingModels(self._registry.store, refresh_seconds=0.0)
+        self._sweep = ProfileSweep(self._redis_url, self._key_prefix)
+        self._tracks = TrackPolicy.from_yaml(self._tracks_path, known_segments=known_segment_names(self._rules_path))
         # (bytes last written to state, the state they encode): decode once per bundle, not per batch.
         self._decoded: Optional[tuple[bytes, LearnerState]] = None
 
@@ -328,26 +384,16 @@ class _LearnFn(beam.DoFn):
         return snapshot.load(LEARNER_SNAPSHOT_KIND, data)
 
     def _fresh(self) -> LearnerState:
-        """A learner with no state yet starts from the registry's serving versions (e.g. the
-        segmenter `onboardflow train` seeded, or what an earlier run published), else from scratch."""
+        """A learner with no state yet continues the registry's serving propensity model, if any."""
         learner = LearnerState()
-        for kind, cls, attr in ((SEGMENTATION, OnlineSegmenter, "segmenter"),
-                                (PROPENSITY, PropensityModel, "propensity")):
-            try:
-                version = self._registry.store.current(kind)
-                if version is None or version.payload is None:
-                    continue
-                setattr(learner, attr, cls.from_bytes(version.payload))
-            except Exception:  # noqa: BLE001 - an unreadable registry must not stop learning
-                _LOG.warning("could not start the %s learner from the serving version; starting cold", kind,
-                             exc_info=True)
-                continue
-            # Its continuation is published on the schedule, not at once as a "first usable" model:
-            # the schedule starts now.
-            self._published_kinds.add(kind)
-            if self._published_at is None:
-                self._published_at = time.monotonic()
-            _LOG.info("the %s learner starts from the serving version %s", kind, version.id)
+        try:
+            version = self._registry.store.current(PROPENSITY)
+            if version is not None and version.payload is not None:
+                learner.propensity = PropensityModel.from_bytes(version.payload)
+                _LOG.info("the propensity learner starts from the serving version %s", version.id)
+        except Exception:  # noqa: BLE001 - an unreadable registry must not stop learning
+            _LOG.warning("could not start the propensity learner from the serving version; starting cold",
+                         exc_info=True)
         return learner
 
     def _store(self, cell, learner: LearnerState) -> None:
@@ -360,12 +406,19 @@ class _LearnFn(beam.DoFn):
         cell.write(data)
         self._decoded = (data, learner)
 
+    def _rescore_one(self, profile: Mapping[str, Any]) -> dict:
+        return self._tracks.with_track(self._serving.score(profile))
+
     def process(self, batch, window=beam.DoFn.WindowParam, cell=beam.DoFn.StateParam(STATE),
-                end=beam.DoFn.TimerParam(END), expire=beam.DoFn.TimerParam(EXPIRE)):
+                end=beam.DoFn.TimerParam(END), expire=beam.DoFn.TimerParam(EXPIRE),
+                mark=beam.DoFn.TimerParam(MARK)):
         _, profiles = batch
         learner = self._load(cell)
         if learner.profiles_seen == 0:
             end.set(window.max_timestamp())
+        stale = []
+        self._refresh_serving()
+        serving_id = model_version_id(self._serving.versions[SEGMENTATION], self._serving.versions[PROPENSITY])
         for profile in profiles:
             try:
                 events = learner.learn(profile)
@@ -375,22 +428,25 @@ class _LearnFn(beam.DoFn):
                 _LOG.warning("a profile update was not learnable (%s)", type(exc).__name__)
                 continue
             self._learned.inc()
+            if serving_id is not None and profile.get("model_version") != serving_id:
+                # Scored by a worker whose model cache predates the serving
+                # version (or before any): written after the last sweep, so
+                # re-scored here, or it would keep the old cluster until its
+                # next event.
+                stale.append(profile)
             for event in events:
                 self._drift(event)
                 yield event
+        if stale:
+            self._rescore(stale, "stale")
         if learner.expire_timer_ms is None and learner.newest_ms:
             # Timeouts follow the watermark (LearnerState.expire). One pending
             # timer, moved on when it fires, rather than one per batch.
             learner.expire_timer_ms = learner.newest_ms
             expire.set(Timestamp(micros=learner.newest_ms * 1000))
-        now = time.monotonic()
-        # A kind's first snapshot goes out as soon as it is usable (so scoring
-        # starts early in a stream); after that, on the schedule.
-        newly_usable = ((learner.segmenter.ready and SEGMENTATION not in self._published_kinds)
-                        or (learner.propensity.warm and PROPENSITY not in self._published_kinds))
-        if newly_usable or (self._published_at is not None and now - self._published_at >= self._publish_seconds):
-            self._publish(learner, "first usable snapshot" if newly_usable else "schedule")
-            self._published_at = now
+        if learner.mark_timer_ms is None and learner.newest_ms:
+            learner.mark_timer_ms = self._segments.next_mark(max(learner.newest_ms, learner.last_mark_ms))
+            mark.set(Timestamp(micros=learner.mark_timer_ms * 1000))
         self._store(cell, learner)
 
     @on_timer(EXPIRE)
@@ -410,12 +466,39 @@ class _LearnFn(beam.DoFn):
             expire.set(Timestamp(micros=learner.newest_ms * 1000))
         self._store(cell, learner)
 
+    @on_timer(MARK)
+    def on_mark(self, fired=beam.DoFn.TimestampParam, cell=beam.DoFn.StateParam(STATE),
+                mark=beam.DoFn.TimerParam(MARK)):
+        # The watermark passed a mark: every event before it is in the store.
+        # Refit, publish, re-score everyone; the next mark is set once events
+        # past this one arrive (process), or right away if they already have.
+        data = cell.read()
+        if data is None:
+            return
+        learner = self._load(cell)
+        at = fired.micros // 1000
+        learner.mark_timer_ms = None
+        # A mark the input has already run a whole interval past (a backlog
+        # being read) is skipped once a model serves: the store is moving
+        # faster than a refit could describe it, and the next mark (or the end
+        # of a bounded input) refits on more of it.
+        behind = learner.newest_ms >= at + self._segments.refit_ms and self._serving.segmenter is not None
+        if at > learner.last_mark_ms and not behind:
+            learner.last_mark_ms = at
+            self._refit_and_publish(learner, f"mark {at}")
+        if learner.newest_ms >= at:
+            learner.mark_timer_ms = self._segments.next_mark(learner.newest_ms)
+            mark.set(Timestamp(micros=learner.mark_timer_ms * 1000))
+        self._store(cell, learner)
+
     @on_timer(END)
     def on_end(self, cell=beam.DoFn.StateParam(STATE)):
         # The input is bounded and ended: every event has been seen, so every
         # horizon that ended by the newest event time is final (an expiry timer
         # re-set in the same final watermark step may not have fired yet; later
-        # horizons stay open: censored, not negative). Then publish.
+        # horizons stay open: censored, not negative). Then the last mark: the
+        # store holds every user's final profile, so this fit is the same on
+        # every run of the same input.
         data = cell.read()
         if data is None:
             return
@@ -423,7 +506,7 @@ class _LearnFn(beam.DoFn):
         for event in learner.expire(learner.newest_ms):
             self._drift(event)
             yield event
-        self._publish(learner, "end of input")
+        self._refit_and_publish(learner, "end of input")
         self._store(cell, learner)
 
     def _drift(self, event: DriftEvent) -> None:
@@ -431,12 +514,49 @@ class _LearnFn(beam.DoFn):
         if self._metrics is not None:
             self._metrics.drift_alarm(f"adwin_{event['model_name']}")
 
-    def _publish(self, learner: LearnerState, reason: str) -> None:
-        counts = {"profiles": learner.profiles_seen, "labels": learner.labels_seen}
+    def _refresh_serving(self) -> None:
+        try:
+            for kind, number in self._serving.refresh(force=True):
+                if self._metrics is not None:
+                    self._metrics.model_version(kind, number)
+        except Exception:  # noqa: BLE001 - keep the cached models; the next batch retries
+            _LOG.warning("reading the serving model versions failed", exc_info=True)
+
+    def _refit_and_publish(self, learner: LearnerState, reason: str) -> None:
+        try:
+            population = self._sweep.population()
+        except Exception:  # noqa: BLE001 - learning goes on; the next mark retries
+            self._sweep_failures.inc()
+            _LOG.warning("reading the profile store for a refit failed; retried at the next mark", exc_info=True)
+            return
+        segmenter = fit_segmenter(population, self._segments)
+        self._publish(learner, segmenter, reason, len(population))
+        self._refresh_serving()
+        self._rescore(population, "sweep")
+
+    def _rescore(self, profiles: list, why: str) -> None:
+        if self._serving.segmenter is None and self._serving.propensity is None:
+            return
+        try:
+            counts = self._sweep.rescore(profiles, self._rescore_one)
+        except Exception:  # noqa: BLE001 - the next sweep (or the profile's next write) catches up
+            self._sweep_failures.inc()
+            _LOG.warning("re-scoring profiles (%s) failed", why, exc_info=True)
+            return
+        self._rescored.inc(counts.rescored)
+        if why == "sweep":
+            _LOG.info("sweep: %d profiles, %d re-scored, %d current, %d moved on, %d without a cluster",
+                      counts.profiles, counts.rescored, counts.current, counts.moved_on, counts.unscored)
+            if self._metrics is not None:
+                self._metrics.profiles_unscored(counts.unscored)
+
+    def _publish(self, learner: LearnerState, segmenter: Optional[Segmenter], reason: str, population: int) -> None:
+        counts = {"profiles": learner.profiles_seen, "labels": learner.labels_seen, "population": population}
         candidates = []
-        if learner.segmenter.ready:
-            candidates.append((SEGMENTATION, learner.segmenter.to_bytes(),
-                               {"clusters": learner.segmenter.n_clusters, "learned": learner.segmenter.n_learned}))
+        if segmenter is not None:
+            candidates.append((SEGMENTATION, segmenter.to_bytes(),
+                               {"clusters": len(segmenter.labels()), "fitted_on": segmenter.fitted_on,
+                                "sizes": {segmenter.label(c): n for c, n in segmenter.sizes().items()}}))
         if learner.propensity.warm:
             candidates.append((PROPENSITY, learner.propensity.to_bytes(include_pending=False),
                                learner.propensity_metrics()))
@@ -448,7 +568,6 @@ class _LearnFn(beam.DoFn):
                 self._publish_failures.inc()
                 _LOG.warning("publishing the %s model failed; retried at the next publish", kind, exc_info=True)
                 continue
-            self._published_kinds.add(kind)
             if result.created:
                 self._published.inc()
                 _LOG.info("published %s model %s (serving: %s)", kind, result.version.id, result.serving)
@@ -470,35 +589,42 @@ class _LearnFn(beam.DoFn):
             self._pruned.inc(len(pruned))
 
     def teardown(self):
-        registry = getattr(self, "_registry", None)
-        if registry is not None:
-            registry.close()
+        for name in ("_registry", "_sweep"):
+            resource = getattr(self, name, None)
+            if resource is not None:
+                resource.close()
 
 
 class LearnOnlineModels(beam.PTransform):
-    """Scored profiles -> drift events; publishes model snapshots to the registry as a side effect.
+    """Applied profile writes -> drift events; refits, publishes and re-scores as side effects.
 
-    In: profile dicts as ``ScoreProfiles`` emits them (``user_key``, an event
+    In: profile dicts as the Redis writer applied them (``user_key``, an event
     time in ``as_of``, the features of ``models/features.py``; ``cluster_id``
     when a segmenter is serving). Out: ``DriftEvent`` dicts
     (``schemas/drift_event.avsc``) when ADWIN detects a change in the segment
-    mix or in the propensity error. Updates without a user key or event time
-    are counted (``profiles_not_learnable``) and not learned from; they were
-    written to Redis before this stage, so nothing is lost.
+    mix or in the propensity error. At every event-time mark
+    (``segments.refit_ms``) and at the end of a bounded input the segmenter
+    is refitted on the profile store, both models are published, and every
+    stored profile is re-scored (``transforms/rescore.py``). Updates without a
+    user key or event time are counted (``profiles_not_learnable``) and not
+    learned from; they were written to Redis before this stage, so nothing is
+    lost.
     """
 
     def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str,
-                 key_prefix: str = DEFAULT_KEY_PREFIX, publish_seconds: float = 300.0, batch_size: int = 500,
+                 key_prefix: str = DEFAULT_KEY_PREFIX, segments: SegmentSettings = SegmentSettings(),
+                 tracks_path=None, rules_path: Optional[str] = None, batch_size: int = 500,
                  max_batch_seconds: float = 2.0, metrics=None, keep_versions: int = 0,
                  keep_days: Optional[float] = None, label: Optional[str] = None):
+        from onboardflow.models.tracks import DEFAULT_TRACKS_PATH
+
         super().__init__(label)
-        if batch_size < 1 or publish_seconds < 0 or max_batch_seconds <= 0 or keep_versions < 0:
-            raise ValueError("batch_size >= 1, publish_seconds >= 0, max_batch_seconds > 0 and "
-                             "keep_versions >= 0 required")
+        if batch_size < 1 or max_batch_seconds <= 0 or keep_versions < 0:
+            raise ValueError("batch_size >= 1, max_batch_seconds > 0 and keep_versions >= 0 required")
         self._batch_size = batch_size
         self._max_batch_seconds = max_batch_seconds
-        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, publish_seconds, metrics,
-                            keep_versions, keep_days)
+        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, segments,
+                            tracks_path or DEFAULT_TRACKS_PATH, rules_path, metrics, keep_versions, keep_days)
 
     def expand(self, profiles):
         return (

@@ -103,9 +103,26 @@ class SessionState:
         """Sessions that started at or after ``t``."""
         return len(self.starts) - bisect.bisect_left(self.starts, t)
 
+    def visit_medians(self) -> tuple[int, float, float]:
+        """(visits, median events per visit, median visit duration in seconds) of the retained sessions.
+
+        A *visit* is a session of at least two events; a lone event (a login
+        and nothing else, a bounce) is a session but not a visit. Medians over
+        visits are what one more event cannot swing: a bounce adds no visit,
+        and an event that grows or opens a visit moves the median by half a
+        rank at most (docs/models.md "Stability"). Sessions older than the
+        retention (folded into totals) are not counted.
+        """
+        events = sorted(c for c in self.counts if c >= 2)
+        if not events:
+            return 0, 0.0, 0.0
+        durations = sorted((e - s) / 1000.0 for s, e, c in zip(self.starts, self.ends, self.counts) if c >= 2)
+        return len(events), _median(events), _median(durations)
+
     def snapshot(self, at_ms: int) -> dict:
         """Session features as of event time ``at_ms``."""
         total = self.session_count
+        visits, visit_events, visit_seconds = self.visit_medians()
         duration = self.folded_duration_ms + sum(e - s for s, e in zip(self.starts, self.ends))
         events = self.folded_events + sum(self.counts)
         return {
@@ -115,4 +132,14 @@ class SessionState:
             "avg_session_duration_s": round(duration / total / 1000.0, 3) if total else 0.0,
             "avg_events_per_session": round(events / total, 3) if total else 0.0,
             "last_session_duration_s": round((self.ends[-1] - self.starts[-1]) / 1000.0, 3) if self.starts else 0.0,
+            "visits": visits,
+            "median_visit_events": visit_events,
+            "median_visit_duration_s": round(visit_seconds, 3),
         }
+
+
+def _median(values: list) -> float:
+    """The median of a sorted, non-empty list."""
+    n = len(values)
+    mid = n // 2
+    return float(values[mid]) if n % 2 else (values[mid - 1] + values[mid]) / 2.0

@@ -10,20 +10,16 @@ Single-threaded; rates are the median of R runs (default 3), in profile
 updates per second:
 
 * feature_vector: profile dict -> features;
-* each River clusterer behind OnlineSegmenter (kmeans, streamkmeans,
-  dbstream, denstream): learn_one alone, predict_one alone, and the
-  adjusted Rand index of each user's last assignment against the personas
-  (prequential: predict, then learn) -- the evidence for the choice of
-  KMeans in docs/models.md;
+* the segmenter (``Segmenter.fit``): its ARI against the personas on the
+  replay's latest profiles, and fit time and predict rate on populations of
+  1,000 to 50,000 users -- the work of one event-time mark;
 * each propensity classifier (logistic regression, Hoeffding tree):
   predict (with checkpoint storage), and learn (River learn_one on stored
   points), plus its prequential ROC-AUC on this stream;
 * snapshot size and to_bytes/from_bytes time of both models.
-
-DenStream is slow (hundreds of updates/s): with the default 1,000 users its
-three runs take a few minutes.
 """
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -34,7 +30,7 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from onboardflow.models import snapshot
 from onboardflow.models.features import feature_vector
 from onboardflow.models.propensity import CLASSIFIERS, DAY_MS, PropensityModel
-from onboardflow.models.segmentation import CLUSTERERS, UNASSIGNED, OnlineSegmenter
+from onboardflow.models.segmentation import Segmenter
 from onboardflow.runners.evaluate import replay_profiles
 from onboardflow.runners.generator import GeneratorConfig
 from onboardflow.transforms.online_models import LEARNER_SNAPSHOT_KIND, LearnerState
@@ -53,40 +49,27 @@ def timed(fn, repeats):
     return runs, result
 
 
-def bench_segmenters(points, repeats):
-    rows = []
-    for name in CLUSTERERS:
-        def prequential():
-            seg = OnlineSegmenter(clusterer=name, seed=42)
-            last = {}
-            for key, _, _, x, _ in points:
-                cid = seg.predict_one(x)
-                seg.learn_one(x)
-                if cid != UNASSIGNED:
-                    last[key] = cid
-            return seg, last
+def bench_segmenter(points, repeats, sizes=(1_000, 10_000, 50_000)):
+    """The population fit at a mark, and scoring, on every user's latest profile.
 
-        runs, (seg, last) = timed(prequential, 1)
-        keys = sorted(last)
-        persona = {key: p for key, p, _, _, _ in points}
-        ari = adjusted_rand_score([persona[k] for k in keys], [last[k] for k in keys]) if keys else float("nan")
-
-        def learn_only():
-            s = OnlineSegmenter(clusterer=name, seed=42)
-            for _, _, _, x, _ in points:
-                s.learn_one(x)
-            return s
-
-        learn_runs, _ = timed(learn_only, repeats if name not in ("denstream", "dbstream") else 1)
-        # DenStream re-clusters its micro-clusters on every predict_one: one run is plenty.
-        predict_runs, _ = timed(lambda: [seg.predict_one(x) for _, _, _, x, _ in points],
-                                repeats if name not in ("denstream", "dbstream") else 1)
-        n_clusters = len(set(last.values()))
-        rows.append((name, ari, n_clusters, median_rate(len(points), learn_runs),
-                     median_rate(len(points), predict_runs)))
-        print(f"  {name:<13} ARI {ari:6.3f}  clusters used {n_clusters:3d}  "
-              f"learn {rows[-1][3]:>9,.0f}/s  predict {rows[-1][4]:>9,.0f}/s", flush=True)
-    return rows
+    Populations larger than the replay are the replay's latest vectors
+    cycled with a little noise (fit time depends on rows, not on who they are).
+    """
+    latest, persona = {}, {}
+    for key, who, _, x, _ in points:
+        latest[key], persona[key] = x, who
+    keys = sorted(latest)
+    rows = [latest[k] for k in keys]
+    seg = Segmenter(seed=42).fit(rows)
+    ari = adjusted_rand_score([persona[k] for k in keys], [seg.predict_one(latest[k]) for k in keys])
+    print(f"  fit on the replay's {len(rows):,} users: ARI vs personas {ari:.3f}, labels {sorted(seg.labels().values())}")
+    rng = random.Random(1)
+    for n in sizes:
+        population = [{f: v * (1 + rng.gauss(0, 0.02)) for f, v in rows[i % len(rows)].items()} for i in range(n)]
+        fit_runs, model = timed(lambda: Segmenter(seed=42).fit(population), repeats)
+        predict_runs, _ = timed(lambda: [model.predict_one(x) for x in population], repeats)
+        print(f"  population {n:>7,}: fit {statistics.median(fit_runs):6.2f} s  "
+              f"predict {median_rate(n, predict_runs):>9,.0f}/s", flush=True)
 
 
 def bench_propensity(points, repeats):
@@ -126,13 +109,13 @@ def bench_propensity(points, repeats):
 
 
 def bench_snapshots(points, repeats):
-    seg = OnlineSegmenter()
+    latest = {key: x for key, _, _, x, _ in points}
+    seg = Segmenter(seed=42).fit([latest[k] for k in sorted(latest)])
     prop = PropensityModel()
     for key, _, at, x, _ in points:
-        seg.learn_one(x)
         prop.predict(key, x, at)
         prop.expire(at)
-    for name, model, cls in (("segmenter", seg, OnlineSegmenter), ("propensity", prop, PropensityModel)):
+    for name, model, cls in (("segmenter", seg, Segmenter), ("propensity", prop, PropensityModel)):
         dump_runs, data = timed(model.to_bytes, repeats)
         load_runs, _ = timed(lambda: cls.from_bytes(data), repeats)
         print(f"  {name:<11} {len(data):>10,} bytes  to_bytes {statistics.median(dump_runs) * 1000:7.1f} ms  "
@@ -176,8 +159,8 @@ def main(argv=None):
     # (user_key, persona, at_ms, features, onboarding progress), in event-time order
     points = [(t.user_key, t.persona, t.at_ms, x, t.profile.get("onboarding_progress") or 0.0)
               for t, x in zip(ticks, vectors)]
-    print("segmenter (FadingStandardScaler | clusterer), prequential ARI vs personas, rates in updates/s:")
-    bench_segmenters(points, args.repeats)
+    print("segmenter (k-means on the population at a mark; docs/models.md):")
+    bench_segmenter(points, args.repeats)
     print("propensity (delayed labels, 7-day horizon):")
     bench_propensity(points, args.repeats)
     print("snapshots:")

@@ -1,7 +1,8 @@
 """runners/evaluate.py: the replay feeds the models as the pipeline would, and the report is written."""
+import json
 from collections import Counter
 
-from onboardflow.runners.evaluate import main, replay_profiles
+from onboardflow.runners.evaluate import evaluate_design, main, population_design, replay_profiles
 from onboardflow.runners.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 
 
@@ -25,12 +26,34 @@ def test_a_silent_user_gets_a_dormancy_update_like_the_pipeline_timer():
     assert all(t.persona in ("churner", "stalled") for t in dormant)
 
 
-def test_evaluate_command_prints_the_table_and_writes_report_and_plot(tmp_path, capsys):
-    assert main(["--users", "40", "--seed", "2", "--out", str(tmp_path), "--quiet"]) == 0
+def test_evaluate_command_prints_the_per_design_table_and_writes_report_and_plots(tmp_path, capsys):
+    assert main(["--designs", "generator,saas_teams", "--generator-users", "60", "--users", "150",
+                 "--seed", "2", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "prequential ROC-AUC" in out and "ARI vs personas" in out
-    assert (tmp_path / "report.json").stat().st_size > 0
-    assert (tmp_path / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "generator" in out and "saas_teams" in out
+    assert "ARI after one live login per user" in out and "stability" in out and "Brier" in out
+    assert "personas x segments" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    by_name = {d["design"]: d for d in report["designs"]}
+    assert set(by_name) == {"generator", "saas_teams"}
+    for d in by_name.values():
+        assert d["scored_share"] == 1.0  # the final sweep scores everyone
+        assert sum(sum(row.values()) for row in d["contingency"].values()) == d["users"]
+        assert 0.0 <= d["brier"] <= 1.0 and d["calibration"]
+        assert len(set(d["labels"].values())) == len(d["labels"])
+    for name in ("contingency.png", "calibration.png", "evaluation.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_unknown_design_is_refused(capsys):
+    assert main(["--designs", "nope", "--quiet"]) == 2
+    assert "unknown designs" in capsys.readouterr().err
+
+
+def test_the_same_design_evaluates_to_the_same_segments_twice():
+    design = population_design("mobile_consumer", users=200, seed=3)
+    a, b = evaluate_design(design, n_clusters=4), evaluate_design(design, n_clusters=4)
+    assert a.contingency == b.contingency and a.labels == b.labels and a.ari_live == b.ari_live
 
 
 def test_every_user_silent_at_the_end_of_the_new_user_window_gets_an_update_then():

@@ -1,7 +1,7 @@
 """models/features.py: the feature vector the online models share."""
 import math
 
-from onboardflow.models.features import FEATURE_BOUNDS, FEATURES, feature_vector
+from onboardflow.models.features import CONTENT_PRIOR, FEATURE_BOUNDS, FEATURES, SEGMENT_FEATURES, feature_vector
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
 
 T0 = 1_767_571_200_000
@@ -29,8 +29,11 @@ def test_profile_of_the_pipeline_maps_to_expected_values():
     events += [(T0 + 5 * minute, "tutorial_step", {"step": "1", "step_total": "5"}),
                (T0 + 6 * minute, "feature_used", {"feature": "export"})]
     x = feature_vector(_profile_after(events))
-    assert x["support_share"] == 3 / 6
-    assert x["feature_use_share"] == 1 / 6
+    # Shares are of content events (the signup is not content), shrunk by CONTENT_PRIOR pseudo-events.
+    assert x["support_share"] == 3 / (5 + CONTENT_PRIOR)
+    assert x["feature_use_share"] == 1 / (5 + CONTENT_PRIOR)
+    assert x["invite_share"] == 0.0
+    assert x["visit_events"] == math.log1p(6)  # one visit of six events
     assert math.isclose(x["onboarding_progress"], 0.2)
     assert x["feature_breadth"] == math.log1p(1)
     assert x["events_7d"] == math.log1p(6)
@@ -86,3 +89,26 @@ def test_active_sessions_per_week_reads_the_stored_record_too():
     # schemas/user_profile.avsc: recency in seconds, whole days since signup.
     stored = feature_vector({"session_count": 8, "days_since_signup": 10, "recency": 7 * 86_400.0})
     assert math.isclose(stored["active_sessions_per_week"], math.log1p(8 / (4 / 7)))
+
+
+def test_segment_features_leave_out_recency_and_the_active_span():
+    # One login after a long silence resets recency and stretches the active
+    # span: neither may move a user's cluster (docs/models.md "Stability").
+    assert "recency_days" not in SEGMENT_FEATURES and "active_sessions_per_week" not in SEGMENT_FEATURES
+    assert "invite_share" in SEGMENT_FEATURES  # every kind of content has a say
+
+
+def test_one_login_moves_no_share_and_no_visit_median():
+    minute, day = 60_000, 86_400_000
+    events = [(T0, "signup", {"plan": "free"})]
+    for d in range(3):
+        start = T0 + d * day + 3_600_000
+        events += [(start, "login", {}), (start + minute, "invite_sent", {"channel": "email"}),
+                   (start + 2 * minute, "page_view", {"page": "/"}), (start + 3 * minute, "feature_used", {"feature": "x"})]
+    profile_before = _profile_after(events)
+    profile_after = _profile_after(events + [(T0 + 20 * day, "login", {})])
+    assert profile_after["session_count"] == profile_before["session_count"] + 1
+    before, after = feature_vector(profile_before), feature_vector(profile_after)
+    for name in ("support_share", "browse_share", "feature_use_share", "invite_share", "form_share",
+                 "visit_events", "visit_minutes", "feature_breadth", "onboarding_progress"):
+        assert after[name] == before[name], name

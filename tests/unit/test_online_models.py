@@ -9,9 +9,9 @@ import random
 
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import ModelVersion
-from onboardflow.models.segmentation import OnlineSegmenter
+from onboardflow.models.segmentation import Segmenter
 from onboardflow.transforms.online_models import (
-    SEGMENTATION, LearnerState, ServingModels, completed_onboarding, model_version_id,
+    PROPENSITY, SEGMENTATION, LearnerState, SegmentSettings, ServingModels, completed_onboarding, model_version_id,
 )
 
 DAY_MS = 86_400_000
@@ -62,12 +62,11 @@ def persona_profile(rng: random.Random, user: str, engaged: bool, at: int, progr
     }
 
 
-def trained_segmenter(rng) -> OnlineSegmenter:
-    seg = OnlineSegmenter(n_clusters=2, warmup=40, seed=1)
+def trained_segmenter(rng) -> Segmenter:
     from onboardflow.models.features import feature_vector
-    for i in range(200):
-        seg.learn_one(feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS * 100 + i)))
-    return seg
+    rows = [feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS * 100 + i, progress=0.9 if i % 2 == 0 else 0.1))
+            for i in range(200)]
+    return Segmenter(n_clusters=2, seed=1, min_users=20).fit(rows)
 
 
 def test_model_version_names_the_serving_versions_that_scored():
@@ -267,24 +266,67 @@ class _ServingStore:
         return None if number is None else self._store.get(kind, number)
 
 
-def test_a_learner_without_state_continues_the_served_model_and_publishes_on_schedule():
-    # Seeded offline and served: a new learner starts from it (not cold), and
-    # its continuation still goes out on the publish schedule in a stream
-    # (a learner that never published must not wait for the end of the input).
+class _Sweep:
+    """The slice of ProfileSweep the learner uses on a batch: rescore."""
+
+    def __init__(self):
+        self.rescored = []
+
+    def rescore(self, profiles, score):
+        from onboardflow.transforms.rescore import SweepCounts
+        profiles = list(profiles)
+        self.rescored += [score(p) for p in profiles]
+        return SweepCounts(profiles=len(profiles), rescored=len(profiles))
+
+
+def _learn_fn(store):
+    from onboardflow.models.tracks import TrackPolicy
     from onboardflow.transforms.online_models import _LearnFn
 
+    fn = _LearnFn("redis://unused", "unused", "unused", "obf", SegmentSettings(refit_ms=DAY_MS), "unused", None)
+    fn._registry, fn._decoded, fn._sweep = _Registry(store), None, _Sweep()
+    fn._serving = ServingModels(fn._registry.store._store, refresh_seconds=0.0)
+    fn._tracks = TrackPolicy.from_yaml()
+    return fn
+
+
+def test_a_learner_without_state_continues_the_served_propensity_model_and_sets_the_next_mark():
     rng = random.Random(3)
-    seeded = trained_segmenter(rng)
+    model = PropensityModel(min_per_class=1)
+    from onboardflow.models.features import feature_vector
+    for i in range(40):
+        model.predict(f"u{i}", feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS)), DAY_MS)
+        model.label(f"u{i}", i % 2 == 0, 2 * DAY_MS)
     store = MemoryStore()
-    store.publish(SEGMENTATION, seeded.to_bytes())
-    fn = _LearnFn("redis://unused", "unused", "unused", "obf", publish_seconds=0)
-    fn._registry, fn._published_at, fn._published_kinds, fn._decoded = _Registry(store), None, set(), None
-    batch = [persona_profile(rng, f"n{i}", i % 2 == 0, DAY_MS * 101 + i) for i in range(10)]
-    cell = _Cell()
+    store.publish(PROPENSITY, model.to_bytes(include_pending=False))
+    fn = _learn_fn(store)
+    batch = [persona_profile(rng, f"n{i}", i % 2 == 0, DAY_MS * 101 + 3_600_000 + i) for i in range(10)]
+    cell, mark = _Cell(), _Timer()
 
-    list(fn.process(("learner", batch), window=_Window(), cell=cell, end=_Timer(), expire=_Timer()))
+    list(fn.process(("learner", batch), window=_Window(), cell=cell, end=_Timer(), expire=_Timer(), mark=mark))
 
-    assert fn._registry.published == [(SEGMENTATION, 2)]
-    continued = OnlineSegmenter.from_bytes(store.versions[(SEGMENTATION, 2)])
-    assert continued.n_learned == seeded.n_learned + 10
-    assert cell.data is not None
+    learner = fn._load(cell)
+    assert learner.propensity.warm and learner.profiles_seen == 10
+    # Refits happen at event-time marks (multiples of refit_ms), never on a wall-clock schedule.
+    assert mark.at.micros // 1000 == learner.mark_timer_ms == 102 * DAY_MS
+    assert fn._registry.published == []
+
+
+def test_profiles_scored_by_an_older_model_than_the_serving_one_are_rescored_by_the_learner():
+    rng = random.Random(8)
+    store = MemoryStore()
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())   # seg-000002 serves
+    fn = _learn_fn(store)
+    current = persona_profile(rng, "a", True, DAY_MS * 5)
+    current["model_version"] = "seg-000002"
+    behind = persona_profile(rng, "b", False, DAY_MS * 5)
+    behind["model_version"] = "seg-000001"                           # a worker's cache was behind
+    unscored = persona_profile(rng, "c", False, DAY_MS * 5)
+
+    list(fn.process(("learner", [current, behind, unscored]), window=_Window(), cell=_Cell(), end=_Timer(),
+                    expire=_Timer(), mark=_Timer()))
+
+    assert [p["user_key"] for p in fn._sweep.rescored] == ["b", "c"]
+    assert all(p["model_version"] == "seg-000002" and p["segment_label"] and p["onboarding_track"]
+               for p in fn._sweep.rescored)

@@ -70,7 +70,24 @@ def test_old_sessions_fold_into_totals_without_changing_the_features():
     assert folded.folded_sessions > 0
     assert len(folded.starts) < len(kept.starts)
     at = times[-1]
-    assert folded.snapshot(at) == kept.snapshot(at)
+    # Totals and rates survive folding; the visit medians are over the
+    # retained sessions only (the last ``retention_ms``), by definition.
+    medians = ("visits", "median_visit_events", "median_visit_duration_s")
+    a, b = folded.snapshot(at), kept.snapshot(at)
+    assert {k: v for k, v in a.items() if k not in medians} == {k: v for k, v in b.items() if k not in medians}
+    assert a["visits"] == sum(1 for c in folded.counts if c >= 2) < b["visits"]
+
+
+def test_a_lone_event_is_a_session_but_not_a_visit_and_leaves_the_medians():
+    s = SessionState()
+    for t in (0, 60_000, 120_000, DAY_MS, DAY_MS + 30_000):     # a 3-event visit, a 2-event visit
+        s.add(t)
+    before = s.snapshot(DAY_MS + 30_000)
+    assert (before["visits"], before["median_visit_events"], before["median_visit_duration_s"]) == (2, 2.5, 75.0)
+    s.add(5 * DAY_MS)                                           # a login and nothing else
+    after = s.snapshot(5 * DAY_MS)
+    assert after["session_count"] == before["session_count"] + 1
+    assert (after["visits"], after["median_visit_events"], after["median_visit_duration_s"]) == (2, 2.5, 75.0)
 
 
 def test_sessions_in_the_last_7_and_30_days_count_by_session_start():

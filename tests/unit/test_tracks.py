@@ -43,9 +43,10 @@ def shipped():
      ("sales_assist", "enterprise_high_intent")),
     ({"segments": ["purchase_intent_no_purchase"], "account_tier": "smb"}, ("standard", "default")),
     ({"segments": [], "segment_label": "power adopter"}, ("advanced", "power_cluster")),
-    ({"segments": [], "segment_label": "stalled 2"}, ("simplified", "fading_cluster")),
+    ({"segments": [], "segment_label": "dropped off"}, ("simplified", "fading_cluster")),
+    ({"segments": [], "segment_label": "casual visitor"}, ("simplified", "fading_cluster")),
     ({"segments": [], "segment_label": "support seeker"}, ("guided", "support_cluster")),
-    ({"segments": [], "segment_label": "steady learner"}, ("standard", "default")),
+    ({"segments": [], "segment_label": "explorer"}, ("standard", "default")),
     ({}, ("standard", "default")),
 ])
 def test_shipped_policy_routes_engaged_users_to_advanced_and_stalled_ones_to_simplified(shipped, profile, decision):
@@ -112,6 +113,7 @@ def test_all_conditions_of_a_rule_must_hold():
     ([{"name": "r", "track": "advanced", "when": {"propensity": {"gte": 7}}}], {}, "expects a number in [0, 1]"),
     ([{"name": "r", "track": "advanced", "when": {"cluster_ids": ["2"]}}], {}, "non-negative integers"),
     ([{"name": "r", "track": "advanced", "when": {"segment_labels": []}}], {}, "non-empty list"),
+    ([{"name": "r", "track": "advanced", "when": {"segment_labels": ["stalled 2"]}}], {}, "unknown segment labels"),
     ([], {"default": "expert"}, "default: default track 'expert' is not declared"),
     ([], {"tracks": {"standard": ""}}, "tracks.standard: needs a description"),
 ])

@@ -90,10 +90,10 @@ def test_fit_refuses_more_clusters_than_rows_and_k_below_two():
 def test_seeded_segmenter_assigns_users_as_the_offline_clustering_did(pca):
     x, _ = _blobs()
     boot = fit_bootstrap(x, range(2, 7), pca=pca)
-    segmenter = seed_segmenter(boot, FEATURES)
+    segmenter, ids = seed_segmenter(boot, FEATURES)
     online = np.array([segmenter.predict_one(dict(zip(FEATURES, row))) for row in x.tolist()])
-    assert (online == boot.labels).mean() == 1.0
-    assert len(segmenter.labels()) == boot.chosen.k
+    assert (online == np.array(ids)[boot.labels]).mean() == 1.0
+    assert len(set(ids)) == len(segmenter.labels()) == boot.chosen.k
 
 
 def test_feature_row_is_the_feature_vector_in_feature_order():
