@@ -201,12 +201,7 @@ class TrackPolicy:
                   segment_rules_path: Union[str, Path, None] = None) -> "TrackPolicy":
         """Load and validate a tracks file; segment names are checked against ``segment_rules_path``
         (default: ``pipelines/segment_rules.yaml``)."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise TrackPolicyError(f"{path}: cannot read tracks file: {exc.strerror}") from None
-        return cls.from_text(text, str(path), known_segment_names(segment_rules_path))
+        return cls.from_text(*policy_source(path, segment_rules_path))
 
     @classmethod
     def from_text(cls, text: str, source: str = "<tracks>",
@@ -268,6 +263,18 @@ class TrackPolicy:
         return updated
 
 
+def policy_source(path: Union[str, Path, None] = None,
+                  segment_rules_path: Union[str, Path, None] = None) -> tuple[str, str, frozenset]:
+    """(YAML text, source name, known segment names) of a tracks file: what ``TrackPolicy.from_text``
+    takes, and what a DoFn carries to workers that need not see the launcher's files."""
+    path = Path(path or DEFAULT_TRACKS_PATH)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TrackPolicyError(f"{path}: cannot read tracks file: {exc.strerror}") from None
+    return text, str(path), known_segment_names(segment_rules_path)
+
+
 def known_segment_names(segment_rules_path: Union[str, Path, None] = None) -> frozenset:
     """Every segment the rules file defines or retires (what a tracks rule may name)."""
     from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleError, RuleSet
@@ -324,14 +331,9 @@ class AssignOnboardingTracks(beam.PTransform):
     def __init__(self, tracks_path: Union[str, Path] = DEFAULT_TRACKS_PATH,
                  segment_rules_path: Union[str, Path, None] = None, label: Optional[str] = None) -> None:
         super().__init__(label)
-        path = Path(tracks_path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise TrackPolicyError(f"{path}: cannot read tracks file: {exc.strerror}") from None
-        known = known_segment_names(segment_rules_path)
-        self.policy = TrackPolicy.from_text(text, str(path), known)
-        self._fn = _AssignTrackFn(text, str(path), known)
+        source = policy_source(tracks_path, segment_rules_path)
+        self.policy = TrackPolicy.from_text(*source)
+        self._fn = _AssignTrackFn(*source)
 
     def expand(self, profiles):
         return profiles | "ChooseTrack" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="profiles")

@@ -341,7 +341,7 @@ class _LearnFn(beam.DoFn):
     MARK = TimerSpec("refit_mark", TimeDomain.WATERMARK)
 
     def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str, key_prefix: str,
-                 segments: SegmentSettings, tracks_path: str, rules_path: Optional[str], metrics=None,
+                 segments: SegmentSettings, tracks: tuple, metrics=None,
                  keep_versions: int = 0, keep_days: Optional[float] = None):
         self._keep_versions = keep_versions
         self._keep_days = keep_days
@@ -350,8 +350,8 @@ class _LearnFn(beam.DoFn):
         self._schema = warehouse_schema
         self._key_prefix = key_prefix
         self._segments = segments
-        self._tracks_path = str(tracks_path)
-        self._rules_path = rules_path
+        # The tracks policy travels as its text (models/tracks.py policy_source), re-assigned on re-scoring.
+        self._tracks_source = tracks
         self._metrics = metrics
         self._learned = Metrics.counter(_NAMESPACE, "profiles_learned")
         self._rejected = Metrics.counter(_NAMESPACE, "profiles_not_learnable")
@@ -363,7 +363,7 @@ class _LearnFn(beam.DoFn):
         self._sweep_failures = Metrics.counter(_NAMESPACE, "rescore_failures")
 
     def setup(self):
-        from onboardflow.models.tracks import TrackPolicy, known_segment_names
+        from onboardflow.models.tracks import TrackPolicy
         from onboardflow.transforms.rescore import ProfileSweep
 
         if self._metrics is not None:
@@ -371,7 +371,7 @@ class _LearnFn(beam.DoFn):
         self._registry = ModelRegistry(self._redis_url, self._dsn, self._schema, self._key_prefix)
         self._serving = ServingModels(self._registry.store, refresh_seconds=0.0)
         self._sweep = ProfileSweep(self._redis_url, self._key_prefix)
-        self._tracks = TrackPolicy.from_yaml(self._tracks_path, known_segments=known_segment_names(self._rules_path))
+        self._tracks = TrackPolicy.from_text(*self._tracks_source)
         # (bytes last written to state, the state they encode): decode once per bundle, not per batch.
         self._decoded: Optional[tuple[bytes, LearnerState]] = None
 
@@ -616,15 +616,17 @@ class LearnOnlineModels(beam.PTransform):
                  tracks_path=None, rules_path: Optional[str] = None, batch_size: int = 500,
                  max_batch_seconds: float = 2.0, metrics=None, keep_versions: int = 0,
                  keep_days: Optional[float] = None, label: Optional[str] = None):
-        from onboardflow.models.tracks import DEFAULT_TRACKS_PATH
+        from onboardflow.models.tracks import TrackPolicy, policy_source
 
         super().__init__(label)
         if batch_size < 1 or max_batch_seconds <= 0 or keep_versions < 0:
             raise ValueError("batch_size >= 1, max_batch_seconds > 0 and keep_versions >= 0 required")
         self._batch_size = batch_size
         self._max_batch_seconds = max_batch_seconds
-        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, segments,
-                            tracks_path or DEFAULT_TRACKS_PATH, rules_path, metrics, keep_versions, keep_days)
+        tracks = policy_source(tracks_path, rules_path)
+        TrackPolicy.from_text(*tracks)  # a bad policy fails here, at construction, not on a worker
+        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, segments, tracks, metrics,
+                            keep_versions, keep_days)
 
     def expand(self, profiles):
         return (

@@ -1,9 +1,13 @@
 """Online models in Beam on the real Redis and PostgreSQL (Prism, bounded input).
 
-The learner publishes what it learned when a bounded input ends; the scorer
-of a later run picks that version up from the registry's Redis copy; drift
-events land in the warehouse exactly once even when the stage runs again.
+The learner refits the segmenter on the profile store at event-time marks and
+at the end of the input, publishes, and re-scores every stored profile (the
+sweep: nobody waits for their next event); a later run's scorer picks the
+version up from the registry's Redis copy; drift events land in the warehouse
+exactly once even when the stage runs again; label timeouts follow the
+watermark.
 """
+import hashlib
 import random
 
 import apache_beam as beam
@@ -11,34 +15,60 @@ import psycopg
 import pytest
 from apache_beam.testing.util import assert_that
 
-from onboardflow.models.features import feature_vector
 from onboardflow.models.registry import ModelRegistry
 from onboardflow.runners.local import local_pipeline_options
-from onboardflow.transforms.online_models import SEGMENTATION, LearnOnlineModels, ScoreProfiles
+from onboardflow.transforms.online_models import (
+    SEGMENTATION, LearnOnlineModels, ScoreProfiles, SegmentSettings,
+)
+from onboardflow.transforms.profile_store import ProfileKeys, RedisProfileWriter, decode_profile, encode_profile
+from onboardflow.transforms.rescore import ProfileSweep
 from onboardflow.transforms.warehouse import WriteDriftEvents, apply_migrations
 
 pytestmark = pytest.mark.integration
 
 DAY_MS = 86_400_000
+DAILY = SegmentSettings(refit_ms=DAY_MS, n_clusters=2, min_users=20)
 
 
-def profiles(n: int, seed: int, shift_at: int = None) -> list[dict]:
-    """Pipeline-shaped profiles of two clearly different kinds of user."""
+def key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def profiles(n: int, seed: int, shift_at: int = None, days: int = 1) -> list[dict]:
+    """Pipeline-shaped profiles of two clearly different kinds of user, spread over ``days`` of event time."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         engaged = i % 2 == 0
         base = 40 if engaged else 1
+        content = int(base * 3 * rng.uniform(0.8, 1.2)) + 2
+        at = DAY_MS * 100 + (i * days * DAY_MS) // n + 1000
         out.append({
-            "user_key": f"k{seed}-{i}", "as_of": DAY_MS * 100 + i * 1000, "version": i,
-            "engagement_score": base * rng.uniform(0.8, 1.2), "intent_score": base / 4 * rng.uniform(0.8, 1.2),
-            "events_7d": int(base * 3 * rng.uniform(0.8, 1.2)), "events_30d": int(base * 9 * rng.uniform(0.8, 1.2)),
-            "session_count": int(base * rng.uniform(0.8, 1.2)) + 1, "onboarding_progress": 0.5,
-            "days_since_signup": 5, "feature_usage_score": 90.0 if engaged else 2.0,
+            "user_key": key(f"{seed}-{i}"), "as_of": at, "version": at * 1000 + 5,
+            "signup_at": DAY_MS * 99, "days_since_signup": 5.0, "events_total": content + 1,
+            "event_counts": ({"signup": 1, "feature_used": content} if engaged
+                             else {"signup": 1, "page_view": content}),
+            "session_count": int(base * rng.uniform(0.8, 1.2)) + 1, "onboarding_progress": 0.9 if engaged else 0.1,
+            "median_visit_events": 12.0 if engaged else 2.0, "distinct_features": 8 if engaged else 0,
+            "segments": [],
             "cluster_id": (2 if rng.random() < 0.9 else 0) if shift_at is not None and i >= shift_at
             else rng.choice([0, 1]),
         })
     return out
+
+
+def store(redis_url: str, prefix: str, rows: list[dict]) -> None:
+    """Write ``rows`` unscored into the profile store, as the pipeline's writer would."""
+    writer = RedisProfileWriter(redis_url, prefix, outbox=False)
+    unscored = [{k: v for k, v in r.items() if k != "cluster_id"} for r in rows]
+    assert all(o.applied for o in writer.write([encode_profile(p) for p in unscored]))
+    writer.close()
+
+
+def stored(redis_client, prefix: str) -> dict[str, dict]:
+    keys = ProfileKeys(prefix)
+    return {name.decode()[len(keys.profile_prefix):]: decode_profile(redis_client.hgetall(name))
+            for name in redis_client.scan_iter(match=keys.profile_prefix + "*")}
 
 
 @pytest.fixture
@@ -47,83 +77,87 @@ def migrated(pg_dsn, warehouse_schema):
     return warehouse_schema
 
 
-def test_learner_publishes_when_usable_and_at_end_of_input_and_the_next_run_scores_with_it(
-        redis_url, pg_dsn, migrated, redis_key_prefix):
+def test_the_learner_refits_at_marks_and_at_the_end_and_every_stored_profile_is_scored(
+        redis_url, redis_client, pg_dsn, migrated, redis_key_prefix):
+    rows = profiles(300, seed=1, days=3)
+    store(redis_url, redis_key_prefix, rows)
     with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
-        _ = (p | beam.Create(profiles(600, seed=1))
-             | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix, publish_seconds=3600,
-                                 batch_size=100))
+        _ = p | beam.Create(rows) | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix,
+                                                      segments=DAILY, batch_size=50)
     with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=redis_key_prefix) as registry:
-        served = registry.current(SEGMENTATION)
         versions = registry.versions(SEGMENTATION)
-        # Published once as soon as it was usable (after the 500-update warm-up),
-        # then at the end of the input: the end-of-input version is served.
-        assert len(versions) == 2
-        assert served is not None and served.id == versions[-1].id == "seg-000002"
-        assert versions[0].counts["profiles"] < 600
-        assert served.counts["profiles"] == 600
-        assert registry.current("propensity") is None  # no labels yet: nothing trustworthy to serve
+        served = registry.current(SEGMENTATION)
+    # The three days hold marks at days 101 and 102 (refits, unless the input
+    # had already run a day past them), and the end of the input refits once
+    # more on every final profile: that is the version served.
+    assert 1 <= len(versions) <= 3
+    assert served.id == versions[-1].id and served.counts["population"] == 300
 
+    # The sweep: every profile in the store carries the served model's cluster,
+    # although none of them was written again after the publish.
+    now = stored(redis_client, redis_key_prefix)
+    assert len(now) == 300
+    assert {p["model_version"] for p in now.values()} == {served.id}
+    by_kind: dict = {}
+    for row in rows:
+        profile = now[row["user_key"]]
+        assert isinstance(profile["cluster_id"], int) and profile["segment_label"] and profile["onboarding_track"]
+        by_kind.setdefault(row["onboarding_progress"] > 0.5, set()).add(profile["cluster_id"])
+    assert len(by_kind[True]) == len(by_kind[False]) == 1 and by_kind[True] != by_kind[False]
+
+    # A later run's scorers read the served version.
     probe = profiles(40, seed=2)
 
     def check(scored):
-        assert len(scored) == 40
-        assert {s["model_version"] for s in scored} == {"seg-000002"}
-        by_kind = {}
-        for s, original in zip(sorted(scored, key=lambda s: s["user_key"]),
-                               sorted(probe, key=lambda s: s["user_key"])):
-            engaged = original["feature_usage_score"] > 50
-            by_kind.setdefault(engaged, set()).add(s["cluster_id"])
-            assert s["segment_label"]
-        # Each kind of user lands in its own cluster(s), never shared.
-        assert not by_kind[True] & by_kind[False]
+        assert {s["model_version"] for s in scored} == {served.id}
+        assert {s["cluster_id"] for s in scored} == set().union(*by_kind.values())
 
     with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
-        scored = p | beam.Create(probe) | ScoreProfiles(redis_url, redis_key_prefix, refresh_seconds=60)
-        assert_that(scored, check)
+        assert_that(p | beam.Create(probe) | ScoreProfiles(redis_url, redis_key_prefix, refresh_seconds=60), check)
 
 
-def test_learner_prunes_old_versions_after_publishing_but_keeps_the_served_one(
+def test_the_same_input_refits_to_the_same_model_and_the_registry_keeps_one_version(
         redis_url, pg_dsn, migrated, redis_key_prefix):
-    # A publish after every batch (publish_seconds=0), keeping the newest 2:
-    # the registry ends with every version listed, only 2 payloads left, and
-    # the served one among them.
-    prefix = redis_key_prefix + "r"
-    with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
-        _ = (p | beam.Create(profiles(1500, seed=4))
-             | LearnOnlineModels(redis_url, pg_dsn, migrated, prefix, publish_seconds=0, batch_size=100,
-                                 keep_versions=2))
-    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=prefix) as registry:
-        versions = registry.versions(SEGMENTATION)
-        kept = [v for v in versions if not v.pruned]
-        assert len(versions) > 3
-        assert [v.id for v in kept] == [v.id for v in versions[-2:]]
-        assert registry.current(SEGMENTATION).id == versions[-1].id
-        assert registry.store.mirrored_versions(SEGMENTATION) == [int(v.id.split("-")[1]) for v in kept]
+    rows = profiles(200, seed=9)
+    store(redis_url, redis_key_prefix, rows)
+    payloads = []
+    for _ in range(2):
+        with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
+            _ = p | beam.Create(rows) | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix,
+                                                          segments=DAILY, batch_size=100)
+        with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=redis_key_prefix) as registry:
+            payloads.append(registry.current(SEGMENTATION).payload)
+            versions = registry.versions(SEGMENTATION)
+    assert payloads[0] == payloads[1]
+    assert len(versions) == 1  # the second run's end-of-input fit is the same bytes: no new version
 
 
-def test_a_new_learner_starts_from_the_serving_versions(redis_url, pg_dsn, migrated, redis_key_prefix):
-    # A segmenter seeded offline (as `onboardflow train` publishes it) is served;
-    # a learner with no state continues from it instead of starting cold: after
-    # fewer updates than a cold warm-up needs, what it publishes at the end of
-    # the input is that segmenter, having learned them.
-    from onboardflow.models.segmentation import OnlineSegmenter
+def test_the_sweep_rescores_in_place_but_never_over_a_newer_write(redis_url, redis_client, redis_key_prefix):
+    rows = profiles(4, seed=3)
+    store(redis_url, redis_key_prefix, rows)
+    keys = ProfileKeys(redis_key_prefix)
+    ttl_before = redis_client.pttl(keys.profile(rows[0]["user_key"]))
+    sweep = ProfileSweep(redis_url, redis_key_prefix)
+    population = sweep.population()
+    assert [p["user_key"] for p in population] == sorted(r["user_key"] for r in rows)
+    # The pipeline rewrites user 1 (a newer version) between the read and the sweep's write.
+    newer = dict(rows[1], version=rows[1]["version"] + 1000, events_total=99)
+    newer.pop("cluster_id")
+    assert RedisProfileWriter(redis_url, redis_key_prefix, outbox=False).write([encode_profile(newer)])[0].applied
 
-    prefix = redis_key_prefix + "s"
-    seeded = OnlineSegmenter()
-    for x in map(feature_vector, profiles(600, seed=7)):
-        seeded.learn_one(x)
-    assert seeded.ready and seeded.n_learned == 600
-    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=prefix) as registry:
-        registry.publish(SEGMENTATION, seeded.to_bytes(), source="train")
-    with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
-        _ = (p | beam.Create(profiles(60, seed=8))
-             | LearnOnlineModels(redis_url, pg_dsn, migrated, prefix, publish_seconds=3600, batch_size=100))
-    with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=prefix) as registry:
-        versions = registry.versions(SEGMENTATION)
-        assert [v.source for v in versions] == ["train", "online"]
-        continued = OnlineSegmenter.from_bytes(registry.current(SEGMENTATION).payload)
-    assert continued.n_learned == 660 and continued.ready
+    counts = sweep.rescore(population, lambda p: dict(p, cluster_id=7, segment_label="team inviter",
+                                                      model_version="seg-000009", propensity=None))
+    sweep.close()
+    assert (counts.profiles, counts.rescored, counts.moved_on, counts.unscored) == (4, 3, 1, 0)
+    now = stored(redis_client, redis_key_prefix)
+    for row in rows:
+        profile = now[row["user_key"]]
+        if row is rows[1]:
+            assert "cluster_id" not in profile and profile["events_total"] == 99  # the newer write stands
+        else:
+            assert profile["cluster_id"] == 7 and profile["segment_label"] == "team inviter"  # typed (int)
+            assert profile["version"] == row["version"] and profile["events_total"] == row["events_total"]
+    assert 0 < redis_client.pttl(keys.profile(rows[0]["user_key"])) <= ttl_before  # the TTL is kept
 
 
 def test_drift_events_reach_the_warehouse_once_even_when_the_stage_runs_again(
@@ -131,12 +165,11 @@ def test_drift_events_reach_the_warehouse_once_even_when_the_stage_runs_again(
     data = profiles(4000, seed=3, shift_at=3000)
     runs = []
     for run in range(2):
-        # The same run twice: each from a cold learner (its own registry
-        # prefix; a learner starts from the serving version of its registry).
+        # The same run twice: each from a cold learner (its own registry prefix).
         with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
             drift = (p | beam.Create(data)
                      | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix + f"x{run}",
-                                         publish_seconds=3600, batch_size=4000))
+                                         segments=DAILY, batch_size=4000))
             _ = drift | WriteDriftEvents(pg_dsn, migrated)
         with psycopg.connect(pg_dsn) as conn:
             rows = conn.execute(
@@ -157,15 +190,14 @@ def test_timeouts_follow_the_watermark_and_a_warm_propensity_model_is_published(
     rows = []
     for i in range(200):
         start = DAY_MS * (100 + i)
-        base = {"user_key": f"p-{i}", "events_7d": 5, "session_count": 2, "days_since_signup": 1}
+        base = {"user_key": key(f"p-{i}"), "events_7d": 5, "session_count": 2, "days_since_signup": 1}
         rows.append({**base, "as_of": start, "version": start, "onboarding_progress": 0.2})
         rows.append({**base, "as_of": start + DAY_MS, "version": start + DAY_MS,
                      "onboarding_progress": 1.0 if i % 2 == 0 else 0.4})
     rows.sort(key=lambda r: r["as_of"])
     with beam.Pipeline(options=local_pipeline_options(streaming=False)) as p:
         _ = (p | beam.Create(rows)
-             | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix, publish_seconds=3600,
-                                 batch_size=50))
+             | LearnOnlineModels(redis_url, pg_dsn, migrated, redis_key_prefix, segments=DAILY, batch_size=50))
     with ModelRegistry(redis_url, pg_dsn, schema=migrated, key_prefix=redis_key_prefix) as registry:
         served = registry.current("propensity")
     assert served is not None, "the propensity model never became warm"

@@ -46,7 +46,7 @@ from onboardflow.models import snapshot
 from onboardflow.models.features import feature_vector
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import ModelRegistry
-from onboardflow.models.segmentation import OnlineSegmenter
+from onboardflow.models.segmentation import Segmenter
 from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.generator import (
     DUPLICATE, MALFORMATION_REASONS, VALID, GeneratedMessage, GeneratorConfig, JourneyGenerator, UserProfile,
@@ -527,7 +527,7 @@ def cancel(result, timeout_s: float = 60) -> None:
 def fixed_models() -> dict[str, bytes]:
     """A ready segmenter and a warm propensity model, learned from synthetic profiles."""
     rng = random.Random(11)
-    segmenter, propensity = OnlineSegmenter(), PropensityModel()
+    rows, propensity = [], PropensityModel()
     for i in range(600):
         kind = i % 3  # support-heavy, feature-heavy and browse-only users
         sessions = rng.randint(1, 12)
@@ -540,9 +540,10 @@ def fixed_models() -> dict[str, bytes]:
             "onboarding_progress": rng.choice([0.0, 0.4, 1.0]), "engagement_score": rng.uniform(0, 40),
             "recency_ms": rng.uniform(0, 10) * 86_400_000, "events_7d": sum(counts.values()),
         })
-        segmenter.learn_one(x)
+        rows.append(x)
         propensity.predict(f"u{i}", x, i * 1000)
         propensity.label(f"u{i}", int(kind == 1), i * 1000 + 1)
+    segmenter = Segmenter(n_clusters=3).fit(rows)
     assert segmenter.ready and propensity.warm
     return {SEGMENTATION: segmenter.to_bytes(), PROPENSITY: propensity.to_bytes()}
 
@@ -550,10 +551,10 @@ def fixed_models() -> dict[str, bytes]:
 def serve_pinned(deployment, prefixes: list[str]) -> None:
     """Serve ``fixed_models()`` under every Redis prefix, pinned, before any run starts.
 
-    Scoring reads whatever model is serving when a profile passes by, and the
-    learner publishes on a processing-time schedule (and when a bounded input
-    ends), so without a pin which profiles get scored, and by which version,
-    depends on timing. Pinned, every run scores every update with the same
+    Scoring reads whatever model is serving when a profile passes by, and a
+    streaming learner refits at marks the watermark passes while the runs read
+    at different speeds, so without a pin which profiles get scored, and by
+    which version, depends on timing. Pinned, every run scores every update with the same
     versions from its first bundle, so the model fields (cluster, label,
     propensity, track, model_version) must agree like the rest; the learners
     still record their versions, unserved.

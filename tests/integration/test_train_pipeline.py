@@ -20,7 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 from onboardflow.models.features import FEATURES, feature_vector
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import ModelRegistry
-from onboardflow.models.segmentation import OnlineSegmenter
+from onboardflow.models.segmentation import Segmenter
 from onboardflow.runners import train
 from onboardflow.runners.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
@@ -107,7 +107,7 @@ def test_train_finds_the_personas_and_serves_a_seeded_segmenter(
         served = registry.current("segmentation")
     assert served.id == report["published"]["version"] == "seg-000001"
     assert served.source == "train" and served.metrics["k"] == 3 and served.counts["users"] == USERS
-    segmenter = OnlineSegmenter.from_bytes(served.payload)
+    segmenter = Segmenter.from_bytes(served.payload)
     predicted = [segmenter.predict_one(feature_vector(final)) for _, _, final in generated]
     assert adjusted_rand_score([persona for persona, _, _ in generated], predicted) >= 0.9
 

@@ -280,10 +280,10 @@ class _Sweep:
 
 
 def _learn_fn(store):
-    from onboardflow.models.tracks import TrackPolicy
+    from onboardflow.models.tracks import TrackPolicy, policy_source
     from onboardflow.transforms.online_models import _LearnFn
 
-    fn = _LearnFn("redis://unused", "unused", "unused", "obf", SegmentSettings(refit_ms=DAY_MS), "unused", None)
+    fn = _LearnFn("redis://unused", "unused", "unused", "obf", SegmentSettings(refit_ms=DAY_MS), policy_source())
     fn._registry, fn._decoded, fn._sweep = _Registry(store), None, _Sweep()
     fn._serving = ServingModels(fn._registry.store._store, refresh_seconds=0.0)
     fn._tracks = TrackPolicy.from_yaml()
