@@ -1,6 +1,6 @@
 """The model registry: versioned model snapshots, served from Redis, kept in the warehouse.
 
-Online models (``models.segmentation.OnlineSegmenter``, ``models.propensity.PropensityModel``)
+Online models (``models.segmentation.Segmenter``, ``models.propensity.PropensityModel``)
 and the offline bootstrap (``onboardflow train``) publish serialized snapshots
 here; scoring stages load the *current* snapshot of each kind; an operator
 rolls a bad model back with one command (``onboardflow models rollback``).
