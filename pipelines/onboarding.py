@@ -296,7 +296,7 @@ def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
     return PipelineOptions(argv, experiments=experiments,
                            **{k: v for k, v in local.get_all_options(drop_default=True).items()
                               if k in ("runner", "prism_location", "environment_type", "streaming",
-                                       "prism_log_level") and k not in given})
+                                       "prism_log_level", "job_server_timeout") and k not in given})
 
 
 def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):

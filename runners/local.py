@@ -49,6 +49,10 @@ def prism_location(path: Optional[Union[str, os.PathLike]] = None) -> str:
     return str(candidate)
 
 
+#: The portable runner's job-service deadline for local runs (``--job_server_timeout``).
+JOB_STREAM_TIMEOUT_S = 7 * 24 * 3600
+
+
 def local_pipeline_options(
     streaming: bool,
     *,
@@ -74,6 +78,12 @@ def local_pipeline_options(
         "prism_log_level": "warn",
         # Type checks are cheap at construction and catch wiring mistakes early.
         "pipeline_type_check": True,
+        # Beam's portable runner opens the job's state and message streams
+        # with this as their gRPC deadline (default 300 s): a bounded backfill
+        # or a streaming job that runs longer than that lost its job service
+        # and failed with DEADLINE_EXCEEDED after exactly five minutes
+        # (docs/local-runner.md). A week: the streams live as long as the job.
+        "job_server_timeout": JOB_STREAM_TIMEOUT_S,
         "experiments": experiments,
     }
     settings.update(extra)

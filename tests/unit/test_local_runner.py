@@ -88,6 +88,9 @@ def test_a_pipeline_run_without_a_runner_gets_prism_and_in_process_workers():
     assert options.view_as(PortableOptions).environment_type == "LOOPBACK"
     assert local.PRISM_NO_DYNAMIC_SPLITS in options.view_as(DebugOptions).experiments
     assert pipeline_options(["--kafka_bounded"]).view_as(StandardOptions).streaming is False
+    # The job service's streams must outlive a long backfill (Beam's default deadline is 300 s).
+    assert options.view_as(PortableOptions).job_server_timeout == local.JOB_STREAM_TIMEOUT_S >= 86_400
+    assert pipeline_options(["--job_server_timeout=60"]).view_as(PortableOptions).job_server_timeout == 60
 
 
 def test_a_pipeline_runs_sdk_workers_in_a_worker_pool_when_the_caller_says_so():
