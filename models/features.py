@@ -9,16 +9,18 @@ named, bounded floats that the segmenter and the propensity model share:
   deviations from everyone else;
 * rates are normalized by how long the user has been around (sessions per
   week of tenure, share of active days since signup), because on a stream the
-  same persona is seen at every age: a two-day-old fast adopter has few
-  sessions in total but many per week; and by how long they were *active*
-  (sessions per week from signup to their newest event), because a burst of
-  sessions followed by silence and a trickle of sessions over the same days
-  are different users with the same sessions per week of tenure (recency
-  says how long the silence is);
-* shares of event types (support, browsing, feature use) describe *how* a user
-  works, independently of how much;
+  same persona is seen at every age;
+* shares of *content* event types (support, browsing, feature use, invites,
+  forms, tutorial steps: everything but the events that open or close a
+  visit, ``SESSION_EVENTS``) describe *how* a user works, independently of
+  how much, and are shrunk by ``CONTENT_PRIOR`` pseudo-events;
+* what a visit holds (median events and minutes over sessions of at least two
+  events) is robust to a lone login;
 * every value is clipped to ``[0, FEATURE_BOUNDS[name]]`` so one absurd input
   (a replayed bot, a clock bug) cannot move a cluster centre arbitrarily far.
+
+``SEGMENT_FEATURES`` are the ones the segmenter clusters on: chosen so that one
+more ordinary event cannot swing them (docs/models.md "Features").
 
 No identifiers, timestamps or free-text fields enter the vector: a model
 snapshot must never carry per-user data, and absolute timestamps would make

@@ -293,10 +293,17 @@ def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
     # settings the caller left out are passed that way (a flag given with its
     # default value counts as given).
     given = given_flags(argv)
-    return PipelineOptions(argv, experiments=experiments,
-                           **{k: v for k, v in local.get_all_options(drop_default=True).items()
-                              if k in ("runner", "prism_location", "environment_type", "streaming",
-                                       "prism_log_level", "job_server_timeout") and k not in given})
+    settings = {k: v for k, v in local.get_all_options(drop_default=True).items()
+                if k in ("runner", "prism_location", "environment_type", "streaming",
+                         "prism_log_level", "job_server_timeout") and k not in given}
+    if "kafka_start_position" not in given:
+        # Prism keeps no state between jobs: a job that resumed from the group's
+        # committed offsets would fold each user's next event into an empty
+        # profile state and write a one-event profile over the full one (a newer
+        # version). Locally every job rebuilds its state from the earliest
+        # offset; what Redis already holds is skipped (docs/local-runner.md).
+        settings["kafka_start_position"] = "earliest"
+    return PipelineOptions(argv, experiments=experiments, **settings)
 
 
 def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):
@@ -310,6 +317,12 @@ def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wa
     applied = apply_migrations(opts.warehouse_dsn, opts.warehouse_schema)
     if applied:
         _LOG.info("warehouse: applied migrations %s", ", ".join(m.name for m in applied))
+    if (options.view_as(StandardOptions).runner == "PrismRunner"
+            and options.view_as(KafkaReadOptions).kafka_start_position != "earliest"):
+        _LOG.warning("--kafka_start_position=%s on Prism: this job starts with empty profile state, so each "
+                     "user's next event writes a profile of that event alone over the stored one. Rebuild "
+                     "the state from the earliest offset unless the topic holds only new users "
+                     "(docs/local-runner.md).", options.view_as(KafkaReadOptions).kafka_start_position)
     p = beam.Pipeline(options=options)
     build(p, options, secret)
     result = p.run()

@@ -33,7 +33,9 @@
 
 Two runs with the same ``--seed`` and ``--anchor`` settle on the same
 profiles and segment table (tests/integration/test_demo.py), except the
-online models' fields, which follow the learner's wall-clock publishing.
+online models' fields: a streaming run refits at the event-time marks its
+watermark passes, on the profiles written by then, which depends on how far
+the run had read ahead (docs/models.md "Reproducible segments").
 """
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: The source's max out-of-orderness (seconds): an idle pipeline's watermark
 #: trails the wall clock by this much, so "due by now" means due by now minus it.
 MAX_OUT_OF_ORDERNESS_S = 60.0
-#: Model fields: the learner publishes on a wall-clock schedule, so which
-#: version scored a profile depends on timing, not on the input.
+#: Model fields: a streaming run's refits read the profile store as the
+#: watermark passes each mark, so they depend on how far the run read ahead.
 MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
 
 

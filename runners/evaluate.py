@@ -393,7 +393,7 @@ def table(results: list[DesignResult]) -> str:
     rows = [
         ("users / events", [f"{r.users:,} / {r.events:,}" for r in results]),
         ("model versions (event-time marks + end)", [str(r.model_versions) for r in results]),
-        (f"ARI vs personas after the backfill", [f(r.ari_backfill) for r in results]),
+        ("ARI vs personas after the backfill", [f(r.ari_backfill) for r in results]),
         (f"ARI after one live login per user (>= {TARGETS['ari_live']})", [f(r.ari_live) for r in results]),
         (f"stability: same cluster after the login (>= {TARGETS['stable_share']:.0%})",
          [f"{f(r.stable_share)} of {r.stability_users:,}" for r in results]),

@@ -9,10 +9,15 @@ the real thing, on the services of ``make services-up``:
    of the onboarding pipeline (Prism): profiles, rules, the learner's refits
    at the daily marks and at the end of the input, and the sweep. The
    profiles in Redis then give the *after backfill* figures.
-2. **Live phase.** A streaming run resumes from the committed offsets; one
-   login per user (``populations.live_login``, event time now) is produced,
-   and the run waits until every user with personalization consent has the
-   login in their profile (``last_event_at``), or ``--live-timeout``. Every
+2. **Live phase.** A streaming run reads the topic from the earliest offset
+   (Prism keeps no state between jobs: a run resumed from the committed
+   offsets would fold the login into an empty profile state and write a
+   one-event profile over the full one), and is waited on until it has
+   settled (runners/demo.py ``await_settled``: the replay rewrites nothing,
+   every version is already stored). Then one login per user
+   (``populations.live_login``, event time now) is produced, and the run
+   waits until every user with personalization consent has the login in
+   their profile (``last_event_at``), or ``--live-timeout``. Every
    login that never arrives is reported by count -- a lost update -- and the
    slowest arrival time is printed. The profiles give the *after live*
    figures: ARI, stability (users with at least 10 events whose cluster did
@@ -72,7 +77,10 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     from onboardflow.models.registry import ModelStore
     from onboardflow.pipelines.onboarding import run
     from onboardflow.runners.local import stop_streaming_job
+    from onboardflow.runners.demo import MAX_OUT_OF_ORDERNESS_S, await_settled
+    from onboardflow.runners.lag import KafkaLagReader, ProgressReader
     from onboardflow.runners.populations import live_login, population, v2_serializer
+    from onboardflow.transforms.metrics import SinkWatermark
     from onboardflow.transforms.anonymize import SecretKey
     from onboardflow.transforms.profile_store import ProfileStore
 
@@ -93,6 +101,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
         f"--redis_url={redis_url}", f"--redis_key_prefix={base}", f"--warehouse_dsn={dsn}",
         f"--warehouse_schema={schema}", "--model_refresh_seconds=2",
     ]
+    newest_ms = max(e["occurred_at"] for e in pop.events())
     user_ids = sorted(u.user_id for u in pop.users())
     persona = {u.user_id: u.persona for u in pop.users()}
     producer = None
@@ -111,12 +120,27 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
         with ProfileStore(redis_url, secret, base) as store:
             before = dict(zip(user_ids, store.get_many(user_ids)))
 
-        # Live phase: resume, send one login per user, wait for every consenting one.
-        print(f"  {name}: backfill done in {backfill_s:.0f} s; live phase ...", file=sys.stderr, flush=True)
-        result = run([*common, "--streaming", "--kafka_start_position=committed", "--kafka_idle_timeout=2"],
-                     secret=secret, wait=False)
+        # Live phase: a streaming run rebuilds the state from the earliest offset and
+        # settles; then one login per user, and wait for every consenting one.
+        print(f"  {name}: backfill done in {backfill_s:.0f} s; streaming run, live phase ...", file=sys.stderr,
+              flush=True)
+        live_group = f"{group}-live"
+        live_args = [a for a in common if not a.startswith("--kafka_consumer_group=")]
+        result = run([*live_args, f"--kafka_consumer_group={live_group}", "--streaming",
+                      "--kafka_start_position=earliest", "--kafka_idle_timeout=2",
+                      f"--kafka_max_out_of_orderness={MAX_OUT_OF_ORDERNESS_S}"], secret=secret, wait=False)
         try:
-            time.sleep(5.0)  # the source is assigned its partitions
+            kafka, progress = KafkaLagReader(bootstrap, live_group, [topic]), ProgressReader(redis_url, base)
+            client, sink = redis.Redis.from_url(redis_url), SinkWatermark(base)
+            try:
+                settled = await_settled(kafka, progress, lambda: sink.read(client), newest_ms, time.time(),
+                                        live_timeout_s * 3, failed=lambda: None, report_every_s=30.0)
+            finally:
+                kafka.close()
+                progress.close()
+                client.close()
+            if not settled.ok:
+                raise RuntimeError(f"{name}: the streaming run did not settle: {settled.missing[:3]}")
             serialize = v2_serializer()
             at = int(time.time() * 1000)
             sent_at, expected = {}, set()

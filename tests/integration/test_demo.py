@@ -94,8 +94,9 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
     a profile can get has fired, and nothing more comes due in between. Then
     every profile field must agree (decayed scores to 1e-9, the fold-order
     noise ``assert_same_profiles`` allows), except ``updated_at`` (the write's
-    wall clock) and the online models' fields, which depend on when the
-    learner published (a wall-clock schedule). The live phase and the probes
+    wall clock) and the online models' fields: a streaming run refits on the
+    profiles written when its watermark passes a mark, which depends on how
+    far it had read ahead. The live phase and the probes
     (events at the wall clock) are off. A run that declared itself settled
     early (the old pause-in-writes check) would leave users not yet dormant
     and a table that differs from the other run's.

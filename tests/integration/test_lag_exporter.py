@@ -171,7 +171,7 @@ def _pipeline_args(bootstrap, topic, group, dlq, changes, redis_url, prefix, dsn
     return [
         f"--kafka_bootstrap_servers={bootstrap}",
         f"--kafka_topics={topic}",
-        f"--kafka_consumer_group={group}",  # start position: committed (earliest when none)
+        f"--kafka_consumer_group={group}",  # locally the start position is earliest: each run re-reads all
         f"--dead_letter_topic={dlq}",
         f"--segment_changes_topic={changes}",
         f"--redis_url={redis_url}",

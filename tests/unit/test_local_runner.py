@@ -93,6 +93,19 @@ def test_a_pipeline_run_without_a_runner_gets_prism_and_in_process_workers():
     assert pipeline_options(["--job_server_timeout=60"]).view_as(PortableOptions).job_server_timeout == 60
 
 
+def test_a_local_job_rebuilds_its_state_from_the_earliest_offset_unless_told_otherwise():
+    # Prism keeps no state between jobs: resuming from committed offsets would
+    # write one-event profiles over full ones.
+    from onboardflow.pipelines.onboarding import pipeline_options
+    from onboardflow.transforms.kafka_io import KafkaReadOptions
+
+    assert pipeline_options(["--kafka_topics=t"]).view_as(KafkaReadOptions).kafka_start_position == "earliest"
+    told = pipeline_options(["--kafka_topics=t", "--kafka_start_position=committed"])
+    assert told.view_as(KafkaReadOptions).kafka_start_position == "committed"
+    other = pipeline_options(["--runner=DataflowRunner", "--kafka_topics=t"])
+    assert other.view_as(KafkaReadOptions).kafka_start_position == "committed"  # runners with durable state resume
+
+
 def test_a_pipeline_runs_sdk_workers_in_a_worker_pool_when_the_caller_says_so():
     # PipelineOptions lets keyword arguments override flags; the local
     # defaults must not override what the caller asked for.
