@@ -12,6 +12,7 @@ command parses its own flags.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # name -> ("module" or "module:function", one-line help)
@@ -27,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("onboardflow.runners.train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
     "models": ("onboardflow.runners.models", "list, show, roll back or promote model versions"),
     "outbox": ("onboardflow.runners.outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
-    "evaluate": ("onboardflow.runners.evaluate", "replay synthetic journeys through the online models; ARI, ROC-AUC, plot"),
+    "evaluate": ("onboardflow.runners.evaluate",
+                 "segments and propensity on four population designs: ARI, stability, calibration, plots"),
 }
 
 
@@ -39,7 +41,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class _BeamImportNoise(logging.Filter):
+    """Drops the warning Beam logs on the root logger when it is imported without GCP's client
+    libraries ("apitools not found, and bigquery client libraries are not available"): onboardflow
+    uses neither, and every command printed it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("apitools not found")
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger().addFilter(_BeamImportNoise())
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
