@@ -55,7 +55,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
+from onboardflow.models.features import FEATURES, SEGMENT_FEATURES, feature_vector
 
 UNASSIGNED = -1
 SNAPSHOT_KIND = "segmenter"
@@ -378,3 +378,52 @@ class Segmenter:
             seg._sizes[cid] = int(c["size"])
         seg.fitted_on = int(doc.get("fitted_on", 0))
         return seg
+
+
+# -- the population and the schedule (what every engine's learner does at a mark) ----------
+
+
+HOUR_MS = 3_600_000
+
+
+def scorable(profile: Mapping[str, Any]) -> bool:
+    """Whether a profile joins the population the segmenter is fitted on: an identified user.
+
+    Anonymous visitors' profiles (no signup) are scored but do not shape the
+    clusters: a visitor's few page views would otherwise pull a cluster of
+    their own.
+    """
+    return profile.get("signup_at") is not None
+
+
+class SegmentSettings:
+    """How and when the segmenter is refitted (``--model_refit_hours``, ``--segment_clusters``, ...).
+
+    Marks are multiples of ``refit_ms`` of event time since the epoch: every
+    engine, and the evaluation, refits at the same instants.
+    """
+
+    def __init__(self, refit_ms: int = 24 * HOUR_MS, n_clusters: int = 6, min_users: int = 50, seed: int = 42):
+        if refit_ms < 60_000:
+            raise ValueError("refit_ms must be at least a minute of event time")
+        self.refit_ms, self.n_clusters, self.min_users, self.seed = int(refit_ms), n_clusters, min_users, seed
+        self.segmenter()  # validates k against the catalogue and min_users
+
+    def __repr__(self) -> str:
+        return (f"SegmentSettings(refit_ms={self.refit_ms}, n_clusters={self.n_clusters}, "
+                f"min_users={self.min_users}, seed={self.seed})")
+
+    def segmenter(self) -> Segmenter:
+        return Segmenter(n_clusters=self.n_clusters, seed=self.seed, min_users=self.min_users)
+
+    def next_mark(self, after_ms: int) -> int:
+        """The first mark strictly after ``after_ms``."""
+        return (after_ms // self.refit_ms + 1) * self.refit_ms
+
+    def fit(self, population: Sequence[Mapping[str, Any]]) -> Optional[Segmenter]:
+        """A segmenter fitted on the scorable profiles of ``population`` in the order given (callers
+        order them by user key), or None while there are fewer than ``min_users``."""
+        rows = [feature_vector(p) for p in population if scorable(p)]
+        if len(rows) < self.min_users:
+            return None
+        return self.segmenter().fit(rows)

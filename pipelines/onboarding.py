@@ -56,7 +56,8 @@ from onboardflow.transforms.backfill_horizon import backfill_horizon
 from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
 from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.transforms.normalize import NormalizeEvents
-from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles, SegmentSettings
+from onboardflow.models.segmentation import SegmentSettings
+from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
 from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
 from onboardflow.transforms.profile_store import WriteProfilesToRedis
 from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX

@@ -252,35 +252,21 @@ def reliability(probabilities: list[float], labels: list[int], bins: int = 10) -
     return out
 
 
-def scorable(profile: dict) -> bool:
-    """Whether a profile joins the population the segmenter is fitted on: an identified user."""
-    return profile.get("signup_at") is not None
-
-
-def fit_population(latest: dict, segmenter_factory) -> Optional[object]:
-    """A segmenter fitted on the scorable latest profiles ordered by user key, or None if too few."""
-    from onboardflow.models.features import feature_vector
-
-    keys = sorted(k for k, p in latest.items() if scorable(p))
-    segmenter = segmenter_factory()
-    if len(keys) < segmenter.min_users:
-        return None
-    return segmenter.fit([feature_vector(latest[k]) for k in keys])
-
-
 def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int = 24 * HOUR_MS,
                     timeout_days: float = 3.0, n_clusters: int = 6, seed: int = 42,
                     progress: bool = False) -> DesignResult:
     """Replay ``design`` through the models as the pipeline runs them (module docstring)."""
     from onboardflow.models.features import feature_vector
     from onboardflow.models.propensity import PropensityModel, log_loss
-    from onboardflow.models.segmentation import UNASSIGNED, Segmenter
+    from onboardflow.models.segmentation import UNASSIGNED, SegmentSettings
     from onboardflow.transforms.segment import RuleSet
 
     started = time.perf_counter()
+    settings = SegmentSettings(refit_ms=refit_ms, n_clusters=n_clusters, seed=seed)
 
-    def make_segmenter() -> Segmenter:
-        return Segmenter(n_clusters=n_clusters, seed=seed)
+    def fit_population(latest: dict):
+        # The pipeline reads the store ordered by user key (transforms/rescore.py).
+        return settings.fit([latest[k] for k in sorted(latest)])
 
     propensity = PropensityModel(timeout_days=timeout_days)
     warm_since: Optional[int] = None
@@ -297,7 +283,7 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
 
     def refit(at: int) -> None:
         nonlocal versions
-        model = fit_population(latest, make_segmenter)
+        model = fit_population(latest)
         if model is None:
             return
         versions += 1
@@ -332,7 +318,7 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
 
     # The end of the backfill is the bounded run's last mark: fit, publish, sweep.
     keys = sorted(latest)
-    served = fit_population(latest, make_segmenter)
+    served = fit_population(latest)
     if served is None:
         raise ValueError(f"design {design.name}: too few users to fit a segmenter")
     versions += 1
@@ -351,7 +337,7 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
     settled = [k for k in keys if (latest[k].get("events_total") or 0) >= STABILITY_MIN_EVENTS]
     stable = sum(before[k] == after[k] for k in settled)
     # The next mark refits on the profiles after the logins: do the labels hold?
-    nxt = fit_population(after_profiles, make_segmenter)
+    nxt = fit_population(after_profiles)
     relabelled = [nxt.label(nxt.predict_one(feature_vector(after_profiles[k]))) for k in keys] if nxt else []
     agreement = (sum(served.label(after[k]) == r for k, r in zip(keys, relabelled)) / len(keys)) if nxt else float("nan")
 

@@ -58,7 +58,7 @@ from onboardflow.models.drift import DriftEvent, PropensityErrorDrift, SegmentMi
 from onboardflow.models.features import feature_vector, is_activity_update
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
-from onboardflow.models.segmentation import UNASSIGNED, Segmenter
+from onboardflow.models.segmentation import UNASSIGNED, Segmenter, SegmentSettings
 
 _LOG = logging.getLogger(__name__)
 _NAMESPACE = "onboardflow.models"
@@ -295,45 +295,6 @@ class LearnerState:
                 "log_loss": float(loss.get()) if labelled else None}
 
 
-@dataclass(frozen=True)
-class SegmentSettings:
-    """How and when the segmenter is refitted (``--model_refit_hours``, ``--segment_clusters``, ...)."""
-
-    refit_ms: int = 24 * 3_600_000
-    n_clusters: int = 6
-    min_users: int = 50
-    seed: int = 42
-
-    def __post_init__(self):
-        if self.refit_ms < 60_000:
-            raise ValueError("refit_ms must be at least a minute of event time")
-
-    def segmenter(self) -> Segmenter:
-        return Segmenter(n_clusters=self.n_clusters, seed=self.seed, min_users=self.min_users)
-
-    def next_mark(self, after_ms: int) -> int:
-        """The first mark strictly after ``after_ms`` (marks are multiples of ``refit_ms`` since the epoch)."""
-        return (after_ms // self.refit_ms + 1) * self.refit_ms
-
-
-def scorable(profile: Mapping[str, Any]) -> bool:
-    """Whether a stored profile joins the population the segmenter is fitted on: an identified user.
-
-    Anonymous visitors' profiles (no signup) are scored but do not shape the
-    clusters: a visitor's few page views would otherwise pull a cluster of
-    their own.
-    """
-    return profile.get("signup_at") is not None
-
-
-def fit_segmenter(population: list, settings: SegmentSettings) -> Optional[Segmenter]:
-    """The segmenter fitted on the scorable ``population`` (profiles ordered by user key), or None if too few."""
-    rows = [feature_vector(p) for p in population if scorable(p)]
-    if len(rows) < settings.min_users:
-        return None
-    return settings.segmenter().fit(rows)
-
-
 class _LearnFn(beam.DoFn):
     STATE = ReadModifyWriteStateSpec("learner", BytesCoder())
     END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
@@ -529,7 +490,7 @@ class _LearnFn(beam.DoFn):
             self._sweep_failures.inc()
             _LOG.warning("reading the profile store for a refit failed; retried at the next mark", exc_info=True)
             return
-        segmenter = fit_segmenter(population, self._segments)
+        segmenter = self._segments.fit(population)
         self._publish(learner, segmenter, reason, len(population))
         self._refresh_serving()
         self._rescore(population, "sweep")

@@ -8,7 +8,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from onboardflow.models.features import FEATURES, SEGMENT_FEATURES, feature_vector
 from onboardflow.models.segmentation import (
-    ARCHETYPES, DESCRIPTIONS, LABELS, MAX_CLUSTERS, UNASSIGNED, Segmenter, SnapshotError, name_clusters,
+    ARCHETYPES, DESCRIPTIONS, LABELS, MAX_CLUSTERS, UNASSIGNED, Segmenter, SegmentSettings, SnapshotError,
+    name_clusters,
 )
 
 #: Four behaviours, as feature vectors: what the population fit must find and name.
@@ -139,3 +140,20 @@ def test_one_ordinary_event_does_not_move_a_settled_users_cluster_on_a_fixed_mod
                      "occurred_at": design.end_ms + 3_600_000, "properties": {}})
         moved += seg.predict_one(feature_vector(state.snapshot(k))) != seg.predict_one(feature_vector(latest[k]))
     assert moved / len(settled) <= 0.05, f"{moved} of {len(settled)} settled users changed cluster"
+
+
+def test_marks_are_multiples_of_the_refit_interval_and_the_fit_waits_for_enough_identified_users():
+    day = 86_400_000
+    settings = SegmentSettings(refit_ms=day, n_clusters=2, min_users=20)
+    assert settings.next_mark(5 * day) == 6 * day and settings.next_mark(5 * day + 1) == 6 * day
+    rows, _ = population(n_per_kind=10)
+    identified = [dict(x, signup_at=1) for x in rows]
+    visitors = [dict(x) for x in rows]          # no signup: scored, never fitted on
+    assert settings.fit(visitors) is None
+    assert settings.fit(identified[:19] + visitors) is None
+    fitted = settings.fit(identified)
+    assert fitted is not None and fitted.fitted_on == len(identified) and len(fitted.labels()) == 2
+    with pytest.raises(ValueError):
+        SegmentSettings(refit_ms=1000)
+    with pytest.raises(ValueError):
+        SegmentSettings(n_clusters=MAX_CLUSTERS + 1)

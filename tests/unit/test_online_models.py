@@ -9,9 +9,9 @@ import random
 
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import ModelVersion
-from onboardflow.models.segmentation import Segmenter
+from onboardflow.models.segmentation import Segmenter, SegmentSettings
 from onboardflow.transforms.online_models import (
-    PROPENSITY, SEGMENTATION, LearnerState, SegmentSettings, ServingModels, completed_onboarding, model_version_id,
+    PROPENSITY, SEGMENTATION, LearnerState, ServingModels, completed_onboarding, model_version_id,
 )
 
 DAY_MS = 86_400_000
