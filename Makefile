@@ -1,7 +1,8 @@
 # onboardflow — everything a fresh machine needs is installed by these targets.
 #
 #   make demo            run the main job end to end (services, events, pipeline, summary)
-#   make test            unit + integration + end-to-end tests against real services
+#   make test            lint, then unit + integration + end-to-end tests against real services
+#   make lint            ruff check (rules and exceptions in ruff.toml)
 #   make bench           benchmarks (print events/s, latency, memory; never asserted)
 #   make services-up     Kafka (KRaft), Redis, PostgreSQL; idempotent, health-checked
 #   make services-down   stop what services-up started
@@ -26,7 +27,7 @@ SERVICES      := runners/services/services.sh
 PYTEST        := $(PY) -m pytest
 
 .PHONY: help install venv prism jars services-up services-down services-status \
-        test test-unit test-integration test-e2e demo bench clean distclean
+        test test-unit test-integration test-e2e lint demo bench clean distclean
 .PHONY: promtool check-alerts lag-exporter
 .PHONY: train evaluate
 .PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
@@ -75,9 +76,9 @@ services-status:
 
 # ---- tests -----------------------------------------------------------------
 
-# Unit tests first (fast, no services), then integration and end-to-end tests
-# against the real Kafka, Redis and PostgreSQL started by services-up.
-test: install services-up
+# Lint (ruff.toml), then unit tests (fast, no services), then integration and
+# end-to-end tests against the real Kafka, Redis and PostgreSQL started by services-up.
+test: install services-up lint
 	$(PYTEST) tests/unit
 	$(PYTEST) tests/integration
 
@@ -89,6 +90,10 @@ test-integration: install services-up
 
 test-e2e: install services-up
 	$(PYTEST) tests/integration -m e2e
+
+# Ruff (installed by the [test] extras); lint only, never reformats.
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # ---- observability (docs/observability.md) ---------------------------------
 

@@ -49,6 +49,8 @@ setup(
             "fakeredis>=2.20,<3",
             # [avro]: the Schema Registry client and AvroSerializer used by the interop test.
             "confluent-kafka[avro]>=2.4,<3",
+            # `make lint` (run by `make test`); rules in ruff.toml.
+            "ruff>=0.8,<1",
         ],
     },
     entry_points={"console_scripts": ["onboardflow=onboardflow.runners.cli:main"]},

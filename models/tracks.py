@@ -99,7 +99,8 @@ class TrackRule:
 
 def _segments(profile: Mapping[str, Any]) -> frozenset:
     value = profile.get("segments")
-    return frozenset(s for s in value if isinstance(s, str)) if isinstance(value, (list, tuple, set, frozenset)) else frozenset()
+    return (frozenset(s for s in value if isinstance(s, str))
+            if isinstance(value, (list, tuple, set, frozenset)) else frozenset())
 
 
 class _Loader:
@@ -121,7 +122,8 @@ class _Loader:
             if self.known_segments is not None:
                 unknown = sorted(names - self.known_segments)
                 if unknown:
-                    raise self.fail(path, f"unknown segments {unknown} (known: {', '.join(sorted(self.known_segments))})")
+                    raise self.fail(path,
+                                    f"unknown segments {unknown} (known: {', '.join(sorted(self.known_segments))})")
             if key == "segments_any":
                 return lambda p: bool(_segments(p) & names)
             if key == "segments_all":

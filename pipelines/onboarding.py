@@ -43,30 +43,42 @@ from typing import Any, NamedTuple, Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
+from onboardflow.models.segmentation import SegmentSettings
+from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.pipelines.options import OnboardingOptions
 from onboardflow.transforms.anonymize import (
-    AnonymizeEvents, SecretKey, generate_demo_secret, load_secret,
+    AnonymizeEvents,
+    SecretKey,
+    generate_demo_secret,
+    load_secret,
 )
+from onboardflow.transforms.backfill_horizon import backfill_horizon
 from onboardflow.transforms.decode import OnboardingEventDecoder
 from onboardflow.transforms.enrich import EnrichProfiles
 from onboardflow.transforms.kafka_io import (
-    DEAD_LETTERS, KafkaReadOptions, ReadFromKafka, StartPosition, WriteToKafka, resolve_partitions,
+    DEAD_LETTERS,
+    KafkaReadOptions,
+    ReadFromKafka,
+    StartPosition,
+    WriteToKafka,
+    resolve_partitions,
 )
-from onboardflow.transforms.backfill_horizon import backfill_horizon
 from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
-from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
 from onboardflow.transforms.normalize import NormalizeEvents
-from onboardflow.models.segmentation import SegmentSettings
 from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
-from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
-from onboardflow.transforms.profile_store import WriteProfilesToRedis
 from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
 from onboardflow.transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from onboardflow.transforms.outbox import RelaySettings
+from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
+from onboardflow.transforms.profile_store import WriteProfilesToRedis
 from onboardflow.transforms.relay import RecordDeadLetters, RelayOutboxes
 from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
 from onboardflow.transforms.warehouse import (
-    WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents, apply_migrations,
+    WriteDeadLetterMetadata,
+    WriteDriftEvents,
+    WriteEventsToWarehouse,
+    WriteLateEvents,
+    apply_migrations,
     read_accounts,
 )
 

@@ -101,7 +101,8 @@ def _parse(argv):
     p.add_argument("--run-dir", default=str(REPO / ".run" / "demo"))
     p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: run on Flink, not Prism "
                    "(see docs/flink.md; needs the Beam Flink job server jar)")
-    p.add_argument("--flink-job-server-jar", help="the beam-runners-flink-2.2-job-server jar (make flink-jobserver-jar)")
+    p.add_argument("--flink-job-server-jar",
+                   help="the beam-runners-flink-2.2-job-server jar (make flink-jobserver-jar)")
     args = p.parse_args(argv)
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", args.name):
         p.error("--name: lower-case letters, digits, '-' and '_', starting with a letter (at most 41)")
@@ -510,9 +511,11 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
     profiles = outcome.profiles = _count_keys(r, f"{prefix}:profile:*")
     duplicates = stats.attempted.get("duplicate", 0)
     print("\n== summary (Redis counted now; warehouse rows as read now)")
-    print(f"   events read            {produced + later:>9,}   ({produced:,} backfill, {later:,} live logins and probes)")
+    print(f"   events read            {produced + later:>9,}   "
+          f"({produced:,} backfill, {later:,} live logins and probes)")
     print(f"   valid                  {valid:>9,}   (of which re-sent duplicates {duplicates:,}, dropped by event_id)")
-    print(f"   dead-lettered          {sum(dlq.values()):>9,}   " + ", ".join(f"{k} {v}" for k, v in sorted(dlq.items())))
+    print(f"   dead-lettered          {sum(dlq.values()):>9,}   "
+          + ", ".join(f"{k} {v}" for k, v in sorted(dlq.items())))
     print(f"   consent-filtered       {valid - duplicates - tables['events'] - tables['late_events']:>9,}   "
           "(no analytics or personalization consent: never stored)")
     print(f"   too late for profiles  {tables['late_events']:>9,}   (kept in warehouse.late_events)")
@@ -582,7 +585,8 @@ def _live_phase(args, r, store, producer, serializer, topic, prefix, gen) -> tup
     users = list(gen.users())
     now = int(time.time() * 1000)
     for user in users:
-        producer.send(topic, key=user.user_id.encode(), value=serializer.serialize(_login(user.user_id, now, user.consent)))
+        producer.send(topic, key=user.user_id.encode(),
+                      value=serializer.serialize(_login(user.user_id, now, user.consent)))
     producer.flush()
     expected = [u.user_id for u in users if u.consent.get("personalization")]
     print(f"== live phase: models served (segmentation v{version}); one login for each of {len(users)} users "

@@ -339,7 +339,8 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
     # The next mark refits on the profiles after the logins: do the labels hold?
     nxt = fit_population(after_profiles)
     relabelled = [nxt.label(nxt.predict_one(feature_vector(after_profiles[k]))) for k in keys] if nxt else []
-    agreement = (sum(served.label(after[k]) == r for k, r in zip(keys, relabelled)) / len(keys)) if nxt else float("nan")
+    agreement = ((sum(served.label(after[k]) == r for k, r in zip(keys, relabelled)) / len(keys))
+                 if nxt else float("nan"))
 
     contingency: dict = {}
     for k in keys:

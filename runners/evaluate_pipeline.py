@@ -76,12 +76,12 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
 
     from onboardflow.models.registry import ModelStore
     from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.local import stop_streaming_job
     from onboardflow.runners.demo import MAX_OUT_OF_ORDERNESS_S, await_settled
     from onboardflow.runners.lag import KafkaLagReader, ProgressReader
+    from onboardflow.runners.local import stop_streaming_job
     from onboardflow.runners.populations import live_login, population, v2_serializer
-    from onboardflow.transforms.metrics import SinkWatermark
     from onboardflow.transforms.anonymize import SecretKey
+    from onboardflow.transforms.metrics import SinkWatermark
     from onboardflow.transforms.profile_store import ProfileStore
 
     run_id = uuid.uuid4().hex[:8]

@@ -86,8 +86,8 @@ class FlinkCheckpointOptions(PipelineOptions):
                        help="Milliseconds of processing guaranteed between two checkpoints.")
         g.add_argument("--state_backend", choices=("rocksdb", "hashmap", "filesystem"), default=None,
                        help="Where keyed state lives: rocksdb (off-heap, on local disk; state larger than "
-                            "memory, incremental checkpoints) or hashmap (alias filesystem: on the JVM heap; faster, bounded "
-                            "by heap). Default: the cluster's state.backend.type.")
+                            "memory, incremental checkpoints) or hashmap (alias filesystem: on the JVM heap; "
+                            "faster, bounded by heap). Default: the cluster's state.backend.type.")
         g.add_argument("--state_backend_storage_path", default=None,
                        help="Checkpoint directory URI (file://, s3://, gs://); required with --state_backend.")
         g.add_argument("--externalized_checkpoints_enabled", action="store_true", default=False,

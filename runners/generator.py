@@ -132,17 +132,22 @@ LAST_NAMES = (
 # (device, os, platform, weight, user-agent template; {v} is a browser/OS version)
 DEVICE_KINDS = (
     ("desktop", "Windows", "web", 0.32,
-     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{v}.0.0.0 Safari/537.36"),
+     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/{v}.0.0.0 Safari/537.36"),
     ("desktop", "macOS", "web", 0.2,
-     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/{v}.1 Safari/605.1.15"),
+     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Version/{v}.1 Safari/605.1.15"),
     ("desktop", "Linux", "web", 0.06,
      "Mozilla/5.0 (X11; Linux x86_64; rv:{v}.0) Gecko/20100101 Firefox/{v}.0"),
     ("mobile", "iOS", "ios", 0.18,
-     "Mozilla/5.0 (iPhone; CPU iPhone OS {v}_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/{v}.1 Mobile/15E148 Safari/604.1"),
+     "Mozilla/5.0 (iPhone; CPU iPhone OS {v}_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Version/{v}.1 Mobile/15E148 Safari/604.1"),
     ("mobile", "Android", "android", 0.16,
-     "Mozilla/5.0 (Linux; Android {v}; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36"),
+     "Mozilla/5.0 (Linux; Android {v}; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/131.0.0.0 Mobile Safari/537.36"),
     ("tablet", "iPadOS", "ios", 0.05,
-     "Mozilla/5.0 (iPad; CPU OS {v}_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/{v}.5 Mobile/15E148 Safari/604.1"),
+     "Mozilla/5.0 (iPad; CPU OS {v}_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+     "Version/{v}.5 Mobile/15E148 Safari/604.1"),
     ("tablet", "Android", "android", 0.03,
      "Mozilla/5.0 (Linux; Android {v}; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
 )
@@ -555,7 +560,8 @@ class _Journey:
                 else:
                     feature = self.features[rng.randrange(unlocked)]
                     self.features_used = max(self.features_used, 1)
-                return "feature_used", {"feature": feature, "source": rng.choice(("menu", "shortcut", "tutorial", "search"))}
+                return "feature_used", {"feature": feature,
+                                        "source": rng.choice(("menu", "shortcut", "tutorial", "search"))}
         if event_type == "page_view":
             if self.features and rng.random() < 0.3:
                 return "page_view", {"page": f"/features/{rng.choice(self.features)}"}

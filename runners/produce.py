@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.add_argument("--bootstrap-servers", default=DEFAULT_BOOTSTRAP, help="default: %(default)s")
     kafka.add_argument("--topic", default=DEFAULT_TOPIC, help="default: %(default)s")
     kafka.add_argument("--registry", metavar="URL", default=None,
-                       help="schema registry: http(s):// Confluent REST, file path, or the shipped file registry (default)")
+                       help="schema registry: http(s):// Confluent REST, file path, "
+                            "or the shipped file registry (default)")
     kafka.add_argument("--rate", type=float, default=0.0, help="target messages/s; 0 = as fast as possible")
     kafka.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -317,6 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     from kafka.errors import KafkaError
+
     from onboardflow.schemas.registry import RegistryError, registry_from_url
 
     try:

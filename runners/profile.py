@@ -74,7 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     secret = None
     if args.user_id:
         try:
-            secret = load_secret(path=args.secret_file, env_var=None if args.secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
+            secret = load_secret(path=args.secret_file,
+                                 env_var=None if args.secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
         except SecretError as exc:
             print(f"onboardflow profile: {exc}", file=sys.stderr)
             return 2

@@ -387,7 +387,8 @@ def format_report(boot: Bootstrap, clusters: list[dict], agreement: float, count
                      f"{s.smallest_share:>8.1%}{mark}")
     lines += [
         "",
-        f"rule: best silhouette; within {tolerance} of it, lowest Davies-Bouldin; then smaller k -> k = {boot.chosen.k}",
+        f"rule: best silhouette; within {tolerance} of it, lowest Davies-Bouldin; "
+        f"then smaller k -> k = {boot.chosen.k}",
         "",
         f"{'cluster':>7}  {'label':<20} {'users':>7} {'share':>7}",
     ]

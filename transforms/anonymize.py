@@ -268,7 +268,8 @@ def ip_prefix(ip: Optional[str]) -> Optional[str]:
     octets = text.split(".")
     # Fast path for plain dotted quads (the common case); same rules as ipaddress:
     # decimal octets 0-255, no leading zeros.
-    if len(octets) == 4 and all(o.isdigit() and o.isascii() and len(o) <= 3 and (o == "0" or o[0] != "0") for o in octets):
+    if len(octets) == 4 and all(o.isdigit() and o.isascii() and len(o) <= 3 and (o == "0" or o[0] != "0")
+                                for o in octets):
         if all(int(o) <= 255 for o in octets):
             return f"{octets[0]}.{octets[1]}.{octets[2]}.0/24"
         return None

@@ -19,12 +19,11 @@ and ``company_size`` to ``"unknown"``. Counted as ``enrich_reference_missing``.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-import time
-
 from apache_beam.pvalue import AsSingleton
 
 ACCOUNT_FIELDS = ("plan", "account_tier", "industry", "company_size")
@@ -106,5 +105,7 @@ class EnrichProfiles(beam.PTransform):
         load = self._load
         if self._refresh:
             return updates | "JoinAccountsCached" >> beam.ParDo(_EnrichFn(load, self._refresh))
-        accounts = updates.pipeline | "AccountsOnce" >> beam.Create([None]) | "ReadAccounts" >> beam.Map(lambda _: load())
+        accounts = (updates.pipeline
+                    | "AccountsOnce" >> beam.Create([None])
+                    | "ReadAccounts" >> beam.Map(lambda _: load()))
         return updates | "JoinAccounts" >> beam.ParDo(_EnrichFn(), accounts=AsSingleton(accounts))

@@ -1109,8 +1109,9 @@ class ReadFromKafka(beam.PTransform):
         super().__init__()
         self._metrics = metrics
         self._partitions = None if partitions is None else tuple(partitions)
-        if self._partitions is not None and bool(bounded if stop_at_end_offsets is None else stop_at_end_offsets) != all(
-                p.stop_offset is not None for p in self._partitions):
+        if self._partitions is not None and (
+                bool(bounded if stop_at_end_offsets is None else stop_at_end_offsets)
+                != all(p.stop_offset is not None for p in self._partitions)):
             raise ValueError("partitions given to a bounded read need stop offsets, to a streaming read none")
         # One id per read, so the alignment of two pipelines in one process never mixes.
         self._aligned_with = f"read-{uuid.uuid4().hex}" if align_watermarks else None
@@ -1234,7 +1235,8 @@ class _WriteToKafkaFn(beam.DoFn):
         key, value = element if isinstance(element, tuple) and len(element) == 2 else (None, None)
         if not isinstance(value, (bytes, bytearray)) or not (key is None or isinstance(key, (bytes, bytearray))):
             self._invalid.inc()
-            yield {"stage": "kafka_write", "reason": "not_a_bytes_key_value_pair", "topic": self._topic, "element": element}
+            yield {"stage": "kafka_write", "reason": "not_a_bytes_key_value_pair", "topic": self._topic,
+                   "element": element}
             return
         self._producer.send(self._topic, key=key, value=value).add_errback(self._on_send_error)
         self._submitted += 1

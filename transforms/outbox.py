@@ -435,7 +435,7 @@ class OutboxRelay:
             return None
         ids = [entry_id.decode() for entry_id, _ in entries]
         records, rows = [], []
-        for entry_id, (raw_id, fields) in zip(ids, entries):
+        for entry_id, (_raw_id, fields) in zip(ids, entries):
             converted = self._convert(entry_id, {k.decode(): v for k, v in fields.items()})
             records.extend(converted.records)
             rows.extend(converted.rows)
@@ -443,7 +443,7 @@ class OutboxRelay:
         if self._warehouse is not None and rows:
             written = self._warehouse.write(rows)
             inserted, rejected = written.inserted, len(written.rejected)
-            for index, why in written.rejected:
+            for _index, why in written.rejected:
                 # The database refuses the row for its data: retrying cannot help. Counted, never quoted.
                 _LOG.error("outbox %s: warehouse refused a row (%s)", self.name, why)
         skipped = 0

@@ -190,7 +190,8 @@ class ProfileConfig:
                 raise ValueError(f"{name} must be a non-negative integer number of milliseconds, got {value!r}")
         if self.horizon_ms is not None and (
                 not isinstance(self.horizon_ms, int) or isinstance(self.horizon_ms, bool) or self.horizon_ms < 0):
-            raise ValueError(f"horizon_ms must be None or a non-negative epoch millisecond int, got {self.horizon_ms!r}")
+            raise ValueError(f"horizon_ms must be None or a non-negative epoch millisecond int, "
+                             f"got {self.horizon_ms!r}")
         if not isinstance(self.max_future_ms, int) or isinstance(self.max_future_ms, bool) or self.max_future_ms < 0:
             raise ValueError(f"max_future_ms must be a non-negative integer number of milliseconds, "
                              f"got {self.max_future_ms!r}")
@@ -621,7 +622,7 @@ class BuildUserProfiles(beam.PTransform):
             | "KeyByUser" >> beam.ParDo(_KeyByUserFn()).with_output_types(tuple[str, dict])
             .with_outputs(DEAD_LETTER, main="keyed")
         )
-        built = keyed.keyed | "UpdateProfileState" >> beam.ParDo(_UserProfileFn(self._config, self._metrics)).with_outputs(
-            TOO_LATE, DEAD_LETTER, main="profiles")
+        built = keyed.keyed | "UpdateProfileState" >> beam.ParDo(
+            _UserProfileFn(self._config, self._metrics)).with_outputs(TOO_LATE, DEAD_LETTER, main="profiles")
         dead_letters = (keyed[DEAD_LETTER], built[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
         return ProfileOutputs(built.profiles, built[TOO_LATE], dead_letters)

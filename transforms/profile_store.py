@@ -63,8 +63,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey
+from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.metrics import EventTimeProgress, PipelineMetrics
 from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
 
@@ -647,7 +647,8 @@ class _WriteProfilesFn(beam.DoFn):
             encoded = encode_profile(profile)
         except ProfileEncodingError as exc:
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(WriteProfilesToRedis.DEAD_LETTER, _dead_letter(exc.reason, exc.detail, profile))
+            yield beam.pvalue.TaggedOutput(WriteProfilesToRedis.DEAD_LETTER,
+                                           _dead_letter(exc.reason, exc.detail, profile))
             return
         if encoded.version // 1000 > now_ms() + self._future_tolerance_ms:
             # A profile as of a time that has not come yet (a producer's clock

@@ -28,7 +28,13 @@ from apache_beam.metrics import Metrics
 
 from onboardflow.transforms.metrics import PipelineMetrics
 from onboardflow.transforms.outbox import (
-    DEAD_LETTERS, SEGMENT_CHANGES, DeadLetterOutbox, OutboxKeys, RelaySettings, dead_letter_id, make_relays,
+    DEAD_LETTERS,
+    SEGMENT_CHANGES,
+    DeadLetterOutbox,
+    OutboxKeys,
+    RelaySettings,
+    dead_letter_id,
+    make_relays,
 )
 
 METRICS_NAMESPACE = "onboardflow"

@@ -147,7 +147,9 @@ class ScoreConfig:
         if unknown:
             raise ValueError(f"unknown intent signals {sorted(unknown)}; known: {sorted(DEFAULT_INTENT_WEIGHTS)}")
         _check_weights({"unknown_event_weight": self.unknown_event_weight}, "config")
-        object.__setattr__(self, "feature_usage_scale", _positive_finite(self.feature_usage_scale, "feature_usage_scale"))
+        object.__setattr__(
+            self, "feature_usage_scale", _positive_finite(self.feature_usage_scale, "feature_usage_scale")
+        )
         object.__setattr__(
             self, "pricing_page_markers", tuple(str(m).lower() for m in self.pricing_page_markers)
         )
@@ -386,7 +388,8 @@ class EngagementState:
                 if step in self.tutorial_steps or len(self.tutorial_steps) < config.max_tutorial_steps:
                     self.tutorial_steps.add(step)
             total = _as_int(properties.get("step_total"))
-            if total is not None and total > 0 and (self.tutorial_step_total is None or total > self.tutorial_step_total):
+            if total is not None and total > 0 and (
+                    self.tutorial_step_total is None or total > self.tutorial_step_total):
                 self.tutorial_step_total = total
         elif event_type == "signup":
             if self.signup_at is None or t < self.signup_at:

@@ -74,7 +74,6 @@ from apache_beam.metrics import Metrics
 
 from onboardflow.transforms.dead_letter import pipeline_dead_letter
 from onboardflow.transforms.enrich import ProfileUpdate
-from onboardflow.transforms.metrics import PipelineMetrics
 
 METRICS_NAMESPACE = "onboardflow"
 DAY_MS = 86_400_000

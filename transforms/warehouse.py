@@ -768,7 +768,8 @@ class _WarehouseWriteFn(beam.DoFn):
             row = self._spec.to_row(element)
         except RowError as exc:
             self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(_WriteToWarehouse.DEAD_LETTER, _dead_letter(self._spec, exc.reason, exc.detail, element))
+            yield beam.pvalue.TaggedOutput(_WriteToWarehouse.DEAD_LETTER,
+                                           _dead_letter(self._spec, exc.reason, exc.detail, element))
             return
         self._held.append(_Held(row, element, timestamp, window))
         if len(self._held) >= self._batch_size:
@@ -790,7 +791,8 @@ class _WarehouseWriteFn(beam.DoFn):
             h = held[index]
             self._dead_letters.inc()
             letter = _dead_letter(self._spec, "database_rejected", error, h.element)
-            yield beam.pvalue.TaggedOutput(_WriteToWarehouse.DEAD_LETTER, WindowedValue(letter, h.timestamp, (h.window,)))
+            yield beam.pvalue.TaggedOutput(_WriteToWarehouse.DEAD_LETTER,
+                                           WindowedValue(letter, h.timestamp, (h.window,)))
 
     def teardown(self) -> None:
         if self._writer is not None:

@@ -62,7 +62,8 @@ def bench_segmenter(points, repeats, sizes=(1_000, 10_000, 50_000)):
     rows = [latest[k] for k in keys]
     seg = Segmenter(seed=42).fit(rows)
     ari = adjusted_rand_score([persona[k] for k in keys], [seg.predict_one(latest[k]) for k in keys])
-    print(f"  fit on the replay's {len(rows):,} users: ARI vs personas {ari:.3f}, labels {sorted(seg.labels().values())}")
+    print(f"  fit on the replay's {len(rows):,} users: ARI vs personas {ari:.3f}, "
+          f"labels {sorted(seg.labels().values())}")
     rng = random.Random(1)
     for n in sizes:
         population = [{f: v * (1 + rng.gauss(0, 0.02)) for f, v in rows[i % len(rows)].items()} for i in range(n)]
@@ -139,7 +140,8 @@ def bench_learner_checkpoint(points, repeats, pending_users=(10_000, 50_000)):
             dump_runs, data = timed(lambda: snapshot.dump(LEARNER_SNAPSHOT_KIND, learner, level=level), repeats)
             load_runs, _ = timed(lambda: snapshot.load(LEARNER_SNAPSHOT_KIND, data), repeats)
             print(f"  {n:>7,} users pending, zlib level {level}: {len(data) / 1e6:6.1f} MB  "
-                  f"dump {statistics.median(dump_runs) * 1000:7.0f} ms  load {statistics.median(load_runs) * 1000:7.0f} ms"
+                  f"dump {statistics.median(dump_runs) * 1000:7.0f} ms  "
+                  f"load {statistics.median(load_runs) * 1000:7.0f} ms"
                   + ("  (what the learner writes)" if level == 1 else ""), flush=True)
 
 

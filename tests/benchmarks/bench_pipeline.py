@@ -305,7 +305,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
     ap.add_argument("--events", type=int, default=50_000)
-    ap.add_argument("--rates", default="500,1000,2000", help="comma-separated live rates (events/s) for the latency runs")
+    ap.add_argument("--rates", default="500,1000,2000",
+                    help="comma-separated live rates (events/s) for the latency runs")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--probe-interval", type=float, default=1.0)

@@ -35,7 +35,14 @@ from onboardflow.runners.produce import produce
 from onboardflow.tests.conftest import KAFKA_BOOTSTRAP, PG_DSN, REDIS_URL, _assert_same_profiles
 from onboardflow.tests.integration.private_services import PrivateServices
 from onboardflow.tests.integration.reliability_harness import (
-    Deployment, Outputs, PipelineProcess, compare, create_topics, delete_topics, make_input, run_to_end,
+    Deployment,
+    Outputs,
+    PipelineProcess,
+    compare,
+    create_topics,
+    delete_topics,
+    make_input,
+    run_to_end,
     write_secret,
 )
 

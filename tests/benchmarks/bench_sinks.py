@@ -35,7 +35,8 @@ from onboardflow.transforms.warehouse import EVENTS, WarehouseWriter, apply_migr
 REDIS_URL = f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
 PG_DSN = (
     f"postgresql://{os.environ.get('PG_USER', 'onboardflow')}:{os.environ.get('PG_PASSWORD', 'onboardflow')}"
-    f"@{os.environ.get('PG_HOST', '127.0.0.1')}:{os.environ.get('PG_PORT', '5432')}/{os.environ.get('PG_DATABASE', 'onboardflow')}"
+    f"@{os.environ.get('PG_HOST', '127.0.0.1')}:{os.environ.get('PG_PORT', '5432')}"
+    f"/{os.environ.get('PG_DATABASE', 'onboardflow')}"
 )
 T0 = 1_736_899_200_000
 SECRET = b"benchmark-secret-0123456789abcdef"

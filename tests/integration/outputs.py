@@ -11,7 +11,6 @@ from collections import Counter
 from typing import Any
 
 import redis
-
 from apache_beam.metrics.metric import MetricsFilter
 from kafka import KafkaConsumer, TopicPartition
 

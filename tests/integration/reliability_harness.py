@@ -245,9 +245,9 @@ class PipelineProcess:
     def wait(self, timeout_s: float = 600) -> int:
         try:
             rc = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.kill()
-            raise AssertionError(f"the pipeline did not finish within {timeout_s} s; log: {self.log_path}")
+            raise AssertionError(f"the pipeline did not finish within {timeout_s} s; log: {self.log_path}") from exc
         self._log.close()
         return rc
 
@@ -468,7 +468,8 @@ def compare(actual: Outputs, expected: Outputs, assert_same_profiles) -> Compari
         c.add(f"segment history ({source}) consistency", problems)
         keys = Counter(change_key(x) for x in changes)
         c.lost[f"segment_changes ({source})"] = sum(
-            len(redis_memberships.get(u, set()) ^ folded.get(u, set())) for u in redis_memberships.keys() | folded.keys())
+            len(redis_memberships.get(u, set()) ^ folded.get(u, set()))
+            for u in redis_memberships.keys() | folded.keys())
         c.doubled[f"segment_changes ({source})"] = sum(n - 1 for n in keys.values()) + sum(
             1 for p in problems if "twice" in p)
         c.compared[f"segment_changes ({source})"] = len(changes)
@@ -497,7 +498,8 @@ def compare(actual: Outputs, expected: Outputs, assert_same_profiles) -> Compari
         c.lost[f"warehouse.{table}"] = sum((want - got).values())
         c.doubled[f"warehouse.{table}"] = sum(n - 1 for n in got.values())  # a primary key: always 0
         if want != got:
-            c.add(f"warehouse.{table}", [f"{sum((want - got).values())} missing, {sum((got - want).values())} extra rows"])
+            c.add(f"warehouse.{table}",
+                  [f"{sum((want - got).values())} missing, {sum((got - want).values())} extra rows"])
 
     expiring = {topic: n for topic, n in actual.expiring.items() if n}
     c.add("records stamped older than the topic retention (the broker deletes them within minutes)",

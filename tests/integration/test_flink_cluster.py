@@ -254,7 +254,8 @@ def test_job_server_fetch_yields_the_verified_jar_or_names_the_missing_artifact(
                            env=env, timeout=300)
     version = _flink_env_default("BEAM_FLINK_MINOR")
     if fetch.returncode == 0:
-        jar = tmp_path / "cache" / "beam-flink-jobserver" / f"beam-runners-flink-{version}-job-server-{beam.__version__}.jar"
+        jar = (tmp_path / "cache" / "beam-flink-jobserver"
+               / f"beam-runners-flink-{version}-job-server-{beam.__version__}.jar")
         assert is_job_server_jar(jar)
     else:
         assert f"org.apache.beam:beam-runners-flink-{version}-job-server:{beam.__version__}" in fetch.stderr

@@ -16,8 +16,8 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from onboardflow.models.registry import ModelRegistry
-from onboardflow.runners.local import local_pipeline_options
 from onboardflow.models.segmentation import SegmentSettings
+from onboardflow.runners.local import local_pipeline_options
 from onboardflow.transforms.online_models import SEGMENTATION, LearnOnlineModels, ScoreProfiles
 from onboardflow.transforms.profile_store import ProfileKeys, RedisProfileWriter, decode_profile, encode_profile
 from onboardflow.transforms.rescore import ProfileSweep

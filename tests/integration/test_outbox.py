@@ -24,7 +24,13 @@ from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import read_topic
 from onboardflow.transforms import outbox
 from onboardflow.transforms.outbox import (
-    DEAD_LETTERS, PROFILE_SNAPSHOTS, SEGMENT_CHANGES, DeadLetterOutbox, OutboxKeys, RelaySettings, make_relays,
+    DEAD_LETTERS,
+    PROFILE_SNAPSHOTS,
+    SEGMENT_CHANGES,
+    DeadLetterOutbox,
+    OutboxKeys,
+    RelaySettings,
+    make_relays,
 )
 from onboardflow.transforms.profile_store import ProfileStore, RedisProfileWriter, encode_profile
 from onboardflow.transforms.warehouse import apply_migrations

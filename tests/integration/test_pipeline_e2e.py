@@ -49,7 +49,13 @@ from onboardflow.models.registry import ModelRegistry
 from onboardflow.models.segmentation import Segmenter
 from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.generator import (
-    DUPLICATE, MALFORMATION_REASONS, VALID, GeneratedMessage, GeneratorConfig, JourneyGenerator, UserProfile,
+    DUPLICATE,
+    MALFORMATION_REASONS,
+    VALID,
+    GeneratedMessage,
+    GeneratorConfig,
+    JourneyGenerator,
+    UserProfile,
 )
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.produce import produce
@@ -273,7 +279,8 @@ def test_every_produced_message_is_a_decoded_event_or_a_dead_letter_and_every_ev
 
     # The dead-letter topic: one record per malformed message, raw bytes unchanged.
     deserializer = AvroDeserializer(default_registry(), load_schema("dead_letter"))
-    letters = [deserializer.deserialize(r.value) for r in read_topic(deployment.bootstrap, deployment.dead_letter_topic)]
+    letters = [deserializer.deserialize(r.value)
+               for r in read_topic(deployment.bootstrap, deployment.dead_letter_topic)]
     assert Counter((dl["key"], dl["value"], dl["reason"]) for dl in letters) == Counter(
         (msg.key, msg.value, MALFORMATION_REASONS[msg.kind]) for msg in malformed)
     assert {(dl["source_topic"], dl["stage"]) for dl in letters} == {(deployment.topic, "decode")}

@@ -260,7 +260,9 @@ def _counters(result):
 def _run_write_pipeline(redis_url, prefix, profiles):
     p = BeamTestPipeline()
     out = p | beam.Create(profiles, reshuffle=False) | WriteProfilesToRedis(redis_url, key_prefix=prefix, batch_size=4)
-    applied = out[WriteProfilesToRedis.WRITTEN] | beam.Filter(lambda r: r.applied) | beam.Map(lambda r: (r.user_key, r.version))
+    applied = (out[WriteProfilesToRedis.WRITTEN]
+               | beam.Filter(lambda r: r.applied)
+               | beam.Map(lambda r: (r.user_key, r.version)))
     reasons = out[WriteProfilesToRedis.DEAD_LETTER] | beam.Map(lambda d: d["reason"])
     return p, applied, reasons
 

@@ -47,8 +47,18 @@ from psycopg import sql
 from onboardflow.runners.produce import produce
 from onboardflow.tests.integration.private_services import PrivateServices
 from onboardflow.tests.integration.reliability_harness import (
-    RETENTION_MS, Deployment, Outputs, PipelineProcess, compare, create_topics, delete_topics, make_input, read_topic,
-    redis_dump, run_to_end, write_secret,
+    RETENTION_MS,
+    Deployment,
+    Outputs,
+    PipelineProcess,
+    compare,
+    create_topics,
+    delete_topics,
+    make_input,
+    read_topic,
+    redis_dump,
+    run_to_end,
+    write_secret,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]

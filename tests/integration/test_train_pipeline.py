@@ -25,7 +25,10 @@ from onboardflow.runners import train
 from onboardflow.runners.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
 from onboardflow.transforms.warehouse import (
-    PROFILE_SNAPSHOTS, WarehouseWriter, apply_migrations, profile_snapshot_row,
+    PROFILE_SNAPSHOTS,
+    WarehouseWriter,
+    apply_migrations,
+    profile_snapshot_row,
 )
 
 pytestmark = pytest.mark.integration

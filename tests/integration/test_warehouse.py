@@ -301,10 +301,13 @@ def _counters(result):
 
 def _sink_pipeline(dsn, schema):
     events = [event(i, occurred_at=T0 + (i % 2) * DAY_MS + i) for i in range(40)]
-    events += [event(900, event_id=None), event(901, session_id="nul\x00"), {k: v for k, v in event(902).items() if k != "occurred_at"}]
+    events += [event(900, event_id=None), event(901, session_id="nul\x00"),
+               {k: v for k, v in event(902).items() if k != "occurred_at"}]
     changes = [
-        {"user_key": USER_KEY, "segment": "activated", "change": "entered", "at": T0, "reason": "rule:a", "version": T0},
-        {"user_key": USER_KEY, "segment": "activated", "change": "exited", "at": T0 + 9, "reason": "rule:a", "version": T0 + 9},
+        {"user_key": USER_KEY, "segment": "activated", "change": "entered", "at": T0, "reason": "rule:a",
+         "version": T0},
+        {"user_key": USER_KEY, "segment": "activated", "change": "exited", "at": T0 + 9, "reason": "rule:a",
+         "version": T0 + 9},
         {"user_key": USER_KEY, "segment": "activated", "change": "sideways", "at": T0, "reason": "?", "version": T0},
     ]
     profiles = [{"user_key": USER_KEY, "version": T0 + v, "segments": ["activated"], "engagement_score": 0.5,

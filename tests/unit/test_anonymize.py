@@ -7,9 +7,10 @@ import pickle
 import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
 # Aliased so pytest does not try to collect Beam's class as a test class.
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.display import DisplayData
 
@@ -30,7 +31,6 @@ from onboardflow.transforms.anonymize import (
     load_secret,
     referrer_host,
 )
-
 
 # Beam's local runner with the project's binary. No shared job server: a
 # default-runner pipeline elsewhere in the process may have cached one that
@@ -251,7 +251,8 @@ def test_property_keys_that_suggest_pii_are_recognized(key):
 
 
 @pytest.mark.parametrize(
-    "key", ["feature", "feature_name", "plan_name", "page", "step", "step_total", "amount", "plan", "button", "shipping_method"]
+    "key", ["feature", "feature_name", "plan_name", "page", "step", "step_total", "amount", "plan", "button",
+            "shipping_method"]
 )
 def test_ordinary_property_keys_are_kept(key):
     assert not is_pii_property_key(key)
@@ -476,7 +477,8 @@ def test_events_are_routed_by_consent_and_dead_lettered_when_malformed():
         label="personalization",
     )
     assert_that(
-        routed.analytics_only | "AIds" >> beam.Map(lambda e: (e["event_id"], e["identified"], e["consent"]["personalization"])),
+        routed.analytics_only
+        | "AIds" >> beam.Map(lambda e: (e["event_id"], e["identified"], e["consent"]["personalization"])),
         equal_to([("a1", False, False)]),
         label="analytics_only",
     )

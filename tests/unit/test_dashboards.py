@@ -52,7 +52,8 @@ def metric_names(expr: str) -> set[str]:
 def test_metric_name_extraction_ignores_functions_labels_and_keywords():
     expr = ('histogram_quantile(0.99, sum by (le, table) (rate(onboardflow_warehouse_write_seconds_bucket'
             '{table="events"}[5m]))) > 0 and on() max(onboardflow_consumer_group_lag_records offset 5m) or vector(0)')
-    assert metric_names(expr) == {"onboardflow_warehouse_write_seconds_bucket", "onboardflow_consumer_group_lag_records"}
+    assert metric_names(expr) == {"onboardflow_warehouse_write_seconds_bucket",
+                                  "onboardflow_consumer_group_lag_records"}
 
 
 def dashboard() -> dict:

@@ -28,7 +28,8 @@ def compose():
 
 def test_compose_parses_and_runs_every_service_the_scripts_start():
     services = compose()["services"]
-    assert {"kafka", "redis", "postgres", "sdk-worker-pool", "jobmanager", "taskmanager", "beam-job-server"} <= set(services)
+    assert {"kafka", "redis", "postgres", "sdk-worker-pool", "jobmanager", "taskmanager",
+            "beam-job-server"} <= set(services)
 
 
 def test_images_use_the_pinned_kafka_beam_and_python_versions():
@@ -164,5 +165,6 @@ def test_flink_deployment_submit_job_reaches_the_sidecar_and_the_job_server_jar_
     jar = f"beam-runners-flink-{flink_default('BEAM_FLINK_MINOR')}-job-server-{pinned_beam()}.jar"
     assert f"--flink_job_server_jar=/opt/beam/{jar}" in args
     launcher = (DOCKER / "Dockerfile.launcher").read_text()
-    assert "runners/flink/jobserver/pom.xml" in launcher and "COPY --from=flink-job-server /opt/beam/ /opt/beam/" in launcher
+    assert ("runners/flink/jobserver/pom.xml" in launcher
+            and "COPY --from=flink-job-server /opt/beam/ /opt/beam/" in launcher)
     assert "--checkpointing_interval=10000" in args and "--state_backend=rocksdb" in args

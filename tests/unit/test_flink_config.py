@@ -16,13 +16,21 @@ import apache_beam as beam
 import pytest
 import yaml
 from apache_beam.options.pipeline_options import (
-    FlinkRunnerOptions, PipelineOptions, PortableOptions, StandardOptions,
+    FlinkRunnerOptions,
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
 )
 
 from onboardflow.runners import flink_runner
 from onboardflow.runners.flink_runner import (
-    FlinkCheckpointOptions, JobServerJarMissing, WorkerPool, flink_argv, flink_pipeline_args,
-    is_flink_run, resolve_job_server_jar,
+    FlinkCheckpointOptions,
+    JobServerJarMissing,
+    WorkerPool,
+    flink_argv,
+    flink_pipeline_args,
+    is_flink_run,
+    resolve_job_server_jar,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +117,8 @@ def test_flink_run_gets_every_setting_the_caller_did_not_give(jar_cache):
                       jar_cache=jar_cache)
     options = PipelineOptions(argv)
     assert options.view_as(FlinkRunnerOptions).flink_master == "10.0.0.5:8081"
-    assert options.view_as(FlinkRunnerOptions).flink_job_server_jar == str(flink_runner.cached_job_server_jar(jar_cache))
+    assert (options.view_as(FlinkRunnerOptions).flink_job_server_jar
+            == str(flink_runner.cached_job_server_jar(jar_cache)))
     assert options.view_as(PortableOptions).environment_type == "EXTERNAL"
     assert options.view_as(FlinkCheckpointOptions).checkpointing_interval == 10_000
     assert argv[:5] == ["--runner", "flink", "--flink_master", "10.0.0.5:8081", "--secret_file=k.bin"]
@@ -207,7 +216,8 @@ def test_flink_and_beam_versions_agree_everywhere():
     flink = shell_default("runners/flink/env.sh", "FLINK_VERSION")
     assert flink == flink_runner.FLINK_VERSION
     assert f"apache-flink=={flink}" in (ROOT / "runners/flink/requirements.txt").read_text().splitlines()
-    assert flink.rsplit(".", 1)[0] == flink_runner.BEAM_FLINK_MINOR == shell_default("runners/flink/env.sh", "BEAM_FLINK_MINOR")
+    assert (flink.rsplit(".", 1)[0] == flink_runner.BEAM_FLINK_MINOR
+            == shell_default("runners/flink/env.sh", "BEAM_FLINK_MINOR"))
     assert flink_runner.BEAM_FLINK_MINOR in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
 
     makefile_beam = re.search(r"^BEAM_VERSION\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)

@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from onboardflow.transforms.kafka_io import (
+    UNBOUNDED_STOP,
     EventTimeError,
     EventTimeWatermarkEstimator,
     EventTimeWatermarkEstimatorProvider,
@@ -21,7 +22,6 @@ from onboardflow.transforms.kafka_io import (
     PartitionWatermarks,
     ReadFromKafka,
     StartPosition,
-    UNBOUNDED_STOP,
     _event_time_ms,
     _ReadBoundedPartitionsFn,
     _ReadUnboundedPartitionsFn,
@@ -506,7 +506,9 @@ def test_read_from_options_refuses_a_malformed_start_position():
         ReadFromKafka.from_options(options)
 
 
-@pytest.mark.parametrize("element", ["just a string", ("key", "str value"), (b"k", None), (1, b"v"), (b"a", b"b", b"c")])
+@pytest.mark.parametrize(
+    "element", ["just a string", ("key", "str value"), (b"k", None), (1, b"v"), (b"a", b"b", b"c")]
+)
 def test_sink_dead_letters_elements_that_are_not_bytes_key_value_pairs(element):
     fn = _WriteToKafkaFn("unused:9092", "out", {})
     fn.start_bundle()

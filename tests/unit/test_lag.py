@@ -7,8 +7,17 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from onboardflow.runners.lag import (
-    LAG_METRICS, FlinkWatermarkReader, KafkaLagReader, LagCollector, LagReport, PartitionLag, VertexWatermark,
-    format_table, lag_sample_names, partition_lag, read_lag,
+    LAG_METRICS,
+    FlinkWatermarkReader,
+    KafkaLagReader,
+    LagCollector,
+    LagReport,
+    PartitionLag,
+    VertexWatermark,
+    format_table,
+    lag_sample_names,
+    partition_lag,
+    read_lag,
 )
 from onboardflow.transforms.metrics import Progress
 

@@ -421,7 +421,8 @@ def test_early_firings_emit_speculative_panes_before_the_watermark():
                               accumulation_mode=trigger.AccumulationMode.ACCUMULATING)
             | beam.CombinePerKey(sum)
             | beam.Map(lambda kv, pane=beam.DoFn.PaneInfoParam: (kv[1], pane.timing)))
-        early, on_time = beam.utils.windowed_value.PaneInfoTiming.EARLY, beam.utils.windowed_value.PaneInfoTiming.ON_TIME
+        early, on_time = (beam.utils.windowed_value.PaneInfoTiming.EARLY,
+                          beam.utils.windowed_value.PaneInfoTiming.ON_TIME)
         assert_that(panes, equal_to([(1, early), (2, early), (2, on_time)]))
 
 

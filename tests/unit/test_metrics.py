@@ -9,14 +9,23 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from prometheus_client import CollectorRegistry
-
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from prometheus_client import CollectorRegistry
 
 from onboardflow.transforms.metrics import (
-    BEAM_NAMESPACE, CountDeadLetters, END_TO_END_BUCKETS, PIPELINE_METRICS, WRITE_BUCKETS, PipelineMetrics, WorkerMetricsEndpoint,
-    pipeline_sample_names, serve_worker_metrics, served_worker_port, start_on_first_free_port, worker_registry,
+    BEAM_NAMESPACE,
+    END_TO_END_BUCKETS,
+    PIPELINE_METRICS,
+    WRITE_BUCKETS,
+    CountDeadLetters,
+    PipelineMetrics,
+    WorkerMetricsEndpoint,
+    pipeline_sample_names,
+    serve_worker_metrics,
+    served_worker_port,
+    start_on_first_free_port,
+    worker_registry,
 )
 
 

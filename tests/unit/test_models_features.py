@@ -104,7 +104,8 @@ def test_one_login_moves_no_share_and_no_visit_median():
     for d in range(3):
         start = T0 + d * day + 3_600_000
         events += [(start, "login", {}), (start + minute, "invite_sent", {"channel": "email"}),
-                   (start + 2 * minute, "page_view", {"page": "/"}), (start + 3 * minute, "feature_used", {"feature": "x"})]
+                   (start + 2 * minute, "page_view", {"page": "/"}),
+                   (start + 3 * minute, "feature_used", {"feature": "x"})]
     profile_before = _profile_after(events)
     profile_after = _profile_after(events + [(T0 + 20 * day, "login", {})])
     assert profile_after["session_count"] == profile_before["session_count"] + 1

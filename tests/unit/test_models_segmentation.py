@@ -8,7 +8,14 @@ from sklearn.metrics import adjusted_rand_score
 
 from onboardflow.models.features import FEATURES, SEGMENT_FEATURES, feature_vector
 from onboardflow.models.segmentation import (
-    ARCHETYPES, DESCRIPTIONS, LABELS, MAX_CLUSTERS, UNASSIGNED, Segmenter, SegmentSettings, SnapshotError,
+    ARCHETYPES,
+    DESCRIPTIONS,
+    LABELS,
+    MAX_CLUSTERS,
+    UNASSIGNED,
+    Segmenter,
+    SegmentSettings,
+    SnapshotError,
     name_clusters,
 )
 

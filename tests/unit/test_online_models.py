@@ -11,7 +11,12 @@ from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.registry import ModelVersion
 from onboardflow.models.segmentation import Segmenter, SegmentSettings
 from onboardflow.transforms.online_models import (
-    PROPENSITY, SEGMENTATION, LearnerState, ServingModels, completed_onboarding, model_version_id,
+    PROPENSITY,
+    SEGMENTATION,
+    LearnerState,
+    ServingModels,
+    completed_onboarding,
+    model_version_id,
 )
 
 DAY_MS = 86_400_000
@@ -64,7 +69,8 @@ def persona_profile(rng: random.Random, user: str, engaged: bool, at: int, progr
 
 def trained_segmenter(rng) -> Segmenter:
     from onboardflow.models.features import feature_vector
-    rows = [feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS * 100 + i, progress=0.9 if i % 2 == 0 else 0.1))
+    rows = [feature_vector(persona_profile(rng, f"u{i}", i % 2 == 0, DAY_MS * 100 + i,
+                                           progress=0.9 if i % 2 == 0 else 0.1))
             for i in range(200)]
     return Segmenter(n_clusters=2, seed=1, min_users=20).fit(rows)
 

@@ -5,7 +5,12 @@ The relay against real Redis, Kafka and PostgreSQL: tests/integration/test_outbo
 import json
 
 from onboardflow.transforms.outbox import (
-    OutboxKeys, OutboxRecord, SegmentChangeConverter, dead_letter_converter, dead_letter_id, parse_record_id,
+    OutboxKeys,
+    OutboxRecord,
+    SegmentChangeConverter,
+    dead_letter_converter,
+    dead_letter_id,
+    parse_record_id,
     profile_snapshot_converter,
 )
 from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet

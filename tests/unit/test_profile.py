@@ -21,6 +21,7 @@ import pytest
 from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineState
+
 # Aliased so pytest does not try to collect Beam's class as a test class.
 from apache_beam.testing.test_stream import TestStream as BeamTestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -76,7 +77,8 @@ def arriving(*events):
 def closed_form(events, at, config: ScoreConfig = CONFIG.score):
     """sum_i w_i * exp(-ln2 * (at - t_i) / half_life): the engagement score by definition."""
     return math.fsum(
-        config.engagement_weight(e["event_type"]) * math.exp(-math.log(2) * (at - e["occurred_at"]) / config.half_life_ms)
+        config.engagement_weight(e["event_type"])
+        * math.exp(-math.log(2) * (at - e["occurred_at"]) / config.half_life_ms)
         for e in events
     )
 
@@ -142,7 +144,7 @@ def at_most(chain, as_of) -> list:
 # --------------------------------------------------------------------------- sessions
 
 
-def test_events_ten_minutes_apart_share_a_session_a_two_hour_pause_starts_another_and_a_late_bridging_event_merges_them():
+def test_events_ten_minutes_apart_share_a_session_a_two_hour_pause_starts_another_and_a_late_bridging_event_merges_them():  # noqa: E501 -- a test's name is its description; renaming would change its node id
     config = replace(CONFIG, session_gap_ms=1 * HOUR, allowed_lateness_ms=3 * HOUR, dedup_horizon_ms=6 * HOUR)
     stream = (
         BeamTestStream()

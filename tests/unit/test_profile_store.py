@@ -13,7 +13,8 @@ import fakeredis
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_empty
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onboardflow.transforms.profile_store import (
     TYPES_FIELD,
@@ -145,14 +146,20 @@ scalar = st.one_of(
     st.floats(allow_nan=False), st.text(max_size=20),
 )
 json_value = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10)),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=5), children, max_size=4)),
+    st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**53), 2**53),
+        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=5), children, max_size=4),
+    ),
     max_leaves=10,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda n: n not in ("_types", "_write_id", "user_key", "version", "updated_at", "segments")),
+@given(st.dictionaries(st.text(min_size=1, max_size=12).filter(
+                           lambda n: n not in ("_types", "_write_id", "user_key", "version", "updated_at", "segments")),
                        st.one_of(scalar, json_value.filter(lambda v: isinstance(v, (list, dict)))), max_size=8))
 def test_any_encodable_profile_round_trips(features):
     original = {**profile(), **features}

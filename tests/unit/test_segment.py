@@ -3,9 +3,10 @@ import textwrap
 
 import apache_beam as beam
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
 # Aliased so pytest does not try to collect Beam's class as a test class.
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
 from onboardflow.runners.local import prism_location
@@ -17,7 +18,6 @@ from onboardflow.transforms.segment import (
     RuleError,
     RuleSet,
 )
-
 
 # Beam's local runner with the project's binary. No shared job server: a
 # default-runner pipeline elsewhere in the process may have cached one that
@@ -169,7 +169,8 @@ def test_comparisons_on_string_and_boolean_fields(condition, profile, expected):
         ("not: {field: events_7d, gt: 1}", {"events_7d": 5}, False),
         ("not: {field: events_7d, gt: 1}", {}, True),  # a missing field is false, so not is true
         (
-            "all: [{any: [{field: plan, eq: pro}, {not: {field: events_7d, lt: 3}}]}, {field: distinct_features, gte: 1}]",
+            "all: [{any: [{field: plan, eq: pro}, {not: {field: events_7d, lt: 3}}]}, "
+            "{field: distinct_features, gte: 1}]",
             {"plan": "free", "events_7d": 3, "distinct_features": 1},
             True,
         ),
@@ -248,35 +249,81 @@ def test_disabled_rules_are_validated_but_not_evaluated():
         ("- a\n- b\n", "expected a mapping"),
         ("segments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n", "'version' is required"),
         ("version: 1\nsegments: []\n", "'segments' must be a non-empty list"),
-        ("version: 1\nrules: []\nsegments: [{name: s, when: {field: events_7d, gt: 1}}]\n", "unknown top-level keys ['rules']"),
+        (
+            "version: 1\nrules: []\nsegments: [{name: s, when: {field: events_7d, gt: 1}}]\n",
+            "unknown top-level keys ['rules']",
+        ),
         ("version: 1\nsegments:\n  - {name: Bad-Name, when: {field: events_7d, gt: 1}}\n", "'name' must match"),
         ("version: 1\nsegments:\n  - {name: s}\n", "segment 's': 'when' (the condition) is required"),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}, owner: me}\n", "unknown keys ['owner']"),
         (
-            "version: 1\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n  - {name: s, when: {field: events_7d, gt: 2}}\n",
+            "version: 1\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}, owner: me}\n",
+            "unknown keys ['owner']",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n"
+            "  - {name: s, when: {field: events_7d, gt: 2}}\n",
             "segment 's': defined twice",
         ),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: sesion_count, gt: 5}}\n", "when.field: unknown field 'sesion_count'"),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, greater: 5}}\n", "unknown comparison operator 'greater'"),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, gt: 5, lt: 9}}\n", "exactly one comparison operator"),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: sesion_count, gt: 5}}\n",
+            "when.field: unknown field 'sesion_count'",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: session_count, greater: 5}}\n",
+            "unknown comparison operator 'greater'",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: session_count, gt: 5, lt: 9}}\n",
+            "exactly one comparison operator",
+        ),
         ("version: 1\nsegments:\n  - {name: s, when: {gt: 5}}\n", "comparison 'gt' needs a 'field'"),
         ("version: 1\nsegments:\n  - {name: s, when: {xor: []}}\n", "unknown operator 'xor'"),
         ("version: 1\nsegments:\n  - {name: s, when: {all: [], any: []}}\n", "exactly one operator"),
         ("version: 1\nsegments:\n  - {name: s, when: {all: []}}\n", "when.all: expects a non-empty list"),
-        ("version: 1\nsegments:\n  - {name: s, when: {any: [{field: plan, gt: 1}]}}\n", "when.any[0].gt: 'gt' needs a numeric"),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, gt: five}}\n", "expects a number, got 'five'"),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {any: [{field: plan, gt: 1}]}}\n",
+            "when.any[0].gt: 'gt' needs a numeric",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: session_count, gt: five}}\n",
+            "expects a number, got 'five'",
+        ),
         ("version: 1\nsegments:\n  - {name: s, when: {field: plan, eq: 3}}\n", "expects a string, got 3"),
         ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, in: 3}}\n", "expects a non-empty list"),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, between: [9, 1]}}\n", "low 9 is greater than high 1"),
-        ("version: 1\nsegments:\n  - {name: s, when: {field: session_count, between: [1]}}\n", "expects a list [low, high]"),
-        ("version: 1\nsegments:\n  - {name: s, when: {within_days: {field: plan, days: 3}}}\n", "'plan' is not a timestamp field"),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: session_count, between: [9, 1]}}\n",
+            "low 9 is greater than high 1",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {field: session_count, between: [1]}}\n",
+            "expects a list [low, high]",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {within_days: {field: plan, days: 3}}}\n",
+            "'plan' is not a timestamp field",
+        ),
         ("version: 1\nsegments:\n  - {name: s, when: {within_days: {field: signup_at, days: -1}}}\n", "days >= 0"),
-        ("version: 1\nsegments:\n  - {name: s, when: {older_than_days: {field: signup_at}}}\n", "expects {field: <timestamp field>, days: <number>}"),
-        ("version: 1\nsegments:\n  - {name: s, when: {event_seen: tutorial_complete}}\n", "unknown event 'tutorial_complete'"),
-        ("version: 1\nsegments:\n  - {name: s, when: {event_count: {event: login}}}\n", "exactly one comparison operator"),
-        ("version: 1\nsegments:\n  - {name: s, when: {feature_count: {gte: 1}}}\n", "expects {feature: <name>, <op>: <number>}"),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {older_than_days: {field: signup_at}}}\n",
+            "expects {field: <timestamp field>, days: <number>}",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {event_seen: tutorial_complete}}\n",
+            "unknown event 'tutorial_complete'",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {event_count: {event: login}}}\n",
+            "exactly one comparison operator",
+        ),
+        (
+            "version: 1\nsegments:\n  - {name: s, when: {feature_count: {gte: 1}}}\n",
+            "expects {feature: <name>, <op>: <number>}",
+        ),
         ("version: 1\nsegments:\n  - {name: s, when: [1, 2]}\n", "a condition must be a non-empty mapping"),
-        ("version: 1\nretired: [s]\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n", "both defined and retired"),
+        (
+            "version: 1\nretired: [s]\nsegments:\n  - {name: s, when: {field: events_7d, gt: 1}}\n",
+            "both defined and retired",
+        ),
     ],
 )
 def test_invalid_rules_are_refused_at_load_time_with_a_clear_message(text, message):
@@ -303,7 +350,8 @@ def test_rule_text_is_never_evaluated_as_code():
 
 def test_diff_reports_entered_and_exited_segments_as_rule_codes(rules):
     changes = rules.diff(
-        {"dormant", "active_engaged"}, {"active_engaged", "highly_engaged_new"}, AT, user_key="k1", version=AT * 1000 + 2
+        {"dormant", "active_engaged"}, {"active_engaged", "highly_engaged_new"}, AT,
+        user_key="k1", version=AT * 1000 + 2,
     )
     assert changes == [
         {"user_key": "k1", "segment": "dormant", "change": "exited", "at": AT,
@@ -370,7 +418,8 @@ def test_assign_rule_segments_updates_profiles_and_emits_changes():
         )
         assert_that(
             result.segment_changes
-            | "Changes" >> beam.Map(lambda c: (c["user_key"], c["segment"], c["change"], c["at"], c["reason"], c["version"])),
+            | "Changes" >> beam.Map(
+                lambda c: (c["user_key"], c["segment"], c["change"], c["at"], c["reason"], c["version"])),
             equal_to([
                 ("k-new", "highly_engaged_new", "entered", AT, "rule:highly_engaged_new", AT * 1000),
                 ("k-back", "active_engaged", "entered", AT, "rule:active_engaged", AT * 1000 + 1),
@@ -412,7 +461,8 @@ def test_assign_rule_segments_derives_changes_from_profile_updates():
             label="profiles",
         )
         assert_that(
-            result.segment_changes | "Changes" >> beam.Map(lambda c: (c["segment"], c["change"], c["at"], c["version"])),
+            result.segment_changes
+            | "Changes" >> beam.Map(lambda c: (c["segment"], c["change"], c["at"], c["version"])),
             equal_to([
                 ("active_engaged", "entered", AT, AT * 1000 + 1),
                 ("active_engaged", "exited", AT + 31 * day, (AT + 31 * day) * 1000),

@@ -1,7 +1,8 @@
 """SessionState: event-time sessions that do not depend on arrival order."""
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onboardflow.transforms.sessionize import DAY_MS, MINUTE_MS, SessionState
 
