@@ -372,6 +372,16 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
 # -- the report ------------------------------------------------------------------
 
 
+def columns(headers: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A text table: one column per header, one line per (name, values) row, values right-aligned."""
+    width = max(len(k) for k, _ in rows)
+    cols = [max(len(h), *(len(v[i]) for _, v in rows)) for i, h in enumerate(headers)]
+    lines = [" " * width + "  " + "  ".join(h.rjust(c) for h, c in zip(headers, cols))]
+    for name, values in rows:
+        lines.append(name.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols)))
+    return "\n".join(lines)
+
+
 def table(results: list[DesignResult]) -> str:
     """The per-design table, one column per design."""
     def f(v, fmt="{:.3f}"):
@@ -392,12 +402,7 @@ def table(results: list[DesignResult]) -> str:
         ("labelled predictions (positives)", [f"{r.outcomes:,} ({r.positives:,})" for r in results]),
         ("wall time", [f"{r.seconds:.0f} s" for r in results]),
     ]
-    width = max(len(k) for k, _ in rows)
-    cols = [max(len(r.design), *(len(v[i]) for _, v in rows)) for i, r in enumerate(results)]
-    lines = [" " * width + "  " + "  ".join(r.design.rjust(c) for r, c in zip(results, cols))]
-    for name, values in rows:
-        lines.append(name.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols)))
-    return "\n".join(lines)
+    return columns([r.design for r in results], rows)
 
 
 def plot_contingency(results: list[DesignResult], path: Path) -> None:

@@ -224,9 +224,6 @@ def table(results: list[PipelineEvaluation]) -> str:
         ("slowest login to its profile", [f"{r.slowest_login_s:.1f} s" for r in results]),
         ("served segmenter", [r.served_version or "none" for r in results]),
     ]
-    width = max(len(k) for k, _ in rows)
-    cols = [max(len(r.design), *(len(v[i]) for _, v in rows)) for i, r in enumerate(results)]
-    lines = [" " * width + "  " + "  ".join(r.design.rjust(c) for r, c in zip(results, cols))]
-    for name, values in rows:
-        lines.append(name.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols)))
-    return "\n".join(lines)
+    from onboardflow.runners.evaluate import columns
+
+    return columns([r.design for r in results], rows)

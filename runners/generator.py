@@ -56,6 +56,7 @@ merged through a heap, so only in-flight state is held, not the event list.
 from __future__ import annotations
 
 import csv
+import functools
 import heapq
 import ipaddress
 import json
@@ -67,7 +68,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 SECOND_MS = 1_000
 MINUTE_MS = 60 * SECOND_MS
@@ -358,6 +359,38 @@ GROUND_TRUTH_FIELDS = (
 
 Serializer = Callable[[dict], bytes]
 Framer = Callable[[int, bytes], bytes]
+
+
+def merge_journeys(upcoming: Iterable[tuple[int, int, Callable[[], Iterator[dict]]]]) -> Iterator[dict]:
+    """Many users' journeys merged into one stream in ``occurred_at`` order.
+
+    ``upcoming``: per user, (the earliest time their journey can start, a
+    tie-break index, a function that starts the journey: an iterator of event
+    dicts in event-time order), ordered by that earliest time. A journey is
+    started only when the merge reaches its earliest time, so only the
+    journeys in flight are held. Ties go to the lower index, then to the
+    journey's own order.
+    """
+    upcoming = iter(upcoming)
+    following = next(upcoming, None)
+    heap: list[tuple[int, int, dict, Iterator[dict]]] = []
+    while True:
+        while following is not None and (not heap or following[0] <= heap[0][0]):
+            _, index, start = following
+            journey = start()
+            first = next(journey, None)
+            if first is not None:
+                heapq.heappush(heap, (first["occurred_at"], index, first, journey))
+            following = next(upcoming, None)
+        if not heap:
+            return
+        _, index, event, journey = heap[0]
+        after = next(journey, None)
+        if after is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (after["occurred_at"], index, after, journey))
+        yield event
 
 
 def iso_utc(epoch_ms: int) -> str:
@@ -712,27 +745,8 @@ class JourneyGenerator:
         Users join lazily as their first event nears, so only the journeys in
         flight are held.
         """
-        profiles = self.users()
-        upcoming = next(profiles, None)
-        journeys: list[tuple[int, int, dict, Iterator[dict]]] = []
-        while True:
-            while upcoming is not None and (
-                not journeys or upcoming.signup_ms - MAX_PRE_SIGNUP_MS <= journeys[0][0]
-            ):
-                it = self.journey(upcoming)
-                first = next(it, None)
-                if first is not None:
-                    heapq.heappush(journeys, (first["occurred_at"], upcoming.index, first, it))
-                upcoming = next(profiles, None)
-            if not journeys:
-                return
-            _, index, event, it = journeys[0]
-            following = next(it, None)
-            if following is None:
-                heapq.heappop(journeys)
-            else:
-                heapq.heapreplace(journeys, (following["occurred_at"], index, following, it))
-            yield event
+        return merge_journeys((u.signup_ms - MAX_PRE_SIGNUP_MS, u.index, functools.partial(self.journey, u))
+                              for u in self.users())
 
     def events(self) -> Iterator[tuple[str, dict]]:
         """(kind, event) for every valid event and duplicate, in the order a collector sends them.

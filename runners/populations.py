@@ -49,7 +49,7 @@ so ``live_login`` can rebuild it from the user id.
 """
 from __future__ import annotations
 
-import heapq
+import functools
 import ipaddress
 import math
 import random
@@ -66,6 +66,7 @@ from onboardflow.runners.generator import (
     SECOND_MS,
     STEP_TOTAL,
     TUTORIAL_STEPS,
+    merge_journeys,
     message_key,
 )
 
@@ -215,25 +216,9 @@ class Population:
 
     def events(self) -> Iterator[dict]:
         """Every event of every user in ``occurred_at`` order (ties: user index, then the user's order)."""
-        upcoming = iter(sorted(self._indexed_users(), key=lambda iu: (iu[1].signup_ms, iu[0])))
-        following = next(upcoming, None)
-        heap: list[tuple[int, int, dict, Iterator[dict]]] = []
-        while True:
-            while following is not None and (not heap or following[1].signup_ms <= heap[0][0]):
-                index, user = following
-                journey = self._journey(index, user)
-                first = next(journey)
-                heapq.heappush(heap, (first["occurred_at"], index, first, journey))
-                following = next(upcoming, None)
-            if not heap:
-                return
-            _, index, event, journey = heap[0]
-            after = next(journey, None)
-            if after is None:
-                heapq.heappop(heap)
-            else:
-                heapq.heapreplace(heap, (after["occurred_at"], index, after, journey))
-            yield event
+        users = sorted(self._indexed_users(), key=lambda iu: (iu[1].signup_ms, iu[0]))
+        return merge_journeys((user.signup_ms, index, functools.partial(self._journey, index, user))
+                              for index, user in users)
 
     def messages(self, serializer: Optional[Callable[[dict], bytes]] = None) -> Iterator[tuple[Optional[bytes], bytes]]:
         """(key, value) Kafka messages in ``events()`` order: ``message_key`` and framed Avro v2."""

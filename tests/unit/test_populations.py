@@ -98,8 +98,9 @@ def test_the_module_uses_no_persona_code_of_the_default_generator():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 and node.module == "onboardflow.runners.generator" for alias in node.names}
     assert imported, "expected the shared constants to come from the generator"
+    # Constants, the catalogues the pipeline knows, and the persona-free merge of journeys by event time.
     assert imported <= {"DAY_MS", "HOUR_MS", "MINUTE_MS", "SECOND_MS", "DEFAULT_START_MS", "message_key",
-                        "TUTORIAL_STEPS", "STEP_TOTAL", "FEATURES"}
+                        "TUTORIAL_STEPS", "STEP_TOTAL", "FEATURES", "merge_journeys"}
 
 
 # -- determinism -----------------------------------------------------------------
