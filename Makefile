@@ -41,11 +41,11 @@ help:
 install: venv prism jars
 
 venv: $(VENV_STAMP)
-$(VENV_STAMP): setup.py
+$(VENV_STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[worker,cli,test,dev]'
 	@touch $@
 
 # Prism, Beam's local portable runner, built from the Go module proxy at the

@@ -65,8 +65,8 @@ from typing import NamedTuple
 
 from river import compose, linear_model, optim, preprocessing, tree
 
-from onboardflow.models import snapshot
-from onboardflow.models.features import FEATURES
+from . import snapshot
+from .features import FEATURES
 
 DAY_MS = 86_400_000
 SNAPSHOT_KIND = "propensity"

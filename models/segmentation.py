@@ -55,7 +55,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from onboardflow.models.features import FEATURES, SEGMENT_FEATURES, feature_vector
+from .features import FEATURES, SEGMENT_FEATURES, feature_vector
 
 UNASSIGNED = -1
 SNAPSHOT_KIND = "segmenter"

@@ -58,7 +58,7 @@ import apache_beam as beam
 import yaml
 from apache_beam.metrics import Metrics
 
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
+from ..transforms.dead_letter import pipeline_dead_letter
 
 METRICS_NAMESPACE = "onboardflow"
 DEFAULT_TRACKS_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "onboarding_tracks.yaml"
@@ -130,7 +130,7 @@ class _Loader:
                 return lambda p: names <= _segments(p)
             return lambda p: not (_segments(p) & names)
         if key == "segment_labels":
-            from onboardflow.models.segmentation import LABELS
+            from .segmentation import LABELS
 
             labels = frozenset(self.names(value, path))
             unknown = sorted(labels - set(LABELS))
@@ -279,7 +279,7 @@ def policy_source(path: Union[str, Path, None] = None,
 
 def known_segment_names(segment_rules_path: Union[str, Path, None] = None) -> frozenset:
     """Every segment the rules file defines or retires (what a tracks rule may name)."""
-    from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleError, RuleSet
+    from ..transforms.segment import DEFAULT_RULES_PATH, RuleError, RuleSet
 
     try:
         rules = RuleSet.load(segment_rules_path or DEFAULT_RULES_PATH)

@@ -43,19 +43,18 @@ from typing import Any, NamedTuple, Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
-from onboardflow.models.segmentation import SegmentSettings
-from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
-from onboardflow.pipelines.options import OnboardingOptions
-from onboardflow.transforms.anonymize import (
+from ..models.segmentation import SegmentSettings
+from ..models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
+from ..transforms.anonymize import (
     AnonymizeEvents,
     SecretKey,
     generate_demo_secret,
     load_secret,
 )
-from onboardflow.transforms.backfill_horizon import backfill_horizon
-from onboardflow.transforms.decode import OnboardingEventDecoder
-from onboardflow.transforms.enrich import EnrichProfiles
-from onboardflow.transforms.kafka_io import (
+from ..transforms.backfill_horizon import backfill_horizon
+from ..transforms.decode import OnboardingEventDecoder
+from ..transforms.enrich import EnrichProfiles
+from ..transforms.kafka_io import (
     DEAD_LETTERS,
     KafkaReadOptions,
     ReadFromKafka,
@@ -63,17 +62,17 @@ from onboardflow.transforms.kafka_io import (
     WriteToKafka,
     resolve_partitions,
 )
-from onboardflow.transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
-from onboardflow.transforms.normalize import NormalizeEvents
-from onboardflow.transforms.online_models import LearnOnlineModels, ScoreProfiles
-from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
-from onboardflow.transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
-from onboardflow.transforms.outbox import RelaySettings
-from onboardflow.transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
-from onboardflow.transforms.profile_store import WriteProfilesToRedis
-from onboardflow.transforms.relay import RecordDeadLetters, RelayOutboxes
-from onboardflow.transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
-from onboardflow.transforms.warehouse import (
+from ..transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
+from ..transforms.normalize import NormalizeEvents
+from ..transforms.online_models import LearnOnlineModels, ScoreProfiles
+from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
+from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
+from ..transforms.outbox import RelaySettings
+from ..transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
+from ..transforms.profile_store import WriteProfilesToRedis
+from ..transforms.relay import RecordDeadLetters, RelayOutboxes
+from ..transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
+from ..transforms.warehouse import (
     WriteDeadLetterMetadata,
     WriteDriftEvents,
     WriteEventsToWarehouse,
@@ -81,6 +80,7 @@ from onboardflow.transforms.warehouse import (
     apply_migrations,
     read_accounts,
 )
+from .options import OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
 
@@ -266,9 +266,9 @@ class _RecordEncoder:
 
     def __call__(self, record: dict):
         if self._serializer is None:
-            from onboardflow.schemas import load_schema
-            from onboardflow.schemas.registry import registry_from_url
-            from onboardflow.schemas.wire import AvroSerializer
+            from ..schemas import load_schema
+            from ..schemas.schema_registry import registry_from_url
+            from ..schemas.wire import AvroSerializer
             self._serializer = AvroSerializer(
                 registry_from_url(self._registry_url), self._subject, load_schema(self._schema_name))
         return record[self._key_field].encode("ascii"), self._serializer.serialize(record)
@@ -276,7 +276,7 @@ class _RecordEncoder:
 
 def _drift_event_kv(registry_url: Optional[str]) -> _RecordEncoder:
     """DriftEvent dict -> (model_name, framed Avro) for the model-events topic."""
-    from onboardflow.schemas import DRIFT_EVENT_SUBJECT
+    from ..schemas import DRIFT_EVENT_SUBJECT
     return _RecordEncoder(registry_url, DRIFT_EVENT_SUBJECT, "drift_event", "model_name")
 
 
@@ -291,8 +291,8 @@ def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
     win, e.g. ``--environment_type=EXTERNAL --environment_config=host:port``
     to run the SDK workers in a worker pool's processes.
     """
-    from onboardflow.runners.flink_runner import flink_argv, given_flags
-    from onboardflow.runners.local import local_pipeline_options
+    from ..runners.flink_runner import flink_argv, given_flags
+    from ..runners.local import local_pipeline_options
 
     argv = flink_argv(list(argv))
     options = PipelineOptions(argv)

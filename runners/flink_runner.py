@@ -42,7 +42,7 @@ from typing import Optional, Sequence, Union
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from . import paths
 
 #: The Flink release the local cluster and the images run (runners/flink/env.sh).
 FLINK_VERSION = "2.2.1"
@@ -50,8 +50,8 @@ FLINK_VERSION = "2.2.1"
 BEAM_FLINK_MINOR = "2.2"
 DEFAULT_FLINK_MASTER = "localhost:8081"
 DEFAULT_WORKER_POOL_PORT = 50000
-DEFAULT_JAR_CACHE = REPO_ROOT / ".cache" / "beam-flink-jobserver"
-DEFAULT_CHECKPOINT_DIR = REPO_ROOT / ".run" / "flink" / "checkpoints"
+DEFAULT_JAR_CACHE = paths.cache_dir() / "beam-flink-jobserver"
+DEFAULT_CHECKPOINT_DIR = paths.run_dir() / "flink" / "checkpoints"
 #: The job server's entry point: proves a file is the job server, not just any jar.
 JOB_SERVER_DRIVER = "org/apache/beam/runners/flink/FlinkJobServerDriver.class"
 
@@ -270,7 +270,7 @@ class WorkerPool:
     def __init__(self, port: int = DEFAULT_WORKER_POOL_PORT, *, log_path: Optional[Union[str, os.PathLike]] = None,
                  start_timeout_s: float = 60.0):
         self.port = port
-        self.log_path = Path(log_path) if log_path else REPO_ROOT / ".run" / "flink" / "worker-pool.log"
+        self.log_path = Path(log_path) if log_path else paths.run_dir() / "flink" / "worker-pool.log"
         self.start_timeout_s = start_timeout_s
         self._process: Optional[subprocess.Popen] = None
 
@@ -293,7 +293,7 @@ class WorkerPool:
         env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                             cwd=REPO_ROOT, env=env)
+                                             cwd=paths.checkout_root() or Path.cwd(), env=env)
         deadline = time.monotonic() + self.start_timeout_s
         while not _port_open("127.0.0.1", self.port):
             if self._process.poll() is not None:

@@ -1,8 +1,8 @@
 """Run onboardflow pipelines locally on Beam's Prism runner.
 
 Prism is Beam's portable local runner (a single Go binary). ``make prism``
-builds it into ``<repo>/.cache/bin/prism``; ``prism_location()`` finds it there
-without reading any environment variable, and ``local_pipeline_options()``
+builds it into ``<cache dir>/bin/prism`` (runners/paths.py); ``prism_location()``
+finds it there, and ``local_pipeline_options()``
 turns it into PipelineOptions that tests, the CLI and the demo share.
 
 Workers run in-process (``environment_type=LOOPBACK``): the Python SDK harness
@@ -19,8 +19,7 @@ from typing import Any, Optional, Union
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRISM_PATH = REPO_ROOT / ".cache" / "bin" / "prism"
+from . import paths
 
 #: Prism (Beam 2.77) splits a bundle that looks slow and releases the keys of
 #: its residual while the primary half still runs, so a keyed stateful stage can
@@ -32,13 +31,18 @@ DEFAULT_PRISM_PATH = REPO_ROOT / ".cache" / "bin" / "prism"
 PRISM_NO_DYNAMIC_SPLITS = "prism_disable_sdf_split"
 
 
+def default_prism_path() -> Path:
+    """Where ``make prism`` builds Prism: ``<cache dir>/bin/prism`` (runners/paths.py)."""
+    return paths.cache_dir() / "bin" / "prism"
+
+
 def prism_location(path: Optional[Union[str, os.PathLike]] = None) -> str:
-    """Path of the Prism binary: ``path`` if given, else ``<repo>/.cache/bin/prism``.
+    """Path of the Prism binary: ``path`` if given, else ``default_prism_path()``.
 
     Raises FileNotFoundError (with the ``make prism`` hint) when it is missing,
     rather than letting Beam silently download a binary from GitHub.
     """
-    candidate = Path(path) if path is not None else DEFAULT_PRISM_PATH
+    candidate = Path(path) if path is not None else default_prism_path()
     if not candidate.is_file():
         raise FileNotFoundError(
             f"Prism binary not found at {candidate}; build it with `make prism` "

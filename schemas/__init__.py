@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import fastavro
 
 if TYPE_CHECKING:
-    from onboardflow.schemas.registry import FileSchemaRegistry
+    from .schema_registry import FileSchemaRegistry
 
 SCHEMA_DIR = pathlib.Path(__file__).resolve().parent
 REGISTRY_FILE = SCHEMA_DIR / "registry.json"
@@ -109,7 +109,7 @@ def load_schema(name: str, version: int | None = None) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def default_registry() -> "FileSchemaRegistry":
     """The read-only file registry shipped with the package (``registry.json``), shared."""
-    from onboardflow.schemas.registry import FileSchemaRegistry
+    from .schema_registry import FileSchemaRegistry
 
     return FileSchemaRegistry(REGISTRY_FILE)
 

@@ -36,7 +36,7 @@ from typing import Any
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
 
-from onboardflow.schemas.registry import (
+from .schema_registry import (
     InvalidSchema,
     SchemaLike,
     SchemaNotFound,

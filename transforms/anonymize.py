@@ -69,8 +69,8 @@ from urllib.parse import urlsplit
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
-from onboardflow.transforms.metrics import PipelineMetrics
+from .dead_letter import pipeline_dead_letter
+from .metrics import PipelineMetrics
 
 METRICS_NAMESPACE = "onboardflow"
 MIN_SECRET_BYTES = 16

@@ -53,8 +53,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 
-from onboardflow.transforms.kafka_io import KafkaPartition, KafkaRecord, _consumer_config
-from onboardflow.transforms.normalize import event_time_ms
+from .kafka_io import KafkaPartition, KafkaRecord, _consumer_config
+from .normalize import event_time_ms
 
 _LOG = logging.getLogger(__name__)
 

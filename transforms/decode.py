@@ -22,9 +22,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
-from onboardflow.schemas import DEAD_LETTER_SUBJECT, load_schema
-from onboardflow.schemas.registry import RegistryError, RegistryUnavailable, SchemaRegistry, registry_from_url
-from onboardflow.schemas.wire import (
+from ..schemas import DEAD_LETTER_SUBJECT, load_schema
+from ..schemas.schema_registry import RegistryError, RegistryUnavailable, SchemaRegistry, registry_from_url
+from ..schemas.wire import (
     AvroDeserializer,
     AvroSerializer,
     InvalidEvent,
@@ -32,7 +32,7 @@ from onboardflow.schemas.wire import (
     InvalidTimestamp,
     MissingIdentity,
 )
-from onboardflow.transforms.kafka_io import KafkaRecord
+from .kafka_io import KafkaRecord
 
 METRICS_NAMESPACE = "onboardflow"
 EVENTS = "events"

@@ -68,7 +68,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from onboardflow.transforms.metrics import PipelineMetrics
+from .metrics import PipelineMetrics
 
 _LOG = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ removed at exit) so Prometheus finds every worker whatever port it got.
 
 ``EventTimeProgress`` is the small Redis key behind the event-time lag: the
 profile sink records the newest event time it has written, the lag exporter
-(runners/lag.py) reads it (contract: docs/redis-contract.md, "Pipeline
+(runners/cli/lag.py) reads it (contract: docs/redis-contract.md, "Pipeline
 progress").
 
 Example (a DoFn)::
@@ -684,7 +684,7 @@ class SinkWatermark:
     and its write is in Redis. ``sink_watermark_at_ms``: wall clock when it
     was recorded. Max-only and atomic like ``EventTimeProgress``, in the same
     hash; never expires. Written by ``PublishSinkWatermark``; read by the demo
-    (runners/demo.py) to decide "settled" from the pipeline's own progress.
+    (runners/cli/demo.py) to decide "settled" from the pipeline's own progress.
     """
 
     def __init__(self, key_prefix: str = "obf"):

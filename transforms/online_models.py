@@ -12,7 +12,7 @@ Two transforms, one job each (docs/architecture.md, docs/models.md)::
 
 * ``ScoreProfiles`` runs on every worker in parallel. It reads the *serving*
   snapshots of the segmenter and the propensity model from the registry's Redis
-  copy (``models/registry.py`` ModelStore) and keeps them in a per-process cache
+  copy (``models/model_registry.py`` ModelStore) and keeps them in a per-process cache
   that re-checks the serving version at most every ``refresh_seconds``: a
   periodically refreshed side input, held by the worker rather than by the
   runner, because Prism rejects triggered global-window side inputs
@@ -53,12 +53,12 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from onboardflow.models import snapshot
-from onboardflow.models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
-from onboardflow.models.features import feature_vector, is_activity_update
-from onboardflow.models.propensity import PropensityModel
-from onboardflow.models.registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
-from onboardflow.models.segmentation import UNASSIGNED, Segmenter, SegmentSettings
+from ..models import snapshot
+from ..models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
+from ..models.features import feature_vector, is_activity_update
+from ..models.model_registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
+from ..models.propensity import PropensityModel
+from ..models.segmentation import UNASSIGNED, Segmenter, SegmentSettings
 
 _LOG = logging.getLogger(__name__)
 _NAMESPACE = "onboardflow.models"
@@ -324,8 +324,8 @@ class _LearnFn(beam.DoFn):
         self._sweep_failures = Metrics.counter(_NAMESPACE, "rescore_failures")
 
     def setup(self):
-        from onboardflow.models.tracks import TrackPolicy
-        from onboardflow.transforms.rescore import ProfileSweep
+        from ..models.tracks import TrackPolicy
+        from .rescore import ProfileSweep
 
         if self._metrics is not None:
             self._metrics.setup()
@@ -536,7 +536,7 @@ class _LearnFn(beam.DoFn):
         learner.recent_outcomes.clear()
 
     def _apply_retention(self, kind: str) -> None:
-        # Old versions' payloads go (models/registry.py ``prune``: never the
+        # Old versions' payloads go (models/model_registry.py ``prune``: never the
         # serving or a pinned one); a failure only delays it to the next publish.
         if self._keep_versions < 1:
             return
@@ -577,7 +577,7 @@ class LearnOnlineModels(beam.PTransform):
                  tracks_path=None, rules_path: Optional[str] = None, batch_size: int = 500,
                  max_batch_seconds: float = 2.0, metrics=None, keep_versions: int = 0,
                  keep_days: Optional[float] = None, label: Optional[str] = None):
-        from onboardflow.models.tracks import TrackPolicy, policy_source
+        from ..models.tracks import TrackPolicy, policy_source
 
         super().__init__(label)
         if batch_size < 1 or max_batch_seconds <= 0 or keep_versions < 0:

@@ -504,7 +504,7 @@ class SegmentChangeConverter:
         self._rules, self._serialize = rules, serialize
 
     def __call__(self, entry_id: str, fields: dict) -> Converted:
-        from onboardflow.transforms.warehouse import segment_change_row
+        from .warehouse import segment_change_row
         user_key, version, at = _text(fields["u"]), int(fields["v"]), int(fields["at"])
         reason = _text(fields["why"]) if "why" in fields else None
         changes = self._rules.diff(_segments(fields.get("old")), _segments(fields.get("new")), at,
@@ -527,8 +527,8 @@ def _segments(raw: Optional[bytes]) -> list[str]:
 
 def profile_snapshot_converter(entry_id: str, fields: dict) -> Converted:
     """Profile-snapshot entries -> ``profile_snapshots`` rows (the profile as the hash holds it)."""
-    from onboardflow.transforms.profile_store import decode_profile
-    from onboardflow.transforms.warehouse import profile_snapshot_row
+    from .profile_store import decode_profile
+    from .warehouse import profile_snapshot_row
     profile = decode_profile(json.loads(fields["f"]))
     return Converted([], [profile_snapshot_row(profile)])
 
@@ -570,13 +570,13 @@ def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None,
 
     ``on_warehouse_retry(table)`` is called on every failed warehouse write attempt (metrics).
     """
-    from onboardflow.schemas import SEGMENT_CHANGES_SUBJECT, load_schema
-    from onboardflow.schemas.registry import registry_from_url
-    from onboardflow.schemas.wire import AvroSerializer
-    from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet
-    from onboardflow.transforms.warehouse import PROFILE_SNAPSHOTS as SNAPSHOT_TABLE
-    from onboardflow.transforms.warehouse import SEGMENT_CHANGES as CHANGE_TABLE
-    from onboardflow.transforms.warehouse import WarehouseWriter
+    from ..schemas import SEGMENT_CHANGES_SUBJECT, load_schema
+    from ..schemas.schema_registry import registry_from_url
+    from ..schemas.wire import AvroSerializer
+    from .segment import DEFAULT_RULES_PATH, RuleSet
+    from .warehouse import PROFILE_SNAPSHOTS as SNAPSHOT_TABLE
+    from .warehouse import SEGMENT_CHANGES as CHANGE_TABLE
+    from .warehouse import WarehouseWriter
 
     client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=10)
     keys = OutboxKeys(settings.key_prefix)

@@ -125,12 +125,12 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
-from onboardflow.transforms.enrich import ProfileUpdate
-from onboardflow.transforms.metrics import PipelineMetrics
-from onboardflow.transforms.normalize import RecentEventIds
-from onboardflow.transforms.score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
-from onboardflow.transforms.sessionize import DAY_MS, MINUTE_MS, SessionState
+from .dead_letter import pipeline_dead_letter
+from .enrich import ProfileUpdate
+from .metrics import PipelineMetrics
+from .normalize import RecentEventIds
+from .score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
+from .sessionize import DAY_MS, MINUTE_MS, SessionState
 
 HOUR_MS = 3_600_000
 TOO_LATE = "too_late"

@@ -63,10 +63,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
-from onboardflow.transforms.metrics import EventTimeProgress, PipelineMetrics
-from onboardflow.transforms.outbox import PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
+from .anonymize import Pseudonymizer, SecretKey
+from .dead_letter import pipeline_dead_letter
+from .metrics import EventTimeProgress, PipelineMetrics
+from .outbox import PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
 
 METRICS_NAMESPACE = "onboardflow"
 STAGE = "profile_store"

@@ -26,8 +26,8 @@ import apache_beam as beam
 import redis
 from apache_beam.metrics import Metrics
 
-from onboardflow.transforms.metrics import PipelineMetrics
-from onboardflow.transforms.outbox import (
+from .metrics import PipelineMetrics
+from .outbox import (
     DEAD_LETTERS,
     SEGMENT_CHANGES,
     DeadLetterOutbox,

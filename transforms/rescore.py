@@ -34,8 +34,8 @@ from typing import Any, Optional
 
 import redis
 
-from onboardflow.transforms.profile import MODEL_FIELDS
-from onboardflow.transforms.profile_store import ProfileKeys, _encode_value, decode_profile
+from .profile import MODEL_FIELDS
+from .profile_store import ProfileKeys, _encode_value, decode_profile
 
 _LOG = logging.getLogger(__name__)
 

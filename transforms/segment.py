@@ -72,8 +72,8 @@ import apache_beam as beam
 import yaml
 from apache_beam.metrics import Metrics
 
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
-from onboardflow.transforms.enrich import ProfileUpdate
+from .dead_letter import pipeline_dead_letter
+from .enrich import ProfileUpdate
 
 METRICS_NAMESPACE = "onboardflow"
 DAY_MS = 86_400_000

@@ -59,8 +59,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 from psycopg import sql
 
-from onboardflow.transforms.dead_letter import pipeline_dead_letter
-from onboardflow.transforms.metrics import PipelineMetrics
+from .dead_letter import pipeline_dead_letter
+from .metrics import PipelineMetrics
 
 METRICS_NAMESPACE = "onboardflow"
 DEFAULT_SCHEMA = "warehouse"

@@ -1,6 +1,6 @@
 """Read+decode rate of ReadFromKafka in bounded mode, on Prism (events/s).
 
-Produces ~50k synthetic onboarding events (framed Avro from runners/generator.py,
+Produces ~50k synthetic onboarding events (framed Avro from runners/sim/generator.py,
 1% malformed) to a fresh 4-partition topic on the local broker, then reads the
 topic back with ``ReadFromKafka(bounded=True, decoder=OnboardingEventDecoder())``
 on Prism three times per variant and prints the median rate. The rate is
@@ -25,8 +25,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
 from onboardflow.runners.local import local_pipeline_options
+from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.decode import OnboardingEventDecoder
 from onboardflow.transforms.kafka_io import ReadFromKafka
 

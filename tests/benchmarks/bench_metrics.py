@@ -98,9 +98,9 @@ def bench_onboarding_pipeline(events: int, rounds: int, bootstrap: str = "127.0.
 
     from onboardflow.pipelines.onboarding import run
     from onboardflow.pipelines.options import DEFAULT_REDIS_URL, DEFAULT_WAREHOUSE_DSN
-    from onboardflow.runners.demo import _fresh_topics
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
+    from onboardflow.runners.cli.demo import _fresh_topics
+    from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
 
     logging.getLogger().setLevel(logging.ERROR)

@@ -3,7 +3,7 @@
 Run: .venv/bin/python tests/benchmarks/bench_models.py [--users N] [--repeats R]
 
 One replay of the generator's stream (``replay_profiles`` of
-runners/evaluate.py: N users, default 1,000, seed 42) gives the profile
+runners/cli/evaluate.py: N users, default 1,000, seed 42) gives the profile
 updates in event-time order; their feature vectors are kept in memory so
 every model is timed on the same points, without the replay's own cost.
 Single-threaded; rates are the median of R runs (default 3), in profile
@@ -31,8 +31,8 @@ from onboardflow.models import snapshot
 from onboardflow.models.features import feature_vector
 from onboardflow.models.propensity import CLASSIFIERS, DAY_MS, PropensityModel
 from onboardflow.models.segmentation import Segmenter
-from onboardflow.runners.evaluate import replay_profiles
-from onboardflow.runners.generator import GeneratorConfig
+from onboardflow.runners.cli.evaluate import replay_profiles
+from onboardflow.runners.sim.generator import GeneratorConfig
 from onboardflow.transforms.online_models import LEARNER_SNAPSHOT_KIND, LearnerState
 
 

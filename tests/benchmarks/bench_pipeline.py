@@ -42,7 +42,7 @@ import time
 import uuid
 from typing import Optional
 
-from onboardflow.runners.demo import _fresh_topics, _login, _percentile
+from onboardflow.runners.cli.demo import _fresh_topics, _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.transforms.metrics import SinkWatermark
 
@@ -127,8 +127,8 @@ def _sustained(args, run_id, tag, schema, secret, memory: PeakMemory, extra=(), 
     """Time a backlog of ``args.events`` from the first offset commit until the pipeline settled."""
     import redis
 
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
+    from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
 
     topic = f"bench-{run_id}-{tag}.onboarding.events"
     _topics(args, topic, drop_prefix or f"bench-{run_id}-{tag}-x")
@@ -182,8 +182,8 @@ def _feed_live(bootstrap: str, topic: str, rate: float, n: int, ready, go) -> No
     """
     from kafka import KafkaProducer
 
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator, message_key, v1_serializer
-    from onboardflow.runners.produce import TokenBucket, producer_settings
+    from onboardflow.runners.cli.produce import TokenBucket, producer_settings
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator, message_key, v1_serializer
 
     gen = JourneyGenerator(GeneratorConfig(seed=4, users=max(5_000, n // 5)))
     events = []
@@ -328,14 +328,14 @@ def main() -> None:
 
     from onboardflow.pipelines.options import DEFAULT_WAREHOUSE_DSN
     from onboardflow.runners.flink_runner import WorkerPool
-    from onboardflow.runners.local import REPO_ROOT
+    from onboardflow.runners.paths import run_dir
 
     run_id = time.strftime("%H%M%S")
     pool: Optional[WorkerPool] = None
     if args.workers == "process":
         from apache_beam.utils.subprocess_server import pick_port
 
-        pool = WorkerPool(port=pick_port(None)[0], log_path=REPO_ROOT / ".run" / "bench" / "worker-pool.log").start()
+        pool = WorkerPool(port=pick_port(None)[0], log_path=run_dir() / "bench" / "worker-pool.log").start()
     print(f"== bench_pipeline (Prism, SDK workers: {'worker-pool processes' if pool else 'in-process'}; "
           f"real Kafka/Redis/PostgreSQL; {os.cpu_count()} cores)", flush=True)
     phases = [] if args.skip_sustained else ["sustained:models-on", "sustained:models-off"]

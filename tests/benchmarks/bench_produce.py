@@ -21,8 +21,8 @@ import uuid
 
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-from onboardflow.runners.produce import produce, producer_settings
+from onboardflow.runners.cli.produce import produce, producer_settings
+from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
 
 BOOTSTRAP = f"{os.environ.get('KAFKA_HOST', '127.0.0.1')}:{os.environ.get('KAFKA_PORT', '9092')}"
 

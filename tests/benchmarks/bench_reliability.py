@@ -31,7 +31,7 @@ from pathlib import Path
 
 import redis
 
-from onboardflow.runners.produce import produce
+from onboardflow.runners.cli.produce import produce
 from onboardflow.tests.conftest import KAFKA_BOOTSTRAP, PG_DSN, REDIS_URL, _assert_same_profiles
 from onboardflow.tests.integration.private_services import PrivateServices
 from onboardflow.tests.integration.reliability_harness import (

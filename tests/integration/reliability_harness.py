@@ -38,7 +38,7 @@ import redis
 from kafka.admin import KafkaAdminClient, NewTopic
 from psycopg import sql
 
-from onboardflow.runners.generator import GeneratedMessage, GeneratorConfig, JourneyGenerator
+from onboardflow.runners.sim.generator import GeneratedMessage, GeneratorConfig, JourneyGenerator
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import read_topic, redis_dump

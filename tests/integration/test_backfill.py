@@ -36,8 +36,8 @@ from apache_beam.runners.runner import PipelineState
 from kafka import KafkaProducer
 
 from onboardflow.pipelines.onboarding import run
-from onboardflow.runners.generator import v1_serializer
 from onboardflow.runners.local import stop_streaming_job
+from onboardflow.runners.sim.generator import v1_serializer
 from onboardflow.tests.integration.outputs import counters
 from onboardflow.transforms.anonymize import SecretKey
 from onboardflow.transforms.profile_store import ProfileStore

@@ -14,7 +14,7 @@ from confluent_kafka.schema_registry.avro import AvroSerializer as ConfluentAvro
 from confluent_kafka.serialization import MessageField, SerializationContext
 from kafka import KafkaConsumer, TopicPartition
 
-from onboardflow.runners.registry import RegistryServer
+from onboardflow.runners.cli.registry import RegistryServer
 from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema, schema_path
 from onboardflow.schemas.wire import AvroSerializer, unframe
 from onboardflow.transforms.decode import OnboardingEventDecoder

@@ -13,7 +13,7 @@ import pytest
 import redis
 from kafka.admin import KafkaAdminClient
 
-from onboardflow.runners import demo
+from onboardflow.runners.cli import demo
 from onboardflow.transforms.profile_store import decode_profile
 
 pytestmark = [pytest.mark.integration]

@@ -42,10 +42,10 @@ from apache_beam.runners.runner import PipelineState
 from apache_beam.testing.util import assert_that, equal_to
 
 from onboardflow.pipelines.onboarding import run
+from onboardflow.runners.cli.produce import produce
 from onboardflow.runners.flink_runner import WorkerPool, is_job_server_jar
-from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
 from onboardflow.runners.local import PRISM_NO_DYNAMIC_SPLITS, prism_location
-from onboardflow.runners.produce import produce
+from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.anonymize import SecretKey
 from onboardflow.transforms.profile_store import decode_profile
 

@@ -227,7 +227,7 @@ def test_decoded_events_carry_their_event_time_and_bad_records_come_out_as_dead_
 
 def test_onboarding_event_decoder_runs_inside_the_source_with_event_time_and_dead_letter_reasons(
         kafka_bootstrap, kafka_topic, unique_name):
-    from onboardflow.runners.generator import MALFORMATION_REASONS, GeneratorConfig, JourneyGenerator
+    from onboardflow.runners.sim.generator import MALFORMATION_REASONS, GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.decode import OnboardingEventDecoder
 
     topic = kafka_topic(partitions=PARTITIONS)

@@ -24,7 +24,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client.parser import text_string_to_metric_families
 
-from onboardflow.runners.lag import KafkaLagReader, LagCollector, ProgressReader, serve_lag_exporter
+from onboardflow.runners.cli.lag import KafkaLagReader, LagCollector, ProgressReader, serve_lag_exporter
 from onboardflow.transforms.metrics import EventTimeProgress
 
 pytestmark = pytest.mark.integration
@@ -188,8 +188,8 @@ def test_pipeline_lag_drops_to_zero_after_a_run_and_grows_while_it_is_stopped(
         kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema,
         exporter):
     from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
+    from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
 
     topic = kafka_topic(partitions=2)
@@ -243,7 +243,7 @@ def assert_worker_metrics_match_the_input(before: dict, after: dict, messages: l
     """
     from collections import Counter
 
-    from onboardflow.runners.generator import DUPLICATE, MALFORMATION_REASONS
+    from onboardflow.runners.sim.generator import DUPLICATE, MALFORMATION_REASONS
 
     def delta(name: str, **labels: str) -> float:
         return _sum(after, name, **labels) - _sum(before, name, **labels)
@@ -283,8 +283,8 @@ def assert_worker_metrics_match_the_input(before: dict, after: dict, messages: l
 def test_worker_endpoint_counts_what_a_pipeline_run_read_dropped_and_wrote(
         kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema):
     from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
+    from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
     from onboardflow.transforms.metrics import serve_worker_metrics
 
@@ -327,8 +327,8 @@ def test_streaming_run_scraped_while_running_counts_the_input_and_lag_rises_whil
         kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema,
         exporter):
     from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator
-    from onboardflow.runners.produce import produce
+    from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
     from onboardflow.transforms.metrics import serve_worker_metrics
 

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from onboardflow.models.registry import ModelRegistry, RegistryError
-from onboardflow.runners import models as models_cli
+from onboardflow.models.model_registry import ModelRegistry, RegistryError
+from onboardflow.runners.cli import models as models_cli
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from apache_beam.testing.util import assert_that
 
-from onboardflow.models.registry import ModelRegistry
+from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.segmentation import SegmentSettings
 from onboardflow.runners.local import local_pipeline_options
 from onboardflow.transforms.online_models import SEGMENTATION, LearnOnlineModels, ScoreProfiles

@@ -44,11 +44,13 @@ from psycopg import sql
 
 from onboardflow.models import snapshot
 from onboardflow.models.features import feature_vector
+from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.propensity import PropensityModel
-from onboardflow.models.registry import ModelRegistry
 from onboardflow.models.segmentation import Segmenter
 from onboardflow.pipelines.onboarding import run
-from onboardflow.runners.generator import (
+from onboardflow.runners.cli.produce import produce
+from onboardflow.runners.local import stop_streaming_job
+from onboardflow.runners.sim.generator import (
     DUPLICATE,
     MALFORMATION_REASONS,
     VALID,
@@ -57,8 +59,6 @@ from onboardflow.runners.generator import (
     JourneyGenerator,
     UserProfile,
 )
-from onboardflow.runners.local import stop_streaming_job
-from onboardflow.runners.produce import produce
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import counters, read_topic, redis_dump

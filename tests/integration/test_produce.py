@@ -12,8 +12,8 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from onboardflow.runners.generator import MALFORMATION_REASONS, GeneratedMessage, GeneratorConfig, JourneyGenerator
-from onboardflow.runners.produce import main, produce
+from onboardflow.runners.cli.produce import main, produce
+from onboardflow.runners.sim.generator import MALFORMATION_REASONS, GeneratedMessage, GeneratorConfig, JourneyGenerator
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer, InvalidEvent
 

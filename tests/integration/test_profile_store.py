@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
-from onboardflow.runners import profile as profile_cli
+from onboardflow.runners.cli import profile as profile_cli
 from onboardflow.transforms import profile_store
 from onboardflow.transforms.profile_store import (
     ProfileStore,

@@ -44,7 +44,7 @@ import pytest
 import redis
 from psycopg import sql
 
-from onboardflow.runners.produce import produce
+from onboardflow.runners.cli.produce import produce
 from onboardflow.tests.integration.private_services import PrivateServices
 from onboardflow.tests.integration.reliability_harness import (
     RETENTION_MS,

@@ -1,7 +1,7 @@
 """Behaviour segments through the whole pipeline, reproducibly, on a population we did not design them on.
 
 Real Kafka, Redis and PostgreSQL; the pipeline on Prism. The input is a
-population of ``runners/populations.py`` (``saas_teams``: its own personas --
+population of ``runners/sim/populations.py`` (``saas_teams``: its own personas --
 drop-offs, inviters, support-heavy users, daily workers, browsers -- in
 unequal shares, with noise), with recent event times, produced to a topic of
 three partitions with every user's events spread over all of them (half of
@@ -25,10 +25,10 @@ import redis
 from kafka import KafkaProducer
 from sklearn.metrics import adjusted_rand_score
 
-from onboardflow.models.registry import ModelRegistry
+from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.segmentation import LABELS
 from onboardflow.pipelines.onboarding import run
-from onboardflow.runners.populations import population
+from onboardflow.runners.sim.populations import population
 from onboardflow.transforms.anonymize import SecretKey
 from onboardflow.transforms.profile_store import ProfileStore
 

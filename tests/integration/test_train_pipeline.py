@@ -1,7 +1,7 @@
 """`onboardflow train` end to end: a warehouse of known structure in, the right k and a served model out.
 
 The warehouse is filled with profiles of generator users: each user's journey
-(runners/generator.py) is folded through the profile stage's own state class
+(runners/sim/generator.py) is folded through the profile stage's own state class
 (``UserProfileState``, as the streaming pipeline does) and written to
 ``profile_snapshots`` twice, early in the journey and at the end of the
 horizon, so the job must pick each user's latest snapshot. Three personas
@@ -18,11 +18,11 @@ from psycopg import sql
 from sklearn.metrics import adjusted_rand_score
 
 from onboardflow.models.features import FEATURES, feature_vector
+from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.propensity import PropensityModel
-from onboardflow.models.registry import ModelRegistry
 from onboardflow.models.segmentation import Segmenter
-from onboardflow.runners import train
-from onboardflow.runners.generator import DAY_MS, GeneratorConfig, JourneyGenerator
+from onboardflow.runners.cli import train
+from onboardflow.runners.sim.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
 from onboardflow.transforms.warehouse import (
     PROFILE_SNAPSHOTS,

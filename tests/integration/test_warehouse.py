@@ -19,7 +19,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from psycopg import sql
 
 from onboardflow import schemas
-from onboardflow.runners import warehouse as warehouse_cli
+from onboardflow.runners.cli import warehouse as warehouse_cli
 from onboardflow.transforms.warehouse import (
     DEAD_LETTERS,
     EVENTS,

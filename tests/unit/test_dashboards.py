@@ -1,7 +1,7 @@
 """Grafana dashboard, Prometheus scrape config and alert rules name only metrics the code exports.
 
 The exported names come from the catalogues in transforms/metrics.py
-(``PIPELINE_METRICS``, worker endpoint) and runners/lag.py (``LAG_METRICS``,
+(``PIPELINE_METRICS``, worker endpoint) and runners/cli/lag.py (``LAG_METRICS``,
 lag exporter), so renaming a metric in code without the dashboards fails here.
 The rules' behaviour is pinned by ``promtool test rules`` (make check-alerts).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onboardflow.runners.lag import DEFAULT_PORT, lag_sample_names
+from onboardflow.runners.cli.lag import DEFAULT_PORT, lag_sample_names
 from onboardflow.transforms.metrics import pipeline_sample_names
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onboardflow.schemas import DEAD_LETTER_SUBJECT, EVENTS_SUBJECT, default_registry, load_schema
-from onboardflow.schemas.registry import RegistryUnavailable
+from onboardflow.schemas.schema_registry import RegistryUnavailable
 from onboardflow.schemas.wire import REASONS, AvroDeserializer, AvroSerializer, InvalidEvent, frame, unframe
 from onboardflow.transforms.decode import DecodeEvents, OnboardingEventDecoder
 from onboardflow.transforms.kafka_io import KafkaRecord

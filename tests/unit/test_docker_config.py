@@ -1,7 +1,7 @@
 """docker/ cannot run here (no Docker engine): pin what can be checked.
 
 The compose file and Dockerfiles must parse, use the versions the project pins
-(Beam and Python in setup.py, Kafka in runners/services/env.sh), and expose the
+(Beam and Python in pyproject.toml, Kafka in runners/services/env.sh), and expose the
 ports and topics the scripts use, so the two ways of running stay in step.
 """
 import re
@@ -19,7 +19,7 @@ def env_default(name):
 
 
 def pinned_beam():
-    return re.search(r'"apache-beam>=([0-9.]+),', (ROOT / "setup.py").read_text()).group(1)
+    return re.search(r'"apache-beam>=([0-9.]+),', (ROOT / "pyproject.toml").read_text()).group(1)
 
 
 def compose():
@@ -38,7 +38,7 @@ def test_images_use_the_pinned_kafka_beam_and_python_versions():
     assert services["kafka-topics"]["image"] == services["kafka"]["image"]
     sdk_from = re.search(r"^FROM (\S+)", (DOCKER / "Dockerfile.sdk").read_text(), re.M).group(1)
     assert sdk_from == f"apache/beam_python3.11_sdk:{pinned_beam()}"
-    assert 'python_requires=">=3.11,<3.12"' in (ROOT / "setup.py").read_text()
+    assert 'requires-python = ">=3.11,<3.12"' in (ROOT / "pyproject.toml").read_text()
     assert re.search(r"^FROM python:3\.11", (DOCKER / "Dockerfile.launcher").read_text(), re.M)
 
 

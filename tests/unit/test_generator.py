@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 import fastavro
 import pytest
 
-from onboardflow.runners.generator import (
+from onboardflow.runners.cli.produce import ProduceStats, TokenBucket, build_parser, main
+from onboardflow.runners.sim.generator import (
     DAY_MS,
     FEATURES,
     HOUR_MS,
@@ -32,7 +33,6 @@ from onboardflow.runners.generator import (
     GeneratorConfig,
     JourneyGenerator,
 )
-from onboardflow.runners.produce import ProduceStats, TokenBucket, build_parser, main
 from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema, load_schema_json
 from onboardflow.schemas.wire import AvroDeserializer, InvalidEvent, epoch_millis_schema
 

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from onboardflow.runners.lag import (
+from onboardflow.runners.cli.lag import (
     LAG_METRICS,
     FlinkWatermarkReader,
     KafkaLagReader,

@@ -48,7 +48,7 @@ def streaming():
 
 
 def test_prism_location_defaults_to_the_repo_cache_binary():
-    assert prism_location() == str(Path(local.REPO_ROOT) / ".cache" / "bin" / "prism")
+    assert prism_location() == str(local.default_prism_path())
     assert os.access(prism_location(), os.X_OK)
 
 

@@ -1,9 +1,9 @@
-"""runners/evaluate.py: the replay feeds the models as the pipeline would, and the report is written."""
+"""runners/cli/evaluate.py: the replay feeds the models as the pipeline would, and the report is written."""
 import json
 from collections import Counter
 
-from onboardflow.runners.evaluate import evaluate_design, main, population_design, replay_profiles
-from onboardflow.runners.generator import DAY_MS, GeneratorConfig, JourneyGenerator
+from onboardflow.runners.cli.evaluate import evaluate_design, main, population_design, replay_profiles
+from onboardflow.runners.sim.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 
 
 def test_replay_emits_profile_updates_in_event_time_order_for_every_user():

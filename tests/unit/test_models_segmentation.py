@@ -127,9 +127,9 @@ def test_centres_read_back_in_feature_units():
 
 
 def test_one_ordinary_event_does_not_move_a_settled_users_cluster_on_a_fixed_model():
-    # A population we did not write the features for (runners/populations.py),
+    # A population we did not write the features for (runners/sim/populations.py),
     # backfilled, fitted; then one login per user on the same model.
-    from onboardflow.runners.evaluate import population_design, replay_profiles
+    from onboardflow.runners.cli.evaluate import population_design, replay_profiles
     from onboardflow.transforms.profile import ProfileConfig, UserProfileState
 
     design = population_design("saas_teams", users=400, seed=11)

@@ -7,8 +7,8 @@ transforms on the real Redis and PostgreSQL.
 import datetime as dt
 import random
 
+from onboardflow.models.model_registry import ModelVersion
 from onboardflow.models.propensity import PropensityModel
-from onboardflow.models.registry import ModelVersion
 from onboardflow.models.segmentation import Segmenter, SegmentSettings
 from onboardflow.transforms.online_models import (
     PROPENSITY,
@@ -254,7 +254,7 @@ class _Registry:
     def publish(self, kind, payload, **_):
         number = self._memory.publish(kind, payload)
         self.published.append((kind, number))
-        from onboardflow.models.registry import PublishResult
+        from onboardflow.models.model_registry import PublishResult
         return PublishResult(self._memory.get(kind, number), True, True)
 
     def prune(self, *_, **__):

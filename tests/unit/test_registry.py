@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from onboardflow.runners.registry import RegistryServer, main
+from onboardflow.runners.cli.registry import RegistryServer, main
 from onboardflow.schemas import (
     DEAD_LETTER_SUBJECT,
     EVENTS_SUBJECT,
@@ -19,7 +19,7 @@ from onboardflow.schemas import (
     load_schema_json,
     schema_path,
 )
-from onboardflow.schemas.registry import (
+from onboardflow.schemas.schema_registry import (
     ConfluentSchemaRegistry,
     FileSchemaRegistry,
     InvalidSchema,
@@ -223,7 +223,7 @@ def test_registry_register_command_appends_to_a_registry_file(registry_copy, tmp
 
 def test_registry_serve_command_serves_the_shipped_registry_over_http():
     server = subprocess.Popen(
-        [sys.executable, "-m", "onboardflow.runners.registry", "serve", "--port", "0"],
+        [sys.executable, "-m", "onboardflow.runners.cli.registry", "serve", "--port", "0"],
         stdout=subprocess.PIPE, text=True,
     )
     try:

@@ -4,7 +4,7 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from onboardflow.models.registry import (
+from onboardflow.models.model_registry import (
     KINDS,
     ModelStore,
     ModelVersion,
@@ -16,7 +16,7 @@ from onboardflow.models.registry import (
     retention_cutoff,
     version_id,
 )
-from onboardflow.runners.models import version_ranges
+from onboardflow.runners.cli.models import version_ranges
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 

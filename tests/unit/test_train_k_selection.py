@@ -10,9 +10,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from sklearn.datasets import make_blobs
 
 from onboardflow.models.features import FEATURES, feature_vector
-from onboardflow.runners import train
-from onboardflow.runners.local import prism_location
-from onboardflow.runners.train import (
+from onboardflow.runners.cli import train
+from onboardflow.runners.cli.train import (
     BuildFeatureVectors,
     KScore,
     TooFewProfiles,
@@ -21,6 +20,7 @@ from onboardflow.runners.train import (
     fit_bootstrap,
     seed_segmenter,
 )
+from onboardflow.runners.local import prism_location
 
 PRISM = [
     "--runner=PrismRunner",

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema, load_schema_json
-from onboardflow.schemas.registry import FileSchemaRegistry, RegistryUnavailable, SchemaRegistry
+from onboardflow.schemas.schema_registry import FileSchemaRegistry, RegistryUnavailable, SchemaRegistry
 from onboardflow.schemas.wire import (
     HEADER_SIZE,
     REASONS,

@@ -53,8 +53,9 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import paths
+
 DAY_MS = 86_400_000
-REPO = Path(__file__).resolve().parents[1]
 #: The source's max out-of-orderness (seconds): an idle pipeline's watermark
 #: trails the wall clock by this much, so "due by now" means due by now minus it.
 MAX_OUT_OF_ORDERNESS_S = 60.0
@@ -98,7 +99,7 @@ def _parse(argv):
                    help="seconds from the pipeline's start to settled; past it the demo fails (exit 1)")
     p.add_argument("--live-timeout", type=float, default=150,
                    help="seconds for the live phase (a served model, then every login in Redis)")
-    p.add_argument("--run-dir", default=str(REPO / ".run" / "demo"))
+    p.add_argument("--run-dir", default=str(paths.run_dir() / "demo"))
     p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: run on Flink, not Prism "
                    "(see docs/flink.md; needs the Beam Flink job server jar)")
     p.add_argument("--flink-job-server-jar",
@@ -206,7 +207,7 @@ class _NewestProfileEvent:
         return self._serialize(event)
 
     def note(self, kind: str) -> None:
-        from onboardflow.runners.generator import DUPLICATE, VALID
+        from ..sim.generator import DUPLICATE, VALID
 
         event = self._last
         if kind in (VALID, DUPLICATE) and event is not None and (event.get("consent") or {}).get("personalization"):
@@ -241,9 +242,9 @@ def await_settled(kafka, progress, sink_read: Callable[[], Optional[int]], newes
     highest watermark an idle source reaches by then): every timer due by
     ``due_by`` fired and its write is in Redis. ``failed()`` returns a reason
     when the job itself died. ``kafka``/``progress``: the readers of
-    runners/lag.py; ``sink_read()``: the sink watermark (epoch ms) or None.
+    runners/cli/lag.py; ``sink_read()``: the sink watermark (epoch ms) or None.
     """
-    from onboardflow.runners.lag import read_lag, unreached
+    from .lag import read_lag, unreached
 
     state = Settled(ok=False, newest_event_ms=newest_event_ms)
     last_print = 0.0
@@ -319,17 +320,17 @@ def run_demo(args) -> DemoResult:
     import redis
     from apache_beam.runners.runner import PipelineState
 
-    from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.generator import GeneratorConfig, JourneyGenerator, v1_serializer
-    from onboardflow.runners.lag import KafkaLagReader, ProgressReader
-    from onboardflow.runners.local import stop_streaming_job
-    from onboardflow.runners.produce import produce
-    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
-    from onboardflow.schemas.wire import AvroSerializer
-    from onboardflow.transforms.anonymize import SecretKey, load_secret
-    from onboardflow.transforms.metrics import SinkWatermark
-    from onboardflow.transforms.profile_store import ProfileStore
-    from onboardflow.transforms.warehouse import apply_migrations, upsert_accounts
+    from ...pipelines.onboarding import run
+    from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
+    from ...schemas.wire import AvroSerializer
+    from ...transforms.anonymize import SecretKey, load_secret
+    from ...transforms.metrics import SinkWatermark
+    from ...transforms.profile_store import ProfileStore
+    from ...transforms.warehouse import apply_migrations, upsert_accounts
+    from ..local import stop_streaming_job
+    from ..sim.generator import GeneratorConfig, JourneyGenerator, v1_serializer
+    from .lag import KafkaLagReader, ProgressReader
+    from .produce import produce
 
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -488,7 +489,7 @@ def _probes(n, store, producer, serializer, topic) -> list[float]:
 
 def _segment_table(r, store, prefix) -> dict[str, int]:
     """Members per segment, as Redis holds them now (SCARD), every rule's segment listed."""
-    from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet
+    from ...transforms.segment import DEFAULT_RULES_PATH, RuleSet
 
     names = sorted(set(RuleSet.load(DEFAULT_RULES_PATH).names) | set(store.segments()))
     return {seg: int(r.scard(f"{prefix}:segment:{seg}")) for seg in names}
@@ -567,7 +568,7 @@ def _live_phase(args, r, store, producer, serializer, topic, prefix, gen) -> tup
     ``ProfileStore``); ``--live-timeout`` bounds the whole phase. Returns
     (events sent, every login arrived).
     """
-    from onboardflow.models.registry import ModelStore
+    from ...models.model_registry import ModelStore
 
     models = ModelStore(args.redis_url, key_prefix=prefix)
     t0 = time.time()
@@ -610,8 +611,8 @@ def _models_summary(args, r, schema, prefix):
     """Serving model versions, and how the profiles in Redis were scored and routed."""
     import collections
 
-    from onboardflow.models.propensity import PropensityModel
-    from onboardflow.models.registry import ModelRegistry
+    from ...models.model_registry import ModelRegistry
+    from ...models.propensity import PropensityModel
 
     with ModelRegistry(args.redis_url, args.warehouse_dsn, schema=schema, key_prefix=prefix) as registry:
         seen_labels = None

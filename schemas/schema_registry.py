@@ -11,7 +11,7 @@ resolve it into their reader schema. Three interchangeable registries:
   changes what an id means. A writable file registry appends new schemas.
 * ``ConfluentSchemaRegistry``: a client for the Confluent Schema Registry REST
   API (the subset below) on urllib, caching ids and schemas.
-* ``onboardflow registry serve`` (runners/registry.py) serves a file registry
+* ``onboardflow registry serve`` (runners/cli/registry.py) serves a file registry
   over that same REST subset, so Confluent clients work without Confluent.
 
 Identity of a schema is its JSON after fastavro parsing (full names expanded),
@@ -39,7 +39,7 @@ from typing import Any, Union
 import fastavro
 from fastavro.schema import SchemaParseException
 
-from onboardflow.schemas import REGISTRY_FILE, default_registry
+from . import REGISTRY_FILE, default_registry
 
 # A schema as accepted by the registries: Avro JSON text, a JSON dict/list, or a
 # fastavro-parsed schema.

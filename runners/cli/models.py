@@ -40,7 +40,7 @@ def _default_redis_url() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from onboardflow.models.registry import DEFAULT_KEY_PREFIX, DEFAULT_SCHEMA, KINDS
+    from ...models.model_registry import DEFAULT_KEY_PREFIX, DEFAULT_SCHEMA, KINDS
 
     parser = argparse.ArgumentParser(prog="onboardflow models", description="Versioned model registry.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,7 +90,7 @@ def _counts(counts) -> str:
 
 
 def _list(registry, kind: str) -> int:
-    from onboardflow.models.registry import version_id
+    from ...models.model_registry import version_id
 
     versions = registry.versions(kind)
     if not versions:
@@ -147,7 +147,7 @@ def _show(registry, kind: str, version: Optional[str], as_json: bool) -> int:
 
 def version_ranges(kind: str, numbers: list[int]) -> str:
     """``seg-000001..seg-000004, seg-000007`` for [1, 2, 3, 4, 7]: a first prune can name thousands."""
-    from onboardflow.models.registry import version_id
+    from ...models.model_registry import version_id
 
     runs: list[list[int]] = []
     for n in sorted(numbers):
@@ -178,8 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import psycopg
     import redis
 
-    from onboardflow.models.registry import ModelRegistry, RegistryError, version_id
-    from onboardflow.runners.warehouse import default_dsn
+    from ...models.model_registry import ModelRegistry, RegistryError, version_id
+    from .warehouse import default_dsn
 
     try:
         with ModelRegistry(args.redis_url, args.warehouse_dsn or default_dsn(), args.schema,

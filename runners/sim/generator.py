@@ -876,17 +876,17 @@ def v1_serializer(registry=None) -> Serializer:
     """Serialize events as onboarding_event v1 under the events subject of ``registry``.
 
     ``registry`` defaults to the shipped file registry; any
-    ``onboardflow.schemas.registry.SchemaRegistry`` works (e.g. from
+    ``onboardflow.schemas.schema_registry.SchemaRegistry`` works (e.g. from
     ``registry_from_url``).
     """
-    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
-    from onboardflow.schemas.wire import AvroSerializer
+    from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
+    from ...schemas.wire import AvroSerializer
 
     schema = load_schema("onboarding_event", 1)
     return AvroSerializer(registry or default_registry(), EVENTS_SUBJECT, schema).serialize
 
 
 def _default_framer() -> Framer:
-    from onboardflow.schemas.wire import frame
+    from ...schemas.wire import frame
 
     return frame

@@ -1,7 +1,7 @@
 """`onboardflow evaluate --through-pipeline`: a population design through Kafka, the pipeline and Redis.
 
-The in-process evaluation (``runners/evaluate.py``) replays the engine-free
-state and models; this one runs a design of ``runners/populations.py`` through
+The in-process evaluation (``runners/cli/evaluate.py``) replays the engine-free
+state and models; this one runs a design of ``runners/sim/populations.py`` through
 the real thing, on the services of ``make services-up``:
 
 1. **Backfill.** The design's events, ending an hour ago, are produced to a
@@ -13,7 +13,7 @@ the real thing, on the services of ``make services-up``:
    (Prism keeps no state between jobs: a run resumed from the committed
    offsets would fold the login into an empty profile state and write a
    one-event profile over the full one), and is waited on until it has
-   settled (runners/demo.py ``await_settled``: the replay rewrites nothing,
+   settled (runners/cli/demo.py ``await_settled``: the replay rewrites nothing,
    every version is already stored). Then one login per user
    (``populations.live_login``, event time now) is produced, and the run
    waits until every user with personalization consent has the login in
@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-from onboardflow.runners.generator import DAY_MS, HOUR_MS
+from ..sim.generator import DAY_MS, HOUR_MS
 
 STABILITY_MIN_EVENTS = 10
 
@@ -74,15 +74,15 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from onboardflow.models.registry import ModelStore
-    from onboardflow.pipelines.onboarding import run
-    from onboardflow.runners.demo import MAX_OUT_OF_ORDERNESS_S, await_settled
-    from onboardflow.runners.lag import KafkaLagReader, ProgressReader
-    from onboardflow.runners.local import stop_streaming_job
-    from onboardflow.runners.populations import live_login, population, v2_serializer
-    from onboardflow.transforms.anonymize import SecretKey
-    from onboardflow.transforms.metrics import SinkWatermark
-    from onboardflow.transforms.profile_store import ProfileStore
+    from ...models.model_registry import ModelStore
+    from ...pipelines.onboarding import run
+    from ...transforms.anonymize import SecretKey
+    from ...transforms.metrics import SinkWatermark
+    from ...transforms.profile_store import ProfileStore
+    from ..local import stop_streaming_job
+    from ..sim.populations import live_login, population, v2_serializer
+    from .demo import MAX_OUT_OF_ORDERNESS_S, await_settled
+    from .lag import KafkaLagReader, ProgressReader
 
     run_id = uuid.uuid4().hex[:8]
     base = f"evaluate-{name.replace('_', '-')}-{run_id}"
@@ -224,6 +224,6 @@ def table(results: list[PipelineEvaluation]) -> str:
         ("slowest login to its profile", [f"{r.slowest_login_s:.1f} s" for r in results]),
         ("served segmenter", [r.served_version or "none" for r in results]),
     ]
-    from onboardflow.runners.evaluate import columns
+    from .evaluate import columns
 
     return columns([r.design for r in results], rows)

@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from onboardflow.transforms.metrics import EventTimeProgress, MetricSpec, Progress
+from ...transforms.metrics import EventTimeProgress, MetricSpec, Progress
 
 _LOG = logging.getLogger(__name__)
 

@@ -15,20 +15,20 @@ import importlib
 import logging
 import sys
 
-# name -> ("module" or "module:function", one-line help)
+# name -> ("module" or "module:function" relative to this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "produce": ("onboardflow.runners.produce", "produce synthetic onboarding journeys to Kafka"),
-    "registry": ("onboardflow.runners.registry", "list or serve the Avro schema registry"),
-    "run": ("onboardflow.pipelines.onboarding", "run the onboarding personalization pipeline"),
-    "profile": ("onboardflow.runners.profile", "read one user's profile from Redis"),
-    "warehouse": ("onboardflow.runners.warehouse", "apply or inspect warehouse migrations"),
-    "demo": ("onboardflow.runners.demo", "produce events, run the pipeline, print a summary"),
-    "lag": ("onboardflow.runners.lag", "print the pipeline's consumer lag and event-time lag once"),
-    "lag-exporter": ("onboardflow.runners.lag:exporter_main", "serve consumer and event-time lag for Prometheus"),
-    "train": ("onboardflow.runners.train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
-    "models": ("onboardflow.runners.models", "list, show, roll back or promote model versions"),
-    "outbox": ("onboardflow.runners.outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
-    "evaluate": ("onboardflow.runners.evaluate",
+    "produce": (".produce", "produce synthetic onboarding journeys to Kafka"),
+    "registry": (".registry", "list or serve the Avro schema registry"),
+    "run": ("...pipelines.onboarding", "run the onboarding personalization pipeline"),
+    "profile": (".profile", "read one user's profile from Redis"),
+    "warehouse": (".warehouse", "apply or inspect warehouse migrations"),
+    "demo": (".demo", "produce events, run the pipeline, print a summary"),
+    "lag": (".lag", "print the pipeline's consumer lag and event-time lag once"),
+    "lag-exporter": (".lag:exporter_main", "serve consumer and event-time lag for Prometheus"),
+    "train": (".train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
+    "models": (".models", "list, show, roll back or promote model versions"),
+    "outbox": (".outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
+    "evaluate": (".evaluate",
                  "segments and propensity on four population designs: ARI, stability, calibration, plots"),
 }
 
@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # "module" runs module.main; "module:function" runs another entry point of it.
     module_name, _, function = COMMANDS[name][0].partition(":")
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(module_name, package=__name__)
     result = getattr(module, function or "main")(rest)
     return int(result or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

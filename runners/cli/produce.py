@@ -1,6 +1,6 @@
 """`onboardflow produce`: synthetic onboarding journeys, sent to Kafka.
 
-The ``JourneyGenerator`` (runners/generator.py) invents the users and their
+The ``JourneyGenerator`` (runners/sim/generator.py) invents the users and their
 events; this module sends its messages to a topic with a kafka-python
 producer tuned for throughput without giving up delivery guarantees
 (``acks="all"``, idempotent, retried, batched, lz4-compressed when the lz4
@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional
 
-from onboardflow.runners.generator import (
+from ..sim.generator import (
     DEFAULT_PERSONA_MIX,
     GeneratedMessage,
     GeneratorConfig,
@@ -319,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from kafka.errors import KafkaError
 
-    from onboardflow.schemas.registry import RegistryError, registry_from_url
+    from ...schemas.schema_registry import RegistryError, registry_from_url
 
     try:
         serializer = v1_serializer(registry_from_url(args.registry))

@@ -68,8 +68,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     # Imported here so `--help` and usage errors stay fast (no Beam import).
-    from onboardflow.transforms.anonymize import SecretError, load_secret
-    from onboardflow.transforms.profile_store import DEFAULT_KEY_PREFIX, ProfileStore
+    from ...transforms.anonymize import SecretError, load_secret
+    from ...transforms.profile_store import DEFAULT_KEY_PREFIX, ProfileStore
 
     secret = None
     if args.user_id:

@@ -1,7 +1,7 @@
 """Warehouse schema migrations from the command line.
 
-    python -m onboardflow.runners.warehouse migrate [--dsn DSN] [--schema warehouse]
-    python -m onboardflow.runners.warehouse status  [--dsn DSN] [--schema warehouse]
+    python -m onboardflow.runners.cli.warehouse migrate [--dsn DSN] [--schema warehouse]
+    python -m onboardflow.runners.cli.warehouse status  [--dsn DSN] [--schema warehouse]
 
 ``migrate`` applies the pending ``schemas/warehouse/V*.sql`` migrations in
 order (each in its own transaction) and is a no-op when everything is applied;
@@ -44,7 +44,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     import psycopg
 
-    from onboardflow.transforms.warehouse import DEFAULT_SCHEMA, MigrationError, apply_migrations, migration_status
+    from ...transforms.warehouse import DEFAULT_SCHEMA, MigrationError, apply_migrations, migration_status
 
     dsn = args.dsn or default_dsn()
     schema = args.schema or DEFAULT_SCHEMA

@@ -1,6 +1,6 @@
 """Population designs: ground-truth users whose journeys the default generator would never invent.
 
-The segmentation models are otherwise judged only on ``runners/generator.py``'s
+The segmentation models are otherwise judged only on ``runners/sim/generator.py``'s
 five personas. A *population design* is a second, independent opinion: its own
 persona set, in unequal shares, with its own session shapes and noise, written
 without any of that generator's persona code (only its time constants and the
@@ -35,7 +35,7 @@ Events are the dicts the collector sends (``received_at == occurred_at``) and
 ``messages()`` frames them as Avro with version 2 of the events subject (the
 only version that has ``invite_sent``).
 
-    >>> from onboardflow.runners.populations import population
+    >>> from onboardflow.runners.sim.populations import population
     >>> pop = population("b2b_trial", users=3, seed=1)
     >>> [u.persona for u in pop.users()]
     ['evaluator', 'evaluator', 'ghost']
@@ -57,7 +57,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional
 
-from onboardflow.runners.generator import (
+from .generator import (
     DAY_MS,
     DEFAULT_START_MS,
     FEATURES,
@@ -391,8 +391,8 @@ def live_login(user: PopulationUser, at_ms: int, seed: int) -> dict:
 def v2_serializer(registry=None) -> Callable[[dict], bytes]:
     """Serialize events as framed Avro, onboarding_event v2 under the events subject of ``registry``
     (default: the shipped file registry)."""
-    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
-    from onboardflow.schemas.wire import AvroSerializer
+    from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
+    from ...schemas.wire import AvroSerializer
 
     return AvroSerializer(registry or default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", 2)).serialize
 

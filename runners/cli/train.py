@@ -164,7 +164,7 @@ class ReadLatestProfiles(beam.PTransform):
 
 def feature_row(record: Mapping[str, Any], feature_names: Sequence[str]) -> list[float]:
     """The feature values of one snapshot, in ``feature_names`` order; raises ValueError if unusable."""
-    from onboardflow.models.features import feature_vector
+    from ...models.features import feature_vector
 
     snapshot = record.get("snapshot")
     if not isinstance(snapshot, Mapping):
@@ -336,8 +336,8 @@ def seed_segmenter(boot: Bootstrap, feature_names: Sequence[str], seed: int = DE
     """
     import math
 
-    from onboardflow.models.features import FEATURES
-    from onboardflow.models.segmentation import Segmenter
+    from ...models.features import FEATURES
+    from ...models.segmentation import Segmenter
 
     k = boot.chosen.k
     segmenter = Segmenter(n_clusters=k, seed=seed, feature_names=feature_names, min_users=k)
@@ -496,7 +496,7 @@ def _parser() -> argparse.ArgumentParser:
 def _pipeline_options(args, beam_args: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from onboardflow.runners.local import local_pipeline_options
+    from ..local import local_pipeline_options
 
     if args.runner.lower() in ("prism", "prismrunner"):
         if beam_args:
@@ -557,9 +557,9 @@ def bootstrap_propensity(snapshots: Iterable[Mapping[str, Any]], timeout_days: f
     Beam. ROC-AUC / log loss are prequential: the probability given when each
     point was stored, against its later label.
     """
-    from onboardflow.models.features import feature_vector
-    from onboardflow.models.propensity import PropensityModel, log_loss
-    from onboardflow.transforms.online_models import _event_time_ms, completed_onboarding
+    from ...models.features import feature_vector
+    from ...models.propensity import PropensityModel, log_loss
+    from ...transforms.online_models import _event_time_ms, completed_onboarding
 
     model = PropensityModel(timeout_days=timeout_days)
     outcomes, count, skipped = [], 0, 0
@@ -615,8 +615,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
         raise ValueError("need 2 <= --k-min <= --k-max")
     if args.read_shards < 1 or args.silhouette_sample < 2 or args.min_users < 1:
         raise ValueError("--read-shards, --min-users must be >= 1 and --silhouette-sample >= 2")
-    from onboardflow.models.features import FEATURES, SEGMENT_FEATURES
-    from onboardflow.runners.warehouse import default_dsn
+    from ...models.features import FEATURES, SEGMENT_FEATURES
+    from .warehouse import default_dsn
 
     dsn = args.warehouse_dsn or default_dsn()
     needed = max(args.min_users, args.k_max + 1)
@@ -696,7 +696,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
         }
 
     if not args.no_publish:
-        from onboardflow.models.registry import ModelRegistry
+        from ...models.model_registry import ModelRegistry
 
         with ModelRegistry(args.redis_url, dsn, args.schema, args.key_prefix) as registry:
             result = registry.publish("segmentation", segmenter.to_bytes(), counts=counts, metrics=metrics,
@@ -740,7 +740,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     import psycopg
 
-    from onboardflow.models.registry import RegistryError
+    from ...models.model_registry import RegistryError
 
     try:
         run(argv)

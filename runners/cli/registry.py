@@ -34,8 +34,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
 
-from onboardflow.schemas import REGISTRY_FILE
-from onboardflow.schemas.registry import (
+from ...schemas import REGISTRY_FILE
+from ...schemas.schema_registry import (
     CONFLUENT_CONTENT_TYPE,
     FileSchemaRegistry,
     InvalidSchema,

@@ -19,7 +19,7 @@ import argparse
 import logging
 import os
 
-from onboardflow.transforms.outbox import STREAMS, OutboxKeys, RelaySettings, make_relays
+from ...transforms.outbox import STREAMS, OutboxKeys, RelaySettings, make_relays
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 Each *design* is a population with known personas: ``generator`` (the
 project's own ``JourneyGenerator``) and the independently written designs of
-``runners/populations.py`` (``saas_teams``, ``mobile_consumer``,
+``runners/sim/populations.py`` (``saas_teams``, ``mobile_consumer``,
 ``b2b_trial``: other persona sets, unequal mixes, other session shapes and
 noise). For each, without Kafka, Beam or any service:
 
@@ -50,8 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
-from onboardflow.runners.generator import DAY_MS, HOUR_MS, GeneratorConfig, JourneyGenerator
-from onboardflow.transforms.profile import ProfileConfig, UserProfileState
+from ...transforms.profile import ProfileConfig, UserProfileState
+from ..sim.generator import DAY_MS, HOUR_MS, GeneratorConfig, JourneyGenerator
 
 MINUTE_MS = 60_000
 #: Users whose clusters count for stability: one event is noise for fewer.
@@ -81,7 +81,7 @@ class Design:
 
 
 def generator_design(users: int = 10_000, seed: int = 42) -> Design:
-    """The project's own generator (``runners/generator.py``) at its default settings."""
+    """The project's own generator (``runners/sim/generator.py``) at its default settings."""
     config = GeneratorConfig(users=users, seed=seed)
     generator = JourneyGenerator(config)
     personas = {u.user_id: u.persona for u in generator.users()}
@@ -90,8 +90,8 @@ def generator_design(users: int = 10_000, seed: int = 42) -> Design:
 
 
 def population_design(name: str, users: int = 2000, seed: int = 7) -> Design:
-    """A design of ``runners/populations.py``."""
-    from onboardflow.runners.populations import population
+    """A design of ``runners/sim/populations.py``."""
+    from ..sim.populations import population
 
     pop = population(name, users=users, seed=seed)
     return Design(name, pop.description, {u.user_id: u.persona for u in pop.users()},
@@ -100,7 +100,7 @@ def population_design(name: str, users: int = 2000, seed: int = 7) -> Design:
 
 def design_names() -> list[str]:
     try:
-        from onboardflow.runners.populations import DESIGNS
+        from ..sim.populations import DESIGNS
     except ImportError:
         DESIGNS = {}
     return ["generator", *DESIGNS]
@@ -256,10 +256,10 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
                     timeout_days: float = 3.0, n_clusters: int = 6, seed: int = 42,
                     progress: bool = False) -> DesignResult:
     """Replay ``design`` through the models as the pipeline runs them (module docstring)."""
-    from onboardflow.models.features import feature_vector
-    from onboardflow.models.propensity import PropensityModel, log_loss
-    from onboardflow.models.segmentation import UNASSIGNED, SegmentSettings
-    from onboardflow.transforms.segment import RuleSet
+    from ...models.features import feature_vector
+    from ...models.propensity import PropensityModel, log_loss
+    from ...models.segmentation import UNASSIGNED, SegmentSettings
+    from ...transforms.segment import RuleSet
 
     started = time.perf_counter()
     settings = SegmentSettings(refit_ms=refit_ms, n_clusters=n_clusters, seed=seed)
@@ -506,7 +506,7 @@ def _parse(argv):
                    help="prediction horizon: a point without completion this many days later is a 0 "
                         "(default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    t = p.add_argument_group("through the pipeline (runners/evaluate_pipeline.py; services of make services-up)")
+    t = p.add_argument_group("through the pipeline (runners/cli/evaluate_pipeline.py; services of make services-up)")
     t.add_argument("--through-pipeline", action="store_true",
                    help="also run each population design through Kafka, the pipeline (Prism) and Redis, "
                         "with a live phase")
@@ -551,7 +551,7 @@ def main(argv=None) -> int:
             print(f"  MISSED: {miss}")
     piped = []
     if args.through_pipeline:
-        from onboardflow.runners import evaluate_pipeline
+        from .. import evaluate_pipeline
 
         for name in names:
             if name == "generator":

@@ -1,0 +1,2 @@
+"""The simulator: synthetic onboarding journeys (``generator``) and population designs with
+ground truth (``populations``)."""
