@@ -44,7 +44,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-DAY_MS = 86_400_000
+from ..schemas.units import DAY_MS
 
 #: Feature names, in the order models and reports list them.
 FEATURES: tuple[str, ...] = (

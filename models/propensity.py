@@ -65,10 +65,10 @@ from typing import NamedTuple
 
 from river import compose, linear_model, optim, preprocessing, tree
 
+from ..schemas.units import DAY_MS
 from . import snapshot
 from .features import FEATURES
 
-DAY_MS = 86_400_000
 SNAPSHOT_KIND = "propensity"
 CLASSIFIERS = ("logistic_regression", "hoeffding_tree")
 DEFAULT_CHECKPOINTS_DAYS = (0, 1, 2, 4, 7, 14, 21, 28)

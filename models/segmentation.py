@@ -55,6 +55,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..schemas.units import HOUR_MS
 from .features import FEATURES, SEGMENT_FEATURES, feature_vector
 
 UNASSIGNED = -1
@@ -399,9 +400,6 @@ class Segmenter:
 
 
 # -- the population and the schedule (what every engine's learner does at a mark) ----------
-
-
-HOUR_MS = 3_600_000
 
 
 def scorable(profile: Mapping[str, Any]) -> bool:

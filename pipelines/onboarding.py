@@ -45,6 +45,7 @@ from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, 
 
 from ..models.segmentation import SegmentSettings
 from ..models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
+from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from ..transforms.anonymize import (
     AnonymizeEvents,
     SecretKey,
@@ -68,7 +69,7 @@ from ..transforms.online_models import LearnOnlineModels, ScoreProfiles
 from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
 from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from ..transforms.outbox import RelaySettings
-from ..transforms.profile import DAY_MS, HOUR_MS, MINUTE_MS, TOO_LATE, BuildUserProfiles, ProfileConfig
+from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
 from ..transforms.profile_store import WriteProfilesToRedis
 from ..transforms.relay import RecordDeadLetters, RelayOutboxes
 from ..transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet

@@ -125,14 +125,14 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from .dead_letter import pipeline_dead_letter
 from .enrich import ProfileUpdate
 from .metrics import PipelineMetrics
 from .normalize import RecentEventIds
 from .score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
-from .sessionize import DAY_MS, MINUTE_MS, SessionState
+from .sessionize import SessionState
 
-HOUR_MS = 3_600_000
 TOO_LATE = "too_late"
 DEAD_LETTER = "dead_letter"
 

@@ -62,7 +62,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-DAY_MS = 86_400_000
+from ..schemas.units import DAY_MS
+
 LN2 = math.log(2.0)
 HISTOGRAM_DAYS = 30
 TUTORIAL_COMPLETED = "tutorial_completed"

@@ -72,11 +72,11 @@ import apache_beam as beam
 import yaml
 from apache_beam.metrics import Metrics
 
+from ..schemas.units import DAY_MS
 from .dead_letter import pipeline_dead_letter
 from .enrich import ProfileUpdate
 
 METRICS_NAMESPACE = "onboardflow"
-DAY_MS = 86_400_000
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "segment_rules.yaml"
 
 NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"

@@ -33,8 +33,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-MINUTE_MS = 60_000
-DAY_MS = 86_400_000
+from ..schemas.units import DAY_MS, MINUTE_MS
 
 
 @dataclass

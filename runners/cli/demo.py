@@ -53,9 +53,9 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from ...schemas.units import DAY_MS
 from .. import paths
 
-DAY_MS = 86_400_000
 #: The source's max out-of-orderness (seconds): an idle pipeline's watermark
 #: trails the wall clock by this much, so "due by now" means due by now minus it.
 MAX_OUT_OF_ORDERNESS_S = 60.0

@@ -50,10 +50,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
+from ...schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from ...transforms.profile import ProfileConfig, UserProfileState
-from ..sim.generator import DAY_MS, HOUR_MS, GeneratorConfig, JourneyGenerator
+from ..sim.generator import GeneratorConfig, JourneyGenerator
 
-MINUTE_MS = 60_000
 #: Users whose clusters count for stability: one event is noise for fewer.
 STABILITY_MIN_EVENTS = 10
 TARGETS = {"ari_live": 0.6, "stable_share": 0.95, "scored_share": 1.0, "roc_auc": 0.75}

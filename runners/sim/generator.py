@@ -70,11 +70,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
-SECOND_MS = 1_000
-MINUTE_MS = 60 * SECOND_MS
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
-WEEK_MS = 7 * DAY_MS
+from ...schemas.units import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, WEEK_MS
 
 #: 2026-01-05T00:00:00Z, a Monday: the default, fixed start of the timeline.
 DEFAULT_START_MS = 1_767_571_200_000

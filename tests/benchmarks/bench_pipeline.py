@@ -44,9 +44,9 @@ from typing import Optional
 
 from onboardflow.runners.cli.demo import _fresh_topics, _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.metrics import SinkWatermark
 
-DAY_MS = 86_400_000
 _PROBE_CONSENT = {"analytics": True, "personalization": True, "marketing": False}
 
 

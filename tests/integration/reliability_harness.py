@@ -40,6 +40,7 @@ from psycopg import sql
 
 from onboardflow.runners.sim.generator import GeneratedMessage, GeneratorConfig, JourneyGenerator
 from onboardflow.schemas import default_registry, load_schema
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import read_topic, redis_dump
 from onboardflow.transforms.profile_store import decode_profile
@@ -47,7 +48,6 @@ from onboardflow.transforms.profile_store import decode_profile
 REPO = Path(__file__).resolve().parents[2]
 ONBOARDFLOW = str(Path(sys.executable).with_name("onboardflow"))
 SECRET = b"reliability-suite-pseudonym-key-32b"
-DAY_MS = 86_400_000
 PARTITIONS = 4
 # The generator sends 1% of events up to 3 days late; a day more than that
 # keeps every event on time in every run, so what a run keeps does not depend

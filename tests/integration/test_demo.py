@@ -14,11 +14,11 @@ import redis
 from kafka.admin import KafkaAdminClient
 
 from onboardflow.runners.cli import demo
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.profile_store import decode_profile
 
 pytestmark = [pytest.mark.integration]
 
-DAY_MS = 86_400_000
 USERS = 40
 DORMANCY_DAYS = 30  # the pipeline's default --dormancy_days
 

@@ -18,6 +18,7 @@ from apache_beam.testing.util import assert_that
 from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.segmentation import SegmentSettings
 from onboardflow.runners.local import local_pipeline_options
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.online_models import SEGMENTATION, LearnOnlineModels, ScoreProfiles
 from onboardflow.transforms.profile_store import ProfileKeys, RedisProfileWriter, decode_profile, encode_profile
 from onboardflow.transforms.rescore import ProfileSweep
@@ -25,7 +26,6 @@ from onboardflow.transforms.warehouse import WriteDriftEvents, apply_migrations
 
 pytestmark = pytest.mark.integration
 
-DAY_MS = 86_400_000
 DAILY = SegmentSettings(refit_ms=DAY_MS, n_clusters=2, min_users=20)
 
 

@@ -29,13 +29,13 @@ from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.segmentation import LABELS
 from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.sim.populations import population
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.anonymize import SecretKey
 from onboardflow.transforms.profile_store import ProfileStore
 
 pytestmark = pytest.mark.integration
 
 SECRET = SecretKey(b"segments-test-pseudonymization-k")
-DAY_MS = 86_400_000
 USERS = 250
 
 

@@ -20,6 +20,7 @@ from psycopg import sql
 
 from onboardflow import schemas
 from onboardflow.runners.cli import warehouse as warehouse_cli
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.warehouse import (
     DEAD_LETTERS,
     EVENTS,
@@ -42,7 +43,6 @@ from onboardflow.transforms.warehouse import (
 
 pytestmark = pytest.mark.integration
 
-DAY_MS = 86_400_000
 T0 = 1_736_899_200_000  # 2025-01-15T00:00:00Z
 USER_KEY = "ab" * 32
 

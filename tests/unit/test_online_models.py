@@ -10,6 +10,7 @@ import random
 from onboardflow.models.model_registry import ModelVersion
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.segmentation import Segmenter, SegmentSettings
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.online_models import (
     PROPENSITY,
     SEGMENTATION,
@@ -18,8 +19,6 @@ from onboardflow.transforms.online_models import (
     completed_onboarding,
     model_version_id,
 )
-
-DAY_MS = 86_400_000
 
 
 class MemoryStore:
