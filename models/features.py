@@ -26,12 +26,9 @@ No identifiers, timestamps or free-text fields enter the vector: a model
 snapshot must never carry per-user data, and absolute timestamps would make
 every centre drift with the calendar.
 
-Both naming conventions of a profile are accepted: the pipeline's dict
-(``events_7d``, ``recency_ms``, ``features_used``, ``event_counts``) and the
-stored ``UserProfile`` record of ``schemas/user_profile.avsc``
-(``frequency_7d``, ``recency`` in seconds, ``feature_adoption``). Missing or
-null fields count as 0, so a profile read back from Redis scores too (without
-``event_counts`` its event-type shares are 0).
+A profile is read by the field names of the contract (schemas/contract.py),
+whether it comes from the pipeline or back from Redis. Missing or null fields
+count as 0 (without ``event_counts`` the event-type shares are 0).
 
 >>> from onboardflow.models.features import feature_vector
 >>> x = feature_vector({"events_7d": 0, "onboarding_progress": 0.4, "days_since_signup": 2.0})
@@ -182,14 +179,11 @@ def is_activity_update(profile: Mapping[str, Any]) -> bool:
 
 def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
     """The model features of one profile (see the module docstring), keyed by ``FEATURES``."""
-    if "recency_ms" in profile and profile.get("recency_ms") is not None:
-        recency_days = _number(profile, "recency_ms") / DAY_MS
-    else:
-        recency_days = _number(profile, "recency") / 86_400.0
+    recency_days = _number(profile, "recency_ms") / DAY_MS
     tenure = _number(profile, "days_since_signup")
     # A visitor without signup: tenure since the first event, else 0.
     if profile.get("days_since_signup") is None and profile.get("first_event_at") is not None:
-        as_of = _number(profile, "as_of", "updated_at", "last_event_at")
+        as_of = _number(profile, "as_of", "last_event_at")
         tenure = max(0.0, as_of - _number(profile, "first_event_at")) / DAY_MS
 
     counts = profile.get("event_counts")
@@ -212,8 +206,6 @@ def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
         return count(*types) / (content + CONTENT_PRIOR) if content > 0 else 0.0
 
     features_used = profile.get("features_used")
-    if not isinstance(features_used, Mapping):
-        features_used = profile.get("feature_adoption")
     breadth = _number(profile, "distinct_features")
     if not breadth and isinstance(features_used, Mapping):
         breadth = float(len(features_used))
@@ -234,8 +226,8 @@ def feature_vector(profile: Mapping[str, Any]) -> dict[str, float]:
         "intent": math.log1p(_number(profile, "intent_score")),
         "feature_usage": _number(profile, "feature_usage_score") / 100.0,
         "recency_days": math.log1p(recency_days),
-        "events_7d": math.log1p(_number(profile, "events_7d", "frequency_7d")),
-        "events_30d": math.log1p(_number(profile, "events_30d", "frequency_30d")),
+        "events_7d": math.log1p(_number(profile, "events_7d")),
+        "events_30d": math.log1p(_number(profile, "events_30d")),
         "active_share_30d": active_days / min(30.0, math.floor(tenure) + 1.0),
         "sessions_per_week": math.log1p(sessions / weeks),
         "active_sessions_per_week": math.log1p(sessions / active_weeks),

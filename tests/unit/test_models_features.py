@@ -1,7 +1,11 @@
 """models/features.py: the feature vector the online models share."""
 import math
+import re
+from pathlib import Path
 
+from onboardflow.models import features
 from onboardflow.models.features import CONTENT_PRIOR, FEATURE_BOUNDS, FEATURES, SEGMENT_FEATURES, feature_vector
+from onboardflow.schemas.contract import PROFILE
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
 
 T0 = 1_767_571_200_000
@@ -41,15 +45,25 @@ def test_profile_of_the_pipeline_maps_to_expected_values():
     assert x["recency_days"] == 0.0
 
 
-def test_stored_profile_field_names_are_read_too():
-    stored = {"frequency_7d": 14, "frequency_30d": 40, "recency": 2 * 86_400.0,
-              "feature_adoption": {"a": 1, "b": 2}, "onboarding_progress": 0.6, "days_since_signup": 3}
+def test_a_profile_read_back_from_redis_scores_by_the_contract_names():
+    stored = {"events_7d": 14, "events_30d": 40, "recency_ms": 2 * 86_400_000,
+              "features_used": {"a": 1, "b": 2}, "onboarding_progress": 0.6, "days_since_signup": 3.0}
     x = feature_vector(stored)
     assert x["events_7d"] == math.log1p(14)
     assert x["events_30d"] == math.log1p(40)
     assert math.isclose(x["recency_days"], math.log1p(2.0))
     assert x["feature_breadth"] == math.log1p(2)
-    assert x["support_share"] == 0.0  # no event_counts in a stored profile
+    assert x["support_share"] == 0.0  # no event_counts: no shares
+
+
+def test_every_field_the_features_read_is_a_contract_field():
+    source = Path(features.__file__).read_text()
+    read = set(re.findall(r'_number\(profile, ((?:"\w+"(?:, )?)+)\)', source))
+    names = {n for group in read for n in re.findall(r'"(\w+)"', group)}
+    names |= set(re.findall(r'profile\.get\("(\w+)"\)', source))
+    names |= set(re.findall(r'"(\w+)" in profile', source))
+    assert names, "expected the extractor to read profile fields"
+    assert names <= set(PROFILE), names - set(PROFILE)
 
 
 def test_missing_null_and_absurd_values_stay_bounded():
@@ -85,9 +99,8 @@ def test_active_sessions_per_week_is_the_rate_while_the_user_came_back():
     assert spread["active_sessions_per_week"] < b["active_sessions_per_week"]
 
 
-def test_active_sessions_per_week_reads_the_stored_record_too():
-    # schemas/user_profile.avsc: recency in seconds, whole days since signup.
-    stored = feature_vector({"session_count": 8, "days_since_signup": 10, "recency": 7 * 86_400.0})
+def test_active_sessions_per_week_reads_a_stored_profile_too():
+    stored = feature_vector({"session_count": 8, "days_since_signup": 10, "recency_ms": 7 * 86_400_000})
     assert math.isclose(stored["active_sessions_per_week"], math.log1p(8 / (4 / 7)))
 
 
