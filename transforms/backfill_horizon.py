@@ -1,7 +1,7 @@
 """The horizon of a bounded run: the event time its profiles end at.
 
 In: the offset ranges a bounded run will read (``KafkaPartition`` with stop
-offsets, from ``kafka_io.resolve_partitions``) and the run's decoder. Out: an
+offsets, from ``resolve_partitions`` in transforms/kafka/consumer.py) and the run's decoder. Out: an
 epoch-millisecond horizon H for ``ProfileConfig.horizon_ms``.
 
 Why a horizon. When a bounded input ends, the watermark jumps to +infinity
@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 
-from .kafka_io import KafkaPartition, KafkaRecord, _consumer_config
+from .kafka.records import KafkaPartition, KafkaRecord
 from .normalize import event_time_ms
 
 _LOG = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def newest_event_ms(
     todo = [p for p in partitions if p.stop_offset is not None and p.stop_offset > p.start_offset]
     if not todo:
         return None
-    consumer = KafkaConsumer(**_consumer_config(bootstrap_servers, consumer_config, max_poll_records=2000,
+    consumer = KafkaConsumer(**consumer_config(bootstrap_servers, consumer_config, max_poll_records=2000,
                                                 client_id="onboardflow-backfill-horizon"))
     deadline = time.monotonic() + timeout_s
     try:

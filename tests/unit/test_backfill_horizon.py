@@ -4,8 +4,9 @@ The pre-scan itself reads Kafka: tests/integration/test_backfill.py runs it.
 """
 import pytest
 
+from onboardflow.pipelines.beam.kafka_source import ReadFromKafka
 from onboardflow.transforms.backfill_horizon import backfill_horizon
-from onboardflow.transforms.kafka_io import KafkaPartition, ReadFromKafka
+from onboardflow.transforms.kafka.records import KafkaPartition
 from onboardflow.transforms.normalize import event_time_ms
 
 NOW = 1_790_000_000_000
