@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 
+from .kafka.consumer import source_consumer_config
 from .kafka.records import KafkaPartition, KafkaRecord
 from .normalize import event_time_ms
 
@@ -84,8 +85,8 @@ def newest_event_ms(
     todo = [p for p in partitions if p.stop_offset is not None and p.stop_offset > p.start_offset]
     if not todo:
         return None
-    consumer = KafkaConsumer(**consumer_config(bootstrap_servers, consumer_config, max_poll_records=2000,
-                                                client_id="onboardflow-backfill-horizon"))
+    consumer = KafkaConsumer(**source_consumer_config(bootstrap_servers, consumer_config, max_poll_records=2000,
+                                                       client_id="onboardflow-backfill-horizon"))
     deadline = time.monotonic() + timeout_s
     try:
         for part in todo:

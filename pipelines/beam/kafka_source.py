@@ -46,7 +46,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 from kafka import TopicPartition
 
-from ...transforms.kafka.consumer import OffsetCommitter, PartitionConsumers, consumer_config, resolve_partitions
+from ...transforms.kafka.consumer import OffsetCommitter, PartitionConsumers, resolve_partitions, source_consumer_config
 from ...transforms.kafka.offsets import StartPosition
 from ...transforms.kafka.records import UNBOUNDED_STOP, KafkaPartition, KafkaRecord, event_time_ms
 from ...transforms.kafka.watermarks import PartitionWatermark, PartitionWatermarks
@@ -259,7 +259,8 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
     def setup(self):
         self._metrics.setup()
         self._consumers = PartitionConsumers(
-            consumer_config(self._bootstrap_servers, self._consumer_config, max_poll_records=self._poll_batch_size),
+            source_consumer_config(self._bootstrap_servers, self._consumer_config,
+                                   max_poll_records=self._poll_batch_size),
             per_partition=self._consumer_per_partition,
         )
         self._committer = (OffsetCommitter(self._bootstrap_servers, self._group, self._consumer_config)

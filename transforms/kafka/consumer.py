@@ -1,6 +1,6 @@
 """kafka-python consumers of a reader: settings, partition discovery, positioned consumers, commits.
 
-* ``consumer_config(bootstrap, extra, **overrides)`` -> the settings every
+* ``source_consumer_config(bootstrap, extra, **overrides)`` -> the settings every
   consumer of the source shares (no auto-commit, no topic auto-creation).
 * ``resolve_partitions(...)`` -> one ``KafkaPartition`` per topic-partition,
   start offsets resolved now (``StartPosition``) and, bounded, the end offsets
@@ -27,7 +27,7 @@ from .records import KafkaPartition
 _LOG = logging.getLogger(__name__)
 
 
-def consumer_config(bootstrap_servers: str, extra: Optional[Mapping[str, Any]] = None, **overrides: Any) -> dict:
+def source_consumer_config(bootstrap_servers: str, extra: Optional[Mapping[str, Any]] = None, **overrides: Any) -> dict:
     """kafka-python consumer settings of the source; ``extra`` (security, ...) then ``overrides`` win."""
     config = {
         "bootstrap_servers": bootstrap_servers,
@@ -54,7 +54,7 @@ def resolve_partitions(
     consumer_group: Optional[str],
     start_position: StartPosition,
     bounded: bool,
-    consumer_config_extra: Optional[Mapping[str, Any]] = None,
+    consumer_config: Optional[Mapping[str, Any]] = None,
 ) -> list[KafkaPartition]:
     """One KafkaPartition per topic-partition of ``topics``, offsets resolved now.
 
@@ -66,9 +66,9 @@ def resolve_partitions(
     ``ValueError`` for a topic that does not exist.
     """
     consumer = KafkaConsumer(
-        **consumer_config(
+        **source_consumer_config(
             bootstrap_servers,
-            consumer_config_extra,
+            consumer_config,
             group_id=consumer_group,
             client_id="onboardflow-kafka-discovery",
         )
@@ -167,7 +167,7 @@ class OffsetCommitter:
     """
 
     def __init__(self, bootstrap_servers: str, group: str, extra: Optional[Mapping[str, Any]] = None):
-        self._config = consumer_config(bootstrap_servers, extra, group_id=group,
+        self._config = source_consumer_config(bootstrap_servers, extra, group_id=group,
                                        client_id="onboardflow-kafka-committer")
         self._consumer: Optional[KafkaConsumer] = None
 
