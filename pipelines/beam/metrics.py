@@ -39,7 +39,8 @@ from ..options import MetricsOptions
 _LOG = logging.getLogger(__name__)
 
 # Beam's metric objects look the bundle's metrics container up at each update,
-# so one object per name serves every bundle and thread of the process.
+# so one object per name serves every bundle and thread of the process:
+# {namespace: {name: metric}} per kind (nested, so the hot path builds no key).
 _COUNTERS: dict = {}
 _DISTRIBUTIONS: dict = {}
 _GAUGES: dict = {}
@@ -47,26 +48,29 @@ _GAUGES: dict = {}
 
 def beam_counter(namespace: str, name: str, value: int) -> None:
     """Adds ``value`` to the Beam counter ``namespace``/``name``."""
-    counter = _COUNTERS.get((namespace, name))
-    if counter is None:
-        counter = _COUNTERS[(namespace, name)] = Metrics.counter(namespace, name)
-    counter.inc(value)
+    try:
+        metric = _COUNTERS[namespace][name]
+    except KeyError:
+        metric = _COUNTERS.setdefault(namespace, {})[name] = Metrics.counter(namespace, name)
+    metric.inc(value)
 
 
 def beam_distribution(namespace: str, name: str, value: int) -> None:
     """Adds ``value`` (an integer) to the Beam distribution ``namespace``/``name``."""
-    dist = _DISTRIBUTIONS.get((namespace, name))
-    if dist is None:
-        dist = _DISTRIBUTIONS[(namespace, name)] = Metrics.distribution(namespace, name)
-    dist.update(value)
+    try:
+        metric = _DISTRIBUTIONS[namespace][name]
+    except KeyError:
+        metric = _DISTRIBUTIONS.setdefault(namespace, {})[name] = Metrics.distribution(namespace, name)
+    metric.update(value)
 
 
 def beam_gauge(namespace: str, name: str, value: int) -> None:
     """Sets the Beam gauge ``namespace``/``name`` to ``value``."""
-    gauge = _GAUGES.get((namespace, name))
-    if gauge is None:
-        gauge = _GAUGES[(namespace, name)] = Metrics.gauge(namespace, name)
-    gauge.set(value)
+    try:
+        metric = _GAUGES[namespace][name]
+    except KeyError:
+        metric = _GAUGES.setdefault(namespace, {})[name] = Metrics.gauge(namespace, name)
+    metric.set(value)
 
 
 def beam_pipeline_metrics(endpoint: Optional[WorkerMetricsEndpoint] = None, **kwargs) -> PipelineMetrics:
