@@ -11,15 +11,13 @@ from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
-from onboardflow.pipelines.beam.kafka_sink import _WriteToKafkaFn
-from onboardflow.pipelines.beam.kafka_source import (
+from onboardflow.pipelines.beam.kafka_sdf import (
     EventTimeWatermarkEstimator,
     EventTimeWatermarkEstimatorProvider,
     PartitionOffsetTracker,
-    ReadFromKafka,
-    _ReadBoundedPartitionsFn,
-    _ReadUnboundedPartitionsFn,
 )
+from onboardflow.pipelines.beam.kafka_sink import _WriteToKafkaFn
+from onboardflow.pipelines.beam.kafka_source import ReadFromKafka, _ReadBoundedPartitionsFn, _ReadUnboundedPartitionsFn
 from onboardflow.pipelines.options import KafkaReadOptions, watermark_alignment
 from onboardflow.transforms.kafka.offsets import StartPosition, resolve_start_offset
 from onboardflow.transforms.kafka.records import UNBOUNDED_STOP, EventTimeError, KafkaPartition, event_time_ms

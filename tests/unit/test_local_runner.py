@@ -25,7 +25,7 @@ from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from onboardflow.pipelines.beam.kafka_source import EventTimeWatermarkEstimatorProvider
+from onboardflow.pipelines.beam.kafka_sdf import EventTimeWatermarkEstimatorProvider
 from onboardflow.runners import local
 from onboardflow.runners.local import local_pipeline_options, prism_location
 from onboardflow.transforms.kafka.records import KafkaPartition
