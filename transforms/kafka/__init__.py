@@ -10,6 +10,6 @@
 * ``producer``: the at-least-once ``KafkaWriter``.
 
 The Beam source and sink that drive them are pipelines/beam/kafka_source.py
-and pipelines/beam/kafka_sink.py; the reasoning is in docs/local-runner.md
+(with kafka_sdf.py) and pipelines/beam/kafka_sink.py; the reasoning is in docs/local-runner.md
 and docs/decisions.md (``transforms/kafka``).
 """
