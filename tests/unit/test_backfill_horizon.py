@@ -1,6 +1,6 @@
 """The backfill horizon's settings (transforms/backfill_horizon.py) and the fixed ranges of a bounded read.
 
-The pre-scan itself reads Kafka: tests/integration/test_backfill.py runs it.
+The pre-scan runs here over a fake consumer; against a real broker in tests/integration/test_backfill.py.
 """
 import pytest
 
