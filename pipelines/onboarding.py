@@ -55,15 +55,8 @@ from ..transforms.anonymize import (
 from ..transforms.backfill_horizon import backfill_horizon
 from ..transforms.decode import OnboardingEventDecoder
 from ..transforms.enrich import EnrichProfiles
-from ..transforms.kafka_io import (
-    DEAD_LETTERS,
-    KafkaReadOptions,
-    ReadFromKafka,
-    StartPosition,
-    WriteToKafka,
-    resolve_partitions,
-)
-from ..transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
+from ..transforms.kafka.consumer import resolve_partitions
+from ..transforms.kafka.offsets import StartPosition
 from ..transforms.normalize import NormalizeEvents
 from ..transforms.online_models import LearnOnlineModels, ScoreProfiles
 from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
@@ -71,7 +64,6 @@ from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from ..transforms.outbox import RelaySettings
 from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
 from ..transforms.profile_store import WriteProfilesToRedis
-from ..transforms.relay import RecordDeadLetters, RelayOutboxes
 from ..transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
 from ..transforms.warehouse import (
     WriteDeadLetterMetadata,
@@ -81,7 +73,11 @@ from ..transforms.warehouse import (
     apply_migrations,
     read_accounts,
 )
-from .options import OnboardingOptions
+from .beam.kafka_sink import WriteToKafka
+from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
+from .beam.metrics import CountDeadLetters, PublishSinkWatermark, pipeline_metrics_from_options
+from .beam.relay import RecordDeadLetters, RelayOutboxes
+from .options import KafkaReadOptions, OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
 
@@ -153,7 +149,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     dsn, schema = opts.warehouse_dsn, opts.warehouse_schema
 
     # One facade for every stage: Beam metrics + each worker's /metrics (docs/observability.md).
-    metrics = PipelineMetrics.from_options(options)
+    metrics = pipeline_metrics_from_options(options)
 
     # A bounded run reads offset ranges fixed here, and its profiles end at the
     # newest event in exactly those ranges (transforms/backfill_horizon.py).

@@ -1,13 +1,16 @@
-"""Typed options of the onboarding pipeline (beyond Beam's and ``--kafka_*``).
+"""Every typed option of the onboarding pipeline beyond Beam's own.
 
-Each option reads like a Flink operator setting: a name, a default, and the
-trade-off in one sentence. Kafka source options (bootstrap servers, topics,
-consumer group, start position, out-of-orderness, idleness, bounded replay)
-are ``KafkaReadOptions`` in ``transforms/kafka_io.py``.
+In: command-line flags. Out: ``PipelineOptions`` views: ``OnboardingOptions``
+(sinks, secrets, rules, event-time settings, online models),
+``KafkaReadOptions`` (``--kafka_*``: where and how the source reads, its
+watermark policy) and ``MetricsOptions`` (``--metrics_*``: the worker
+Prometheus endpoints), plus ``watermark_alignment(options)``. Each option reads
+like a Flink operator setting: a name, a default, and the trade-off in one
+sentence (docs/observability.md, docs/local-runner.md).
 """
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_WAREHOUSE_DSN = "postgresql://onboardflow:onboardflow@127.0.0.1:5432/onboardflow"
@@ -109,3 +112,150 @@ class OnboardingOptions(PipelineOptions):
                        help="Onboarding tracks policy (YAML); default pipelines/onboarding_tracks.yaml.")
         m.add_argument("--model_events_topic", default="onboarding.model-events",
                        help="Kafka topic of drift events (schemas/drift_event.avsc).")
+
+
+#: Values of ``--kafka_watermark_alignment``.
+WATERMARK_ALIGNMENTS = ("auto", "process", "off")
+
+
+class KafkaReadOptions(PipelineOptions):
+    """Where and how ReadFromKafka reads (``--kafka_*`` flags).
+
+    The watermark of each partition is the largest event time seen on it minus
+    ``--kafka_max_out_of_orderness``; a partition without new records for
+    ``--kafka_idle_timeout`` stops holding the watermark back. Build the source
+    with ``ReadFromKafka.from_options(options, decoder=...)`` (pipelines/beam/kafka_source.py).
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--kafka_bootstrap_servers",
+            default="127.0.0.1:9092",
+            help="Comma-separated host:port list of Kafka brokers to bootstrap from.",
+        )
+        parser.add_argument(
+            "--kafka_topics",
+            default="onboarding.events",
+            help="Comma-separated topics to read; every partition of each is read.",
+        )
+        parser.add_argument(
+            "--kafka_consumer_group",
+            default="onboardflow",
+            help=(
+                "Consumer group whose offsets are committed once a bundle's outputs are "
+                "durable, and read back by --kafka_start_position=committed. The pipeline "
+                "assigns partitions itself and never joins the group, so do not share it "
+                "with subscribing consumers."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_start_position",
+            default="committed",
+            help=(
+                "Where each partition starts: 'committed' (the group's committed offset, "
+                "else the earliest), 'earliest', 'latest', or 'timestamp:<epoch ms>' (first "
+                "record at or after that time, else the end)."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_max_out_of_orderness",
+            type=float,
+            default=60.0,
+            help=(
+                "Seconds. The watermark trails the largest event time seen on a partition by "
+                "this much; events older than that when they arrive are late. Larger values "
+                "tolerate more disorder but delay every event-time result by as much."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_idle_timeout",
+            type=float,
+            default=30.0,
+            help=(
+                "Seconds. A partition with no new records for this long is idle: its watermark "
+                "follows the wall clock (minus the out-of-orderness) so it stops holding back "
+                "windows. Events that arrive on it later and older than that are late."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_watermark_alignment",
+            choices=WATERMARK_ALIGNMENTS,
+            default="auto",
+            help=(
+                "'process': every partition reports the minimum watermark over all partitions of "
+                "the read, kept per SDK process (needed on Prism, which takes an SDF's watermark "
+                "from its latest bundle only; see PartitionWatermarks). 'off': each partition "
+                "reports its own (distributed runners, e.g. Flink, hold the minimum themselves). "
+                "'auto': 'process' on the local runners (Prism, Direct), else 'off'."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_poll_batch_size",
+            type=int,
+            default=500,
+            help="Max records per kafka-python poll (max_poll_records).",
+        )
+        parser.add_argument(
+            "--kafka_max_read_seconds",
+            type=float,
+            default=0.25,
+            help=(
+                "Longest stretch a partition is read in one bundle before the source checkpoints: "
+                "records reach the next stages only when their bundle ends, so this bounds the "
+                "latency a steady input adds at the source."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_bounded",
+            action="store_true",
+            default=False,
+            help=(
+                "Batch / replay mode: stop every partition at its end offset taken when the "
+                "pipeline starts, instead of reading forever."
+            ),
+        )
+
+
+#: Runners that execute every SDK worker of a job in one process (lower-cased,
+#: without a "runner" suffix): Prism starts one worker per environment.
+_SINGLE_PROCESS_RUNNERS = {"", "prism", "direct", "switchingdirect", "bundlebaseddirect"}
+
+
+def watermark_alignment(options: PipelineOptions) -> bool:
+    """Whether ``--kafka_watermark_alignment`` (and, for ``auto``, the runner) asks for alignment."""
+    mode = options.view_as(KafkaReadOptions).kafka_watermark_alignment
+    if mode != "auto":
+        return mode == "process"
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__ if runner is not None else ""
+    name = name.lower().rsplit(".", 1)[-1]
+    return (name[: -len("runner")] if name.endswith("runner") else name) in _SINGLE_PROCESS_RUNNERS
+
+
+class MetricsOptions(PipelineOptions):
+    """Where worker processes serve their Prometheus metrics (``--metrics_*``).
+
+    Each SDK worker process binds the first free port of
+    ``[--metrics_port, --metrics_port + --metrics_port_attempts)``; with
+    ``--metrics_sd_dir`` it also registers itself there for Prometheus'
+    ``file_sd_configs``. ``--metrics_port=-1`` records Beam metrics only: no
+    endpoint and no Prometheus bookkeeping.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        g = parser.add_argument_group("metrics")
+        g.add_argument("--metrics_port", type=int, default=9310,
+                       help="First port a worker process tries for /metrics; 0: any free port; -1: no endpoint "
+                            "(Beam metrics only).")
+        g.add_argument("--metrics_port_attempts", type=int, default=16,
+                       help="How many consecutive ports are tried: the most worker processes per machine.")
+        g.add_argument("--metrics_bind_address", default="0.0.0.0",
+                       help="Interface the worker endpoints listen on (127.0.0.1 keeps them local).")
+        g.add_argument("--metrics_sd_dir", default=None,
+                       help="Directory where each worker writes a Prometheus file_sd target file "
+                            "(shared with Prometheus; stale files of killed workers show as down targets).")
+        g.add_argument("--metrics_advertise_host", default=None,
+                       help="Host name written to the file_sd target (default: the bind address, or the "
+                            "machine's name when bound to every interface).")

@@ -1,49 +1,28 @@
 """The horizon of a bounded run: the event time its profiles end at.
 
 In: the offset ranges a bounded run will read (``KafkaPartition`` with stop
-offsets, from ``kafka_io.resolve_partitions``) and the run's decoder. Out: an
-epoch-millisecond horizon H for ``ProfileConfig.horizon_ms``.
+offsets, from ``resolve_partitions`` in transforms/kafka/consumer.py) and the
+run's decoder. Out: an epoch-millisecond horizon H for
+``ProfileConfig.horizon_ms``: the profile stage fires the lifecycle timers due
+before H, brings every older profile up to exactly H, and emits nothing later
+(transforms/profile.py), so a backfill does not carry profiles weeks past the
+wall clock where Redis would refuse every live event that follows.
 
-Why a horizon. When a bounded input ends, the watermark jumps to +infinity
-and every event-time timer fires. The profile stage's lifecycle timer (daily
-refreshes, the new-user window, rule time marks, dormancy at last event + 30
-days) would then carry every user's profile to their dormancy, weeks after
-the wall clock, and Redis, whose writes are monotonic by version, would refuse
-every live event that follows as older. With H the profile stage fires the
-timers due before H as a streaming run would, brings every older profile up to
-exactly H, and emits nothing later (transforms/profile.py).
+``--backfill_horizon`` chooses H:
 
-Which H. ``min(wall clock, newest event time in the ranges read)``:
+* ``data`` (default): ``min(wall clock, newest event time in the ranges)``,
+  where an event's time is ``occurred_at`` clamped to ``received_at``
+  (``normalize.event_time_ms``) and records that do not decode do not count.
+  The same input gives the same profiles at any later date, and a replay into
+  the same Redis is a no-op. ``newest_event_ms`` finds it by reading and
+  decoding exactly the ranges the run will read (a second pass over the input);
+* ``now``: the wall clock at launch (every timer due by then fires, as in a
+  streaming run that caught up; not reproducible across launches);
+* an explicit epoch-ms value.
 
-* the newest event time, not the wall clock, so the result depends on the
-  input only: a backfill run today and the same backfill run next week end
-  with the same profiles and versions (as long as every event is in the
-  past), and a replay into the same Redis is a no-op;
-* capped at the wall clock, so no profile is as of the future even when some
-  producer's clock runs ahead;
-* an event's time is what the profile stage folds in: ``occurred_at`` clamped
-  to ``received_at`` (``normalize.event_time_ms``); records that do not decode
-  are dead letters, not events, and do not count.
-
-How it is found: ``newest_event_ms`` reads the same offset ranges the run will
-read (the launcher resolves them once and passes the very same
-``KafkaPartition``s to ``ReadFromKafka(partitions=...)``, so records appended
-meanwhile are in neither) and decodes every record. That is a second pass over
-the input, measured at roughly the source's own decode rate; the alternative,
-an in-pipeline maximum handed to the profile stage as a side input, would hold
-every profile back until the whole input is read and is not supported with
-state and timers on every runner. A streaming run has no horizon: its
-watermark never passes the wall clock (the Kafka source caps it there).
-
-What follows a backfill: a streaming run from the earliest offsets rebuilds
-the same profiles (its writes at or before H carry versions Redis already
-holds, so they are no-ops), then moves on from H with the wall clock and live
-events, whose profiles are newer than H and are written.
-
-``--backfill_horizon`` chooses: ``data`` (default, the above), ``now`` (the
-wall clock at launch: every timer due by then fires, as in a streaming run
-that caught up; not reproducible across launches) or an explicit epoch-ms
-value.
+A streaming run has no horizon. Why a horizon, why this H and why a pre-scan
+rather than an in-pipeline maximum, and what follows a backfill:
+docs/decisions.md (``transforms/backfill_horizon``) and docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -53,7 +32,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
 
-from .kafka_io import KafkaPartition, KafkaRecord, _consumer_config
+from .kafka.consumer import source_consumer_config
+from .kafka.records import KafkaPartition, KafkaRecord
 from .normalize import event_time_ms
 
 _LOG = logging.getLogger(__name__)
@@ -84,8 +64,8 @@ def newest_event_ms(
     todo = [p for p in partitions if p.stop_offset is not None and p.stop_offset > p.start_offset]
     if not todo:
         return None
-    consumer = KafkaConsumer(**_consumer_config(bootstrap_servers, consumer_config, max_poll_records=2000,
-                                                client_id="onboardflow-backfill-horizon"))
+    consumer = KafkaConsumer(**source_consumer_config(bootstrap_servers, consumer_config, max_poll_records=2000,
+                                                       client_id="onboardflow-backfill-horizon"))
     deadline = time.monotonic() + timeout_s
     try:
         for part in todo:

@@ -32,7 +32,7 @@ from ..schemas.wire import (
     InvalidTimestamp,
     MissingIdentity,
 )
-from .kafka_io import KafkaRecord
+from .kafka.records import KafkaRecord
 
 METRICS_NAMESPACE = "onboardflow"
 EVENTS = "events"

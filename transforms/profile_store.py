@@ -65,8 +65,9 @@ from redis.retry import Retry
 
 from .anonymize import Pseudonymizer, SecretKey
 from .dead_letter import pipeline_dead_letter
-from .metrics import EventTimeProgress, PipelineMetrics
+from .metrics import PipelineMetrics
 from .outbox import PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
+from .progress import EventTimeProgress
 
 METRICS_NAMESPACE = "onboardflow"
 STAGE = "profile_store"

@@ -324,8 +324,8 @@ def run_demo(args) -> DemoResult:
     from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
     from ...schemas.wire import AvroSerializer
     from ...transforms.anonymize import SecretKey, load_secret
-    from ...transforms.metrics import SinkWatermark
     from ...transforms.profile_store import ProfileStore
+    from ...transforms.progress import SinkWatermark
     from ...transforms.warehouse import apply_migrations, upsert_accounts
     from ..local import stop_streaming_job
     from ..sim.generator import GeneratorConfig, JourneyGenerator, v1_serializer

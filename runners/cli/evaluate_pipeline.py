@@ -77,8 +77,8 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     from ...models.model_registry import ModelStore
     from ...pipelines.onboarding import run
     from ...transforms.anonymize import SecretKey
-    from ...transforms.metrics import SinkWatermark
     from ...transforms.profile_store import ProfileStore
+    from ...transforms.progress import SinkWatermark
     from ..local import stop_streaming_job
     from ..sim.populations import live_login, population, v2_serializer
     from .demo import MAX_OUT_OF_ORDERNESS_S, await_settled

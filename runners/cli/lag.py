@@ -48,7 +48,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ...transforms.metrics import EventTimeProgress, MetricSpec, Progress
+from ...transforms.progress import EventTimeProgress, Progress
+from ...transforms.prometheus import MetricSpec
 
 _LOG = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import uuid
 from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
 from onboardflow.schemas.wire import AvroSerializer, InvalidEvent
 from onboardflow.transforms.decode import OnboardingEventDecoder
-from onboardflow.transforms.kafka_io import KafkaRecord
+from onboardflow.transforms.kafka.records import KafkaRecord
 
 T0 = 1_717_000_000_000
 TYPES_V1 = ["signup", "login", "page_view", "click", "form_submit", "tutorial_step", "feature_used"]

@@ -25,10 +25,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from onboardflow.pipelines.beam.kafka_source import ReadFromKafka
 from onboardflow.runners.local import local_pipeline_options
 from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.decode import OnboardingEventDecoder
-from onboardflow.transforms.kafka_io import ReadFromKafka
 
 PARTITIONS = 4
 

@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from prometheus_client import CollectorRegistry
 
-from onboardflow.transforms.metrics import PipelineMetrics
+from onboardflow.pipelines.beam.metrics import beam_pipeline_metrics
 
 CALLS = 200_000
 ELEMENTS = 200_000
@@ -45,8 +45,8 @@ class _MeasureUpdates(beam.DoFn):
         from apache_beam.metrics import Metrics
 
         bare = Metrics.counter("bench", "bare")
-        beam_only = PipelineMetrics(prometheus=False)
-        both = PipelineMetrics(registry=CollectorRegistry())
+        beam_only = beam_pipeline_metrics(prometheus=False)
+        both = beam_pipeline_metrics(registry=CollectorRegistry())
         cases = [
             ("Beam counter alone (baseline)", lambda: bare.inc(1)),
             ("facade counter, Beam only", lambda: beam_only.profiles_written(1)),
@@ -156,8 +156,8 @@ def main() -> None:
     bench_updates()
     print(f"pipeline throughput, 3 facade calls per element ({ELEMENTS} elements, FnApiRunner):")
     bench_pipeline("no metrics", None)
-    bench_pipeline("Beam metrics only (--metrics_port=-1)", PipelineMetrics(prometheus=False))
-    bench_pipeline("Beam + Prometheus", PipelineMetrics())
+    bench_pipeline("Beam metrics only (--metrics_port=-1)", beam_pipeline_metrics(prometheus=False))
+    bench_pipeline("Beam + Prometheus", beam_pipeline_metrics())
     if not args.no_pipeline:
         bench_onboarding_pipeline(args.events, args.rounds)
 

@@ -45,7 +45,7 @@ from typing import Optional
 from onboardflow.runners.cli.demo import _fresh_topics, _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.schemas.units import DAY_MS
-from onboardflow.transforms.metrics import SinkWatermark
+from onboardflow.transforms.progress import SinkWatermark
 
 _PROBE_CONSENT = {"analytics": True, "personalization": True, "marketing": False}
 

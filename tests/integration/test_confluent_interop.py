@@ -18,7 +18,7 @@ from onboardflow.runners.cli.registry import RegistryServer
 from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema, schema_path
 from onboardflow.schemas.wire import AvroSerializer, unframe
 from onboardflow.transforms.decode import OnboardingEventDecoder
-from onboardflow.transforms.kafka_io import KafkaRecord
+from onboardflow.transforms.kafka.records import KafkaRecord
 
 pytestmark = pytest.mark.integration
 

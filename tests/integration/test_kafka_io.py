@@ -19,8 +19,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from onboardflow.pipelines.beam.kafka_sink import WriteToKafka
+from onboardflow.pipelines.beam.kafka_source import ReadFromKafka
 from onboardflow.runners.local import local_pipeline_options
-from onboardflow.transforms.kafka_io import KafkaRecord, ReadFromKafka, WriteToKafka
+from onboardflow.transforms.kafka.records import KafkaRecord
 
 pytestmark = pytest.mark.integration
 

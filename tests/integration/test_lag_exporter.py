@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client.parser import text_string_to_metric_families
 
 from onboardflow.runners.cli.lag import KafkaLagReader, LagCollector, ProgressReader, serve_lag_exporter
-from onboardflow.transforms.metrics import EventTimeProgress
+from onboardflow.transforms.progress import EventTimeProgress
 
 pytestmark = pytest.mark.integration
 
@@ -286,7 +286,7 @@ def test_worker_endpoint_counts_what_a_pipeline_run_read_dropped_and_wrote(
     from onboardflow.runners.cli.produce import produce
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
-    from onboardflow.transforms.metrics import serve_worker_metrics
+    from onboardflow.transforms.metrics_endpoint import serve_worker_metrics
 
     topic = kafka_topic(partitions=2)
     dlq = kafka_topic(partitions=1, suffix="dlq")
@@ -330,7 +330,7 @@ def test_streaming_run_scraped_while_running_counts_the_input_and_lag_rises_whil
     from onboardflow.runners.cli.produce import produce
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
-    from onboardflow.transforms.metrics import serve_worker_metrics
+    from onboardflow.transforms.metrics_endpoint import serve_worker_metrics
 
     topic = kafka_topic(partitions=2)
     dlq = kafka_topic(partitions=1, suffix="dlq")

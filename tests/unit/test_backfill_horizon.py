@@ -1,11 +1,12 @@
 """The backfill horizon's settings (transforms/backfill_horizon.py) and the fixed ranges of a bounded read.
 
-The pre-scan itself reads Kafka: tests/integration/test_backfill.py runs it.
+The pre-scan runs here over a fake consumer; against a real broker in tests/integration/test_backfill.py.
 """
 import pytest
 
+from onboardflow.pipelines.beam.kafka_source import ReadFromKafka
 from onboardflow.transforms.backfill_horizon import backfill_horizon
-from onboardflow.transforms.kafka_io import KafkaPartition, ReadFromKafka
+from onboardflow.transforms.kafka.records import KafkaPartition
 from onboardflow.transforms.normalize import event_time_ms
 
 NOW = 1_790_000_000_000
@@ -45,3 +46,56 @@ def test_a_bounded_read_takes_only_ranges_with_stop_offsets_and_a_streaming_read
         ReadFromKafka("k:9092", "t", consumer_group="g", bounded=True, partitions=open_ended)
     with pytest.raises(ValueError, match="need stop offsets"):
         ReadFromKafka("k:9092", "t", consumer_group="g", partitions=bounded)
+
+
+class _FakeConsumer:
+    """Stands in for kafka-python's KafkaConsumer over an in-memory log: {(topic, partition): [values]}."""
+
+    logs: dict = {}
+    configs: list = []
+
+    def __init__(self, **config):
+        _FakeConsumer.configs.append(config)
+        self._tp, self._position = None, 0
+
+    def assign(self, tps):
+        (self._tp,) = tps
+
+    def seek(self, tp, offset):
+        self._position = offset
+
+    def position(self, tp):
+        return self._position
+
+    def poll(self, timeout_ms):
+        from types import SimpleNamespace
+
+        log = self.logs[(self._tp.topic, self._tp.partition)]
+        batch = [SimpleNamespace(topic=self._tp.topic, partition=self._tp.partition, offset=o, timestamp=0, key=None,
+                                 value=log[o]) for o in range(self._position, min(self._position + 2, len(log)))]
+        self._position += len(batch)
+        return {self._tp: batch} if batch else {}
+
+    def close(self, autocommit):
+        pass
+
+
+def test_data_horizon_is_the_newest_event_of_exactly_the_ranges_read_capped_at_the_wall_clock(monkeypatch):
+    from onboardflow.transforms import backfill_horizon as module
+
+    monkeypatch.setattr(module, "KafkaConsumer", _FakeConsumer)
+    # Values are event times; None does not decode (a dead letter); the last record is past the stop offset.
+    _FakeConsumer.logs = {("t", 0): [100, None, 300, 900], ("t", 1): [250, NOW + 5_000]}
+    _FakeConsumer.configs = []
+
+    def decode(record):
+        if record.value is None:
+            raise ValueError("bad magic byte")
+        return {"occurred_at": record.value, "received_at": record.value}
+
+    ranges = [KafkaPartition("t", 0, 0, 3, (("t", 0), ("t", 1))), KafkaPartition("t", 1, 0, 1, (("t", 0), ("t", 1)))]
+    assert backfill_horizon("data", "k:9092", ranges, decode, now_ms=NOW) == 300
+    future = [KafkaPartition("t", 1, 0, 2, (("t", 1),))]
+    assert backfill_horizon("data", "k:9092", future, decode, now_ms=NOW) == NOW
+    assert all(not c["enable_auto_commit"] and c["client_id"] == "onboardflow-backfill-horizon"
+               for c in _FakeConsumer.configs)

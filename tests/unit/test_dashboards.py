@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from onboardflow.runners.cli.lag import DEFAULT_PORT, lag_sample_names
-from onboardflow.transforms.metrics import pipeline_sample_names
+from onboardflow.transforms.prometheus import pipeline_sample_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -14,7 +14,7 @@ from onboardflow.schemas.schema_registry import RegistryUnavailable
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.schemas.wire import REASONS, AvroDeserializer, AvroSerializer, InvalidEvent, frame, unframe
 from onboardflow.transforms.decode import DecodeEvents, OnboardingEventDecoder
-from onboardflow.transforms.kafka_io import KafkaRecord
+from onboardflow.transforms.kafka.records import KafkaRecord
 
 T0 = 1_717_000_000_000
 PII = ("acct-1042", "anon-77", "ada@example.org", "203.0.113.7")

@@ -11,7 +11,7 @@ import pytest
 from onboardflow.runners.cli import demo
 from onboardflow.runners.cli.lag import LagReport, PartitionLag, Progress, unreached
 from onboardflow.runners.sim.generator import DUPLICATE, VALID, GeneratorConfig, JourneyGenerator, v1_serializer
-from onboardflow.transforms.metrics import next_watermark_probe
+from onboardflow.transforms.progress import next_watermark_probe
 
 T0 = 1_800_000_000.0  # the demo's clock at the pipeline's start, epoch seconds
 LAG_S = 60.0

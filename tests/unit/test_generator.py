@@ -211,7 +211,7 @@ def test_malformed_share_matches_the_config_to_within_one_message(stream, tallie
 
 def test_the_pipeline_decoder_rejects_each_malformed_message_for_its_kinds_reason(stream):
     from onboardflow.transforms.decode import OnboardingEventDecoder
-    from onboardflow.transforms.kafka_io import KafkaRecord
+    from onboardflow.transforms.kafka.records import KafkaRecord
 
     _, messages = stream
     decoder = OnboardingEventDecoder()

@@ -1,4 +1,4 @@
-"""Pure logic of the Kafka source: watermark policy, start positions, restrictions.
+"""Pure logic of the Kafka source and sink: watermark policy, start positions, restrictions.
 
 Everything here runs without a broker or a runner: the watermark estimator
 gets a fake clock, start positions are resolved from broker answers given as
@@ -11,24 +11,17 @@ from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
-from onboardflow.transforms.kafka_io import (
-    UNBOUNDED_STOP,
-    EventTimeError,
+from onboardflow.pipelines.beam.kafka_sdf import (
     EventTimeWatermarkEstimator,
     EventTimeWatermarkEstimatorProvider,
-    KafkaPartition,
-    KafkaReadOptions,
     PartitionOffsetTracker,
-    PartitionWatermarks,
-    ReadFromKafka,
-    StartPosition,
-    _event_time_ms,
-    _ReadBoundedPartitionsFn,
-    _ReadUnboundedPartitionsFn,
-    _WriteToKafkaFn,
-    resolve_start_offset,
-    watermark_alignment,
 )
+from onboardflow.pipelines.beam.kafka_sink import _WriteToKafkaFn
+from onboardflow.pipelines.beam.kafka_source import ReadFromKafka, _ReadBoundedPartitionsFn, _ReadUnboundedPartitionsFn
+from onboardflow.pipelines.options import KafkaReadOptions, watermark_alignment
+from onboardflow.transforms.kafka.offsets import StartPosition, resolve_start_offset
+from onboardflow.transforms.kafka.records import UNBOUNDED_STOP, EventTimeError, KafkaPartition, event_time_ms
+from onboardflow.transforms.kafka.watermarks import PartitionWatermarks
 
 NOW_S = 1_767_571_200.0  # a fixed wall clock: 2026-01-05T00:00:00Z
 
@@ -445,7 +438,7 @@ def test_drain_truncates_a_streaming_restriction_but_keeps_a_bounded_one():
 
 
 def test_event_time_is_the_events_occurred_at_millis():
-    assert _event_time_ms({"occurred_at": 1_700_000_000_123}) == 1_700_000_000_123
+    assert event_time_ms({"occurred_at": 1_700_000_000_123}) == 1_700_000_000_123
 
 
 @pytest.mark.parametrize("event,reason", [
@@ -458,7 +451,7 @@ def test_event_time_is_the_events_occurred_at_millis():
 ])
 def test_events_without_a_usable_occurred_at_are_rejected_with_a_reason(event, reason):
     with pytest.raises(EventTimeError) as raised:
-        _event_time_ms(event)
+        event_time_ms(event)
     assert raised.value.reason == reason
 
 
@@ -516,3 +509,55 @@ def test_sink_dead_letters_elements_that_are_not_bytes_key_value_pairs(element):
     assert dead_letter["reason"] == "not_a_bytes_key_value_pair"
     assert dead_letter["element"] == element
     fn.finish_bundle()  # nothing was sent: no producer needed, nothing to flush
+
+
+# --------------------------------------------------------------------------
+# The engine-free core (transforms/kafka/)
+# --------------------------------------------------------------------------
+
+
+def test_core_timestamp_range_is_beams_so_event_times_convert_without_loss():
+    from apache_beam.utils.timestamp import MAX_TIMESTAMP
+
+    from onboardflow.transforms.kafka.records import MAX_TIMESTAMP_MICROS, MIN_TIMESTAMP_MICROS
+
+    assert (MIN_TIMESTAMP_MICROS, MAX_TIMESTAMP_MICROS) == (MIN_TIMESTAMP.micros, MAX_TIMESTAMP.micros)
+
+
+def test_core_watermark_policy_in_micros_matches_what_the_beam_estimator_reports():
+    from onboardflow.transforms.kafka.watermarks import PartitionWatermark
+
+    clock = FakeClock()
+    policy = PartitionWatermark(None, 60_000_000, 30_000_000, clock)
+    policy.observe_event_time(at(600).micros)
+    assert policy.current() == at(660).micros
+    policy.observe_caught_up()
+    clock.advance(30)
+    assert policy.current() == Timestamp(clock() - 60).micros
+    resumed = PartitionWatermark(policy.state(), 60_000_000, 30_000_000, clock)
+    assert resumed.current() == policy.current() and resumed.is_idle()
+
+
+def test_kafka_core_imports_without_beam():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['apache_beam'] = None\n"
+            "import onboardflow.transforms.kafka.records, onboardflow.transforms.kafka.offsets\n"
+            "import onboardflow.transforms.kafka.watermarks, onboardflow.transforms.kafka.consumer\n"
+            "import onboardflow.transforms.kafka.producer, onboardflow.transforms.dead_letter\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_writer_pickles_as_its_settings_and_an_empty_batch_needs_no_producer():
+    import pickle
+
+    from onboardflow.transforms.kafka.producer import KafkaWriter, sink_producer_config
+
+    config = sink_producer_config(linger_ms=5, extra={"client_id": "test"})
+    assert config["acks"] == "all" and config["enable_idempotence"] and config["client_id"] == "test"
+    writer = pickle.loads(pickle.dumps(KafkaWriter("unused:9092", "out", config)))
+    writer.begin()
+    assert writer.write(("k", b"v"))["reason"] == "not_a_bytes_key_value_pair"
+    assert writer.flush() == 0
+    writer.close()

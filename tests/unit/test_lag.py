@@ -19,7 +19,7 @@ from onboardflow.runners.cli.lag import (
     partition_lag,
     read_lag,
 )
-from onboardflow.transforms.metrics import Progress
+from onboardflow.transforms.progress import Progress
 
 
 def test_lag_is_end_minus_committed():

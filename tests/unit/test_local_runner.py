@@ -25,13 +25,11 @@ from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from onboardflow.pipelines.beam.kafka_sdf import EventTimeWatermarkEstimatorProvider
 from onboardflow.runners import local
 from onboardflow.runners.local import local_pipeline_options, prism_location
-from onboardflow.transforms.kafka_io import (
-    EventTimeWatermarkEstimatorProvider,
-    KafkaPartition,
-    PartitionWatermarks,
-)
+from onboardflow.transforms.kafka.records import KafkaPartition
+from onboardflow.transforms.kafka.watermarks import PartitionWatermarks
 
 
 def batch():
@@ -97,7 +95,7 @@ def test_a_local_job_rebuilds_its_state_from_the_earliest_offset_unless_told_oth
     # Prism keeps no state between jobs: resuming from committed offsets would
     # write one-event profiles over full ones.
     from onboardflow.pipelines.onboarding import pipeline_options
-    from onboardflow.transforms.kafka_io import KafkaReadOptions
+    from onboardflow.pipelines.options import KafkaReadOptions
 
     assert pipeline_options(["--kafka_topics=t"]).view_as(KafkaReadOptions).kafka_start_position == "earliest"
     told = pipeline_options(["--kafka_topics=t", "--kafka_start_position=committed"])

@@ -1,4 +1,4 @@
-"""PipelineMetrics: every call reaches both Beam metrics and the worker's Prometheus registry."""
+"""PipelineMetrics: every call reaches both the engine's metrics (Beam here) and the worker's Prometheus registry."""
 import json
 import pickle
 import socket
@@ -13,18 +13,23 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from prometheus_client import CollectorRegistry
 
-from onboardflow.transforms.metrics import (
-    BEAM_NAMESPACE,
-    END_TO_END_BUCKETS,
-    PIPELINE_METRICS,
-    WRITE_BUCKETS,
+from onboardflow.pipelines.beam.metrics import (
     CountDeadLetters,
-    PipelineMetrics,
+    beam_pipeline_metrics,
+    pipeline_metrics_from_options,
+)
+from onboardflow.transforms.metrics import BEAM_NAMESPACE, PipelineMetrics
+from onboardflow.transforms.metrics_endpoint import (
     WorkerMetricsEndpoint,
-    pipeline_sample_names,
     serve_worker_metrics,
     served_worker_port,
     start_on_first_free_port,
+)
+from onboardflow.transforms.prometheus import (
+    END_TO_END_BUCKETS,
+    PIPELINE_METRICS,
+    WRITE_BUCKETS,
+    pipeline_sample_names,
     worker_registry,
 )
 
@@ -157,10 +162,10 @@ def test_a_pickled_facade_keeps_its_settings_and_reports_to_the_process_registry
 def test_options_configure_the_worker_endpoint_or_leave_beam_metrics_only():
     opts = PipelineOptions(["--metrics_port=9400", "--metrics_port_attempts=4", "--metrics_sd_dir=/tmp/sd",
                             "--metrics_advertise_host=host.docker.internal"])
-    assert PipelineMetrics.from_options(opts).endpoint == WorkerMetricsEndpoint(
+    assert pipeline_metrics_from_options(opts).endpoint == WorkerMetricsEndpoint(
         9400, 4, "0.0.0.0", "/tmp/sd", "host.docker.internal")
-    assert PipelineMetrics.from_options(PipelineOptions([])).endpoint == WorkerMetricsEndpoint()
-    beam_only = PipelineMetrics.from_options(PipelineOptions(["--metrics_port=-1"]))
+    assert pipeline_metrics_from_options(PipelineOptions([])).endpoint == WorkerMetricsEndpoint()
+    beam_only = pipeline_metrics_from_options(PipelineOptions(["--metrics_port=-1"]))
     assert beam_only.endpoint is None and beam_only.prometheus is False
 
 
@@ -208,7 +213,7 @@ class _ReportingFn(beam.DoFn):
 
 def test_beam_metrics_are_reported_to_the_runner_under_the_pipeline_namespace():
     p = beam.Pipeline(runner=FnApiRunner())
-    _ = p | beam.Create(range(6)) | beam.ParDo(_ReportingFn(PipelineMetrics()))
+    _ = p | beam.Create(range(6)) | beam.ParDo(_ReportingFn(beam_pipeline_metrics()))
     result = p.run()
     result.wait_until_finish()
     query = result.metrics().query(MetricsFilter().with_namespace(BEAM_NAMESPACE))
@@ -239,10 +244,53 @@ def test_dead_letters_are_counted_by_stage_and_reason_and_all_passed_through():
     before = {k: count(*k) for k in [("decode", "t_bad_magic_byte"), ("t_profile_store", "redis_rejected"),
                                        ("unknown", "t_no_stage"), ("unknown", "unknown")]}
     p = beam.Pipeline(runner=FnApiRunner())
-    out = p | beam.Create(letters) | CountDeadLetters(PipelineMetrics())
+    out = p | beam.Create(letters) | CountDeadLetters(beam_pipeline_metrics())
     assert_that(out, equal_to(letters))
     p.run().wait_until_finish()
     assert {k: count(*k) - v for k, v in before.items()} == {
         ("decode", "t_bad_magic_byte"): 2, ("t_profile_store", "redis_rejected"): 1,
         ("unknown", "t_no_stage"): 1, ("unknown", "unknown"): 1,
     }
+
+
+def _recorded(kind):
+    def record(namespace, name, value):
+        _RECORDED.append((kind, namespace, name, value))
+    return record
+
+
+_RECORDED: list = []
+
+
+def test_the_facade_reaches_the_engine_only_through_its_callbacks(registry):
+    _RECORDED.clear()
+    PipelineMetrics(registry=registry).events_valid(3)  # default: no engine, Prometheus only
+    assert _RECORDED == [] and registry.get_sample_value("onboardflow_events_valid_total") == 3
+    metrics = PipelineMetrics(prometheus=False, counter=_recorded("counter"),
+                              distribution=_recorded("distribution"), gauge=_recorded("gauge"))
+    metrics.dead_lettered("decode", "bad magic", 2)
+    metrics.warehouse_write_seconds("events", 0.0125)
+    metrics.model_version("segmenter", 4)
+    metrics.profiles_written(0)
+    assert _RECORDED == [
+        ("counter", BEAM_NAMESPACE, "events_dead_lettered", 2),
+        ("counter", BEAM_NAMESPACE, "events_dead_lettered_decode_bad_magic", 2),
+        ("distribution", BEAM_NAMESPACE, "warehouse_write_ms_events", 12),
+        ("gauge", BEAM_NAMESPACE, "model_version_segmenter", 4),
+    ]
+
+
+def test_a_pickled_beam_facade_keeps_reporting_to_beam():
+    metrics = beam_pipeline_metrics(prometheus=False)
+    clone = pickle.loads(pickle.dumps(metrics))
+    assert clone == metrics and clone != PipelineMetrics(prometheus=False)
+
+
+def test_metrics_core_imports_without_beam():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['apache_beam'] = None\n"
+            "import onboardflow.transforms.metrics, onboardflow.transforms.metrics_endpoint\n"
+            "import onboardflow.transforms.prometheus, onboardflow.transforms.progress\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

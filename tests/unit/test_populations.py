@@ -26,7 +26,7 @@ from onboardflow.runners.sim.generator import (
 )
 from onboardflow.runners.sim.populations import DESIGNS, Population, PopulationUser, live_login, population
 from onboardflow.transforms.decode import OnboardingEventDecoder
-from onboardflow.transforms.kafka_io import KafkaRecord
+from onboardflow.transforms.kafka.records import KafkaRecord
 from onboardflow.transforms.normalize import normalize_event
 
 EVENT_TYPES = {"signup", "login", "page_view", "click", "form_submit", "tutorial_step", "feature_used",

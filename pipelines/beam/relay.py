@@ -26,8 +26,8 @@ import apache_beam as beam
 import redis
 from apache_beam.metrics import Metrics
 
-from .metrics import PipelineMetrics
-from .outbox import (
+from ...transforms.metrics import PipelineMetrics
+from ...transforms.outbox import (
     DEAD_LETTERS,
     SEGMENT_CHANGES,
     DeadLetterOutbox,
@@ -36,6 +36,7 @@ from .outbox import (
     dead_letter_id,
     make_relays,
 )
+from .metrics import beam_pipeline_metrics
 
 METRICS_NAMESPACE = "onboardflow"
 
@@ -82,7 +83,7 @@ class RecordDeadLetters(beam.PTransform):
 class _RelayOutboxesFn(beam.DoFn):
     def __init__(self, settings: RelaySettings, metrics: Optional[PipelineMetrics]):
         self._settings = settings
-        self._metrics = metrics or PipelineMetrics(prometheus=False)
+        self._metrics = metrics or beam_pipeline_metrics(prometheus=False)
         self._entries = Metrics.counter(METRICS_NAMESPACE, "outbox_entries_relayed")
         self._sent = Metrics.counter(METRICS_NAMESPACE, "outbox_records_sent")
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "outbox_records_skipped")
