@@ -115,7 +115,7 @@ def load_secret(path: Union[str, os.PathLike, None] = None, env_var: Optional[st
     ``env_var`` is read (UTF-8). Raises ``SecretError`` with a message that
     names the source but never the secret when nothing is configured, the file
     or variable is missing or empty, or the secret is shorter than 16 bytes.
-    Called on the driver only: DoFns get a ``SecretKey`` / ``SecretFile``.
+    Called on the driver only: workers get a ``SecretKey`` / ``SecretFile``.
     """
     if path is not None:
         source = f"file {os.fspath(path)!r}"
@@ -146,7 +146,7 @@ def generate_demo_secret() -> bytes:
 class SecretKey:
     """A secret held in memory, picklable, whose repr and str never show it.
 
-    It does travel inside the pickled DoFn (compressed, in the pipeline proto),
+    It does travel inside the pickled stage (in Beam: compressed, in the pipeline proto),
     so prefer ``SecretFile`` when the pipeline graph is stored or shared.
     """
 
@@ -403,7 +403,7 @@ def is_pii_property_key(key: str) -> bool:
 
 
 class Pseudonymizer:
-    """Keyed pseudonyms and the PII reduction of one event (pure, no Beam)."""
+    """Keyed pseudonyms and the PII reduction of one event."""
 
     def __init__(self, secret: Union[bytes, SecretKey]) -> None:
         raw = secret.resolve() if isinstance(secret, SecretKey) else _check_secret(secret, "Pseudonymizer")
