@@ -186,7 +186,7 @@ def _no_count(name: str, n: int) -> None:
 
 @dataclass
 class LearnerState:
-    """Everything the learning stage keeps between batches (one snapshot in the engine's keyed state, ``dump_learner``).
+    """Everything the learning stage keeps between batches: one snapshot (``dump_learner``) in keyed state.
 
     The segmenter is not here: it is refitted at each mark on the profile
     store's population (``ProfileSweep``), so it needs no per-update state.
