@@ -4,7 +4,11 @@ Rule segments (``transforms/segment.py``) say what we already know about a
 user, the online clusters (``models/segmentation.py``) what we found; this
 module turns both into one decision, the profile's ``onboarding_track``, so
 apps read a track name and need no logic of their own. The mapping is
-configuration (``pipelines/onboarding_tracks.yaml``), reviewed like code:
+configuration (``pipelines/onboarding_tracks.yaml``), reviewed like code.
+Engine-free: the pipeline applies it in ``pipelines/beam/tracks.py``
+(``AssignOnboardingTracks``) and the learner re-applies it when it re-scores
+(docs/models-registry.md "Onboarding tracks (the personalization hook)"). A compiled policy pickles as its
+validated document. The file format:
 
     version: "2026-01.1"
     default: standard                   # the track when no rule matches
@@ -52,15 +56,13 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
-import apache_beam as beam
 import yaml
-from apache_beam.metrics import Metrics
 
-from ..transforms.dead_letter import pipeline_dead_letter
+if TYPE_CHECKING:
+    from ..transforms.segment import RuleSet
 
-METRICS_NAMESPACE = "onboardflow"
 DEFAULT_TRACKS_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "onboarding_tracks.yaml"
 TRACK_FIELD = "onboarding_track"
 DEFAULT_RULE = "default"
@@ -197,13 +199,28 @@ class TrackPolicy:
         self.default = default
         self.tracks = dict(tracks)
         self.version = version
+        #: (document, source, known segments) when built by ``from_dict``: what a pickle carries.
+        self._spec: Optional[tuple] = None
+
+    def __reduce_ex__(self, protocol):
+        # The rules are closures; a policy travels as its validated document and is
+        # rebuilt on arrival (workers need not see the launcher's files).
+        if self._spec is None:
+            return super().__reduce_ex__(protocol)
+        return TrackPolicy.from_dict, self._spec
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path] = DEFAULT_TRACKS_PATH,
-                  segment_rules_path: Union[str, Path, None] = None) -> "TrackPolicy":
-        """Load and validate a tracks file; segment names are checked against ``segment_rules_path``
-        (default: ``pipelines/segment_rules.yaml``)."""
-        return cls.from_text(*policy_source(path, segment_rules_path))
+                  segment_rules: Optional["RuleSet"] = None) -> "TrackPolicy":
+        """Load and validate a tracks file; segment names are checked against the compiled
+        ``segment_rules`` (default: the packaged ``pipelines/segment_rules.yaml``)."""
+        path = Path(path or DEFAULT_TRACKS_PATH)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TrackPolicyError(f"{path}: cannot read tracks file: {exc.strerror}") from None
+        rules = segment_rules if segment_rules is not None else _packaged_rules()
+        return cls.from_text(text, str(path), rules.known_segments)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<tracks>",
@@ -245,7 +262,9 @@ class TrackPolicy:
             raise loader.fail("rules", "needs a list of rules")
         seen: set = set()
         rules = [loader.rule(node, i, tracks, seen) for i, node in enumerate(rules_doc)]
-        return cls(rules, default, tracks, str(version))
+        policy = cls(rules, default, tracks, str(version))
+        policy._spec = (doc, source, loader.known_segments)
+        return policy
 
     def decide(self, profile: Mapping[str, Any]) -> TrackDecision:
         """The track and the rule that chose it (``"default"`` when none matched)."""
@@ -265,77 +284,10 @@ class TrackPolicy:
         return updated
 
 
-def policy_source(path: Union[str, Path, None] = None,
-                  segment_rules_path: Union[str, Path, None] = None) -> tuple[str, str, frozenset]:
-    """(YAML text, source name, known segment names) of a tracks file: what ``TrackPolicy.from_text``
-    takes, and what a DoFn carries to workers that need not see the launcher's files."""
-    path = Path(path or DEFAULT_TRACKS_PATH)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TrackPolicyError(f"{path}: cannot read tracks file: {exc.strerror}") from None
-    return text, str(path), known_segment_names(segment_rules_path)
-
-
-def known_segment_names(segment_rules_path: Union[str, Path, None] = None) -> frozenset:
-    """Every segment the rules file defines or retires (what a tracks rule may name)."""
+def _packaged_rules() -> "RuleSet":
     from ..transforms.segment import DEFAULT_RULES_PATH, RuleError, RuleSet
 
     try:
-        rules = RuleSet.load(segment_rules_path or DEFAULT_RULES_PATH)
+        return RuleSet.load(DEFAULT_RULES_PATH)
     except RuleError as exc:
         raise TrackPolicyError(f"cannot check segment names: {exc}") from None
-    return frozenset(rules.names) | rules.retired
-
-
-# --------------------------------------------------------------------------- Beam
-
-
-class _AssignTrackFn(beam.DoFn):
-    # The policy travels as its YAML text (validated at construction), not as a
-    # path: workers on a cluster need not see the launcher's files.
-    def __init__(self, text: str, source: str, known_segments: frozenset) -> None:
-        self._args = (text, source, known_segments)
-        self._policy: Optional[TrackPolicy] = None
-        self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "onboarding_track_dead_letter")
-        self._counters: dict[str, Any] = {}
-
-    def setup(self) -> None:
-        self._policy = TrackPolicy.from_text(*self._args)
-        self._counters = {t: Metrics.counter(METRICS_NAMESPACE, f"onboarding_track_{t}") for t in self._policy.tracks}
-
-    def process(self, profile):
-        if not isinstance(profile, Mapping):
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(
-                AssignOnboardingTracks.DEAD_LETTER,
-                pipeline_dead_letter("onboarding_track", "not_a_mapping", f"profile is a {type(profile).__name__}",
-                                     profile, key_field="user_key"))
-            return
-        updated = self._policy.with_track(profile)
-        self._counters[updated[TRACK_FIELD]].inc()
-        yield updated
-
-
-class AssignOnboardingTracks(beam.PTransform):
-    """Set each profile's ``onboarding_track`` from the tracks policy.
-
-    In: profile dicts after rule segments (``segments``) and, when the online
-    model runs, ``cluster_id`` / ``segment_label`` / ``propensity``. Out
-    (main): the same dicts with ``onboarding_track`` set (counted per track,
-    ``onboarding_track_<track>``). ``dead_letter``: elements that are not
-    mappings (``onboarding_track_dead_letter``). The tracks file is validated
-    when the transform is built, so a bad file fails pipeline construction.
-    """
-
-    DEAD_LETTER = "dead_letter"
-
-    def __init__(self, tracks_path: Union[str, Path] = DEFAULT_TRACKS_PATH,
-                 segment_rules_path: Union[str, Path, None] = None, label: Optional[str] = None) -> None:
-        super().__init__(label)
-        source = policy_source(tracks_path, segment_rules_path)
-        self.policy = TrackPolicy.from_text(*source)
-        self._fn = _AssignTrackFn(*source)
-
-    def expand(self, profiles):
-        return profiles | "ChooseTrack" >> beam.ParDo(self._fn).with_outputs(self.DEAD_LETTER, main="profiles")

@@ -5,7 +5,9 @@ Concepts: event time throughout (element timestamps are the events'
 by a bounded out-of-orderness, allowed lateness in the keyed profile stage
 (later events are counted and kept in the warehouse, never silently dropped),
 and event-time timers for dormancy and state cleanup. Composition only: every
-step is a transform from ``transforms/`` (see docs/architecture.md)::
+step is a Beam shell from ``pipelines/beam/`` or a transform over the engine-free
+core in ``transforms/`` (see docs/architecture.md); the segment rules and the
+tracks policy are compiled once here and handed to every stage that uses them::
 
     ReadFromKafka(decode) ─► NormalizeEvents ─► AnonymizeEvents ─► BuildUserProfiles
          │ dead letters           │ events (warehouse)      │ ProfileUpdate
@@ -44,27 +46,20 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
 from ..models.segmentation import SegmentSettings
-from ..models.tracks import DEFAULT_TRACKS_PATH, AssignOnboardingTracks
+from ..models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
-from ..transforms.anonymize import (
-    AnonymizeEvents,
-    SecretKey,
-    generate_demo_secret,
-    load_secret,
-)
+from ..transforms.anonymize import SecretKey, generate_demo_secret, load_secret
 from ..transforms.backfill_horizon import backfill_horizon
 from ..transforms.decode import OnboardingEventDecoder
-from ..transforms.enrich import EnrichProfiles
 from ..transforms.kafka.consumer import resolve_partitions
 from ..transforms.kafka.offsets import StartPosition
 from ..transforms.normalize import NormalizeEvents
-from ..transforms.online_models import LearnOnlineModels, ScoreProfiles
 from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
 from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from ..transforms.outbox import RelaySettings
 from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
 from ..transforms.profile_store import WriteProfilesToRedis
-from ..transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
+from ..transforms.segment import DEFAULT_RULES_PATH, RuleSet
 from ..transforms.warehouse import (
     WriteDeadLetterMetadata,
     WriteDriftEvents,
@@ -73,10 +68,15 @@ from ..transforms.warehouse import (
     apply_migrations,
     read_accounts,
 )
+from .beam.anonymize import AnonymizeEvents
+from .beam.enrich import EnrichProfiles
 from .beam.kafka_sink import WriteToKafka
 from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
 from .beam.metrics import CountDeadLetters, PublishSinkWatermark, pipeline_metrics_from_options
+from .beam.online_models import LearnOnlineModels, ScoreProfiles
 from .beam.relay import RecordDeadLetters, RelayOutboxes
+from .beam.segments import AssignRuleSegments
+from .beam.tracks import AssignOnboardingTracks
 from .options import KafkaReadOptions, OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
@@ -116,12 +116,18 @@ def resolve_secret(opts: OnboardingOptions) -> SecretKey:
                      "(or --demo_mode for a throw-away key)")
 
 
-def profile_config(opts: OnboardingOptions, horizon_ms: Optional[int] = None) -> ProfileConfig:
-    """The profile stage's settings from the options; the rules file adds its time marks.
+def load_rules(opts: OnboardingOptions) -> RuleSet:
+    """The segment rules of ``--rules_file`` (default: the packaged file), compiled: once per pipeline."""
+    return RuleSet.load(opts.rules_file or DEFAULT_RULES_PATH)
+
+
+def profile_config(opts: OnboardingOptions, horizon_ms: Optional[int] = None,
+                   rules: Optional[RuleSet] = None) -> ProfileConfig:
+    """The profile stage's settings from the options; the rules (``load_rules`` by default) add their time marks.
 
     ``horizon_ms``: a bounded run's horizon (``backfill_horizon``), None when streaming.
     """
-    rules = RuleSet.load(opts.rules_file or DEFAULT_RULES_PATH)
+    rules = rules if rules is not None else load_rules(opts)
     return ProfileConfig(
         session_gap_ms=int(opts.session_gap_minutes * MINUTE_MS),
         allowed_lateness_ms=int(opts.allowed_lateness_hours * HOUR_MS),
@@ -145,6 +151,9 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     streaming = options.view_as(StandardOptions).streaming
     secret = secret or resolve_secret(opts)
     decoder = OnboardingEventDecoder(registry_url=opts.registry_url)
+    # Compiled once; every stage that evaluates rules or names segments gets these objects.
+    rules = load_rules(opts)
+    tracks = TrackPolicy.from_yaml(opts.tracks_file or DEFAULT_TRACKS_PATH, rules)
     bootstrap = kafka.kafka_bootstrap_servers
     dsn, schema = opts.warehouse_dsn, opts.warehouse_schema
 
@@ -179,16 +188,15 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         (events, analytics_only) | "AllAnonymizedEvents" >> beam.Flatten()
         | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
 
-    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon), metrics=metrics)
+    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon, rules), metrics=metrics)
     too_late = built[TOO_LATE]
     late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema, metrics=metrics)
 
     refresh = opts.accounts_refresh_seconds if streaming and opts.accounts_refresh_seconds > 0 else None
-    rules = AssignRuleSegments(opts.rules_file or DEFAULT_RULES_PATH)
     segmented = (
         built.profiles
         | "Enrich" >> EnrichProfiles(AccountsTable(dsn, schema), refresh)
-        | "AssignSegments" >> rules
+        | "AssignSegments" >> AssignRuleSegments(rules)
     )
     profiles = segmented[AssignRuleSegments.PROFILES]
     track_rejects = ()
@@ -197,8 +205,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
             profiles
             | "ScoreProfiles" >> ScoreProfiles(opts.redis_url, opts.redis_key_prefix,
                                                 refresh_seconds=opts.model_refresh_seconds, metrics=metrics)
-            | "AssignTracks" >> AssignOnboardingTracks(opts.tracks_file or DEFAULT_TRACKS_PATH,
-                                                      opts.rules_file or DEFAULT_RULES_PATH)
+            | "AssignTracks" >> AssignOnboardingTracks(tracks)
         )
         profiles = tracked.profiles
         track_rejects = (tracked[AssignOnboardingTracks.DEAD_LETTER],)
@@ -232,7 +239,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                      opts.redis_url, dsn, schema, opts.redis_key_prefix,
                      segments=SegmentSettings(refit_ms=int(opts.model_refit_hours * 3_600_000),
                                               n_clusters=opts.segment_clusters, min_users=opts.segment_min_users),
-                     tracks_path=opts.tracks_file, rules_path=opts.rules_file, batch_size=opts.model_batch_size,
+                     tracks=tracks, batch_size=opts.model_batch_size,
                      metrics=metrics, keep_versions=opts.model_keep_versions, keep_days=opts.model_keep_days or None))
         model_rejects = (drift | "WriteDriftEvents" >> WriteDriftEvents(dsn, schema),)
         (drift

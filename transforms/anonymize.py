@@ -38,16 +38,21 @@ The anonymized event shape is flat, as the profile stage and the warehouse
      "referrer_host": host or None       # only when the input has a referrer
     }
 
-Consent gate (``AnonymizeEvents``): events of users with personalization
+Consent gate (``EventAnonymizer``): events of users with personalization
 consent go to ``personalization`` (profiles, segments); events of users with
 analytics consent only go to ``analytics_only`` (aggregate analytics, never
 profiles); events with neither are dropped *before* anything else is done with
-them and counted (``onboardflow:consent_filtered``), so no trace of them is kept,
-not even in the dead-letter output.
+them (``consent_filtered``), so no trace of them is kept, not even in the
+dead-letter output. Events that cannot be anonymized (not a mapping, malformed
+consent, missing event_id / event_type / occurred_at / identity, ...) go to
+``dead_letter`` with the raw event as payload, for replay.
+
+Engine-free; ``pipelines/beam/anonymize.py`` (``AnonymizeEvents``) maps the
+routes onto Beam outputs and counters.
 
 The secret never travels in clear through logs or pipeline display data: pass a
-``SecretFile`` (only the path is in the pipeline graph; the worker reads the
-file in ``setup``) or a ``SecretKey`` (a picklable wrapper whose repr is
+``SecretFile`` (only the path is in the pipeline graph; it is read
+on the worker) or a ``SecretKey`` (a picklable wrapper whose repr is
 redacted). ``load_secret`` is the options layer's way to read one from a file
 or an environment variable; ``generate_demo_secret`` makes a throwaway one for
 demo mode.
@@ -63,16 +68,11 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Protocol, Union
+from typing import Any, NamedTuple, Optional, Protocol, Union
 from urllib.parse import urlsplit
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-
 from .dead_letter import pipeline_dead_letter
-from .metrics import PipelineMetrics
 
-METRICS_NAMESPACE = "onboardflow"
 MIN_SECRET_BYTES = 16
 ANONYMOUS_KEY_PREFIX = "anon:"
 
@@ -115,7 +115,7 @@ def load_secret(path: Union[str, os.PathLike, None] = None, env_var: Optional[st
     ``env_var`` is read (UTF-8). Raises ``SecretError`` with a message that
     names the source but never the secret when nothing is configured, the file
     or variable is missing or empty, or the secret is shorter than 16 bytes.
-    Called on the driver only: DoFns get a ``SecretKey`` / ``SecretFile``.
+    Called on the driver only: workers get a ``SecretKey`` / ``SecretFile``.
     """
     if path is not None:
         source = f"file {os.fspath(path)!r}"
@@ -146,7 +146,7 @@ def generate_demo_secret() -> bytes:
 class SecretKey:
     """A secret held in memory, picklable, whose repr and str never show it.
 
-    It does travel inside the pickled DoFn (compressed, in the pipeline proto),
+    It does travel inside the pickled stage (in Beam: compressed, in the pipeline proto),
     so prefer ``SecretFile`` when the pipeline graph is stored or shared.
     """
 
@@ -206,7 +206,8 @@ class SecretProvider(Protocol):
     def resolve(self) -> bytes: ...
 
 
-def _as_provider(secret: Union[SecretProvider, bytes]) -> SecretProvider:
+def as_secret_provider(secret: Union[SecretProvider, bytes]) -> SecretProvider:
+    """``secret`` as a provider: raw bytes are wrapped in a ``SecretKey``."""
     if isinstance(secret, (bytes, bytearray)):
         return SecretKey(bytes(secret))
     if not callable(getattr(secret, "resolve", None)):
@@ -402,7 +403,7 @@ def is_pii_property_key(key: str) -> bool:
 
 
 class Pseudonymizer:
-    """Keyed pseudonyms and the PII reduction of one event (pure, no Beam)."""
+    """Keyed pseudonyms and the PII reduction of one event."""
 
     def __init__(self, secret: Union[bytes, SecretKey]) -> None:
         raw = secret.resolve() if isinstance(secret, SecretKey) else _check_secret(secret, "Pseudonymizer")
@@ -506,7 +507,7 @@ def _scrub_properties(properties: Mapping[str, Any], needles: list[tuple[str, bo
     return kept, stripped
 
 
-# --------------------------------------------------------------------------- Beam
+# --------------------------------------------------------------------------- the stage
 
 
 def _dead_letter(reason: str, detail: str, event: Any) -> dict:
@@ -550,106 +551,55 @@ def _validation_error(event: Mapping[str, Any]) -> Optional[tuple[str, str]]:
     return None
 
 
-class _AnonymizeFn(beam.DoFn):
-    def __init__(self, secret_provider: SecretProvider, metrics: Optional[PipelineMetrics] = None) -> None:
-        self._secret_provider = secret_provider
-        self._metrics = metrics or PipelineMetrics(prometheus=False)
-        self._pseudonymizer: Optional[Pseudonymizer] = None
-        self._consent_filtered = Metrics.counter(METRICS_NAMESPACE, "consent_filtered")
-        self._personalization = Metrics.counter(METRICS_NAMESPACE, "anonymized_personalization")
-        self._analytics_only = Metrics.counter(METRICS_NAMESPACE, "anonymized_analytics_only")
-        self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "anonymize_dead_letter")
-        self._stripped = Metrics.counter(METRICS_NAMESPACE, "pii_properties_stripped")
+PERSONALIZATION = "personalization"
+ANALYTICS_ONLY = "analytics_only"
+DEAD_LETTER = "dead_letter"
+CONSENT_FILTERED = "consent_filtered"
 
-    def setup(self) -> None:
-        self._metrics.setup()
-        # Resolved on the worker: a SecretFile is read here, never on the driver's graph.
-        self._pseudonymizer = Pseudonymizer(self._secret_provider.resolve())
 
-    def process(self, event):
+class Anonymized(NamedTuple):
+    """Where one event goes, and with what.
+
+    ``route`` is ``personalization`` / ``analytics_only`` (``record``: the
+    anonymized event, ``stripped``: PII properties removed), ``dead_letter``
+    (``record``: the dead-letter dict, raw event as payload) or
+    ``consent_filtered`` (``record`` None: nothing of the event is kept).
+    """
+
+    route: str
+    record: Optional[dict]
+    stripped: int = 0
+
+
+class EventAnonymizer:
+    """The anonymization stage on one event: consent gate, validation, then the pseudonymizer."""
+
+    def __init__(self, pseudonymizer: Pseudonymizer) -> None:
+        self.pseudonymizer = pseudonymizer
+
+    def __repr__(self) -> str:
+        return "EventAnonymizer(<redacted>)"
+
+    def anonymize(self, event: Any) -> Anonymized:
+        """Route one decoded event (module docstring, "Consent gate")."""
         if not isinstance(event, Mapping):
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(
-                AnonymizeEvents.DEAD_LETTER,
-                _dead_letter("not_a_mapping", f"event is a {type(event).__name__}", event),
-            )
-            return
+            return Anonymized(DEAD_LETTER, _dead_letter("not_a_mapping", f"event is a {type(event).__name__}", event))
         consent = event.get("consent")
         if consent is None:
             consent = {}  # the contract's default: no consent at all
         if not isinstance(consent, Mapping):
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(
-                AnonymizeEvents.DEAD_LETTER, _dead_letter("bad_consent", "consent is not a mapping", event)
-            )
-            return
+            return Anonymized(DEAD_LETTER, _dead_letter("bad_consent", "consent is not a mapping", event))
         personalization = _consent_flag(consent, "personalization")
         analytics = _consent_flag(consent, "analytics")
         if personalization is None or analytics is None:
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(
-                AnonymizeEvents.DEAD_LETTER,
-                _dead_letter("bad_consent", "consent.analytics / consent.personalization is not a boolean", event),
-            )
-            return
+            return Anonymized(DEAD_LETTER, _dead_letter(
+                "bad_consent", "consent.analytics / consent.personalization is not a boolean", event))
         if not personalization and not analytics:
             # Decided before validation so nothing of a non-consenting user is
             # kept anywhere, dead letters included.
-            self._consent_filtered.inc()
-            self._metrics.consent_filtered(1)
-            return
+            return Anonymized(CONSENT_FILTERED, None)
         error = _validation_error(event)
         if error is not None:
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AnonymizeEvents.DEAD_LETTER, _dead_letter(*error, event))
-            return
-        anonymized, stripped = self._pseudonymizer.anonymize(event)
-        self._metrics.events_valid(1)
-        if stripped:
-            self._stripped.inc(stripped)
-        if personalization:
-            self._personalization.inc()
-            yield anonymized
-        else:
-            self._analytics_only.inc()
-            yield beam.pvalue.TaggedOutput(AnonymizeEvents.ANALYTICS_ONLY, anonymized)
-
-
-class AnonymizeEvents(beam.PTransform):
-    """Pseudonymize, reduce PII and route decoded events by consent.
-
-    In: decoded event dicts in the ``onboarding_event`` shape, with raw PII.
-    Out (a tagged tuple, e.g. ``result.personalization``):
-
-    * ``personalization``: anonymized events of users with personalization
-      consent; they go on to profiles and segments.
-    * ``analytics_only``: anonymized events of users with analytics but no
-      personalization consent; anonymized analytics only, never profiles.
-    * ``dead_letter``: ``{"stage", "reason", "detail", "event_id", "payload"}``
-      (payload = the raw event, for replay) for events
-      that cannot be anonymized (not a mapping, malformed consent, missing
-      event_id / event_type / occurred_at / identity, ...), counted in
-      ``onboardflow:anonymize_dead_letter``.
-
-    Dropped: events with neither personalization nor analytics consent, counted
-    in ``onboardflow:consent_filtered``. Stripped PII properties are counted in
-    ``onboardflow:pii_properties_stripped``.
-
-    ``secret_provider`` is a ``SecretFile`` (preferred: only its path is in the
-    graph), a ``SecretKey``, or raw bytes (wrapped in a ``SecretKey``).
-    """
-
-    PERSONALIZATION = "personalization"
-    ANALYTICS_ONLY = "analytics_only"
-    DEAD_LETTER = "dead_letter"
-
-    def __init__(self, secret_provider: Union[SecretProvider, bytes], label: Optional[str] = None,
-                 metrics: Optional[PipelineMetrics] = None) -> None:
-        super().__init__(label)
-        self._secret_provider = _as_provider(secret_provider)
-        self._metrics = metrics
-
-    def expand(self, events):
-        return events | "PseudonymizeAndRoute" >> beam.ParDo(
-            _AnonymizeFn(self._secret_provider, self._metrics)
-        ).with_outputs(self.ANALYTICS_ONLY, self.DEAD_LETTER, main=self.PERSONALIZATION)
+            return Anonymized(DEAD_LETTER, _dead_letter(*error, event))
+        anonymized, stripped = self.pseudonymizer.anonymize(event)
+        return Anonymized(PERSONALIZATION if personalization else ANALYTICS_ONLY, anonymized, stripped)

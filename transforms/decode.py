@@ -1,6 +1,8 @@
 """Decoding: raw Kafka records in, validated onboarding events or dead letters out.
 
-The first stage of every pipeline. A record's value is a Confluent-framed Avro
+Engine-free: the Kafka source (``transforms/kafka_io.py``) calls ``decode`` on
+every record and ``dead_letter`` on every failure; there is no separate Beam
+decoding step. The first stage of every pipeline. A record's value is a Confluent-framed Avro
 ``OnboardingEvent`` written with any registered version; it is resolved into
 the pipeline's reader schema (``onboarding_event.v2``) and checked for what
 the schema cannot express: an identity (user_id or anonymous_id), a non-empty
@@ -9,18 +11,14 @@ event_id and plausible timestamps. Whatever fails becomes a ``DeadLetter``
 detail; nothing is dropped silently.
 
 ``OnboardingEventDecoder`` holds only configuration, so it pickles cheaply to
-Beam workers (and into the Kafka source, which calls ``decode`` and
-``dead_letter`` directly); its registry client and deserializer are built
-lazily on first use in each worker. ``DecodeEvents`` is the PTransform.
+workers; its registry client and deserializer are built lazily on first use
+in each worker. Reason codes: ``schemas/wire.py`` ``REASONS``; the dead-letter
+path: docs/reliability.md.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-from apache_beam.utils.timestamp import Timestamp
+from typing import Any, Optional, Protocol
 
 from ..schemas import DEAD_LETTER_SUBJECT, load_schema
 from ..schemas.schema_registry import RegistryError, RegistryUnavailable, SchemaRegistry, registry_from_url
@@ -32,16 +30,22 @@ from ..schemas.wire import (
     InvalidTimestamp,
     MissingIdentity,
 )
-from .kafka.records import KafkaRecord
-
-METRICS_NAMESPACE = "onboardflow"
-EVENTS = "events"
-DEAD_LETTERS = "dead_letters"
 
 READER_SCHEMA = ("onboarding_event", 2)
 EARLIEST_EVENT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: nothing we track happened before
 LATEST_EVENT_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z: beyond it a clock or encoder is broken
 MAX_EVENT_ID_LENGTH = 128  # a UUID is 36; anything far longer is not an id
+
+
+class RawRecord(Protocol):
+    """What the decoder reads of a Kafka record (``KafkaRecord`` of the Kafka source has it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: Optional[int]
+    key: Any
+    value: Any
 
 
 class OnboardingEventDecoder:
@@ -82,7 +86,7 @@ class OnboardingEventDecoder:
         self._deserializer = AvroDeserializer(self.registry, load_schema(*READER_SCHEMA))
         return self._deserializer
 
-    def decode(self, record: KafkaRecord) -> dict:
+    def decode(self, record: RawRecord) -> dict:
         """The event in ``record.value``, validated; InvalidEvent if there is none.
 
         Registry outages raise ``RegistryUnavailable`` instead: that is not the
@@ -105,7 +109,7 @@ class OnboardingEventDecoder:
             raise InvalidTimestamp(f"occurred_at more than {self.max_future_skew_ms} ms after received_at")
         return event
 
-    def dead_letter(self, record: KafkaRecord, error: InvalidEvent, stage: str = "decode") -> dict:
+    def dead_letter(self, record: RawRecord, error: InvalidEvent, stage: str = "decode") -> dict:
         """The DeadLetter dict for a record that failed ``stage`` (raw bytes kept).
 
         ``error`` is normally an InvalidEvent; for any other exception the
@@ -157,56 +161,7 @@ def _raw_bytes(value: Any) -> bytes | None:
     return None
 
 
-class _DecodeFn(beam.DoFn):
-    def __init__(self, decoder: OnboardingEventDecoder):
-        self._decoder = decoder
-
-    def setup(self):
-        self._events_decoded = Metrics.counter(METRICS_NAMESPACE, "events_decoded")
-        self._dead_letter_counters: dict[str, Any] = {}
-
-    def process(self, record: KafkaRecord):
-        try:
-            event = self._decoder.decode(record)
-        except InvalidEvent as error:
-            counter = self._dead_letter_counters.get(error.reason)
-            if counter is None:
-                counter = Metrics.counter(METRICS_NAMESPACE, f"dead_letters_{error.reason}")
-                self._dead_letter_counters[error.reason] = counter
-            counter.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, self._decoder.dead_letter(record, error))
-            return
-        self._events_decoded.inc()
-        yield beam.window.TimestampedValue(event, Timestamp(micros=event["occurred_at"] * 1000))
-
-
-class DecodeEvents(beam.PTransform):
-    """PCollection[KafkaRecord] -> ``events`` and ``dead_letters``.
-
-    ``events``: event dicts in the v2 reader schema, element timestamp =
-    occurred_at. ``dead_letters``: DeadLetter dicts (stage ``decode``) for every
-    record that is not a valid event, with the record's own timestamp. Nothing
-    is dropped. Counters: ``onboardflow:events_decoded`` and
-    ``onboardflow:dead_letters_<reason>``. Only a registry outage fails the
-    bundle (to be retried); no record content can.
-
-    Use ``result = records | DecodeEvents(decoder)``, then ``result.events`` and
-    ``result.dead_letters``.
-    """
-
-    def __init__(self, decoder: OnboardingEventDecoder | None = None):
-        super().__init__()
-        self.decoder = decoder or OnboardingEventDecoder()
-
-    def expand(self, records):
-        return records | "DecodeOrDeadLetter" >> beam.ParDo(_DecodeFn(self.decoder)).with_outputs(
-            DEAD_LETTERS, main=EVENTS
-        )
-
-
 __all__ = [
-    "DEAD_LETTERS",
-    "EVENTS",
-    "DecodeEvents",
     "OnboardingEventDecoder",
+    "RawRecord",
 ]

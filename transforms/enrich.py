@@ -1,47 +1,45 @@
-"""Join profiles with account reference data (plans, tiers), as a side input.
+"""Account enrichment: profiles joined with the account reference data (plans, tiers).
 
 The reference data is the warehouse's ``accounts`` table: small, slowly
-changing, and owned by another system. It is read whole into a dict:
+changing, and owned by another system, read whole into a dict
+``{account_id: {plan, account_tier, industry, company_size}}``. Engine-free:
 
-* in a bounded replay, once, and handed to the join as a singleton side input;
-* in streaming, by each worker, and re-read every ``refresh_seconds`` (checked
-  at bundle start; a failed re-read keeps the previous table and is counted as
-  ``enrich_reference_refresh_failed``). Beam's usual "slowly updating global
-  window side input" (``PeriodicImpulse`` -> triggered global window ->
-  ``AsSingleton``) is not supported by Prism, the local runner
-  (apache/beam#31438: "Unbounded GlobalWindow Triggered SideInput"), so the
-  streaming path uses this worker-side cache, which behaves the same on Flink.
+* ``enrich_profile(profile, accounts)`` -> the profile with the account fields,
+  and whether the account was found;
+* ``enrich_update(update, accounts)`` does it for both sides of a
+  ``ProfileUpdate``;
+* ``AccountsCache`` is the worker-side copy of the table for streaming runs,
+  re-read every ``refresh_seconds``; a failed re-read keeps the previous
+  table (the first read must succeed).
+
+``pipelines/beam/enrich.py`` (``EnrichProfiles``) runs it in Beam, with the
+table as a side input in a bounded replay and as the cache in streaming (why
+not a slowly updating side input: docs/decisions.md "transforms/enrich.py").
 
 A profile whose account is missing from the table (or that has no account yet)
 is enriched with documented defaults, never dropped: ``plan`` falls back to the
 plan the user chose at signup, else ``"free"``; ``account_tier``, ``industry``
-and ``company_size`` to ``"unknown"``. Counted as ``enrich_reference_missing``.
+and ``company_size`` to ``"unknown"``.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-from apache_beam.pvalue import AsSingleton
-
 ACCOUNT_FIELDS = ("plan", "account_tier", "industry", "company_size")
 DEFAULTS = {"plan": "free", "account_tier": "unknown", "industry": "unknown", "company_size": "unknown"}
 
+Accounts = Mapping[str, Mapping[str, Any]]
+
 
 class ProfileUpdate(NamedTuple):
-    """A profile as it is now, and as it was when last emitted (None at first).
-
-    Rule segments are evaluated on both, so segment changes are derived without
-    another keyed stage.
-    """
+    """A profile as it is now, and as it was when last emitted (None at first)."""
 
     previous: Optional[dict]
     current: dict
 
 
-def enrich_profile(profile: Mapping[str, Any], accounts: Mapping[str, Mapping[str, Any]]) -> tuple[dict, bool]:
+def enrich_profile(profile: Mapping[str, Any], accounts: Accounts) -> tuple[dict, bool]:
     """Return the profile with account fields, and whether the reference was found."""
     out = dict(profile)
     ref = accounts.get(profile.get("account_id") or "")
@@ -53,59 +51,41 @@ def enrich_profile(profile: Mapping[str, Any], accounts: Mapping[str, Mapping[st
     return out, ref is not None
 
 
-class _EnrichFn(beam.DoFn):
-    def __init__(self, load_accounts=None, refresh_seconds: Optional[float] = None):
-        self._load = load_accounts
-        self._refresh = refresh_seconds
-        self._missing = Metrics.counter("onboardflow", "enrich_reference_missing")
-        self._refresh_failed = Metrics.counter("onboardflow", "enrich_reference_refresh_failed")
-
-    def setup(self):
-        self._accounts, self._loaded_at = None, 0.0
-
-    def start_bundle(self):
-        if self._load is None or time.monotonic() - self._loaded_at < self._refresh:
-            return
-        try:
-            self._accounts = self._load()
-        except Exception:  # noqa: BLE001 - keep serving the last good table; the first read must succeed
-            if self._accounts is None:
-                raise
-            self._refresh_failed.inc()
-        self._loaded_at = time.monotonic()
-
-    def process(self, update: ProfileUpdate, accounts=None):
-        if accounts is None:
-            accounts = self._accounts
-        current, found = enrich_profile(update.current, accounts)
-        if not found:
-            self._missing.inc()
-        previous = enrich_profile(update.previous, accounts)[0] if update.previous else None
-        yield ProfileUpdate(previous, current)
+def enrich_update(update: ProfileUpdate, accounts: Accounts) -> tuple[ProfileUpdate, bool]:
+    """Both sides of ``update`` enriched, and whether the current profile's account was found."""
+    current, found = enrich_profile(update.current, accounts)
+    previous = enrich_profile(update.previous, accounts)[0] if update.previous else None
+    return ProfileUpdate(previous, current), found
 
 
-class EnrichProfiles(beam.PTransform):
-    """ProfileUpdates in, ProfileUpdates out with account fields filled in.
+class AccountsCache:
+    """A worker's copy of the accounts table, re-read at most every ``refresh_seconds``.
 
-    Args:
-      load_accounts: picklable callable returning ``{account_id: {plan, account_tier,
-        industry, company_size}}``; called on a worker.
-      refresh_seconds: re-read period of the worker-side cache in streaming;
-        ``None`` reads once into a side input (bounded runs).
-
-    Nothing is dropped: missing references get the defaults in the module docstring.
+    ``load`` returns the table; ``clock`` is monotonic seconds (injected in tests).
     """
 
-    def __init__(self, load_accounts: Callable[[], Mapping[str, Mapping[str, Any]]], refresh_seconds: Optional[float]):
-        super().__init__()
-        self._load = load_accounts
-        self._refresh = refresh_seconds
+    def __init__(self, load: Callable[[], Accounts], refresh_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._load = load
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self.accounts: Optional[Accounts] = None
+        self._loaded_at: Optional[float] = None
 
-    def expand(self, updates):
-        load = self._load
-        if self._refresh:
-            return updates | "JoinAccountsCached" >> beam.ParDo(_EnrichFn(load, self._refresh))
-        accounts = (updates.pipeline
-                    | "AccountsOnce" >> beam.Create([None])
-                    | "ReadAccounts" >> beam.Map(lambda _: load()))
-        return updates | "JoinAccounts" >> beam.ParDo(_EnrichFn(), accounts=AsSingleton(accounts))
+    def refresh(self) -> bool:
+        """Re-read the table when it is due; False when a due re-read failed (the old table stays).
+
+        The first read's failure is raised: there is nothing to serve yet.
+        """
+        now = self._clock()
+        if self._loaded_at is not None and now - self._loaded_at < self._refresh_seconds:
+            return True
+        ok = True
+        try:
+            self.accounts = self._load()
+        except Exception:  # noqa: BLE001 - keep serving the last good table; the first read must succeed
+            if self.accounts is None:
+                raise
+            ok = False
+        self._loaded_at = now
+        return ok

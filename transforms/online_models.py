@@ -1,67 +1,59 @@
-"""Online models in the pipeline: scoring in parallel, learning in one keyed stage.
+"""The online models' stages, engine-free: scoring on every worker, learning in one keyed stage.
 
-Two transforms, one job each (docs/architecture.md, docs/models.md)::
+Two stages, one job each (docs/architecture.md, docs/models.md)::
 
-    profiles ─► ScoreProfiles ─► (AssignOnboardingTracks) ─► Redis / warehouse
-                                                                │ applied writes
-                                                                ▼
-              model registry ◄── publish ── LearnOnlineModels ─► drift events (Kafka + warehouse)
-                (serving)                      │ at event-time marks: refit the segmenter on the
-                                               ▼ profile store, publish, re-score every profile
-                                        transforms/rescore.py
+    profiles ─► scoring (ProfileScorer) ─► tracks ─► Redis / warehouse
+                                                       │ applied writes
+                                                       ▼
+          model registry ◄── publish ── learning (OnlineLearner) ─► drift events
+            (serving)                      │ at event-time marks: refit the segmenter on the
+                                           ▼ profile store, publish, re-score every profile
+                                    transforms/rescore.py
 
-* ``ScoreProfiles`` runs on every worker in parallel. It reads the *serving*
-  snapshots of the segmenter and the propensity model from the registry's Redis
-  copy (``models/model_registry.py`` ModelStore) and keeps them in a per-process cache
-  that re-checks the serving version at most every ``refresh_seconds``: a
-  periodically refreshed side input, held by the worker rather than by the
-  runner, because Prism rejects triggered global-window side inputs
-  (apache/beam#31438; the same choice as the accounts enrichment). A rollback
-  (`onboardflow models rollback`) is therefore picked up by every worker within
-  ``refresh_seconds``. Before any model is published, profiles pass through
-  unscored (model fields null).
+* ``ProfileScorer`` (with ``ServingModels``) scores each profile with the
+  registry's *serving* snapshots of the segmenter and the propensity model,
+  read from the registry's Redis copy (``models/model_registry.py``
+  ModelStore) into a per-process cache re-checked at most every
+  ``refresh_seconds``; a rollback reaches every worker within that time.
+  Before any model is published, profiles pass through unscored (model
+  fields null); a profile that cannot be scored goes out unscored, counted.
 
-* ``LearnOnlineModels`` follows the profiles Redis accepted. One keyed stage on
-  a single key, fed by ``GroupIntoBatches``: the propensity model (River)
-  stores point-in-time features and trains on delayed labels (completion when
-  ``onboarding_progress`` reaches 1, a timeout otherwise, both in event time,
-  timeouts on a watermark timer so a completion processed late is never
-  pre-empted by a premature negative), and ADWIN watches the segment mix and
-  the propensity error. The segmenter is refitted at **event-time marks**
-  (every ``SegmentSettings.refit_ms``, multiples since the epoch; a watermark
-  timer) and at the end of a bounded input, on the population the profile
-  store holds (``ProfileSweep``); both models are then published and every
-  stored profile is re-scored, so nobody waits for their next event to get
-  a cluster. Nothing depends on bundles or processing time: the same input
-  gives the same segments (docs/models.md "Reproducible segments"). A profile
-  that reaches the learner scored by an older model than the serving one (a
-  worker's cache was behind) is re-scored on the spot. The learner's state
-  lives in Beam state, so on Flink it is checkpointed with the rest of the
-  job.
+* ``OnlineLearner`` follows the profiles the store accepted, on a single key,
+  in batches, with ``LearnerState`` as its keyed state: the propensity model
+  (River) stores point-in-time features and trains on delayed labels
+  (completion when ``onboarding_progress`` reaches 1, a timeout otherwise,
+  both in event time, timeouts on a watermark timer), and ADWIN watches the
+  segment mix and the propensity error. The segmenter is refitted at
+  **event-time marks** (every ``SegmentSettings.refit_ms``; a watermark timer)
+  and at the end of a bounded input, on the population the profile store
+  holds (``ProfileSweep``); both models are then published and every stored
+  profile is re-scored. A profile scored by an older model than the serving
+  one is re-scored on the spot. Batches and timer firings go in; drift events
+  and the timers to set come out (``LearnerStep``), so an engine only keeps the
+  state and the timers. Nothing depends on bundles or processing time: the
+  same input gives the same segments (docs/models.md "Reproducible segments").
+
+``pipelines/beam/online_models.py`` runs both in Beam (``ScoreProfiles``,
+``LearnOnlineModels``). Counts go to an injected ``count(name, n)`` callback
+(the names are ``COUNTERS``) and the ``PipelineMetrics`` facade.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
-
-import apache_beam as beam
-from apache_beam.coders import BytesCoder
-from apache_beam.metrics import Metrics
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from ..models import snapshot
 from ..models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
 from ..models.features import feature_vector, is_activity_update
-from ..models.model_registry import DEFAULT_KEY_PREFIX, ModelRegistry, ModelStore
+from ..models.model_registry import ModelRegistry, ModelStore
 from ..models.propensity import PropensityModel
 from ..models.segmentation import UNASSIGNED, Segmenter, SegmentSettings
+from ..models.tracks import TrackPolicy
+from .rescore import ProfileSweep
 
 _LOG = logging.getLogger(__name__)
-_NAMESPACE = "onboardflow.models"
 
 SEGMENTATION = "segmentation"
 PROPENSITY = "propensity"
@@ -147,28 +139,25 @@ class ServingModels:
         return scored
 
 
-class _ScoreProfilesFn(beam.DoFn):
-    def __init__(self, redis_url: str, key_prefix: str, refresh_seconds: float, metrics=None):
-        self._redis_url = redis_url
-        self._key_prefix = key_prefix
-        self._refresh_seconds = refresh_seconds
+class ProfileScorer:
+    """The scoring stage on one worker: serving models refreshed on their schedule, each profile scored.
+
+    ``count(name, n)`` receives ``profiles_scored``, ``profiles_unscored``,
+    ``model_refresh_failures`` and ``model_score_failures``; ``metrics`` (a
+    ``PipelineMetrics``) the serving version numbers.
+    """
+
+    def __init__(self, models: ServingModels, metrics=None, count: Optional[Callable[[str, int], None]] = None):
+        self.models = models
         self._metrics = metrics
-        self._scored = Metrics.counter(_NAMESPACE, "profiles_scored")
-        self._unscored = Metrics.counter(_NAMESPACE, "profiles_unscored")
-        self._refresh_failures = Metrics.counter(_NAMESPACE, "model_refresh_failures")
-        self._score_failures = Metrics.counter(_NAMESPACE, "model_score_failures")
+        self._count = count if count is not None else _no_count
 
-    def setup(self):
-        if self._metrics is not None:
-            self._metrics.setup()
-        self._store = ModelStore(self._redis_url, self._key_prefix)
-        self._models = ServingModels(self._store, self._refresh_seconds)
-
-    def start_bundle(self):
+    def refresh(self) -> None:
+        """Reload the serving models if due; a failed read keeps the models already loaded."""
         try:
-            loaded = self._models.refresh()
+            loaded = self.models.refresh()
         except Exception:  # noqa: BLE001 - keep scoring with the models already loaded
-            self._refresh_failures.inc()
+            self._count("model_refresh_failures", 1)
             _LOG.warning("refreshing the serving models failed; scoring with the cached ones", exc_info=True)
             return
         for kind, number in loaded:
@@ -176,42 +165,20 @@ class _ScoreProfilesFn(beam.DoFn):
             if self._metrics is not None:
                 self._metrics.model_version(kind, number)
 
-    def process(self, profile):
+    def score(self, profile: Mapping[str, Any]):
+        """``profile`` scored by the serving models; the profile itself if scoring fails (never dropped)."""
         try:
-            scored = self._models.score(profile)
+            scored = self.models.score(profile)
         except Exception as exc:  # noqa: BLE001 - a profile is never dropped for a scoring failure
-            self._score_failures.inc()
+            self._count("model_score_failures", 1)
             _LOG.warning("scoring a profile failed (%s); written unscored", type(exc).__name__)
-            yield profile
-            return
-        (self._scored if scored.get("model_version") else self._unscored).inc()
-        yield scored
-
-    def teardown(self):
-        store = getattr(self, "_store", None)
-        if store is not None:
-            store.close()
+            return profile
+        self._count("profiles_scored" if scored.get("model_version") else "profiles_unscored", 1)
+        return scored
 
 
-class ScoreProfiles(beam.PTransform):
-    """Profiles -> the same profiles with the online models' fields.
-
-    In: profile dicts (after rule segments). Out: one dict per input with
-    ``cluster_id``, ``segment_label``, ``propensity`` and ``model_version`` set
-    from the registry's serving snapshots (null while no model is serving or
-    the model is still warming up). Nothing is dropped: a profile that cannot
-    be scored goes out unscored and is counted (``model_score_failures``).
-    """
-
-    def __init__(self, redis_url: str, key_prefix: str = DEFAULT_KEY_PREFIX, refresh_seconds: float = 60.0,
-                 metrics=None, label: Optional[str] = None):
-        super().__init__(label)
-        if refresh_seconds < 0:
-            raise ValueError("refresh_seconds must be >= 0")
-        self._fn = _ScoreProfilesFn(redis_url, key_prefix, refresh_seconds, metrics)
-
-    def expand(self, profiles):
-        return profiles | "Score" >> beam.ParDo(self._fn)
+def _no_count(name: str, n: int) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------- learning
@@ -219,7 +186,7 @@ class ScoreProfiles(beam.PTransform):
 
 @dataclass
 class LearnerState:
-    """Everything the learning stage keeps between batches (one snapshot in Beam state).
+    """Everything the learning stage keeps between batches: one snapshot (``dump_learner``) in keyed state.
 
     The segmenter is not here: it is refitted at each mark on the profile
     store's population (``ProfileSweep``), so it needs no per-update state.
@@ -295,60 +262,90 @@ class LearnerState:
                 "log_loss": float(loss.get()) if labelled else None}
 
 
-class _LearnFn(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("learner", BytesCoder())
-    END = TimerSpec("end_of_input", TimeDomain.WATERMARK)
-    EXPIRE = TimerSpec("label_timeouts", TimeDomain.WATERMARK)
-    MARK = TimerSpec("refit_mark", TimeDomain.WATERMARK)
+def dump_learner(learner: LearnerState) -> bytes:
+    """The learner as snapshot bytes for the engine's keyed state.
 
-    def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str, key_prefix: str,
-                 segments: SegmentSettings, tracks: tuple, metrics=None,
+    Written after every batch, so at the fastest compression (the state
+    backend may compress again); see docs/decisions.md "transforms/online_models.py".
+    """
+    return snapshot.dump(LEARNER_SNAPSHOT_KIND, learner, level=1)
+
+
+def load_learner(data: bytes) -> LearnerState:
+    return snapshot.load(LEARNER_SNAPSHOT_KIND, data)
+
+
+class LearnerStep(NamedTuple):
+    """What the engine does after a batch or a timer firing.
+
+    ``drift_events``: to emit. ``expire_at`` / ``mark_at``: event time (ms) at
+    which to set the label-timeout / refit-mark watermark timer (None: leave
+    it). ``watch_end``: set the end-of-input timer (the end of the window).
+    """
+
+    drift_events: list
+    expire_at: Optional[int] = None
+    mark_at: Optional[int] = None
+    watch_end: bool = False
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    """Where the learner's resources are and how it keeps versions (picklable configuration)."""
+
+    redis_url: str
+    warehouse_dsn: str
+    warehouse_schema: str
+    key_prefix: str
+    segments: SegmentSettings = field(default_factory=SegmentSettings)
+    keep_versions: int = 0
+    keep_days: Optional[float] = None
+
+
+class OnlineLearner:
+    """The learning stage's decisions on one ``LearnerState``: batches and timer firings in, ``LearnerStep`` out.
+
+    ``registry`` is a ``ModelRegistry`` (its ``store``, ``publish``, ``prune``),
+    ``sweep`` a ``ProfileSweep`` (``population``, ``rescore``), ``serving`` the
+    ``ServingModels`` read from the registry's store; ``tracks`` the policy
+    re-applied when profiles are re-scored. ``count(name, n)`` receives the
+    names of ``COUNTERS``; ``metrics`` (a ``PipelineMetrics``)
+    versions, drift alarms and the unscored share.
+    """
+
+    def __init__(self, registry, sweep, serving: ServingModels, segments: SegmentSettings, tracks: TrackPolicy,
+                 metrics=None, count: Optional[Callable[[str, int], None]] = None,
                  keep_versions: int = 0, keep_days: Optional[float] = None):
+        self.registry = registry
+        self.sweep = sweep
+        self.serving = serving
+        self.segments = segments
+        self.tracks = tracks
+        self._metrics = metrics
+        self._count = count if count is not None else _no_count
         self._keep_versions = keep_versions
         self._keep_days = keep_days
-        self._redis_url = redis_url
-        self._dsn = warehouse_dsn
-        self._schema = warehouse_schema
-        self._key_prefix = key_prefix
-        self._segments = segments
-        # The tracks policy travels as its text (models/tracks.py policy_source), re-assigned on re-scoring.
-        self._tracks_source = tracks
-        self._metrics = metrics
-        self._learned = Metrics.counter(_NAMESPACE, "profiles_learned")
-        self._rejected = Metrics.counter(_NAMESPACE, "profiles_not_learnable")
-        self._published = Metrics.counter(_NAMESPACE, "model_versions_published")
-        self._publish_failures = Metrics.counter(_NAMESPACE, "model_publish_failures")
-        self._pruned = Metrics.counter(_NAMESPACE, "model_versions_pruned")
-        self._drifts = Metrics.counter(_NAMESPACE, "drift_events")
-        self._rescored = Metrics.counter(_NAMESPACE, "profiles_rescored")
-        self._sweep_failures = Metrics.counter(_NAMESPACE, "rescore_failures")
 
-    def setup(self):
-        from ..models.tracks import TrackPolicy
-        from .rescore import ProfileSweep
+    @classmethod
+    def connect(cls, settings: LearnerSettings, tracks: TrackPolicy, metrics=None,
+                count: Optional[Callable[[str, int], None]] = None) -> "OnlineLearner":
+        """A learner on the real registry and profile store of ``settings``."""
+        registry = ModelRegistry(settings.redis_url, settings.warehouse_dsn, settings.warehouse_schema,
+                                 settings.key_prefix)
+        return cls(registry, ProfileSweep(settings.redis_url, settings.key_prefix),
+                   ServingModels(registry.store, refresh_seconds=0.0), settings.segments, tracks, metrics, count,
+                   settings.keep_versions, settings.keep_days)
 
-        if self._metrics is not None:
-            self._metrics.setup()
-        self._registry = ModelRegistry(self._redis_url, self._dsn, self._schema, self._key_prefix)
-        self._serving = ServingModels(self._registry.store, refresh_seconds=0.0)
-        self._sweep = ProfileSweep(self._redis_url, self._key_prefix)
-        self._tracks = TrackPolicy.from_text(*self._tracks_source)
-        # (bytes last written to state, the state they encode): decode once per bundle, not per batch.
-        self._decoded: Optional[tuple[bytes, LearnerState]] = None
+    def close(self) -> None:
+        for resource in (self.registry, self.sweep):
+            if resource is not None:
+                resource.close()
 
-    def _load(self, cell) -> LearnerState:
-        data = cell.read()
-        if data is None:
-            return self._fresh()
-        if self._decoded is not None and self._decoded[0] is data:
-            return self._decoded[1]
-        return snapshot.load(LEARNER_SNAPSHOT_KIND, data)
-
-    def _fresh(self) -> LearnerState:
+    def fresh(self) -> LearnerState:
         """A learner with no state yet continues the registry's serving propensity model, if any."""
         learner = LearnerState()
         try:
-            version = self._registry.store.current(PROPENSITY)
+            version = self.registry.store.current(PROPENSITY)
             if version is not None and version.payload is not None:
                 learner.propensity = PropensityModel.from_bytes(version.payload)
                 _LOG.info("the propensity learner starts from the serving version %s", version.id)
@@ -357,127 +354,93 @@ class _LearnFn(beam.DoFn):
                          exc_info=True)
         return learner
 
-    def _store(self, cell, learner: LearnerState) -> None:
-        # Written after every batch: the fastest compression (the state
-        # backend may compress again). With 50,000 users awaiting labels the
-        # checkpoint is ~15 MB and takes ~0.8 s to write at level 1 vs ~1.4 s
-        # at level 6 (tests/benchmarks/bench_models.py): at that scale the
-        # learner's throughput is bounded by this, see docs/models.md.
-        data = snapshot.dump(LEARNER_SNAPSHOT_KIND, learner, level=1)
-        cell.write(data)
-        self._decoded = (data, learner)
-
-    def _rescore_one(self, profile: Mapping[str, Any]) -> dict:
-        return self._tracks.with_track(self._serving.score(profile))
-
-    def process(self, batch, window=beam.DoFn.WindowParam, cell=beam.DoFn.StateParam(STATE),
-                end=beam.DoFn.TimerParam(END), expire=beam.DoFn.TimerParam(EXPIRE),
-                mark=beam.DoFn.TimerParam(MARK)):
-        _, profiles = batch
-        learner = self._load(cell)
-        if learner.profiles_seen == 0:
-            end.set(window.max_timestamp())
+    def learn_batch(self, learner: LearnerState, profiles) -> LearnerStep:
+        """Fold a batch of applied profile writes in; re-score the ones a stale model scored."""
+        watch_end = learner.profiles_seen == 0
+        events: list = []
         stale = []
         self._refresh_serving()
-        serving_id = model_version_id(self._serving.versions[SEGMENTATION], self._serving.versions[PROPENSITY])
+        serving_id = model_version_id(self.serving.versions[SEGMENTATION], self.serving.versions[PROPENSITY])
         for profile in profiles:
             try:
-                events = learner.learn(profile)
+                found = learner.learn(profile)
             except (ValueError, TypeError, KeyError) as exc:
                 # Malformed updates are not learned from; the profile itself was already written.
-                self._rejected.inc()
+                self._count("profiles_not_learnable", 1)
                 _LOG.warning("a profile update was not learnable (%s)", type(exc).__name__)
                 continue
-            self._learned.inc()
+            self._count("profiles_learned", 1)
             if serving_id is not None and profile.get("model_version") != serving_id:
                 # Scored by a worker whose model cache predates the serving
                 # version (or before any): written after the last sweep, so
                 # re-scored here, or it would keep the old cluster until its
                 # next event.
                 stale.append(profile)
-            for event in events:
-                self._drift(event)
-                yield event
+            events += self._drifted(found)
         if stale:
             self._rescore(stale, "stale")
+        expire_at = mark_at = None
         if learner.expire_timer_ms is None and learner.newest_ms:
             # Timeouts follow the watermark (LearnerState.expire). One pending
             # timer, moved on when it fires, rather than one per batch.
-            learner.expire_timer_ms = learner.newest_ms
-            expire.set(Timestamp(micros=learner.newest_ms * 1000))
+            learner.expire_timer_ms = expire_at = learner.newest_ms
         if learner.mark_timer_ms is None and learner.newest_ms:
-            learner.mark_timer_ms = self._segments.next_mark(max(learner.newest_ms, learner.last_mark_ms))
-            mark.set(Timestamp(micros=learner.mark_timer_ms * 1000))
-        self._store(cell, learner)
+            learner.mark_timer_ms = mark_at = self.segments.next_mark(max(learner.newest_ms, learner.last_mark_ms))
+        return LearnerStep(events, expire_at, mark_at, watch_end)
 
-    @on_timer(EXPIRE)
-    def on_expire(self, fired=beam.DoFn.TimestampParam, cell=beam.DoFn.StateParam(STATE),
-                  expire=beam.DoFn.TimerParam(EXPIRE)):
-        data = cell.read()
-        if data is None:
-            return
-        learner = self._load(cell)
-        watermark_ms = fired.micros // 1000
-        for event in learner.expire(watermark_ms):
-            self._drift(event)
-            yield event
+    def on_expire(self, learner: LearnerState, watermark_ms: int) -> LearnerStep:
+        """The label-timeout timer fired at ``watermark_ms``: expire, and move the timer on if needed."""
+        events = self._drifted(learner.expire(watermark_ms))
         learner.expire_timer_ms = None
         if learner.newest_ms > watermark_ms:
             learner.expire_timer_ms = learner.newest_ms
-            expire.set(Timestamp(micros=learner.newest_ms * 1000))
-        self._store(cell, learner)
+        return LearnerStep(events, expire_at=learner.expire_timer_ms)
 
-    @on_timer(MARK)
-    def on_mark(self, fired=beam.DoFn.TimestampParam, cell=beam.DoFn.StateParam(STATE),
-                mark=beam.DoFn.TimerParam(MARK)):
-        # The watermark passed a mark: every event before it is in the store.
-        # Refit, publish, re-score everyone; the next mark is set once events
-        # past this one arrive (process), or right away if they already have.
-        data = cell.read()
-        if data is None:
-            return
-        learner = self._load(cell)
-        at = fired.micros // 1000
+    def on_mark(self, learner: LearnerState, at_ms: int) -> LearnerStep:
+        """The watermark passed the mark ``at_ms``: every event before it is in the store.
+
+        Refit, publish, re-score everyone; the next mark is set once events past
+        this one arrive (``learn_batch``), or right away if they already have.
+        A mark the input has already run a whole interval past (a backlog being
+        read) is skipped once a model serves: the store is moving faster than a
+        refit could describe it, and the next mark (or the end of a bounded
+        input) refits on more of it.
+        """
         learner.mark_timer_ms = None
-        # A mark the input has already run a whole interval past (a backlog
-        # being read) is skipped once a model serves: the store is moving
-        # faster than a refit could describe it, and the next mark (or the end
-        # of a bounded input) refits on more of it.
-        behind = learner.newest_ms >= at + self._segments.refit_ms and self._serving.segmenter is not None
-        if at > learner.last_mark_ms and not behind:
-            learner.last_mark_ms = at
-            self._refit_and_publish(learner, f"mark {at}")
-        if learner.newest_ms >= at:
-            learner.mark_timer_ms = self._segments.next_mark(learner.newest_ms)
-            mark.set(Timestamp(micros=learner.mark_timer_ms * 1000))
-        self._store(cell, learner)
+        behind = learner.newest_ms >= at_ms + self.segments.refit_ms and self.serving.segmenter is not None
+        if at_ms > learner.last_mark_ms and not behind:
+            learner.last_mark_ms = at_ms
+            self._refit_and_publish(learner, f"mark {at_ms}")
+        if learner.newest_ms >= at_ms:
+            learner.mark_timer_ms = self.segments.next_mark(learner.newest_ms)
+        return LearnerStep([], mark_at=learner.mark_timer_ms)
 
-    @on_timer(END)
-    def on_end(self, cell=beam.DoFn.StateParam(STATE)):
-        # The input is bounded and ended: every event has been seen, so every
-        # horizon that ended by the newest event time is final (an expiry timer
-        # re-set in the same final watermark step may not have fired yet; later
-        # horizons stay open: censored, not negative). Then the last mark: the
-        # store holds every user's final profile, so this fit is the same on
-        # every run of the same input.
-        data = cell.read()
-        if data is None:
-            return
-        learner = self._load(cell)
-        for event in learner.expire(learner.newest_ms):
-            self._drift(event)
-            yield event
+    def on_end(self, learner: LearnerState) -> LearnerStep:
+        """A bounded input ended: settle every horizon that ended by the newest event, then the last refit.
+
+        Every event has been seen, so every horizon that ended by the newest
+        event time is final (an expiry timer re-set in the same final watermark
+        step may not have fired yet; later horizons stay open: censored, not
+        negative). The store holds every user's final profile, so this fit is
+        the same on every run of the same input.
+        """
+        events = self._drifted(learner.expire(learner.newest_ms))
         self._refit_and_publish(learner, "end of input")
-        self._store(cell, learner)
+        return LearnerStep(events)
 
-    def _drift(self, event: DriftEvent) -> None:
-        self._drifts.inc()
-        if self._metrics is not None:
-            self._metrics.drift_alarm(f"adwin_{event['model_name']}")
+    def rescore_one(self, profile: Mapping[str, Any]) -> dict:
+        return self.tracks.with_track(self.serving.score(profile))
+
+    def _drifted(self, events: list) -> list:
+        for event in events:
+            self._count("drift_events", 1)
+            if self._metrics is not None:
+                self._metrics.drift_alarm(f"adwin_{event['model_name']}")
+        return events
 
     def _refresh_serving(self) -> None:
         try:
-            for kind, number in self._serving.refresh(force=True):
+            for kind, number in self.serving.refresh(force=True):
                 if self._metrics is not None:
                     self._metrics.model_version(kind, number)
         except Exception:  # noqa: BLE001 - keep the cached models; the next batch retries
@@ -485,26 +448,26 @@ class _LearnFn(beam.DoFn):
 
     def _refit_and_publish(self, learner: LearnerState, reason: str) -> None:
         try:
-            population = self._sweep.population()
+            population = self.sweep.population()
         except Exception:  # noqa: BLE001 - learning goes on; the next mark retries
-            self._sweep_failures.inc()
+            self._count("rescore_failures", 1)
             _LOG.warning("reading the profile store for a refit failed; retried at the next mark", exc_info=True)
             return
-        segmenter = self._segments.fit(population)
+        segmenter = self.segments.fit(population)
         self._publish(learner, segmenter, reason, len(population))
         self._refresh_serving()
         self._rescore(population, "sweep")
 
     def _rescore(self, profiles: list, why: str) -> None:
-        if self._serving.segmenter is None and self._serving.propensity is None:
+        if self.serving.segmenter is None and self.serving.propensity is None:
             return
         try:
-            counts = self._sweep.rescore(profiles, self._rescore_one)
+            counts = self.sweep.rescore(profiles, self.rescore_one)
         except Exception:  # noqa: BLE001 - the next sweep (or the profile's next write) catches up
-            self._sweep_failures.inc()
+            self._count("rescore_failures", 1)
             _LOG.warning("re-scoring profiles (%s) failed", why, exc_info=True)
             return
-        self._rescored.inc(counts.rescored)
+        self._count("profiles_rescored", counts.rescored)
         if why == "sweep":
             _LOG.info("sweep: %d profiles, %d re-scored, %d current, %d moved on, %d without a cluster",
                       counts.profiles, counts.rescored, counts.current, counts.moved_on, counts.unscored)
@@ -523,14 +486,14 @@ class _LearnFn(beam.DoFn):
                                learner.propensity_metrics()))
         for kind, payload, metrics in candidates:
             try:
-                result = self._registry.publish(kind, payload, counts=counts, metrics=metrics,
-                                                source="online", reason=reason)
+                result = self.registry.publish(kind, payload, counts=counts, metrics=metrics,
+                                               source="online", reason=reason)
             except Exception:  # noqa: BLE001 - learning goes on; the next publish retries
-                self._publish_failures.inc()
+                self._count("model_publish_failures", 1)
                 _LOG.warning("publishing the %s model failed; retried at the next publish", kind, exc_info=True)
                 continue
             if result.created:
-                self._published.inc()
+                self._count("model_versions_published", 1)
                 _LOG.info("published %s model %s (serving: %s)", kind, result.version.id, result.serving)
                 self._apply_retention(kind)
         learner.recent_outcomes.clear()
@@ -541,58 +504,18 @@ class _LearnFn(beam.DoFn):
         if self._keep_versions < 1:
             return
         try:
-            pruned = self._registry.prune(kind, keep_last=self._keep_versions, keep_days=self._keep_days)
+            pruned = self.registry.prune(kind, keep_last=self._keep_versions, keep_days=self._keep_days)
         except Exception:  # noqa: BLE001 - retention is housekeeping; learning goes on
             _LOG.warning("pruning old %s model versions failed; retried after the next publish", kind,
                          exc_info=True)
             return
         if pruned:
-            self._pruned.inc(len(pruned))
-
-    def teardown(self):
-        for name in ("_registry", "_sweep"):
-            resource = getattr(self, name, None)
-            if resource is not None:
-                resource.close()
+            self._count("model_versions_pruned", len(pruned))
 
 
-class LearnOnlineModels(beam.PTransform):
-    """Applied profile writes -> drift events; refits, publishes and re-scores as side effects.
-
-    In: profile dicts as the Redis writer applied them (``user_key``, an event
-    time in ``as_of``, the features of ``models/features.py``; ``cluster_id``
-    when a segmenter is serving). Out: ``DriftEvent`` dicts
-    (``schemas/drift_event.avsc``) when ADWIN detects a change in the segment
-    mix or in the propensity error. At every event-time mark
-    (``segments.refit_ms``) and at the end of a bounded input the segmenter
-    is refitted on the profile store, both models are published, and every
-    stored profile is re-scored (``transforms/rescore.py``). Updates without a
-    user key or event time are counted (``profiles_not_learnable``) and not
-    learned from; they were written to Redis before this stage, so nothing is
-    lost.
-    """
-
-    def __init__(self, redis_url: str, warehouse_dsn: str, warehouse_schema: str,
-                 key_prefix: str = DEFAULT_KEY_PREFIX, segments: SegmentSettings = SegmentSettings(),
-                 tracks_path=None, rules_path: Optional[str] = None, batch_size: int = 500,
-                 max_batch_seconds: float = 2.0, metrics=None, keep_versions: int = 0,
-                 keep_days: Optional[float] = None, label: Optional[str] = None):
-        from ..models.tracks import TrackPolicy, policy_source
-
-        super().__init__(label)
-        if batch_size < 1 or max_batch_seconds <= 0 or keep_versions < 0:
-            raise ValueError("batch_size >= 1, max_batch_seconds > 0 and keep_versions >= 0 required")
-        self._batch_size = batch_size
-        self._max_batch_seconds = max_batch_seconds
-        tracks = policy_source(tracks_path, rules_path)
-        TrackPolicy.from_text(*tracks)  # a bad policy fails here, at construction, not on a worker
-        self._fn = _LearnFn(redis_url, warehouse_dsn, warehouse_schema, key_prefix, segments, tracks, metrics,
-                            keep_versions, keep_days)
-
-    def expand(self, profiles):
-        return (
-            profiles
-            | "OneLearner" >> beam.Map(lambda p: (LEARNER_KEY, p)).with_output_types(Tuple[str, Any])
-            | "Batch" >> beam.GroupIntoBatches(self._batch_size, max_buffering_duration_secs=self._max_batch_seconds)
-            | "Learn" >> beam.ParDo(self._fn)
-        )
+#: Every name the stages pass to ``count``: the scorer's, then the learner's.
+COUNTERS = (
+    "profiles_scored", "profiles_unscored", "model_refresh_failures", "model_score_failures",
+    "profiles_learned", "profiles_not_learnable", "model_versions_published", "model_publish_failures",
+    "model_versions_pruned", "drift_events", "profiles_rescored", "rescore_failures",
+)

@@ -1,6 +1,6 @@
 """The profile store as the segmenter's population, and re-scoring it in place when a model is published.
 
-Engine-free (plain Redis client); the learning stage (``transforms/
+Engine-free (plain Redis client); the learning stage (``OnlineLearner`` in ``transforms/
 online_models.py``) calls it at each event-time mark:
 
 * ``ProfileSweep.population()`` reads every profile hash of the store
@@ -15,7 +15,7 @@ online_models.py``) calls it at each event-time mark:
   compare-and-set on the profile's ``version`` in one Lua script, so a
   profile the pipeline rewrote meanwhile (a newer version, scored by its own
   writer) is left alone. Users who send no event after a publish are scored
-  all the same (issue 14: "everyone scored"). The fields are written in the
+  all the same ("everyone scored"). The fields are written in the
   store's encoding (``transforms/profile_store.py``), ``_types`` updated, and
   the hash keeps its TTL. The history (warehouse snapshots, outbox) records
   the new fields with the user's next profile write, not the sweep.
@@ -74,10 +74,6 @@ class SweepCounts:
     current: int = 0       # already carried what the model says
     moved_on: int = 0      # rewritten by the pipeline meanwhile (or expired): left alone
     unscored: int = 0      # without a cluster after the sweep (the model could not assign one)
-
-    def add(self, other: "SweepCounts") -> None:
-        for name in ("profiles", "rescored", "current", "moved_on", "unscored"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class ProfileSweep:

@@ -56,7 +56,12 @@ week, ``--profile_slow_refresh_days``) or dormancy.
 ``RuleSet.evaluate(profile, at_ms)`` gives the set of matching segments;
 ``RuleSet.diff`` turns old and new segment sets into ``SegmentChange`` dicts
 (``schemas/segment_change.avsc``: reason ``rule:<name>``, version = the
-profile's event-time version). ``AssignRuleSegments`` is the Beam composite.
+profile's event-time version); the profile store's outbox is its one caller
+in the pipeline, on the segments each applied write replaced.
+``segment_profile`` is the rule stage on one profile update. Engine-free: the
+rules file is compiled once, on the driver (``pipelines/onboarding.py``), and
+the compiled ``RuleSet`` (it pickles as its text) goes to every stage that
+needs it; ``pipelines/beam/segments.py`` runs the rule stage in Beam.
 """
 from __future__ import annotations
 
@@ -68,15 +73,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypedDict, Union
 
-import apache_beam as beam
 import yaml
-from apache_beam.metrics import Metrics
 
 from ..schemas.units import DAY_MS
-from .dead_letter import pipeline_dead_letter
 from .enrich import ProfileUpdate
 
-METRICS_NAMESPACE = "onboardflow"
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "segment_rules.yaml"
 
 NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
@@ -407,10 +408,24 @@ class RuleSet:
         self.time_marks: tuple[TimeMark, ...] = tuple(sorted(set(time_marks)))
         self._by_name = {rule.name: rule for rule in self.rules}
         self.owned: frozenset[str] = frozenset(self._by_name) | self.retired
+        #: (text, source, extra fields, extra events) when compiled by ``from_yaml``: what a pickle carries.
+        self._spec: Optional[tuple] = None
+
+    def __reduce_ex__(self, protocol):
+        # Predicates are closures: a compiled rule set travels as its text and is
+        # compiled again on arrival (same rules, same version, same marks).
+        if self._spec is None:
+            return super().__reduce_ex__(protocol)
+        return RuleSet.from_yaml, self._spec
 
     @property
     def names(self) -> list[str]:
         return [rule.name for rule in self.rules]
+
+    @property
+    def known_segments(self) -> frozenset[str]:
+        """Every segment these rules define (enabled) or retire: what a tracks rule may name."""
+        return self.owned
 
     @classmethod
     def load(
@@ -494,7 +509,9 @@ class RuleSet:
                 marks |= compiler.marks
 
         fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-        return cls(rules, f"{declared}+{fingerprint}", retired, marks)
+        compiled = cls(rules, f"{declared}+{fingerprint}", retired, marks)
+        compiled._spec = (text, source, dict(extra_fields or {}), tuple(extra_events))
+        return compiled
 
     def evaluate(self, profile: Mapping[str, Any], at_ms: int) -> set[str]:
         """Names of the segments whose rule matches the profile at at_ms."""
@@ -547,70 +564,20 @@ class RuleSet:
         return (set(previous) - self.owned) | self.evaluate(profile, at_ms)
 
 
-# --------------------------------------------------------------------------- Beam
+# --------------------------------------------------------------------------- the rule stage
 
 
-def _dead_letter(reason: str, detail: str, payload: Any) -> dict:
-    return pipeline_dead_letter("segment", reason, detail, payload, key_field="user_key")
+class ProfileRejected(ValueError):
+    """An element the rule stage cannot segment; ``reason`` is a short code, ``detail`` names no value."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
 
 
 def _eval_time(profile: Mapping[str, Any], fallback_ms: int) -> int:
     at_ms = profile.get("as_of")
     return at_ms if _is_number(at_ms) else fallback_ms
-
-
-class _AssignRuleSegmentsFn(beam.DoFn):
-    def __init__(self, rules_yaml: str, source: str, extra_fields, extra_events) -> None:
-        self._rules_yaml = rules_yaml
-        self._source = source
-        self._extra_fields = extra_fields
-        self._extra_events = extra_events
-        self._rules: Optional[RuleSet] = None
-        self._changes = Metrics.counter(METRICS_NAMESPACE, "segment_changes")
-        self._dead_letters = Metrics.counter(METRICS_NAMESPACE, "segment_dead_letter")
-
-    def setup(self) -> None:
-        # Compiled once per worker from the text shipped with the DoFn, so workers
-        # need no access to the driver's file system.
-        self._rules = RuleSet.from_yaml(
-            self._rules_yaml, self._source, self._extra_fields, self._extra_events
-        )
-
-    def process(self, element, timestamp=beam.DoFn.TimestampParam):
-        if isinstance(element, ProfileUpdate):
-            previous_profile, profile = element.previous, element.current
-        else:
-            previous_profile, profile = None, element
-        error = _profile_error(profile, previous_profile)
-        if error is not None:
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(AssignRuleSegments.DEAD_LETTER, _dead_letter(*error, element))
-            return
-        rules = self._rules
-        element_ms = timestamp.micros // 1000
-        at_ms = _eval_time(profile, element_ms)
-        segments = set(profile.get("segments") or ())
-        if isinstance(element, ProfileUpdate):
-            # The profile stage does not keep segments: the rule segments the user
-            # was in are the rules evaluated on the profile as last emitted.
-            before = (
-                rules.evaluate(previous_profile, _eval_time(previous_profile, at_ms))
-                if previous_profile is not None
-                else set()
-            )
-        else:
-            before = segments & rules.owned
-        now = rules.evaluate(profile, at_ms)
-        updated = dict(profile)
-        updated["segments"] = sorted((segments - rules.owned) | now)
-        yield updated
-        version = profile.get("version")
-        for change in rules.diff(
-            before, now, at_ms, user_key=profile["user_key"],
-            version=version if isinstance(version, int) and not isinstance(version, bool) else at_ms,
-        ):
-            self._changes.inc()
-            yield beam.pvalue.TaggedOutput(AssignRuleSegments.SEGMENT_CHANGES, change)
 
 
 def _profile_error(profile: Any, previous: Any) -> Optional[tuple[str, str]]:
@@ -629,56 +596,27 @@ def _profile_error(profile: Any, previous: Any) -> Optional[tuple[str, str]]:
     return None
 
 
-class AssignRuleSegments(beam.PTransform):
-    """Re-evaluate rule segments on every profile update.
+def segment_profile(rules: RuleSet, element: Any, fallback_ms: int) -> dict:
+    """The rule stage on one element: the current profile with ``segments`` set.
 
-    In, either:
-
-    * ``ProfileUpdate(previous, current)`` (``transforms.enrich``, from
-      ``BuildUserProfiles``): the rule segments the user was in are the rules
-      evaluated on ``previous`` at its ``as_of`` (none when ``previous`` is
-      None), so no segment state is needed here; or
-    * a profile dict whose ``segments`` holds the previous segments (absent on
-      a first evaluation).
-
-    Profiles carry ``user_key``, the features rules use (``PROFILE_FIELDS``),
-    ``as_of`` (event-time evaluation point, epoch millis; the element timestamp
-    otherwise) and ``version`` (copied into SegmentChange; ``as_of`` otherwise).
-    Out (main, ``profiles``): the current profile dict with ``segments`` set:
-    rule segments re-evaluated, retired ones removed, segments the rules do not
-    own (e.g. from the online model) kept. ``segment_changes``: one
-    ``SegmentChange`` (schemas/segment_change.avsc) per rule segment entered or
-    exited. ``dead_letter``: ``{"stage", "reason", "detail", "event_id",
-    "payload"}`` for elements that are not mappings, lack a user_key or have a
-    malformed ``segments`` (counted in ``onboardflow:segment_dead_letter``).
-
-    The rules file is read and validated when the transform is constructed
-    (a bad file fails pipeline construction) and compiled once per worker.
+    ``element`` is a ``ProfileUpdate`` (its ``current`` is segmented) or a
+    profile dict. Rules are evaluated at the profile's ``as_of`` (``fallback_ms``,
+    the element's event time, when it has none); the new ``segments`` are the
+    rule segments that match, plus the segments these rules do not own (e.g.
+    from the online model) as the profile carried them; retired ones go.
+    Segment changes are not derived here: the profile store's outbox derives
+    them from the segments it replaces (``transforms/outbox.py``). Raises
+    ``ProfileRejected`` for a non-mapping, a missing ``user_key`` or malformed
+    ``segments``.
     """
-
-    PROFILES = "profiles"
-    SEGMENT_CHANGES = "segment_changes"
-    DEAD_LETTER = "dead_letter"
-
-    def __init__(
-        self,
-        rules_path: Union[str, Path] = DEFAULT_RULES_PATH,
-        extra_fields: Optional[Mapping[str, str]] = None,
-        extra_events: Iterable[str] = (),
-        label: Optional[str] = None,
-    ) -> None:
-        super().__init__(label)
-        path = Path(rules_path)
-        try:
-            self._rules_yaml = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RuleError(f"{path}: cannot read rules file: {exc.strerror}") from None
-        self._source = str(path)
-        self._extra_fields = dict(extra_fields or {})
-        self._extra_events = tuple(extra_events)
-        self.rules = RuleSet.from_yaml(self._rules_yaml, self._source, self._extra_fields, self._extra_events)
-
-    def expand(self, profiles):
-        return profiles | "EvaluateRules" >> beam.ParDo(
-            _AssignRuleSegmentsFn(self._rules_yaml, self._source, self._extra_fields, self._extra_events)
-        ).with_outputs(self.SEGMENT_CHANGES, self.DEAD_LETTER, main=self.PROFILES)
+    if isinstance(element, ProfileUpdate):
+        previous, profile = element.previous, element.current
+    else:
+        previous, profile = None, element
+    error = _profile_error(profile, previous)
+    if error is not None:
+        raise ProfileRejected(*error)
+    updated = dict(profile)
+    updated["segments"] = sorted(rules.assign(profile.get("segments") or (), profile,
+                                              _eval_time(profile, fallback_ms)))
+    return updated

@@ -19,7 +19,8 @@ import time
 
 from apache_beam.coders import FastPrimitivesCoder
 
-from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey, _AnonymizeFn
+from onboardflow.pipelines.beam.anonymize import _AnonymizeFn
+from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey
 from onboardflow.transforms.score import DAY_MS, DEFAULT_SCORE_CONFIG, EngagementState
 from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet
 

@@ -14,14 +14,14 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.display import DisplayData
 
+from onboardflow.pipelines.beam.anonymize import AnonymizeEvents, _AnonymizeFn
 from onboardflow.runners.local import prism_location
 from onboardflow.transforms.anonymize import (
-    AnonymizeEvents,
+    EventAnonymizer,
     Pseudonymizer,
     SecretError,
     SecretFile,
     SecretKey,
-    _AnonymizeFn,
     country_from_locale,
     device_class,
     email_domain,
@@ -319,11 +319,9 @@ def test_anonymized_event_fits_the_warehouse_events_row():
 
 
 def test_dead_letter_details_name_fields_never_values():
-    dofn = _AnonymizeFn(SecretKey(SECRET))
-    dofn.setup()
     bad = consented("d1", True, True, user_id=None, anonymous_id=None)
-    (tagged,) = list(dofn.process(bad))
-    letter = tagged.value
+    route, letter, _ = EventAnonymizer(Pseudonymizer(SECRET)).anonymize(bad)
+    assert route == "dead_letter"
     assert (letter["reason"], letter["detail"]) == ("missing_identity", "neither user_id nor anonymous_id is set")
     assert letter["payload"] is bad  # the raw event travels for replay, to the PII-grade dead-letter topic
 
@@ -417,7 +415,7 @@ def test_secret_file_provider_does_not_carry_the_secret_in_the_pickled_dofn(tmp_
     payload = pickle.dumps(dofn)
     assert SECRET not in payload and str(path).encode() in payload
     dofn.setup()
-    assert dofn._pseudonymizer.user_key("u") == Pseudonymizer(SECRET).user_key("u")
+    assert dofn._anonymizer.pseudonymizer.user_key("u") == Pseudonymizer(SECRET).user_key("u")
 
 
 def test_secret_is_not_in_pipeline_display_data_or_transform_labels():
@@ -456,19 +454,44 @@ def consented(event_id, personalization, analytics, **overrides):
     )
 
 
-def test_events_are_routed_by_consent_and_dead_lettered_when_malformed():
-    events = [
-        consented("p1", True, True),
-        consented("p2", True, False),
-        consented("a1", False, True, user_id=None),
-        consented("n1", False, False),
-        consented("n2", False, False, user_id=None, anonymous_id=None),  # dropped before validation
-        raw_event(event_id="n3", consent=None),  # no consent record: the contract default, nothing
-        consented("d1", True, True, user_id=None, anonymous_id=None),
-        consented("d2", True, True, occurred_at="yesterday"),
-        raw_event(event_id="d3", consent={"analytics": "yes", "personalization": True}),
-        "not an event",
+ROUTING_CASES = [
+    consented("p1", True, True),
+    consented("p2", True, False),
+    consented("a1", False, True, user_id=None),
+    consented("n1", False, False),
+    consented("n2", False, False, user_id=None, anonymous_id=None),  # dropped before validation
+    raw_event(event_id="n3", consent=None),  # no consent record: the contract default, nothing
+    consented("d1", True, True, user_id=None, anonymous_id=None),
+    consented("d2", True, True, occurred_at="yesterday"),
+    raw_event(event_id="d3", consent={"analytics": "yes", "personalization": True}),
+    "not an event",
+]
+
+
+def test_the_consent_gate_routes_each_event_and_keeps_nothing_of_non_consenting_users():
+    anonymizer = EventAnonymizer(Pseudonymizer(SECRET))
+    routed = [anonymizer.anonymize(e) for e in ROUTING_CASES]
+    assert [(r.route, r.record["event_id"] if r.record else None) for r in routed] == [
+        ("personalization", "p1"),
+        ("personalization", "p2"),
+        ("analytics_only", "a1"),
+        ("consent_filtered", None),
+        ("consent_filtered", None),
+        ("consent_filtered", None),
+        ("dead_letter", "d1"),
+        ("dead_letter", "d2"),
+        ("dead_letter", "d3"),
+        ("dead_letter", None),
     ]
+    assert [r.record["reason"] for r in routed if r.route == "dead_letter"] == [
+        "missing_identity", "missing_occurred_at", "bad_consent", "not_a_mapping"]
+    assert routed[0].record == Pseudonymizer(SECRET).anonymize(ROUTING_CASES[0])[0]
+    assert routed[0].stripped == Pseudonymizer(SECRET).anonymize(ROUTING_CASES[0])[1]
+    assert SECRET.decode() not in repr(anonymizer)
+
+
+def test_events_are_routed_by_consent_and_dead_lettered_when_malformed():
+    events = ROUTING_CASES
     pipeline = prism_pipeline()
     routed = pipeline | beam.Create(events) | AnonymizeEvents(SecretKey(SECRET))
     assert_that(

@@ -1,4 +1,4 @@
-"""The pipeline side of the online models: serving cache, scoring, and the learner's state.
+"""The online models' stages: serving cache, scoring, the learner's state and its decisions.
 
 Pure unit tests: the registry's Redis copy is replaced by an in-memory store
 with the same three methods; tests/integration/test_online_models.py runs the
@@ -10,13 +10,18 @@ import random
 from onboardflow.models.model_registry import ModelVersion
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.segmentation import Segmenter, SegmentSettings
+from onboardflow.models.tracks import TrackPolicy
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.online_models import (
     PROPENSITY,
     SEGMENTATION,
     LearnerState,
+    OnlineLearner,
+    ProfileScorer,
     ServingModels,
     completed_onboarding,
+    dump_learner,
+    load_learner,
     model_version_id,
 )
 
@@ -220,28 +225,6 @@ def test_drift_events_encode_for_the_model_events_topic_and_decode_back():
         assert decoder.deserialize(value) == event
 
 
-class _Cell:
-    def __init__(self):
-        self.data = None
-
-    def read(self):
-        return self.data
-
-    def write(self, data):
-        self.data = data
-
-
-class _Timer:
-    def set(self, ts):
-        self.at = ts
-
-
-class _Window:
-    def max_timestamp(self):
-        from apache_beam.utils.timestamp import MAX_TIMESTAMP
-        return MAX_TIMESTAMP
-
-
 class _Registry:
     """The slice of ModelRegistry the learner uses: the Redis store, publish, prune."""
 
@@ -259,6 +242,9 @@ class _Registry:
     def prune(self, *_, **__):
         return []
 
+    def close(self):
+        pass
+
 
 class _ServingStore:
     """MemoryStore seen through ModelStore.current (the serving version with its payload)."""
@@ -272,10 +258,14 @@ class _ServingStore:
 
 
 class _Sweep:
-    """The slice of ProfileSweep the learner uses on a batch: rescore."""
+    """The slice of ProfileSweep the learner uses: population and rescore."""
 
-    def __init__(self):
+    def __init__(self, population=()):
         self.rescored = []
+        self._population = list(population)
+
+    def population(self):
+        return list(self._population)
 
     def rescore(self, profiles, score):
         from onboardflow.transforms.rescore import SweepCounts
@@ -283,16 +273,19 @@ class _Sweep:
         self.rescored += [score(p) for p in profiles]
         return SweepCounts(profiles=len(profiles), rescored=len(profiles))
 
+    def close(self):
+        pass
 
-def _learn_fn(store):
-    from onboardflow.models.tracks import TrackPolicy, policy_source
-    from onboardflow.transforms.online_models import _LearnFn
 
-    fn = _LearnFn("redis://unused", "unused", "unused", "obf", SegmentSettings(refit_ms=DAY_MS), policy_source())
-    fn._registry, fn._decoded, fn._sweep = _Registry(store), None, _Sweep()
-    fn._serving = ServingModels(fn._registry.store._store, refresh_seconds=0.0)
-    fn._tracks = TrackPolicy.from_yaml()
-    return fn
+class _Counts(dict):
+    def __call__(self, name, n):
+        self[name] = self.get(name, 0) + n
+
+
+def _learner(store, population=(), segments=SegmentSettings(refit_ms=DAY_MS)) -> OnlineLearner:
+    registry = _Registry(store)
+    return OnlineLearner(registry, _Sweep(population), ServingModels(store, refresh_seconds=0.0), segments,
+                         TrackPolicy.from_yaml(), count=_Counts())
 
 
 def test_a_learner_without_state_continues_the_served_propensity_model_and_sets_the_next_mark():
@@ -304,17 +297,22 @@ def test_a_learner_without_state_continues_the_served_propensity_model_and_sets_
         model.label(f"u{i}", i % 2 == 0, 2 * DAY_MS)
     store = MemoryStore()
     store.publish(PROPENSITY, model.to_bytes(include_pending=False))
-    fn = _learn_fn(store)
+    core = _learner(store)
     batch = [persona_profile(rng, f"n{i}", i % 2 == 0, DAY_MS * 101 + 3_600_000 + i) for i in range(10)]
-    cell, mark = _Cell(), _Timer()
 
-    list(fn.process(("learner", batch), window=_Window(), cell=cell, end=_Timer(), expire=_Timer(), mark=mark))
+    learner = core.fresh()
+    step = core.learn_batch(learner, batch)
 
-    learner = fn._load(cell)
     assert learner.propensity.warm and learner.profiles_seen == 10
     # Refits happen at event-time marks (multiples of refit_ms), never on a wall-clock schedule.
-    assert mark.at.micros // 1000 == learner.mark_timer_ms == 102 * DAY_MS
-    assert fn._registry.published == []
+    assert step.mark_at == learner.mark_timer_ms == 102 * DAY_MS
+    assert step.expire_at == learner.expire_timer_ms == learner.newest_ms == DAY_MS * 101 + 3_600_000 + 9
+    assert step.watch_end  # the first batch asks for the end-of-input timer
+    assert core.registry.published == []
+    assert core._count["profiles_learned"] == 10
+    # Pending timers are not set again by the next batch.
+    again = core.learn_batch(learner, [persona_profile(rng, "m", True, DAY_MS * 101 + 4_000_000)])
+    assert (again.expire_at, again.mark_at, again.watch_end) == (None, None, False)
 
 
 def test_profiles_scored_by_an_older_model_than_the_serving_one_are_rescored_by_the_learner():
@@ -322,16 +320,166 @@ def test_profiles_scored_by_an_older_model_than_the_serving_one_are_rescored_by_
     store = MemoryStore()
     store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
     store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())   # seg-000002 serves
-    fn = _learn_fn(store)
+    core = _learner(store)
     current = persona_profile(rng, "a", True, DAY_MS * 5)
     current["model_version"] = "seg-000002"
     behind = persona_profile(rng, "b", False, DAY_MS * 5)
     behind["model_version"] = "seg-000001"                           # a worker's cache was behind
     unscored = persona_profile(rng, "c", False, DAY_MS * 5)
 
-    list(fn.process(("learner", [current, behind, unscored]), window=_Window(), cell=_Cell(), end=_Timer(),
-                    expire=_Timer(), mark=_Timer()))
+    core.learn_batch(core.fresh(), [current, behind, unscored])
 
-    assert [p["user_key"] for p in fn._sweep.rescored] == ["b", "c"]
+    assert [p["user_key"] for p in core.sweep.rescored] == ["b", "c"]
     assert all(p["model_version"] == "seg-000002" and p["segment_label"] and p["onboarding_track"]
-               for p in fn._sweep.rescored)
+               for p in core.sweep.rescored)
+
+
+def test_unlearnable_updates_are_counted_and_skipped_while_the_rest_of_the_batch_is_learned():
+    core = _learner(MemoryStore())
+    learner = core.fresh()
+    core.learn_batch(learner, [{"as_of": DAY_MS}, persona_profile(random.Random(1), "u", True, DAY_MS)])
+    assert learner.profiles_seen == 1
+    assert core._count == {"profiles_not_learnable": 1, "profiles_learned": 1}
+
+
+def test_the_expiry_timer_moves_on_only_while_newer_events_wait():
+    core = _learner(MemoryStore())
+    learner = core.fresh()
+    core.learn_batch(learner, [persona_profile(random.Random(1), "u", True, 10 * DAY_MS)])
+    assert core.on_expire(learner, 5 * DAY_MS).expire_at == 10 * DAY_MS
+    assert learner.expire_timer_ms == 10 * DAY_MS
+    step = core.on_expire(learner, 10 * DAY_MS)
+    assert step.expire_at is None and learner.expire_timer_ms is None
+
+
+def _population(rng, n=120):
+    """Identified users (a signup) as the profile store holds them: what the segmenter is fitted on."""
+    return [dict(persona_profile(rng, f"u{i:03d}", i % 2 == 0, DAY_MS * 100 + i), signup_at=DAY_MS * 99)
+            for i in range(n)]
+
+
+def test_a_mark_refits_on_the_store_publishes_and_rescores_everyone_then_waits_for_newer_events():
+    rng = random.Random(11)
+    population = _population(rng)
+    store = MemoryStore()
+    core = _learner(store, population, SegmentSettings(refit_ms=DAY_MS, n_clusters=2, min_users=20))
+    learner = core.fresh()
+    core.learn_batch(learner, population[:10])
+    assert learner.mark_timer_ms == 101 * DAY_MS
+
+    step = core.on_mark(learner, 101 * DAY_MS)
+
+    assert core.registry.published == [(SEGMENTATION, 1)]
+    assert learner.last_mark_ms == 101 * DAY_MS
+    assert len(core.sweep.rescored) == 120 and all(p["model_version"] == "seg-000001" for p in core.sweep.rescored)
+    # No event past the mark yet: the next mark is set by the next batch, not now.
+    assert step.mark_at is None and learner.mark_timer_ms is None
+    nxt = core.learn_batch(learner, [persona_profile(rng, "late", True, 101 * DAY_MS + 5)])
+    assert nxt.mark_at == 102 * DAY_MS
+
+
+def test_a_mark_the_input_already_ran_a_whole_interval_past_is_skipped_once_a_model_serves():
+    rng = random.Random(12)
+    population = _population(rng)
+    store = MemoryStore()
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
+    core = _learner(store, population, SegmentSettings(refit_ms=DAY_MS, n_clusters=2, min_users=20))
+    learner = core.fresh()
+    core.learn_batch(learner, [persona_profile(rng, "ahead", True, 103 * DAY_MS)])
+
+    step = core.on_mark(learner, 101 * DAY_MS)
+
+    assert core.registry.published == [] and learner.last_mark_ms == 0
+    assert step.mark_at == 104 * DAY_MS  # the next mark after the newest event
+
+
+def test_the_end_of_a_bounded_input_settles_due_labels_and_refits_once_more():
+    rng = random.Random(13)
+    population = _population(rng)
+    core = _learner(MemoryStore(), population, SegmentSettings(refit_ms=DAY_MS, n_clusters=2, min_users=20))
+    learner = LearnerState(propensity=PropensityModel(min_per_class=1, timeout_days=1))
+    core.learn_batch(learner, [persona_profile(rng, "quiet", False, 100 * DAY_MS, progress=0.1),
+                               persona_profile(rng, "late", True, 102 * DAY_MS, progress=0.1)])
+    core.on_end(learner)
+    assert learner.labels_seen == 1  # "quiet"'s horizon ended by the newest event; "late"'s is censored
+    assert [kind for kind, _ in core.registry.published] == [SEGMENTATION]
+
+
+def test_the_learner_state_survives_its_snapshot_bytes():
+    core = _learner(MemoryStore())
+    learner = core.fresh()
+    core.learn_batch(learner, [persona_profile(random.Random(2), "u", False, 100 * DAY_MS)])
+    copy = load_learner(dump_learner(learner))
+    assert (copy.profiles_seen, copy.newest_ms, copy.expire_timer_ms, copy.mark_timer_ms) == (
+        learner.profiles_seen, learner.newest_ms, learner.expire_timer_ms, learner.mark_timer_ms)
+    assert copy.propensity.pending_users == 1
+
+
+def test_the_scorer_passes_a_profile_through_unscored_when_scoring_fails_and_counts_it():
+    class Broken(ServingModels):
+        def score(self, profile):
+            raise ArithmeticError("boom")
+
+    counts = _Counts()
+    scorer = ProfileScorer(Broken(MemoryStore(), refresh_seconds=60, clock=Clock()), count=counts)
+    profile = persona_profile(random.Random(0), "u1", True, DAY_MS)
+    assert scorer.score(profile) is profile
+    assert counts == {"model_score_failures": 1}
+    scorer.models = ServingModels(MemoryStore(), refresh_seconds=60, clock=Clock())
+    scorer.score(profile)
+    assert counts["profiles_unscored"] == 1
+
+
+def test_a_failed_refresh_keeps_the_loaded_models_and_is_counted():
+    rng = random.Random(14)
+    store = MemoryStore()
+    store.publish(SEGMENTATION, trained_segmenter(rng).to_bytes())
+    counts, clock = _Counts(), Clock()
+    scorer = ProfileScorer(ServingModels(store, refresh_seconds=60, clock=clock), count=counts)
+    scorer.refresh()
+    store.current_version = lambda kind: (_ for _ in ()).throw(ConnectionError("redis down"))
+    clock.now = 100
+    scorer.refresh()
+    assert counts == {"model_refresh_failures": 1}
+    assert scorer.score(persona_profile(rng, "a", True, DAY_MS))["model_version"] == "seg-000001"
+    assert counts["profiles_scored"] == 1
+
+
+class _Cell:
+    def __init__(self):
+        self.data = None
+
+    def read(self):
+        return self.data
+
+    def write(self, data):
+        self.data = data
+
+
+class _Timer:
+    at = None
+
+    def set(self, ts):
+        self.at = ts
+
+
+class _Window:
+    def max_timestamp(self):
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP
+        return MAX_TIMESTAMP
+
+
+def test_the_beam_learner_keeps_the_state_in_its_cell_and_sets_the_timers_the_learner_asks_for():
+    from onboardflow.pipelines.beam.online_models import _LearnFn
+    from onboardflow.transforms.online_models import LearnerSettings
+
+    fn = _LearnFn(LearnerSettings("redis://unused", "unused", "unused", "obf"), TrackPolicy.from_yaml())
+    fn._learner, fn._decoded = _learner(MemoryStore()), None
+    cell, end, expire, mark = _Cell(), _Timer(), _Timer(), _Timer()
+    at = DAY_MS * 101 + 7
+    list(fn.process(("learner", [persona_profile(random.Random(1), "u", True, at)]), window=_Window(),
+                    cell=cell, end=end, expire=expire, mark=mark))
+    assert fn._load(cell).profiles_seen == 1 and load_learner(cell.data).profiles_seen == 1
+    assert (expire.at.micros // 1000, mark.at.micros // 1000) == (at, 102 * DAY_MS)
+    assert end.at is not None
+    assert list(fn.on_expire(fired=_Window().max_timestamp(), cell=_Cell(), expire=_Timer())) == []  # no state

@@ -1,4 +1,4 @@
-"""Rule segments: the seed rules, the condition language, its validation, diffs, the transform."""
+"""Rule segments: the seed rules, the condition language, its validation, diffs, the rule stage and its Beam step."""
 import textwrap
 
 import apache_beam as beam
@@ -9,14 +9,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from onboardflow.pipelines.beam.segments import AssignRuleSegments
 from onboardflow.runners.local import prism_location
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.enrich import ProfileUpdate
 from onboardflow.transforms.segment import (
-    DAY_MS,
     DEFAULT_RULES_PATH,
-    AssignRuleSegments,
+    ProfileRejected,
     RuleError,
     RuleSet,
+    segment_profile,
 )
 
 # Beam's local runner with the project's binary. No shared job server: a
@@ -394,47 +396,66 @@ def test_version_changes_when_the_rules_change():
 # --------------------------------------------------------------------------- transform
 
 
-def test_assign_rule_segments_updates_profiles_and_emits_changes():
-    profiles = [
-        {"user_key": "k-new", "as_of": AT, "version": AT * 1000, "session_count": 6, "signup_at": AT - DAY_MS,
-         "last_event_at": AT},
-        {"user_key": "k-back", "as_of": AT, "version": AT * 1000 + 1, "last_event_at": AT, "sessions_7d": 4,
-         "segments": ["dormant", "ml_cluster_1"]},
-        {"user_key": "k-same", "as_of": AT, "last_event_at": AT - 31 * DAY_MS, "segments": ["dormant"]},
-        {"as_of": AT, "session_count": 1},
-        {"user_key": "k-bad", "as_of": AT, "segments": "dormant"},
-        ["not", "a", "profile"],
+def _changes(rules, before, profiles):
+    """Segment changes as the profile store's outbox derives them (transforms/outbox.py): each
+    profile's segments against the ones it replaces, ``before[user_key]`` at first, then the user's
+    previous profile's."""
+    last, out = dict(before), []
+    for p in sorted(profiles, key=lambda p: (p["user_key"], p.get("version") or 0)):
+        out += rules.diff(last.get(p["user_key"], ()), p["segments"], p["as_of"], user_key=p["user_key"],
+                          version=p.get("version"))
+        last[p["user_key"]] = p["segments"]
+    return out
+
+
+UNSEGMENTABLE = [
+    {"as_of": AT, "session_count": 1},
+    {"user_key": "k-bad", "as_of": AT, "segments": "dormant"},
+    ["not", "a", "profile"],
+]
+PROFILES = [
+    {"user_key": "k-new", "as_of": AT, "version": AT * 1000, "session_count": 6, "signup_at": AT - DAY_MS,
+     "last_event_at": AT},
+    {"user_key": "k-back", "as_of": AT, "version": AT * 1000 + 1, "last_event_at": AT, "sessions_7d": 4,
+     "segments": ["dormant", "ml_cluster_1"]},
+    {"user_key": "k-same", "as_of": AT, "last_event_at": AT - 31 * DAY_MS, "segments": ["dormant"]},
+]
+
+
+def test_segment_profile_sets_rule_segments_keeps_foreign_ones_and_changes_follow(rules):
+    out = [segment_profile(rules, p, AT - 1) for p in PROFILES]
+    assert [(p["user_key"], tuple(p["segments"])) for p in out] == [
+        ("k-new", ("highly_engaged_new",)),
+        ("k-back", ("active_engaged", "ml_cluster_1")),
+        ("k-same", ("dormant",)),
     ]
-    with prism_pipeline() as pipeline:
-        result = pipeline | beam.Create(profiles) | AssignRuleSegments(DEFAULT_RULES_PATH)
-        assert_that(
-            result.profiles | "Segments" >> beam.Map(lambda p: (p["user_key"], tuple(p["segments"]))),
-            equal_to([
-                ("k-new", ("highly_engaged_new",)),
-                ("k-back", ("active_engaged", "ml_cluster_1")),
-                ("k-same", ("dormant",)),
-            ]),
-            label="profiles",
-        )
-        assert_that(
-            result.segment_changes
-            | "Changes" >> beam.Map(
-                lambda c: (c["user_key"], c["segment"], c["change"], c["at"], c["reason"], c["version"])),
-            equal_to([
-                ("k-new", "highly_engaged_new", "entered", AT, "rule:highly_engaged_new", AT * 1000),
-                ("k-back", "active_engaged", "entered", AT, "rule:active_engaged", AT * 1000 + 1),
-                ("k-back", "dormant", "exited", AT, "rule:dormant", AT * 1000 + 1),
-            ]),
-            label="changes",
-        )
-        assert_that(
-            result.dead_letter | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"])),
-            equal_to([("segment", "missing_user_key"), ("segment", "bad_segments"), ("segment", "not_a_mapping")]),
-            label="dead_letter",
-        )
+    assert {k: v for k, v in out[0].items() if k != "segments"} == PROFILES[0]  # nothing else is touched
+    before = {p["user_key"]: p.get("segments") or () for p in PROFILES}
+    assert sorted((c["user_key"], c["segment"], c["change"], c["at"], c["reason"], c["version"])
+                  for c in _changes(rules, before, out)) == [
+        ("k-back", "active_engaged", "entered", AT, "rule:active_engaged", AT * 1000 + 1),
+        ("k-back", "dormant", "exited", AT, "rule:dormant", AT * 1000 + 1),
+        ("k-new", "highly_engaged_new", "entered", AT, "rule:highly_engaged_new", AT * 1000),
+    ]
 
 
-def test_assign_rule_segments_derives_changes_from_profile_updates():
+def test_segment_profile_refuses_what_it_cannot_segment_with_a_reason(rules):
+    reasons = []
+    for element in UNSEGMENTABLE + [ProfileUpdate(["not a profile"], PROFILES[0])]:
+        with pytest.raises(ProfileRejected) as rejected:
+            segment_profile(rules, element, AT)
+        reasons.append(rejected.value.reason)
+    assert reasons == ["missing_user_key", "bad_segments", "not_a_mapping", "not_a_mapping"]
+
+
+def test_segment_profile_evaluates_at_the_profiles_as_of_else_at_the_element_time(rules):
+    quiet = {"user_key": "k", "last_event_at": AT - 31 * DAY_MS}
+    assert segment_profile(rules, dict(quiet, as_of=AT), AT - 30 * DAY_MS)["segments"] == ["dormant"]
+    assert segment_profile(rules, quiet, AT)["segments"] == ["dormant"]
+    assert segment_profile(rules, quiet, AT - 30 * DAY_MS)["segments"] == []
+
+
+def test_segment_profile_on_profile_updates_gives_the_segments_each_version_had(rules):
     day = DAY_MS
     quiet = {"user_key": "k1", "as_of": AT, "version": AT * 1000, "last_event_at": AT, "sessions_7d": 1,
              "segments": []}
@@ -447,36 +468,54 @@ def test_assign_rule_segments_derives_changes_from_profile_updates():
         ProfileUpdate(busy, gone),
         ProfileUpdate(gone, dict(gone, version=gone["version"] + 1, segments=["ml_cluster_2"])),
     ]
+    out = [segment_profile(rules, u, AT) for u in updates]
+    assert [(p["version"], tuple(p["segments"])) for p in out] == [
+        (AT * 1000, ()),
+        (AT * 1000 + 1, ("active_engaged",)),
+        ((AT + 31 * day) * 1000, ("dormant",)),
+        # segments from elsewhere are kept; nothing changed for the rules
+        ((AT + 31 * day) * 1000 + 1, ("dormant", "ml_cluster_2")),
+    ]
+    assert [(c["segment"], c["change"], c["at"], c["version"], c["reason"]) for c in _changes(rules, {}, out)] == [
+        ("active_engaged", "entered", AT, AT * 1000 + 1, "rule:active_engaged"),
+        ("active_engaged", "exited", AT + 31 * day, (AT + 31 * day) * 1000, "rule:active_engaged"),
+        ("dormant", "entered", AT + 31 * day, (AT + 31 * day) * 1000, "rule:dormant"),
+        ("ml_cluster_2", "entered", AT + 31 * day, (AT + 31 * day) * 1000 + 1, "segment:ml_cluster_2"),
+    ]
+
+
+def test_a_compiled_rule_set_pickles_as_its_text_and_evaluates_the_same(rules):
+    import pickle
+
+    extra = RuleSet.from_yaml("version: 1\nsegments:\n  - {name: s, when: {field: score_x, gt: 1}}\n",
+                              extra_fields={"score_x": "number"})
+    for original in (rules, extra):
+        copy = pickle.loads(pickle.dumps(original))
+        assert (copy.version, copy.names, copy.retired, copy.time_marks) == (
+            original.version, original.names, original.retired, original.time_marks)
+    copy = pickle.loads(pickle.dumps(rules))
+    for p in PROFILES:
+        assert copy.evaluate(p, AT) == rules.evaluate(p, AT)
+    assert pickle.loads(pickle.dumps(extra)).evaluate({"score_x": 2}, AT) == {"s"}
+
+
+def test_assign_rule_segments_updates_profiles_and_dead_letters_the_rest(rules):
     with prism_pipeline() as pipeline:
-        result = pipeline | beam.Create(updates) | AssignRuleSegments(DEFAULT_RULES_PATH)
+        result = pipeline | beam.Create(PROFILES + UNSEGMENTABLE) | AssignRuleSegments(rules)
         assert_that(
-            result.profiles | "Segments" >> beam.Map(lambda p: (p["version"], tuple(p["segments"]))),
+            result.profiles | "Segments" >> beam.Map(lambda p: (p["user_key"], tuple(p["segments"]))),
             equal_to([
-                (AT * 1000, ()),
-                (AT * 1000 + 1, ("active_engaged",)),
-                ((AT + 31 * day) * 1000, ("dormant",)),
-                # segments from elsewhere are kept; nothing changed for the rules
-                ((AT + 31 * day) * 1000 + 1, ("dormant", "ml_cluster_2")),
+                ("k-new", ("highly_engaged_new",)),
+                ("k-back", ("active_engaged", "ml_cluster_1")),
+                ("k-same", ("dormant",)),
             ]),
             label="profiles",
         )
         assert_that(
-            result.segment_changes
-            | "Changes" >> beam.Map(lambda c: (c["segment"], c["change"], c["at"], c["version"])),
-            equal_to([
-                ("active_engaged", "entered", AT, AT * 1000 + 1),
-                ("active_engaged", "exited", AT + 31 * day, (AT + 31 * day) * 1000),
-                ("dormant", "entered", AT + 31 * day, (AT + 31 * day) * 1000),
-            ]),
-            label="changes",
+            result.dead_letter | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"])),
+            equal_to([("segment", "missing_user_key"), ("segment", "bad_segments"), ("segment", "not_a_mapping")]),
+            label="dead_letter",
         )
-
-
-def test_assign_rule_segments_refuses_a_bad_rules_file_at_construction(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text("version: 1\nsegments:\n  - {name: s, when: {field: nope, gt: 1}}\n")
-    with pytest.raises(RuleError, match="unknown field 'nope'"):
-        AssignRuleSegments(path)
 
 
 # --------------------------------------------------------------------------- time marks
@@ -534,7 +573,8 @@ def test_conditions_that_time_alone_does_not_move_have_no_marks_and_disabled_rul
 def test_a_user_who_signs_up_and_goes_quiet_enters_onboarding_stalled_three_days_later_to_the_millisecond():
     """The profile stage's lifecycle timer follows the rules' marks (no refresh, no new event)."""
     from apache_beam.testing.test_stream import TestStream
-    from apache_beam.transforms.window import TimestampedValue
+    from apache_beam.transforms.trigger import AccumulationMode, AfterWatermark
+    from apache_beam.transforms.window import GlobalWindows, TimestampedValue
     from apache_beam.utils.timestamp import Timestamp
 
     from onboardflow.transforms.profile import BuildUserProfiles, ProfileConfig
@@ -554,9 +594,13 @@ def test_a_user_who_signs_up_and_goes_quiet_enters_onboarding_stalled_three_days
     config = ProfileConfig(refresh_ms=0, time_marks=rules.time_marks)
     options = PipelineOptions(PRISM + ["--streaming"])
     with BeamTestPipeline(options=options) as pipeline:
-        segmented = (pipeline | stream | BuildUserProfiles(config)).profiles | AssignRuleSegments(DEFAULT_RULES_PATH)
+        segmented = (pipeline | stream | BuildUserProfiles(config)).profiles | AssignRuleSegments(rules)
         assert_that(
-            segmented.segment_changes | beam.Map(lambda c: (c["segment"], c["change"], c["at"] - signup)),
+            segmented.profiles
+            | beam.WindowInto(GlobalWindows(), trigger=AfterWatermark(), accumulation_mode=AccumulationMode.DISCARDING)
+            | beam.combiners.ToList()
+            | beam.FlatMap(lambda profiles: [(c["segment"], c["change"], c["at"] - signup)
+                                             for c in _changes(rules, {}, profiles)]),
             equal_to([
                 ("onboarding_stalled", "entered", 3 * DAY_MS + 1),
                 ("dormant", "entered", 60_000 + 30 * DAY_MS + 1),

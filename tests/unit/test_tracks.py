@@ -13,12 +13,13 @@ from apache_beam.testing.util import assert_that, equal_to
 from onboardflow.models import tracks
 from onboardflow.models.tracks import (
     DEFAULT_TRACKS_PATH,
-    AssignOnboardingTracks,
     TrackDecision,
     TrackPolicy,
     TrackPolicyError,
 )
+from onboardflow.pipelines.beam.tracks import AssignOnboardingTracks
 from onboardflow.runners.local import prism_location
+from onboardflow.transforms.segment import RuleSet
 
 PRISM = [
     "--runner=PrismRunner",
@@ -133,7 +134,7 @@ def test_tracks_file_errors_name_the_file(tmp_path):
         TrackPolicy.from_yaml(broken)
 
 
-def test_segment_names_are_checked_against_the_given_rules_file(tmp_path):
+def test_segment_names_are_checked_against_the_given_rule_set(tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text(textwrap.dedent("""\
         version: "1"
@@ -150,7 +151,7 @@ def test_segment_names_are_checked_against_the_given_rules_file(tmp_path):
         rules:
           - {name: trial, track: advanced, when: {segments_any: [trialists, old_segment]}}
         """))
-    assert TrackPolicy.from_yaml(policy_file, rules).choose({"segments": ["trialists"]}) == "advanced"
+    assert TrackPolicy.from_yaml(policy_file, RuleSet.load(rules)).choose({"segments": ["trialists"]}) == "advanced"
     with pytest.raises(TrackPolicyError, match="unknown segments"):
         TrackPolicy.from_yaml(policy_file)  # the shipped rules know no "trialists"
 
@@ -174,8 +175,18 @@ def test_assign_onboarding_tracks_sets_tracks_and_dead_letters_non_profiles():
                     equal_to([("onboarding_track", "not_a_mapping", None)]), label="dead_letters")
 
 
-def test_assign_onboarding_tracks_refuses_a_bad_file_at_construction(tmp_path):
+def test_a_bad_tracks_file_fails_before_any_transform_is_built(tmp_path):
     bad = tmp_path / "tracks.yaml"
     bad.write_text('version: "1"\ndefault: nowhere\ntracks: {standard: "the tour"}\n')
     with pytest.raises(TrackPolicyError, match="default track 'nowhere'"):
-        AssignOnboardingTracks(bad)
+        AssignOnboardingTracks(TrackPolicy.from_yaml(bad))
+
+
+def test_a_compiled_policy_pickles_and_decides_the_same_after_the_trip(shipped):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(shipped))
+    assert copy.version == shipped.version and copy.tracks == shipped.tracks
+    for profile in ({"segments": ["dormant"]}, {"segments": ["active_engaged", "needs_help"]},
+                    {"segments": [], "segment_label": "power adopter"}, {}):
+        assert copy.decide(profile) == shipped.decide(profile)
