@@ -1,6 +1,6 @@
 """`onboardflow profile`: read one user's profile back from Redis, or sweep segments.
 
-    onboardflow profile USER_ID [--redis-url URL] [--key-prefix obf]
+    onboardflow profile USER_ID [--redis-url URL] [--key-prefix PREFIX]
                         [--secret-file PATH | --secret-env NAME] [--json]
     onboardflow profile --key USER_KEY [--redis-url URL] [--json]
     onboardflow profile --sweep-segments [--redis-url URL]
@@ -12,6 +12,9 @@ reach Redis. ``--key`` looks a profile up by its pseudonymous key instead (as
 found in the warehouse or a segment set) and needs no secret.
 ``--sweep-segments`` removes segment-set members whose profile expired or no
 longer lists the segment (see docs/redis-contract.md); run it periodically.
+
+Redis, the key prefix and the secret default to the deployment's
+(runners/settings.py; the key file is the one `onboardflow demo` writes).
 
 Exit status: 0 found (or sweep done), 1 no such profile, 2 usage or
 configuration error. The raw user id is never echoed.
@@ -27,11 +30,10 @@ from typing import Any, Optional
 DEFAULT_SECRET_ENV = "OBF_PSEUDONYM_SECRET"
 
 
-def _default_redis_url() -> str:
-    return f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
-
-
 def _parser() -> argparse.ArgumentParser:
+    from ..settings import settings
+
+    deployment = settings()
     parser = argparse.ArgumentParser(
         prog="onboardflow profile",
         description="Print one user's profile from the Redis profile store.",
@@ -40,13 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", metavar="USER_KEY", help="look up by pseudonymous user_key instead of USER_ID")
     parser.add_argument("--sweep-segments", action="store_true",
                         help="remove stale segment-set members instead of printing a profile")
-    parser.add_argument("--redis-url", default=_default_redis_url(),
-                        help="Redis URL (default: redis://$REDIS_HOST:$REDIS_PORT/0)")
-    parser.add_argument("--key-prefix", default=None, help="key prefix of the store (default: obf)")
+    parser.add_argument("--redis-url", default=deployment.redis_url,
+                        help="Redis URL (default: the deployment's, %(default)s)")
+    parser.add_argument("--key-prefix", default=deployment.redis_key_prefix,
+                        help="key prefix of the store (default: the deployment's, %(default)s)")
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument("--secret-file", metavar="PATH", help="file holding the pseudonymization secret")
     secret.add_argument("--secret-env", metavar="NAME",
-                        help=f"environment variable holding the secret (default: {DEFAULT_SECRET_ENV})")
+                        help=f"environment variable holding the secret (default: {DEFAULT_SECRET_ENV} when set, "
+                             f"else the deployment's key file {deployment.key_file})")
     parser.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     return parser
 
@@ -69,18 +73,24 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Imported here so `--help` and usage errors stay fast (no Beam import).
     from ...transforms.anonymize import SecretError, load_secret
-    from ...transforms.profile_store import DEFAULT_KEY_PREFIX, ProfileStore
+    from ...transforms.profile_store import ProfileStore
 
     secret = None
     if args.user_id:
+        from ..settings import settings
+
+        secret_file = args.secret_file
+        if not secret_file and not args.secret_env and not os.environ.get(DEFAULT_SECRET_ENV) \
+                and settings().key_file.is_file():
+            secret_file = settings().key_file  # written by `onboardflow demo`
         try:
-            secret = load_secret(path=args.secret_file,
-                                 env_var=None if args.secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
+            secret = load_secret(path=secret_file,
+                                 env_var=None if secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
         except SecretError as exc:
             print(f"onboardflow profile: {exc}", file=sys.stderr)
             return 2
     try:
-        store = ProfileStore(args.redis_url, secret, key_prefix=args.key_prefix or DEFAULT_KEY_PREFIX)
+        store = ProfileStore(args.redis_url, secret, key_prefix=args.key_prefix)
     except ValueError as exc:
         print(f"onboardflow profile: {exc}", file=sys.stderr)
         return 2
