@@ -197,7 +197,7 @@ def _counted(counts, sep: str = ", ") -> str:
 
 
 #: Profile fields that hold epoch milliseconds, shown as ISO 8601 times in the summary.
-_TIME_FIELDS = ("version", "as_of", "signup_at", "first_seen_at", "last_event_at", "updated_at")
+_TIME_FIELDS = ("as_of", "signup_at", "first_seen_at", "last_event_at", "updated_at")
 
 
 class _NewestProfileEvent:

@@ -80,9 +80,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         from ..settings import settings
 
         secret_file = args.secret_file
-        if not secret_file and not args.secret_env and not os.environ.get(DEFAULT_SECRET_ENV) \
-                and settings().key_file.is_file():
-            secret_file = settings().key_file  # written by `onboardflow demo`
+        if not secret_file and not args.secret_env and not os.environ.get(DEFAULT_SECRET_ENV):
+            key_file = settings().key_file  # written by `onboardflow demo`
+            if not key_file.is_file():
+                print(f"onboardflow profile: no pseudonymization key for deployment '{settings().deployment}': "
+                      f"{key_file} does not exist (`onboardflow demo` writes it) and ${DEFAULT_SECRET_ENV} is "
+                      "not set; pass --secret-file or --secret-env", file=sys.stderr)
+                return 2
+            secret_file = key_file
         try:
             secret = load_secret(path=secret_file,
                                  env_var=None if secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
