@@ -327,6 +327,8 @@ def run_demo(args) -> DemoResult:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "apache_beam", "PrismRunner"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # The stages' own progress (publishes, sweeps) too: the demo prints what it waits for.
+    logging.getLogger("onboardflow").setLevel(logging.WARNING)
 
     import psycopg
     import redis
@@ -672,8 +674,10 @@ def _models_summary(args, r, schema, prefix):
                 counts = [(k, v) for k, v in sorted(current.counts.items()) if not isinstance(v, (dict, list))]
                 metrics = [(k, round(v, 4) if isinstance(v, float) else v)
                            for k, v in sorted(current.metrics.items()) if not isinstance(v, (dict, list))]
-                print(f"   {kind} model         {current.id} (one of {len(registry.versions(kind))} published "
-                      f"versions; counts {_counted(counts)}; metrics {_counted(metrics)})")
+                published = len(registry.versions(kind))
+                print(f"   {kind} model         {current.id} serving ({published} version"
+                      f"{'' if published == 1 else 's'} published; counts {_counted(counts)}; "
+                      f"metrics {_counted(metrics)})")
                 seen_labels = current.counts.get("labels") if kind == "segmentation" else seen_labels
     labels, tracks, scored, total = collections.Counter(), collections.Counter(), 0, 0
     for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):

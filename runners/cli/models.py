@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 from typing import Optional
 
@@ -76,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dated(reason: str) -> str:
+    """A pointer move's reason with its event-time mark (epoch ms) as an ISO 8601 time."""
+    def iso(match):
+        at = dt.datetime.fromtimestamp(int(match.group(1)) / 1000, dt.timezone.utc)
+        return f"mark {at:%Y-%m-%dT%H:%M:%S}Z"
+    return re.sub(r"\bmark (\d{12,14})\b", iso, reason)
+
+
 def _headline(metrics) -> str:
     shown = []
     for name in ("k", "silhouette", "davies_bouldin", "roc_auc", "log_loss"):
@@ -113,7 +122,7 @@ def _list(registry, kind: str) -> int:
         print("\npointer moves:")
         for e in events:
             came_from = version_id(kind, e.from_version) if e.from_version else "-"
-            reason = f"  ({e.reason})" if e.reason else ""
+            reason = f"  ({_dated(e.reason)})" if e.reason else ""
             print(f"  {e.at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S}  {e.action:<8} {came_from} -> "
                   f"{version_id(kind, e.to_version)}{reason}")
     return 0

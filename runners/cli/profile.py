@@ -22,6 +22,7 @@ configuration error. The raw user id is never echoed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -55,11 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Fields holding epoch milliseconds: printed as ISO 8601 times (``--json`` keeps the numbers).
+TIME_FIELDS = ("as_of", "signup_at", "first_event_at", "last_event_at", "updated_at")
+
+
+def _iso(ms: int) -> str:
+    at = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
 def _format(profile: dict[str, Any]) -> str:
     width = max(len(name) for name in profile)
     lines = []
     for name, value in profile.items():
-        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+        if name in TIME_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            text = _iso(value)
+        else:
+            text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
         lines.append(f"{name:<{width}}  {text}")
     return "\n".join(lines)
 
