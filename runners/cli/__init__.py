@@ -66,10 +66,41 @@ class _RunnerChatter(logging.Filter):
         return record.name.startswith("onboardflow") or record.levelno >= logging.ERROR
 
 
+#: Errors Beam's SDK harness prints (to stderr and its log) that are no failure of the job:
+#: Prism's FinalizeBundle for a bundle that registered nothing (docs/local-runner.md).
+HARMLESS_HARNESS_ERRORS = ("Bundle is not in a finalizable state",)
+
+
+class _QuietStderr:
+    """``sys.stderr`` without the harness's harmless tracebacks (``HARMLESS_HARNESS_ERRORS``).
+
+    Beam's SDK worker ``print``s each failed instruction's traceback in one
+    write, then its newline; both are dropped for the known-harmless ones.
+    """
+
+    def __init__(self, stream):
+        self._stream, self._skip_newline = stream, False
+
+    def write(self, text: str) -> int:
+        if any(marker in text for marker in HARMLESS_HARNESS_ERRORS):
+            self._skip_newline = True
+            return len(text)
+        if self._skip_newline and text == "\n":
+            self._skip_newline = False
+            return len(text)
+        self._skip_newline = False
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def configure_logging(verbose: bool = False) -> None:
     """One stderr handler for every command: onboardflow's INFO and up; others' only with ``verbose``."""
     root = logging.getLogger()
-    handler = logging.StreamHandler()
+    if not verbose and not isinstance(sys.stderr, _QuietStderr):
+        sys.stderr = _QuietStderr(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_BeamImportNoise())
     if not verbose:
@@ -79,8 +110,11 @@ def configure_logging(verbose: bool = False) -> None:
     root.setLevel(logging.INFO)
     # Records are made only to be dropped otherwise: keep the chattiest loggers quiet at the source.
     if not verbose:
-        for name in ("kafka", "apache_beam", "urllib3"):
+        for name in ("apache_beam", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # The Kafka client logs each dropped connection it then re-opens as an ERROR; a
+        # failure that matters reaches the command as an exception.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
 
 def unreachable_service(exc: BaseException) -> str | None:

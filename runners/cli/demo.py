@@ -325,8 +325,9 @@ def main(argv=None) -> int:
 def run_demo(args) -> DemoResult:
     """The demo for parsed ``args`` (see ``_parse``); prints as it goes, returns what it found."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("kafka", "apache_beam", "PrismRunner"):
+    for noisy in ("apache_beam", "PrismRunner"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # reconnects it recovers from
     # The stages' own progress (publishes, sweeps) too: the demo prints what it waits for.
     logging.getLogger("onboardflow").setLevel(logging.WARNING)
 

@@ -39,3 +39,15 @@ def test_an_unreachable_service_is_one_line_that_says_how_to_start_it(tmp_path):
         assert done.stderr.strip().splitlines() == [
             f"onboardflow {argv[0]}: cannot reach {service}: is it running? `make services-up`"]
         assert "secret" not in done.stderr
+
+
+def test_the_harness_harmless_finalize_traceback_is_dropped_and_everything_else_kept():
+    import io
+
+    from onboardflow.runners.cli import _QuietStderr
+
+    out = io.StringIO()
+    quiet = _QuietStderr(out)
+    print("Traceback ...\nRuntimeError: Bundle is not in a finalizable state for inst-1", file=quiet)
+    print("a real error", file=quiet)
+    assert out.getvalue() == "a real error\n"
