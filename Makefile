@@ -1,6 +1,7 @@
 # onboardflow — everything a fresh machine needs is installed by these targets.
 #
-#   make demo            run the main job end to end (services, events, pipeline, summary)
+#   make demo            run the main job end to end (services, events, pipeline, summary);
+#                        the services stay up for the commands it suggests
 #   make test            lint, then unit + integration + end-to-end tests against real services
 #   make lint            ruff check (rules and exceptions in ruff.toml)
 #   make bench           benchmarks (print events/s, latency, memory; never asserted)
@@ -9,7 +10,8 @@
 #
 # Settings (override on the command line or in the environment): PYTHON,
 # KAFKA_PORT, REDIS_PORT, PG_PORT, OBF_RUN_DIR, OBF_CACHE_DIR — see
-# runners/services/env.sh.
+# runners/services/env.sh; OBF_DEPLOYMENT and the other OBF_* variables of
+# the `onboardflow` commands — see runners/settings.py.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -34,7 +36,7 @@ PYTEST        := $(PY) -m pytest
         flink-worker-pool-down flink-demo test-flink
 
 help:
-	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---- install ---------------------------------------------------------------
 
@@ -124,7 +126,7 @@ check-alerts: promtool
 
 # The lag exporter for the local services (Prometheus scrapes :9308).
 lag-exporter: venv
-	$(VENV)/bin/onboardflow lag-exporter --port 9308 --redis-url redis://127.0.0.1:6379/0
+	$(VENV)/bin/onboardflow lag-exporter --port 9308
 
 # ---- models (docs/models-registry.md) ---------------------------------------
 
@@ -189,7 +191,7 @@ test-flink: venv
 # ---- demo and benchmarks ---------------------------------------------------
 
 demo: install
-	runners/demo.sh
+	PY=$(PY) runners/demo.sh
 
 bench: install services-up
 	@for b in tests/benchmarks/bench_*.py; do \

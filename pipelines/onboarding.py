@@ -22,7 +22,9 @@ tracks policy are compiled once here and handed to every stage that uses them::
                                                             warehouse), LearnOnlineModels ─►
                                                             registry snapshots, drift events
 
-Run it locally (Prism), streaming, reading from the committed offsets::
+``build(p, options)`` applies it to a pipeline, ``run(options)`` runs it; the
+command line (``onboardflow run``, runners/cli/run.py) turns the deployment's
+settings and its flags into those options. Run it locally (Prism), streaming::
 
     onboardflow run --demo_mode
 
@@ -39,11 +41,10 @@ or on Flink (see docs/flink.md)::
 from __future__ import annotations
 
 import logging
-import sys
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from ..models.segmentation import SegmentSettings
 from ..models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
@@ -284,51 +285,12 @@ def _drift_event_kv(registry_url: Optional[str]) -> _RecordEncoder:
     return _RecordEncoder(registry_url, DRIFT_EVENT_SUBJECT, "drift_event", "model_name")
 
 
-def pipeline_options(argv: Sequence[str]) -> PipelineOptions:
-    """PipelineOptions for ``argv``; without ``--runner``, Prism's local settings under them.
+def run(options: PipelineOptions, secret: Optional[SecretKey] = None, wait: bool = True):
+    """Migrate the warehouse, build the pipeline on ``options`` and run it; returns the PipelineResult.
 
-    ``--runner flink`` is completed with onboardflow's Flink settings (job
-    server jar checked first, EXTERNAL worker pool, checkpointing). Without a
-    runner the job runs locally on Prism (``runners/local.py``): the Prism
-    binary, LOOPBACK workers, streaming unless ``--kafka_bounded``, and the
-    experiment that turns off Prism's dynamic splits. Flags the caller gave
-    win, e.g. ``--environment_type=EXTERNAL --environment_config=host:port``
-    to run the SDK workers in a worker pool's processes.
+    The options come complete from the caller (runners/cli/run.py turns the
+    deployment's settings and the command line into them). Finished when ``wait``.
     """
-    from ..runners.flink_runner import flink_argv, given_flags
-    from ..runners.local import local_pipeline_options
-
-    argv = flink_argv(list(argv))
-    options = PipelineOptions(argv)
-    std = options.view_as(StandardOptions)
-    if std.runner:
-        return options
-    local = local_pipeline_options(streaming=std.streaming or not options.view_as(KafkaReadOptions).kafka_bounded)
-    experiments = list(options.view_as(DebugOptions).experiments or [])
-    experiments += [e for e in local.view_as(DebugOptions).experiments if e not in experiments]
-    # Keyword arguments override flags in PipelineOptions, so only the
-    # settings the caller left out are passed that way (a flag given with its
-    # default value counts as given).
-    given = given_flags(argv)
-    settings = {k: v for k, v in local.get_all_options(drop_default=True).items()
-                if k in ("runner", "prism_location", "environment_type", "streaming",
-                         "prism_log_level", "job_server_timeout") and k not in given}
-    if "kafka_start_position" not in given:
-        # Prism keeps no state between jobs: a job that resumed from the group's
-        # committed offsets would fold each user's next event into an empty
-        # profile state and write a one-event profile over the full one (a newer
-        # version). Locally every job rebuilds its state from the earliest
-        # offset; what Redis already holds is skipped (docs/local-runner.md).
-        settings["kafka_start_position"] = "earliest"
-    return PipelineOptions(argv, experiments=experiments, **settings)
-
-
-def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wait: bool = True):
-    """Build and run the pipeline from command-line style arguments (see ``pipeline_options``).
-
-    Returns the PipelineResult (finished when ``wait``).
-    """
-    options = pipeline_options(sys.argv[1:] if argv is None else argv)
     opts = options.view_as(OnboardingOptions)
     secret = secret or resolve_secret(opts)
     applied = apply_migrations(opts.warehouse_dsn, opts.warehouse_schema)
@@ -346,13 +308,3 @@ def run(argv: Optional[list[str]] = None, secret: Optional[SecretKey] = None, wa
     if wait:
         result.wait_until_finish()
     return result
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

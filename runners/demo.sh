@@ -1,16 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: start what is not running, run the demo, stop what it started.
+# `make demo`: start the local services (if not running), then run the demo on
+# them. The services stay up afterwards, so the commands the demo suggests
+# (`onboardflow profile`, `models list`, `lag`, `make train`) find its data;
+# `make services-down` stops them.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/services/env.sh"
 
-started=()
-"$here/services/kafka.sh" status >/dev/null 2>&1 || started+=(kafka)
-"$here/services/redis.sh" status >/dev/null 2>&1 || started+=(redis)
-"$here/services/postgres.sh" status >/dev/null 2>&1 || started+=(postgres)
-cleanup() {
-  for s in "${started[@]}"; do "$here/services/$s.sh" down || true; done
-}
-trap cleanup EXIT
 "$here/services/services.sh" up
-"$OBF_ROOT/.venv/bin/onboardflow" demo "$@"
+"${PY:-$OBF_ROOT/.venv/bin/python}" -m onboardflow.runners.cli demo "$@"

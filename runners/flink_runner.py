@@ -16,7 +16,7 @@ How a Beam Python pipeline runs on Flink (docs/flink.md has the picture):
    ``--checkpointing_interval`` into ``--state_backend_storage_path``; a job
    stopped with a savepoint resumes from it with ``--savepoint_path``.
 
-``flink_argv(argv)`` is the hook ``pipelines/onboarding.run`` calls first: it
+``flink_argv(argv)`` is the hook ``runners/cli/run.py`` (``onboardflow run``) calls first: it
 leaves other runners' argv untouched and, for ``--runner flink`` /
 ``--runner FlinkRunner``, adds every setting above that the caller did not
 give, with the defaults below::

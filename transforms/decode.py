@@ -1,6 +1,6 @@
 """Decoding: raw Kafka records in, validated onboarding events or dead letters out.
 
-Engine-free: the Kafka source (``transforms/kafka_io.py``) calls ``decode`` on
+Engine-free: the Kafka source (``pipelines/beam/kafka_source.py``) calls ``decode`` on
 every record and ``dead_letter`` on every failure; there is no separate Beam
 decoding step. The first stage of every pipeline. A record's value is a Confluent-framed Avro
 ``OnboardingEvent`` written with any registered version; it is resolved into

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 
 # name -> ("module" or "module:function" relative to this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "produce": (".produce", "produce synthetic onboarding journeys to Kafka"),
     "registry": (".registry", "list or serve the Avro schema registry"),
-    "run": ("...pipelines.onboarding", "run the onboarding personalization pipeline"),
+    "run": (".run", "run the onboarding personalization pipeline"),
     "profile": (".profile", "read one user's profile from Redis"),
     "warehouse": (".warehouse", "apply or inspect warehouse migrations"),
     "demo": (".demo", "produce events, run the pipeline, print a summary"),
@@ -37,7 +38,10 @@ def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: onboardflow COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `onboardflow COMMAND --help` for a command's options."]
+    lines += ["", "Run `onboardflow COMMAND --help` for a command's options; `--verbose` (anywhere)",
+              "shows Beam's and the runner's own logs and full tracebacks.",
+              "Every command targets one deployment (runners/settings.py: OBF_* variables, else",
+              "the endpoints `make services-up` wrote to $OBF_RUN_DIR/services.env, else the local services)."]
     return "\n".join(lines)
 
 
@@ -50,9 +54,101 @@ class _BeamImportNoise(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
+class _RunnerChatter(logging.Filter):
+    """Without ``--verbose``: only onboardflow's own records, and errors from anyone else.
+
+    Beam, Prism's job server (a logger Beam sets to INFO itself) and the Kafka
+    client log every job-state change, bundle and reconnect at INFO/WARNING on
+    stderr; a command's own output is what a user ran it for.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("onboardflow") or record.levelno >= logging.ERROR
+
+
+#: Errors Beam's SDK harness prints (to stderr and its log) that are no failure of the job:
+#: Prism's FinalizeBundle for a bundle that registered nothing (docs/local-runner.md).
+HARMLESS_HARNESS_ERRORS = ("Bundle is not in a finalizable state",)
+
+
+class _QuietStderr:
+    """``sys.stderr`` without the harness's harmless tracebacks (``HARMLESS_HARNESS_ERRORS``).
+
+    Beam's SDK worker ``print``s each failed instruction's traceback in one
+    write, then its newline; both are dropped for the known-harmless ones.
+    """
+
+    def __init__(self, stream):
+        self._stream, self._skip_newline = stream, False
+
+    def write(self, text: str) -> int:
+        if any(marker in text for marker in HARMLESS_HARNESS_ERRORS):
+            self._skip_newline = True
+            return len(text)
+        if self._skip_newline and text == "\n":
+            self._skip_newline = False
+            return len(text)
+        self._skip_newline = False
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """One stderr handler for every command: onboardflow's INFO and up; others' only with ``verbose``."""
+    root = logging.getLogger()
+    if not verbose and not isinstance(sys.stderr, _QuietStderr):
+        sys.stderr = _QuietStderr(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_BeamImportNoise())
+    if not verbose:
+        handler.addFilter(_RunnerChatter())
+    handler.set_name("onboardflow-cli")
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "onboardflow-cli"] + [handler]
+    root.setLevel(logging.INFO)
+    # Records are made only to be dropped otherwise: keep the chattiest loggers quiet at the source.
+    if not verbose:
+        for name in ("apache_beam", "urllib3"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # The Kafka client logs each dropped connection it then re-opens as an ERROR; a
+        # failure that matters reaches the command as an exception.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+def unreachable_service(exc: BaseException) -> str | None:
+    """One line for a refused or failed connection to Kafka, Redis or PostgreSQL, else None.
+
+    Looks through the exception's causes; only modules already imported are consulted.
+    """
+    from ..settings import settings
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        redis_mod, kafka_mod, psycopg_mod = (sys.modules.get(m) for m in ("redis", "kafka.errors", "psycopg"))
+        hint = "is it running? `make services-up`"
+        if redis_mod is not None and isinstance(exc, redis_mod.exceptions.ConnectionError):
+            where = re.search(r"[\w.-]+:\d+", str(exc))
+            return f"cannot reach Redis at {'redis://' + where.group(0) if where else settings().redis_url}: {hint}"
+        if kafka_mod is not None and isinstance(exc, (kafka_mod.NoBrokersAvailable, kafka_mod.KafkaConnectionError)):
+            return f"cannot reach Kafka at {settings().kafka_bootstrap}: {hint}"
+        if psycopg_mod is not None and isinstance(exc, psycopg_mod.OperationalError):
+            text = str(exc).strip()
+            if re.search(r"refused|could not connect|connection (to server|failed)|timeout expired", text):
+                where = re.sub(r"//[^@/]*@", "//", settings().warehouse_dsn)
+                return f"cannot reach PostgreSQL at {where}: {hint}"
+            return None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger().addFilter(_BeamImportNoise())
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    configure_logging(verbose)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -63,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     # "module" runs module.main; "module:function" runs another entry point of it.
     module_name, _, function = COMMANDS[name][0].partition(":")
     module = importlib.import_module(module_name, package=__name__)
-    result = getattr(module, function or "main")(rest)
+    try:
+        result = getattr(module, function or "main")(rest)
+    except Exception as exc:  # noqa: BLE001 - only connection failures are turned into one line
+        message = unreachable_service(exc)
+        if message is None or verbose:
+            raise
+        print(f"onboardflow {name}: {message}", file=sys.stderr)
+        return 2
     return int(result or 0)
-
-

@@ -1,11 +1,12 @@
 """`onboardflow demo`: the main job end to end on the local services.
 
-1. Fresh demo resources under one ``--name`` (default ``demo``): topics
-   ``{name}-{run}.onboarding.events`` (4 partitions), ``.dlq`` and segment
-   changes; Redis prefix ``{name}``; warehouse schema ``{name}`` (migrated,
-   accounts loaded from the generator's accounts). What an earlier run left
-   under the same name is removed first, and the demo says so (a cold or a
-   warm run).
+1. The deployment every other command uses (runners/settings.py; default
+   ``onboarding``, ``--deployment`` or ``OBF_DEPLOYMENT`` for another):
+   its events topic (4 partitions), dead-letter, segment-changes and
+   model-events topics, Redis prefix and warehouse schema (migrated, accounts
+   loaded from the generator's accounts), emptied first: topics keep their id
+   and lose their records, Redis keys and the schema are removed; the demo
+   says whether an earlier run had left anything (a cold or a warm run).
 2. About 53,000 synthetic onboarding events (150 users, a 45-day timeline ending at
    ``--anchor``, default now, with late, out-of-order, duplicate and
    malformed messages) produced to Kafka.
@@ -25,11 +26,12 @@
 5. Latency probes: fresh events sent one by one, each timed until its profile
    is visible in Redis (produce -> Redis, the path an app sees).
 6. A summary of what it waited for and what is in Redis now (SCAN and SCARD,
-   not what was sent): profiles, members per segment, scores, one profile
-   read back through ``ProfileStore``; warehouse row counts, throughput and
-   latency percentiles. The pipeline is then cancelled; the data stays for
-   inspection (``onboardflow profile USER_ID --secret-file .run/demo/pseudonym.key
-   --key-prefix demo``).
+   not what was sent): profiles, members per segment, scores, one generated
+   user's profile read back through ``ProfileStore``; warehouse row counts,
+   throughput and latency percentiles. The pipeline is then cancelled; the
+   services and the data stay, and the closing lines are commands that work
+   as printed (``onboardflow profile <a user id of this run>``, ``models
+   list``, ``lag``, ``make train``).
 
 Two runs with the same ``--seed`` and ``--anchor`` settle on the same
 profiles and segment table (tests/integration/test_demo.py), except the
@@ -54,7 +56,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ...schemas.units import DAY_MS
-from .. import paths
 
 #: The source's max out-of-orderness (seconds): an idle pipeline's watermark
 #: trails the wall clock by this much, so "due by now" means due by now minus it.
@@ -77,13 +78,20 @@ def _anchor_ms(text: str) -> int:
 
 
 def _parse(argv):
+    from ..settings import settings
+
+    deployment = settings()
     p = argparse.ArgumentParser(prog="onboardflow demo", description=__doc__.split("\n")[0])
-    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    p.add_argument("--warehouse-dsn", default="postgresql://onboardflow:onboardflow@127.0.0.1:5432/onboardflow")
-    p.add_argument("--name", default="demo",
-                   help="Names the run's topics ({name}-{run}.*), Redis prefix, warehouse schema and consumer "
-                        "group; an earlier run's resources under the same name are removed first.")
+    p.add_argument("--deployment", default=deployment.deployment,
+                   help="The deployment to fill (default: %(default)s, the one every other command uses; "
+                        "OBF_DEPLOYMENT). Its topics, Redis prefix, warehouse schema and consumer group "
+                        "(runners/settings.py) are emptied first.")
+    p.add_argument("--bootstrap-servers", default=None, help=f"default: {deployment.kafka_bootstrap}")
+    p.add_argument("--redis-url", default=None, help=f"default: {deployment.redis_url}")
+    p.add_argument("--warehouse-dsn", default=None, help="default: the deployment's (OBF_WAREHOUSE_DSN)")
+    p.add_argument("--secret-file", default=None,
+                   help="the pseudonymization key, created when missing (default: the deployment's, "
+                        f"{deployment.key_file}); `onboardflow profile` reads the same one")
     # 150 users' 45-day journeys are ~53,000 messages: the cap keeps the whole
     # timeline, so profiles run up to now (400 users were cut four weeks short).
     p.add_argument("--events", type=int, default=60_000, help="messages to produce at most (default 60,000)")
@@ -99,73 +107,67 @@ def _parse(argv):
                    help="seconds from the pipeline's start to settled; past it the demo fails (exit 1)")
     p.add_argument("--live-timeout", type=float, default=150,
                    help="seconds for the live phase (a served model, then every login in Redis)")
-    p.add_argument("--run-dir", default=str(paths.run_dir() / "demo"))
+    p.add_argument("--run-dir", default=str(deployment.run_dir / "demo"),
+                   help="ground truth and other demo output (default: %(default)s)")
     p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: run on Flink, not Prism "
                    "(see docs/flink.md; needs the Beam Flink job server jar)")
     p.add_argument("--flink-job-server-jar",
                    help="the beam-runners-flink-2.2-job-server jar (make flink-jobserver-jar)")
     args = p.parse_args(argv)
-    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", args.name):
-        p.error("--name: lower-case letters, digits, '-' and '_', starting with a letter (at most 41)")
+    try:
+        args.settings = demo_settings(deployment, args.deployment, args.bootstrap_servers, args.redis_url,
+                                      args.warehouse_dsn, args.secret_file)
+    except ValueError as error:
+        p.error(f"--deployment: {error}")
     args.anchor_ms = _anchor_ms(args.anchor)
     return args
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoNames:
-    """Every resource one demo run uses, derived from ``--name`` and the run id."""
+def demo_settings(base, deployment: str, bootstrap: Optional[str] = None, redis_url: Optional[str] = None,
+                  warehouse_dsn: Optional[str] = None, secret_file: Optional[str] = None):
+    """The demo's deployment: ``base`` (the settings every command reads), or another deployment's
+    names on the same services, with the endpoints the flags give."""
+    from ..settings import deployment_names
 
-    name: str
-    run_id: str
-
-    @property
-    def topic(self) -> str:
-        return f"{self.name}-{self.run_id}.onboarding.events"
-
-    @property
-    def dead_letter_topic(self) -> str:
-        return f"{self.topic}.dlq"
-
-    @property
-    def segment_changes_topic(self) -> str:
-        return f"{self.name}-{self.run_id}.onboarding.segment-changes"
-
-    @property
-    def prefix(self) -> str:
-        return self.name
-
-    @property
-    def schema(self) -> str:
-        return self.name.replace("-", "_")
-
-    @property
-    def group(self) -> str:
-        return f"onboardflow-{self.name}-{self.run_id}"
-
-    def owns_topic(self, topic: str) -> bool:
-        """True for this name's topics of any run (``{name}-YYYYmmdd-HHMMSS.*``), never another name's."""
-        return re.fullmatch(re.escape(self.name) + r"-\d{8}-\d{6}\..+", topic) is not None
+    names = deployment_names(deployment)
+    if deployment != base.deployment:
+        base = dataclasses.replace(base, deployment=deployment, secret_file=None, **names)
+    endpoints = {"kafka_bootstrap": bootstrap, "redis_url": redis_url, "warehouse_dsn": warehouse_dsn,
+                 "secret_file": Path(secret_file) if secret_file else None}
+    return dataclasses.replace(base, **{k: v for k, v in endpoints.items() if v})
 
 
-def _fresh_topics(bootstrap, specs, stale: Callable[[str], bool]) -> list[str]:
-    """Delete earlier demo topics (``stale(name)``), create ``specs``; returns the deleted names."""
+def _fresh_topics(bootstrap, specs) -> list[str]:
+    """Empty the demo's topics ``specs`` ((name, partitions)), creating the missing ones.
+
+    Existing topics keep their id (their records are deleted up to the end
+    offset): Kafka 4 gives a re-created topic a new topic id, and clients
+    holding the old one's metadata can stall on it. Returns the topics that
+    held records.
+    """
+    from kafka import KafkaConsumer, TopicPartition
     from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import UnknownTopicOrPartitionError
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-demo")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="onboardflow-demo", enable_auto_commit=False)
     try:
-        old = sorted(name for name in admin.list_topics() if stale(name))
-        if old:
-            try:
-                admin.delete_topics(old)
-            except UnknownTopicOrPartitionError:
-                pass
-            deadline = time.time() + 30
-            while set(admin.list_topics()) & set(old) and time.time() < deadline:
-                time.sleep(0.5)
-        admin.create_topics([NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs])
-        return old
+        existing = set(admin.list_topics())
+        missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs if n not in existing]
+        if missing:
+            admin.create_topics(missing)
+        emptied = []
+        for name, _ in specs:
+            if name not in existing:
+                continue
+            partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
+            ends, starts = consumer.end_offsets(partitions), consumer.beginning_offsets(partitions)
+            held = {tp: ends[tp] for tp in partitions if ends[tp] > starts[tp]}
+            if held:
+                admin.delete_records(held)
+                emptied.append(name)
+        return emptied
     finally:
+        consumer.close()
         admin.close()
 
 
@@ -185,7 +187,17 @@ def _percentile(values, q):
 def _utc(ms: Optional[int]) -> str:
     if ms is None:
         return "-"
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _counted(counts, sep: str = ", ") -> str:
+    """``label: count`` pairs, so a label's words never run into its number."""
+    return sep.join(f"{label}: {count:,}" if isinstance(count, int) else f"{label}: {count}"
+                    for label, count in counts)
+
+
+#: Profile fields that hold epoch milliseconds, shown as ISO 8601 times in the summary.
+_TIME_FIELDS = ("as_of", "signup_at", "first_seen_at", "last_event_at", "updated_at")
 
 
 class _NewestProfileEvent:
@@ -283,7 +295,7 @@ def await_settled(kafka, progress, sink_read: Callable[[], Optional[int]], newes
 
 
 def _describe_settled(state: Settled, lag_s: float) -> list[str]:
-    offsets = ", ".join(f"p{p.partition} {p.committed if p.committed is not None else 0:,}/{p.log_end:,}"
+    offsets = ", ".join(f"p{p.partition}: {p.committed if p.committed is not None else 0:,}/{p.log_end:,}"
                         for p in state.partitions)
     lines = [f"   offsets: every partition's committed offset at its end offset ({offsets})",
              f"   newest event in Redis {_utc(state.newest_event_ms)} = the newest produced event a profile keeps"]
@@ -299,7 +311,7 @@ class DemoResult:
     """What a run printed, for callers (tests): exit code, settling, Redis counts."""
 
     exit_code: int
-    names: DemoNames
+    settings: object  # runners.settings.Settings
     settled: Optional[Settled] = None
     profiles: int = 0
     segments: dict = dataclasses.field(default_factory=dict)
@@ -313,14 +325,16 @@ def main(argv=None) -> int:
 def run_demo(args) -> DemoResult:
     """The demo for parsed ``args`` (see ``_parse``); prints as it goes, returns what it found."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("kafka", "apache_beam", "PrismRunner"):
+    for noisy in ("apache_beam", "PrismRunner"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # reconnects it recovers from
+    # The stages' own progress (publishes, sweeps) too: the demo prints what it waits for.
+    logging.getLogger("onboardflow").setLevel(logging.WARNING)
 
     import psycopg
     import redis
     from apache_beam.runners.runner import PipelineState
 
-    from ...pipelines.onboarding import run
     from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
     from ...schemas.wire import AvroSerializer
     from ...transforms.anonymize import SecretKey, load_secret
@@ -331,25 +345,27 @@ def run_demo(args) -> DemoResult:
     from ..sim.generator import GeneratorConfig, JourneyGenerator, v1_serializer
     from .lag import KafkaLagReader, ProgressReader
     from .produce import produce
+    from .run import run
 
+    deployment = args.settings
+    args.bootstrap_servers, args.redis_url = deployment.kafka_bootstrap, deployment.redis_url
+    args.warehouse_dsn = deployment.warehouse_dsn
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    secret_file = run_dir / "pseudonym.key"
+    secret_file = deployment.key_file
     if not secret_file.exists():
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
         secret_file.write_text(secrets.token_hex(32) + "\n")
         secret_file.chmod(0o600)
     secret = SecretKey(load_secret(secret_file))
-    # Fresh topic names per run: Kafka 4 gives a re-created topic a new topic id,
-    # and clients holding the old one's metadata can stall on it.
-    names = DemoNames(args.name, time.strftime("%Y%m%d-%H%M%S"))
-    topic, prefix, schema, group = names.topic, names.prefix, names.schema, names.group
-    outcome = DemoResult(1, names)
+    topic, prefix = deployment.events_topic, deployment.redis_key_prefix
+    schema, group = deployment.warehouse_schema, deployment.consumer_group
+    outcome = DemoResult(1, deployment)
 
-    print("== onboardflow demo")
-    print(f"   topics {topic} (+ .dlq, segment changes), Redis prefix '{prefix}', warehouse schema '{schema}'")
+    print(f"== onboardflow demo: {deployment.describe()}")
     old_topics = _fresh_topics(args.bootstrap_servers,
-                               [(topic, 4), (names.dead_letter_topic, 2), (names.segment_changes_topic, 4)],
-                               stale=names.owns_topic)
+                               [(topic, 4), (deployment.dead_letter_topic, 2),
+                                (deployment.segment_changes_topic, 4), (deployment.model_events_topic, 1)])
     r = redis.Redis.from_url(args.redis_url)
     stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(stale), 500):
@@ -361,9 +377,10 @@ def run_demo(args) -> DemoResult:
     apply_migrations(args.warehouse_dsn, schema)
     if stale or had_schema or old_topics:
         print(f"   warm run: removed an earlier run's {len(stale):,} Redis keys, "
-              f"{'its warehouse schema' if had_schema else 'no warehouse schema'} and {len(old_topics)} topics")
+              f"{'its warehouse schema' if had_schema else 'no warehouse schema'} and the records of "
+              f"{len(old_topics)} topics")
     else:
-        print("   cold run: nothing of an earlier run under this name")
+        print("   cold run: nothing of an earlier run in this deployment")
 
     horizon_days = 45
     recorder = _NewestProfileEvent(v1_serializer())
@@ -385,7 +402,7 @@ def run_demo(args) -> DemoResult:
                     progress=sys.stderr.isatty(), total=args.events)
     produced = sum(stats.attempted.values()) - sum(stats.failed.values())
     print(f"   produced {produced:,} messages in {stats.elapsed_s:.1f}s: " +
-          ", ".join(f"{k} {v:,}" for k, v in sorted(stats.attempted.items())))
+          _counted(sorted(stats.attempted.items())))
     if recorder.newest_ms is not None and args.anchor_ms - recorder.newest_ms > DAY_MS:
         print(f"   the --events cap cut the timeline: the newest event a profile keeps is {_utc(recorder.newest_ms)}")
     if sum(stats.failed.values()):
@@ -406,18 +423,14 @@ def run_demo(args) -> DemoResult:
           "(until its own progress says settled)")
     t0 = time.time()
     result = run(flink + [
-        "--streaming", f"--kafka_bootstrap_servers={args.bootstrap_servers}", f"--kafka_topics={topic}",
-        "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",
+        "--streaming", "--kafka_start_position=earliest", "--kafka_idle_timeout=5",
         f"--kafka_max_out_of_orderness={MAX_OUT_OF_ORDERNESS_S}",
-        f"--dead_letter_topic={names.dead_letter_topic}", f"--segment_changes_topic={names.segment_changes_topic}",
-        f"--redis_url={args.redis_url}", f"--redis_key_prefix={prefix}",
-        f"--warehouse_dsn={args.warehouse_dsn}", f"--warehouse_schema={schema}",
         f"--secret_file={secret_file}",
         f"--allowed_lateness_hours={lateness_h}", f"--dedup_horizon_hours={lateness_h}",
         # Pick up new model versions within seconds; the models are refitted at every
         # event-time mark (daily), so the backfill's days publish them.
         "--model_refresh_seconds=5",
-    ], secret=secret, wait=False)
+    ], secret=secret, wait=False, settings=deployment)
 
     def job_failed() -> Optional[str]:
         state = result.state
@@ -515,8 +528,7 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
     print(f"   events read            {produced + later:>9,}   "
           f"({produced:,} backfill, {later:,} live logins and probes)")
     print(f"   valid                  {valid:>9,}   (of which re-sent duplicates {duplicates:,}, dropped by event_id)")
-    print(f"   dead-lettered          {sum(dlq.values()):>9,}   "
-          + ", ".join(f"{k} {v}" for k, v in sorted(dlq.items())))
+    print(f"   dead-lettered          {sum(dlq.values()):>9,}   ({_counted(sorted(dlq.items()))})")
     print(f"   consent-filtered       {valid - duplicates - tables['events'] - tables['late_events']:>9,}   "
           "(no analytics or personalization consent: never stored)")
     print(f"   too late for profiles  {tables['late_events']:>9,}   (kept in warehouse.late_events)")
@@ -535,9 +547,14 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
                 "country", "cluster_id", "segment_label", "propensity", "model_version", "onboarding_track",
                 "version")
         outcome.sample_profile = {k: profile.get(k) for k in keep}
-        print("   sample profile (ProfileStore.get of one generated user id; Redis key is its HMAC):")
-        print("     " + json.dumps(outcome.sample_profile, default=str))
-    print("   warehouse rows:        " + ", ".join(f"{t} {n:,}" for t, n in tables.items()))
+        shown = {k: (_utc(v) if k in _TIME_FIELDS and isinstance(v, int) else v)
+                 for k, v in outcome.sample_profile.items()}
+        if isinstance(shown.get("model_version"), int):
+            from ...models.model_registry import version_id
+            shown["model_version"] = version_id("segmentation", shown["model_version"])
+        print(f"   sample profile of user {sample_user} (ProfileStore.get; its Redis key is the id's HMAC):")
+        print("     " + json.dumps(shown, default=str))
+    print(f"   warehouse rows         ({_counted(tables.items())})")
     print(f"   throughput             {produced / elapsed:>9,.0f} events/s  ({produced:,} events caught up in "
           f"{elapsed:.1f}s, pipeline start-up included)")
     if latencies or args.probes:
@@ -547,8 +564,33 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
                   f"({len(latencies)} of {args.probes} probes in Redis within 30 s)")
         else:
             print(f"   produce->Redis latency: none of {args.probes} probes reached Redis within 30 s")
-    print(f"   look up a profile: onboardflow profile USER_ID --secret-file {args.run_dir}/pseudonym.key "
-          f"--key-prefix {prefix}")
+    _next_steps(args, sample_user)
+
+
+def _next_steps(args, sample_user: Optional[str]) -> None:
+    """What to try next, as commands that work as printed (same deployment, same key, services up)."""
+    import os
+
+    from ..settings import Settings
+
+    deployment = args.settings
+    environ = dict(os.environ)
+    if deployment.deployment != Settings.load(environ).deployment:
+        environ["OBF_DEPLOYMENT"] = deployment.deployment
+    plain = Settings.load(environ)  # what a command started with the printed variables sees
+    env = {k: v for k, v in environ.items() if k == "OBF_DEPLOYMENT" and v != os.environ.get(k)}
+    for field in ("kafka_bootstrap", "redis_url", "warehouse_dsn"):
+        if getattr(deployment, field) != getattr(plain, field):
+            env[Settings.variable(field)] = getattr(deployment, field)
+    prefix = "".join(f"{k}={v} " for k, v in env.items())
+    secret = "" if deployment.key_file == plain.key_file else f" --secret-file {deployment.key_file}"
+    print("\n== next: the services stay up (`make services-down` stops them); try")
+    if sample_user:
+        print(f"   {prefix}onboardflow profile {sample_user}{secret}")
+    print(f"   {prefix}onboardflow models list --kind segmentation")
+    print(f"   {prefix}onboardflow lag")
+    print(f"   {prefix}make train")
+    print(f"   (every user id of this run: {Path(args.run_dir) / 'ground_truth.csv'})")
 
 
 def _login(user_id: str, at_ms: int, consent: dict) -> dict:
@@ -590,7 +632,10 @@ def _live_phase(args, r, store, producer, serializer, topic, prefix, gen) -> tup
                       value=serializer.serialize(_login(user.user_id, now, user.consent)))
     producer.flush()
     expected = [u.user_id for u in users if u.consent.get("personalization")]
-    print(f"== live phase: models served (segmentation v{version}); one login for each of {len(users)} users "
+    from ...models.model_registry import version_id
+
+    served = version_id("segmentation", version) if version is not None else "none yet"
+    print(f"== live phase: models served (segmentation {served}); one login for each of {len(users)} users "
           f"({len(expected)} with personalization consent)")
     arrived, scored = 0, 0
     while True:
@@ -627,8 +672,13 @@ def _models_summary(args, r, schema, prefix):
             elif current is None:
                 print(f"   {kind} model         not published yet (the learner is still warming up)")
             else:
-                print(f"   {kind} model         {current.id} (published {len(registry.versions(kind))} versions; "
-                      f"counts {json.dumps(dict(current.counts))}; metrics {json.dumps(dict(current.metrics))})")
+                counts = [(k, v) for k, v in sorted(current.counts.items()) if not isinstance(v, (dict, list))]
+                metrics = [(k, round(v, 4) if isinstance(v, float) else v)
+                           for k, v in sorted(current.metrics.items()) if not isinstance(v, (dict, list))]
+                published = len(registry.versions(kind))
+                print(f"   {kind} model         {current.id} serving ({published} version"
+                      f"{'' if published == 1 else 's'} published; counts {_counted(counts)}; "
+                      f"metrics {_counted(metrics)})")
                 seen_labels = current.counts.get("labels") if kind == "segmentation" else seen_labels
     labels, tracks, scored, total = collections.Counter(), collections.Counter(), 0, 0
     for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
@@ -641,9 +691,9 @@ def _models_summary(args, r, schema, prefix):
             tracks[track.decode().strip('"')] += 1
     print(f"   scored by online models {scored:>8,} of {total:,} profiles (updated after the first publish)")
     if labels:
-        print("   clusters: " + ", ".join(f"{k} {v:,}" for k, v in labels.most_common()))
+        print("   clusters: " + _counted(labels.most_common()))
     if tracks:
-        print("   onboarding tracks: " + ", ".join(f"{k} {v:,}" for k, v in tracks.most_common()))
+        print("   onboarding tracks: " + _counted(tracks.most_common()))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,6 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from ...models.model_registry import ModelStore
-    from ...pipelines.onboarding import run
     from ...transforms.anonymize import SecretKey
     from ...transforms.profile_store import ProfileStore
     from ...transforms.progress import SinkWatermark
@@ -83,6 +82,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     from ..sim.populations import live_login, population, v2_serializer
     from .demo import MAX_OUT_OF_ORDERNESS_S, await_settled
     from .lag import KafkaLagReader, ProgressReader
+    from .run import run
 
     run_id = uuid.uuid4().hex[:8]
     base = f"evaluate-{name.replace('_', '-')}-{run_id}"

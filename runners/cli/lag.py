@@ -6,7 +6,7 @@ would read). A partition the group never committed counts from the log start
 (lag = end - beginning), which is where ``--kafka_start_position=committed``
 starts too; a committed offset that retention already deleted counts from the
 log start as well. The pipeline commits offsets once a bundle's outputs are
-durable (transforms/kafka_io.py), so lag 0 means "everything in the topic has
+durable (transforms/kafka/consumer.py), so lag 0 means "everything in the topic has
 been processed", and lag grows while the pipeline is stopped.
 
 Event time: now minus the newest event time written to Redis, read from the
@@ -20,13 +20,15 @@ watermark of each vertex of the running job (Flink's REST API). Prism has no
 such API; there the workers export each source partition's watermark
 (``onboardflow_source_watermark_timestamp_seconds``, docs/observability.md).
 
-    onboardflow lag --bootstrap 127.0.0.1:9092 --group onboardflow --topic onboarding.events \\
-        [--redis-url redis://127.0.0.1:6379/0 --redis-key-prefix obf] \\
+    onboardflow lag [--bootstrap-servers 127.0.0.1:9092 --consumer-group onboardflow \\
+        --topic onboarding.events --redis-url redis://127.0.0.1:6379/0 --key-prefix obf] \\
         [--flink-rest-url http://localhost:8081 --flink-job onboardflow] [--json]
+
+(every bracketed default is the deployment's, runners/settings.py)
 
 prints one table and exits (status 1 when Kafka cannot be read).
 
-    onboardflow lag-exporter --port 9308 --bootstrap ... --group ... --topic ... [--redis-url ...]
+    onboardflow lag-exporter --port 9308 [--bootstrap-servers ... --consumer-group ... --topic ...]
 
 serves the same numbers for Prometheus. Every scrape reads Kafka (and Redis)
 afresh through a custom collector, so a scrape never returns stale numbers:
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
 import logging
 import sys
@@ -517,8 +520,9 @@ def format_table(report: LagReport) -> str:
     if report.redis_error is not None:
         lines.append(f"event-time lag: Redis unreadable: {report.redis_error}")
     elif report.progress is not None:
+        newest = dt.datetime.fromtimestamp(report.progress.event_time_ms / 1000, dt.timezone.utc)
         lines.append(f"event-time lag: {report.event_time_lag_s:.1f} s "
-                     f"(newest event written to Redis: {report.progress.event_time_ms} ms)")
+                     f"(newest event written to Redis: {newest:%Y-%m-%dT%H:%M:%S}Z)")
     if report.flink_error is not None:
         lines.append(f"watermark lag: Flink unreadable: {report.flink_error}")
     elif report.watermarks:
@@ -531,15 +535,22 @@ def format_table(report: LagReport) -> str:
 
 
 def _parser(prog: str, exporter: bool) -> argparse.ArgumentParser:
+    from ..settings import settings
+
+    deployment = settings()
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (host:port,...).")
-    parser.add_argument("--group", default="onboardflow",
-                        help="The pipeline's consumer group (its --kafka_consumer_group).")
+    parser.add_argument("--bootstrap-servers", default=deployment.kafka_bootstrap,
+                        help="Kafka bootstrap servers (host:port,...; default: the deployment's, %(default)s).")
+    parser.add_argument("--consumer-group", default=deployment.consumer_group,
+                        help="The pipeline's consumer group (its --kafka_consumer_group; default: %(default)s).")
     parser.add_argument("--topic", action="append", default=None,
-                        help="Topic the pipeline reads; repeat or comma-separate (default onboarding.events).")
-    parser.add_argument("--redis-url", default=None,
-                        help="Redis profile store, for the event-time lag (omitted when not given).")
-    parser.add_argument("--redis-key-prefix", default="obf", help="The pipeline's --redis_key_prefix.")
+                        help="Topic the pipeline reads; repeat or comma-separate "
+                             f"(default: the deployment's, {deployment.events_topic}).")
+    parser.add_argument("--redis-url", default=deployment.redis_url,
+                        help="Redis profile store, for the event-time lag (default: %(default)s; "
+                             "'' leaves it out).")
+    parser.add_argument("--key-prefix", default=deployment.redis_key_prefix,
+                        help="The pipeline's --redis_key_prefix (default: %(default)s).")
     parser.add_argument("--flink-rest-url", default=None,
                         help="Flink's REST API (e.g. http://localhost:8081), for the watermark lag of running "
                              "jobs; not available on Prism.")
@@ -556,9 +567,12 @@ def _parser(prog: str, exporter: bool) -> argparse.ArgumentParser:
 
 
 def _readers(args) -> tuple[KafkaLagReader, Optional[ProgressReader], Optional[FlinkWatermarkReader]]:
-    topics = [t.strip() for spec in (args.topic or ["onboarding.events"]) for t in spec.split(",") if t.strip()]
-    kafka = KafkaLagReader(args.bootstrap, args.group, topics, timeout_ms=args.timeout_ms)
-    progress = ProgressReader(args.redis_url, args.redis_key_prefix) if args.redis_url else None
+    from ..settings import settings
+
+    specs = args.topic or [settings().events_topic]
+    topics = [t.strip() for spec in specs for t in spec.split(",") if t.strip()]
+    kafka = KafkaLagReader(args.bootstrap_servers, args.consumer_group, topics, timeout_ms=args.timeout_ms)
+    progress = ProgressReader(args.redis_url, args.key_prefix) if args.redis_url else None
     flink = (FlinkWatermarkReader(args.flink_rest_url, args.flink_job, args.timeout_ms / 1000)
              if args.flink_rest_url else None)
     return kafka, progress, flink
@@ -585,7 +599,7 @@ def exporter_main(argv: Optional[list[str]] = None) -> int:
     kafka, progress, flink = _readers(args)
     server = serve_lag_exporter(LagCollector(kafka, progress, flink=flink), args.port, args.address)
     _LOG.info("lag exporter for group %s on topics %s: http://%s:%d/metrics",
-              args.group, ",".join(kafka.topics), args.address, server.server_port)
+              args.consumer_group, ",".join(kafka.topics), args.address, server.server_port)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

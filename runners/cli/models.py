@@ -21,8 +21,8 @@ or served within that many days) and prints them;
 ``--dry-run`` only prints. How the registry works, and what retention keeps:
 docs/models-registry.md.
 
-Connection settings default to the local services (REDIS_HOST / REDIS_PORT,
-PG_* as in runners/services/env.sh); the DSN is never printed. Exit status: 0
+Connection settings and names default to the deployment's (runners/settings.py);
+the DSN is never printed. Exit status: 0
 done, 1 nothing to show, 2 a refused request or an unreachable service.
 """
 from __future__ import annotations
@@ -30,17 +30,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
+import re
 import sys
 from typing import Optional
 
 
-def _default_redis_url() -> str:
-    return f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
-
-
 def _parser() -> argparse.ArgumentParser:
-    from ...models.model_registry import DEFAULT_KEY_PREFIX, DEFAULT_SCHEMA, KINDS
+    from ...models.model_registry import KINDS
+    from ..settings import settings
+
+    deployment = settings()
 
     parser = argparse.ArgumentParser(prog="onboardflow models", description="Versioned model registry.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,11 +66,23 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--keep-days", type=float, default=None,
                              help="also keep versions published or served in the last D days")
             cmd.add_argument("--dry-run", action="store_true", help="print what would be pruned, change nothing")
-        cmd.add_argument("--redis-url", default=_default_redis_url(), help="Redis URL of the serving copy")
-        cmd.add_argument("--warehouse-dsn", default=None, help="PostgreSQL DSN (default: from PG_* variables)")
-        cmd.add_argument("--schema", default=DEFAULT_SCHEMA, help="warehouse schema (default: %(default)s)")
-        cmd.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="Redis key prefix (default: %(default)s)")
+        cmd.add_argument("--redis-url", default=deployment.redis_url,
+                         help="Redis URL of the serving copy (default: %(default)s)")
+        cmd.add_argument("--warehouse-dsn", default=deployment.warehouse_dsn,
+                         help="PostgreSQL DSN (default: the deployment's, OBF_WAREHOUSE_DSN)")
+        cmd.add_argument("--warehouse-schema", default=deployment.warehouse_schema,
+                         help="warehouse schema (default: %(default)s)")
+        cmd.add_argument("--key-prefix", default=deployment.redis_key_prefix,
+                         help="Redis key prefix (default: %(default)s)")
     return parser
+
+
+def _dated(reason: str) -> str:
+    """A pointer move's reason with its event-time mark (epoch ms) as an ISO 8601 time."""
+    def iso(match):
+        at = dt.datetime.fromtimestamp(int(match.group(1)) / 1000, dt.timezone.utc)
+        return f"mark {at:%Y-%m-%dT%H:%M:%S}Z"
+    return re.sub(r"\bmark (\d{12,14})\b", iso, reason)
 
 
 def _headline(metrics) -> str:
@@ -111,7 +122,7 @@ def _list(registry, kind: str) -> int:
         print("\npointer moves:")
         for e in events:
             came_from = version_id(kind, e.from_version) if e.from_version else "-"
-            reason = f"  ({e.reason})" if e.reason else ""
+            reason = f"  ({_dated(e.reason)})" if e.reason else ""
             print(f"  {e.at.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S}  {e.action:<8} {came_from} -> "
                   f"{version_id(kind, e.to_version)}{reason}")
     return 0
@@ -179,10 +190,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import redis
 
     from ...models.model_registry import ModelRegistry, RegistryError, version_id
-    from .warehouse import default_dsn
-
     try:
-        with ModelRegistry(args.redis_url, args.warehouse_dsn or default_dsn(), args.schema,
+        with ModelRegistry(args.redis_url, args.warehouse_dsn, args.warehouse_schema,
                            args.key_prefix) as registry:
             if args.command == "list":
                 return _list(registry, args.kind)
@@ -202,12 +211,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"onboardflow models: {exc}", file=sys.stderr)
         return 2
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
-        print("onboardflow models: the registry tables are missing or older than this code: "
-              "run `onboardflow warehouse migrate`", file=sys.stderr)
+        print(f"onboardflow models: warehouse schema '{args.warehouse_schema}' has no registry tables, or older "
+              "ones: nothing ran in this deployment yet (`make demo` fills it), or run "
+              f"`onboardflow warehouse migrate --warehouse-schema {args.warehouse_schema}`", file=sys.stderr)
         return 2
-    except psycopg.OperationalError as exc:
-        print(f"onboardflow models: cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (psycopg.OperationalError, redis.ConnectionError):
+        raise  # one line from the command line's handler (runners/cli/__init__.py)
     except redis.RedisError as exc:
         print(f"onboardflow models: Redis: {exc}", file=sys.stderr)
         return 2

@@ -270,9 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Produce synthetic onboarding journeys (Avro, Confluent framing) to Kafka.",
     )
     kafka = parser.add_argument_group("kafka")
-    kafka.add_argument("--bootstrap-servers", default=DEFAULT_BOOTSTRAP, help="default: %(default)s")
-    kafka.add_argument("--topic", default=DEFAULT_TOPIC, help="default: %(default)s")
-    kafka.add_argument("--registry", metavar="URL", default=None,
+    from ..settings import settings
+
+    deployment = settings()
+    kafka.add_argument("--bootstrap-servers", default=deployment.kafka_bootstrap,
+                       help="default: the deployment's, %(default)s")
+    kafka.add_argument("--topic", default=deployment.events_topic, help="default: the deployment's, %(default)s")
+    kafka.add_argument("--registry-url", metavar="URL", default=deployment.schema_registry_url,
                        help="schema registry: http(s):// Confluent REST, file path, "
                             "or the shipped file registry (default)")
     kafka.add_argument("--rate", type=float, default=0.0, help="target messages/s; 0 = as fast as possible")
@@ -322,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ...schemas.schema_registry import RegistryError, registry_from_url
 
     try:
-        serializer = v1_serializer(registry_from_url(args.registry))
+        serializer = v1_serializer(registry_from_url(args.registry_url))
     except (RegistryError, OSError, ValueError) as err:
         print(f"onboardflow produce: schema registry unusable: {err}", file=sys.stderr)
         return 1

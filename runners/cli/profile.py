@@ -1,6 +1,6 @@
 """`onboardflow profile`: read one user's profile back from Redis, or sweep segments.
 
-    onboardflow profile USER_ID [--redis-url URL] [--key-prefix obf]
+    onboardflow profile USER_ID [--redis-url URL] [--key-prefix PREFIX]
                         [--secret-file PATH | --secret-env NAME] [--json]
     onboardflow profile --key USER_KEY [--redis-url URL] [--json]
     onboardflow profile --sweep-segments [--redis-url URL]
@@ -13,12 +13,16 @@ found in the warehouse or a segment set) and needs no secret.
 ``--sweep-segments`` removes segment-set members whose profile expired or no
 longer lists the segment (see docs/redis-contract.md); run it periodically.
 
+Redis, the key prefix and the secret default to the deployment's
+(runners/settings.py; the key file is the one `onboardflow demo` writes).
+
 Exit status: 0 found (or sweep done), 1 no such profile, 2 usage or
 configuration error. The raw user id is never echoed.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -27,11 +31,10 @@ from typing import Any, Optional
 DEFAULT_SECRET_ENV = "OBF_PSEUDONYM_SECRET"
 
 
-def _default_redis_url() -> str:
-    return f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
-
-
 def _parser() -> argparse.ArgumentParser:
+    from ..settings import settings
+
+    deployment = settings()
     parser = argparse.ArgumentParser(
         prog="onboardflow profile",
         description="Print one user's profile from the Redis profile store.",
@@ -40,22 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", metavar="USER_KEY", help="look up by pseudonymous user_key instead of USER_ID")
     parser.add_argument("--sweep-segments", action="store_true",
                         help="remove stale segment-set members instead of printing a profile")
-    parser.add_argument("--redis-url", default=_default_redis_url(),
-                        help="Redis URL (default: redis://$REDIS_HOST:$REDIS_PORT/0)")
-    parser.add_argument("--key-prefix", default=None, help="key prefix of the store (default: obf)")
+    parser.add_argument("--redis-url", default=deployment.redis_url,
+                        help="Redis URL (default: the deployment's, %(default)s)")
+    parser.add_argument("--key-prefix", default=deployment.redis_key_prefix,
+                        help="key prefix of the store (default: the deployment's, %(default)s)")
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument("--secret-file", metavar="PATH", help="file holding the pseudonymization secret")
     secret.add_argument("--secret-env", metavar="NAME",
-                        help=f"environment variable holding the secret (default: {DEFAULT_SECRET_ENV})")
+                        help=f"environment variable holding the secret (default: {DEFAULT_SECRET_ENV} when set, "
+                             f"else the deployment's key file {deployment.key_file})")
     parser.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     return parser
+
+
+#: Fields holding epoch milliseconds: printed as ISO 8601 times (``--json`` keeps the numbers).
+TIME_FIELDS = ("as_of", "signup_at", "first_event_at", "last_event_at", "updated_at")
+
+
+def _iso(ms: int) -> str:
+    at = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def _format(profile: dict[str, Any]) -> str:
     width = max(len(name) for name in profile)
     lines = []
     for name, value in profile.items():
-        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+        if name in TIME_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            text = _iso(value)
+        else:
+            text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
         lines.append(f"{name:<{width}}  {text}")
     return "\n".join(lines)
 
@@ -69,18 +86,29 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Imported here so `--help` and usage errors stay fast (no Beam import).
     from ...transforms.anonymize import SecretError, load_secret
-    from ...transforms.profile_store import DEFAULT_KEY_PREFIX, ProfileStore
+    from ...transforms.profile_store import ProfileStore
 
     secret = None
     if args.user_id:
+        from ..settings import settings
+
+        secret_file = args.secret_file
+        if not secret_file and not args.secret_env and not os.environ.get(DEFAULT_SECRET_ENV):
+            key_file = settings().key_file  # written by `onboardflow demo`
+            if not key_file.is_file():
+                print(f"onboardflow profile: no pseudonymization key for deployment '{settings().deployment}': "
+                      f"{key_file} does not exist (`onboardflow demo` writes it) and ${DEFAULT_SECRET_ENV} is "
+                      "not set; pass --secret-file or --secret-env", file=sys.stderr)
+                return 2
+            secret_file = key_file
         try:
-            secret = load_secret(path=args.secret_file,
-                                 env_var=None if args.secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
+            secret = load_secret(path=secret_file,
+                                 env_var=None if secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
         except SecretError as exc:
             print(f"onboardflow profile: {exc}", file=sys.stderr)
             return 2
     try:
-        store = ProfileStore(args.redis_url, secret, key_prefix=args.key_prefix or DEFAULT_KEY_PREFIX)
+        store = ProfileStore(args.redis_url, secret, key_prefix=args.key_prefix)
     except ValueError as exc:
         print(f"onboardflow profile: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Warehouse schema migrations from the command line.
 
-    python -m onboardflow.runners.cli.warehouse migrate [--dsn DSN] [--schema warehouse]
-    python -m onboardflow.runners.cli.warehouse status  [--dsn DSN] [--schema warehouse]
+    onboardflow warehouse migrate [--warehouse-dsn DSN] [--warehouse-schema SCHEMA]
+    onboardflow warehouse status  [--warehouse-dsn DSN] [--warehouse-schema SCHEMA]
 
 ``migrate`` applies the pending ``schemas/warehouse/V*.sql`` migrations in
 order (each in its own transaction) and is a no-op when everything is applied;
@@ -9,24 +9,14 @@ it fails, changing nothing, when an applied migration's file was edited.
 ``status`` lists every migration with its state and exits 1 unless all are
 applied and unchanged, so scripts can gate on it.
 
-The DSN defaults to the local services' settings (PG_HOST, PG_PORT, PG_USER,
-PG_PASSWORD, PG_DATABASE, as in runners/services/env.sh); it is never printed,
-since it carries the password.
+The DSN and schema default to the deployment's (runners/settings.py); the DSN
+is never printed, since it carries the password.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
-
-
-def default_dsn() -> str:
-    env = os.environ.get
-    return (
-        f"postgresql://{env('PG_USER', 'onboardflow')}:{env('PG_PASSWORD', 'onboardflow')}"
-        f"@{env('PG_HOST', '127.0.0.1')}:{env('PG_PORT', '5432')}/{env('PG_DATABASE', 'onboardflow')}"
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,20 +24,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("migrate", "apply pending migrations"), ("status", "list migrations and their state")):
         cmd = sub.add_parser(name, help=help_)
-        cmd.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: from PG_* variables)")
-        cmd.add_argument("--schema", default=None, help="target schema (default: warehouse)")
+        cmd.add_argument("--warehouse-dsn", default=None,
+                         help="PostgreSQL DSN (default: the deployment's, OBF_WAREHOUSE_DSN)")
+        cmd.add_argument("--warehouse-schema", default=None,
+                         help="target schema (default: the deployment's, OBF_WAREHOUSE_SCHEMA)")
         cmd.add_argument("--migrations-dir", default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    import psycopg
+    from ...transforms.warehouse import MigrationError, apply_migrations, migration_status
+    from ..settings import settings
 
-    from ...transforms.warehouse import DEFAULT_SCHEMA, MigrationError, apply_migrations, migration_status
-
-    dsn = args.dsn or default_dsn()
-    schema = args.schema or DEFAULT_SCHEMA
+    dsn = args.warehouse_dsn or settings().warehouse_dsn
+    schema = args.warehouse_schema or settings().warehouse_schema
     try:
         if args.command == "migrate":
             applied = apply_migrations(dsn, schema, args.migrations_dir)
@@ -60,10 +51,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         states = migration_status(dsn, schema, args.migrations_dir)
     except (MigrationError, ValueError) as exc:
         print(f"onboardflow warehouse: {exc}", file=sys.stderr)
-        return 2
-    except psycopg.OperationalError as exc:
-        # psycopg's connection messages name host and port, not the password.
-        print(f"onboardflow warehouse: cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     for state in states:
         when = f"  {state.applied_at:%Y-%m-%d %H:%M:%S %Z}" if state.applied_at else ""

@@ -11,7 +11,9 @@ export OBF_CACHE_DIR="${OBF_CACHE_DIR:-$OBF_ROOT/.cache}"
 export KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 export KAFKA_HOST="${KAFKA_HOST:-127.0.0.1}"
 export KAFKA_PORT="${KAFKA_PORT:-9092}"
-export KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+# The controller listens next to the broker unless told otherwise, so a second
+# broker (`make services-up KAFKA_PORT=19092`) does not collide with the first.
+export KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 export KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 # topic:partitions pairs created by `kafka.sh topics`.
 export KAFKA_TOPICS="${KAFKA_TOPICS:-onboarding.events:4 onboarding.events.dlq:2 onboarding.segment-changes:4 onboarding.model-events:1}"

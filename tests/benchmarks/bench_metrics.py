@@ -96,10 +96,10 @@ def bench_onboarding_pipeline(events: int, rounds: int, bootstrap: str = "127.0.
     import psycopg
     import redis
 
-    from onboardflow.pipelines.onboarding import run
     from onboardflow.pipelines.options import DEFAULT_REDIS_URL, DEFAULT_WAREHOUSE_DSN
     from onboardflow.runners.cli.demo import _fresh_topics
     from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.cli.run import run
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
 

@@ -95,7 +95,7 @@ class PeakMemory:
 
 
 def _start_pipeline(args, topic, group, prefix, schema, secret, extra=()):
-    from onboardflow.pipelines.onboarding import run
+    from onboardflow.runners.cli.run import run
 
     return run(["--streaming", f"--kafka_bootstrap_servers={args.bootstrap}", f"--kafka_topics={topic}",
                 "--kafka_start_position=earliest", f"--kafka_consumer_group={group}", "--kafka_idle_timeout=5",

@@ -35,7 +35,7 @@ import pytest
 from apache_beam.runners.runner import PipelineState
 from kafka import KafkaProducer
 
-from onboardflow.pipelines.onboarding import run
+from onboardflow.runners.cli.run import run
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.sim.generator import v1_serializer
 from onboardflow.tests.integration.outputs import counters

@@ -1,10 +1,14 @@
 """`onboardflow demo` settles on the pipeline's own progress, so two runs of one seed agree (issue 13, item 5).
 
-The demo runs in-process with a reduced size, under its own ``--name`` (its
-own topics, Redis prefix, warehouse schema and consumer group), so it never
-touches a real ``make demo``'s resources.
+The demo runs in-process with a reduced size, in a deployment of its own
+(``--deployment``: its own topics, Redis prefix, warehouse schema and consumer
+group), so it never touches a real ``make demo``'s resources.
 """
+import os
 import re
+import shlex
+import subprocess
+import sys
 import time
 import uuid
 
@@ -14,6 +18,7 @@ import redis
 from kafka.admin import KafkaAdminClient
 
 from onboardflow.runners.cli import demo
+from onboardflow.runners.settings import deployment_names
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.profile_store import decode_profile
 
@@ -25,13 +30,13 @@ DORMANCY_DAYS = 30  # the pipeline's default --dormancy_days
 
 @pytest.fixture
 def demo_name(kafka_bootstrap, redis_url, pg_dsn):
-    """A demo ``--name`` of this test only; its topics, Redis keys and schema are removed after."""
+    """A ``--deployment`` of this test only; its topics, Redis keys and schema are removed after."""
     name = f"t-demo-{uuid.uuid4().hex[:8]}"
     yield name
-    names = demo.DemoNames(name, "")
+    names = deployment_names(name)
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="onboardflow-tests")
     try:
-        mine = [t for t in admin.list_topics() if names.owns_topic(t)]
+        mine = [t for t in admin.list_topics() if t.startswith(f"{name}.")]
         if mine:
             admin.delete_topics(mine)
     except Exception:  # noqa: BLE001 - cleanup must not mask the test result
@@ -40,13 +45,13 @@ def demo_name(kafka_bootstrap, redis_url, pg_dsn):
         admin.close()
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{names.prefix}:*", count=1000))
+        keys = list(client.scan_iter(match=f"{names['redis_key_prefix']}:*", count=1000))
         for i in range(0, len(keys), 500):
             client.delete(*keys[i:i + 500])
     finally:
         client.close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{names.schema}" CASCADE')
+        conn.execute(f'DROP SCHEMA IF EXISTS "{names["warehouse_schema"]}" CASCADE')
 
 
 def redis_state(redis_url: str, prefix: str) -> tuple[dict, dict]:
@@ -102,7 +107,8 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
     and a table that differs from the other run's.
     """
     anchor_ms = (int(time.time() * 1000) // DAY_MS - 40) * DAY_MS
-    argv = ["--name", demo_name, "--bootstrap-servers", kafka_bootstrap, "--redis-url", redis_url,
+    argv = ["--deployment", demo_name, "--secret-file", str(tmp_path / "pseudonym.key"),
+            "--bootstrap-servers", kafka_bootstrap, "--redis-url", redis_url,
             "--warehouse-dsn", pg_dsn, "--users", str(USERS), "--events", "20000", "--seed", "13",
             "--anchor", str(anchor_ms), "--no-live", "--probes", "0", "--timeout", "300",
             "--run-dir", str(tmp_path)]
@@ -115,10 +121,10 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
         with capsys.disabled():
             print(f"\n{label} run: {took:.0f} s; settled after {result.settled.settled_s} s, "
                   f"{result.profiles} profiles, segments {result.segments}")
-        runs.append((result, out, redis_state(redis_url, result.names.prefix)))
+        runs.append((result, out, redis_state(redis_url, result.settings.redis_key_prefix)))
 
     (cold, cold_out, (cold_profiles, cold_segments)), (warm, warm_out, (warm_profiles, warm_segments)) = runs
-    assert "cold run: nothing of an earlier run under this name" in cold_out
+    assert "cold run: nothing of an earlier run in this deployment" in cold_out
     assert "warm run: removed an earlier run's" in warm_out
     for result, out in ((cold, cold_out), (warm, warm_out)):
         assert result.exit_code == 0, out
@@ -142,3 +148,50 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
     assert sample and sample == {k: v for k, v in warm.sample_profile.items() if k not in demo.MODEL_FIELDS}
     # Every timer had fired: 40 days after the timeline, every profile is dormant.
     assert cold.segments["dormant"] == len(cold_profiles)
+
+
+def next_steps(out: str) -> list[tuple[dict, list[str]]]:
+    """The `onboardflow ...` commands the demo's closing lines suggest: (environment, argv)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("== next:"))
+    commands = []
+    for line in lines[start + 1:]:
+        words = shlex.split(line)
+        env = {}
+        while words and "=" in words[0] and not words[0].startswith("-"):
+            key, _, value = words.pop(0).partition("=")
+            env[key] = value
+        if words and words[0] == "onboardflow":
+            commands.append((env, words[1:]))
+    return commands
+
+
+def test_the_commands_the_demo_suggests_work_as_printed(demo_name, kafka_bootstrap, redis_url, pg_dsn,
+                                                         tmp_path, capsys):
+    """Issue 15, item 7: after the demo, `profile <the hinted user id>`, `models list` and `lag` find its
+    data, each as printed (a new process, the deployment's settings, no extra flags), with no Beam
+    or runner noise on stderr."""
+    argv = ["--deployment", demo_name, "--secret-file", str(tmp_path / "pseudonym.key"),
+            "--bootstrap-servers", kafka_bootstrap, "--redis-url", redis_url, "--warehouse-dsn", pg_dsn,
+            "--users", "80", "--events", "40000", "--seed", "21", "--no-live", "--probes", "0",
+            "--timeout", "300", "--run-dir", str(tmp_path)]
+    result = demo.run_demo(demo._parse(argv))
+    out = capsys.readouterr().out
+    assert result.exit_code == 0, out
+
+    commands = {words[0]: (env, words) for env, words in next_steps(out)}
+    assert set(commands) == {"profile", "models", "lag"}
+    env, profile = commands["profile"]
+    assert env == {"OBF_DEPLOYMENT": demo_name}
+    assert re.fullmatch(r"usr-\d{6}", profile[1])  # a real user id of the run
+    ran = {}
+    for name, (env, words) in commands.items():
+        done = subprocess.run([sys.executable, "-m", "onboardflow.runners.cli", *words],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        ran[name] = done
+        assert done.returncode == 0, (words, done.stdout, done.stderr)
+        assert done.stderr == "", (words, done.stderr)
+    assert "segments" in ran["profile"].stdout and "user_key" in ran["profile"].stdout
+    assert "seg-000001" in ran["models"].stdout
+    lag_rows = [line.split() for line in ran["lag"].stdout.splitlines() if line.startswith(f"{demo_name}.events ")]
+    assert len(lag_rows) == 4 and all(row[-1] == "0" for row in lag_rows), ran["lag"].stdout

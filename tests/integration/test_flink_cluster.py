@@ -41,8 +41,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 from apache_beam.testing.util import assert_that, equal_to
 
-from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.cli.produce import produce
+from onboardflow.runners.cli.run import run
 from onboardflow.runners.flink_runner import WorkerPool, is_job_server_jar
 from onboardflow.runners.local import PRISM_NO_DYNAMIC_SPLITS, prism_location
 from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator

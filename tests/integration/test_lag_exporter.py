@@ -187,8 +187,8 @@ def _pipeline_args(bootstrap, topic, group, dlq, changes, redis_url, prefix, dsn
 def test_pipeline_lag_drops_to_zero_after_a_run_and_grows_while_it_is_stopped(
         kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema,
         exporter):
-    from onboardflow.pipelines.onboarding import run
     from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.cli.run import run
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
 
@@ -282,8 +282,8 @@ def assert_worker_metrics_match_the_input(before: dict, after: dict, messages: l
 @pytest.mark.e2e
 def test_worker_endpoint_counts_what_a_pipeline_run_read_dropped_and_wrote(
         kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema):
-    from onboardflow.pipelines.onboarding import run
     from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.cli.run import run
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
     from onboardflow.transforms.metrics_endpoint import serve_worker_metrics
@@ -326,8 +326,8 @@ def _wait_for(condition, timeout_s: float, what: str):
 def test_streaming_run_scraped_while_running_counts_the_input_and_lag_rises_while_paused(
         kafka_bootstrap, kafka_topic, unique_name, redis_url, redis_key_prefix, pg_dsn, warehouse_schema,
         exporter):
-    from onboardflow.pipelines.onboarding import run
     from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.cli.run import run
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.transforms.anonymize import SecretKey
     from onboardflow.transforms.metrics_endpoint import serve_worker_metrics

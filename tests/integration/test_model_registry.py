@@ -22,7 +22,7 @@ def registry(model_registry):
 
 def _cli(registry, redis_url, pg_dsn, *args):
     return models_cli.main([*args, "--redis-url", redis_url, "--warehouse-dsn", pg_dsn,
-                            "--schema", registry.schema, "--key-prefix", registry.store.key_prefix])
+                            "--warehouse-schema", registry.schema, "--key-prefix", registry.store.key_prefix])
 
 
 def test_first_publish_is_served_from_redis_and_kept_in_the_warehouse(registry, redis_client):
@@ -227,7 +227,7 @@ def test_models_command_says_when_the_migration_is_missing(redis_url, pg_dsn, wa
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(warehouse_schema)))
 
     code = models_cli.main(["list", "--kind", "segmentation", "--redis-url", redis_url, "--warehouse-dsn", pg_dsn,
-                            "--schema", warehouse_schema, "--key-prefix", redis_key_prefix])
+                            "--warehouse-schema", warehouse_schema, "--key-prefix", redis_key_prefix])
 
     assert code == 2
     assert "onboardflow warehouse migrate" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def _version_hashes(registry, redis_client):
 
 def _cli(registry, redis_url, pg_dsn, *args):
     return models_cli.main([*args, "--redis-url", redis_url, "--warehouse-dsn", pg_dsn,
-                            "--schema", registry.schema, "--key-prefix", registry.store.key_prefix])
+                            "--warehouse-schema", registry.schema, "--key-prefix", registry.store.key_prefix])
 
 
 def test_prune_keeps_exactly_the_newest_n_while_the_pointer_follows_publishes(registry, pg_dsn, redis_client):

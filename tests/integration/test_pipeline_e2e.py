@@ -47,8 +47,8 @@ from onboardflow.models.features import feature_vector
 from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.segmentation import Segmenter
-from onboardflow.pipelines.onboarding import run
 from onboardflow.runners.cli.produce import produce
+from onboardflow.runners.cli.run import run
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.sim.generator import (
     DUPLICATE,

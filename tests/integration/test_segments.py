@@ -27,7 +27,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.segmentation import LABELS
-from onboardflow.pipelines.onboarding import run
+from onboardflow.runners.cli.run import run
 from onboardflow.runners.sim.populations import population
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.anonymize import SecretKey

@@ -21,6 +21,7 @@ from onboardflow.models.features import FEATURES, feature_vector
 from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.segmentation import Segmenter
+from onboardflow.pipelines.train import read_snapshot_history
 from onboardflow.runners.cli import train
 from onboardflow.runners.sim.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
@@ -79,7 +80,7 @@ def generated():
 
 
 def _args(pg_dsn, redis_url, schema, prefix, out, *extra):
-    return ["--warehouse-dsn", pg_dsn, "--schema", schema, "--redis-url", redis_url, "--key-prefix", prefix,
+    return ["--warehouse-dsn", pg_dsn, "--warehouse-schema", schema, "--redis-url", redis_url, "--key-prefix", prefix,
             "--out", str(out), "--k-min", "2", "--k-max", "6", "--min-users", "100", "--read-shards", "3", *extra]
 
 
@@ -200,7 +201,7 @@ def test_train_bootstraps_and_serves_a_propensity_model_from_the_snapshot_histor
         writer.close()
 
     # The history comes back in event-time order, every snapshot once.
-    replayed = list(train.read_snapshot_history(pg_dsn, warehouse_schema, None, batch=500))
+    replayed = list(read_snapshot_history(pg_dsn, warehouse_schema, None, batch=500))
     assert len(replayed) == len(history) + sum(p is not None for _, early, final in generated for p in (early, final))
     assert [r["version"] for r in replayed] == sorted(r["version"] for r in replayed)
 

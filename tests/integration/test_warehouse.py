@@ -128,7 +128,7 @@ def test_an_applied_migration_that_changed_on_disk_is_an_error(pg_dsn, fresh_sch
     states = {s.name: s.state for s in migration_status(pg_dsn, fresh_schema, migrations)}
     assert states["demo_accounts"] == "checksum_mismatch"
     assert {name for name, state in states.items() if state != "applied"} == {"demo_accounts"}
-    args = ["--dsn", pg_dsn, "--schema", fresh_schema, "--migrations-dir", str(migrations)]
+    args = ["--warehouse-dsn", pg_dsn, "--warehouse-schema", fresh_schema, "--migrations-dir", str(migrations)]
     assert warehouse_cli.main(["status", *args]) == 1
     assert warehouse_cli.main(["migrate", *args]) == 2
     assert "changed after it was applied" in capsys.readouterr().err
@@ -174,7 +174,7 @@ def test_concurrent_migrators_apply_each_migration_once(pg_dsn, fresh_schema):
 
 
 def test_migrate_and_status_commands(pg_dsn, fresh_schema, capsys):
-    args = ["--dsn", pg_dsn, "--schema", fresh_schema]
+    args = ["--warehouse-dsn", pg_dsn, "--warehouse-schema", fresh_schema]
     assert warehouse_cli.main(["status", *args]) == 1  # all pending
     assert warehouse_cli.main(["migrate", *args]) == 0
     assert "applied V001__init" in capsys.readouterr().out

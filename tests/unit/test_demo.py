@@ -5,11 +5,13 @@ are exercised by tests/integration/test_demo.py), the probe's next stop,
 the names a demo run owns, and the newest event a profile keeps.
 """
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from onboardflow.runners.cli import demo
 from onboardflow.runners.cli.lag import LagReport, PartitionLag, Progress, unreached
+from onboardflow.runners.settings import Settings
 from onboardflow.runners.sim.generator import DUPLICATE, VALID, GeneratorConfig, JourneyGenerator, v1_serializer
 from onboardflow.transforms.progress import next_watermark_probe
 
@@ -126,14 +128,17 @@ def test_the_probe_follows_a_backlog_then_the_highest_watermark_an_idle_source_r
     assert next_watermark_probe(now - lag, newest_ms=None, now_ms=now, lag_ms=lag, min_step_ms=1000) == now - lag + 1000
 
 
-def test_a_demo_name_owns_its_runs_topics_and_never_another_names():
-    names = demo.DemoNames("demo", "20261206-101010")
-    assert names.owns_topic(names.topic) and names.owns_topic(names.dead_letter_topic)
-    assert names.owns_topic("demo-20250101-000000.onboarding.segment-changes")
-    assert not names.owns_topic("demo-test-20261206-101010.onboarding.events")
-    assert not names.owns_topic("demo-20261206-101010")
-    assert not names.owns_topic("onboarding.events")
-    assert (names.prefix, demo.DemoNames("t-demo-1", "x").schema) == ("demo", "t_demo_1")
+def test_the_demo_fills_the_deployment_every_command_uses_unless_told_another():
+    base = Settings.load({"OBF_RUN_DIR": "/tmp/obf-run", "OBF_REDIS_URL": "redis://r:1/0"})
+    same = demo.demo_settings(base, "onboarding")
+    assert same == base
+    other = demo.demo_settings(base, "t-demo-1", bootstrap="k:9")
+    assert (other.events_topic, other.dead_letter_topic, other.consumer_group, other.redis_key_prefix,
+            other.warehouse_schema) == ("t-demo-1.events", "t-demo-1.events.dlq", "onboardflow-t-demo-1",
+                                        "t-demo-1", "t_demo_1")
+    # The services stay the deployment's, except what a flag gives.
+    assert (other.redis_url, other.kafka_bootstrap) == ("redis://r:1/0", "k:9")
+    assert other.key_file == Path("/tmp/obf-run/keys/t-demo-1.key")
 
 
 def test_anchors_parse_from_epoch_ms_and_iso_times_in_utc():
@@ -142,7 +147,7 @@ def test_anchors_parse_from_epoch_ms_and_iso_times_in_utc():
     assert demo._anchor_ms("2026-10-01T02:00:00+02:00") == 1_790_812_800_000
     assert demo._anchor_ms("2026-10-01 00:00") == 1_790_812_800_000
     with pytest.raises(SystemExit):
-        demo._parse(["--name", "Demo Name"])
+        demo._parse(["--deployment", "Demo Name"])
 
 
 @pytest.mark.parametrize("max_messages", [None, 700])

@@ -78,7 +78,7 @@ def test_local_options_let_callers_override_defaults():
 
 
 def test_a_pipeline_run_without_a_runner_gets_prism_and_in_process_workers():
-    from onboardflow.pipelines.onboarding import pipeline_options
+    from onboardflow.runners.cli.run import pipeline_options
 
     options = pipeline_options(["--kafka_topics=t"])
     assert options.view_as(StandardOptions).runner == "PrismRunner"
@@ -94,8 +94,8 @@ def test_a_pipeline_run_without_a_runner_gets_prism_and_in_process_workers():
 def test_a_local_job_rebuilds_its_state_from_the_earliest_offset_unless_told_otherwise():
     # Prism keeps no state between jobs: resuming from committed offsets would
     # write one-event profiles over full ones.
-    from onboardflow.pipelines.onboarding import pipeline_options
     from onboardflow.pipelines.options import KafkaReadOptions
+    from onboardflow.runners.cli.run import pipeline_options
 
     assert pipeline_options(["--kafka_topics=t"]).view_as(KafkaReadOptions).kafka_start_position == "earliest"
     told = pipeline_options(["--kafka_topics=t", "--kafka_start_position=committed"])
@@ -107,7 +107,7 @@ def test_a_local_job_rebuilds_its_state_from_the_earliest_offset_unless_told_oth
 def test_a_pipeline_runs_sdk_workers_in_a_worker_pool_when_the_caller_says_so():
     # PipelineOptions lets keyword arguments override flags; the local
     # defaults must not override what the caller asked for.
-    from onboardflow.pipelines.onboarding import pipeline_options
+    from onboardflow.runners.cli.run import pipeline_options
 
     options = pipeline_options(["--environment_type=EXTERNAL", "--environment_config=localhost:50123",
                                 "--prism_log_level=info", "--experiments=keep_me"])
@@ -250,7 +250,7 @@ def test_prism_takes_an_sdf_watermark_from_the_latest_bundle_not_the_minimum_ove
     bundle holding only partition 0 moves it to 100 s while partition 1 still
     has an event at 5 s to read, which is then late and dropped. When this
     starts failing, Prism fixed it: update docs/local-runner.md and
-    PartitionWatermarks in transforms/kafka_io.py."""
+    PartitionWatermarks in transforms/kafka/watermarks.py."""
     assert_two_partitions_one_behind_give([("first", 1)])
 
 

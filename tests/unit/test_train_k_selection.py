@@ -10,8 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from sklearn.datasets import make_blobs
 
 from onboardflow.models.features import FEATURES, feature_vector
-from onboardflow.runners.cli import train
-from onboardflow.runners.cli.train import (
+from onboardflow.pipelines.train import (
     BuildFeatureVectors,
     KScore,
     TooFewProfiles,
@@ -20,6 +19,7 @@ from onboardflow.runners.cli.train import (
     fit_bootstrap,
     seed_segmenter,
 )
+from onboardflow.runners.cli import train
 from onboardflow.runners.local import prism_location
 
 PRISM = [
