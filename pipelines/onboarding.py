@@ -66,21 +66,16 @@ from ..transforms.kafka_io import (
 from ..transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
 from ..transforms.normalize import NormalizeEvents
 from ..transforms.online_models import LearnOnlineModels, ScoreProfiles
-from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
-from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
-from ..transforms.outbox import RelaySettings
+from ..transforms.outbox.keys import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
+from ..transforms.outbox.keys import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
+from ..transforms.outbox.settings import RelaySettings
 from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
-from ..transforms.profile_store import WriteProfilesToRedis
 from ..transforms.relay import RecordDeadLetters, RelayOutboxes
 from ..transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
-from ..transforms.warehouse import (
-    WriteDeadLetterMetadata,
-    WriteDriftEvents,
-    WriteEventsToWarehouse,
-    WriteLateEvents,
-    apply_migrations,
-    read_accounts,
-)
+from ..transforms.warehouse.accounts import read_accounts
+from ..transforms.warehouse.migrations import apply_migrations
+from .beam.profile_store import WriteProfilesToRedis
+from .beam.warehouse import WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents
 from .options import OnboardingOptions
 
 _LOG = logging.getLogger(__name__)

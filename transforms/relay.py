@@ -27,15 +27,9 @@ import redis
 from apache_beam.metrics import Metrics
 
 from .metrics import PipelineMetrics
-from .outbox import (
-    DEAD_LETTERS,
-    SEGMENT_CHANGES,
-    DeadLetterOutbox,
-    OutboxKeys,
-    RelaySettings,
-    dead_letter_id,
-    make_relays,
-)
+from .outbox.dead_letters import DeadLetterOutbox, dead_letter_id
+from .outbox.keys import DEAD_LETTERS, SEGMENT_CHANGES, OutboxKeys
+from .outbox.settings import RelaySettings, make_relays
 
 METRICS_NAMESPACE = "onboardflow"
 

@@ -78,7 +78,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     from ...pipelines.onboarding import run
     from ...transforms.anonymize import SecretKey
     from ...transforms.metrics import SinkWatermark
-    from ...transforms.profile_store import ProfileStore
+    from ...transforms.profile_store.store import ProfileStore
     from ..local import stop_streaming_job
     from ..sim.populations import live_login, population, v2_serializer
     from .demo import MAX_OUT_OF_ORDERNESS_S, await_settled

@@ -19,7 +19,8 @@ import argparse
 import logging
 import os
 
-from ...transforms.outbox import STREAMS, OutboxKeys, RelaySettings, make_relays
+from ...transforms.outbox.keys import STREAMS, OutboxKeys
+from ...transforms.outbox.settings import RelaySettings, make_relays
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -69,7 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Imported here so `--help` and usage errors stay fast (no Beam import).
     from ...transforms.anonymize import SecretError, load_secret
-    from ...transforms.profile_store import DEFAULT_KEY_PREFIX, ProfileStore
+    from ...transforms.profile_store.keys import DEFAULT_KEY_PREFIX
+    from ...transforms.profile_store.store import ProfileStore
 
     secret = None
     if args.user_id:

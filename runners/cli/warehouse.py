@@ -44,7 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     import psycopg
 
-    from ...transforms.warehouse import DEFAULT_SCHEMA, MigrationError, apply_migrations, migration_status
+    from ...transforms.warehouse.migrations import MigrationError, apply_migrations, migration_status
+    from ...transforms.warehouse.schema import DEFAULT_SCHEMA
 
     dsn = args.dsn or default_dsn()
     schema = args.schema or DEFAULT_SCHEMA

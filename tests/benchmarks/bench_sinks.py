@@ -29,8 +29,11 @@ import psycopg
 import redis
 from psycopg import sql
 
-from onboardflow.transforms.profile_store import RedisProfileWriter, encode_profile
-from onboardflow.transforms.warehouse import EVENTS, WarehouseWriter, apply_migrations, event_row
+from onboardflow.transforms.profile_store.encoding import encode_profile
+from onboardflow.transforms.profile_store.writer import RedisProfileWriter
+from onboardflow.transforms.warehouse.migrations import apply_migrations
+from onboardflow.transforms.warehouse.rows import EVENTS, event_row
+from onboardflow.transforms.warehouse.writer import WarehouseWriter
 
 REDIS_URL = f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
 PG_DSN = (

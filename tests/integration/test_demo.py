@@ -15,7 +15,7 @@ from kafka.admin import KafkaAdminClient
 
 from onboardflow.runners.cli import demo
 from onboardflow.schemas.units import DAY_MS
-from onboardflow.transforms.profile_store import decode_profile
+from onboardflow.transforms.profile_store.encoding import decode_profile
 
 pytestmark = [pytest.mark.integration]
 
