@@ -55,29 +55,24 @@ from ..transforms.decode import OnboardingEventDecoder
 from ..transforms.kafka.consumer import resolve_partitions
 from ..transforms.kafka.offsets import StartPosition
 from ..transforms.normalize import NormalizeEvents
-from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
-from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
-from ..transforms.outbox import RelaySettings
+from ..transforms.outbox.keys import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
+from ..transforms.outbox.keys import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
+from ..transforms.outbox.settings import RelaySettings
 from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
-from ..transforms.profile_store import WriteProfilesToRedis
 from ..transforms.segment import DEFAULT_RULES_PATH, RuleSet
-from ..transforms.warehouse import (
-    WriteDeadLetterMetadata,
-    WriteDriftEvents,
-    WriteEventsToWarehouse,
-    WriteLateEvents,
-    apply_migrations,
-    read_accounts,
-)
+from ..transforms.warehouse.accounts import read_accounts
+from ..transforms.warehouse.migrations import apply_migrations
 from .beam.anonymize import AnonymizeEvents
 from .beam.enrich import EnrichProfiles
 from .beam.kafka_sink import WriteToKafka
 from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
 from .beam.metrics import CountDeadLetters, PublishSinkWatermark, pipeline_metrics_from_options
 from .beam.online_models import LearnOnlineModels, ScoreProfiles
+from .beam.profile_store import WriteProfilesToRedis
 from .beam.relay import RecordDeadLetters, RelayOutboxes
 from .beam.segments import AssignRuleSegments
 from .beam.tracks import AssignOnboardingTracks
+from .beam.warehouse import WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents
 from .options import KafkaReadOptions, OnboardingOptions
 
 _LOG = logging.getLogger(__name__)

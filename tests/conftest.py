@@ -97,7 +97,7 @@ def warehouse_schema(pg_dsn, unique_name):
 def model_registry(redis_url, pg_dsn, warehouse_schema, redis_key_prefix):
     """A ``ModelRegistry`` over a freshly migrated schema (every migration: V003 models, V005 retention, ...)."""
     from onboardflow.models.model_registry import ModelRegistry
-    from onboardflow.transforms.warehouse import apply_migrations
+    from onboardflow.transforms.warehouse.migrations import apply_migrations
 
     applied = [m.label for m in apply_migrations(pg_dsn, warehouse_schema)]
     assert {"V003__models", "V005__model_retention"} <= set(applied)

@@ -35,7 +35,9 @@ from typing import Any, Optional
 import redis
 
 from .profile import MODEL_FIELDS
-from .profile_store import ProfileKeys, _encode_value, decode_profile
+from .profile_store.encoding import decode_profile
+from .profile_store.encoding import encode_value as _encode_value
+from .profile_store.keys import ProfileKeys
 
 _LOG = logging.getLogger(__name__)
 

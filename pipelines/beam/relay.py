@@ -27,15 +27,9 @@ import redis
 from apache_beam.metrics import Metrics
 
 from ...transforms.metrics import PipelineMetrics
-from ...transforms.outbox import (
-    DEAD_LETTERS,
-    SEGMENT_CHANGES,
-    DeadLetterOutbox,
-    OutboxKeys,
-    RelaySettings,
-    dead_letter_id,
-    make_relays,
-)
+from ...transforms.outbox.dead_letters import DeadLetterOutbox, dead_letter_id
+from ...transforms.outbox.keys import DEAD_LETTERS, SEGMENT_CHANGES, OutboxKeys
+from ...transforms.outbox.settings import RelaySettings, make_relays
 from .metrics import beam_pipeline_metrics
 
 METRICS_NAMESPACE = "onboardflow"

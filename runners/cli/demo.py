@@ -338,9 +338,10 @@ def run_demo(args) -> DemoResult:
     from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
     from ...schemas.wire import AvroSerializer
     from ...transforms.anonymize import SecretKey, load_secret
-    from ...transforms.profile_store import ProfileStore
+    from ...transforms.profile_store.store import ProfileStore
     from ...transforms.progress import SinkWatermark
-    from ...transforms.warehouse import apply_migrations, upsert_accounts
+    from ...transforms.warehouse.accounts import upsert_accounts
+    from ...transforms.warehouse.migrations import apply_migrations
     from ..local import stop_streaming_job
     from ..sim.generator import GeneratorConfig, JourneyGenerator, v1_serializer
     from .lag import KafkaLagReader, ProgressReader

@@ -76,7 +76,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
 
     from ...models.model_registry import ModelStore
     from ...transforms.anonymize import SecretKey
-    from ...transforms.profile_store import ProfileStore
+    from ...transforms.profile_store.store import ProfileStore
     from ...transforms.progress import SinkWatermark
     from ..local import stop_streaming_job
     from ..sim.populations import live_login, population, v2_serializer

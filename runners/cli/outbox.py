@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ...transforms.outbox import STREAMS, OutboxKeys, RelaySettings, make_relays
+from ...transforms.outbox.keys import STREAMS, OutboxKeys
+from ...transforms.outbox.settings import RelaySettings, make_relays
 
 
 def _parser() -> argparse.ArgumentParser:

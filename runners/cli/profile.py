@@ -86,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Imported here so `--help` and usage errors stay fast (no Beam import).
     from ...transforms.anonymize import SecretError, load_secret
-    from ...transforms.profile_store import ProfileStore
+    from ...transforms.profile_store.store import ProfileStore
 
     secret = None
     if args.user_id:

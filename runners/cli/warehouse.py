@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from ...transforms.warehouse import MigrationError, apply_migrations, migration_status
+    from ...transforms.warehouse.migrations import MigrationError, apply_migrations, migration_status
     from ..settings import settings
 
     dsn = args.warehouse_dsn or settings().warehouse_dsn

@@ -212,7 +212,7 @@ def _latency(args, run_id, rate: float, schema, secret, memory: PeakMemory) -> N
 
     from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
     from onboardflow.schemas.wire import AvroSerializer
-    from onboardflow.transforms.profile_store import ProfileStore
+    from onboardflow.transforms.profile_store.store import ProfileStore
 
     tag = f"l{int(rate)}"
     topic = f"bench-{run_id}-{tag}.onboarding.events"

@@ -6,9 +6,12 @@
   500 (one EVALSHA per profile, one round trip per batch), for fresh writes
   (every profile applied) and for a replay (every profile stale). Encoding is
   timed separately: it runs in the DoFn's process(), the write in the flush.
+  Then the whole sink (``ProfileSink.add`` per profile: encode, buffer, flush
+  at the batch size), what the Beam driver runs per element.
 * PostgreSQL: rows/s through COPY into the staging table plus INSERT ... ON
   CONFLICT DO NOTHING, for new rows and for a replay (all duplicates), with
-  the sink's default batch of 1000 rows and with 5000.
+  the sink's default batch of 1000 rows and with 5000; then the whole sink
+  (``WarehouseSink.add``: row mapping, buffer, flush) at its default batch.
 
 Each figure is the median of 3 runs. Uses its own Redis key prefix and
 PostgreSQL schema and removes them afterwards. Prints figures, asserts nothing
@@ -29,8 +32,13 @@ import psycopg
 import redis
 from psycopg import sql
 
-from onboardflow.transforms.profile_store import RedisProfileWriter, encode_profile
-from onboardflow.transforms.warehouse import EVENTS, WarehouseWriter, apply_migrations, event_row
+from onboardflow.transforms.profile_store.encoding import encode_profile
+from onboardflow.transforms.profile_store.sink import ProfileSink
+from onboardflow.transforms.profile_store.writer import RedisProfileWriter
+from onboardflow.transforms.warehouse.migrations import apply_migrations
+from onboardflow.transforms.warehouse.rows import EVENTS, event_row
+from onboardflow.transforms.warehouse.sink import WarehouseSink
+from onboardflow.transforms.warehouse.writer import WarehouseWriter
 
 REDIS_URL = f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
 PG_DSN = (
@@ -85,7 +93,8 @@ def rate(n: int, seconds: float) -> float:
 def bench_redis(n: int, batch: int = 500) -> None:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     writer = RedisProfileWriter(REDIS_URL, prefix, profile_ttl_s=3600)
-    encode_rates, write_rates, replay_rates = [], [], []
+    sink = ProfileSink(REDIS_URL, prefix, profile_ttl_s=3600, batch_size=batch)
+    encode_rates, write_rates, replay_rates, sink_rates = [], [], [], []
     try:
         for run in range(RUNS):
             profiles = [profile(i, T0 + run * 10 + 1) for i in range(n)]  # newer every run: all applied
@@ -100,8 +109,15 @@ def bench_redis(n: int, batch: int = 500) -> None:
                 rates.append(rate(n, time.perf_counter() - start))
                 if applied != (n if expect else 0):
                     raise SystemExit(f"redis {label}: {applied} of {n} applied, expected {n if expect else 0}")
+            profiles = [profile(i, T0 + run * 10 + 5) for i in range(n)]
+            start = time.perf_counter()
+            settled = [r for p in profiles for r in sink.add(p)] + sink.flush()
+            sink_rates.append(rate(n, time.perf_counter() - start))
+            if sum(r.result.applied for r in settled) != n:
+                raise SystemExit("redis sink: not every profile applied")
     finally:
         writer.close()
+        sink.close()
         client = redis.Redis.from_url(REDIS_URL)
         keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
         for i in range(0, len(keys), 1000):
@@ -111,6 +127,7 @@ def bench_redis(n: int, batch: int = 500) -> None:
     print(f"  encode                 {statistics.median(encode_rates):>10,.0f} profiles/s")
     print(f"  Lua upsert, applied    {statistics.median(write_rates):>10,.0f} profiles/s")
     print(f"  Lua upsert, replayed   {statistics.median(replay_rates):>10,.0f} profiles/s")
+    print(f"  ProfileSink, applied   {statistics.median(sink_rates):>10,.0f} profiles/s (encode + upsert)")
 
 
 def bench_postgres(n: int) -> None:
@@ -134,6 +151,20 @@ def bench_postgres(n: int) -> None:
             print(f"postgres events rows={n} batch={batch} (median of {RUNS})")
             print(f"  COPY + INSERT, new     {statistics.median(new_rates):>10,.0f} rows/s")
             print(f"  COPY + INSERT, replay  {statistics.median(replay_rates):>10,.0f} rows/s")
+        sink = WarehouseSink(PG_DSN, EVENTS, schema)
+        sink_rates = []
+        try:
+            for run in range(RUNS):
+                events = [event(i, f"sink-{run}") for i in range(n)]
+                start = time.perf_counter()
+                settled = [r for e in events for r in sink.add(e)] + sink.flush()
+                sink_rates.append(rate(n, time.perf_counter() - start))
+                if len(settled) != n or any(r.rejection for r in settled):
+                    raise SystemExit("postgres sink: not every event written")
+        finally:
+            sink.close()
+        print(f"postgres events rows={n} through WarehouseSink, batch={sink.batch_size} (median of {RUNS})")
+        print(f"  event_row + COPY, new  {statistics.median(sink_rates):>10,.0f} rows/s")
     finally:
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))

@@ -43,7 +43,7 @@ from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import read_topic, redis_dump
-from onboardflow.transforms.profile_store import decode_profile
+from onboardflow.transforms.profile_store.encoding import decode_profile
 
 REPO = Path(__file__).resolve().parents[2]
 ONBOARDFLOW = str(Path(sys.executable).with_name("onboardflow"))

@@ -40,7 +40,7 @@ from onboardflow.runners.local import stop_streaming_job
 from onboardflow.runners.sim.generator import v1_serializer
 from onboardflow.tests.integration.outputs import counters
 from onboardflow.transforms.anonymize import SecretKey
-from onboardflow.transforms.profile_store import ProfileStore
+from onboardflow.transforms.profile_store.store import ProfileStore
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from kafka.admin import KafkaAdminClient
 from onboardflow.runners.cli import demo
 from onboardflow.runners.settings import deployment_names
 from onboardflow.schemas.units import DAY_MS
-from onboardflow.transforms.profile_store import decode_profile
+from onboardflow.transforms.profile_store.encoding import decode_profile
 
 pytestmark = [pytest.mark.integration]
 

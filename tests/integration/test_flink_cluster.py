@@ -47,7 +47,7 @@ from onboardflow.runners.flink_runner import WorkerPool, is_job_server_jar
 from onboardflow.runners.local import PRISM_NO_DYNAMIC_SPLITS, prism_location
 from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.anonymize import SecretKey
-from onboardflow.transforms.profile_store import decode_profile
+from onboardflow.transforms.profile_store.encoding import decode_profile
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink]
 

@@ -18,12 +18,15 @@ from apache_beam.testing.util import assert_that
 from onboardflow.models.model_registry import ModelRegistry
 from onboardflow.models.segmentation import SegmentSettings
 from onboardflow.pipelines.beam.online_models import LearnOnlineModels, ScoreProfiles
+from onboardflow.pipelines.beam.warehouse import WriteDriftEvents
 from onboardflow.runners.local import local_pipeline_options
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.online_models import SEGMENTATION
-from onboardflow.transforms.profile_store import ProfileKeys, RedisProfileWriter, decode_profile, encode_profile
+from onboardflow.transforms.profile_store.encoding import decode_profile, encode_profile
+from onboardflow.transforms.profile_store.keys import ProfileKeys
+from onboardflow.transforms.profile_store.writer import RedisProfileWriter
 from onboardflow.transforms.rescore import ProfileSweep
-from onboardflow.transforms.warehouse import WriteDriftEvents, apply_migrations
+from onboardflow.transforms.warehouse.migrations import apply_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -22,18 +22,14 @@ from psycopg import sql
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import read_topic
-from onboardflow.transforms import outbox
-from onboardflow.transforms.outbox import (
-    DEAD_LETTERS,
-    PROFILE_SNAPSHOTS,
-    SEGMENT_CHANGES,
-    DeadLetterOutbox,
-    OutboxKeys,
-    RelaySettings,
-    make_relays,
-)
-from onboardflow.transforms.profile_store import ProfileStore, RedisProfileWriter, encode_profile
-from onboardflow.transforms.warehouse import apply_migrations
+from onboardflow.transforms.outbox import relay as outbox
+from onboardflow.transforms.outbox.dead_letters import DeadLetterOutbox
+from onboardflow.transforms.outbox.keys import DEAD_LETTERS, PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
+from onboardflow.transforms.outbox.settings import RelaySettings, make_relays
+from onboardflow.transforms.profile_store.encoding import encode_profile
+from onboardflow.transforms.profile_store.store import ProfileStore
+from onboardflow.transforms.profile_store.writer import RedisProfileWriter
+from onboardflow.transforms.warehouse.migrations import apply_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -64,8 +64,9 @@ from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import counters, read_topic, redis_dump
 from onboardflow.transforms.anonymize import SecretKey, ip_prefix
 from onboardflow.transforms.online_models import PROPENSITY, SEGMENTATION
-from onboardflow.transforms.profile_store import ProfileStore, decode_profile
-from onboardflow.transforms.warehouse import apply_migrations
+from onboardflow.transforms.profile_store.encoding import decode_profile
+from onboardflow.transforms.profile_store.store import ProfileStore
+from onboardflow.transforms.warehouse.migrations import apply_migrations
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

@@ -16,15 +16,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
+from onboardflow.pipelines.beam.profile_store import WriteProfilesToRedis
 from onboardflow.runners.cli import profile as profile_cli
-from onboardflow.transforms import profile_store
-from onboardflow.transforms.profile_store import (
-    ProfileStore,
-    RedisProfileWriter,
-    WriteProfilesToRedis,
-    _WriteProfilesFn,
-    encode_profile,
-)
+from onboardflow.transforms.profile_store import writer as profile_writer
+from onboardflow.transforms.profile_store.encoding import decode_profile, encode_profile
+from onboardflow.transforms.profile_store.store import ProfileStore
+from onboardflow.transforms.profile_store.writer import RedisProfileWriter
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +65,7 @@ def write(writer, *profiles, write_id=None):
 
 def stored(admin, prefix, user_id):
     raw = admin.hgetall(f"{prefix}:profile:{key_of(user_id)}")
-    return profile_store.decode_profile(raw) if raw else None
+    return decode_profile(raw) if raw else None
 
 
 def members(admin, prefix, segment):
@@ -167,7 +164,7 @@ def test_an_applied_write_reports_the_segments_the_store_held_before_it_even_whe
 
 
 def test_the_sink_records_segment_changes_in_the_outbox_and_a_replay_records_none(redis_url, prefix, admin):
-    from onboardflow.transforms.outbox import SEGMENT_CHANGES, OutboxKeys
+    from onboardflow.transforms.outbox.keys import SEGMENT_CHANGES, OutboxKeys
 
     batch = [profile("u1", T0, segments=("dormant",), as_of=T0),
              profile("u2", T0, segments=(), as_of=T0)]
@@ -234,7 +231,8 @@ def test_a_connection_killed_between_writes_does_not_lose_the_next_write(writer,
 
 def test_script_missing_after_a_redis_restart_is_reloaded(redis_url, admin, prefix, monkeypatch, unique_name):
     # A script text Redis has never seen stands in for the script cache a restart empties.
-    monkeypatch.setattr(profile_store, "UPSERT_PROFILE_LUA", f"-- {unique_name}\n" + profile_store.UPSERT_PROFILE_LUA)
+    monkeypatch.setattr(profile_writer, "UPSERT_PROFILE_LUA",
+                        f"-- {unique_name}\n" + profile_writer.UPSERT_PROFILE_LUA)
     w = RedisProfileWriter(redis_url, prefix, backoff_base_s=0.01)
     w._script_loaded = True  # as if loaded before the restart
     try:
@@ -313,7 +311,7 @@ def test_write_results_carry_the_write_time_for_latency(redis_url, prefix):
 
 
 def test_only_the_newest_profile_per_user_in_a_bundle_reaches_redis(redis_url, admin, prefix):
-    fn = _WriteProfilesFn(redis_url, prefix, 3600, batch_size=100, max_attempts=3)
+    fn = WriteProfilesToRedis(redis_url, prefix, 3600, batch_size=100, max_attempts=3).fn
     fn.setup()
     try:
         fn.start_bundle()

@@ -31,7 +31,7 @@ from onboardflow.runners.cli.run import run
 from onboardflow.runners.sim.populations import population
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.anonymize import SecretKey
-from onboardflow.transforms.profile_store import ProfileStore
+from onboardflow.transforms.profile_store.store import ProfileStore
 
 pytestmark = pytest.mark.integration
 

@@ -25,12 +25,9 @@ from onboardflow.pipelines.train import read_snapshot_history
 from onboardflow.runners.cli import train
 from onboardflow.runners.sim.generator import DAY_MS, GeneratorConfig, JourneyGenerator
 from onboardflow.transforms.profile import ProfileConfig, UserProfileState
-from onboardflow.transforms.warehouse import (
-    PROFILE_SNAPSHOTS,
-    WarehouseWriter,
-    apply_migrations,
-    profile_snapshot_row,
-)
+from onboardflow.transforms.warehouse.migrations import apply_migrations
+from onboardflow.transforms.warehouse.rows import PROFILE_SNAPSHOTS, profile_snapshot_row
+from onboardflow.transforms.warehouse.writer import WarehouseWriter
 
 pytestmark = pytest.mark.integration
 

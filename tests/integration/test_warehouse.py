@@ -19,27 +19,24 @@ from apache_beam.testing.util import assert_that, equal_to
 from psycopg import sql
 
 from onboardflow import schemas
-from onboardflow.runners.cli import warehouse as warehouse_cli
-from onboardflow.schemas.units import DAY_MS
-from onboardflow.transforms.warehouse import (
-    DEAD_LETTERS,
-    EVENTS,
-    MIGRATIONS_DIR,
-    MigrationError,
-    WarehouseWriter,
+from onboardflow.pipelines.beam.warehouse import (
     WriteDeadLetterMetadata,
     WriteEventsToWarehouse,
     WriteLateEvents,
     WriteProfileSnapshots,
     WriteSegmentChanges,
-    apply_migrations,
-    dead_letter_row,
-    event_row,
-    migration_status,
-    read_accounts,
-    record_run_finished,
-    record_run_started,
 )
+from onboardflow.runners.cli import warehouse as warehouse_cli
+from onboardflow.schemas.units import DAY_MS
+from onboardflow.transforms.warehouse.accounts import read_accounts
+from onboardflow.transforms.warehouse.migrations import (
+    MIGRATIONS_DIR,
+    MigrationError,
+    apply_migrations,
+    migration_status,
+)
+from onboardflow.transforms.warehouse.rows import DEAD_LETTERS, EVENTS, dead_letter_row, event_row
+from onboardflow.transforms.warehouse.writer import WarehouseWriter
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +108,8 @@ def test_migrations_create_the_tables_and_rerunning_them_is_a_no_op(pg_dsn, fres
     tables = {r[0] for r in query(pg_dsn, fresh_schema,
                                   "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
     assert {"events", "events_default", "late_events", "profile_snapshots", "segment_changes", "dead_letters",
-            "accounts", "pipeline_runs", "schema_migrations"} <= tables
+            "accounts", "schema_migrations"} <= tables
+    assert "pipeline_runs" not in tables  # dropped by V006: nothing ever recorded a run
     recorded = query(pg_dsn, fresh_schema, "SELECT version, checksum FROM schema_migrations ORDER BY version")
     assert recorded == [(m.version, m.checksum) for m in applied]
     assert [s.state for s in migration_status(pg_dsn, fresh_schema)] == ["applied"] * len(shipped)
@@ -357,7 +355,7 @@ def test_warehouse_sinks_in_a_pipeline_are_idempotent_under_replay(pg_dsn, schem
     assert latest == [(T0 + 2, {"export": 2})]
 
 
-# --------------------------------------------------------------------------- reference data and runs
+# --------------------------------------------------------------------------- reference data
 
 
 def test_read_accounts_returns_the_demo_seed_with_deliberate_gaps(pg_dsn, schema):
@@ -368,11 +366,3 @@ def test_read_accounts_returns_the_demo_seed_with_deliberate_gaps(pg_dsn, schema
     assert set(acct) == {"plan", "account_tier", "industry", "company_size", "updated_at"}
     assert acct["plan"] in {"free", "starter", "pro", "team", "enterprise"}
     assert isinstance(acct["company_size"], int) and isinstance(acct["updated_at"], int)
-
-
-def test_pipeline_runs_are_recorded(pg_dsn, schema):
-    record_run_started(pg_dsn, "run-1", "onboarding", "PrismRunner", {"streaming": True}, schema=schema)
-    record_run_started(pg_dsn, "run-1", "onboarding", "PrismRunner", schema=schema)  # idempotent
-    record_run_finished(pg_dsn, "run-1", "succeeded", {"profiles_written": 12}, schema=schema)
-    rows = query(pg_dsn, schema, "SELECT status, options, counters, finished_at IS NOT NULL FROM pipeline_runs")
-    assert rows == [("succeeded", {"streaming": True}, {"profiles_written": 12}, True)]

@@ -308,7 +308,7 @@ def test_anonymizing_does_not_modify_the_input_event():
 
 
 def test_anonymized_event_fits_the_warehouse_events_row():
-    from onboardflow.transforms.warehouse import event_row
+    from onboardflow.transforms.warehouse.rows import event_row
 
     anonymized, _ = Pseudonymizer(SECRET).anonymize(raw_event(referrer="https://partner.example.net/x"))
     row = event_row(anonymized)

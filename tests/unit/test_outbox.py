@@ -4,15 +4,13 @@ The relay against real Redis, Kafka and PostgreSQL: tests/integration/test_outbo
 """
 import json
 
-from onboardflow.transforms.outbox import (
-    OutboxKeys,
-    OutboxRecord,
+from onboardflow.transforms.outbox.converters import (
     SegmentChangeConverter,
     dead_letter_converter,
-    dead_letter_id,
-    parse_record_id,
     profile_snapshot_converter,
 )
+from onboardflow.transforms.outbox.dead_letters import dead_letter_id
+from onboardflow.transforms.outbox.keys import OutboxKeys, OutboxRecord, parse_record_id
 from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet
 
 USER = "ab" * 32

@@ -16,15 +16,15 @@ from apache_beam.testing.util import assert_that, equal_to, is_empty
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onboardflow.transforms.profile_store import (
+from onboardflow.pipelines.beam.profile_store import WriteProfilesToRedis
+from onboardflow.transforms.profile_store.encoding import (
     TYPES_FIELD,
     ProfileEncodingError,
-    ProfileKeys,
-    ProfileStore,
-    WriteProfilesToRedis,
     decode_profile,
     encode_profile,
 )
+from onboardflow.transforms.profile_store.keys import ProfileKeys
+from onboardflow.transforms.profile_store.store import ProfileStore
 
 SECRET = b"unit-test-secret-0123456789abcdef"
 
