@@ -64,12 +64,11 @@ from ..transforms.kafka_io import (
     resolve_partitions,
 )
 from ..transforms.metrics import CountDeadLetters, PipelineMetrics, PublishSinkWatermark
-from ..transforms.normalize import NormalizeEvents
 from ..transforms.online_models import LearnOnlineModels, ScoreProfiles
 from ..transforms.outbox import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
 from ..transforms.outbox import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from ..transforms.outbox import RelaySettings
-from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
+from ..transforms.profile import ProfileConfig
 from ..transforms.profile_store import WriteProfilesToRedis
 from ..transforms.relay import RecordDeadLetters, RelayOutboxes
 from ..transforms.segment import DEFAULT_RULES_PATH, AssignRuleSegments, RuleSet
@@ -81,6 +80,8 @@ from ..transforms.warehouse import (
     apply_migrations,
     read_accounts,
 )
+from .beam.normalize import NormalizeEvents
+from .beam.profile import TOO_LATE, BuildUserProfiles
 from .options import OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
