@@ -9,7 +9,7 @@ calls the machine, and carries out what it decides:
     machine.on_probe(state | None, fired_ms)       -> decisions
     machine.on_lifecycle(state | None, key, fired_ms) -> decisions
 
-Decisions (plain tuples, in the order to carry them out): ``Store(state)``
+Decisions (plain tuples; carry them out in order): ``Store(state)``
 (write the state; engines persist ``state.to_primitive()``), ``ClearState``,
 ``SetTimer(timer, at_ms, replaces_ms)``, ``Emit(previous, current, cause)``
 (a ``ProfileUpdate``), ``DeadLetter(reason, detail)``, ``TooLate``,
@@ -376,11 +376,11 @@ class Emit(NamedTuple):
 
     ``previous`` is the profile as last emitted (None for a fresh state). An
     engine that coalesces a user's updates keeps the first ``previous`` and the
-    last ``current``.
+    last ``current``. Both None from a machine made with ``snapshots=False``.
     """
 
     previous: Optional[dict]
-    current: dict
+    current: Optional[dict]
     cause: str
 
 
@@ -443,7 +443,12 @@ class ProfileMachine:
 
     Parameters: ``config`` (``ProfileConfig``); ``clock_ms``, a callable
     returning "now" in epoch ms (default the wall clock; a replay passes its
-    own), against which ``max_future_ms`` is measured.
+    own), against which ``max_future_ms`` is measured; ``snapshots``: with
+    False, ``Emit`` carries no profiles (``previous`` and ``current`` None) and
+    the state no ``last_emitted``: for an in-process engine that reads the
+    profile it emits from the state itself (``state.snapshot(user_key)``) at
+    its bundle's end, sparing a snapshot per event (the Beam shell must keep
+    them: it writes the state per event and emits at ``finish_bundle``).
 
     The machine holds no per-user data: each call takes the user's state (None
     when the engine holds none), may change it in place, and returns the
@@ -453,19 +458,21 @@ class ProfileMachine:
     >>> m = ProfileMachine(ProfileConfig(), clock_ms=lambda: 10 * DAY_MS)
     >>> e = {"event_id": "e1", "user_key": "u", "event_type": "login", "occurred_at": DAY_MS}
     >>> [type(d).__name__ for d in m.on_event(None, e)]
-    ['SetTimer', 'SetTimer', 'Emit', 'Store']
-    >>> state = m.on_event(None, e)[-1].state
+    ['Store', 'SetTimer', 'SetTimer', 'Emit']
+    >>> state = m.on_event(None, e)[0].state
     >>> m.on_event(state, e)
     (Duplicate(event_id='e1'),)
     >>> [d for d in m.on_probe(state, DAY_MS) if type(d) is not Store]
     []
-    >>> m.on_lifecycle(state, "u", DAY_MS + DAY_MS)[1].current["as_of"] == 2 * DAY_MS  # a day's refresh
+    >>> m.on_lifecycle(state, "u", 2 * DAY_MS)[-1].current["as_of"] == 2 * DAY_MS  # a day's refresh
     True
     """
 
-    def __init__(self, config: ProfileConfig = ProfileConfig(), clock_ms: Callable[[], int] = wall_clock_ms):
+    def __init__(self, config: ProfileConfig = ProfileConfig(), clock_ms: Callable[[], int] = wall_clock_ms,
+                 snapshots: bool = True):
         self.config = config
         self._clock_ms = clock_ms
+        self._snapshots = snapshots
 
     # -- state ---------------------------------------------------------------------
 
@@ -500,7 +507,7 @@ class ProfileMachine:
         if not state.seen.add(event["event_id"], t):
             return (Duplicate(event["event_id"]),)
         state.apply(event)
-        decisions: list[Decision] = []
+        decisions: list[Decision] = [Store(state)]
         if state.probe_at is None:
             state.probe_at = t
             decisions.append(SetTimer(PROBE, t, None))
@@ -512,7 +519,6 @@ class ProfileMachine:
             decisions.append(SetTimer(LIFECYCLE, due, state.lifecycle_at))
             state.lifecycle_at = due
         decisions.append(self._emit(event["user_key"], state, EVENT))
-        decisions.append(Store(state))
         return tuple(decisions)
 
     def on_probe(self, state: Optional[UserProfileState], fired_ms: int) -> tuple[Decision, ...]:
@@ -525,7 +531,7 @@ class ProfileMachine:
         newest = state.engagement.last_event_at
         if newest is not None and newest > t:
             state.probe_at = newest
-            return (SetTimer(PROBE, newest, None), Store(state))
+            return (Store(state), SetTimer(PROBE, newest, None))
         state.probe_at = None
         return (Store(state),)
 
@@ -540,24 +546,24 @@ class ProfileMachine:
             # there), or the watermark ran past the clock (a drained streaming
             # run): the profile stays as it is; the next event re-arms.
             state.lifecycle_at = None
-            return (LifecycleHeld(AT_HORIZON if due is None else BEYOND_CLOCK), Store(state))
+            return (Store(state), LifecycleHeld(AT_HORIZON if due is None else BEYOND_CLOCK))
         if due > t:
             # Set before later events moved the next transition on: not due yet.
             state.lifecycle_at = due
-            return (SetTimer(LIFECYCLE, due, None), Store(state))
+            return (Store(state), SetTimer(LIFECYCLE, due, None))
         if state.expired_at(t):
             return (ClearState(EXPIRED),)
         state.advance_to(t)
         state.lifecycle_at = state.next_lifecycle_ms()
-        decisions: list[Decision] = []
+        decisions: list[Decision] = [Store(state)]
         if state.lifecycle_at is not None:
             decisions.append(SetTimer(LIFECYCLE, state.lifecycle_at, None))
         decisions.append(self._emit(user_key, state, LIFECYCLE))
-        decisions.append(Store(state))
         return tuple(decisions)
 
-    @staticmethod
-    def _emit(user_key: str, state: UserProfileState, cause: str) -> Emit:
+    def _emit(self, user_key: str, state: UserProfileState, cause: str) -> Emit:
+        if not self._snapshots:
+            return Emit(None, None, cause)
         current = state.snapshot(user_key)
         previous, state.last_emitted = state.last_emitted, current
         return Emit(previous, current, cause)
