@@ -6,12 +6,14 @@ project's own ``JourneyGenerator``) and the independently written designs of
 ``b2b_trial``: other persona sets, unequal mixes, other session shapes and
 noise). For each, without Kafka, Beam or any service:
 
-1. **Backfill replay.** Events are folded, in event-time order, into each
-   user's ``UserProfileState`` -- the state the pipeline's keyed profile stage
-   keeps (``transforms/profile.py``). Every user touched within a
-   ``--tick-minutes`` slice gets one profile update at its end, and the
-   lifecycle timers (time-based rules, refreshes, dormancy) fire as in the
-   pipeline.
+1. **Backfill replay.** Events, in event-time order, drive the pipeline's
+   profile stage itself (``ProfileMachine``, ``transforms/profile.py``) on a
+   small in-process engine (``_Replay``: states in a dict, timers in a heap).
+   Each ``--tick-minutes`` slice is one bundle: its events are folded in, then
+   the watermark moves to its end, the due timers (probe; lifecycle: time-based
+   rules, refreshes, dormancy, expiry) fire, and every user touched gets one
+   update at the slice's end; a lifecycle update of a user with no event in
+   the slice comes at the timer's time.
 2. **Segments as the pipeline makes them.** At every event-time mark (every
    ``--refit-hours``) the segmenter is refitted on the population's latest
    profiles (``Segmenter.fit``, identified users ordered by key, as
