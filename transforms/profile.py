@@ -20,7 +20,7 @@ Design notes and measurements: docs/decisions.md (``transforms/profile.py``).
 
 One event, in order: *unusable* (no ``user_key``, ``event_id``,
 ``event_type``, integer ``occurred_at``, a ``properties`` that is not a
-mapping; ``EngagementState.validate``) or stamped later than the clock +
+mapping) or stamped later than the clock +
 ``max_future_ms`` (``occurred_in_the_future``) -> dead letter; older than the
 user's watermark bound minus ``allowed_lateness`` -> too late; an ``event_id``
 already seen (``RecentEventIds``) -> duplicate; else folded into the state
@@ -102,7 +102,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from .normalize import RecentEventIds
-from .score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
+from .score import DEFAULT_SCORE_CONFIG, EngagementState, ScoreConfig
 from .sessionize import SessionState
 
 #: Profile fields reserved for the online-learning stage (filled in later).
@@ -487,12 +487,8 @@ class ProfileMachine:
 
     def on_event(self, state: Optional[UserProfileState], event: Any) -> tuple[Decision, ...]:
         """One event of the user ``event["user_key"]`` whose state is ``state``."""
+        # unusable() covers EngagementState.validate: a rejected event never touches the state.
         problem = unusable(event)
-        if problem is None:
-            try:
-                EngagementState.validate(event)
-            except InvalidEvent as exc:
-                problem = ("invalid_event", str(exc))
         if problem is not None:
             return (DeadLetter(*problem),)
         config = self.config

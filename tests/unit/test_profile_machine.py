@@ -32,6 +32,7 @@ from onboardflow.transforms.profile import (
     UserProfileState,
     unusable,
 )
+from onboardflow.transforms.score import EngagementState, InvalidEvent
 
 MIN, HOUR = MINUTE_MS, HOUR_MS
 T0 = 1_700_000_000_000 // DAY_MS * DAY_MS  # a UTC midnight
@@ -147,6 +148,8 @@ def test_an_event_older_than_the_watermark_bound_minus_the_lateness_is_too_late_
     ({"user_key": "u", "event_id": "e", "event_type": "login", "occurred_at": True}, "missing_occurred_at"),
     ({"user_key": "u", "event_id": "e", "event_type": "login", "occurred_at": T0, "properties": [1]},
      "bad_properties"),
+    ({"user_key": "u", "event_id": "e", "event_type": "login", "occurred_at": T0, "properties": ""},
+     "bad_properties"),
 ])
 def test_an_event_the_stage_cannot_take_is_a_dead_letter_with_its_reason(bad, reason):
     m = machine()
@@ -157,6 +160,17 @@ def test_an_event_the_stage_cannot_take_is_a_dead_letter_with_its_reason(bad, re
     assert unusable(bad)[0] == reason
     assert state.to_primitive() == stored
     assert m.on_event(None, bad) == (decision,)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("event_type", None), ("event_type", ""), ("event_type", 3), ("occurred_at", None), ("occurred_at", "1"),
+    ("occurred_at", 1.0), ("occurred_at", False), ("properties", [1]), ("properties", "x"),
+])
+def test_every_event_the_scores_would_refuse_is_refused_by_unusable_before_it_reaches_the_state(field, value):
+    bad = dict(event("u", T0), **{field: value})
+    with pytest.raises(InvalidEvent):
+        EngagementState.validate(bad)
+    assert unusable(bad) is not None
 
 
 def test_an_event_stamped_later_than_the_clock_plus_the_tolerance_is_a_dead_letter():
