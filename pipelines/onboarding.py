@@ -54,11 +54,10 @@ from ..transforms.backfill_horizon import backfill_horizon
 from ..transforms.decode import OnboardingEventDecoder
 from ..transforms.kafka.consumer import resolve_partitions
 from ..transforms.kafka.offsets import StartPosition
-from ..transforms.normalize import NormalizeEvents
 from ..transforms.outbox.keys import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
 from ..transforms.outbox.keys import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from ..transforms.outbox.settings import RelaySettings
-from ..transforms.profile import TOO_LATE, BuildUserProfiles, ProfileConfig
+from ..transforms.profile import ProfileConfig
 from ..transforms.segment import DEFAULT_RULES_PATH, RuleSet
 from ..transforms.warehouse.accounts import read_accounts
 from ..transforms.warehouse.migrations import apply_migrations
@@ -67,7 +66,9 @@ from .beam.enrich import EnrichProfiles
 from .beam.kafka_sink import WriteToKafka
 from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
 from .beam.metrics import CountDeadLetters, PublishSinkWatermark, pipeline_metrics_from_options
+from .beam.normalize import NormalizeEvents
 from .beam.online_models import LearnOnlineModels, ScoreProfiles
+from .beam.profile import TOO_LATE, BuildUserProfiles
 from .beam.profile_store import WriteProfilesToRedis
 from .beam.relay import RecordDeadLetters, RelayOutboxes
 from .beam.segments import AssignRuleSegments

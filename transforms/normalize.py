@@ -1,36 +1,35 @@
-"""Normalize decoded onboarding events, and recognise duplicates.
+"""Normalize decoded onboarding events, and recognise duplicates: pure functions, no engine.
 
+``normalize_event(event) -> (normalized event, clock skew clamped?)``; the Beam
+step that applies it is ``NormalizeEvents`` (``pipelines/beam/normalize.py``).
 Validation happens earlier, in the decoder (``transforms/decode.py``), because
 only there are the raw bytes at hand for the dead-letter record: an event that
-reaches ``NormalizeEvents`` is valid, and normalization never drops one. The
-rules, applied in this order:
+reaches normalization is valid, and normalization never drops one. The rules,
+applied in this order:
 
 * **Time.** ``occurred_at`` and ``received_at`` are epoch milliseconds, UTC by
   definition of the Avro ``timestamp-millis`` type. A client clock ahead of the
   collector (``occurred_at > received_at``) is clamped to ``received_at``: an
-  event cannot be received before it happened. Counted as ``clock_skew_clamped``.
+  event cannot be received before it happened.
 * **Labels.** ``context.os`` maps to a closed vocabulary (``ios``, ``android``,
   ``macos``, ``windows``, ``linux``, ``chromeos``, else ``other``);
   ``context.device`` is lower-cased; ``context.locale`` becomes a BCP 47 tag
   (``en_us`` -> ``en-US``). Property keys are lower-cased and stripped, and the
-  ``feature`` and ``page`` properties lower-cased, so ``"Reports "`` and
-  ``"reports"`` count as one feature.
+  ``feature``, ``page`` and ``plan`` properties lower-cased, so ``"Reports "``
+  and ``"reports"`` count as one feature.
 * **Missing values.** A missing device/os/app_version becomes ``"unknown"``, a
   missing locale ``"und"`` (BCP 47's "undetermined"), a missing
   ``properties`` map ``{}``. ``session_id`` stays ``None``: sessions are
   derived from event time, not from the client's id.
 
 Duplicates (the same ``event_id`` sent twice) are recognised per user by
-:class:`RecentEventIds` inside the keyed profile stage, because only there is
-per-user state at hand; ids are forgotten once they are too late to matter.
+:class:`RecentEventIds`, part of the profile stage's per-user state
+(``transforms/profile.py``); ids are forgotten once they are too late to matter.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-
-import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 _OS_ALIASES = {
     "ios": "ios", "iphone os": "ios", "ipados": "ios",
@@ -90,29 +89,6 @@ def normalize_event(event: dict) -> tuple[dict, bool]:
         props[k] = v
     out["properties"] = props
     return out, clamped
-
-
-class NormalizeEvents(beam.PTransform):
-    """Decoded events in, normalized events out (same count: nothing dropped).
-
-    See the module docstring for the rules. Counts ``clock_skew_clamped``.
-    """
-
-    def expand(self, events):
-        return events | "NormalizeEvent" >> beam.ParDo(_NormalizeFn())
-
-
-class _NormalizeFn(beam.DoFn):
-    def __init__(self):
-        self._clamped = Metrics.counter("onboardflow", "clock_skew_clamped")
-
-    def process(self, event):
-        out, clamped = normalize_event(event)
-        if clamped:
-            self._clamped.inc()
-            yield beam.window.TimestampedValue(out, out["occurred_at"] / 1000.0)
-        else:
-            yield out
 
 
 @dataclass

@@ -1,140 +1,109 @@
-"""Build each user's profile from their anonymized events, in one keyed stage.
+"""The profile stage as a pure state machine: one user's events and timer firings in, decisions out.
 
-``BuildUserProfiles`` keys anonymized events by ``user_key`` and keeps, per
-user, one state cell that composes the per-concern state classes:
+Engine-free (no Beam, no Flink). ``ProfileMachine`` is the event-time driver of
+the keyed profile stage; an engine keeps one ``UserProfileState`` per
+``user_key`` and two event-time timers per user (``LIFECYCLE`` and ``PROBE``),
+calls the machine, and carries out what it decides:
 
-* ``RecentEventIds`` (normalize.py): drops duplicate ``event_id``s within the
-  dedup horizon;
-* ``SessionState`` (sessionize.py): event-time sessions, gap 30 min;
-* ``EngagementState`` (score.py): time-decay engagement and intent scores,
-  7/30-day frequency, feature adoption, onboarding progress, signup;
-* the newest anonymized context (email domain, device class, country) and the
-  account id, for enrichment.
+    machine.on_event(state | None, event)          -> decisions
+    machine.on_probe(state | None, fired_ms)       -> decisions
+    machine.on_lifecycle(state | None, key, fired_ms) -> decisions
 
-Why one stage rather than one per concern: each keyed stateful stage costs a
-shuffle, and on the 2-core reference machine two chained keyed stages on Prism
-took 1.8x the time of one (200k elements, 12.5 s vs 6.9 s). The concerns stay
-separately testable as pure classes; this module only composes them.
+Decisions (plain tuples; carry them out in order): ``Store(state)``
+(write the state; engines persist ``state.to_primitive()``), ``ClearState``,
+``SetTimer(timer, at_ms, replaces_ms)``, ``Emit(previous, current, cause)``
+(a ``ProfileUpdate``), ``DeadLetter(reason, detail)``, ``TooLate``,
+``Duplicate`` and ``LifecycleHeld(reason)``. Times are epoch milliseconds.
+The Beam shell is ``pipelines/beam/profile.py`` (``BuildUserProfiles``); the
+evaluator (``runners/cli/evaluate.py``) drives the same machine in-process.
+Design notes and measurements: docs/decisions.md (``transforms/profile.py``).
+
+One event, in order: *unusable* (no ``user_key``, ``event_id``,
+``event_type``, integer ``occurred_at``, a ``properties`` that is not a
+mapping) or stamped later than the clock +
+``max_future_ms`` (``occurred_in_the_future``) -> dead letter; older than the
+user's watermark bound minus ``allowed_lateness`` -> too late; an ``event_id``
+already seen (``RecentEventIds``) -> duplicate; else folded into the state
+(``EngagementState``, ``SessionState``, the newest context), the probe and
+lifecycle timers set, the profile emitted and the state stored.
+
+The state composes the per-concern classes: ``RecentEventIds``
+(normalize.py), ``SessionState`` (sessionize.py), ``EngagementState``
+(score.py), the newest anonymized context (email domain, device class,
+country, os, locale) and the account id.
 
 Time, lateness and timers (event time throughout):
 
 * An event older than the watermark minus ``allowed_lateness`` is *too late*:
-  it does not change the profile, it is counted (``too_late_events``) and goes
-  to the ``too_late`` output, never silently lost. The stage knows a lower
-  bound of the watermark from a per-user "probe" timer set at the newest event
+  it does not change the profile; the engine counts it and routes it to its
+  too-late output, never silently loses it. The machine knows a lower bound
+  of the watermark from a per-user ``PROBE`` timer set at the newest event
   time it has seen: when the timer fires the watermark has passed it. The
   bound lags the true watermark, so the rule never rejects an on-time event
-  and may let a slightly-too-late one through. A user the stage holds no
-  state for (new, or expired) has no bound at all: their first event is never
-  too late, and if it is far behind the watermark its overdue lifecycle timers
-  fire at once. A bounded replay has a watermark too (the source's, per
-  partition), so give a backfill an allowed lateness that covers how late its
-  events really are; the end-to-end tests use 96 hours for 3-day-late events.
+  and may let a slightly-too-late one through. A user with no state (new, or
+  expired) has no bound at all: their first event is never too late, and if
+  it is far behind the watermark its overdue lifecycle timers fire at once. A
+  bounded replay has a watermark too (the source's, per partition), so give a
+  backfill an allowed lateness that covers how late its events really are;
+  the end-to-end tests use 96 hours for 3-day-late events.
 * Later events within the allowed lateness simply update the profile: every
   state class here is order-independent.
-* A ``lifecycle`` timer re-evaluates a user with no new events when a
+* The ``LIFECYCLE`` timer re-evaluates a user with no new events when a
   time-based rule can flip: at the end of the "new user" window (signup +
   ``new_user_window``), at dormancy (last activity + ``dormancy``; fires with
   no new event, which is how dormant users are detected), at every time mark
   of the rule segments (``time_marks``, from ``RuleSet.time_marks``: e.g.
   signup + 3 days for "onboarding stalled"), and finally clears the state at
   last activity + ``state_ttl`` (the Redis profile then expires by its own
-  TTL).
+  TTL). The timer is set lazily: events only ever move it *earlier*; when it
+  fires before the next transition (later events moved that on) it is re-set
+  for the transition and emits nothing.
 * For ``refresh_window_ms`` after the newest event (default 7 days) the same
   timer also *refreshes* a quiet user's profile every ``refresh_ms`` of event
-  time (default a day after the newest event or refresh): the 7-day counts
-  (events, sessions, active days), recency and the decayed scores move with
-  time alone, and the rule segments and online models downstream should see
-  them move. After the window the 7-day counts are 0, and the refresh slows
-  to every ``slow_refresh_ms`` (default 7 days) until dormancy: recency, the
-  30-day counts and the cluster assignment stay current within a week, and
-  the online segmenter keeps seeing the users who went quiet (without them
-  the centre of a segment whose users all went quiet is pulled into its
-  neighbours; docs/models.md). At most ``refresh_window / refresh +
-  (dormancy - refresh_window) / slow_refresh`` (7 + 3) updates per silence;
-  a replay of old data (or a streaming run whose watermark jumps to the wall
-  clock) fires them one after another. ``refresh_ms=0`` and
+  time (default a day after the newest event or refresh): the 7-day counts,
+  recency and the decayed scores move with time alone, and the rule segments
+  and online models downstream should see them move. After the window the
+  refresh slows to every ``slow_refresh_ms`` (default 7 days) until dormancy,
+  so the online segmenter keeps seeing users who went quiet (docs/models.md).
+  At most ``refresh_window / refresh + (dormancy - refresh_window) /
+  slow_refresh`` (7 + 3) updates per silence. ``refresh_ms=0`` and
   ``slow_refresh_ms=0`` turn refreshes off.
 
 Horizon (``ProfileConfig.horizon_ms``, set for bounded runs). When a bounded
-input ends, the watermark jumps to +infinity and every pending timer fires:
-without a horizon a backfill of last week's events would emit each user's
-dormancy at last event + 30 days, i.e. profiles (and versions) in the future,
-which Redis then holds against every live event that follows. With a horizon
-H the lifecycle timer is never set later than H: the timers due before H fire
-as they would in streaming, and every user whose profile is older than H gets
-one last update exactly *as of H*; nothing is emitted beyond it. The launcher
-fixes H before the run (``transforms/backfill_horizon.py``: the newest event
-time in the exact offset ranges the run reads, capped at the wall clock), so
-a backfill's final profiles are a function of its input alone: the same
-topic backfilled twice, a day apart, ends with the same profiles and versions.
-A streaming run has no horizon; its watermark never passes the wall clock
-(the Kafka source caps it there), and a lifecycle timer that fires later than
-the wall clock + ``max_future_ms`` anyway (a drained job) emits nothing.
-Events stamped later than that (a skewed client or collector clock) are dead
-letters (``occurred_in_the_future``): folded in, they would move ``as_of``
-into the future and Redis would refuse every honest update after them.
-
-Output: ``ProfileUpdate(previous, current)`` per user touched in a bundle (the
-profile as last emitted, and as it is now), coalesced per bundle so a burst of
-one user's events yields one update.
+input ends, the watermark jumps to +infinity and every pending timer fires.
+With a horizon H the lifecycle timer is never set later than H: the timers
+due before H fire as in streaming, and every user whose profile is older than
+H gets one last update exactly *as of H*; nothing is emitted beyond it. The
+launcher fixes H before the run (``transforms/backfill_horizon.py``), so a
+backfill's final profiles are a function of its input alone. A streaming run
+has no horizon; a lifecycle timer that fires later than the clock +
+``max_future_ms`` (a drained job) emits nothing (``LifecycleHeld``). Events
+stamped later than that are dead letters (``occurred_in_the_future``): folded
+in, they would move ``as_of`` into the future and Redis would refuse every
+honest update after them.
 
 Versions. ``current["version"] = as_of * 1000 + n`` where ``as_of`` is the
-newest event or timer time folded in and ``n = min(999, events_total)``, the
-number of distinct events folded into the profile. Both parts depend only on
-*which* events are in (and the timer instant), never on their arrival order
-or partitioning, so:
-
-* a profile built from a subset of another's events never has a larger
-  version: its ``as_of`` is at most the other's, and at equal ``as_of`` its
-  count is at most the other's. A replay that reads a user's events from
-  several partitions in another interleaving cannot roll Redis back;
-* the same events give the same version, so a replay's writes are no-ops
-  (Redis treats an equal version from another write as stale);
-* an event that does not move ``as_of`` (a late one) still raises ``n`` and
-  reaches Redis, up to the cap. Past 999 events, a late event that leaves
-  ``as_of`` where it was no longer raises the version: Redis keeps the
-  profile without it until the user's next newer event or the next refresh
-  timer (a day later by default) carries it in. A count within a recent
-  window would hit the cap later for heavy users but never count an event
-  older than the window, which in a skewed replay is exactly the late kind.
-
-Versions stay below 2**53 (Redis compares them as doubles) until as_of reaches
-the year 2255. Timer updates at ``t`` carry ``t * 1000 + n``, so they are
-monotonic too.
-
-Events the stage cannot key or fold in (no ``user_key``, ``event_id`` or
-integer ``occurred_at``, a malformed ``event_type`` or ``properties``, an
-``occurred_at`` after the wall clock + ``max_future_ms``) go to the
-``dead_letter`` output with a reason, counted ``profile_dead_letter``:
-upstream validation makes them rare, but they must neither crash the stage
-nor vanish.
+newest event or timer time folded in and ``n = min(999, events_total)``. Both
+parts depend only on *which* events are in (and the timer instant), never on
+their arrival order or partitioning, so a profile built from a subset of
+another's events never has a larger version (a replay that reads a user's
+events in another interleaving cannot roll Redis back) and the same events
+give the same version (a replay's writes are no-ops). Past 999 events, a late
+event that leaves ``as_of`` where it was no longer raises the version: Redis
+keeps the profile without it until the next newer event or refresh carries it
+in. Versions stay below 2**53 (Redis compares doubles) until the year 2255.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
-
-import apache_beam as beam
-from apache_beam.coders import FastPrimitivesCoder
-from apache_beam.metrics import Metrics
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
-from apache_beam.utils.windowed_value import WindowedValue
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
-from .dead_letter import pipeline_dead_letter
-from .enrich import ProfileUpdate
-from .metrics import PipelineMetrics
 from .normalize import RecentEventIds
-from .score import DEFAULT_SCORE_CONFIG, EngagementState, InvalidEvent, ScoreConfig
+from .score import DEFAULT_SCORE_CONFIG, EngagementState, ScoreConfig
 from .sessionize import SessionState
-
-TOO_LATE = "too_late"
-DEAD_LETTER = "dead_letter"
 
 #: Profile fields reserved for the online-learning stage (filled in later).
 MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
@@ -219,7 +188,7 @@ class UserProfileState:
     watermark_lb: Optional[int] = None
     probe_at: Optional[int] = None
     # Event time the lifecycle timer is set for (None: not set). Kept so the
-    # timer is only moved *earlier*: see _UserProfileFn.process.
+    # timer is only moved *earlier*: see ProfileMachine.on_event.
     lifecycle_at: Optional[int] = None
     last_emitted: Optional[dict] = None
 
@@ -357,25 +326,103 @@ class UserProfileState:
         return state
 
 
-def _ts(ms: int) -> Timestamp:
-    # From integer micros: float seconds would round some millis down by one.
-    return Timestamp(micros=ms * 1000)
+# -- the machine --------------------------------------------------------------------
+
+#: The two event-time timers per user.
+LIFECYCLE = "lifecycle"
+PROBE = "watermark_probe"
+
+#: ``Emit.cause``: an event was folded in, or the lifecycle timer advanced the profile.
+EVENT = "event"
+
+#: ``LifecycleHeld.reason``: the profile is as of the horizon already / the timer fired
+#: later than the clock + max_future_ms (a drained streaming run).
+AT_HORIZON = "at_horizon"
+BEYOND_CLOCK = "beyond_clock"
+
+#: ``ClearState.reason``.
+EXPIRED = "expired"
+
+#: ``DeadLetter.reason`` of an event stamped later than the clock + max_future_ms.
+OCCURRED_IN_THE_FUTURE = "occurred_in_the_future"
 
 
-def _ms(ts: Timestamp) -> int:
-    return ts.micros // 1000
+class Store(NamedTuple):
+    """Write ``state`` as the user's state (engines persist ``state.to_primitive()``)."""
+
+    state: UserProfileState
 
 
-def _now_ms() -> int:
+class ClearState(NamedTuple):
+    """Drop the user's state (``reason``: ``EXPIRED``). An update emitted earlier still goes out."""
+
+    reason: str
+
+
+class SetTimer(NamedTuple):
+    """Set ``timer`` (``LIFECYCLE`` or ``PROBE``) to fire at event time ``at_ms``.
+
+    ``replaces_ms``: when the timer is still pending at that time (an engine whose
+    timers do not replace each other, like Flink's, deletes it); None if none is.
+    """
+
+    timer: str
+    at_ms: int
+    replaces_ms: Optional[int]
+
+
+class Emit(NamedTuple):
+    """Emit ``ProfileUpdate(previous, current)``; ``cause`` is ``EVENT`` or ``LIFECYCLE``.
+
+    ``previous`` is the profile as last emitted (None for a fresh state). An
+    engine that coalesces a user's updates keeps the first ``previous`` and the
+    last ``current``. Both None from a machine made with ``snapshots=False``.
+    """
+
+    previous: Optional[dict]
+    current: Optional[dict]
+    cause: str
+
+
+class DeadLetter(NamedTuple):
+    """Route the event to the dead letters with ``reason`` and ``detail`` (field names only)."""
+
+    reason: str
+    detail: str
+
+
+class TooLate(NamedTuple):
+    """Route the event to the too-late output: older than ``floor_ms`` (watermark bound - allowed lateness)."""
+
+    floor_ms: int
+
+
+class Duplicate(NamedTuple):
+    """Drop the event: its ``event_id`` was folded in already."""
+
+    event_id: str
+
+
+class LifecycleHeld(NamedTuple):
+    """The lifecycle timer fired and the profile stays as it is (``AT_HORIZON``, ``BEYOND_CLOCK``)."""
+
+    reason: str
+
+
+Decision = Union[Store, ClearState, SetTimer, Emit, DeadLetter, TooLate, Duplicate, LifecycleHeld]
+
+
+def wall_clock_ms() -> int:
+    """The wall clock in epoch milliseconds: the default clock of ``ProfileMachine``."""
     return time.time_ns() // 1_000_000
 
 
-def _dead_letter(reason: str, detail: str, event: Any) -> dict:
-    return pipeline_dead_letter("profile", reason, detail, event)
+def unusable(event: Any) -> Optional[tuple[str, str]]:
+    """(reason, detail) if the profile stage cannot key or take ``event``, else None.
 
-
-def _unusable(event: Any) -> Optional[tuple[str, str]]:
-    """(reason, detail) if the keyed stage cannot take ``event``, else None."""
+    Engines check it before keying (an event without ``user_key`` has no key);
+    ``ProfileMachine.on_event`` checks it again.
+    """
     if not isinstance(event, Mapping):
         return "not_a_mapping", f"event is a {type(event).__name__}"
     for name in ("user_key", "event_id", "event_type"):
@@ -391,238 +438,128 @@ def _unusable(event: Any) -> Optional[tuple[str, str]]:
     return None
 
 
-class _KeyByUserFn(beam.DoFn):
-    """Usable events -> (user_key, event); the rest -> dead letters."""
+class ProfileMachine:
+    """The profile stage's event-time driver for one user at a time (module docstring).
 
-    def __init__(self):
-        self._dead_letters = Metrics.counter("onboardflow", "profile_dead_letter")
+    Parameters: ``config`` (``ProfileConfig``); ``clock_ms``, a callable
+    returning "now" in epoch ms (default the wall clock; a replay passes its
+    own), against which ``max_future_ms`` is measured; ``snapshots``: with
+    False, ``Emit`` carries no profiles (``previous`` and ``current`` None) and
+    the state no ``last_emitted``: for an in-process engine that reads the
+    profile it emits from the state itself (``state.snapshot(user_key)``) at
+    its bundle's end, sparing a snapshot per event (the Beam shell must keep
+    them: it writes the state per event and emits at ``finish_bundle``).
 
-    def process(self, event):
-        problem = _unusable(event)
+    The machine holds no per-user data: each call takes the user's state (None
+    when the engine holds none), may change it in place, and returns the
+    decisions. A call that rejects an event (dead letter, too late, duplicate)
+    leaves the state untouched, so an engine may keep decoded states in a cache.
+
+    >>> m = ProfileMachine(ProfileConfig(), clock_ms=lambda: 10 * DAY_MS)
+    >>> e = {"event_id": "e1", "user_key": "u", "event_type": "login", "occurred_at": DAY_MS}
+    >>> [type(d).__name__ for d in m.on_event(None, e)]
+    ['Store', 'SetTimer', 'SetTimer', 'Emit']
+    >>> state = m.on_event(None, e)[0].state
+    >>> m.on_event(state, e)
+    (Duplicate(event_id='e1'),)
+    >>> [d for d in m.on_probe(state, DAY_MS) if type(d) is not Store]
+    []
+    >>> m.on_lifecycle(state, "u", 2 * DAY_MS)[-1].current["as_of"] == 2 * DAY_MS  # a day's refresh
+    True
+    """
+
+    def __init__(self, config: ProfileConfig = ProfileConfig(), clock_ms: Callable[[], int] = wall_clock_ms,
+                 snapshots: bool = True):
+        self.config = config
+        self._clock_ms = clock_ms
+        self._snapshots = snapshots
+
+    # -- state ---------------------------------------------------------------------
+
+    def new_state(self) -> UserProfileState:
+        return UserProfileState.new(self.config)
+
+    def load(self, primitive: Optional[tuple]) -> Optional[UserProfileState]:
+        """The state stored as ``primitive`` (``UserProfileState.to_primitive``); None for None."""
+        return None if primitive is None else UserProfileState.from_primitive(primitive, self.config)
+
+    # -- inputs --------------------------------------------------------------------
+
+    def on_event(self, state: Optional[UserProfileState], event: Any) -> tuple[Decision, ...]:
+        """One event of the user ``event["user_key"]`` whose state is ``state``."""
+        # unusable() covers EngagementState.validate: a rejected event never touches the state.
+        problem = unusable(event)
         if problem is not None:
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter(*problem, event))
-            return
-        yield event["user_key"], event
-
-
-class _UserProfileFn(beam.DoFn):
-    PROFILE = ReadModifyWriteStateSpec("profile", FastPrimitivesCoder())
-    LIFECYCLE = TimerSpec("lifecycle", TimeDomain.WATERMARK)
-    PROBE = TimerSpec("watermark_probe", TimeDomain.WATERMARK)
-
-    def __init__(self, config: ProfileConfig, metrics: Optional[PipelineMetrics] = None):
-        self._config = config
-        self._metrics = metrics or PipelineMetrics(prometheus=False)
-
-    def setup(self):
-        self._metrics.setup()
-        self._duplicates = Metrics.counter("onboardflow", "duplicates_dropped")
-        self._too_late = Metrics.counter("onboardflow", "too_late_events")
-        self._dead_letters = Metrics.counter("onboardflow", "profile_dead_letter")
-        self._lifecycle = Metrics.counter("onboardflow", "lifecycle_timers_fired")
-        self._expired = Metrics.counter("onboardflow", "profile_state_expired")
-        self._emitted = Metrics.counter("onboardflow", "profile_updates_emitted")
-        self._future = Metrics.counter("onboardflow", "future_events")
-        self._beyond_clock = Metrics.counter("onboardflow", "lifecycle_timers_beyond_clock")
-
-    def start_bundle(self):
-        # (user_key, window) -> (previous profile, current profile): one update per user per bundle.
-        # Keyed with the window too: state and timers are per key *and* window.
-        self._pending: dict[tuple[str, Any], tuple[Optional[dict], dict]] = {}
-        # (user_key, window) -> (the primitive last written to the cell, its decoded state).
-        # A user's events mostly arrive together in one bundle: decoding the
-        # state once per bundle rather than once per event is a measured
-        # share of the stage's CPU. Identity with what the cell returns proves
-        # the cached state is the cell's current value.
-        self._decoded: dict[tuple[str, Any], tuple[tuple, UserProfileState]] = {}
-
-    def _load(self, cell, user_key: str, window) -> UserProfileState:
-        data = cell.read()
-        if data is None:
-            return UserProfileState.new(self._config)
-        cached = self._decoded.get((user_key, window))
-        if cached is not None and cached[0] is data:
-            return cached[1]
-        return UserProfileState.from_primitive(data, self._config)
-
-    def _store(self, cell, user_key: str, window, state: UserProfileState) -> None:
-        data = state.to_primitive()
-        cell.write(data)
-        self._decoded[(user_key, window)] = (data, state)
-
-    def _emit(self, user_key: str, state: UserProfileState, window) -> None:
-        current = state.snapshot(user_key)
-        pending = self._pending.get((user_key, window))
-        previous = pending[0] if pending else state.last_emitted
-        self._pending[(user_key, window)] = (previous, current)
-        state.last_emitted = current
-
-    def process(
-        self,
-        element,
-        window=beam.DoFn.WindowParam,
-        cell=beam.DoFn.StateParam(PROFILE),
-        lifecycle=beam.DoFn.TimerParam(LIFECYCLE),
-        probe=beam.DoFn.TimerParam(PROBE),
-    ):
-        user_key, event = element
-        try:
-            # Before anything touches the state: the decoded state of this
-            # bundle is shared with the cell's value (see _load), so a
-            # rejected event must not change it.
-            EngagementState.validate(event)
-        except InvalidEvent as exc:
-            # _KeyByUserFn checks the same fields, so this is a second line of defence.
-            self._dead_letters.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter("invalid_event", str(exc), event))
-            return
+            return (DeadLetter(*problem),)
+        config = self.config
         t = event["occurred_at"]
-        if t > _now_ms() + self._config.max_future_ms:
-            self._dead_letters.inc()
-            self._future.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter(
-                "occurred_in_the_future", f"occurred_at more than {self._config.max_future_ms} ms after the "
-                "pipeline's clock", event))
-            return
-        state = self._load(cell, user_key, window)
-        if state.is_too_late(t):
-            self._too_late.inc()
-            self._metrics.late(1)
-            yield beam.pvalue.TaggedOutput(TOO_LATE, event)
-            return
+        if t > self._clock_ms() + config.max_future_ms:
+            return (DeadLetter(OCCURRED_IN_THE_FUTURE,
+                               f"occurred_at more than {config.max_future_ms} ms after the pipeline's clock"),)
+        if state is None:
+            state = UserProfileState.new(config)
+        elif state.is_too_late(t):
+            return (TooLate(state.watermark_lb - config.allowed_lateness_ms),)
         if not state.seen.add(event["event_id"], t):
-            self._duplicates.inc()
-            self._metrics.duplicates(1)
-            return
+            return (Duplicate(event["event_id"]),)
         state.apply(event)
+        decisions: list[Decision] = [Store(state)]
         if state.probe_at is None:
             state.probe_at = t
-            probe.set(_ts(t))
+            decisions.append(SetTimer(PROBE, t, None))
         # Lazy lifecycle timer: every event pushes dormancy and expiry later, so
         # re-setting the timer per event would cost a timer write per event.
         # It is only moved earlier; when it fires early, on_lifecycle re-arms it.
         due = state.next_lifecycle_ms()
         if due is not None and (state.lifecycle_at is None or due < state.lifecycle_at):
+            decisions.append(SetTimer(LIFECYCLE, due, state.lifecycle_at))
             state.lifecycle_at = due
-            lifecycle.set(_ts(due))
-        self._emit(user_key, state, window)
-        self._store(cell, user_key, window, state)
+        decisions.append(self._emit(event["user_key"], state, EVENT))
+        return tuple(decisions)
 
-    @on_timer(PROBE)
-    def on_probe(
-        self,
-        key=beam.DoFn.KeyParam,
-        fired=beam.DoFn.TimestampParam,
-        cell=beam.DoFn.StateParam(PROFILE),
-        probe=beam.DoFn.TimerParam(PROBE),
-    ):
-        data = cell.read()
-        if data is None:
-            return
-        state = UserProfileState.from_primitive(data, self._config)
-        t = _ms(fired)
+    def on_probe(self, state: Optional[UserProfileState], fired_ms: int) -> tuple[Decision, ...]:
+        """The ``PROBE`` timer fired at ``fired_ms``: the watermark has passed it."""
+        if state is None:
+            return ()
+        t = fired_ms
         state.watermark_lb = t if state.watermark_lb is None else max(state.watermark_lb, t)
-        state.seen.forget_before(state.watermark_lb - self._config.allowed_lateness_ms)
+        state.seen.forget_before(state.watermark_lb - self.config.allowed_lateness_ms)
         newest = state.engagement.last_event_at
         if newest is not None and newest > t:
             state.probe_at = newest
-            probe.set(_ts(newest))
-        else:
-            state.probe_at = None
-        cell.write(state.to_primitive())
+            return (Store(state), SetTimer(PROBE, newest, None))
+        state.probe_at = None
+        return (Store(state),)
 
-    @on_timer(LIFECYCLE)
-    def on_lifecycle(
-        self,
-        key=beam.DoFn.KeyParam,
-        fired=beam.DoFn.TimestampParam,
-        window=beam.DoFn.WindowParam,
-        cell=beam.DoFn.StateParam(PROFILE),
-        lifecycle=beam.DoFn.TimerParam(LIFECYCLE),
-    ):
-        data = cell.read()
-        if data is None:
-            return
-        state = UserProfileState.from_primitive(data, self._config)
-        t = _ms(fired)
+    def on_lifecycle(self, state: Optional[UserProfileState], user_key: str, fired_ms: int) -> tuple[Decision, ...]:
+        """The ``LIFECYCLE`` timer of ``user_key`` fired at ``fired_ms``."""
+        if state is None:
+            return ()
+        t = fired_ms
         due = state.next_lifecycle_ms()
-        if due is None or t > _now_ms() + self._config.max_future_ms:
+        if due is None or t > self._clock_ms() + self.config.max_future_ms:
             # At the horizon already (set before later events moved as_of
-            # there), or the watermark ran past the wall clock (a drained
-            # streaming run): the profile stays as it is; the next event re-arms.
-            if due is not None:
-                self._beyond_clock.inc()
+            # there), or the watermark ran past the clock (a drained streaming
+            # run): the profile stays as it is; the next event re-arms.
             state.lifecycle_at = None
-            cell.write(state.to_primitive())
-            return
+            return (Store(state), LifecycleHeld(AT_HORIZON if due is None else BEYOND_CLOCK))
         if due > t:
             # Set before later events moved the next transition on: not due yet.
             state.lifecycle_at = due
-            lifecycle.set(_ts(due))
-            cell.write(state.to_primitive())
-            return
+            return (Store(state), SetTimer(LIFECYCLE, due, None))
         if state.expired_at(t):
-            self._expired.inc()
-            cell.clear()
-            # An update emitted earlier in this bundle still goes out: only the state goes.
-            return
-        self._lifecycle.inc()
+            return (ClearState(EXPIRED),)
         state.advance_to(t)
         state.lifecycle_at = state.next_lifecycle_ms()
+        decisions: list[Decision] = [Store(state)]
         if state.lifecycle_at is not None:
-            lifecycle.set(_ts(state.lifecycle_at))
-        self._emit(key, state, window)
-        cell.write(state.to_primitive())
+            decisions.append(SetTimer(LIFECYCLE, state.lifecycle_at, None))
+        decisions.append(self._emit(user_key, state, LIFECYCLE))
+        return tuple(decisions)
 
-    def finish_bundle(self):
-        for (_, window), (previous, current) in self._pending.items():
-            self._emitted.inc()
-            yield WindowedValue(ProfileUpdate(previous, current), _ts(current["as_of"]), [window])
-        self._pending = {}
-        self._decoded = {}
-
-
-class ProfileOutputs(NamedTuple):
-    """The outputs of ``BuildUserProfiles``, by attribute or by tag (``outputs[TOO_LATE]``)."""
-
-    profiles: Any
-    too_late: Any
-    dead_letter: Any
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-
-class BuildUserProfiles(beam.PTransform):
-    """Anonymized events in; ``ProfileUpdate(previous, current)`` out.
-
-    Input events carry ``user_key`` (AnonymizeEvents). Duplicates are dropped
-    (counted ``duplicates_dropped``); events later than the allowed lateness go
-    to the ``too_late`` output (counted ``too_late_events``); events without a
-    usable ``user_key``, ``event_id``, ``event_type``, integer ``occurred_at``
-    or mapping ``properties``, or stamped later than the wall clock +
-    ``max_future_ms`` (reason ``occurred_in_the_future``, also counted
-    ``future_events``), go to ``dead_letter`` as
-    ``{"stage": "profile", "reason", "detail", "event_id", "payload"}``
-    (counted ``profile_dead_letter``). With ``config.horizon_ms`` (bounded
-    runs) no update is as of later than the horizon. Returns ``ProfileOutputs(profiles,
-    too_late, dead_letter)``.
-    """
-
-    def __init__(self, config: ProfileConfig = ProfileConfig(), metrics: Optional[PipelineMetrics] = None):
-        super().__init__()
-        self._config = config
-        self._metrics = metrics
-
-    def expand(self, events):
-        keyed = (
-            events
-            # Typed, so runners pick a deterministic key coder for the state.
-            | "KeyByUser" >> beam.ParDo(_KeyByUserFn()).with_output_types(tuple[str, dict])
-            .with_outputs(DEAD_LETTER, main="keyed")
-        )
-        built = keyed.keyed | "UpdateProfileState" >> beam.ParDo(
-            _UserProfileFn(self._config, self._metrics)).with_outputs(TOO_LATE, DEAD_LETTER, main="profiles")
-        dead_letters = (keyed[DEAD_LETTER], built[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
-        return ProfileOutputs(built.profiles, built[TOO_LATE], dead_letters)
+    def _emit(self, user_key: str, state: UserProfileState, cause: str) -> Emit:
+        if not self._snapshots:
+            return Emit(None, None, cause)
+        current = state.snapshot(user_key)
+        previous, state.last_emitted = state.last_emitted, current
+        return Emit(previous, current, cause)

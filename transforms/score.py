@@ -1,4 +1,4 @@
-"""Time-decay engagement scoring: the math and the per-user state, pure Python.
+"""Time-decay engagement scoring: the math and the per-user state, pure Python (no engine).
 
 The engagement score of a user at time t is
 
@@ -46,14 +46,14 @@ score "before" an event already folded in has no meaning.
 * ``signup_at`` (earliest signup) and ``days_since_signup``; ``plan`` (the
   ``plan`` property of the latest purchase).
 
-State is stored in Beam as a compact, versioned tuple of primitives
+State is stored by the engine as a compact, versioned tuple of primitives
 (``to_primitive`` / ``from_primitive``) so the scoring configuration is not
 repeated in every user's state; ``EngagementState`` also pickles whole.
 
-Nothing here touches Beam: the keyed stateful stage that keeps one
-``EngagementState`` per user (with its dormancy and state-expiry timers) is
-``BuildUserProfiles`` in ``transforms/profile.py``, which composes it with the
-session and duplicate-detection state in a single shuffle.
+Engine-free: ``UserProfileState`` (``transforms/profile.py``) keeps one
+``EngagementState`` per user beside the session and duplicate-detection
+state, and ``ProfileMachine`` there drives it (its dormancy and state-expiry
+timers); the Beam shell is ``pipelines/beam/profile.py``.
 """
 from __future__ import annotations
 
@@ -446,7 +446,7 @@ class EngagementState:
     # -- storage ---------------------------------------------------------------
 
     def to_primitive(self) -> tuple:
-        """Compact, versioned form for Beam state (no config: it is per pipeline)."""
+        """Compact, versioned form for engine state (no config: it is per pipeline)."""
         return (
             self.FORMAT_VERSION,
             self.engagement.value_ref, self.engagement.t_ref,

@@ -5,8 +5,8 @@ at most ``gap`` apart (default 30 minutes), in *event* time: the client's
 ``session_id`` is not trusted, since it resets on reinstall and differs across
 devices.
 
-``SessionState`` is the pure state the keyed profile stage
-(:mod:`onboardflow.transforms.profile`) keeps per user. Events may arrive in
+``SessionState`` is the pure, engine-free state the keyed profile stage
+(``UserProfileState`` in ``transforms/profile.py``) keeps per user. Events may arrive in
 any order: an event that falls inside or next to a session extends it, one
 that lands between two sessions and within ``gap`` of both merges them (the
 same semantics as Beam's merging ``Sessions`` windows). Final statistics

@@ -30,6 +30,7 @@ from ...transforms.profile_store.sink import DEFAULT_BATCH_SIZE, DEFAULT_FUTURE_
 from ...transforms.profile_store.writer import DEFAULT_PROFILE_TTL_S
 from ...transforms.progress import EventTimeProgress
 from ...transforms.sinks.retry import DEFAULT_MAX_ATTEMPTS
+from .metrics import beam_pipeline_metrics
 from .sinks import DEAD_LETTER, WRITTEN, WriteToSink
 
 
@@ -57,5 +58,5 @@ class WriteProfilesToRedis(WriteToSink):
         super().__init__(functools.partial(
             ProfileSink, redis_url, key_prefix, profile_ttl_s, batch_size, max_attempts,
             future_tolerance_s=future_tolerance_s, outbox=outbox,
-            metrics=metrics or PipelineMetrics(prometheus=False), progress=EventTimeProgress(key_prefix),
+            metrics=metrics or beam_pipeline_metrics(prometheus=False), progress=EventTimeProgress(key_prefix),
         ), step="UpsertProfiles", label=label)

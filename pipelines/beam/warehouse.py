@@ -17,6 +17,7 @@ from ...transforms.warehouse import rows
 from ...transforms.warehouse.rows import TableSpec
 from ...transforms.warehouse.schema import DEFAULT_SCHEMA, check_schema
 from ...transforms.warehouse.sink import DEFAULT_BATCH_SIZE, WarehouseSink
+from .metrics import beam_pipeline_metrics
 from .sinks import DEAD_LETTER, WriteToSink
 
 
@@ -40,7 +41,7 @@ class _WriteToWarehouse(WriteToSink):
             raise ValueError("batch_size must be >= 1")
         super().__init__(functools.partial(
             WarehouseSink, dsn, self.SPEC, schema, batch_size, max_attempts,
-            metrics=metrics or PipelineMetrics(prometheus=False),
+            metrics=metrics or beam_pipeline_metrics(prometheus=False),
         ), step=f"CopyInto_{self.SPEC.table}", label=label)
 
     def expand(self, elements):

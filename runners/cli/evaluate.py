@@ -6,12 +6,14 @@ project's own ``JourneyGenerator``) and the independently written designs of
 ``b2b_trial``: other persona sets, unequal mixes, other session shapes and
 noise). For each, without Kafka, Beam or any service:
 
-1. **Backfill replay.** Events are folded, in event-time order, into each
-   user's ``UserProfileState`` -- the state the pipeline's keyed profile stage
-   keeps (``transforms/profile.py``). Every user touched within a
-   ``--tick-minutes`` slice gets one profile update at its end, and the
-   lifecycle timers (time-based rules, refreshes, dormancy) fire as in the
-   pipeline.
+1. **Backfill replay.** Events, in event-time order, drive the pipeline's
+   profile stage itself (``ProfileMachine``, ``transforms/profile.py``) on a
+   small in-process engine (``_Replay``: states in a dict, timers in a heap).
+   Each ``--tick-minutes`` slice is one bundle: its events are folded in, then
+   the watermark moves to its end, the due timers (probe; lifecycle: time-based
+   rules, refreshes, dormancy, expiry) fire, and every user touched gets one
+   update at the slice's end; a lifecycle update of a user with no event in
+   the slice comes at the timer's time.
 2. **Segments as the pipeline makes them.** At every event-time mark (every
    ``--refit-hours``) the segmenter is refitted on the population's latest
    profiles (``Segmenter.fit``, identified users ordered by key, as
@@ -51,7 +53,20 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
 from ...schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
-from ...transforms.profile import ProfileConfig, UserProfileState
+from ...transforms.profile import (
+    EVENT,
+    PROBE,
+    ClearState,
+    DeadLetter,
+    Duplicate,
+    Emit,
+    ProfileConfig,
+    ProfileMachine,
+    SetTimer,
+    Store,
+    TooLate,
+    UserProfileState,
+)
 from ..sim.generator import GeneratorConfig, JourneyGenerator
 
 #: Users whose clusters count for stability: one event is noise for fewer.
@@ -129,57 +144,102 @@ def replay_profiles(
     """Profile updates of a design's users in event-time order (module docstring, step 1).
 
     ``source``: a ``Design`` or a ``GeneratorConfig`` (the generator design).
-    ``stats`` (if given) counts ``events``, ``users`` and ``updates``;
-    ``states`` (if given) receives every user's ``UserProfileState``.
+    ``stats`` (if given) counts ``events`` (folded in), ``users``, ``updates``
+    and the events the machine turned away (``duplicates``, ``too_late``,
+    ``dead_letters``); ``states`` (if given) receives every user's
+    ``UserProfileState`` (a user whose state expired has none).
     """
     design = source if isinstance(source, Design) else generator_design(source.users, source.seed)
-    stats = stats if stats is not None else Counter()
-    states = states if states is not None else {}
-    dirty: set[str] = set()
-    # (due, user_key) of lifecycle timers, lazily invalidated: an entry is
-    # live while it is still the state's next lifecycle time.
-    lifecycle: list[tuple[int, str]] = []
+    machine = ProfileMachine(profile_config, clock_ms=lambda: design.end_ms, snapshots=False)
+    replay = _Replay(machine, design.personas,
+                     stats if stats is not None else Counter(), states if states is not None else {})
     tick_end: Optional[int] = None
-
-    def flush(at: int) -> Iterator[ProfileTick]:
-        while lifecycle and lifecycle[0][0] <= at:
-            due, key = heapq.heappop(lifecycle)
-            state = states[key]
-            if key in dirty or due != state.next_lifecycle_ms() or state.expired_at(due):
-                continue
-            state.advance_to(due)
-            stats["updates"] += 1
-            yield ProfileTick(due, key, design.personas[key], state.snapshot(key))
-            heapq.heappush(lifecycle, (state.next_lifecycle_ms(), key))
-        for key in sorted(dirty):
-            state = states[key]
-            stats["updates"] += 1
-            yield ProfileTick(at, key, design.personas[key], state.snapshot(key))
-            heapq.heappush(lifecycle, (state.next_lifecycle_ms(), key))
-        dirty.clear()
-
     for event in design.events():
         t = event["occurred_at"]
         if tick_end is None:
             tick_end = (t // tick_ms + 1) * tick_ms
         while t >= tick_end:
-            yield from flush(tick_end - 1)
+            yield from replay.advance_watermark(tick_end - 1)
             tick_end += tick_ms
-        key = event.get("user_id")
-        if not key:
+        if not event.get("user_id"):
             continue  # anonymous visitors: the pipeline keys them apart, without a persona
-        state = states.get(key)
-        if state is None:
-            state = states[key] = UserProfileState.new(profile_config)
-            stats["users"] += 1
-        state.apply(_flat_event(event))
-        stats["events"] += 1
-        dirty.add(key)
+        replay.on_event(_flat_event(event))
     if tick_end is not None:
-        yield from flush(tick_end - 1)
-        # Lifecycle updates due within the horizon only: the stream ends there.
-        while lifecycle and lifecycle[0][0] <= design.end_ms:
-            yield from flush(lifecycle[0][0])
+        yield from replay.advance_watermark(tick_end - 1)
+        # Timers due within the horizon only: the stream ends there.
+        yield from replay.advance_watermark(design.end_ms)
+
+
+class _Replay:
+    """An in-process engine for ``ProfileMachine``: states in a dict, event-time timers in a heap.
+
+    Events of one tick are one bundle: the watermark stays at the previous
+    tick's end while they are folded in; then it advances to the tick's end,
+    the timers due fire in time order, and each user touched gets one update
+    (coalesced like a bundle's) at the tick's end. A lifecycle update of a
+    user not touched in the tick is its own update at the timer's time.
+    """
+
+    def __init__(self, machine: ProfileMachine, personas: dict, stats: Counter, states: dict):
+        self.machine, self.personas, self.stats, self.states = machine, personas, stats, states
+        self.users: set[str] = set()
+        self.timers: dict[tuple[str, str], int] = {}    # (user_key, timer) -> pending firing time
+        self.heap: list[tuple[int, str, str]] = []      # (at, user_key, timer); stale if not in timers
+        self.pending: dict[str, UserProfileState] = {}  # user_key -> state to emit at the tick's end
+
+    def on_event(self, event: dict) -> None:
+        key = event["user_key"]
+        if key not in self.users:
+            self.users.add(key)
+            self.stats["users"] += 1
+        self._carry_out(key, self.machine.on_event(self.states.get(key), event), None)
+
+    def advance_watermark(self, at: int) -> Iterator[ProfileTick]:
+        heap, timers = self.heap, self.timers
+        while heap and heap[0][0] <= at:
+            fired, key, timer = heapq.heappop(heap)
+            if timers.get((key, timer)) != fired:
+                continue  # replaced by a later set
+            del timers[(key, timer)]
+            state = self.states.get(key)
+            if timer == PROBE:
+                decisions = self.machine.on_probe(state, fired)
+            else:
+                decisions = self.machine.on_lifecycle(state, key, fired)
+            yield from self._carry_out(key, decisions, fired)
+        for key in sorted(self.pending):
+            self.stats["updates"] += 1
+            yield ProfileTick(at, key, self.personas[key], self.pending[key].snapshot(key))
+        self.pending.clear()
+
+    def _carry_out(self, key: str, decisions, fired: Optional[int]) -> Iterator[ProfileTick]:
+        ticks = []
+        for d in decisions:
+            kind = type(d)
+            if kind is Store:
+                self.states[key] = d.state
+            elif kind is SetTimer:
+                self.timers[(key, d.timer)] = d.at_ms
+                heapq.heappush(self.heap, (d.at_ms, key, d.timer))
+            elif kind is Emit:
+                if d.cause == EVENT:
+                    self.stats["events"] += 1
+                # The machine makes no snapshots here (snapshots=False): the state is read when emitted.
+                state = self.states[key]
+                if fired is not None and key not in self.pending:
+                    ticks.append(ProfileTick(fired, key, self.personas[key], state.snapshot(key)))
+                else:
+                    self.pending[key] = state
+            elif kind is ClearState:
+                self.states.pop(key, None)
+            elif kind is Duplicate:
+                self.stats["duplicates"] += 1
+            elif kind is TooLate:
+                self.stats["too_late"] += 1
+            elif kind is DeadLetter:
+                self.stats["dead_letters"] += 1
+        self.stats["updates"] += len(ticks)
+        return ticks
 
 
 # -- one design ------------------------------------------------------------------
@@ -327,12 +387,13 @@ def evaluate_design(design: Design, tick_ms: int = 60 * MINUTE_MS, refit_ms: int
 
     # Live phase: one login per user an hour after the backfill, on a copy of the state.
     live_at = design.end_ms + HOUR_MS
+    live = ProfileMachine(profile_config, clock_ms=lambda: live_at)
     after_profiles = {}
     for k in keys:
-        state = UserProfileState.from_primitive(states[k].to_primitive(), profile_config)
-        state.apply({"event_id": f"live-login-{k}", "event_type": "login", "user_key": k,
-                     "occurred_at": live_at, "properties": {"method": "password"}})
-        after_profiles[k] = state.snapshot(k)
+        state = live.load(states[k].to_primitive()) if k in states else None
+        login = {"event_id": f"live-login-{k}", "event_type": "login", "user_key": k,
+                 "occurred_at": live_at, "properties": {"method": "password"}}
+        after_profiles[k] = next(d.current for d in live.on_event(state, login) if type(d) is Emit)
     after = {k: served.predict_one(feature_vector(after_profiles[k])) for k in keys}
     settled = [k for k in keys if (latest[k].get("events_total") or 0) >= STABILITY_MIN_EVENTS]
     stable = sum(before[k] == after[k] for k in settled)
@@ -551,7 +612,7 @@ def main(argv=None) -> int:
             print(f"  MISSED: {miss}")
     piped = []
     if args.through_pipeline:
-        from .. import evaluate_pipeline
+        from . import evaluate_pipeline
 
         for name in names:
             if name == "generator":

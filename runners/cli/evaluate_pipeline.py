@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..sim.generator import DAY_MS, HOUR_MS
+from ...schemas.units import DAY_MS, HOUR_MS
 
 STABILITY_MIN_EVENTS = 10
 

@@ -3,8 +3,9 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from onboardflow.pipelines.beam.normalize import NormalizeEvents
 from onboardflow.runners.local import local_pipeline_options
-from onboardflow.transforms.normalize import NormalizeEvents, RecentEventIds, normalize_event
+from onboardflow.transforms.normalize import RecentEventIds, normalize_event
 
 
 def event(**over):

@@ -1,4 +1,4 @@
-"""The keyed profile stage (transforms/profile.py): what a user of the profiles notices.
+"""The keyed profile stage (pipelines/beam/profile.py driving transforms/profile.py): what a user notices.
 
 Most tests drive ``BuildUserProfiles`` with a TestStream on Prism, so event
 time, the watermark and the stage's timers behave as on a real runner. Each
@@ -28,16 +28,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from onboardflow.pipelines.beam.profile import TOO_LATE, BuildUserProfiles
 from onboardflow.runners.local import local_pipeline_options
-from onboardflow.transforms.profile import (
-    DAY_MS,
-    HOUR_MS,
-    MINUTE_MS,
-    TOO_LATE,
-    BuildUserProfiles,
-    ProfileConfig,
-    UserProfileState,
-)
+from onboardflow.schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
+from onboardflow.transforms.profile import ProfileConfig, UserProfileState
 from onboardflow.transforms.score import ScoreConfig
 
 MIN, HOUR = MINUTE_MS, HOUR_MS

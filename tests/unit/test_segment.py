@@ -577,7 +577,8 @@ def test_a_user_who_signs_up_and_goes_quiet_enters_onboarding_stalled_three_days
     from apache_beam.transforms.window import GlobalWindows, TimestampedValue
     from apache_beam.utils.timestamp import Timestamp
 
-    from onboardflow.transforms.profile import BuildUserProfiles, ProfileConfig
+    from onboardflow.pipelines.beam.profile import BuildUserProfiles
+    from onboardflow.transforms.profile import ProfileConfig
 
     rules = RuleSet.load(DEFAULT_RULES_PATH)
     signup = AT // DAY_MS * DAY_MS
