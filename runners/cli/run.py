@@ -80,7 +80,28 @@ def run(argv: Optional[Sequence[str]] = None, secret=None, wait: bool = True, se
     return onboarding.run(options, secret=secret, wait=wait)
 
 
+def help_text() -> str:
+    """The flags ``onboardflow run`` understands: the pipeline's option groups, then Beam's standard ones."""
+    from apache_beam.options.pipeline_options import StandardOptions, _BeamArgumentParser
+
+    from ...pipelines.options import KafkaReadOptions, MetricsOptions, OnboardingOptions
+    from ..flink_runner import FlinkCheckpointOptions
+
+    parser = _BeamArgumentParser(
+        prog="onboardflow run", usage="onboardflow run [PIPELINE AND BEAM FLAGS...]", allow_abbrev=False,
+        description="Run the onboarding pipeline. Flags left out come from the deployment's settings "
+                    "(OBF_* variables, runners/settings.py); without --runner it runs locally on Prism.",
+        epilog="Every other Beam pipeline option is passed through to Beam (docs/local-runner.md, docs/flink.md).")
+    for options in (OnboardingOptions, KafkaReadOptions, MetricsOptions, FlinkCheckpointOptions, StandardOptions):
+        options._add_argparse_args(parser)  # each adds its own argument groups
+    return parser.format_help()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
     run(argv)
     return 0
 

@@ -51,3 +51,11 @@ def test_the_harness_harmless_finalize_traceback_is_dropped_and_everything_else_
     print("Traceback ...\nRuntimeError: Bundle is not in a finalizable state for inst-1", file=quiet)
     print("a real error", file=quiet)
     assert out.getvalue() == "a real error\n"
+
+
+def test_run_help_lists_the_pipeline_kafka_metrics_and_flink_flags(capsys):
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--redis_url", "--kafka_bootstrap_servers", "--metrics_port", "--checkpointing_interval",
+                 "--runner"):
+        assert flag in out, flag
