@@ -7,6 +7,7 @@ Beam (and PyFlink), so an import of the engine there fails as it would on a
 machine that never installed it.
 """
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -42,8 +43,11 @@ def _venv(path: Path, *pth_lines: str) -> Path:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    had_build_dir = (ROOT / "build").exists()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out), str(ROOT)], check=True, timeout=600, cwd=ROOT)
+    if not had_build_dir:  # setuptools builds in the source tree; leave it as it was
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     (built,) = out.glob("onboardflow-*.whl")
     return built
 
