@@ -16,14 +16,8 @@ prediction and training apart:
 * ``expire(now_ms)`` is the timeout: every stored point N days old without a
   completion is trained on as a negative.
 
-Why a horizon per prediction rather than "ever completes": with "ever", a
-negative is only known at the end of a long timeout, so for the whole first
-month a new deployment learns from positives alone and ranks users by noise
-(measured: prequential ROC-AUC 0.42 on the generator's stream with a 30-day
-timeout, 0.70 with 7 days). On the default 10,000-user stream a 3-day horizon
-reached 0.887 (5 days: 0.831, 7 days: 0.744): negatives arrive after 3 days,
-and "will this user finish onboarding in the next 3 days" is also the question
-a track decision acts on.
+A horizon per prediction rather than "ever completes": negatives arrive after N
+days instead of at the end of a long timeout (docs/decisions.md, models/propensity.py).
 
 Both return the ``Outcome``s they trained on, each with two probabilities,
 neither of which has seen the label: ``probability``, the one given at
@@ -49,9 +43,8 @@ answers ``prior`` for everyone: a model that has only seen positives has no
 ranking to offer.
 
 The classifier is ``StandardScaler | LogisticRegression`` by default; a
-Hoeffding tree is available (``classifier="hoeffding_tree"``). The choice is
-measured in docs/models.md: logistic regression reached the higher
-prequential ROC-AUC and log loss on the generator's stream and runs faster.
+Hoeffding tree is available (``classifier="hoeffding_tree"``); the choice is
+explained in docs/models.md.
 """
 from __future__ import annotations
 

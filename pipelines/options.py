@@ -259,3 +259,53 @@ class MetricsOptions(PipelineOptions):
         g.add_argument("--metrics_advertise_host", default=None,
                        help="Host name written to the file_sd target (default: the bind address, or the "
                             "machine's name when bound to every interface).")
+
+
+#: The checkpoint interval onboardflow runs Flink jobs with (runners/flink_runner.py ``flink_argv``).
+DEFAULT_CHECKPOINTING_INTERVAL_MS = 10_000
+
+
+class FlinkCheckpointOptions(PipelineOptions):
+    """Checkpoint, state and savepoint settings of Beam's Flink runner.
+
+    Names and meanings are those of Beam's FlinkPipelineOptions; defaults of
+    None leave the job server's (and then the cluster's) default in place.
+    ``flink_argv`` fills in the values onboardflow runs with.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        g = parser.add_argument_group("Flink checkpoints")
+        g.add_argument("--checkpointing_interval", type=int, default=None,
+                       help="Milliseconds between checkpoints (Beam default: none). Shorter means less "
+                            "to replay after a failure, at the cost of more checkpoint I/O; "
+                            f"onboardflow runs with {DEFAULT_CHECKPOINTING_INTERVAL_MS}.")
+        g.add_argument("--checkpointing_mode", choices=("EXACTLY_ONCE", "AT_LEAST_ONCE"), default=None,
+                       help="EXACTLY_ONCE aligns checkpoint barriers so state counts each record once; "
+                            "AT_LEAST_ONCE skips alignment (lower latency under backpressure) and may "
+                            "count records twice after a restore.")
+        g.add_argument("--checkpoint_timeout_millis", type=int, default=None,
+                       help="A checkpoint not done in this time is discarded (Beam default: Flink's, 10 min).")
+        g.add_argument("--min_pause_between_checkpoints", type=int, default=None,
+                       help="Milliseconds of processing guaranteed between two checkpoints.")
+        g.add_argument("--state_backend", choices=("rocksdb", "hashmap", "filesystem"), default=None,
+                       help="Where keyed state lives: rocksdb (off-heap, on local disk; state larger than "
+                            "memory, incremental checkpoints) or hashmap (alias filesystem: on the JVM heap; "
+                            "faster, bounded by heap). Default: the cluster's state.backend.type.")
+        g.add_argument("--state_backend_storage_path", default=None,
+                       help="Checkpoint directory URI (file://, s3://, gs://); required with --state_backend.")
+        g.add_argument("--externalized_checkpoints_enabled", action="store_true", default=False,
+                       help="Keep checkpoints after the job ends, so it can be resumed from one.")
+        g.add_argument("--retain_externalized_checkpoints_on_cancellation", action="store_true", default=False,
+                       help="With externalized checkpoints: keep them when the job is cancelled too.")
+        g.add_argument("--finish_bundle_before_checkpointing", action="store_true", default=False,
+                       help="Finish the open bundle (and so flush the Redis and warehouse writes made in "
+                            "finish_bundle) before a checkpoint, instead of buffering its output in the "
+                            "checkpoint: a completed checkpoint then implies those writes happened.")
+        g.add_argument("--shutdown_sources_after_idle_ms", type=int, default=None,
+                       help="Stop sources idle this long (0: as soon as they are done). Beam's default with "
+                            "checkpointing is never, which keeps a bounded run from finishing.")
+        g.add_argument("--savepoint_path", default=None,
+                       help="Start the job from this savepoint (or retained checkpoint) instead of empty state.")
+        g.add_argument("--allow_non_restored_state", action="store_true", default=False,
+                       help="Start from a savepoint even if it holds state of steps the pipeline no longer has.")

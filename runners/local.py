@@ -21,13 +21,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from . import paths
 
-#: Prism (Beam 2.77) splits a bundle that looks slow and releases the keys of
-#: its residual while the primary half still runs, so a keyed stateful stage can
-#: process one key in two bundles at once, the later one from stale state: lost
-#: updates (engine/elementmanager.go splitBundle; apache/beam#35771; seen as
-#: "Unexpected split on a bundle with timers"). Measured: 5 of 9 bounded runs
-#: lost events of 1-4 users without this experiment, 0 of 6 with it. The Kafka
-#: source declines such splits anyway, so nothing is lost by turning them off.
+#: Turns off Prism's dynamic splitting of bundles, which can process one key of a
+#: keyed stateful stage in two bundles at once and lose updates (docs/decisions.md,
+#: runners/local.py). The Kafka source declines such splits anyway.
 PRISM_NO_DYNAMIC_SPLITS = "prism_disable_sdf_split"
 
 

@@ -84,8 +84,7 @@ def help_text() -> str:
     """The flags ``onboardflow run`` understands: the pipeline's option groups, then Beam's standard ones."""
     from apache_beam.options.pipeline_options import StandardOptions, _BeamArgumentParser
 
-    from ...pipelines.options import KafkaReadOptions, MetricsOptions, OnboardingOptions
-    from ..flink_runner import FlinkCheckpointOptions
+    from ...pipelines.options import FlinkCheckpointOptions, KafkaReadOptions, MetricsOptions, OnboardingOptions
 
     parser = _BeamArgumentParser(
         prog="onboardflow run", usage="onboardflow run [PIPELINE AND BEAM FLAGS...]", allow_abbrev=False,

@@ -22,9 +22,9 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from onboardflow.pipelines.options import FlinkCheckpointOptions
 from onboardflow.runners import flink_runner
 from onboardflow.runners.flink_runner import (
-    FlinkCheckpointOptions,
     JobServerJarMissing,
     WorkerPool,
     flink_argv,

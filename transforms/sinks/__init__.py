@@ -3,5 +3,5 @@
 ``base.BatchingSink`` buffers records and flushes them at a size or on demand;
 ``retry.RetryPolicy`` is the one retry of transient errors every writer uses.
 The Beam driver is ``pipelines/beam/sinks.py``. Why the shape:
-docs/decisions-core-stores.md (## transforms/sinks).
+docs/decisions.md (## transforms/sinks).
 """
