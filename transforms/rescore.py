@@ -16,7 +16,7 @@ online_models.py``) calls it at each event-time mark:
   profile the pipeline rewrote meanwhile (a newer version, scored by its own
   writer) is left alone. Users who send no event after a publish are scored
   all the same ("everyone scored"). The fields are written in the
-  store's encoding (``transforms/profile_store.py``), ``_types`` updated, and
+  store's encoding (``transforms/profile_store/encoding.py``), ``_types`` updated, and
   the hash keeps its TTL. The history (warehouse snapshots, outbox) records
   the new fields with the user's next profile write, not the sweep.
 

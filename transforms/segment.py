@@ -605,7 +605,7 @@ def segment_profile(rules: RuleSet, element: Any, fallback_ms: int) -> dict:
     rule segments that match, plus the segments these rules do not own (e.g.
     from the online model) as the profile carried them; retired ones go.
     Segment changes are not derived here: the profile store's outbox derives
-    them from the segments it replaces (``transforms/outbox.py``). Raises
+    them from the segments it replaces (``transforms/outbox/``). Raises
     ``ProfileRejected`` for a non-mapping, a missing ``user_key`` or malformed
     ``segments``.
     """

@@ -1,4 +1,4 @@
-"""The Beam shell of the outboxes (transforms/outbox.py holds the logic).
+"""The Beam shell of the outboxes (transforms/outbox/ holds the logic).
 
 * ``RecordDeadLetters``: the Kafka source's dead letters in, each recorded
   once in the dead-letter outbox (by source topic/partition/offset, so a

@@ -1,7 +1,7 @@
 """`onboardflow outbox`: inspect or drain the Redis outboxes by hand.
 
 The pipeline relays its outboxes itself after every bundle of writes
-(transforms/relay.py). Use this after an incident, e.g. a pipeline that was
+(pipelines/beam/relay.py). Use this after an incident, e.g. a pipeline that was
 stopped for good after a crash, to publish what it left behind, or to see how
 much is waiting::
 

@@ -1,4 +1,4 @@
-"""The outboxes (transforms/outbox.py) against the real Redis, Kafka and PostgreSQL.
+"""The outboxes (transforms/outbox/) against the real Redis, Kafka and PostgreSQL.
 
 What is pinned: an applied profile write and its history are one Redis
 script (a stale write records nothing); the relay moves segment changes to

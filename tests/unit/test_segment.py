@@ -397,7 +397,7 @@ def test_version_changes_when_the_rules_change():
 
 
 def _changes(rules, before, profiles):
-    """Segment changes as the profile store's outbox derives them (transforms/outbox.py): each
+    """Segment changes as the profile store's outbox derives them (transforms/outbox/): each
     profile's segments against the ones it replaces, ``before[user_key]`` at first, then the user's
     previous profile's."""
     last, out = dict(before), []
