@@ -95,9 +95,9 @@ def bench_onboarding_pipeline(events: int, rounds: int, bootstrap: str = "127.0.
 
     import psycopg
     import redis
+    from bench_topics import fresh_topics
 
     from onboardflow.pipelines.options import DEFAULT_REDIS_URL, DEFAULT_WAREHOUSE_DSN
-    from onboardflow.runners.cli.demo import _fresh_topics
     from onboardflow.runners.cli.produce import produce
     from onboardflow.runners.cli.run import run
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
@@ -106,8 +106,8 @@ def bench_onboarding_pipeline(events: int, rounds: int, bootstrap: str = "127.0.
     logging.getLogger().setLevel(logging.ERROR)
     run_id = uuid.uuid4().hex[:8]
     topic = f"bench-metrics-{run_id}.onboarding.events"
-    _fresh_topics(bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1)],
-                  drop_prefix="bench-metrics-")
+    fresh_topics(bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1)],
+                 drop_prefix="bench-metrics-")
     now = int(time.time() * 1000)
     produce(JourneyGenerator(GeneratorConfig(seed=5, users=300, start_ms=now - 30 * 86_400_000))
             .messages(max_messages=events), bootstrap, topic, progress=False)

@@ -42,7 +42,9 @@ import time
 import uuid
 from typing import Optional
 
-from onboardflow.runners.cli.demo import _fresh_topics, _login, _percentile
+from bench_topics import fresh_topics
+
+from onboardflow.runners.cli.demo import _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.progress import SinkWatermark
@@ -106,8 +108,8 @@ def _start_pipeline(args, topic, group, prefix, schema, secret, extra=()):
 
 
 def _topics(args, topic: str, drop_prefix: str) -> None:
-    _fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
-                  stale=lambda name: name.startswith(drop_prefix))
+    fresh_topics(args.bootstrap, [(topic, 4), (f"{topic}.dlq", 1), (f"{topic}.changes", 1), (f"{topic}.models", 1)],
+                 drop_prefix=drop_prefix)
 
 
 def _lag(bootstrap, topic, group):

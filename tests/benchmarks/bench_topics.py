@@ -1,0 +1,27 @@
+"""Topics of one benchmark run: older runs' topics deleted, this run's created (not a benchmark itself).
+
+    from bench_topics import fresh_topics   # benchmarks run as scripts, so their folder is on sys.path
+"""
+import time
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import UnknownTopicOrPartitionError
+
+
+def fresh_topics(bootstrap: str, specs: list[tuple[str, int]], drop_prefix: str) -> list[str]:
+    """Delete the topics named ``drop_prefix*`` (earlier runs), then create ``specs`` ((name, partitions))."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-bench")
+    try:
+        old = sorted(name for name in admin.list_topics() if name.startswith(drop_prefix))
+        if old:
+            try:
+                admin.delete_topics(old)
+            except UnknownTopicOrPartitionError:
+                pass
+            deadline = time.time() + 30
+            while set(admin.list_topics()) & set(old) and time.time() < deadline:
+                time.sleep(0.5)
+        admin.create_topics([NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs])
+        return old
+    finally:
+        admin.close()
