@@ -149,9 +149,12 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
     _f("os", "str", "profile", "Operating system as the client reported it, PII-scrubbed.",
        nullable=True, rule=STRING),
     # -- account reference data (transforms/enrich.py)
-    _f("plan", "str", "enrich", "The account's subscription plan (free, trial, pro, ...).", rule=STRING),
-    _f("account_tier", "str", "enrich", "The account's tier (self_serve, smb, enterprise, unknown).",
+    # plan and account_tier are nullable in the record because profiles written before the
+    # enrichment defaults (UserProfile v1) may hold null; the pipeline always sets them now.
+    _f("plan", "str", "enrich", "The account's subscription plan (free, trial, pro, ...).", nullable=True,
        rule=STRING),
+    _f("account_tier", "str", "enrich", "The account's tier (self_serve, smb, enterprise, unknown).",
+       nullable=True, rule=STRING),
     _f("industry", "str", "enrich", "The account's industry, or unknown.", rule=STRING),
     _f("company_size", "str", "enrich", "The account's company size band, or unknown.", rule=STRING),
     # -- rule segments (transforms/segment.py)
