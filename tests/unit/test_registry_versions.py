@@ -9,13 +9,13 @@ from onboardflow.models.model_registry import (
     ModelStore,
     ModelVersion,
     RegistryError,
-    _json,
     check_retention,
     parse_version,
     prunable_versions,
     retention_cutoff,
     version_id,
 )
+from onboardflow.models.model_registry.versions import _json
 from onboardflow.runners.cli.models import version_ranges
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
