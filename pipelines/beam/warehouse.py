@@ -70,25 +70,6 @@ class WriteLateEvents(_WriteToWarehouse):
     SPEC = rows.LATE_EVENTS
 
 
-class WriteProfileSnapshots(_WriteToWarehouse):
-    """Profile dicts -> ``profile_snapshots`` (one row per user_key and version).
-
-    Dead letters for profiles without user_key / int version or that are not
-    JSON-serializable (NaN, odd types).
-    """
-
-    SPEC = rows.PROFILE_SNAPSHOTS
-
-
-class WriteSegmentChanges(_WriteToWarehouse):
-    """Segment change dicts -> ``segment_changes`` (key: user_key, segment, version, change).
-
-    Dead letters for changes with a missing field or a change other than entered / exited.
-    """
-
-    SPEC = rows.SEGMENT_CHANGES
-
-
 class WriteDriftEvents(_WriteToWarehouse):
     """Drift event dicts -> ``drift_events`` (key: drift_id, so replays add nothing).
 

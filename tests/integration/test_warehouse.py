@@ -23,8 +23,6 @@ from onboardflow.pipelines.beam.warehouse import (
     WriteDeadLetterMetadata,
     WriteEventsToWarehouse,
     WriteLateEvents,
-    WriteProfileSnapshots,
-    WriteSegmentChanges,
 )
 from onboardflow.runners.cli import warehouse as warehouse_cli
 from onboardflow.schemas.units import DAY_MS
@@ -301,15 +299,6 @@ def _sink_pipeline(dsn, schema):
     events = [event(i, occurred_at=T0 + (i % 2) * DAY_MS + i) for i in range(40)]
     events += [event(900, event_id=None), event(901, session_id="nul\x00"),
                {k: v for k, v in event(902).items() if k != "occurred_at"}]
-    changes = [
-        {"user_key": USER_KEY, "segment": "activated", "change": "entered", "at": T0, "reason": "rule:a",
-         "version": T0},
-        {"user_key": USER_KEY, "segment": "activated", "change": "exited", "at": T0 + 9, "reason": "rule:a",
-         "version": T0 + 9},
-        {"user_key": USER_KEY, "segment": "activated", "change": "sideways", "at": T0, "reason": "?", "version": T0},
-    ]
-    profiles = [{"user_key": USER_KEY, "version": T0 + v, "segments": ["activated"], "engagement_score": 0.5,
-                 "feature_adoption": {"export": v}} for v in range(3)]
     letters = [{"source_topic": "onboarding.events", "source_partition": 0, "source_offset": o, "kafka_timestamp": T0,
                 "key": b"k", "value": b"raw-bytes", "reason": "not_framed", "detail": "", "stage": "decode",
                 "failed_at": T0} for o in range(4)]
@@ -317,8 +306,6 @@ def _sink_pipeline(dsn, schema):
     dead = (
         p | "Events" >> beam.Create(events) | WriteEventsToWarehouse(dsn, schema, batch_size=16),
         p | "Late" >> beam.Create(events[:3]) | WriteLateEvents(dsn, schema),
-        p | "Changes" >> beam.Create(changes) | WriteSegmentChanges(dsn, schema),
-        p | "Profiles" >> beam.Create(profiles) | WriteProfileSnapshots(dsn, schema),
         p | "Letters" >> beam.Create(letters) | WriteDeadLetterMetadata(dsn, schema),
     ) | beam.Flatten()
     assert_that(
@@ -327,7 +314,6 @@ def _sink_pipeline(dsn, schema):
             ("warehouse.events", "missing_event_id"),
             ("warehouse.events", "missing_occurred_at"),
             ("warehouse.events", "database_rejected"),
-            ("warehouse.segment_changes", "invalid_field"),
         ]),
     )
     result = p.run()
@@ -339,20 +325,16 @@ def test_warehouse_sinks_in_a_pipeline_are_idempotent_under_replay(pg_dsn, schem
     first = _sink_pipeline(pg_dsn, schema)
     assert first["rows_written_events"] == 40
     assert first["rows_written_late_events"] == 3
-    assert first["rows_written_segment_changes"] == 2
-    assert first["rows_written_profile_snapshots"] == 3
     assert first["rows_written_dead_letters"] == 4
-    assert first["warehouse_dead_letter"] == 4
-    tables = ("events", "late_events", "segment_changes", "profile_snapshots", "dead_letters")
+    assert first["warehouse_dead_letter"] == 3
+    tables = ("events", "late_events", "dead_letters")
     counts = {t: count(pg_dsn, schema, t) for t in tables}
-    assert counts == {"events": 40, "late_events": 3, "segment_changes": 2, "profile_snapshots": 3, "dead_letters": 4}
+    assert counts == {"events": 40, "late_events": 3, "dead_letters": 4}
 
     replay = _sink_pipeline(pg_dsn, schema)
     assert replay.get("rows_written_events", 0) == 0
     assert replay["rows_duplicate_events"] == 40
     assert {t: count(pg_dsn, schema, t) for t in tables} == counts
-    latest = query(pg_dsn, schema, "SELECT version, snapshot->'feature_adoption' FROM latest_profiles")
-    assert latest == [(T0 + 2, {"export": 2})]
 
 
 # --------------------------------------------------------------------------- reference data
