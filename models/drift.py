@@ -12,8 +12,8 @@ Two things can drift, and each has its detector here:
   known. Metric ``error:log_loss``. A rise means the model no longer fits
   who is onboarding.
 
-``update(...)`` returns a list of ``DriftEvent`` dicts (``schemas/records.py``,
-``schemas/drift_event.avsc``) (empty when nothing fired). ``drift_id`` is a
+``update(...)`` returns a list of ``DriftEvent`` dicts (``schemas/records.py``;
+empty when nothing fired). ``drift_id`` is a
 UUID derived from model, metric and the detection's event time and count, so
 replaying the same stream yields the same ids (idempotent writes downstream).
 ``value`` is ADWIN's estimate of the monitored mean after the change;

@@ -72,22 +72,21 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, get_args
 
 import yaml
 
 from ..schemas.contract import BOOL, NUMBER, STRING, TIMESTAMP, rule_field_kinds
-from ..schemas.records import ProfileUpdate, SegmentChange
+from ..schemas.records import EventType, ProfileUpdate, SegmentChange
 from ..schemas.units import DAY_MS
+from .score import TUTORIAL_COMPLETED
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "segment_rules.yaml"
 
-# Event names for event_seen / event_count: the schema's event types (v1 and
-# v2) and the milestones EngagementState derives.
-KNOWN_EVENTS: frozenset[str] = frozenset({
-    "signup", "login", "page_view", "click", "form_submit", "tutorial_step", "feature_used",
-    "support_message", "purchase", "logout", "invite_sent", "tutorial_completed",
-})
+#: Event names for event_seen / event_count: the reader schema's event types
+#: (``EventType``, schemas/records.py) but ``unknown``, which carries no signal,
+#: and the milestone EngagementState derives.
+KNOWN_EVENTS: frozenset[str] = frozenset(get_args(EventType)) - {"unknown"} | {TUTORIAL_COMPLETED}
 
 _COMPARISON_OPS = ("gt", "gte", "lt", "lte", "eq", "ne", "in", "between")
 _ORDERING_OPS = frozenset({"gt", "gte", "lt", "lte", "between"})

@@ -57,7 +57,7 @@ def _pipeline_profiles(users=60, seed=7):
     from onboardflow.transforms.enrich import enrich_update
     from onboardflow.transforms.normalize import normalize_event
     from onboardflow.transforms.online_models import ServingModels
-    from onboardflow.transforms.profile import Emit, ProfileConfig, ProfileMachine, SetTimer
+    from onboardflow.transforms.profile import LIFECYCLE, Emit, ProfileConfig, ProfileMachine, SetTimer, Store
     from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet, segment_profile
 
     gen = JourneyGenerator(GeneratorConfig(seed=seed, users=users))
@@ -74,11 +74,11 @@ def _pipeline_profiles(users=60, seed=7):
 
     def carry_out(key, decisions):
         for d in decisions:
-            if isinstance(d, SetTimer) and d.timer == "lifecycle":
+            if isinstance(d, SetTimer) and d.timer == LIFECYCLE:
                 lifecycle[key] = d.at_ms
             elif isinstance(d, Emit):
                 updates.append(ProfileUpdate(d.previous, d.current))
-            elif type(d).__name__ == "Store":
+            elif isinstance(d, Store):
                 states[key] = d.state
 
     for raw in gen.events_in_event_time():
@@ -104,6 +104,8 @@ def test_every_profile_the_pipeline_writes_keeps_the_contract():
     required = {f.name for f in PROFILE_FIELDS if not f.nullable}
     seen, n = set(), 0
     for profile in _pipeline_profiles():
+        # A field the stages set, even to None (which the store leaves out), is a contract field.
+        assert set(profile) <= set(PROFILE), f"not in the contract: {sorted(set(profile) - set(PROFILE))}"
         encoded = json.loads(encode_profile(profile, default_updated_at=1).fields)
         types = json.loads(encoded[TYPES_FIELD])
         fields = set(encoded) - RESERVED_FIELDS
