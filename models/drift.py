@@ -12,8 +12,8 @@ Two things can drift, and each has its detector here:
   known. Metric ``error:log_loss``. A rise means the model no longer fits
   who is onboarding.
 
-``update(...)`` returns a list of ``DriftEvent`` dicts with the fields of
-``schemas/drift_event.avsc`` (empty when nothing fired). ``drift_id`` is a
+``update(...)`` returns a list of ``DriftEvent`` dicts (``schemas/records.py``;
+empty when nothing fired). ``drift_id`` is a
 UUID derived from model, metric and the detection's event time and count, so
 replaying the same stream yields the same ids (idempotent writes downstream).
 ``value`` is ADWIN's estimate of the monitored mean after the change;
@@ -27,27 +27,14 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Optional, TypedDict
 
 from river import drift
+
+from ..schemas.records import DriftEvent
 
 #: Namespace of the deterministic drift ids.
 DRIFT_NAMESPACE = uuid.UUID("6f1b8d0e-4a53-4c1e-9a57-0b9e5f1c2d11")
 ACTIONS = ("none", "reset", "retrain")
-
-
-class DriftEvent(TypedDict):
-    drift_id: str
-    model_name: str
-    model_version: str
-    detector: str
-    metric: str
-    value: float
-    threshold: Optional[float]
-    window_events: int
-    action: str
-    detected_at: int
-    version: int
 
 
 class _AdwinDrift:

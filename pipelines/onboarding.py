@@ -196,16 +196,13 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         | "AssignSegments" >> AssignRuleSegments(rules)
     )
     profiles = segmented[AssignRuleSegments.PROFILES]
-    track_rejects = ()
     if not opts.disable_online_models:
-        tracked = (
+        profiles = (
             profiles
             | "ScoreProfiles" >> ScoreProfiles(opts.redis_url, opts.redis_key_prefix,
                                                 refresh_seconds=opts.model_refresh_seconds, metrics=metrics)
             | "AssignTracks" >> AssignOnboardingTracks(tracks)
         )
-        profiles = tracked.profiles
-        track_rejects = (tracked[AssignOnboardingTracks.DEAD_LETTER],)
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics,
@@ -247,7 +244,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # their metadata goes to the warehouse's dead_letters table with the rest.
     internal_rejects = (
         anonymized[AnonymizeEvents.DEAD_LETTER], built.dead_letter, segmented[AssignRuleSegments.DEAD_LETTER],
-        redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, *track_rejects, *model_rejects,
+        redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, *model_rejects,
     )
     ((dead_letters,) + internal_rejects
      | "AllDeadLetters" >> beam.Flatten()

@@ -90,11 +90,13 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
        avro=_TIMESTAMP_MILLIS),
     # -- engagement (transforms/score.py EngagementState)
     _f("engagement_score", "float", "engagement",
-       "Time-decayed engagement, 0..1: recent, frequent, deep activity scores high.", rule=NUMBER),
+       "Time-decayed engagement, >= 0: a weighted sum of events halved every half-life; "
+       "recent, frequent, deep activity scores high.", rule=NUMBER),
     _f("intent_score", "float", "engagement",
-       "Time-decayed buying intent, 0..1: pricing views, plan forms and purchases.", rule=NUMBER),
+       "Time-decayed buying intent, >= 0, the same sum over pricing views, plan forms "
+       "and purchases.", rule=NUMBER),
     _f("feature_usage_score", "float", "engagement",
-       "Time-decayed feature use, 0..1.", rule=NUMBER),
+       "Time-decayed feature use, 0..100: 100 * (1 - exp(-recent uses / 10)).", rule=NUMBER),
     _f("first_event_at", "int", "engagement", "Event time of the first event seen for the user.",
        rule=TIMESTAMP, avro=_TIMESTAMP_MILLIS),
     _f("last_event_at", "int", "engagement", "Event time of the newest event folded in.",
@@ -119,7 +121,9 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
     _f("tutorial_steps_done", "int", "engagement", "Distinct tutorial steps completed.", rule=NUMBER),
     _f("tutorial_step_total", "int", "engagement", "Tutorial steps in the product; null when unknown.",
        nullable=True, rule=NUMBER),
-    _f("onboarding_progress", "float", "engagement", "Share of the tutorial completed, 0..1.", rule=NUMBER),
+    _f("onboarding_progress", "float", "engagement",
+       "Share of the tutorial completed, 0..1; null until an event says how many steps it has.",
+       nullable=True, rule=NUMBER),
     _f("days_since_signup", "float", "engagement", "(as_of - signup_at) in days; null before a signup.",
        nullable=True, rule=NUMBER),
     _f("purchased_plan", "str", "engagement", "Plan of the newest purchase event; null before one.",
@@ -156,7 +160,8 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
     _f("account_tier", "str", "enrich", "The account's tier (self_serve, smb, enterprise, unknown).",
        nullable=True, rule=STRING),
     _f("industry", "str", "enrich", "The account's industry, or unknown.", rule=STRING),
-    _f("company_size", "str", "enrich", "The account's company size band, or unknown.", rule=STRING),
+    _f("company_size", "int", "enrich", "The account's number of employees; null when the table has none.",
+       nullable=True, rule=NUMBER),
     # -- rule segments (transforms/segment.py)
     _f("segments", "json", "rules", "Rule segments the user is in, sorted (mirrored by the segment sets).",
        avro=_NAMES),

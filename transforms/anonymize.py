@@ -1,6 +1,7 @@
 """Anonymization: the only stage that reads raw PII, and the consent gate.
 
-Decoded onboarding events (``schemas/onboarding_event.v1.avsc``) carry a raw
+Decoded onboarding events (``Event`` in ``schemas/records.py``, the reader
+schema ``schemas/onboarding_event.v2.avsc``) carry a raw
 account id, a device id, an email, an IP address and a user agent. Everything
 downstream (sessionization, scoring, segmentation, the warehouse) works on
 *anonymized* events instead:

@@ -21,6 +21,7 @@ import time
 from typing import Any, Optional, Protocol
 
 from ..schemas import DEAD_LETTER_SUBJECT, load_schema
+from ..schemas.records import Event
 from ..schemas.schema_registry import RegistryError, RegistryUnavailable, SchemaRegistry, registry_from_url
 from ..schemas.wire import (
     AvroDeserializer,
@@ -86,8 +87,8 @@ class OnboardingEventDecoder:
         self._deserializer = AvroDeserializer(self.registry, load_schema(*READER_SCHEMA))
         return self._deserializer
 
-    def decode(self, record: RawRecord) -> dict:
-        """The event in ``record.value``, validated; InvalidEvent if there is none.
+    def decode(self, record: RawRecord) -> Event:
+        """The event in ``record.value`` (``schemas/records.py`` ``Event``), validated; InvalidEvent if there is none.
 
         Registry outages raise ``RegistryUnavailable`` instead: that is not the
         record's fault, and retrying beats dead-lettering good events.

@@ -7,7 +7,7 @@ changing, and owned by another system, read whole into a dict
 * ``enrich_profile(profile, accounts)`` -> the profile with the account fields,
   and whether the account was found;
 * ``enrich_update(update, accounts)`` does it for both sides of a
-  ``ProfileUpdate``;
+  ``ProfileUpdate`` (``schemas/records.py``);
 * ``AccountsCache`` is the worker-side copy of the table for streaming runs,
   re-read every ``refresh_seconds``; a failed re-read keeps the previous
   table (the first read must succeed).
@@ -18,25 +18,22 @@ not a slowly updating side input: docs/decisions.md "transforms/enrich.py").
 
 A profile whose account is missing from the table (or that has no account yet)
 is enriched with documented defaults, never dropped: ``plan`` falls back to the
-plan the user chose at signup, else ``"free"``; ``account_tier``, ``industry``
-and ``company_size`` to ``"unknown"``.
+plan the user chose at signup, else ``"free"``; ``account_tier`` and
+``industry`` to ``"unknown"``; ``company_size`` (a number of employees, the
+table's integer column) stays null. The fields and their types are the profile
+contract's (schemas/contract.py).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, Optional
+
+from ..schemas.records import ProfileUpdate
 
 ACCOUNT_FIELDS = ("plan", "account_tier", "industry", "company_size")
-DEFAULTS = {"plan": "free", "account_tier": "unknown", "industry": "unknown", "company_size": "unknown"}
+DEFAULTS = {"plan": "free", "account_tier": "unknown", "industry": "unknown", "company_size": None}
 
 Accounts = Mapping[str, Mapping[str, Any]]
-
-
-class ProfileUpdate(NamedTuple):
-    """A profile as it is now, and as it was when last emitted (None at first)."""
-
-    previous: Optional[dict]
-    current: dict
 
 
 def enrich_profile(profile: Mapping[str, Any], accounts: Accounts) -> tuple[dict, bool]:

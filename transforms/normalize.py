@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from ..schemas.records import Event
+
 _OS_ALIASES = {
     "ios": "ios", "iphone os": "ios", "ipados": "ios",
     "android": "android",
@@ -62,13 +64,13 @@ def normalize_locale(value: str | None) -> str:
     return lang
 
 
-def event_time_ms(event: dict) -> int:
+def event_time_ms(event: Event) -> int:
     """The event time the pipeline uses for a decoded event: ``occurred_at``, clamped to ``received_at``."""
     return min(event["occurred_at"], event["received_at"])
 
 
-def normalize_event(event: dict) -> tuple[dict, bool]:
-    """Return the normalized event and whether its clock skew was clamped."""
+def normalize_event(event: Event) -> tuple[Event, bool]:
+    """Return the normalized event (an ``Event``, schemas/records.py) and whether its clock skew was clamped."""
     out = dict(event)
     clamped = False
     if out["occurred_at"] > out["received_at"]:

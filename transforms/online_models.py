@@ -45,12 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from ..models import snapshot
-from ..models.drift import DriftEvent, PropensityErrorDrift, SegmentMixDrift
+from ..models.drift import PropensityErrorDrift, SegmentMixDrift
 from ..models.features import feature_vector, is_activity_update
 from ..models.model_registry import ModelRegistry, ModelStore
 from ..models.propensity import PropensityModel
 from ..models.segmentation import UNASSIGNED, Segmenter, SegmentSettings
 from ..models.tracks import TrackPolicy
+from ..schemas.records import DriftEvent
 from .rescore import ProfileSweep
 
 _LOG = logging.getLogger(__name__)
@@ -72,14 +73,6 @@ def completed_onboarding(profile: Mapping[str, Any]) -> bool:
     """The delayed label: the user finished every onboarding step."""
     progress = profile.get("onboarding_progress")
     return isinstance(progress, (int, float)) and progress >= 1.0
-
-
-def _event_time_ms(profile: Mapping[str, Any]) -> Optional[int]:
-    for name in ("as_of", "updated_at", "last_event_at"):
-        value = profile.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
 
 
 # --------------------------------------------------------------------------- scoring
@@ -207,10 +200,15 @@ class LearnerState:
     recent_outcomes: list = field(default_factory=list)
 
     def learn(self, profile: Mapping[str, Any]) -> list[DriftEvent]:
-        """Fold one scored profile update in; returns the drift events it caused."""
-        at = _event_time_ms(profile)
-        user_key = profile.get("user_key")
-        if at is None or not isinstance(user_key, str):
+        """Fold one scored profile update in; returns the drift events it caused.
+
+        ``profile`` is a write the profile store applied, so it has the
+        contract's ``as_of`` (schemas/contract.py) and a ``user_key``; a profile
+        without either raises ``ValueError`` rather than enter the learner's
+        long-lived state.
+        """
+        at, user_key = profile.get("as_of"), profile.get("user_key")
+        if not isinstance(at, int) or isinstance(at, bool) or not isinstance(user_key, str):
             raise ValueError("profile without user_key or event time")
         x = feature_vector(profile)
         self.profiles_seen += 1

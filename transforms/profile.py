@@ -30,7 +30,7 @@ lifecycle timers set, the profile emitted and the state stored.
 The state composes the per-concern classes: ``RecentEventIds``
 (normalize.py), ``SessionState`` (sessionize.py), ``EngagementState``
 (score.py), the newest anonymized context (email domain, device class,
-country, os, locale) and the account id.
+country, os) and the account id.
 
 Time, lateness and timers (event time throughout):
 
@@ -100,14 +100,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+from ..schemas.contract import MODEL_FIELDS
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from .normalize import RecentEventIds
 from .score import DEFAULT_SCORE_CONFIG, EngagementState, ScoreConfig
 from .sessionize import SessionState
-
-#: Profile fields reserved for the online-learning stage (filled in later).
-MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
-
 
 #: The profile's timestamp fields a time mark may be measured from.
 TIMESTAMP_FIELDS = ("signup_at", "first_event_at", "last_event_at")
@@ -171,7 +168,8 @@ class ProfileConfig:
                                  f"milliseconds), got {mark!r}")
 
 
-_CONTEXT_FIELDS = ("email_domain", "device_class", "country", "os", "locale")
+#: The anonymized event's context fields a profile keeps, newest by event time (schemas/contract.py).
+_CONTEXT_FIELDS = ("email_domain", "device_class", "country", "os")
 
 
 @dataclass

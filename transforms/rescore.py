@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import redis
 
-from .profile import MODEL_FIELDS
+from ..schemas.contract import MODEL_FIELDS
 from .profile_store.encoding import decode_profile
 from .profile_store.encoding import encode_value as _encode_value
 from .profile_store.keys import ProfileKeys

@@ -17,7 +17,8 @@ File format::
         when: <condition>
     retired: [old_segment]          # optional: removed from profiles on next evaluation
 
-Conditions (``field`` must be a known profile field, see PROFILE_FIELDS):
+Conditions (``field`` must be a profile field rules may name: the contract's
+``rule_field_kinds()``, schemas/contract.py; ``RuleSet.load(extra_fields=...)`` adds more):
 
 * boolean: ``{all: [c, ...]}``, ``{any: [c, ...]}``, ``{not: c}``
 * comparison: ``{field: f, <op>: value}`` with op one of gt, gte, lt, lte,
@@ -71,65 +72,21 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, TypedDict, Union
+from typing import Any, Optional, Union, get_args
 
 import yaml
 
+from ..schemas.contract import BOOL, NUMBER, STRING, TIMESTAMP, rule_field_kinds
+from ..schemas.records import EventType, ProfileUpdate, SegmentChange
 from ..schemas.units import DAY_MS
-from .enrich import ProfileUpdate
+from .score import TUTORIAL_COMPLETED
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "segment_rules.yaml"
 
-NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
-
-# The profile features rules may use, with their kinds: transforms.score
-# (EngagementState.snapshot), the session stage and the profile / enrichment
-# stages. Callers can add fields with RuleSet.load(extra_fields=...).
-PROFILE_FIELDS: dict[str, str] = {
-    "engagement_score": NUMBER,
-    "intent_score": NUMBER,
-    "feature_usage_score": NUMBER,
-    "first_event_at": TIMESTAMP,
-    "last_event_at": TIMESTAMP,
-    "signup_at": TIMESTAMP,
-    "recency_ms": NUMBER,
-    "events_total": NUMBER,
-    "events_7d": NUMBER,
-    "events_30d": NUMBER,
-    "active_days_7d": NUMBER,
-    "active_days_30d": NUMBER,
-    "distinct_features": NUMBER,
-    "tutorial_steps_done": NUMBER,
-    "tutorial_step_total": NUMBER,
-    "onboarding_progress": NUMBER,
-    "days_since_signup": NUMBER,
-    "dormant": BOOL,
-    # transforms.sessionize (SessionState.snapshot)
-    "session_count": NUMBER,
-    "sessions_7d": NUMBER,
-    "sessions_30d": NUMBER,
-    "avg_session_duration_s": NUMBER,
-    "last_session_duration_s": NUMBER,
-    "avg_events_per_session": NUMBER,
-    # transforms.profile / transforms.enrich: the latest purchase's plan, the
-    # account's plan and tier, and the anonymized context
-    "purchased_plan": STRING,
-    "plan": STRING,
-    "signup_plan": STRING,
-    "account_tier": STRING,
-    "industry": STRING,
-    "company_size": STRING,
-    "email_domain": STRING,
-    "country": STRING,
-    "device_class": STRING,
-}
-
-# Event names for event_seen / event_count: the schema's event types (v1 and
-# v2) and the milestones EngagementState derives.
-KNOWN_EVENTS: frozenset[str] = frozenset({
-    "signup", "login", "page_view", "click", "form_submit", "tutorial_step", "feature_used",
-    "support_message", "purchase", "logout", "invite_sent", "tutorial_completed",
-})
+#: Event names for event_seen / event_count: the reader schema's event types
+#: (``EventType``, schemas/records.py) but ``unknown``, which carries no signal,
+#: and the milestone EngagementState derives.
+KNOWN_EVENTS: frozenset[str] = frozenset(get_args(EventType)) - {"unknown"} | {TUTORIAL_COMPLETED}
 
 _COMPARISON_OPS = ("gt", "gte", "lt", "lte", "eq", "ne", "in", "between")
 _ORDERING_OPS = frozenset({"gt", "gte", "lt", "lte", "between"})
@@ -155,17 +112,6 @@ Predicate = Callable[[Mapping[str, Any], int], bool]
 
 class RuleError(ValueError):
     """A rules file or rule that cannot be loaded; the message says where and why."""
-
-
-class SegmentChange(TypedDict):
-    """One entry or exit, in the shape of schemas/segment_change.avsc."""
-
-    user_key: Optional[str]
-    segment: str
-    change: str  # "entered" | "exited"
-    at: int  # epoch millis of the evaluation (event time)
-    reason: str  # a short code: rule:<name>, retired:<name>; never PII
-    version: int  # event-time version of the profile that caused the change
 
 
 def _is_number(value: Any) -> bool:
@@ -453,7 +399,7 @@ class RuleSet:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise RuleError(f"{source}: not valid YAML: {exc}") from None
-        fields = dict(PROFILE_FIELDS)
+        fields = rule_field_kinds()
         for name, kind in (extra_fields or {}).items():
             if kind not in (NUMBER, TIMESTAMP, STRING, BOOL):
                 raise RuleError(f"extra field {name!r}: unknown kind {kind!r}")
@@ -523,7 +469,7 @@ class RuleSet:
         new_segments: Iterable[str],
         at_ms: int,
         reason: Optional[str] = None,
-        user_key: Optional[str] = None,
+        user_key: str = "",
         version: Optional[int] = None,
     ) -> list[SegmentChange]:
         """Entered / exited changes between two segment sets, sorted by segment.
@@ -531,9 +477,10 @@ class RuleSet:
         Each change's reason is ``reason`` when given (e.g. another stage's
         "model:cluster_7"), else the rule's code: ``rule:<name>``,
         ``retired:<name>`` for retired segments, ``segment:<name>`` for
-        segments these rules do not define. ``version`` is the profile's
-        event-time version (consumers keep the newest change per user and
-        segment); it defaults to ``at_ms``.
+        segments these rules do not define. ``user_key`` is the user's
+        pseudonymous key (the outbox, the one caller in the pipeline, always
+        gives it). ``version`` is the profile's event-time version (consumers
+        keep the newest change per user and segment); it defaults to ``at_ms``.
         """
         old, new = set(old_segments), set(new_segments)
         changes: list[SegmentChange] = []
@@ -580,9 +527,7 @@ def _eval_time(profile: Mapping[str, Any], fallback_ms: int) -> int:
     return at_ms if _is_number(at_ms) else fallback_ms
 
 
-def _profile_error(profile: Any, previous: Any) -> Optional[tuple[str, str]]:
-    if not isinstance(profile, Mapping):
-        return "not_a_mapping", f"profile is a {type(profile).__name__}"
+def _profile_error(profile: Mapping[str, Any]) -> Optional[tuple[str, str]]:
     user_key = profile.get("user_key")
     if not isinstance(user_key, str) or not user_key:
         return "missing_user_key", "profile has no user_key"
@@ -591,12 +536,10 @@ def _profile_error(profile: Any, previous: Any) -> Optional[tuple[str, str]]:
         not isinstance(segments, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in segments)
     ):
         return "bad_segments", "segments must be a list of strings"
-    if previous is not None and not isinstance(previous, Mapping):
-        return "not_a_mapping", f"previous profile is a {type(previous).__name__}"
     return None
 
 
-def segment_profile(rules: RuleSet, element: Any, fallback_ms: int) -> dict:
+def segment_profile(rules: RuleSet, element: Union[ProfileUpdate, Mapping[str, Any]], fallback_ms: int) -> dict:
     """The rule stage on one element: the current profile with ``segments`` set.
 
     ``element`` is a ``ProfileUpdate`` (its ``current`` is segmented) or a
@@ -606,14 +549,13 @@ def segment_profile(rules: RuleSet, element: Any, fallback_ms: int) -> dict:
     from the online model) as the profile carried them; retired ones go.
     Segment changes are not derived here: the profile store's outbox derives
     them from the segments it replaces (``transforms/outbox/``). Raises
-    ``ProfileRejected`` for a non-mapping, a missing ``user_key`` or malformed
-    ``segments``.
+    ``ProfileRejected`` for a missing ``user_key`` or malformed ``segments``.
+    The element is not checked for being a mapping: the profile stage's
+    updates are ``ProfileUpdate``s of profile dicts (``UserProfileState.snapshot``)
+    and enrichment keeps them so.
     """
-    if isinstance(element, ProfileUpdate):
-        previous, profile = element.previous, element.current
-    else:
-        previous, profile = None, element
-    error = _profile_error(profile, previous)
+    profile = element.current if isinstance(element, ProfileUpdate) else element
+    error = _profile_error(profile)
     if error is not None:
         raise ProfileRejected(*error)
     updated = dict(profile)

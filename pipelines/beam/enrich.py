@@ -22,7 +22,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
-from ...transforms.enrich import AccountsCache, ProfileUpdate, enrich_update
+from ...schemas.records import ProfileUpdate
+from ...transforms.enrich import AccountsCache, enrich_update
 
 METRICS_NAMESPACE = "onboardflow"
 

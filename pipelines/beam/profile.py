@@ -25,8 +25,8 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from ...schemas.records import ProfileUpdate
 from ...transforms.dead_letter import pipeline_dead_letter
-from ...transforms.enrich import ProfileUpdate
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.profile import (
     BEYOND_CLOCK,

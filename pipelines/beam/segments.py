@@ -1,19 +1,19 @@
 """``AssignRuleSegments``: the Beam step that sets each profile's rule segments.
 
-In, either a ``ProfileUpdate(previous, current)`` (``transforms/enrich.py``,
+In, either a ``ProfileUpdate(previous, current)`` (``schemas/records.py``,
 from ``BuildUserProfiles`` via ``EnrichProfiles``) or a profile dict. Profiles
-carry ``user_key``, the features rules use (``transforms/segment.py``
-``PROFILE_FIELDS``) and ``as_of`` (the event-time evaluation point; the
-element timestamp otherwise).
+carry ``user_key``, the features rules use (the contract's
+``rule_field_kinds()``, ``schemas/contract.py``) and ``as_of`` (the event-time
+evaluation point; the element timestamp otherwise).
 
 Out (main, ``profiles``): the current profile dict with ``segments`` set by
 ``segment_profile``: rule segments re-evaluated, retired ones removed,
 segments the rules do not own (e.g. from the online model) kept.
 ``dead_letter``: ``{"stage", "reason", "detail", "user_key", "payload"}`` for
-elements that are not mappings, lack a user_key or have malformed
-``segments`` (counted in ``onboardflow:segment_dead_letter``). Segment changes
-are derived downstream, by the profile store's outbox, from what the store
-accepted (docs/architecture.md).
+profiles that lack a user_key or have malformed ``segments`` (counted in
+``onboardflow:segment_dead_letter``). Segment changes are derived downstream,
+by the profile store's outbox, from what the store accepted
+(docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -62,7 +62,6 @@ from ...schemas.units import DAY_MS
 MAX_OUT_OF_ORDERNESS_S = 60.0
 #: Model fields: a streaming run's refits read the profile store as the
 #: watermark passes each mark, so they depend on how far the run read ahead.
-MODEL_FIELDS = ("cluster_id", "segment_label", "propensity", "model_version", "onboarding_track")
 
 
 def _anchor_ms(text: str) -> int:

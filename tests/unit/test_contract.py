@@ -37,3 +37,84 @@ def test_the_redis_contract_document_lists_exactly_the_contract_fields():
     begin = text.index("\n", begin) + 1
     end = text.index("<!-- contract:profile-fields:end -->")
     assert text[begin:end] == markdown_table()
+
+
+# --------------------------------------------------------------------------- the pipeline's profiles keep it
+
+
+def _pipeline_profiles(users=60, seed=7):
+    """Every profile update the core stages make of generator events, as the Redis store would encode it.
+
+    generator events -> normalize -> anonymize -> profile machine (events, then
+    each user's lifecycle timers up to the horizon) -> enrich (every 5th
+    account missing from the table) -> rule segments -> the online models'
+    fields as the scorer sets them with no model serving -> tracks.
+    """
+    from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.schemas.records import ProfileUpdate
+    from onboardflow.transforms.anonymize import PERSONALIZATION, EventAnonymizer, Pseudonymizer
+    from onboardflow.transforms.enrich import enrich_update
+    from onboardflow.transforms.normalize import normalize_event
+    from onboardflow.transforms.online_models import ServingModels
+    from onboardflow.transforms.profile import LIFECYCLE, Emit, ProfileConfig, ProfileMachine, SetTimer, Store
+    from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet, segment_profile
+
+    gen = JourneyGenerator(GeneratorConfig(seed=seed, users=users))
+    accounts = {a.account_id: {"plan": a.plan, "account_tier": "smb", "industry": a.industry,
+                               "company_size": a.company_size}
+                for i, a in enumerate(gen.accounts()) if i % 5}
+    anonymizer = EventAnonymizer(Pseudonymizer(b"contract-test-secret-0123456789"))
+    rules = RuleSet.load(DEFAULT_RULES_PATH)
+    tracks = TrackPolicy.from_yaml(DEFAULT_TRACKS_PATH, rules)
+    machine = ProfileMachine(ProfileConfig(time_marks=rules.time_marks, horizon_ms=gen.horizon_end_ms),
+                             clock_ms=lambda: gen.horizon_end_ms)
+    scorer = ServingModels(store=None, refresh_seconds=1e9)  # no model serves: the model fields stay null
+    states, lifecycle, updates = {}, {}, []
+
+    def carry_out(key, decisions):
+        for d in decisions:
+            if isinstance(d, SetTimer) and d.timer == LIFECYCLE:
+                lifecycle[key] = d.at_ms
+            elif isinstance(d, Emit):
+                updates.append(ProfileUpdate(d.previous, d.current))
+            elif isinstance(d, Store):
+                states[key] = d.state
+
+    for raw in gen.events_in_event_time():
+        normalized, _ = normalize_event(dict(raw, received_at=raw["occurred_at"]))
+        routed = anonymizer.anonymize(normalized)
+        if routed.route == PERSONALIZATION:
+            carry_out(routed.record["user_key"], machine.on_event(states.get(routed.record["user_key"]),
+                                                                   routed.record))
+    while lifecycle:  # the watermark passes the horizon: every timer fires, in event-time order
+        key, at = min(lifecycle.items(), key=lambda kv: kv[1])
+        del lifecycle[key]
+        carry_out(key, machine.on_lifecycle(states.get(key), key, at))
+
+    for update in updates:
+        enriched, _ = enrich_update(update, accounts)
+        profile = segment_profile(rules, enriched, enriched.current["as_of"])
+        yield tracks.with_track(scorer.score(profile))
+
+
+def test_every_profile_the_pipeline_writes_keeps_the_contract():
+    from onboardflow.transforms.profile_store.encoding import RESERVED_FIELDS, TYPES_FIELD, encode_profile
+
+    required = {f.name for f in PROFILE_FIELDS if not f.nullable}
+    seen, n = set(), 0
+    for profile in _pipeline_profiles():
+        # A field the stages set, even to None (which the store leaves out), is a contract field.
+        assert set(profile) <= set(PROFILE), f"not in the contract: {sorted(set(profile) - set(PROFILE))}"
+        encoded = json.loads(encode_profile(profile, default_updated_at=1).fields)
+        types = json.loads(encoded[TYPES_FIELD])
+        fields = set(encoded) - RESERVED_FIELDS
+        assert fields <= set(PROFILE), f"not in the contract: {sorted(fields - set(PROFILE))}"
+        assert required <= fields, f"missing: {sorted(required - fields)}"
+        wrong = {name: kind for name, kind in types.items() if kind != PROFILE[name].type}
+        assert not wrong, f"types differ from the contract: {wrong}"
+        seen |= fields
+        n += 1
+    assert n > 1000
+    # The sample reaches nearly every field: all but the models' (no model serves here).
+    assert set(PROFILE) - seen <= set(MODEL_FIELDS) - {"onboarding_track"}

@@ -1,25 +1,26 @@
 """Account enrichment: reference fields joined in, documented defaults, the worker-side cache."""
 import pytest
 
-from onboardflow.transforms.enrich import AccountsCache, ProfileUpdate, enrich_profile, enrich_update
+from onboardflow.schemas.records import ProfileUpdate
+from onboardflow.transforms.enrich import AccountsCache, enrich_profile, enrich_update
 
-ACCOUNTS = {"acct-1": {"plan": "team", "account_tier": "enterprise", "industry": "retail", "company_size": "51-200"}}
+ACCOUNTS = {"acct-1": {"plan": "team", "account_tier": "enterprise", "industry": "retail", "company_size": 120}}
 
 
 def test_a_known_account_fills_in_its_plan_tier_industry_and_size():
     profile, found = enrich_profile({"user_key": "k", "account_id": "acct-1", "signup_plan": "trial"}, ACCOUNTS)
     assert found
     assert (profile["plan"], profile["account_tier"], profile["industry"], profile["company_size"]) == (
-        "team", "enterprise", "retail", "51-200")
+        "team", "enterprise", "retail", 120)
     assert profile["user_key"] == "k"
 
 
-def test_an_unknown_or_missing_account_gets_the_signup_plan_else_free_and_unknown_for_the_rest():
+def test_an_unknown_or_missing_account_gets_the_signup_plan_else_free_unknown_labels_and_no_size():
     signed_up, found = enrich_profile({"account_id": "acct-9", "signup_plan": "trial"}, ACCOUNTS)
     assert not found
     assert (signed_up["plan"], signed_up["account_tier"], signed_up["industry"]) == ("trial", "unknown", "unknown")
     visitor, found = enrich_profile({}, ACCOUNTS)
-    assert not found and visitor["plan"] == "free" and visitor["company_size"] == "unknown"
+    assert not found and visitor["plan"] == "free" and visitor["company_size"] is None
 
 
 def test_a_null_reference_field_falls_back_like_a_missing_one():

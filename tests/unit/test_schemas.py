@@ -51,7 +51,7 @@ RECORDS = {
     # A profile as the pipeline writes it (every field of schemas/contract.py).
     ("user_profile", None): {
         "user_key": "uk_5b0e", "version": T0 * 1000 + 2, "as_of": T0, "updated_at": T0 + 1000,
-        "engagement_score": 0.62, "intent_score": 0.18, "feature_usage_score": 0.25,
+        "engagement_score": 0.62, "intent_score": 0.18, "feature_usage_score": 25.0,
         "first_event_at": T0 - 5 * 86_400_000, "last_event_at": T0, "signup_at": T0 - 4 * 86_400_000,
         "recency_ms": 0, "events_total": 54, "events_7d": 14, "events_30d": 40,
         "active_days_7d": 3, "active_days_30d": 5,
@@ -64,7 +64,7 @@ RECORDS = {
         "visits": 5, "median_visit_events": 8.0, "median_visit_duration_s": 300.0,
         "account_id": "acct-00014", "signup_plan": "trial", "email_domain": "example.org",
         "device_class": "mobile", "country": "GB", "os": "ios",
-        "plan": "trial", "account_tier": "smb", "industry": "software", "company_size": "11-50",
+        "plan": "trial", "account_tier": "smb", "industry": "software", "company_size": 40,
         "segments": ["activated", "trial"],
         "cluster_id": 2, "segment_label": "explorer", "propensity": 0.71,
         "model_version": "seg-000003+prop-000002", "onboarding_track": "guided",

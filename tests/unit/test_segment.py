@@ -11,8 +11,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from onboardflow.pipelines.beam.segments import AssignRuleSegments
 from onboardflow.runners.local import prism_location
+from onboardflow.schemas.records import ProfileUpdate
 from onboardflow.schemas.units import DAY_MS
-from onboardflow.transforms.enrich import ProfileUpdate
 from onboardflow.transforms.segment import (
     DEFAULT_RULES_PATH,
     ProfileRejected,
@@ -47,10 +47,11 @@ def seeds_of(rules, profile, at=AT):
     return rules.evaluate(profile, at) & SEEDS
 
 
-def rule(when, name="s", extra=""):
+def rule(when, name="s", extra="", extra_fields=None):
     """A one-segment rule set from a YAML condition."""
     body = textwrap.indent(textwrap.dedent(when).strip(), " " * 6)
-    return RuleSet.from_yaml(f"version: 1\n{extra}segments:\n  - name: {name}\n    when:\n{body}\n")
+    return RuleSet.from_yaml(f"version: 1\n{extra}segments:\n  - name: {name}\n    when:\n{body}\n",
+                             extra_fields=extra_fields)
 
 
 # --------------------------------------------------------------------------- seed rules
@@ -157,7 +158,18 @@ def test_comparisons_on_numeric_fields(condition, value, expected):
     ],
 )
 def test_comparisons_on_string_and_boolean_fields(condition, profile, expected):
-    assert bool(rule(condition).evaluate(profile, AT)) is expected
+    # No profile field is a boolean today (schemas/contract.py): a caller's extra field is.
+    assert bool(rule(condition, extra_fields={"dormant": "bool"}).evaluate(profile, AT)) is expected
+
+
+def test_rules_name_exactly_the_contracts_rule_fields():
+    from onboardflow.schemas.contract import PROFILE, rule_field_kinds
+
+    for name, kind in rule_field_kinds().items():
+        assert rule(f"{{field: {name}, {'gte: 0' if kind in ('number', 'timestamp') else 'eq: x'}}}")
+        assert PROFILE[name].rule == kind
+    with pytest.raises(RuleError, match="unknown field 'dormant'"):
+        rule("{field: dormant, eq: true}")  # a segment, never a profile field
 
 
 @pytest.mark.parametrize(
@@ -411,7 +423,6 @@ def _changes(rules, before, profiles):
 UNSEGMENTABLE = [
     {"as_of": AT, "session_count": 1},
     {"user_key": "k-bad", "as_of": AT, "segments": "dormant"},
-    ["not", "a", "profile"],
 ]
 PROFILES = [
     {"user_key": "k-new", "as_of": AT, "version": AT * 1000, "session_count": 6, "signup_at": AT - DAY_MS,
@@ -441,11 +452,11 @@ def test_segment_profile_sets_rule_segments_keeps_foreign_ones_and_changes_follo
 
 def test_segment_profile_refuses_what_it_cannot_segment_with_a_reason(rules):
     reasons = []
-    for element in UNSEGMENTABLE + [ProfileUpdate(["not a profile"], PROFILES[0])]:
+    for element in UNSEGMENTABLE + [ProfileUpdate(PROFILES[0], UNSEGMENTABLE[0])]:
         with pytest.raises(ProfileRejected) as rejected:
             segment_profile(rules, element, AT)
         reasons.append(rejected.value.reason)
-    assert reasons == ["missing_user_key", "bad_segments", "not_a_mapping", "not_a_mapping"]
+    assert reasons == ["missing_user_key", "bad_segments", "missing_user_key"]
 
 
 def test_segment_profile_evaluates_at_the_profiles_as_of_else_at_the_element_time(rules):
@@ -513,7 +524,7 @@ def test_assign_rule_segments_updates_profiles_and_dead_letters_the_rest(rules):
         )
         assert_that(
             result.dead_letter | "Reasons" >> beam.Map(lambda d: (d["stage"], d["reason"])),
-            equal_to([("segment", "missing_user_key"), ("segment", "bad_segments"), ("segment", "not_a_mapping")]),
+            equal_to([("segment", "missing_user_key"), ("segment", "bad_segments")]),
             label="dead_letter",
         )
 

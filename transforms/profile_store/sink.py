@@ -19,7 +19,6 @@ written. The Beam shell: pipelines/beam/profile_store.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional
 
 import redis
@@ -155,8 +154,8 @@ class ProfileSink(BatchingSink):
             if result is None or not result.applied:
                 continue
             applied += 1
-            profile = record.element
-            last_event_at = profile.get("last_event_at") if isinstance(profile, Mapping) else None
+            profile = record.element  # applied, so encode_profile accepted it: a mapping
+            last_event_at = profile.get("last_event_at")
             if not isinstance(last_event_at, int) or isinstance(last_event_at, bool):
                 continue
             newest = last_event_at if newest is None else max(newest, last_event_at)

@@ -2,7 +2,11 @@
 
 In: an element of a pipeline stream (anonymized event, profile, segment
 change, drift event, dead letter). Out: a tuple in the table's column order,
-or ``RowError`` with a short reason code (a dead letter). Fields not in a
+or ``RowError`` with a short reason code (a dead letter). Each element is a
+dict of the shape its producing stage guarantees (the anonymizer's event,
+``decode_profile``'s profile, ``SegmentChange`` and ``DriftEvent`` of
+schemas/records.py), so only field values are checked here; dead letters,
+which every stage produces, are also checked for being a mapping. Fields not in a
 table are not stored: a new column is a migration, which keeps new (possibly
 sensitive) fields out of the warehouse by default. Dead letters keep their
 metadata only, never the raw payload (its size and SHA-256 instead).
@@ -18,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ...schemas.records import DriftEvent, SegmentChange
 from ..sinks.base import RecordRejected
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -97,7 +102,7 @@ _CONTEXT_FIELDS = ("device", "os", "app_version", "locale", "country", "email_do
 _CONSENT_FLAGS = ("analytics", "personalization", "marketing")
 
 
-def event_row(element: Any) -> tuple:
+def event_row(event: Mapping[str, Any]) -> tuple:
     """An anonymized event (``transforms.anonymize`` shape, or its flat variant) as an ``events`` row.
 
     Context fields are read from ``context`` or, failing that, the top level;
@@ -105,16 +110,11 @@ def event_row(element: Any) -> tuple:
     the table are not stored: a new column is a migration, which keeps new
     (possibly sensitive) fields out of the warehouse by default.
     """
-    event = _mapping(element)
     context = event.get("context") or {}
     consent = event.get("consent") or {}
-    if not isinstance(context, Mapping) or not isinstance(consent, Mapping):
-        raise RowError("invalid_field", "context and consent must be mappings")
     properties = event.get("properties")
     if properties is None:
         properties = {}
-    if not isinstance(properties, Mapping):
-        raise RowError("invalid_field", "properties must be a mapping")
     referrer = event.get("referrer_host", event.get("referrer"))
     return (
         _text(event.get("event_id"), "event_id", required=True),
@@ -131,9 +131,8 @@ def event_row(element: Any) -> tuple:
     )
 
 
-def profile_snapshot_row(element: Any) -> tuple:
+def profile_snapshot_row(profile: Mapping[str, Any]) -> tuple:
     """A profile dict as a ``profile_snapshots`` row (the whole profile as jsonb)."""
-    profile = _mapping(element)
     return (
         _text(profile.get("user_key"), "user_key", required=True),
         _int(profile.get("version"), "version"),
@@ -142,9 +141,8 @@ def profile_snapshot_row(element: Any) -> tuple:
     )
 
 
-def segment_change_row(element: Any) -> tuple:
-    """A segment change dict (schemas/segment_change.avsc) as a ``segment_changes`` row."""
-    change = _mapping(element)
+def segment_change_row(change: SegmentChange) -> tuple:
+    """A ``SegmentChange`` (schemas/records.py) as a ``segment_changes`` row."""
     direction = change.get("change")
     if direction not in ("entered", "exited"):
         raise RowError("invalid_field", "change must be 'entered' or 'exited'")
@@ -158,9 +156,8 @@ def segment_change_row(element: Any) -> tuple:
     )
 
 
-def drift_event_row(element: Any) -> tuple:
-    """A ``DriftEvent`` dict (schemas/drift_event.avsc) as a ``drift_events`` row."""
-    event = _mapping(element)
+def drift_event_row(event: DriftEvent) -> tuple:
+    """A ``DriftEvent`` (schemas/records.py) as a ``drift_events`` row."""
     value, threshold = event.get("value"), event.get("threshold")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise RowError("invalid_field", "value must be a number")
