@@ -27,7 +27,7 @@ from ..sinks.base import BatchingSink, Count, RecordRejected, Rejected, SinkBatc
 from ..sinks.retry import RetryPolicy
 
 STAGE = "kafka_write"
-DEFAULT_FLUSH_SIZE = 1000
+DEFAULT_FLUSH_SIZE = 10_000
 #: kafka-python already retries within an attempt for ``delivery_timeout_ms``;
 #: the sink sends what stayed unacknowledged once more, so an outage of about
 #: twice that is ridden out before the bundle fails.
