@@ -221,7 +221,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         | "OutboxTriggers" >> beam.Flatten()
         | "RelayOutboxes" >> RelayOutboxes(RelaySettings(
             opts.redis_url, opts.redis_key_prefix, bootstrap, opts.segment_changes_topic, opts.dead_letter_topic,
-            dsn, schema, opts.rules_file, opts.registry_url), metrics=metrics))
+            dsn, schema, rules, opts.registry_url), metrics=metrics))
     applied = written | "AppliedWrites" >> beam.Filter(lambda r: r.applied)
 
     model_rejects = ()

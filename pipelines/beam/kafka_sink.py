@@ -1,66 +1,37 @@
-"""``WriteToKafka``: the Beam shell of ``KafkaWriter`` (transforms/kafka/producer.py).
+"""``WriteToKafka``: ``(key, value)`` pairs -> one Kafka topic, through ``KafkaSink`` and the sink driver.
 
-In: a PCollection of ``(key: bytes | None, value: bytes)``. Each bundle's
-records are sent by a per-worker idempotent producer and flushed in
-``finish_bundle``, so a bundle completes only once Kafka acknowledged all of
-it; a record Kafka does not acknowledge fails the bundle and the runner
-retries it (at least once). Out: dead-letter dicts of elements that are not
-such a pair. Counters (namespace ``onboardflow.kafka_sink``):
-``records_sent`` (acked), ``invalid_elements``.
+In: a PCollection of ``(key: bytes | None, value: bytes)``. The sink
+(transforms/kafka/sink.py) sends every ``flush_size`` records and at the end
+of each bundle and waits for Kafka's acks, so a bundle completes (and the
+source commits its offsets) only once Kafka acknowledged all of it; a record
+Kafka does not acknowledge fails the bundle and the runner retries it (at
+least once). Out: dead letters ``{"stage": "kafka_write", "reason":
+"not_a_bytes_key_value_pair", "detail", "event_id", "payload", "topic"}`` of
+elements that are not such a pair. Counters (namespace
+``onboardflow.kafka_sink``): ``records_sent`` (acked), ``invalid_elements``,
+``retries``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-
-from ...transforms.kafka.producer import KafkaWriteError, KafkaWriter, sink_producer_config
+from ...transforms.kafka.sink import DEFAULT_FLUSH_SIZE, KafkaSink, sink_producer_config
+from .sinks import DEAD_LETTER, WriteToSink
 
 SINK_NAMESPACE = "onboardflow.kafka_sink"
 
 
-class _WriteToKafkaFn(beam.DoFn):
-    """(key, value) -> Kafka; a bundle finishes only once Kafka acked every record."""
-
-    def __init__(self, bootstrap_servers: str, topic: str, producer_config: Mapping[str, Any]):
-        super().__init__()
-        self._invalid = Metrics.counter(SINK_NAMESPACE, "invalid_elements")
-        self._sent = Metrics.counter(SINK_NAMESPACE, "records_sent")
-        self._writer = KafkaWriter(bootstrap_servers, topic, producer_config)
-
-    def setup(self):
-        self._writer.open()
-
-    def start_bundle(self):
-        self._writer.begin()
-
-    def process(self, element):
-        dead_letter = self._writer.write(element)
-        if dead_letter is not None:
-            self._invalid.inc()
-            yield dead_letter
-
-    def finish_bundle(self):
-        try:
-            acked = self._writer.flush()
-        except KafkaWriteError as error:
-            self._sent.inc(error.acked)
-            raise
-        if acked:
-            self._sent.inc(acked)
-
-    def teardown(self):
-        self._writer.close()
-
-
-class WriteToKafka(beam.PTransform):
+class WriteToKafka(WriteToSink):
     """Writes (key, value) pairs to one Kafka topic, at least once (see the module docstring).
 
-    The producer batches with ``linger_ms``/``batch_size`` and retries with
-    backoff for up to ``delivery_timeout_ms``; ``producer_config`` adds or
-    overrides kafka-python settings.
+    The producer batches with ``linger_ms``/``batch_size`` (bytes) and retries
+    with backoff for up to ``delivery_timeout_ms``; ``producer_config`` adds or
+    overrides kafka-python settings. ``flush_size``: records sent before the
+    sink waits for their acks (besides the end of each bundle).
     """
+
+    DEAD_LETTER = DEAD_LETTER
 
     def __init__(
         self,
@@ -74,16 +45,16 @@ class WriteToKafka(beam.PTransform):
         delivery_timeout_ms: int = 120_000,
         compression_type: Optional[str] = None,
         producer_config: Optional[Mapping[str, Any]] = None,
+        flush_size: int = DEFAULT_FLUSH_SIZE,
+        label: Optional[str] = None,
     ):
-        super().__init__()
-        self._bootstrap_servers = bootstrap_servers
-        self._topic = topic
-        self._producer_config = sink_producer_config(
+        if flush_size < 1:
+            raise ValueError("flush_size must be >= 1")
+        config = sink_producer_config(
             linger_ms=linger_ms, batch_size=batch_size, retries=retries, retry_backoff_ms=retry_backoff_ms,
             delivery_timeout_ms=delivery_timeout_ms, compression_type=compression_type, extra=producer_config)
+        super().__init__(functools.partial(KafkaSink, bootstrap_servers, topic, config, flush_size),
+                         step="SendToKafka", label=label, namespace=SINK_NAMESPACE)
 
-    def expand(self, pcoll):
-        return pcoll | "SendToKafka" >> beam.ParDo(
-            _WriteToKafkaFn(self._bootstrap_servers, self._topic, self._producer_config)
-        )
-
+    def expand(self, pairs):
+        return super().expand(pairs)[DEAD_LETTER]

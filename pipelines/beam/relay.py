@@ -16,10 +16,12 @@ Counters (namespace ``onboardflow``): ``dead_letters_recorded``,
 ``outbox_records_sent``, ``outbox_records_skipped`` (sent by a relay that
 died before its cursor moved), ``outbox_rows_rejected``; relayed segment
 changes also count in ``onboardflow_segment_changes_total``, failed warehouse
-writes of the relay in ``onboardflow_warehouse_errors_total``.
+writes of the relay in ``onboardflow_warehouse_errors_total`` and their
+retries in ``warehouse_retries`` (as the warehouse sinks' do).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import apache_beam as beam
@@ -30,7 +32,7 @@ from ...transforms.metrics import PipelineMetrics
 from ...transforms.outbox.dead_letters import DeadLetterOutbox, dead_letter_id
 from ...transforms.outbox.keys import DEAD_LETTERS, SEGMENT_CHANGES, OutboxKeys
 from ...transforms.outbox.settings import RelaySettings, make_relays
-from .metrics import beam_pipeline_metrics
+from .metrics import beam_counter, beam_pipeline_metrics
 
 METRICS_NAMESPACE = "onboardflow"
 
@@ -85,7 +87,8 @@ class _RelayOutboxesFn(beam.DoFn):
 
     def setup(self):
         self._metrics.setup()
-        self._relays = make_relays(self._settings, on_warehouse_retry=self._metrics.warehouse_error)
+        self._relays = make_relays(self._settings, on_warehouse_retry=self._metrics.warehouse_error,
+                                   count=functools.partial(beam_counter, METRICS_NAMESPACE))
 
     def start_bundle(self):
         self._due: set[str] = set()

@@ -6,7 +6,7 @@ adds each element with its timestamp and window, lets the sink flush at its
 batch size, flushes in ``finish_bundle``, and emits what the sink settled in
 the element's own window and timestamp: results on the main output, dead
 letters on the ``dead_letter`` output. Counters go to Beam's ``onboardflow``
-namespace. A flush that fails past its retries fails the bundle, so the
+namespace (or the one the transform names). A flush that fails past its retries fails the bundle, so the
 runner retries it rather than dropping writes.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ DEAD_LETTER = "dead_letter"
 class _WriteToSinkFn(beam.DoFn):
     """Drives the sink ``make_sink(count=...)`` builds; see the module docstring."""
 
-    def __init__(self, make_sink: Callable[..., BatchingSink]) -> None:
+    def __init__(self, make_sink: Callable[..., BatchingSink], namespace: str = METRICS_NAMESPACE) -> None:
         self._make_sink = make_sink
+        self._namespace = namespace
         self._sink: Optional[BatchingSink] = None
         self._counters: dict = {}
 
@@ -38,7 +39,7 @@ class _WriteToSinkFn(beam.DoFn):
             return
         counter = self._counters.get(name)
         if counter is None:
-            counter = self._counters[name] = Metrics.counter(METRICS_NAMESPACE, name)
+            counter = self._counters[name] = Metrics.counter(self._namespace, name)
         counter.inc(n)
 
     def setup(self) -> None:
@@ -72,14 +73,15 @@ class WriteToSink(beam.PTransform):
     """Elements -> ``{"written": results, "dead_letter": dead letters}`` through one ``BatchingSink``.
 
     ``make_sink(count=callback)`` builds the sink on each worker; it must
-    pickle. ``step`` names the ParDo; ``fn`` is the DoFn (tests drive it
-    bundle by bundle). The sinks' transforms subclass this one.
+    pickle. ``step`` names the ParDo, ``namespace`` the counters' Beam
+    namespace; ``fn`` is the DoFn (tests drive it bundle by bundle). The
+    sinks' transforms subclass this one.
     """
 
     def __init__(self, make_sink: Callable[..., BatchingSink], step: str = "WriteBatches",
-                 label: Optional[str] = None) -> None:
+                 label: Optional[str] = None, namespace: str = METRICS_NAMESPACE) -> None:
         super().__init__(label)
-        self.fn = _WriteToSinkFn(make_sink)
+        self.fn = _WriteToSinkFn(make_sink, namespace)
         self._step = step
 
     def expand(self, elements):

@@ -54,9 +54,11 @@ def _with_deployment(args):
 def main(argv=None) -> int:
     args = _with_deployment(_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ...transforms.segment import RuleSet
+
     settings = RelaySettings(args.redis_url, args.key_prefix, args.bootstrap_servers, args.segment_changes_topic,
-                             args.dead_letter_topic, args.warehouse_dsn, args.warehouse_schema, args.rules_file,
-                             args.registry_url)
+                             args.dead_letter_topic, args.warehouse_dsn, args.warehouse_schema,
+                             RuleSet.load(args.rules_file) if args.rules_file else None, args.registry_url)
     relays = make_relays(settings)
     keys = OutboxKeys(args.key_prefix)
     try:

@@ -1,6 +1,7 @@
-"""Throughput of the two sinks against the real local services (make services-up).
+"""Throughput of the sinks against the real local services (make services-up).
 
-    .venv/bin/python tests/benchmarks/bench_sinks.py [--profiles 20000] [--rows 50000]
+    .venv/bin/python tests/benchmarks/bench_sinks.py [--profiles 20000] [--rows 50000] [--records 50000]
+        [--only redis|postgres|kafka]
 
 * Redis: profiles/s through the monotonic Lua upsert, pipelined in batches of
   500 (one EVALSHA per profile, one round trip per batch), for fresh writes
@@ -12,9 +13,13 @@
   CONFLICT DO NOTHING, for new rows and for a replay (all duplicates), with
   the sink's default batch of 1000 rows and with 5000; then the whole sink
   (``WarehouseSink.add``: row mapping, buffer, flush) at its default batch.
+* Kafka: records/s through ``KafkaSink.add`` per ``(key, value)`` pair
+  (~200-byte values, 5000 keys, a 4-partition topic, acks from all
+  replicas), flushing at the default ``flush_size`` and once at the end (as
+  a bundle of that size would).
 
-Each figure is the median of 3 runs. Uses its own Redis key prefix and
-PostgreSQL schema and removes them afterwards. Prints figures, asserts nothing
+Each figure is the median of 3 runs. Uses its own Redis key prefix,
+PostgreSQL schema and Kafka topic and removes them afterwards. Prints figures, asserts nothing
 about speed.
 """
 from __future__ import annotations
@@ -30,8 +35,10 @@ import uuid
 
 import psycopg
 import redis
+from kafka.admin import KafkaAdminClient, NewTopic
 from psycopg import sql
 
+from onboardflow.transforms.kafka.sink import DEFAULT_FLUSH_SIZE, KafkaSink, sink_producer_config
 from onboardflow.transforms.profile_store.encoding import encode_profile
 from onboardflow.transforms.profile_store.sink import ProfileSink
 from onboardflow.transforms.profile_store.writer import RedisProfileWriter
@@ -40,6 +47,7 @@ from onboardflow.transforms.warehouse.rows import EVENTS, event_row
 from onboardflow.transforms.warehouse.sink import WarehouseSink
 from onboardflow.transforms.warehouse.writer import WarehouseWriter
 
+KAFKA_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 REDIS_URL = f"redis://{os.environ.get('REDIS_HOST', '127.0.0.1')}:{os.environ.get('REDIS_PORT', '6379')}/0"
 PG_DSN = (
     f"postgresql://{os.environ.get('PG_USER', 'onboardflow')}:{os.environ.get('PG_PASSWORD', 'onboardflow')}"
@@ -170,13 +178,50 @@ def bench_postgres(n: int) -> None:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
+def bench_kafka(n: int) -> None:
+    topic = f"bench-sink-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP)
+    admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+    try:
+        for flush_size in (DEFAULT_FLUSH_SIZE, n):
+            sent = {}
+            sink = KafkaSink(KAFKA_BOOTSTRAP, topic, sink_producer_config(), flush_size,
+                             count=lambda name, k: sent.__setitem__(name, sent.get(name, 0) + k))
+            sink.add((b"warm-up", b"x"))
+            sink.flush()  # the producer connects outside the timed runs
+            rates = []
+            try:
+                pairs = [(user_key(i % 5000).encode(), b"%07d:" % i + b"v" * 192) for i in range(n)]
+                for _ in range(RUNS):
+                    start = time.perf_counter()
+                    for pair in pairs:
+                        sink.add(pair)
+                    sink.flush()
+                    rates.append(rate(n, time.perf_counter() - start))
+            finally:
+                sink.close()
+            if sent.get("records_sent") != RUNS * n + 1:
+                raise SystemExit(f"kafka sink: {sent} records acked, expected {RUNS * n + 1}")
+            print(f"kafka   records={n} through KafkaSink, flush_size={flush_size} (median of {RUNS})")
+            print(f"  send + acks            {statistics.median(rates):>10,.0f} records/s")
+    finally:
+        admin.delete_topics([topic])
+        admin.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", type=int, default=20_000)
     parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--records", type=int, default=50_000)
+    parser.add_argument("--only", choices=("redis", "postgres", "kafka"))
     args = parser.parse_args(argv)
-    bench_redis(args.profiles)
-    bench_postgres(args.rows)
+    if args.only in (None, "redis"):
+        bench_redis(args.profiles)
+    if args.only in (None, "postgres"):
+        bench_postgres(args.rows)
+    if args.only in (None, "kafka"):
+        bench_kafka(args.records)
     return 0
 
 

@@ -322,7 +322,7 @@ def test_write_to_kafka_round_trip_acks_every_record_and_dead_letters_malformed_
         dead = (pipeline
                 | beam.Create(pairs + [("str-key", b"v"), (b"k", "str value")])
                 | WriteToKafka(kafka_bootstrap, topic, linger_ms=5, batch_size=16 * 1024))
-        assert_that(dead | beam.Map(lambda d: (d["reason"], d["element"])), equal_to([
+        assert_that(dead | beam.Map(lambda d: (d["reason"], d["payload"])), equal_to([
             ("not_a_bytes_key_value_pair", ("str-key", b"v")),
             ("not_a_bytes_key_value_pair", (b"k", "str value")),
         ]))

@@ -9,6 +9,7 @@ tests/integration/test_kafka_io.py.
 import pytest
 from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from onboardflow.pipelines.beam.kafka_sdf import (
@@ -16,7 +17,7 @@ from onboardflow.pipelines.beam.kafka_sdf import (
     EventTimeWatermarkEstimatorProvider,
     PartitionOffsetTracker,
 )
-from onboardflow.pipelines.beam.kafka_sink import _WriteToKafkaFn
+from onboardflow.pipelines.beam.kafka_sink import WriteToKafka
 from onboardflow.pipelines.beam.kafka_source import ReadFromKafka, _ReadBoundedPartitionsFn, _ReadUnboundedPartitionsFn
 from onboardflow.pipelines.options import KafkaReadOptions, watermark_alignment
 from onboardflow.transforms.kafka.offsets import StartPosition, resolve_start_offset
@@ -503,12 +504,17 @@ def test_read_from_options_refuses_a_malformed_start_position():
     "element", ["just a string", ("key", "str value"), (b"k", None), (1, b"v"), (b"a", b"b", b"c")]
 )
 def test_sink_dead_letters_elements_that_are_not_bytes_key_value_pairs(element):
-    fn = _WriteToKafkaFn("unused:9092", "out", {})
+    fn = WriteToKafka("unused:9092", "out").fn
+    fn.setup()  # no producer yet: the sink makes it at its first send
     fn.start_bundle()
-    (dead_letter,) = list(fn.process(element))
-    assert dead_letter["reason"] == "not_a_bytes_key_value_pair"
-    assert dead_letter["element"] == element
-    fn.finish_bundle()  # nothing was sent: no producer needed, nothing to flush
+    (output,) = list(fn.process(element, at(10), GlobalWindow()))
+    assert output.tag == "dead_letter"
+    dead_letter = output.value.value
+    assert (dead_letter["stage"], dead_letter["reason"]) == ("kafka_write", "not_a_bytes_key_value_pair")
+    assert dead_letter["payload"] == element and dead_letter["topic"] == "out"
+    assert output.value.timestamp == at(10)
+    assert list(fn.finish_bundle()) == []  # nothing was sent: no producer needed, nothing to flush
+    fn.teardown()
 
 
 # --------------------------------------------------------------------------
@@ -545,19 +551,109 @@ def test_kafka_core_imports_without_beam():
     code = ("import sys; sys.modules['apache_beam'] = None\n"
             "import onboardflow.transforms.kafka.records, onboardflow.transforms.kafka.offsets\n"
             "import onboardflow.transforms.kafka.watermarks, onboardflow.transforms.kafka.consumer\n"
-            "import onboardflow.transforms.kafka.producer, onboardflow.transforms.dead_letter\n")
+            "import onboardflow.transforms.kafka.sink, onboardflow.transforms.dead_letter\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_writer_pickles_as_its_settings_and_an_empty_batch_needs_no_producer():
+def test_sink_factory_pickles_and_an_empty_flush_needs_no_producer():
     import pickle
 
-    from onboardflow.transforms.kafka.producer import KafkaWriter, sink_producer_config
+    from onboardflow.transforms.kafka.sink import sink_producer_config
 
     config = sink_producer_config(linger_ms=5, extra={"client_id": "test"})
     assert config["acks"] == "all" and config["enable_idempotence"] and config["client_id"] == "test"
-    writer = pickle.loads(pickle.dumps(KafkaWriter("unused:9092", "out", config)))
-    writer.begin()
-    assert writer.write(("k", b"v"))["reason"] == "not_a_bytes_key_value_pair"
-    assert writer.flush() == 0
-    writer.close()
+    counts = {}
+    make_sink = pickle.loads(pickle.dumps(WriteToKafka("unused:9092", "out", producer_config=config).fn._make_sink))
+    sink = make_sink(count=lambda name, n: counts.__setitem__(name, counts.get(name, 0) + n))
+    (refused,) = sink.add(("k", b"v"))
+    assert refused.rejection[0] == "not_a_bytes_key_value_pair" and sink.dead_letter(refused)["payload"] == ("k", b"v")
+    assert sink.flush() == [] and counts == {"invalid_elements": 1}
+    sink.close()
+
+
+class FakeFuture:
+    def __init__(self, value=None, exception=None):
+        self.value, self.exception = value, exception
+
+    def succeeded(self):
+        return self.exception is None
+
+
+class FakeProducer:
+    """Acks every send except the values in ``refuse`` (value -> error); ``raise_on``: send raises."""
+
+    def __init__(self, refuse=None, raise_on=None):
+        self.refuse, self.raise_on = dict(refuse or {}), dict(raise_on or {})
+        self.sent, self.flushes = [], 0
+
+    def send(self, topic, key=None, value=None):
+        if value in self.raise_on:
+            raise self.raise_on.pop(value)
+        self.sent.append((key, value))
+        error = self.refuse.pop(value, None)
+        return FakeFuture(exception=error) if error else FakeFuture(value=(topic, len(self.sent) - 1))
+
+    def flush(self):
+        self.flushes += 1
+
+
+def kafka_sink(producer, flush_size=10, **kwargs):
+    from onboardflow.transforms.kafka.sink import KafkaSink
+    from onboardflow.transforms.sinks.retry import RetryPolicy
+
+    counts = {}
+    sink = KafkaSink("unused:9092", "out", {}, flush_size,
+                     count=lambda name, n: counts.__setitem__(name, counts.get(name, 0) + n),
+                     retry=RetryPolicy(max_attempts=2, budget_s=0, jitter=False, base_s=0), **kwargs)
+    sink._producer = producer
+    return sink, counts
+
+
+def test_kafka_sink_sends_in_order_at_the_flush_size_and_reports_where_each_record_landed():
+    producer = FakeProducer()
+    sink, counts = kafka_sink(producer, flush_size=3)
+    assert sink.add((b"a", b"1")) == [] and sink.add((None, b"2")) == [] and producer.sent == []
+    settled = sink.add((b"a", b"3"))
+    assert producer.sent == [(b"a", b"1"), (None, b"2"), (b"a", b"3")] and producer.flushes == 1
+    assert [r.result for r in settled] == [("out", 0), ("out", 1), ("out", 2)]
+    assert counts == {"records_sent": 3}
+
+
+def test_kafka_sink_sends_only_the_unacknowledged_records_again_after_a_retriable_failure():
+    from kafka.errors import KafkaTimeoutError
+
+    producer = FakeProducer(refuse={b"2": KafkaTimeoutError("expired")})
+    sink, counts = kafka_sink(producer)
+    for value in (b"1", b"2", b"3"):
+        sink.add((b"k", value))
+    settled = sink.flush()
+    assert producer.sent == [(b"k", b"1"), (b"k", b"2"), (b"k", b"3"), (b"k", b"2")]
+    assert all(r.result is not None and r.rejection is None for r in settled)
+    assert counts == {"records_sent": 3, "retries": 1}
+
+
+def test_kafka_sink_fails_at_once_when_kafka_refuses_a_record_for_good():
+    from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+    from onboardflow.transforms.kafka.sink import KafkaWriteError
+
+    producer = FakeProducer(refuse={b"2": MessageSizeTooLargeError("too large"), b"3": KafkaTimeoutError("x")})
+    sink, counts = kafka_sink(producer)
+    for value in (b"1", b"2", b"3"):
+        sink.add((b"k", value))
+    with pytest.raises(KafkaWriteError, match="2 of 3 records to 'out' were not acknowledged") as failed:
+        sink.flush()
+    assert failed.value.acked == 1 and not failed.value.retriable
+    assert len(producer.sent) == 3 and counts == {"records_sent": 1}
+
+
+def test_kafka_sink_stops_sending_when_a_send_raises_and_sends_the_rest_on_the_retry():
+    from kafka.errors import KafkaTimeoutError
+
+    producer = FakeProducer(raise_on={b"2": KafkaTimeoutError("no metadata within max_block_ms")})
+    sink, counts = kafka_sink(producer)
+    for value in (b"1", b"2", b"3"):
+        sink.add((None, value))
+    sink.flush()
+    assert producer.sent == [(None, b"1"), (None, b"2"), (None, b"3")] and producer.flushes == 2
+    assert counts == {"records_sent": 3, "retries": 1}

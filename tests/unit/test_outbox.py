@@ -80,3 +80,25 @@ def test_a_dead_letter_entry_keeps_its_raw_key_or_none():
     assert keyed.records == [OutboxRecord("1-0/0", b"raw-key", b"value")]
     assert keyless.records == [OutboxRecord("2-0/0", None, b"value")]
     assert keyed.rows == keyless.rows == []
+
+
+def test_relays_take_the_pipelines_rule_set_through_a_pickle_and_count_warehouse_retries():
+    import pickle
+
+    import redis
+
+    from onboardflow.transforms.outbox.keys import SEGMENT_CHANGES
+    from onboardflow.transforms.outbox.settings import RelaySettings, make_relays
+
+    rules = RuleSet.from_yaml("version: 1\nsegments:\n  - name: keen\n    when: {field: engagement_score, gt: 5}\n")
+    settings = pickle.loads(pickle.dumps(RelaySettings("redis://unused:6379/0", "obf", warehouse_dsn="postgresql://x",
+                                                       rules=rules)))
+    counts = []
+    relays = make_relays(settings, redis.Redis.from_url(settings.redis_url), count=lambda *c: counts.append(c))
+    fields = {"u": USER.encode(), "v": b"7000", "at": b"7", "old": b"[]", "new": b'["keen"]'}
+    converted = relays[SEGMENT_CHANGES]._convert("5-0", fields)
+    # "rule:": a segment of these rules ("segment:keen" if the packaged rules had been loaded instead).
+    assert [(row[1], row[2], row[4]) for row in converted.rows] == [("keen", "entered", "rule:keen")]
+    assert settings.rules.version == rules.version != RuleSet.load(DEFAULT_RULES_PATH).version
+    relays[SEGMENT_CHANGES]._warehouse.retried(ConnectionError("restart"))
+    assert counts == [("warehouse_retries", 1)]

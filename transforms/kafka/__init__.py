@@ -7,7 +7,7 @@
   alignment across the partitions of one read.
 * ``consumer``: consumer settings, the consumers of one reader, partition
   discovery (``resolve_partitions``) and offset commits.
-* ``producer``: the at-least-once ``KafkaWriter``.
+* ``sink``: the at-least-once ``KafkaSink`` (a ``BatchingSink``) and its producer settings.
 
 The Beam source and sink that drive them are pipelines/beam/kafka_source.py
 (with kafka_sdf.py) and pipelines/beam/kafka_sink.py; the reasoning is in docs/local-runner.md

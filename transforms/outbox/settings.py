@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import redis
 
@@ -19,13 +19,18 @@ from .kafka_target import KafkaOutboxTarget
 from .keys import DEAD_LETTERS, PROFILE_SNAPSHOTS, SEGMENT_CHANGES, OutboxKeys
 from .relay import DEFAULT_BATCH_SIZE, OutboxRelay
 
+if TYPE_CHECKING:
+    from ..segment import RuleSet
+
 
 @dataclass(frozen=True)
 class RelaySettings:
     """Where the outboxes of one deployment go (one object for the pipeline and the CLI).
 
     A topic or ``warehouse_dsn`` of None leaves that sink out (its entries are
-    still moved, so the stream does not grow).
+    still moved, so the stream does not grow). ``rules``: the compiled rule set
+    that names the segments (the pipeline's own; None: the packaged rules); it
+    pickles as its text.
     """
 
     redis_url: str
@@ -35,7 +40,7 @@ class RelaySettings:
     dead_letter_topic: Optional[str] = None
     warehouse_dsn: Optional[str] = None
     warehouse_schema: str = "onboardflow"
-    rules_file: Optional[str] = None
+    rules: Optional["RuleSet"] = None
     registry_url: Optional[str] = None
     batch_size: int = DEFAULT_BATCH_SIZE
     #: how long a sink outage is ridden out before the relay raises (the entries stay)
@@ -72,7 +77,7 @@ def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None,
 
     serializer = AvroSerializer(registry_from_url(settings.registry_url), SEGMENT_CHANGES_SUBJECT,
                                 load_schema("segment_change"))
-    rules = RuleSet.load(settings.rules_file or DEFAULT_RULES_PATH)
+    rules = settings.rules if settings.rules is not None else RuleSet.load(DEFAULT_RULES_PATH)
     common = dict(batch_size=settings.batch_size, redis_retry_s=settings.retry_s)
     return {
         SEGMENT_CHANGES: OutboxRelay(client, keys, SEGMENT_CHANGES,
