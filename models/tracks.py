@@ -1,6 +1,6 @@
 """Onboarding tracks: from what we know about a user to how we onboard them.
 
-Rule segments (``transforms/segment.py``) say what we already know about a
+Rule segments (``transforms/segment/``) say what we already know about a
 user, the online clusters (``models/segmentation.py``) what we found; this
 module turns both into one decision, the profile's ``onboarding_track``, so
 apps read a track name and need no logic of their own. The mapping is

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-#: Kinds a segment rule can compare a field as (transforms/segment.py).
+#: Kinds a segment rule can compare a field as (transforms/segment/).
 NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
 
 #: The stages that set profile fields, in pipeline order (docs/architecture.md).
@@ -162,7 +162,7 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
     _f("industry", "str", "enrich", "The account's industry, or unknown.", rule=STRING),
     _f("company_size", "int", "enrich", "The account's number of employees; null when the table has none.",
        nullable=True, rule=NUMBER),
-    # -- rule segments (transforms/segment.py)
+    # -- rule segments (transforms/segment/)
     _f("segments", "json", "rules", "Rule segments the user is in, sorted (mirrored by the segment sets).",
        avro=_NAMES),
     # -- online models (transforms/online_models.py, models/tracks.py)
