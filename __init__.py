@@ -6,10 +6,10 @@ with rules and online learning, and write profiles to Redis and history to a
 PostgreSQL warehouse.
 
 The repository root is the ``onboardflow`` package (see ``setup.py``):
-``onboardflow.schemas`` is the event contract, ``onboardflow.transforms`` the
-Beam transforms, ``onboardflow.pipelines`` their composition,
-``onboardflow.models`` the online models and ``onboardflow.runners`` the
-command line, local runner and services.
+``schemas`` is the contract, ``transforms`` the engine-free core,
+``models`` the online models, ``pipelines`` the engine shells and jobs
+(``pipelines/beam/``) and ``runners`` the settings, runners and command line
+(docs/architecture.md "Code layout").
 """
 
 __version__ = "0.1.0"

@@ -1,1 +1,4 @@
-"""Online (River) and offline (scikit-learn) segmentation models."""
+"""The online models (engine-free).
+
+Features, segmentation, propensity, drift, tracks, portable snapshots, the model registry.
+"""

@@ -1,1 +1,4 @@
-"""Pipelines: composition of transforms into runnable Beam jobs, no business logic."""
+"""The engine shells and the jobs built from them.
+
+beam/ (one module per stage), onboarding.py, train.py, options.py.
+"""

@@ -1,1 +1,4 @@
-"""How onboardflow runs: the command line, the local (Prism) and Flink runners, services."""
+"""How onboardflow runs.
+
+Settings, paths, the local (Prism) and Flink runners, the CLI, the simulator, service scripts.
+"""

@@ -4,7 +4,7 @@ Every record onboardflow reads from or writes to Kafka is Avro, framed the way
 Confluent Schema Registry clients frame it (``wire.py``: magic byte 0, 4-byte
 big-endian schema id, schemaless Avro binary), so any Confluent-compatible
 producer or consumer can talk to our topics. Schema ids come from a registry
-(``registry.py``): by default the file registry ``registry.json`` shipped next
+(``schema_registry.py``): by default the file registry ``registry.json`` shipped next
 to the ``.avsc`` files, or a real Confluent Schema Registry; ``onboardflow
 registry serve`` serves the file registry over the Confluent REST API.
 
