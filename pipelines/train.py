@@ -399,7 +399,7 @@ def bootstrap_propensity(snapshots: Iterable[Mapping[str, Any]], timeout_days: f
     """
     from ..models.features import feature_vector
     from ..models.propensity import PropensityModel, log_loss
-    from ..transforms.online_models import _event_time_ms, completed_onboarding
+    from ..transforms.online_models import completed_onboarding
 
     model = PropensityModel(timeout_days=timeout_days)
     outcomes, count, skipped = [], 0, 0
@@ -407,9 +407,9 @@ def bootstrap_propensity(snapshots: Iterable[Mapping[str, Any]], timeout_days: f
         if not isinstance(profile, Mapping):  # dead-lettered by the feature stage too
             skipped += 1
             continue
-        at = _event_time_ms(profile)
+        at = profile.get("as_of")  # the event time every snapshot carries (schemas/contract.py)
         user_key = profile.get("user_key")
-        if at is None or not isinstance(user_key, str):
+        if not isinstance(at, int) or isinstance(at, bool) or not isinstance(user_key, str):
             skipped += 1
             continue
         count += 1

@@ -95,8 +95,14 @@ class _QuietStderr:
         return getattr(self._stream, name)
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """One stderr handler for every command: onboardflow's INFO and up; others' only with ``verbose``."""
+#: Commands that run as services: operators read their logs, so a dependency's errors (a Kafka
+#: broker going away, a reconnect) stay in them; the Beam and Prism chatter does not.
+SERVICES = frozenset({"run", "lag-exporter"})
+
+
+def configure_logging(verbose: bool = False, service: bool = False) -> None:
+    """One stderr handler for every command: onboardflow's INFO and up, others' errors; everything with
+    ``verbose``. ``service``: keep the Kafka client's connection errors (``SERVICES``)."""
     root = logging.getLogger()
     if not verbose and not isinstance(sys.stderr, _QuietStderr):
         sys.stderr = _QuietStderr(sys.stderr)
@@ -112,9 +118,10 @@ def configure_logging(verbose: bool = False) -> None:
     if not verbose:
         for name in ("apache_beam", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        # The Kafka client logs each dropped connection it then re-opens as an ERROR; a
-        # failure that matters reaches the command as an exception.
-        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+        # The Kafka client logs each dropped connection it then re-opens as an ERROR; for a
+        # one-shot command a failure that matters reaches it as an exception, while a service's
+        # log must show the outage (docs/reliability.md).
+        logging.getLogger("kafka").setLevel(logging.ERROR if service else logging.CRITICAL)
 
 
 def unreachable_service(exc: BaseException) -> str | None:
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in argv)
     argv = [a for a in argv if a not in ("-v", "--verbose")]
-    configure_logging(verbose)
+    configure_logging(verbose, service=bool(argv) and argv[0] in SERVICES)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

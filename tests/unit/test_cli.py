@@ -59,3 +59,17 @@ def test_run_help_lists_the_pipeline_kafka_metrics_and_flink_flags(capsys):
     for flag in ("--redis_url", "--kafka_bootstrap_servers", "--metrics_port", "--checkpointing_interval",
                  "--runner"):
         assert flag in out, flag
+
+
+def test_a_service_command_keeps_the_kafka_clients_connection_errors_and_a_one_shot_command_does_not():
+    import logging
+
+    from onboardflow.runners.cli import configure_logging
+
+    try:
+        configure_logging(service=True)
+        assert logging.getLogger("kafka").isEnabledFor(logging.ERROR)
+        configure_logging(service=False)
+        assert not logging.getLogger("kafka").isEnabledFor(logging.ERROR)
+    finally:
+        logging.getLogger("kafka").setLevel(logging.NOTSET)
