@@ -178,3 +178,16 @@ def read_services_env(path: Path) -> dict[str, str]:
 def settings() -> Settings:
     """The process's settings, read once (``Settings.load()``)."""
     return Settings.load()
+
+
+def add_store_flags(parser, deployment: "Settings") -> None:
+    """``--redis-url``, ``--key-prefix``, ``--warehouse-dsn``, ``--warehouse-schema`` of ``parser``, defaulting
+    to ``deployment``'s (the flags every command that reads the profile store and the warehouse takes)."""
+    parser.add_argument("--redis-url", default=deployment.redis_url,
+                        help="Redis URL (default: the deployment's, %(default)s)")
+    parser.add_argument("--key-prefix", default=deployment.redis_key_prefix,
+                        help="Redis key prefix (default: the deployment's, %(default)s)")
+    parser.add_argument("--warehouse-dsn", default=deployment.warehouse_dsn,
+                        help="PostgreSQL DSN (default: the deployment's, OBF_WAREHOUSE_DSN)")
+    parser.add_argument("--warehouse-schema", default=deployment.warehouse_schema,
+                        help="warehouse schema (default: the deployment's, %(default)s)")

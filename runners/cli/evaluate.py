@@ -549,6 +549,9 @@ def _finite(value):
 
 
 def _parse(argv):
+    from ..settings import settings
+
+    deployment = settings()
     p = argparse.ArgumentParser(prog="onboardflow evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--designs", default="all",
                    help="comma-separated designs (generator, saas_teams, mobile_consumer, b2b_trial) or all")
@@ -574,9 +577,10 @@ def _parse(argv):
     t.add_argument("--pipeline-users", type=int, default=500,
                    help="users per design through the pipeline (default %(default)s: Prism folds a few hundred "
                         "events/s, and b2b_trial has ~136 events per user)")
-    t.add_argument("--bootstrap-servers", default="localhost:9092")
-    t.add_argument("--redis-url", default="redis://localhost:6379/0")
-    t.add_argument("--warehouse-dsn", default="postgresql://onboardflow:onboardflow@127.0.0.1:5432/onboardflow")
+    # The deployment's endpoints (runners/settings.py); each run uses its own topics, keys and schemas.
+    t.add_argument("--bootstrap-servers", default=deployment.kafka_bootstrap)
+    t.add_argument("--redis-url", default=deployment.redis_url)
+    t.add_argument("--warehouse-dsn", default=deployment.warehouse_dsn)
     t.add_argument("--live-timeout", type=float, default=180.0,
                    help="seconds to wait for every login of the live phase (default %(default)s)")
     t.add_argument("--keep", action="store_true", help="keep the runs' topics, Redis keys and schemas")

@@ -37,7 +37,7 @@ from typing import Optional
 
 def _parser() -> argparse.ArgumentParser:
     from ...models.model_registry import KINDS
-    from ..settings import settings
+    from ..settings import add_store_flags, settings
 
     deployment = settings()
 
@@ -66,14 +66,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--keep-days", type=float, default=None,
                              help="also keep versions published or served in the last D days")
             cmd.add_argument("--dry-run", action="store_true", help="print what would be pruned, change nothing")
-        cmd.add_argument("--redis-url", default=deployment.redis_url,
-                         help="Redis URL of the serving copy (default: %(default)s)")
-        cmd.add_argument("--warehouse-dsn", default=deployment.warehouse_dsn,
-                         help="PostgreSQL DSN (default: the deployment's, OBF_WAREHOUSE_DSN)")
-        cmd.add_argument("--warehouse-schema", default=deployment.warehouse_schema,
-                         help="warehouse schema (default: %(default)s)")
-        cmd.add_argument("--key-prefix", default=deployment.redis_key_prefix,
-                         help="Redis key prefix (default: %(default)s)")
+        add_store_flags(cmd, deployment)
     return parser
 
 

@@ -149,21 +149,14 @@ def _as_of(value: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..settings import settings
+    from ..settings import add_store_flags, settings
 
     deployment = settings()
     parser = argparse.ArgumentParser(
         prog="onboardflow train",
         description="Bootstrap the online segmenter from the warehouse: choose k, seed, publish. "
                     "Unknown flags are passed to Beam's PipelineOptions.")
-    parser.add_argument("--warehouse-dsn", default=deployment.warehouse_dsn,
-                        help="PostgreSQL DSN (default: the deployment's, OBF_WAREHOUSE_DSN)")
-    parser.add_argument("--warehouse-schema", default=deployment.warehouse_schema,
-                        help="warehouse schema (default: the deployment's, %(default)s)")
-    parser.add_argument("--redis-url", default=deployment.redis_url,
-                        help="Redis of the model registry (default: the deployment's, %(default)s)")
-    parser.add_argument("--key-prefix", default=deployment.redis_key_prefix,
-                        help="Redis key prefix (default: the deployment's, %(default)s)")
+    add_store_flags(parser, deployment)
     parser.add_argument("--k-min", type=int, default=DEFAULT_K_MIN, help="smallest k tried (default: %(default)s)")
     parser.add_argument("--k-max", type=int, default=DEFAULT_K_MAX, help="largest k tried (default: %(default)s)")
     parser.add_argument("--pca", type=_pca, default=DEFAULT_PCA,
