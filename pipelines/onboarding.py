@@ -48,8 +48,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from ..models.segmentation import SegmentSettings
 from ..models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
-from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
-from ..transforms.anonymize import SecretKey, generate_demo_secret, load_secret
+from ..transforms.anonymize import SecretKey
 from ..transforms.backfill_horizon import backfill_horizon
 from ..transforms.decode import OnboardingEventDecoder
 from ..transforms.kafka.consumer import resolve_partitions
@@ -57,9 +56,6 @@ from ..transforms.kafka.offsets import StartPosition
 from ..transforms.outbox.keys import PROFILE_SNAPSHOTS as PROFILE_SNAPSHOTS_OUTBOX
 from ..transforms.outbox.keys import SEGMENT_CHANGES as SEGMENT_CHANGES_OUTBOX
 from ..transforms.outbox.settings import RelaySettings
-from ..transforms.profile import ProfileConfig
-from ..transforms.segment import DEFAULT_RULES_PATH, RuleSet
-from ..transforms.warehouse.accounts import read_accounts
 from ..transforms.warehouse.migrations import apply_migrations
 from .beam.anonymize import AnonymizeEvents
 from .beam.enrich import EnrichProfiles
@@ -74,19 +70,10 @@ from .beam.relay import RecordDeadLetters, RelayOutboxes
 from .beam.segments import AssignRuleSegments
 from .beam.tracks import AssignOnboardingTracks
 from .beam.warehouse import WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents
+from .configuration import AccountsTable, drift_event_kv, load_rules, profile_config, resolve_secret
 from .options import KafkaReadOptions, OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
-
-
-class AccountsTable:
-    """Picklable loader of the accounts reference table (runs on a worker)."""
-
-    def __init__(self, dsn: str, schema: str):
-        self.dsn, self.schema = dsn, schema
-
-    def __call__(self) -> dict:
-        return read_accounts(self.dsn, self.schema)
 
 
 class PipelineOutputs(NamedTuple):
@@ -98,47 +85,6 @@ class PipelineOutputs(NamedTuple):
     relayed: Any
     redis_writes: Any
     too_late: Any
-
-
-def resolve_secret(opts: OnboardingOptions) -> SecretKey:
-    """The pseudonymization key: from a file or env var; generated only in demo mode."""
-    if opts.secret_file or opts.secret_env:
-        return SecretKey(load_secret(opts.secret_file, opts.secret_env))
-    if opts.demo_mode:
-        key = SecretKey(generate_demo_secret())
-        _LOG.warning("demo mode: generated a throw-away pseudonymization key (%s); user keys will "
-                     "differ from any other run", key.key_id)
-        return key
-    raise SystemExit("onboardflow run: no pseudonymization secret; pass --secret_file or --secret_env "
-                     "(or --demo_mode for a throw-away key)")
-
-
-def load_rules(opts: OnboardingOptions) -> RuleSet:
-    """The segment rules of ``--rules_file`` (default: the packaged file), compiled: once per pipeline."""
-    return RuleSet.load(opts.rules_file or DEFAULT_RULES_PATH)
-
-
-def profile_config(opts: OnboardingOptions, horizon_ms: Optional[int] = None,
-                   rules: Optional[RuleSet] = None) -> ProfileConfig:
-    """The profile stage's settings from the options; the rules (``load_rules`` by default) add their time marks.
-
-    ``horizon_ms``: a bounded run's horizon (``backfill_horizon``), None when streaming.
-    """
-    rules = rules if rules is not None else load_rules(opts)
-    return ProfileConfig(
-        session_gap_ms=int(opts.session_gap_minutes * MINUTE_MS),
-        allowed_lateness_ms=int(opts.allowed_lateness_hours * HOUR_MS),
-        dedup_horizon_ms=int(opts.dedup_horizon_hours * HOUR_MS),
-        new_user_window_ms=int(opts.new_user_window_days * DAY_MS),
-        dormancy_ms=int(opts.dormancy_days * DAY_MS),
-        state_ttl_ms=int(opts.state_ttl_days * DAY_MS),
-        refresh_ms=int(opts.profile_refresh_hours * HOUR_MS),
-        refresh_window_ms=int(opts.profile_refresh_window_days * DAY_MS),
-        slow_refresh_ms=int(opts.profile_slow_refresh_days * DAY_MS),
-        time_marks=rules.time_marks,
-        horizon_ms=horizon_ms,
-        max_future_ms=int(opts.future_tolerance_seconds * 1000),
-    )
 
 
 def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey] = None) -> PipelineOutputs:
@@ -237,7 +183,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                      metrics=metrics, keep_versions=opts.model_keep_versions, keep_days=opts.model_keep_days or None))
         model_rejects = (drift | "WriteDriftEvents" >> WriteDriftEvents(dsn, schema),)
         (drift
-         | "EncodeDriftEvents" >> beam.Map(_drift_event_kv(opts.registry_url))
+         | "EncodeDriftEvents" >> beam.Map(drift_event_kv(opts.registry_url))
          | "PublishDriftEvents" >> WriteToKafka(bootstrap, opts.model_events_topic))
 
     # In-pipeline rejects (anonymize, rules, sinks) carry no raw Kafka bytes:
@@ -252,30 +198,6 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
      | "WriteDeadLetterMetadata" >> WriteDeadLetterMetadata(dsn, schema))
 
     return PipelineOutputs(read.events, dead_letters, profiles, relayed, written, too_late)
-
-
-class _RecordEncoder:
-    """A record dict -> (key, framed Avro) for one of the pipeline's output topics."""
-
-    def __init__(self, registry_url: Optional[str], subject: str, schema_name: str, key_field: str):
-        self._registry_url = registry_url
-        self._subject, self._schema_name, self._key_field = subject, schema_name, key_field
-        self._serializer = None
-
-    def __call__(self, record: dict):
-        if self._serializer is None:
-            from ..schemas import load_schema
-            from ..schemas.schema_registry import registry_from_url
-            from ..schemas.wire import AvroSerializer
-            self._serializer = AvroSerializer(
-                registry_from_url(self._registry_url), self._subject, load_schema(self._schema_name))
-        return record[self._key_field].encode("ascii"), self._serializer.serialize(record)
-
-
-def _drift_event_kv(registry_url: Optional[str]) -> _RecordEncoder:
-    """DriftEvent dict -> (model_name, framed Avro) for the model-events topic."""
-    from ..schemas import DRIFT_EVENT_SUBJECT
-    return _RecordEncoder(registry_url, DRIFT_EVENT_SUBJECT, "drift_event", "model_name")
 
 
 def run(options: PipelineOptions, secret: Optional[SecretKey] = None, wait: bool = True):

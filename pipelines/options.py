@@ -309,3 +309,36 @@ class FlinkCheckpointOptions(PipelineOptions):
                        help="Start the job from this savepoint (or retained checkpoint) instead of empty state.")
         g.add_argument("--allow_non_restored_state", action="store_true", default=False,
                        help="Start from a savepoint even if it holds state of steps the pipeline no longer has.")
+
+
+class FlinkJobOptions(PipelineOptions):
+    """Settings of the native Flink job (``onboardflow run --engine flink``, pipelines/flink/, docs/flink.md).
+
+    The checkpoint and state settings it shares with Beam's Flink runner are
+    ``FlinkCheckpointOptions``' (``--checkpointing_interval``,
+    ``--state_backend``, ``--savepoint_path``, ...).
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        g = parser.add_argument_group("native Flink job (--engine flink)")
+        g.add_argument("--flink_job_name", default="onboardflow-onboarding",
+                       help="The job's name in Flink (web UI, REST API, `flink list`).")
+        g.add_argument("--flink_parallelism", type=int, default=1,
+                       help="Parallelism of the source, decode and user stages (the learner runs at 1). "
+                            "Python runs in the TaskManager's JVM (thread mode): one TaskManager is one "
+                            "GIL, so parallelism needs TaskManagers (docs/flink.md).")
+        g.add_argument("--flink_restart_strategy", choices=("fixed-delay", "exponential-delay", "none"),
+                       default="fixed-delay", help="What Flink does when a task fails.")
+        g.add_argument("--flink_restart_attempts", type=int, default=10,
+                       help="fixed-delay: restarts before the job fails for good.")
+        g.add_argument("--flink_restart_delay_ms", type=int, default=2000,
+                       help="fixed-delay: milliseconds between a failure and the restart.")
+        g.add_argument("--flink_flush_size", type=int, default=500,
+                       help="Pending writes (profiles and rows) at which a user-stage subtask flushes.")
+        g.add_argument("--flink_flush_interval_ms", type=int, default=200,
+                       help="A subtask flushes what is pending at least this often (processing time).")
+        g.add_argument("--flink_rest_url", default=None,
+                       help="The cluster's REST API (default $OBF_FLINK_REST_URL or http://127.0.0.1:8081).")
+        g.add_argument("--flink_detach", action="store_true", default=False,
+                       help="Return once the job is submitted instead of following it to its end.")

@@ -139,7 +139,9 @@ def unreachable_service(exc: BaseException) -> str | None:
         if redis_mod is not None and isinstance(exc, redis_mod.exceptions.ConnectionError):
             where = re.search(r"[\w.-]+:\d+", str(exc))
             return f"cannot reach Redis at {'redis://' + where.group(0) if where else settings().redis_url}: {hint}"
-        if kafka_mod is not None and isinstance(exc, (kafka_mod.NoBrokersAvailable, kafka_mod.KafkaConnectionError)):
+        kafka_errors = tuple(getattr(kafka_mod, name) for name in ("NoBrokersAvailable", "KafkaConnectionError")
+                             if hasattr(kafka_mod, name)) if kafka_mod is not None else ()
+        if kafka_errors and isinstance(exc, kafka_errors):
             return f"cannot reach Kafka at {settings().kafka_bootstrap}: {hint}"
         if psycopg_mod is not None and isinstance(exc, psycopg_mod.OperationalError):
             text = str(exc).strip()

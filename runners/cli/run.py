@@ -1,6 +1,6 @@
 """`onboardflow run`: the onboarding pipeline (pipelines/onboarding.py) from the command line.
 
-    onboardflow run [BEAM AND PIPELINE FLAGS...]
+    onboardflow run [--engine beam|flink] [BEAM AND PIPELINE FLAGS...]
 
 The flags are Beam's and the pipeline's own ``--snake_case`` options
 (pipelines/options.py, the Kafka source's ``--kafka_*``), passed through to
@@ -84,16 +84,45 @@ def help_text() -> str:
     """The flags ``onboardflow run`` understands: the pipeline's option groups, then Beam's standard ones."""
     from apache_beam.options.pipeline_options import StandardOptions, _BeamArgumentParser
 
-    from ...pipelines.options import FlinkCheckpointOptions, KafkaReadOptions, MetricsOptions, OnboardingOptions
+    from ...pipelines.options import (
+        FlinkCheckpointOptions,
+        FlinkJobOptions,
+        KafkaReadOptions,
+        MetricsOptions,
+        OnboardingOptions,
+    )
 
     parser = _BeamArgumentParser(
         prog="onboardflow run", usage="onboardflow run [PIPELINE AND BEAM FLAGS...]", allow_abbrev=False,
         description="Run the onboarding pipeline. Flags left out come from the deployment's settings "
                     "(OBF_* variables, runners/settings.py); without --runner it runs locally on Prism.",
         epilog="Every other Beam pipeline option is passed through to Beam (docs/local-runner.md, docs/flink.md).")
-    for options in (OnboardingOptions, KafkaReadOptions, MetricsOptions, FlinkCheckpointOptions, StandardOptions):
+    parser.add_argument("--engine", choices=ENGINES, default="beam",
+                        help="beam: the Beam pipeline (Prism locally, or --runner). flink: the native Flink "
+                             "job on a running cluster (make flink-up; docs/flink.md).")
+    for options in (OnboardingOptions, KafkaReadOptions, MetricsOptions, FlinkCheckpointOptions, FlinkJobOptions,
+                    StandardOptions):
         options._add_argparse_args(parser)  # each adds its own argument groups
     return parser.format_help()
+
+
+ENGINES = ("beam", "flink")
+
+
+def engine_of(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """``--engine beam|flink`` taken out of ``argv``: (engine, the other flags). Default: beam."""
+    rest, engine, args = [], "beam", list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--engine" and args:
+            engine = args.pop(0)
+        elif arg.startswith("--engine="):
+            engine = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if engine not in ENGINES:
+        raise SystemExit(f"onboardflow run: --engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    return engine, rest
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -101,6 +130,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
+    engine, argv = engine_of(argv)
+    if engine == "flink":
+        from .. import flink_job
+
+        return flink_job.run(argv)
     run(argv)
     return 0
 

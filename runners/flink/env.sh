@@ -12,6 +12,9 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../services" && pwd)/env.sh"
 export FLINK_VERSION="${FLINK_VERSION:-2.2.1}"
 export FLINK_PYTHON="${FLINK_PYTHON:-python3.11}"
 export FLINK_VENV="${FLINK_VENV:-$OBF_CACHE_DIR/flink-venv}"
+# Flink's Kafka connector for Flink 2.2 (Maven: runners/flink/connectors/pom.xml).
+export FLINK_KAFKA_CONNECTOR="${FLINK_KAFKA_CONNECTOR:-5.0.0-2.2}"
+export FLINK_CONNECTORS_DIR="${FLINK_CONNECTORS_DIR:-$OBF_CACHE_DIR/flink-connectors}"
 
 export FLINK_HOST="${FLINK_HOST:-127.0.0.1}"
 # The REST API and web UI; also what `--flink_master` points at.

@@ -5,7 +5,8 @@
 # tarball, no Docker. Also the Beam Python SDK worker pool that Flink's Beam
 # job server hands work to (--environment_type=EXTERNAL).
 #
-#   flink.sh install          the Flink virtualenv ($FLINK_VENV), once
+#   flink.sh install          the Flink virtualenv ($FLINK_VENV) with onboardflow
+#                             in it, and the Kafka connector jar; once
 #   flink.sh up               idempotent: start what is not running, wait until healthy
 #   flink.sh down             stop the JobManager/TaskManager this script started
 #   flink.sh status           one line: up (taskmanagers, slots) or down
@@ -29,6 +30,13 @@ rest="http://$FLINK_HOST:$FLINK_REST_PORT"
 pool_pid="$FLINK_RUN_DIR/worker-pool.pid"
 
 install() {
+  install_runtime
+  install_onboardflow
+  install_connectors
+}
+
+# The Flink runtime (apache-flink and its pins) in its own virtualenv, once.
+install_runtime() {
   [ -f "$stamp" ] && return 0
   command -v "$FLINK_PYTHON" >/dev/null || die "$FLINK_PYTHON not found (the Flink wheel is built for CPython 3.11)"
   log "Flink: installing apache-flink $FLINK_VERSION into $FLINK_VENV (its own virtualenv)"
@@ -37,6 +45,34 @@ install() {
   "$FLINK_VENV/bin/python" -m pip install -q -r "$here/requirements.txt" >&2
   [ -x "$(flink_home)/bin/jobmanager.sh" ] || die "apache-flink installed but bin/jobmanager.sh is missing under $(flink_home)"
   touch "$stamp"
+}
+
+# onboardflow's engine-free core and its Flink job (pipelines/flink/), editable
+# from this checkout, under the Flink virtualenv's pins (numpy < 2.2, so
+# river <= 0.23: runners/flink/constraints.txt). Redone when pyproject.toml or
+# the constraints change.
+install_onboardflow() {
+  local want have
+  want="$(cat "$OBF_ROOT/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -c1-16)"
+  have="$(cat "$FLINK_VENV/.installed-onboardflow" 2>/dev/null || true)"
+  [ "$want" = "$have" ] && return 0
+  log "Flink: installing onboardflow (editable, $OBF_ROOT) into $FLINK_VENV"
+  "$FLINK_VENV/bin/python" -m pip install -q -c "$here/constraints.txt" -e "$OBF_ROOT" >&2
+  "$FLINK_VENV/bin/python" -c 'import onboardflow.pipelines.flink.job' \
+    || die "onboardflow's Flink job does not import in $FLINK_VENV"
+  echo "$want" >"$FLINK_VENV/.installed-onboardflow"
+}
+
+# Flink's Kafka connector (runners/flink/connectors/pom.xml) from Maven, once.
+install_connectors() {
+  [ -s "$FLINK_CONNECTORS_DIR/flink-sql-connector-kafka-$FLINK_KAFKA_CONNECTOR.jar" ] && return 0
+  command -v mvn >/dev/null || apt_install maven
+  log "Flink: resolving flink-sql-connector-kafka $FLINK_KAFKA_CONNECTOR with Maven into $FLINK_CONNECTORS_DIR"
+  mkdir -p "$FLINK_CONNECTORS_DIR"
+  mvn -q -B -f "$here/connectors/pom.xml" dependency:copy-dependencies \
+      -Dflink.kafka.connector.version="$FLINK_KAFKA_CONNECTOR" \
+      -DoutputDirectory="$FLINK_CONNECTORS_DIR" -DincludeScope=runtime >&2 \
+    || die "Maven could not resolve org.apache.flink:flink-sql-connector-kafka:$FLINK_KAFKA_CONNECTOR"
 }
 
 flink_home() {
@@ -56,6 +92,21 @@ flink_env() {
   export FLINK_PID_DIR="$FLINK_RUN_DIR"
   # Names the pid and log files (Flink's default, $USER, may be unset here).
   export FLINK_IDENT_STRING="onboardflow"
+  export FLINK_LIB_DIR="$FLINK_RUN_DIR/lib"
+}
+
+# The cluster's lib/: the distribution's jars, plus flink-python (opt/) and the
+# Kafka connector. flink-python must sit in the parent classloader: in thread
+# mode it loads libpython through pemja once per JVM, and pemja cannot load it
+# again from a second job's (or a restarted job's) user-code classloader on
+# Java 17 (FLINK-37727, pemja#100). The connector there too keeps every job
+# from loading its own copy of the Kafka client.
+link_lib() {
+  rm -rf "$FLINK_LIB_DIR"
+  mkdir -p "$FLINK_LIB_DIR"
+  ln -s "$FLINK_HOME"/lib/*.jar "$FLINK_LIB_DIR/"
+  ln -s "$FLINK_HOME"/opt/flink-python-*.jar "$FLINK_LIB_DIR/"
+  ln -s "$FLINK_CONNECTORS_DIR"/*.jar "$FLINK_LIB_DIR/"
 }
 
 render_config() {
@@ -68,6 +119,7 @@ render_config() {
   # Flink's own log4j settings (rolling files in FLINK_LOG_DIR); masters and
   # workers name this host only (start-cluster.sh and its ssh are not used).
   cp "$FLINK_HOME"/conf/log4j*.properties "$FLINK_CONF_DIR/"
+  link_lib
   echo "$FLINK_HOST:$FLINK_REST_PORT" >"$FLINK_CONF_DIR/masters"
   echo "$FLINK_HOST" >"$FLINK_CONF_DIR/workers"
 }
@@ -117,7 +169,9 @@ up() {
   wait_for "Flink REST API" 90 overview_ok || { tail -30 "$FLINK_LOG_DIR"/*standalonesession*.log >&2 || true; die "JobManager REST API not answering"; }
   if ! ours taskexecutor; then
     log "Flink: starting TaskManager ($FLINK_TASK_SLOTS slots)"
-    "$FLINK_HOME/bin/taskmanager.sh" start >"$FLINK_RUN_DIR/taskmanager.out" 2>&1 \
+    # Thread mode (python.execution-mode: thread) runs Python inside the
+    # TaskManager's JVM and finds libpython through the `python` on PATH.
+    PATH="$FLINK_VENV/bin:$PATH" "$FLINK_HOME/bin/taskmanager.sh" start >"$FLINK_RUN_DIR/taskmanager.out" 2>&1 \
       || { cat "$FLINK_RUN_DIR/taskmanager.out" >&2; die "TaskManager did not start"; }
   fi
   wait_for "Flink TaskManager registration" 120 healthy \

@@ -211,13 +211,13 @@ def test_the_served_propensity_model_carries_no_users_but_scores_the_same():
 
 
 def test_drift_events_encode_for_the_model_events_topic_and_decode_back():
-    from onboardflow.pipelines.onboarding import _drift_event_kv
+    from onboardflow.pipelines.configuration import drift_event_kv
     from onboardflow.schemas import default_registry, load_schema
     from onboardflow.schemas.wire import AvroDeserializer
 
     learner, events, _ = _learn_cluster_mix(seed=7, n=4000, shift_at=3000)
     assert events
-    encode = _drift_event_kv(None)
+    encode = drift_event_kv(None)
     decoder = AvroDeserializer(default_registry(), load_schema("drift_event"))
     for event in events:
         key, value = encode(event)

@@ -668,7 +668,7 @@ def test_slow_refreshes_alone_start_from_the_newest_event():
 
 
 def test_the_refresh_options_reach_the_profile_stage():
-    from onboardflow.pipelines.onboarding import profile_config
+    from onboardflow.pipelines.configuration import profile_config
     from onboardflow.pipelines.options import OnboardingOptions
 
     default = profile_config(OnboardingOptions([]))

@@ -1,0 +1,182 @@
+"""The onboarding job on Flink's DataStream API: build it from ``JobSettings`` and submit it.
+
+    Kafka ('kafka' table source: raw key/value, topic/partition/offset/timestamp)
+      ─► DecodeAndAnonymize (events.py) ─► event-time watermarks
+      ─► key by user_key ─► UserStage (users.py: ProfileMachine on keyed state
+           and timers; enrich, rules, scores, tracks, Redis, warehouse, relays)
+      ─► key by one key ─► LearnerStage (learner.py: online models, drift,
+           the sink watermark)
+
+Run by Flink's client in the Flink virtualenv (``flink run -py``, which
+runners/flink_job.py does for ``onboardflow run --engine flink``)::
+
+    python -m onboardflow.pipelines.flink.job --settings job.json
+
+Operators have stable uids (their state's identity across savepoints: keep
+them). The source commits its offsets to the consumer group on each
+completed checkpoint, so ``onboardflow lag`` sees the job. Watermarks are
+generated per source subtask, right after decoding (a Python timestamp
+assigner cannot run inside the Java source), with the same bounded
+out-of-orderness and idle timeout as the Beam source; docs/flink.md says
+what that changes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional
+
+from pyflink.common import Configuration, Duration, Types, WatermarkStrategy
+from pyflink.common.watermark_strategy import TimestampAssigner
+from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.table import StreamTableEnvironment
+
+from .events import DecodeAndAnonymize
+from .learner import LearnerStage
+from .settings import JobSettings
+from .users import DEAD, UserStage
+
+_LOG = logging.getLogger(__name__)
+LEARNER_KEY = "online-models"
+
+
+class OccurredAt(TimestampAssigner):
+    """Event time of a keyed element: the event's ``occurred_at``; dead-letter rows hold no watermark up."""
+
+    def extract_timestamp(self, value, record_timestamp: int) -> int:
+        kind, _, payload = value
+        return 0 if kind == DEAD else payload["occurred_at"]
+
+
+def _offsets(partitions: dict) -> str:
+    return ";".join(f"partition:{p},offset:{o}" for p, o in sorted(partitions.items(), key=lambda kv: int(kv[0])))
+
+
+def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
+    """The 'kafka' table: raw bytes and the record's coordinates, read as the settings say."""
+    options = {
+        "connector": "kafka",
+        "topic": ";".join(s.topics()),
+        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
+        "properties.group.id": s.kafka_consumer_group,
+        "properties.client.id.prefix": s.job_name,
+        "key.format": "raw",
+        "key.fields": "record_key",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
+        # Offsets are committed to the group on each completed checkpoint.
+        "properties.commit.offsets.on.checkpoint": "true",
+        "properties.auto.offset.reset": "earliest",
+    }
+    ranges = s.bounded_ranges
+    if ranges:
+        if len(ranges) != 1:
+            raise ValueError("a bounded Flink run reads one topic (the 'kafka' connector's specific offsets "
+                             "name partitions, not topics)")
+        (only,) = ranges
+        options.update({"scan.startup.mode": "specific-offsets",
+                        "scan.startup.specific-offsets": _offsets(only["start"]),
+                        "scan.bounded.mode": "specific-offsets",
+                        "scan.bounded.specific-offsets": _offsets(only["stop"])})
+    else:
+        options["scan.startup.mode"] = {"earliest": "earliest-offset", "latest": "latest-offset",
+                                        "committed": "group-offsets"}.get(s.kafka_start_position, "group-offsets")
+    settings = ",\n  ".join(f"'{k}' = '{v}'" for k, v in options.items())
+    return f"""CREATE TEMPORARY TABLE {table} (
+  `record_key` BYTES,
+  `value` BYTES,
+  `topic` STRING METADATA VIRTUAL,
+  `partition` INT METADATA VIRTUAL,
+  `offset` BIGINT METADATA VIRTUAL,
+  `kafka_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
+) WITH (
+  {settings}
+)"""
+
+
+def _record(row) -> tuple:
+    """A source row as ``KafkaRecord`` fields; TIMESTAMP_LTZ arrives as a java.time.Instant in thread mode."""
+    ts = row[5]
+    if ts is None:
+        kafka_ms = -1
+    elif hasattr(ts, "toEpochMilli"):
+        kafka_ms = int(ts.toEpochMilli())
+    else:
+        kafka_ms = int(ts.timestamp() * 1000)
+    key, value = row[0], row[1]
+    return row[2], int(row[3]), int(row[4]), kafka_ms, None if key is None else bytes(key), \
+        None if value is None else bytes(value)
+
+
+def configuration(s: JobSettings) -> Configuration:
+    """The job's Flink configuration: thread mode, state, checkpoints, restarts."""
+    config = Configuration()
+    values = {
+        "python.execution-mode": "thread",
+        "pipeline.name": s.job_name,
+        "state.backend.type": s.get("state_backend") or "rocksdb",
+        "state.backend.incremental": "true",
+        "execution.checkpointing.interval": f"{int(s.get('checkpointing_interval') or 10_000)} ms",
+        "execution.checkpointing.mode": s.get("checkpointing_mode") or "EXACTLY_ONCE",
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "restart-strategy.type": s.get("restart_strategy") or "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": str(s.get("restart_attempts") or 10),
+        "restart-strategy.fixed-delay.delay": f"{int(s.get('restart_delay_ms') or 2000)} ms",
+        # Bounded reads finish; keep checkpointing while other subtasks still run.
+        "execution.checkpointing.checkpoints-after-tasks-finish": "true",
+    }
+    if s.get("checkpoint_timeout_millis"):
+        values["execution.checkpointing.timeout"] = f"{int(s.checkpoint_timeout_millis)} ms"
+    if s.get("checkpoint_dir"):
+        values["execution.checkpointing.dir"] = s.checkpoint_dir
+    if s.get("savepoint_path"):
+        values["execution.state-recovery.path"] = s.savepoint_path
+    for key, value in values.items():
+        config.set_string(key, str(value))
+    return config
+
+
+def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
+    """Apply the job to ``env``."""
+    tables = StreamTableEnvironment.create(env)
+    tables.execute_sql(source_ddl(s))
+    records = (tables.to_data_stream(tables.from_path("onboarding_events"))
+               .map(_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("KafkaRecords").uid("kafka-records"))
+    idle_ms = int(float(s.kafka_idle_timeout) * 1000) if s.get("kafka_idle_timeout") else 0
+    watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
+        Duration.of_millis(int(float(s.kafka_max_out_of_orderness) * 1000)))
+    if idle_ms > 0:
+        watermarks = watermarks.with_idleness(Duration.of_millis(idle_ms))
+    events = (records
+              .process(DecodeAndAnonymize(s), output_type=Types.PICKLED_BYTE_ARRAY())
+              .name("DecodeAndAnonymize").uid("decode-anonymize")
+              .assign_timestamps_and_watermarks(watermarks.with_timestamp_assigner(OccurredAt()))
+              .name("EventTime").uid("event-time"))
+    applied = (events
+               .key_by(lambda element: element[1], key_type=Types.STRING())
+               .process(UserStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
+               .name("UserProfiles").uid("user-profiles"))
+    learner = (applied
+               .key_by(lambda _: LEARNER_KEY, key_type=Types.STRING())
+               .process(LearnerStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
+               .name("LearnOnlineModels").uid("learn-online-models").set_parallelism(1))
+    learner.print().name("Nothing").uid("nothing").set_parallelism(1)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="The onboardflow onboarding job on Flink (docs/flink.md).")
+    parser.add_argument("--settings", required=True, help="JobSettings JSON written by runners/flink_job.py")
+    args = parser.parse_args(argv)
+    s = JobSettings.from_file(args.settings)
+    env = StreamExecutionEnvironment.get_execution_environment(configuration(s))
+    env.set_parallelism(int(s.parallelism))
+    # Appended to the jars PyFlink ships itself (flink-python): never replace pipeline.jars.
+    env.add_jars(*(f"file://{jar}" for jar in s.connector_jars))
+    build(env, s)
+    client = env.execute_async(s.job_name)
+    print(f"onboardflow job submitted: {client.get_job_id()}", flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

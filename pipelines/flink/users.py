@@ -1,0 +1,298 @@
+"""``UserStage``: the keyed per-user stage of the Flink job, and how its writes survive a crash.
+
+In (keyed by ``user_key``; source dead letters by ``dlq:<topic>:<partition>``):
+``(EVENT, key, event)`` for events with personalization consent,
+``(ANALYTICS, key, event)`` for analytics-only events and ``(DEAD, key, row)``
+for dead-letter rows made upstream. Out: ``(APPLIED, profile)`` for every
+profile write Redis applied (the learner's input) and ``(MARK, subtask,
+subtasks, W)`` after a flush that covers event time W (the sink watermark).
+
+The profile logic is ``ProfileMachine`` (transforms/profile.py); this shell
+keeps its state in Flink keyed state (RocksDB) and maps ``SetTimer`` onto
+event-time timers (deleting the one a decision replaces: Flink timers do not
+replace each other). The machine runs with ``snapshots=False``: the profile is
+read from the state when the subtask flushes, so a burst of one user's events
+costs one profile write, as one Beam bundle does.
+
+**Writes and checkpoints** (docs/flink.md "Effectively once"). PyFlink gives
+a Python function no hook before a checkpoint barrier, so a write buffered in
+memory when the barrier passes would be lost by a crash after that
+checkpoint: its input is behind the checkpoint's offsets and is not read
+again. So every piece of pending work is also written into the user's keyed
+state, which the checkpoint holds: a ``dirty`` flag for the profile, the
+warehouse rows (events, late events, dead letters) waiting. The subtask
+flushes its buffer (``StoreChain``) every ``flush_size`` items, and each user
+with pending work gets a processing-time *confirm* timer at the next
+``flush_interval_ms`` tick. When it fires, the buffer is flushed (if it is not
+empty) and the user's pending work is cleared from state. A confirm timer
+restored from a checkpoint finds a user this process never flushed: it
+writes the user's pending work again from state first. All writes are
+idempotent (profile versions, outbox ids, warehouse keys), so writing twice
+is harmless and nothing is written zero times. A bounded run flushes at an
+event-time timer at the end of input; a streaming run also flushes at each
+watermark probe (``transforms/progress.py``), which reports the sink
+watermark through ``MARK``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator, Optional
+
+from pyflink.common.typeinfo import Types
+from pyflink.datastream import KeyedProcessFunction, RuntimeContext, TimeDomain
+from pyflink.datastream.state import ValueStateDescriptor
+
+from ...models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
+from ...transforms.dead_letter import pipeline_dead_letter
+from ...transforms.profile import (
+    BEYOND_CLOCK,
+    LIFECYCLE,
+    OCCURRED_IN_THE_FUTURE,
+    ClearState,
+    DeadLetter,
+    Duplicate,
+    Emit,
+    LifecycleHeld,
+    ProfileMachine,
+    SetTimer,
+    Store,
+    TooLate,
+    UserProfileState,
+)
+from ...transforms.progress import next_watermark_probe
+from ..configuration import load_rules, profile_config
+from .metrics import Counters, flink_pipeline_metrics
+from .settings import JobSettings, horizon
+from .store import DEAD_LETTERS, EVENTS, LATE_EVENTS, StoreChain, dead_letter_row
+
+_LOG = logging.getLogger(__name__)
+
+#: Element kinds in.
+EVENT, ANALYTICS, DEAD = "e", "a", "d"
+#: Element kinds out.
+APPLIED, MARK = "p", "w"
+#: Event time of the end-of-input timer: fires at the final watermark (Long.MAX_VALUE).
+END_OF_INPUT_MS = 2**63 - 2
+
+
+class UserStage(KeyedProcessFunction):
+    """See the module docstring."""
+
+    def __init__(self, settings: JobSettings):
+        self._settings = settings
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self, runtime_context: RuntimeContext):
+        s = self._settings
+        rules = load_rules(s)
+        tracks = TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules)
+        self._machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False)
+        self._cell = runtime_context.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
+        self._count = Counters(runtime_context)
+        self._metrics = flink_pipeline_metrics(self._count, s)
+        self._chain = StoreChain(s, rules, tracks, self._metrics, self._count)
+        self._chain.open()
+        self._subtask, self._subtasks = subtask_of(runtime_context)
+        self._flush_size = int(s.flush_size)
+        self._interval = max(1, int(s.flush_interval_ms))
+        self._lag_ms = int(float(s.kafka_max_out_of_orderness) * 1000)
+        self._bounded = not s.streaming()
+        # Users whose profile goes out at the next flush: the live state objects.
+        self._dirty: dict[str, UserProfileState] = {}
+        # Users with pending work in the buffer, and those flushed since this process started.
+        self._buffered: set[str] = set()
+        self._flushed: set[str] = set()
+        # The watermark probe this process set (None: none yet), and the newest event time seen.
+        self._probe_at: Optional[int] = None
+        self._end_set = False
+        self._newest_ms: Optional[int] = None
+
+    def close(self):
+        chain = getattr(self, "_chain", None)
+        if chain is not None:
+            chain.close()
+
+    # -- elements ----------------------------------------------------------------
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        kind, key, payload = value
+        timers = ctx.timer_service()
+        stored = self._cell.value()
+        primitive, dirty, rows = stored if stored is not None else (None, False, ())
+        now_flush = False
+        if kind == DEAD:
+            rows = rows + ((DEAD_LETTERS, payload),)
+            self._chain.add_row(DEAD_LETTERS, payload)
+        else:
+            rows = rows + ((EVENTS, payload),)
+            self._chain.add_row(EVENTS, payload)
+            if kind == EVENT:
+                t = payload["occurred_at"]
+                self._newest_ms = t if self._newest_ms is None or t > self._newest_ms else self._newest_ms
+                state = self._dirty.get(key)
+                if state is None and primitive is not None:
+                    state = self._machine.load(primitive)
+                decisions = self._machine.on_event(state, payload)
+                primitive, dirty, rows, now_flush = self._carry_out(decisions, key, primitive, dirty, rows,
+                                                                    timers, payload)
+        self._cell.update((primitive, dirty, rows))
+        self._buffered.add(key)
+        timers.register_processing_time_timer((timers.current_processing_time() // self._interval + 1)
+                                              * self._interval)
+        self._watch_progress(timers)
+        if now_flush or self._chain.pending >= self._flush_size:
+            yield from self._flush()
+
+    def _carry_out(self, decisions, key: str, primitive, dirty: bool, rows: tuple, timers, event=None):
+        """The machine's decisions onto Flink state, timers and the buffer; the new (primitive, dirty, rows)."""
+        now_flush = False
+        for d in decisions:
+            kind = type(d)
+            if kind is Store:
+                primitive = d.state.to_primitive()
+                if key in self._dirty:
+                    self._dirty[key] = d.state
+            elif kind is SetTimer:
+                if d.replaces_ms is not None:
+                    timers.delete_event_time_timer(d.replaces_ms)
+                timers.register_event_time_timer(d.at_ms)
+            elif kind is Emit:
+                if d.cause == LIFECYCLE:
+                    self._count("lifecycle_timers_fired", 1)
+                dirty = True
+                self._dirty[key] = self._emitted_state(decisions)
+                self._buffered.add(key)
+            elif kind is Duplicate:
+                self._count("duplicates_dropped", 1)
+                self._metrics.duplicates(1)
+            elif kind is TooLate:
+                self._count("too_late_events", 1)
+                self._metrics.late(1)
+                rows = rows + ((LATE_EVENTS, event),)
+                self._chain.add_row(LATE_EVENTS, event)
+            elif kind is DeadLetter:
+                self._count("profile_dead_letter", 1)
+                if d.reason == OCCURRED_IN_THE_FUTURE:
+                    self._count("future_events", 1)
+                self._metrics.dead_lettered("profile", d.reason)
+                row = dead_letter_row(pipeline_dead_letter("profile", d.reason, d.detail, event))
+                rows = rows + ((DEAD_LETTERS, row),)
+                self._chain.add_row(DEAD_LETTERS, row)
+            elif kind is ClearState:
+                self._count("profile_state_expired", 1)
+                primitive = None
+                if key in self._dirty:
+                    # Its last profile must go out before the state that makes it is gone.
+                    self._chain.add_profile(self._dirty.pop(key).snapshot(key))
+                    now_flush = True
+                dirty = False
+            elif kind is LifecycleHeld:
+                if d.reason == BEYOND_CLOCK:
+                    self._count("lifecycle_timers_beyond_clock", 1)
+        return primitive, dirty, rows, now_flush
+
+    @staticmethod
+    def _emitted_state(decisions) -> UserProfileState:
+        for d in decisions:
+            if type(d) is Store:
+                return d.state
+        raise AssertionError("the profile machine emitted without storing the state")
+
+    # -- timers ------------------------------------------------------------------
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        key = ctx.get_current_key()
+        timers = ctx.timer_service()
+        if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
+            yield from self._confirm(key)
+            return
+        stored = self._cell.value()
+        if stored is not None and stored[0] is not None:
+            primitive, dirty, rows = stored
+            state = self._dirty.get(key) or self._machine.load(primitive)
+            probe_due, lifecycle_due = state.probe_at == timestamp, state.lifecycle_at == timestamp
+            now_flush = False
+            if probe_due:
+                primitive, dirty, rows, now_flush = self._carry_out(
+                    self._machine.on_probe(state, timestamp), key, primitive, dirty, rows, timers)
+            if lifecycle_due and primitive is not None:
+                primitive, dirty, rows, flush_too = self._carry_out(
+                    self._machine.on_lifecycle(state, key, timestamp), key, primitive, dirty, rows, timers)
+                now_flush = now_flush or flush_too
+            if probe_due or lifecycle_due:
+                self._cell.update((primitive, dirty, rows))
+                if dirty or rows:
+                    self._buffered.add(key)
+                    timers.register_processing_time_timer(
+                        (timers.current_processing_time() // self._interval + 1) * self._interval)
+            if now_flush:
+                yield from self._flush()
+        if timestamp == END_OF_INPUT_MS or timestamp == self._probe_at:
+            # The watermark passed the probe: every timer due before it has fired.
+            yield from self._flush()
+            yield MARK, self._subtask, self._subtasks, min(timestamp, END_OF_INPUT_MS)
+            if timestamp == self._probe_at and not self._bounded:
+                self._probe_at = next_watermark_probe(timestamp, self._newest_ms, _now_ms(), self._lag_ms)
+                timers.register_event_time_timer(self._probe_at)
+
+    def _watch_progress(self, timers) -> None:
+        if self._bounded:
+            if not self._end_set:
+                timers.register_event_time_timer(END_OF_INPUT_MS)
+                self._end_set = True
+            return
+        if self._probe_at is None:
+            watermark = timers.current_watermark()
+            fired = watermark if watermark is not None and watermark > 0 else (self._newest_ms or 0) - 1
+            self._probe_at = next_watermark_probe(fired, self._newest_ms, _now_ms(), self._lag_ms)
+            timers.register_event_time_timer(self._probe_at)
+
+    def _confirm(self, key: str) -> Iterator:
+        """A confirm tick of ``key``: flush the buffer; clear the key's pending work, rewriting it if restored."""
+        if self._chain.pending:
+            yield from self._flush()
+        stored = self._cell.value()
+        if stored is None:
+            return
+        primitive, dirty, rows = stored
+        if not dirty and not rows:
+            return
+        if key not in self._flushed:
+            # Restored from a checkpoint: this process never wrote this work. Write it again.
+            self._count("pending_writes_restored", 1)
+            if dirty and primitive is not None:
+                self._dirty[key] = self._machine.load(primitive)
+            for table, element in rows:
+                self._chain.add_row(table, element)
+            self._buffered.add(key)
+            yield from self._flush()
+        self._flushed.discard(key)
+        self._cell.update((primitive, False, ()))
+
+    def _flush(self) -> Iterator:
+        for key, state in self._dirty.items():
+            self._chain.add_profile(state.snapshot(key))
+        self._count("profile_updates_emitted", len(self._dirty))
+        self._dirty = {}
+        applied = self._chain.flush()
+        self._flushed |= self._buffered
+        self._buffered = set()
+        self._count("flushes", 1)
+        for profile in applied:
+            yield APPLIED, profile
+
+
+def subtask_of(runtime_context: RuntimeContext) -> tuple[int, int]:
+    """(index of this subtask, parallelism). PyFlink 2.2's thread-mode context still calls the
+    RuntimeContext methods Flink 2 moved to ``TaskInfo``, so ask ``TaskInfo`` where they fail."""
+    try:
+        return runtime_context.get_index_of_this_subtask(), runtime_context.get_number_of_parallel_subtasks()
+    except Exception:  # noqa: BLE001 - pemja raises its own AttributeError type
+        info = runtime_context._runtime_context.getTaskInfo()
+        return info.getIndexOfThisSubtask(), info.getNumberOfParallelSubtasks()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

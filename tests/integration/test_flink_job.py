@@ -1,0 +1,252 @@
+"""The native Flink job (pipelines/flink/) on the real local Flink cluster, held to the Beam pipeline.
+
+One input for the module: a seeded journey stream with recent event times,
+15 % of its records without a Kafka key (so one user's events sit on several
+of the topic's 4 partitions), 1 % malformed, duplicated and late records
+(reliability_harness.make_input). The reference is the Beam pipeline's
+bounded run of it on Prism. Each Flink run writes its own Redis prefix,
+warehouse schema and output topics, and is compared with the reference by
+``reliability_harness.compare``: profiles field by field, segment sets,
+the segment-change history on the topic and in the warehouse (folded, it
+must equal the memberships in Redis), the newest snapshot per user, the
+warehouse's events, late events and dead-letter rows by key, the DLQ topic's
+source offsets. Nothing lost, nothing doubled, nothing different:
+
+* an uninterrupted run (``onboardflow run --engine flink``);
+* a run whose TaskManager is killed with SIGKILL at a random moment after its
+  first completed checkpoint; a new TaskManager takes over and Flink restores
+  the job from the last checkpoint;
+* a run stopped with a savepoint halfway and resumed from it.
+
+Online models are off in these comparisons (the propensity model's scores
+depend on the order of its training batches, in either engine);
+``test_flink_job_with_online_models_publishes_portable_models`` covers them.
+The cluster comes from ``runners/flink/flink.sh up`` (started here when it is
+not running, and stopped again in that case).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from onboardflow.models.features import feature_vector
+from onboardflow.models.model_registry import ModelStore
+from onboardflow.models.propensity import PropensityModel
+from onboardflow.models.segmentation import Segmenter
+from onboardflow.runners.cli.produce import produce
+from onboardflow.runners.flink_job import FlinkRest
+from onboardflow.tests.integration.reliability_harness import (
+    Deployment,
+    Outputs,
+    PipelineProcess,
+    compare,
+    create_topics,
+    delete_topics,
+    make_input,
+    run_to_end,
+    write_secret,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.flink]
+
+ROOT = Path(__file__).resolve().parents[2]
+FLINK_SH = ROOT / "runners" / "flink" / "flink.sh"
+RUN_DIR = Path(os.environ.get("OBF_RUN_DIR", ROOT / ".run"))
+SEED = 1616
+USERS = 300
+NO_MODELS = "--disable_online_models"
+
+
+@pytest.fixture(scope="module")
+def flink():
+    health = subprocess.run([str(FLINK_SH), "health"], capture_output=True, text=True)
+    started_here = health.returncode != 0
+    if started_here:
+        subprocess.run([str(FLINK_SH), "up"], check=True)
+    yield FlinkRest(os.environ.get("OBF_FLINK_REST_URL", "http://127.0.0.1:8081"))
+    if started_here:
+        subprocess.run([str(FLINK_SH), "down"], check=True)
+
+
+@pytest.fixture(scope="module")
+def messages():
+    return make_input(SEED, USERS)
+
+
+@pytest.fixture(scope="module")
+def secret_file(tmp_path_factory):
+    return write_secret(tmp_path_factory.mktemp("secret"))
+
+
+def _name(label: str) -> str:
+    return f"t-flink-{label}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def input_topic(kafka_bootstrap, messages):
+    topic = f"{_name('in')}.events"
+    create_topics(kafka_bootstrap, {topic: 4})
+    stats = produce(messages, kafka_bootstrap, topic, progress=False)
+    assert stats.ok and stats.total_sent == len(messages)
+    yield topic
+    delete_topics(kafka_bootstrap, [topic])
+
+
+@pytest.fixture(scope="module")
+def deployments(kafka_bootstrap, redis_url, pg_dsn, input_topic, secret_file):
+    made = []
+
+    def make(label: str) -> Deployment:
+        d = Deployment(_name(label), kafka_bootstrap, input_topic, redis_url, pg_dsn, secret_file).create()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def reference(deployments, tmp_path_factory):
+    """The Beam pipeline's bounded run of the input on Prism: what every Flink run must equal."""
+    d = deployments("beam")
+    run_to_end(d, f"{d.name}-group", tmp_path_factory.mktemp("beam") / "beam.log", NO_MODELS, timeout_s=900)
+    outputs = Outputs.read(d)
+    assert len(outputs.profiles) > 250 and outputs.rows["events"] and outputs.dead_letter_records
+    return outputs
+
+
+def flink_argv(d: Deployment, *extra: str) -> list[str]:
+    return d.argv(f"{d.name}-group", "--engine=flink", f"--flink_job_name={d.name}",
+                  "--checkpointing_interval=1000", *extra)
+
+
+def submit_detached(d: Deployment, log: Path, *extra: str) -> str:
+    process = PipelineProcess(flink_argv(d, "--flink_detach", *extra), log)
+    assert process.wait(300) == 0, process.log_text()[-4000:]
+    found = [line for line in process.log_text().splitlines() if line.startswith("Flink job ")]
+    assert found, process.log_text()[-4000:]
+    return found[-1].split()[2]
+
+
+def wait_for(what: str, probe, timeout_s: float = 300, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"{what} not within {timeout_s} s")
+
+
+def finished(flink: FlinkRest, job_id: str, timeout_s: float = 600) -> None:
+    state = flink.wait(job_id, timeout_s)
+    assert state == "FINISHED", f"job {job_id} {state}:\n{flink.root_exception(job_id)}"
+
+
+def completed_checkpoints(flink: FlinkRest, job_id: str) -> int:
+    try:
+        return flink.get(f"/jobs/{job_id}/checkpoints")["counts"]["completed"]
+    except OSError:
+        return 0
+
+
+def profile_count(d: Deployment) -> int:
+    client = redis.Redis.from_url(d.redis_url)
+    try:
+        return sum(1 for _ in client.scan_iter(match=f"{d.prefix}:profile:*", count=1000))
+    finally:
+        client.close()
+
+
+def _check(comparison, title: str) -> None:
+    print(f"\n{title}\n{comparison.summary()}")
+    assert comparison.problems == {}, f"{title}:\n{comparison.summary()}"
+    assert sum(comparison.lost.values()) == 0 and sum(comparison.doubled.values()) == 0
+
+
+def test_the_flink_job_leaves_exactly_what_the_beam_pipeline_leaves(
+        flink, deployments, reference, tmp_path, assert_same_profiles):
+    d = deployments("same")
+    process = PipelineProcess(flink_argv(d, NO_MODELS), tmp_path / "flink.log")
+    assert process.wait(600) == 0, process.log_text()[-4000:]
+    log = process.log_text()
+    assert "submitted; web UI: http://" in log and "finished" in log
+    _check(compare(Outputs.read(d), reference, assert_same_profiles), "Flink job vs Beam on Prism")
+
+
+def _taskmanager_pid() -> int:
+    return int((RUN_DIR / "flink" / "flink-onboardflow-taskexecutor.pid").read_text().split()[-1])
+
+
+def test_kill_9_of_the_taskmanager_mid_run_restores_from_the_checkpoint_and_loses_and_doubles_nothing(
+        flink, deployments, reference, tmp_path, assert_same_profiles):
+    d = deployments("kill")
+    job_id = submit_detached(d, tmp_path / "submit.log", NO_MODELS)
+    wait_for("the first completed checkpoint", lambda: completed_checkpoints(flink, job_id) >= 1)
+    time.sleep(random.Random(SEED).uniform(0.0, 2.0))
+    assert flink.state(job_id) == "RUNNING", "the job ended before the kill: make the input larger"
+    before = profile_count(d)
+    pid = _taskmanager_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the TaskManager to die", lambda: not os.path.exists(f"/proc/{pid}"), 30)
+    subprocess.run([str(FLINK_SH), "up"], check=True, capture_output=True)  # a new TaskManager
+    finished(flink, job_id)
+    history = flink.get(f"/jobs/{job_id}/exceptions").get("exceptionHistory", {}).get("entries", [])
+    assert history, "no failure recorded: the kill did not hit the job"
+    restored = flink.get(f"/jobs/{job_id}/checkpoints").get("latest", {}).get("restored")
+    assert restored, "the job did not restore from a checkpoint"
+    print(f"\nkilled the TaskManager with {before} profiles in Redis; restored from checkpoint "
+          f"{restored.get('id')}")
+    _check(compare(Outputs.read(d), reference, assert_same_profiles), "Flink job, TaskManager killed")
+
+
+def test_stop_with_savepoint_and_resume_leaves_exactly_what_an_uninterrupted_run_leaves(
+        flink, deployments, reference, tmp_path, assert_same_profiles):
+    d = deployments("savepoint")
+    job_id = submit_detached(d, tmp_path / "submit.log", NO_MODELS)
+    wait_for("the first completed checkpoint", lambda: completed_checkpoints(flink, job_id) >= 1)
+    assert flink.state(job_id) == "RUNNING", "the job ended before the savepoint: make the input larger"
+    location = flink.stop_with_savepoint(job_id, str(tmp_path / "savepoints"))
+    assert flink.state(job_id) == "FINISHED"
+    resumed = submit_detached(d, tmp_path / "resume.log", NO_MODELS, f"--savepoint_path={location}")
+    finished(flink, resumed)
+    info = flink.get(f"/jobs/{resumed}/checkpoints").get("latest", {}).get("restored") or {}
+    assert info.get("is_savepoint") and location.endswith(Path(info["external_path"]).name)
+    _check(compare(Outputs.read(d), reference, assert_same_profiles), "Flink job, stopped and resumed")
+
+
+def test_flink_job_with_online_models_publishes_portable_models(flink, deployments, tmp_path):
+    """Models learnt in the Flink virtualenv (River 0.23) are read by this one (River 0.2x), not unpickled."""
+    d = deployments("models")
+    process = PipelineProcess(flink_argv(d), tmp_path / "flink.log")
+    assert process.wait(600) == 0, process.log_text()[-4000:]
+    profiles = Outputs.read(d).profiles
+    store = ModelStore(d.redis_url, d.prefix)
+    try:
+        segmentation, propensity = store.current("segmentation"), store.current("propensity")
+        assert segmentation is not None and propensity is not None
+        segmenter = Segmenter.from_bytes(segmentation.payload)
+        model = PropensityModel.from_bytes(propensity.payload)
+    finally:
+        store.close()
+    serving = f"{segmentation.id}+{propensity.id}"
+    assert profiles and all(p.get("model_version") == serving for p in profiles.values()), \
+        "after the end-of-input refit every profile is re-scored by the serving models"
+    # The snapshots the Flink job published (River 0.23) score here (this venv's River) exactly as
+    # the job scored with them: the models crossed intact.
+    for user_key, profile in profiles.items():
+        x = feature_vector(profile)
+        assert profile["cluster_id"] == segmenter.predict_one(x), user_key
+        assert profile["propensity"] == pytest.approx(model.score(x), rel=1e-9, abs=1e-12), user_key
+    key = Path(d.secret_file).read_bytes()
+    written = (RUN_DIR / "flink" / "jobs" / f"{d.name}.json").read_bytes()
+    assert key not in written and key.hex().encode() not in written, "the secret reached the job's settings"
