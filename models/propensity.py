@@ -45,24 +45,34 @@ ranking to offer.
 The classifier is ``StandardScaler | LogisticRegression`` by default; a
 Hoeffding tree is available (``classifier="hoeffding_tree"``); the choice is
 explained in docs/models.md.
+
+``to_bytes`` / ``from_bytes``: a portable snapshot (models/snapshot.py format
+2, JSON, no pickle) with the classifier's parameters spelled out, so what the
+Beam worker's River 0.26 writes the Flink job's River 0.23 loads, and the other
+way round, scoring and learning on exactly alike (docs/models.md "Propensity
+snapshots"). The Hoeffding tree has none (``portable`` is False).
 """
 from __future__ import annotations
 
+import binascii
 import heapq
 import math
+import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from river import compose, linear_model, optim, preprocessing, tree
+from river import compose, linear_model, optim, preprocessing, tree, utils
 
 from ..schemas.units import DAY_MS
 from . import snapshot
 from .features import FEATURES
 
 SNAPSHOT_KIND = "propensity"
+#: The portable snapshot's format (the JSON document's ``format``; models/snapshot.py format 2).
+SNAPSHOT_FORMAT = 2
 CLASSIFIERS = ("logistic_regression", "hoeffding_tree")
 DEFAULT_CHECKPOINTS_DAYS = (0, 1, 2, 4, 7, 14, 21, 28)
 
@@ -265,24 +275,201 @@ class PropensityModel:
 
     # -- snapshots -----------------------------------------------------------
 
-    def to_bytes(self, include_pending: bool = True) -> bytes:
-        """Snapshot bytes. ``include_pending=False`` leaves out the per-user state
-        (stored features awaiting labels, resolved keys): what a scorer or the
-        registry's serving copy needs, with no per-user data in it."""
+    @property
+    def portable(self) -> bool:
+        """Whether ``to_bytes`` can write this model (the Hoeffding tree has no portable snapshot)."""
+        return self.classifier_name == "logistic_regression"
+
+    def to_dict(self, include_pending: bool = True) -> dict:
+        """The model as a JSON document (``SNAPSHOT_FORMAT``; layout in docs/models.md "Propensity snapshots")."""
+        if not self.portable:
+            raise ValueError(
+                f"the {self.classifier_name} propensity model has no portable snapshot: River's Hoeffding tree "
+                "keeps its state in node and splitter objects whose layout changes between River versions, "
+                "so it is not written at all rather than as a pickle only one dependency set can read; it "
+                "learns and scores in-process (docs/models.md)")
+        doc = {
+            "kind": SNAPSHOT_KIND, "format": SNAPSHOT_FORMAT,
+            "settings": {"classifier": self.classifier_name, "timeout_ms": self.timeout_ms,
+                         "checkpoints_ms": list(self.checkpoints_ms), "max_pending": self.max_pending,
+                         "max_resolved": self.max_resolved, "min_per_class": self.min_per_class,
+                         "prior": self.prior, "feature_names": list(self.feature_names)},
+            "counters": {"class_counts": list(self.class_counts), "n_learned": self.n_learned,
+                         "evicted": self.evicted},
+            "classifier": _logreg_state(self.model),
+        }
         if include_pending:
-            return snapshot.dump(SNAPSHOT_KIND, self)
-        state = dict(self.__dict__)
-        state.update(_pending={}, _deadlines=[], _resolved=OrderedDict())
-        clone = object.__new__(type(self))
-        clone.__dict__.update(state)
-        return snapshot.dump(SNAPSHOT_KIND, clone)
+            doc["pending"] = self._pending_state()
+        return doc
+
+    def _pending_state(self) -> dict:
+        keys, first_at, next_checkpoint, counts = [], [], [], []
+        predicted_at, deadlines, probabilities, features = [], [], [], []
+        for key, pending in self._pending.items():
+            keys.append(key)
+            first_at.append(pending.first_at)
+            next_checkpoint.append(pending.next_checkpoint)
+            counts.append(len(pending.points))
+            for at, deadline, packed, p in pending.points:
+                predicted_at.append(at)
+                deadlines.append(deadline)
+                probabilities.append(p)
+                features.append(packed if isinstance(packed, bytes) else self._pack(self._unpack(packed)))
+        values = array("d")
+        values.frombytes(b"".join(features))
+        return {
+            "users": {"keys": keys, "first_at": snapshot.pack_ints(first_at),
+                      "next_checkpoint": snapshot.pack_ints(next_checkpoint),
+                      "points": snapshot.pack_ints(counts)},
+            # one row per stored point, users in the order above, their points in prediction order
+            "points": {"predicted_at": snapshot.pack_ints(predicted_at), "deadline": snapshot.pack_ints(deadlines),
+                       "probability": snapshot.pack_floats(probabilities),
+                       "features": snapshot.pack_floats(values)},
+            # the deadline heap as a list, in heap order (stale entries included)
+            "deadlines": {"at": snapshot.pack_ints(d for d, _ in self._deadlines),
+                          "keys": [k for _, k in self._deadlines]},
+            "resolved": list(self._resolved),  # oldest first
+        }
+
+    def to_bytes(self, include_pending: bool = True) -> bytes:
+        """A portable snapshot (models/snapshot.py format 2: zlib'd JSON, no pickle).
+
+        ``include_pending=False`` leaves out the per-user state (stored
+        features awaiting labels, the deadline heap, resolved keys): what a
+        scorer or the registry's serving copy needs, with no per-user data in
+        it. Raises ValueError for a model that is not ``portable``.
+        """
+        return snapshot.dump_json(SNAPSHOT_KIND, self.to_dict(include_pending))
+
+    @classmethod
+    def from_dict(cls, doc: Mapping) -> "PropensityModel":
+        """The model ``to_dict`` described; SnapshotError if ``doc`` is not a format-2 propensity document."""
+        if not isinstance(doc, Mapping) or doc.get("kind") != SNAPSHOT_KIND or doc.get("format") != SNAPSHOT_FORMAT:
+            raise snapshot.SnapshotError(f"not a format {SNAPSHOT_FORMAT} {SNAPSHOT_KIND} snapshot")
+        try:
+            s = doc["settings"]
+            if s["classifier"] != "logistic_regression":
+                raise ValueError(f"classifier {s['classifier']!r}")
+            model = cls(classifier=s["classifier"], max_pending=int(s["max_pending"]),
+                        max_resolved=int(s["max_resolved"]), min_per_class=int(s["min_per_class"]),
+                        prior=float(s["prior"]), feature_names=[str(n) for n in s["feature_names"]])
+            model.timeout_ms = int(s["timeout_ms"])
+            model.checkpoints_ms = [int(v) for v in s["checkpoints_ms"]]
+            counters = doc["counters"]
+            model.class_counts = [int(v) for v in counters["class_counts"]]
+            model.n_learned, model.evicted = int(counters["n_learned"]), int(counters["evicted"])
+            if len(model.class_counts) != 2 or not model.checkpoints_ms or model.checkpoints_ms[0] != 0:
+                raise ValueError("class_counts or checkpoints_ms")
+            model.model = _logreg_from_state(doc["classifier"])
+            if doc.get("pending") is not None:
+                model._load_pending(doc["pending"])
+        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as exc:
+            raise snapshot.SnapshotError(f"corrupt {SNAPSHOT_KIND} snapshot: {type(exc).__name__} {exc}") from None
+        return model
+
+    def _load_pending(self, state: Mapping) -> None:
+        users, points = state["users"], state["points"]
+        keys = [str(k) for k in users["keys"]]
+        first_at = snapshot.unpack_ints(users["first_at"])
+        next_checkpoint = snapshot.unpack_ints(users["next_checkpoint"])
+        counts = snapshot.unpack_ints(users["points"])
+        predicted_at, deadlines = snapshot.unpack_ints(points["predicted_at"]), snapshot.unpack_ints(points["deadline"])
+        probabilities = snapshot.unpack_floats(points["probability"])
+        values = snapshot.unpack_floats(points["features"])
+        n, width = sum(counts), len(self.feature_names)
+        if not len(keys) == len(first_at) == len(next_checkpoint) == len(counts) \
+                or not n == len(predicted_at) == len(deadlines) == len(probabilities) \
+                or len(values) != n * width:
+            raise ValueError("pending arrays of different lengths")
+        if sys.byteorder == "big":
+            values.byteswap()  # back to the native order ``_unpack`` reads
+        raw, size = values.tobytes(), width * values.itemsize
+        i = 0
+        for key, first, nxt, count in zip(keys, first_at, next_checkpoint, counts):
+            pts = []
+            for j in range(i, i + count):
+                pts.append((predicted_at[j], deadlines[j], raw[j * size:(j + 1) * size], probabilities[j]))
+            i += count
+            self._pending[key] = _Pending(first_at=first, points=pts, next_checkpoint=nxt)
+        heap = state["deadlines"]
+        at = snapshot.unpack_ints(heap["at"])
+        if len(at) != len(heap["keys"]):
+            raise ValueError("deadline arrays of different lengths")
+        self._deadlines = [(int(d), str(k)) for d, k in zip(at, heap["keys"])]
+        heapq.heapify(self._deadlines)  # already a heap when written by to_dict; cheap to make sure
+        self._resolved = OrderedDict((str(k), None) for k in state["resolved"])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "PropensityModel":
-        model = snapshot.load(SNAPSHOT_KIND, data)
-        if not isinstance(model, cls):
-            raise snapshot.SnapshotError(f"snapshot holds a {type(model).__name__}, expected {cls.__name__}")
-        return model
+        """The model in snapshot ``data``: format 2 (portable), or a format-1 pickle published before it
+        (read by unpickling, so only with the River version that wrote it; docs/models.md)."""
+        state = snapshot.load(SNAPSHOT_KIND, data)
+        if isinstance(state, dict):
+            return cls.from_dict(state)
+        if not isinstance(state, cls):
+            raise snapshot.SnapshotError(f"snapshot holds a {type(state).__name__}, expected {cls.__name__}")
+        return state
+
+
+def _logreg_state(model) -> dict:
+    """``StandardScaler | LogisticRegression`` (``make_classifier``) as explicit parameters.
+
+    Everything that affects later predictions and learning: the scaler's
+    running count, mean and variance per feature, the weights and intercept,
+    the optimizer's step count (SGD with a constant rate does not use it, a
+    schedule would) and the hyperparameters the objects are rebuilt with.
+    Anything else (another optimizer, L1's cumulative penalties, a loss with
+    class weights) is refused rather than silently dropped.
+    """
+    scaler, logreg = model["scale"], model["logreg"]
+    optimizer = logreg.optimizer
+    if type(optimizer) is not optim.SGD or not isinstance(optimizer.lr, optim.schedulers.Constant) \
+            or not isinstance(logreg.intercept_lr, optim.schedulers.Constant) or logreg.l1 != 0 \
+            or type(logreg.loss) is not optim.losses.Log or getattr(scaler, "window_size", None) is not None \
+            or (logreg.loss.weight_pos, logreg.loss.weight_neg) != (1.0, 1.0):
+        raise ValueError("only StandardScaler | LogisticRegression(SGD with a constant rate, log loss, no L1) "
+                         "has a portable propensity snapshot")
+    names = list(scaler.counts)
+    weights = logreg._weights.to_dict()
+    return {
+        "type": "StandardScaler|LogisticRegression",
+        "scaler": {"with_std": bool(scaler.with_std), "names": names,
+                   "counts": [int(scaler.counts[n]) for n in names],
+                   "means": [float(scaler.means.get(n, 0.0)) for n in names],
+                   "vars": [float(scaler.vars.get(n, 0.0)) for n in names]},
+        "logreg": {"names": list(weights), "weights": [float(w) for w in weights.values()],
+                   "intercept": float(logreg.intercept), "intercept_init": float(logreg.intercept_init),
+                   "intercept_lr": float(logreg.intercept_lr.learning_rate), "l2": float(logreg.l2),
+                   "clip_gradient": float(logreg.clip_gradient),
+                   "optimizer": {"type": "SGD", "lr": float(optimizer.lr.learning_rate),
+                                 "n_iterations": int(optimizer.n_iterations)}},
+    }
+
+
+def _logreg_from_state(state: Mapping):
+    """The pipeline ``_logreg_state`` described, rebuilt through River's constructors (any River >= 0.21)."""
+    if state["type"] != "StandardScaler|LogisticRegression":
+        raise ValueError(f"classifier type {state['type']!r}")
+    sc, lr, opt = state["scaler"], state["logreg"], state["logreg"]["optimizer"]
+    if opt["type"] != "SGD":
+        raise ValueError(f"optimizer {opt['type']!r}")
+    scaler = preprocessing.StandardScaler(with_std=bool(sc["with_std"]))
+    if not len(sc["names"]) == len(sc["counts"]) == len(sc["means"]) == len(sc["vars"]):
+        raise ValueError("scaler arrays of different lengths")
+    for name, count, mean, var in zip(sc["names"], sc["counts"], sc["means"], sc["vars"]):
+        scaler.counts[name] = int(count)
+        scaler.means[name] = float(mean)
+        scaler.vars[name] = float(var)
+    sgd = optim.SGD(float(opt["lr"]))
+    sgd.n_iterations = int(opt["n_iterations"])
+    logreg = linear_model.LogisticRegression(
+        optimizer=sgd, l2=float(lr["l2"]), intercept_init=float(lr["intercept_init"]),
+        intercept_lr=float(lr["intercept_lr"]), clip_gradient=float(lr["clip_gradient"]))
+    if len(lr["names"]) != len(lr["weights"]):
+        raise ValueError("weight arrays of different lengths")
+    logreg._weights = utils.VectorDict({str(n): float(w) for n, w in zip(lr["names"], lr["weights"])})
+    logreg.intercept = float(lr["intercept"])
+    return compose.Pipeline(("scale", scaler), ("logreg", logreg))
 
 
 def log_loss(y: int, p: float, eps: float = 1e-6) -> float:

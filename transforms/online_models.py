@@ -261,10 +261,12 @@ class LearnerState:
 
 
 def dump_learner(learner: LearnerState) -> bytes:
-    """The learner as snapshot bytes for the engine's keyed state.
+    """The learner as snapshot bytes for the engine's keyed state: a format-1 pickle, engine-local.
 
-    Written after every batch, so at the fastest compression (the state
-    backend may compress again); see docs/decisions.md "transforms/online_models.py".
+    Read back only by the same engine's workers with the same dependencies
+    (River's ADWIN state has no portable form; docs/models.md "Propensity
+    snapshots"). Written after every batch, so at the fastest compression (the
+    state backend may compress again); see docs/decisions.md "transforms/online_models.py".
     """
     return snapshot.dump(LEARNER_SNAPSHOT_KIND, learner, level=1)
 
@@ -479,9 +481,14 @@ class OnlineLearner:
             candidates.append((SEGMENTATION, segmenter.to_bytes(),
                                {"clusters": len(segmenter.labels()), "fitted_on": segmenter.fitted_on,
                                 "sizes": {segmenter.label(c): n for c, n in segmenter.sizes().items()}}))
-        if learner.propensity.warm:
+        if learner.propensity.warm and learner.propensity.portable:
             candidates.append((PROPENSITY, learner.propensity.to_bytes(include_pending=False),
                                learner.propensity_metrics()))
+        elif learner.propensity.warm:
+            # No portable snapshot (the Hoeffding tree): it keeps learning in this
+            # state, and the scorers keep the version they have (docs/models.md).
+            _LOG.warning("the %s propensity model has no portable snapshot; not published",
+                         learner.propensity.classifier_name)
         for kind, payload, metrics in candidates:
             try:
                 result = self.registry.publish(kind, payload, counts=counts, metrics=metrics,

@@ -16,7 +16,8 @@ updates per second:
 * each propensity classifier (logistic regression, Hoeffding tree):
   predict (with checkpoint storage), and learn (River learn_one on stored
   points), plus its prequential ROC-AUC on this stream;
-* snapshot size and to_bytes/from_bytes time of both models.
+* snapshot size and to_bytes/from_bytes time of both models, and of the
+  propensity model with 50,000 users pending in the portable and the old pickle format.
 """
 import argparse
 import random
@@ -124,6 +125,33 @@ def bench_snapshots(points, repeats):
               + (f"  ({prop.pending_users:,} users pending)" if name == "propensity" else ""))
 
 
+def bench_propensity_formats(points, repeats, pending_users=(50_000,)):
+    """The propensity snapshot with users awaiting labels: portable JSON (format 2) vs the pickle it replaced.
+
+    Each synthetic pending user has three stored points (day 0, 1, 2), as in
+    ``bench_learner_checkpoint``; the model has learned the replay first.
+    """
+    vectors = [x for _, _, _, x, _ in points]
+    for n in pending_users:
+        model = PropensityModel()
+        for key, _, at, x, _ in points:
+            model.predict(key, x, at)
+            model.expire(at)
+        model.expire(10 ** 15)
+        for i in range(n):
+            for day in range(3):
+                model.predict(f"u{i}", vectors[(3 * i + day) % len(vectors)], day * DAY_MS + i)
+        for label, dump in (("format 2, JSON", model.to_bytes),
+                            ("format 1, pickle", lambda: snapshot.dump("propensity", model))):
+            dump_runs, data = timed(dump, repeats)
+            load_runs, _ = timed(lambda: PropensityModel.from_bytes(data), repeats)
+            print(f"  {model.pending_users:>7,} users pending, {label:<16}: {len(data) / 1e6:6.1f} MB  "
+                  f"dump {statistics.median(dump_runs) * 1000:7.0f} ms  "
+                  f"load {statistics.median(load_runs) * 1000:7.0f} ms", flush=True)
+        served = model.to_bytes(include_pending=False)
+        print(f"  serving copy (include_pending=False): {len(served):,} bytes")
+
+
 def bench_learner_checkpoint(points, repeats, pending_users=(10_000, 50_000)):
     """The learning stage's Beam-state checkpoint (written after every batch) as users await labels.
 
@@ -167,6 +195,8 @@ def main(argv=None):
     bench_propensity(points, args.repeats)
     print("snapshots:")
     bench_snapshots(points, args.repeats)
+    print("propensity snapshot formats (models/propensity.py to_bytes):")
+    bench_propensity_formats(points, args.repeats)
     print("learner checkpoint (transforms/online_models.py LearnerState, per batch):")
     bench_learner_checkpoint(points, args.repeats)
     return 0

@@ -370,7 +370,7 @@ def raw_identifier_pattern(stream: Stream) -> re.Pattern:
 
 
 def _value_text(value: bytes) -> str:
-    """A Redis value as scannable text; model snapshots (zlib'd pickles) are opened up first."""
+    """A Redis value as scannable text; model snapshots (zlib'd JSON, or pickles from before) are opened up first."""
     if value.startswith(snapshot.MAGIC):
         start = len(snapshot.MAGIC) + 2 + value[len(snapshot.MAGIC) + 1]
         return zlib.decompress(value[start:]).decode("latin-1")

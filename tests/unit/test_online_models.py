@@ -7,6 +7,7 @@ transforms on the real Redis and PostgreSQL.
 import datetime as dt
 import random
 
+from onboardflow.models.features import feature_vector
 from onboardflow.models.model_registry import ModelVersion
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.segmentation import Segmenter, SegmentSettings
@@ -403,6 +404,28 @@ def test_the_end_of_a_bounded_input_settles_due_labels_and_refits_once_more():
     core.on_end(learner)
     assert learner.labels_seen == 1  # "quiet"'s horizon ended by the newest event; "late"'s is censored
     assert [kind for kind, _ in core.registry.published] == [SEGMENTATION]
+
+
+def test_a_hoeffding_tree_learner_keeps_learning_in_its_state_but_publishes_no_propensity_model():
+    # The tree has no portable snapshot (models/propensity.py ``portable``): it is
+    # left out of the registry, and the learner's engine-local state carries it.
+    rng = random.Random(14)
+    population = _population(rng)
+    core = _learner(MemoryStore(), population, SegmentSettings(refit_ms=DAY_MS, n_clusters=2, min_users=20))
+    learner = LearnerState(propensity=PropensityModel(classifier="hoeffding_tree", min_per_class=1,
+                                                      timeout_days=1))
+    core.learn_batch(learner, [persona_profile(rng, f"q{i}", i % 2 == 0, 100 * DAY_MS + i, progress=0.1)
+                               for i in range(40)])
+    core.learn_batch(learner, [persona_profile(rng, f"q{i}", True, 100 * DAY_MS + 3_600_000, progress=1.0)
+                               for i in range(0, 40, 4)])
+    core.on_expire(learner, 102 * DAY_MS)
+    assert learner.propensity.warm
+    core.on_end(learner)
+    assert [kind for kind, _ in core.registry.published] == [SEGMENTATION]
+    copy = load_learner(dump_learner(learner))
+    assert copy.propensity.n_learned == learner.propensity.n_learned > 0
+    probe = feature_vector(persona_profile(rng, "p", True, 103 * DAY_MS))
+    assert copy.propensity.score(probe) == learner.propensity.score(probe)
 
 
 def test_the_learner_state_survives_its_snapshot_bytes():
