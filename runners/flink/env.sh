@@ -24,6 +24,10 @@ export FLINK_RPC_PORT="${FLINK_RPC_PORT:-6123}"
 # (Beam puts all its operators in one slot-sharing group), the rest leave room
 # for a second job (a savepoint-restored run, or the cluster test's job).
 export FLINK_TASK_SLOTS="${FLINK_TASK_SLOTS:-4}"
+# TaskManagers to start. The native job runs Python inside the TaskManager's
+# JVM (thread mode): one TaskManager is one GIL, so Python parallelism takes
+# TaskManagers, e.g. FLINK_TASKMANAGERS=2 FLINK_TASK_SLOTS=2 (docs/flink.md).
+export FLINK_TASKMANAGERS="${FLINK_TASKMANAGERS:-1}"
 export FLINK_PARALLELISM="${FLINK_PARALLELISM:-2}"
 export FLINK_JM_MEMORY="${FLINK_JM_MEMORY:-1024m}"
 export FLINK_TM_MEMORY="${FLINK_TM_MEMORY:-2560m}"
@@ -32,8 +36,8 @@ export FLINK_TM_MEMORY="${FLINK_TM_MEMORY:-2560m}"
 export FLINK_STATE_BACKEND="${FLINK_STATE_BACKEND:-rocksdb}"
 export FLINK_CHECKPOINT_DIR="${FLINK_CHECKPOINT_DIR:-$OBF_RUN_DIR/flink/checkpoints}"
 export FLINK_SAVEPOINT_DIR="${FLINK_SAVEPOINT_DIR:-$OBF_RUN_DIR/flink/savepoints}"
-# Prometheus scrape ports of the JobManager and TaskManager (one each, in order).
-export FLINK_PROMETHEUS_PORTS="${FLINK_PROMETHEUS_PORTS:-9249-9250}"
+# Prometheus scrape ports of the JobManager and the TaskManagers (one each, the first free).
+export FLINK_PROMETHEUS_PORTS="${FLINK_PROMETHEUS_PORTS:-9249-9252}"
 
 # The Python SDK harness as a worker pool (environment_type=EXTERNAL), from
 # the project's own .venv (Beam $BEAM_VERSION).

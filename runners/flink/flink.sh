@@ -167,13 +167,14 @@ up() {
       || { cat "$FLINK_RUN_DIR/jobmanager.out" >&2; die "JobManager did not start"; }
   fi
   wait_for "Flink REST API" 90 overview_ok || { tail -30 "$FLINK_LOG_DIR"/*standalonesession*.log >&2 || true; die "JobManager REST API not answering"; }
-  if ! ours taskexecutor; then
-    log "Flink: starting TaskManager ($FLINK_TASK_SLOTS slots)"
+  local n
+  for (( n = $(live_taskmanagers); n < FLINK_TASKMANAGERS; n++ )); do
+    log "Flink: starting TaskManager $((n + 1))/$FLINK_TASKMANAGERS ($FLINK_TASK_SLOTS slots)"
     # Thread mode (python.execution-mode: thread) runs Python inside the
     # TaskManager's JVM and finds libpython through the `python` on PATH.
     PATH="$FLINK_VENV/bin:$PATH" "$FLINK_HOME/bin/taskmanager.sh" start >"$FLINK_RUN_DIR/taskmanager.out" 2>&1 \
       || { cat "$FLINK_RUN_DIR/taskmanager.out" >&2; die "TaskManager did not start"; }
-  fi
+  done
   wait_for "Flink TaskManager registration" 120 healthy \
     || { tail -30 "$FLINK_LOG_DIR"/*taskexecutor*.log >&2 || true; die "TaskManager did not register with the JobManager"; }
   log "Flink: ready ($(status_line))"
@@ -181,11 +182,19 @@ up() {
 
 overview_ok() { overview >/dev/null; }
 
+# How many TaskManagers this script started are alive (pid file lines).
+live_taskmanagers() {
+  local f="$FLINK_RUN_DIR/flink-onboardflow-taskexecutor.pid" n=0 p
+  [ -s "$f" ] || { echo 0; return; }
+  while read -r p; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done <"$f"
+  echo "$n"
+}
+
 down() {
   flink_env
   # Flink's scripts stop exactly the pids in their pid files under
   # FLINK_PID_DIR, i.e. what `up` started; a reused cluster is left alone.
-  if ours taskexecutor; then log "Flink: stopping TaskManager"; "$FLINK_HOME/bin/taskmanager.sh" stop >&2; fi
+  if [ "$(live_taskmanagers)" -gt 0 ]; then log "Flink: stopping TaskManager(s)"; "$FLINK_HOME/bin/taskmanager.sh" stop-all >&2; fi
   if ours standalonesession; then log "Flink: stopping JobManager"; "$FLINK_HOME/bin/jobmanager.sh" stop >&2; fi
   rm -f "$FLINK_RUN_DIR"/flink-onboardflow-standalonesession.pid "$FLINK_RUN_DIR"/flink-onboardflow-taskexecutor.pid
 }

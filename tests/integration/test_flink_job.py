@@ -216,7 +216,9 @@ def test_stop_with_savepoint_and_resume_leaves_exactly_what_an_uninterrupted_run
     wait_for("the first completed checkpoint", lambda: completed_checkpoints(flink, job_id) >= 1)
     assert flink.state(job_id) == "RUNNING", "the job ended before the savepoint: make the input larger"
     location = flink.stop_with_savepoint(job_id, str(tmp_path / "savepoints"))
-    assert flink.state(job_id) == "FINISHED"
+    assert flink.wait(job_id, 60) == "FINISHED"
+    halfway = profile_count(d)
+    print(f"\nstopped with a savepoint at {location} with {halfway} profiles in Redis")
     resumed = submit_detached(d, tmp_path / "resume.log", NO_MODELS, f"--savepoint_path={location}")
     finished(flink, resumed)
     info = flink.get(f"/jobs/{resumed}/checkpoints").get("latest", {}).get("restored") or {}
