@@ -46,23 +46,11 @@ _LOG = logging.getLogger(__name__)
 FLINK_SH = Path(__file__).resolve().parent / "flink" / "flink.sh"
 JOB_MODULE = "onboardflow.pipelines.flink.job"
 DEFAULT_REST_URL = "http://127.0.0.1:8081"
-KAFKA_CONNECTOR = "5.0.0-2.2"
 TERMINAL = {"FINISHED", "FAILED", "CANCELED"}
 
 
 def rest_url(given: Optional[str] = None) -> str:
     return (given or os.environ.get("OBF_FLINK_REST_URL") or DEFAULT_REST_URL).rstrip("/")
-
-
-def connector_jars() -> list[str]:
-    """The Kafka connector jar ``flink.sh install`` resolved (``$FLINK_CONNECTORS_DIR``)."""
-    folder = Path(os.environ.get("FLINK_CONNECTORS_DIR") or paths.cache_dir() / "flink-connectors")
-    version = os.environ.get("FLINK_KAFKA_CONNECTOR", KAFKA_CONNECTOR)
-    jar = folder / f"flink-sql-connector-kafka-{version}.jar"
-    if not jar.is_file():
-        raise SystemExit(f"onboardflow run --engine flink: {jar} is missing; run `make flink-up` "
-                         "(runners/flink/flink.sh install resolves it with Maven)")
-    return [str(jar)]
 
 
 class FlinkRest:
@@ -161,7 +149,7 @@ def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> di
         job_name=job.flink_job_name, parallelism=job.flink_parallelism,
         flush_size=job.flink_flush_size, flush_interval_ms=job.flink_flush_interval_ms,
         restart_strategy=job.flink_restart_strategy, restart_attempts=job.flink_restart_attempts,
-        restart_delay_ms=job.flink_restart_delay_ms, connector_jars=connector_jars(),
+        restart_delay_ms=job.flink_restart_delay_ms,
         checkpointing_interval=checkpoints.checkpointing_interval or 10_000,
         state_backend=checkpoints.state_backend or "rocksdb",
     )
@@ -174,10 +162,10 @@ def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> di
             entry = ranges.setdefault(p.topic, {"topic": p.topic, "start": {}, "stop": {}})
             entry["start"][str(p.partition)] = p.start_offset
             entry["stop"][str(p.partition)] = p.stop_offset
-        values["bounded_ranges"] = list(ranges.values())
         decoder = OnboardingEventDecoder(registry_url=opts.registry_url)
         values["horizon_ms"] = backfill_horizon(opts.backfill_horizon, kafka.kafka_bootstrap_servers, partitions,
                                                 decoder.decode)
+        values["bounded_ranges"] = list(ranges.values())
     applied = apply_migrations(opts.warehouse_dsn, opts.warehouse_schema)
     if applied:
         _LOG.info("warehouse: applied migrations %s", ", ".join(m.name for m in applied))

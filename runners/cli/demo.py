@@ -108,8 +108,14 @@ def _parse(argv):
                    help="seconds for the live phase (a served model, then every login in Redis)")
     p.add_argument("--run-dir", default=str(deployment.run_dir / "demo"),
                    help="ground truth and other demo output (default: %(default)s)")
-    p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: run on Flink, not Prism "
-                   "(see docs/flink.md; needs the Beam Flink job server jar)")
+    p.add_argument("--engine", choices=("beam", "flink"), default="beam",
+                   help="beam: the Beam pipeline (Prism, or Beam's Flink runner with --flink-master); flink: "
+                        "the native Flink job on the cluster `make flink-up` runs (docs/flink.md)")
+    p.add_argument("--flink-rest-url", default=None,
+                   help="--engine flink: the cluster's REST API (default $OBF_FLINK_REST_URL or "
+                        "http://127.0.0.1:8081)")
+    p.add_argument("--flink-master", help="HOST:PORT of a Flink cluster's REST API: the Beam pipeline on Beam's "
+                   "Flink runner (see docs/flink.md; needs the Beam Flink job server jar)")
     p.add_argument("--flink-job-server-jar",
                    help="the beam-runners-flink-2.2-job-server jar (make flink-jobserver-jar)")
     args = p.parse_args(argv)
@@ -332,7 +338,6 @@ def run_demo(args) -> DemoResult:
 
     import psycopg
     import redis
-    from apache_beam.runners.runner import PipelineState
 
     from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
     from ...schemas.wire import AvroSerializer
@@ -341,7 +346,6 @@ def run_demo(args) -> DemoResult:
     from ...transforms.progress import SinkWatermark
     from ...transforms.warehouse.accounts import upsert_accounts
     from ...transforms.warehouse.migrations import apply_migrations
-    from ..local import stop_streaming_job
     from ..sim.generator import GeneratorConfig, JourneyGenerator, v1_serializer
     from .lag import KafkaLagReader, ProgressReader
     from .produce import produce
@@ -409,20 +413,12 @@ def run_demo(args) -> DemoResult:
         print(f"   {sum(stats.failed.values()):,} messages could not be produced", file=sys.stderr)
         return outcome
 
-    flink = []
-    if args.flink_master:
-        flink = ["--runner=flink", f"--flink_master={args.flink_master}"]
-        if args.flink_job_server_jar:
-            flink.append(f"--flink_job_server_jar={args.flink_job_server_jar}")
     # Late events come up to 3 days late (offline clients): allowing more than
     # that keeps every one in its profile. Within the default 24 h, whether a
     # late event still counted would depend on how far the watermark had got
     # when it arrived, i.e. on timing, and two runs could differ.
     lateness_h = gen.config.max_lateness_ms / 3_600_000 + 24
-    print(f"== streaming pipeline on {'Flink at ' + args.flink_master if flink else 'Prism'} "
-          "(until its own progress says settled)")
-    t0 = time.time()
-    result = run(flink + [
+    flags = [
         "--streaming", "--kafka_start_position=earliest", "--kafka_idle_timeout=5",
         f"--kafka_max_out_of_orderness={MAX_OUT_OF_ORDERNESS_S}",
         f"--secret_file={secret_file}",
@@ -430,11 +426,22 @@ def run_demo(args) -> DemoResult:
         # Pick up new model versions within seconds; the models are refitted at every
         # event-time mark (daily), so the backfill's days publish them.
         "--model_refresh_seconds=5",
-    ], secret=secret, wait=False, settings=deployment)
-
-    def job_failed() -> Optional[str]:
-        state = result.state
-        return state if state in (PipelineState.FAILED, PipelineState.DONE, PipelineState.CANCELLED) else None
+    ]
+    t0 = time.time()
+    if args.engine == "flink":
+        print("== streaming job on Flink, native (until its own progress says settled)")
+        job = _FlinkJob.submit(flags, deployment, args.flink_rest_url)
+        print(f"   Flink job {job.job_id} running; web UI: {job.ui}")
+    else:
+        flink = []
+        if args.flink_master:
+            flink = ["--runner=flink", f"--flink_master={args.flink_master}"]
+            if args.flink_job_server_jar:
+                flink.append(f"--flink_job_server_jar={args.flink_job_server_jar}")
+        print(f"== streaming pipeline on {'Flink at ' + args.flink_master if flink else 'Prism'} "
+              "(until its own progress says settled)")
+        job = _BeamJob(run(flink + flags, secret=secret, wait=False, settings=deployment))
+    job_failed = job.failed
 
     kafka = KafkaLagReader(args.bootstrap_servers, group, [topic])
     progress = ProgressReader(args.redis_url, prefix)
@@ -479,9 +486,60 @@ def run_demo(args) -> DemoResult:
     finally:
         kafka.close()
         progress.close()
-        stop_streaming_job(result)
+        job.stop()
         r.close()
     return outcome
+
+
+class _BeamJob:
+    """The demo's handle on the Beam pipeline's streaming run (Prism, or Beam's Flink runner)."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def failed(self) -> Optional[str]:
+        from apache_beam.runners.runner import PipelineState
+
+        state = self.result.state
+        return state if state in (PipelineState.FAILED, PipelineState.DONE, PipelineState.CANCELLED) else None
+
+    def stop(self) -> None:
+        from ..local import stop_streaming_job
+
+        stop_streaming_job(self.result)
+
+
+class _FlinkJob:
+    """The demo's handle on the native Flink job (runners/flink_job.py): submitted, watched, stopped."""
+
+    def __init__(self, submitted):
+        from ..flink_job import FlinkRest
+
+        self.job_id, self.ui = submitted.job_id, submitted.ui
+        self._rest = FlinkRest(submitted.rest_url)
+
+    @classmethod
+    def submit(cls, flags: list, deployment, rest_url: Optional[str]) -> "_FlinkJob":
+        from ..flink_job import submit
+
+        return cls(submit(flags + ["--flink_job_name=onboardflow-demo"], deployment, rest_url))
+
+    def failed(self) -> Optional[str]:
+        state = self._rest.state(self.job_id)
+        if state in ("FAILED", "CANCELED", "FINISHED"):
+            return f"{state}: {self._rest.root_exception(self.job_id)[:600]}"
+        return None
+
+    def stop(self) -> None:
+        """Stop with a savepoint, so the job can resume where it stopped (``--savepoint_path``)."""
+        if self.failed() is not None:
+            return
+        try:
+            location = self._rest.stop_with_savepoint(self.job_id)
+            print(f"   Flink job {self.job_id} stopped with a savepoint: {location}")
+        except Exception as exc:  # noqa: BLE001 - the demo's results stand; say what was left running
+            print(f"   could not stop Flink job {self.job_id} ({type(exc).__name__}); cancel it in {self.ui}",
+                  file=sys.stderr)
 
 
 def _probes(n, store, producer, serializer, topic) -> list[float]:

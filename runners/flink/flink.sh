@@ -63,16 +63,35 @@ install_onboardflow() {
   echo "$want" >"$FLINK_VENV/.installed-onboardflow"
 }
 
-# Flink's Kafka connector (runners/flink/connectors/pom.xml) from Maven, once.
+# Flink's Kafka connector (runners/flink/connectors/pom.xml) from Maven, once,
+# and its enumerator patched for FLINK-31006 (connectors/FLINK-31006.patch;
+# docs/flink.md "Savepoints"): without it a bounded read restored from a
+# savepoint never finishes. The patched classes go in a jar of their own that
+# sorts before the connector in lib/, so they are the ones loaded.
 install_connectors() {
-  [ -s "$FLINK_CONNECTORS_DIR/flink-sql-connector-kafka-$FLINK_KAFKA_CONNECTOR.jar" ] && return 0
+  local jar="$FLINK_CONNECTORS_DIR/flink-sql-connector-kafka-$FLINK_KAFKA_CONNECTOR.jar"
+  local fix="$FLINK_CONNECTORS_DIR/flink-connector-kafka-$FLINK_KAFKA_CONNECTOR-flink-31006.jar"
+  [ -s "$jar" ] && [ -s "$fix" ] && return 0
   command -v mvn >/dev/null || apt_install maven
+  command -v javac >/dev/null || apt_install openjdk-17-jdk-headless
+  command -v patch >/dev/null || apt_install patch
   log "Flink: resolving flink-sql-connector-kafka $FLINK_KAFKA_CONNECTOR with Maven into $FLINK_CONNECTORS_DIR"
   mkdir -p "$FLINK_CONNECTORS_DIR"
   mvn -q -B -f "$here/connectors/pom.xml" dependency:copy-dependencies \
       -Dflink.kafka.connector.version="$FLINK_KAFKA_CONNECTOR" \
       -DoutputDirectory="$FLINK_CONNECTORS_DIR" -DincludeScope=runtime >&2 \
     || die "Maven could not resolve org.apache.flink:flink-sql-connector-kafka:$FLINK_KAFKA_CONNECTOR"
+  local work; work="$(mktemp -d)"
+  mvn -q -B dependency:copy -Dartifact="org.apache.flink:flink-connector-kafka:$FLINK_KAFKA_CONNECTOR:jar:sources" \
+      -DoutputDirectory="$work" >&2 || die "Maven could not resolve the Kafka connector's sources"
+  local src=org/apache/flink/connector/kafka/source/enumerator/KafkaSourceEnumerator.java
+  (cd "$work" && unzip -q -o ./*-sources.jar "$src" \
+     && patch -s "$src" <"$here/connectors/FLINK-31006.patch" \
+     && sed -i 's/import org.apache.kafka\./import org.apache.flink.kafka.shaded.org.apache.kafka./' "$src" \
+     && mkdir classes \
+     && javac -nowarn -d classes -cp "$jar:$(ls "$(flink_home)"/lib/*.jar | tr '\n' ':')" "$src" \
+     && jar cf "$fix" -C classes .) >&2 || die "could not build the patched Kafka source enumerator"
+  rm -rf "$work"
 }
 
 flink_home() {
