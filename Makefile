@@ -178,15 +178,19 @@ flink-worker-pool-up: venv
 flink-worker-pool-down:
 	$(FLINK) worker-pool-down
 
-# The demo with the pipeline on Flink: stops first, saying why, while the job
-# server jar is unavailable (docs/flink.md); stops what it started at the end.
+# The demo through the native Flink job (pipelines/flink/) on the local
+# cluster: same summary as `make demo`, plus the job id and the web UI;
+# starts what is not running and stops what it started. FLINK_DEMO_ENGINE=beam
+# runs the Beam pipeline on Beam's Flink runner instead (needs the job server
+# jar, unavailable here: docs/flink.md).
 flink-demo: install
 	BEAM_VERSION=$(BEAM_VERSION) runners/flink/demo.sh
 
 # The cluster's own checks (a PyFlink job: parallelism, checkpoints, savepoint
-# stop/resume); also part of `make test` through tests/integration.
-test-flink: venv
-	$(PYTEST) tests/integration/test_flink_cluster.py
+# stop/resume) and the native job held to the Beam pipeline (equivalence,
+# TaskManager kill, savepoint); also part of `make test` through tests/integration.
+test-flink: install services-up
+	$(PYTEST) tests/integration/test_flink_cluster.py tests/integration/test_flink_job.py
 
 # ---- demo and benchmarks ---------------------------------------------------
 

@@ -60,6 +60,19 @@ def _remove_sd_file(path: str) -> None:
         pass
 
 
+_ANNOUNCED: set = set()
+
+
+def _announce(served, sd_dir: Optional[str], advertise_host: Optional[str], address: str) -> None:
+    """Write the served endpoint's target file into ``sd_dir`` once (no-op for None or a directory done)."""
+    if not sd_dir or str(sd_dir) in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(str(sd_dir))
+    sd_file = _write_sd_file(sd_dir, advertise_host, address, served.port)
+    if sd_file:
+        atexit.register(_remove_sd_file, sd_file)
+
+
 def serve_worker_metrics(
     port: int = 9310,
     *,
@@ -73,16 +86,20 @@ def serve_worker_metrics(
     Tries ``port``, ``port + 1``, ... (``attempts`` ports) and keeps the first
     that is free, so several worker processes on one machine each get one.
     ``port=0`` lets the OS choose. Later calls in the same process return the
-    port already bound, whatever their arguments. Raises ``OSError`` when no
-    port of the range is free.
+    port already bound, whatever their port arguments; a later call naming a
+    new ``sd_dir`` gets the endpoint's target file written there too (a Flink
+    TaskManager serves one endpoint for every job it runs, and each job may
+    name its own directory). Raises ``OSError`` when no port of the range is free.
     """
     global _PROCESS_ENDPOINT
     with _PROCESS_LOCK:
         if _PROCESS_ENDPOINT is not None:
+            _announce(_PROCESS_ENDPOINT, sd_dir, advertise_host, address)
             return _PROCESS_ENDPOINT.port
     registry = worker_registry()
     with _PROCESS_LOCK:
         if _PROCESS_ENDPOINT is not None:
+            _announce(_PROCESS_ENDPOINT, sd_dir, advertise_host, address)
             return _PROCESS_ENDPOINT.port
         candidates = [0] if port == 0 else range(port, port + max(attempts, 1))
         server = start_on_first_free_port(candidates, address, registry)
@@ -91,6 +108,8 @@ def serve_worker_metrics(
         if sd_file:
             atexit.register(_remove_sd_file, sd_file)
         _PROCESS_ENDPOINT = _ServedEndpoint(bound, server, sd_file)
+        if sd_dir:
+            _ANNOUNCED.add(str(sd_dir))
         _LOG.info("serving pipeline metrics on %s:%d/metrics", address, bound)
         return bound
 

@@ -33,7 +33,7 @@ from pyflink.table import StreamTableEnvironment
 
 from .events import DecodeAndAnonymize
 from .learner import LearnerStage
-from .settings import JobSettings
+from .settings import JobSettings, flink_configuration, source_ddl
 from .users import DEAD, UserStage
 
 _LOG = logging.getLogger(__name__)
@@ -46,55 +46,6 @@ class OccurredAt(TimestampAssigner):
     def extract_timestamp(self, value, record_timestamp: int) -> int:
         kind, _, payload = value
         return 0 if kind == DEAD else payload["occurred_at"]
-
-
-def _offsets(partitions: dict) -> str:
-    return ";".join(f"partition:{p},offset:{o}" for p, o in sorted(partitions.items(), key=lambda kv: int(kv[0])))
-
-
-def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
-    """The 'kafka' table: raw bytes and the record's coordinates, read as the settings say."""
-    options = {
-        "connector": "kafka",
-        "topic": ";".join(s.topics()),
-        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
-        "properties.group.id": s.kafka_consumer_group,
-        "properties.client.id.prefix": s.job_name,
-        "key.format": "raw",
-        "key.fields": "record_key",
-        "value.format": "raw",
-        "value.fields-include": "EXCEPT_KEY",
-        # Offsets are committed to the group on each completed checkpoint.
-        "properties.commit.offsets.on.checkpoint": "true",
-        "properties.auto.offset.reset": "earliest",
-    }
-    ranges = s.bounded_ranges
-    if ranges:
-        if len(ranges) != 1:
-            raise ValueError("a bounded Flink run reads one topic (the 'kafka' connector's specific offsets "
-                             "name partitions, not topics)")
-        (only,) = ranges
-        options.update({"scan.startup.mode": "specific-offsets",
-                        "scan.startup.specific-offsets": _offsets(only["start"]),
-                        "scan.bounded.mode": "specific-offsets",
-                        "scan.bounded.specific-offsets": _offsets(only["stop"]),
-                        # The partitions are fixed: one discovery. (A restored bounded enumerator then
-                        # needs runners/flink/connectors/FLINK-31006.patch to finish: docs/flink.md.)
-                        "scan.topic-partition-discovery.interval": "0"})
-    else:
-        options["scan.startup.mode"] = {"earliest": "earliest-offset", "latest": "latest-offset",
-                                        "committed": "group-offsets"}.get(s.kafka_start_position, "group-offsets")
-    settings = ",\n  ".join(f"'{k}' = '{v}'" for k, v in options.items())
-    return f"""CREATE TEMPORARY TABLE {table} (
-  `record_key` BYTES,
-  `value` BYTES,
-  `topic` STRING METADATA VIRTUAL,
-  `partition` INT METADATA VIRTUAL,
-  `offset` BIGINT METADATA VIRTUAL,
-  `kafka_ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL
-) WITH (
-  {settings}
-)"""
 
 
 def _record(row) -> tuple:
@@ -112,32 +63,10 @@ def _record(row) -> tuple:
 
 
 def configuration(s: JobSettings) -> Configuration:
-    """The job's Flink configuration: thread mode, state, checkpoints, restarts."""
+    """The job's Flink configuration (``flink_configuration``) as PyFlink's ``Configuration``."""
     config = Configuration()
-    values = {
-        "python.execution-mode": "thread",
-        "pipeline.name": s.job_name,
-        "state.backend.type": s.get("state_backend") or "rocksdb",
-        "state.backend.incremental": "true",
-        "execution.checkpointing.interval": f"{int(s.get('checkpointing_interval') or 10_000)} ms",
-        "execution.checkpointing.mode": s.get("checkpointing_mode") or "EXACTLY_ONCE",
-        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
-        "restart-strategy.type": s.get("restart_strategy") or "fixed-delay",
-        "restart-strategy.fixed-delay.attempts": str(s.get("restart_attempts") or 10),
-        "restart-strategy.fixed-delay.delay": f"{int(s.get('restart_delay_ms') or 2000)} ms",
-        # Bounded reads finish; keep checkpointing while other subtasks still run.
-        "execution.checkpointing.checkpoints-after-tasks-finish": "true",
-    }
-    if s.get("checkpoint_timeout_millis"):
-        values["execution.checkpointing.timeout"] = f"{int(s.checkpoint_timeout_millis)} ms"
-    if s.get("checkpoint_dir"):
-        values["execution.checkpointing.dir"] = s.checkpoint_dir
-    if s.get("savepoint_path"):
-        values["execution.state-recovery.path"] = s.savepoint_path
-        values["execution.state-recovery.ignore-unclaimed-state"] = str(bool(
-            s.get("allow_non_restored_state"))).lower()
-    for key, value in values.items():
-        config.set_string(key, str(value))
+    for key, value in flink_configuration(s).items():
+        config.set_string(key, value)
     return config
 
 

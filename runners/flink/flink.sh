@@ -50,10 +50,11 @@ install_runtime() {
 # onboardflow's engine-free core and its Flink job (pipelines/flink/), editable
 # from this checkout, under the Flink virtualenv's pins (numpy < 2.2, so
 # river <= 0.23: runners/flink/constraints.txt). Redone when pyproject.toml or
-# the constraints change.
+# the constraints change, or when another checkout shares this cache (CI
+# clones link .cache): the TaskManagers must import this checkout's code.
 install_onboardflow() {
   local want have
-  want="$(cat "$OBF_ROOT/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -c1-16)"
+  want="$( (cat "$OBF_ROOT/pyproject.toml" "$here/constraints.txt"; echo "$OBF_ROOT") | sha256sum | cut -c1-16)"
   have="$(cat "$FLINK_VENV/.installed-onboardflow" 2>/dev/null || true)"
   [ "$want" = "$have" ] && return 0
   log "Flink: installing onboardflow (editable, $OBF_ROOT) into $FLINK_VENV"

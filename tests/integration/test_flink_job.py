@@ -38,11 +38,13 @@ import pytest
 import redis
 
 from onboardflow.models.features import feature_vector
-from onboardflow.models.model_registry import ModelStore
+from onboardflow.models.model_registry import ModelRegistry, ModelStore
 from onboardflow.models.propensity import PropensityModel
 from onboardflow.models.segmentation import Segmenter
+from onboardflow.runners.cli.lag import KafkaLagReader
 from onboardflow.runners.cli.produce import produce
 from onboardflow.runners.flink_job import FlinkRest
+from onboardflow.schemas.units import DAY_MS
 from onboardflow.tests.integration.reliability_harness import (
     Deployment,
     Outputs,
@@ -54,6 +56,7 @@ from onboardflow.tests.integration.reliability_harness import (
     run_to_end,
     write_secret,
 )
+from onboardflow.transforms.warehouse.migrations import apply_migrations
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink]
 
@@ -181,6 +184,13 @@ def test_the_flink_job_leaves_exactly_what_the_beam_pipeline_leaves(
     log = process.log_text()
     assert "submitted; web UI: http://" in log and "finished" in log
     _check(compare(Outputs.read(d), reference, assert_same_profiles), "Flink job vs Beam on Prism")
+    # The source committed its offsets to the group with its checkpoints: `onboardflow lag` sees it caught up.
+    reader = KafkaLagReader(d.bootstrap, f"{d.name}-group", [d.events_topic])
+    try:
+        rows = reader.read()
+    finally:
+        reader.close()
+    assert len(rows) == 4 and all(r.committed == r.log_end for r in rows), rows
 
 
 def _taskmanager_pid() -> int:
@@ -226,16 +236,46 @@ def test_stop_with_savepoint_and_resume_leaves_exactly_what_an_uninterrupted_run
     _check(compare(Outputs.read(d), reference, assert_same_profiles), "Flink job, stopped and resumed")
 
 
-def test_flink_job_with_online_models_publishes_portable_models(flink, deployments, tmp_path):
-    """Models learnt in the Flink virtualenv (River 0.23) are read by this one (River 0.2x), not unpickled."""
+def _seed_propensity_model() -> bytes:
+    """A warm propensity model trained here (this virtualenv's River), as the registry would serve it."""
+    model = PropensityModel(min_per_class=5)
+    for i in range(40):
+        x = {"events_7d": float(i % 7), "session_count": float(1 + i % 3), "onboarding_progress": 0.1 * (i % 5)}
+        model.predict(f"seed-{i}", x, DAY_MS * i)
+        if i % 2 == 0:
+            model.label(f"seed-{i}", 1, DAY_MS * i + 1)
+    model.expire(DAY_MS * 1000)
+    assert model.warm
+    return model.to_bytes(include_pending=False)
+
+
+def test_flink_job_with_online_models_publishes_portable_models_and_serves_metrics(flink, deployments, tmp_path,
+                                                                                   messages):
+    """Models cross both ways: the Flink learner (River 0.23) continues a propensity model published
+    here (this virtualenv's River) and publishes snapshots this virtualenv loads and scores with
+    exactly as the job did. The pipeline's metrics reach the TaskManager's /metrics endpoint and
+    Flink's metric groups."""
     d = deployments("models")
-    process = PipelineProcess(flink_argv(d), tmp_path / "flink.log")
+    apply_migrations(d.dsn, d.schema)
+    with ModelRegistry(d.redis_url, d.dsn, schema=d.schema, key_prefix=d.prefix) as registry:
+        seeded = registry.publish("propensity", _seed_propensity_model(), source="test", reason="seed").version
+    sd_dir = tmp_path / "targets"
+    process = PipelineProcess(flink_argv(d), tmp_path / "flink.log", metrics_dir=sd_dir)
     assert process.wait(600) == 0, process.log_text()[-4000:]
+    samples = process.scrape()
+    read = sum(v for k, v in samples.items() if k.startswith("onboardflow_events_read_total"))
+    assert read >= len(messages), f"the TaskManager's /metrics counted {read} records read of {len(messages)}"
+    job_id = process.log_text().split("Flink job ", 1)[1].split()[0]
+    vertices = {v["name"]: v["id"] for v in flink.get(f"/jobs/{job_id}")["vertices"]}
+    users = next(vid for name, vid in vertices.items() if name.startswith("UserProfiles"))
+    names = {m["id"] for m in flink.get(f"/jobs/{job_id}/vertices/{users}/metrics")}
+    assert any(n.endswith("onboardflow.flushes") for n in names), sorted(names)[:20]
     profiles = Outputs.read(d).profiles
     store = ModelStore(d.redis_url, d.prefix)
     try:
         segmentation, propensity = store.current("segmentation"), store.current("propensity")
         assert segmentation is not None and propensity is not None
+        assert propensity.number > seeded.number, "the Flink learner published no propensity model of its own"
         segmenter = Segmenter.from_bytes(segmentation.payload)
         model = PropensityModel.from_bytes(propensity.payload)
     finally:
