@@ -4,9 +4,12 @@ Integration tests talk to the same Kafka, Redis and PostgreSQL as the demo;
 their addresses come from the same variables as runners/services/env.sh.
 Each test gets uniquely named topics / key prefixes / schemas and cleans up.
 """
+import contextlib
 import math
 import os
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,27 @@ PG_DSN = (
     f"@{os.environ.get('PG_HOST', '127.0.0.1')}:{os.environ.get('PG_PORT', '5432')}"
     f"/{os.environ.get('PG_DATABASE', 'onboardflow')}"
 )
+
+
+FLINK_SH = Path(__file__).resolve().parents[1] / "runners" / "flink" / "flink.sh"
+
+
+@contextlib.contextmanager
+def local_flink_cluster():
+    """The local Flink cluster (runners/flink/flink.sh) for a test module.
+
+    Started with ``flink.sh up`` when it is not healthy, and stopped again at
+    the end only in that case.
+    """
+    health = subprocess.run([str(FLINK_SH), "health"], capture_output=True, text=True)
+    started_here = health.returncode != 0
+    if started_here:
+        subprocess.run([str(FLINK_SH), "up"], check=True)
+    try:
+        yield
+    finally:
+        if started_here:
+            subprocess.run([str(FLINK_SH), "down"], check=True)
 
 
 @pytest.fixture(scope="session")

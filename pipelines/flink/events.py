@@ -6,7 +6,12 @@ payload)`` for ``UserStage`` (pipelines/flink/users.py): ``EVENT`` or
 ``ANALYTICS`` with the anonymized event and its ``user_key``, or ``DEAD`` with
 the dead-letter *row* (metadata and payload hash, ``rows.dead_letter_row``)
 keyed by ``dlq:<topic>:<partition>``; events without either consent are
-dropped here, counted ``consent_filtered``.
+dropped here, counted ``consent_filtered``. In streaming runs a heartbeat
+source also sends ``HEARTBEAT_TICK`` once a second: after
+``--kafka_idle_timeout`` without a record it becomes ``(HEARTBEAT, "", now)``,
+whose timestamp moves the watermark to the wall clock minus the
+out-of-orderness, as the Beam source does for idle partitions (the job drops
+it right after the watermark).
 
 The same core as the Beam pipeline, in the same order:
 ``OnboardingEventDecoder.decode`` (dead letters with the same reasons,
@@ -24,6 +29,7 @@ raw bytes never enter Flink's state or network. Counters as in Beam:
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from pyflink.datastream import ProcessFunction, RuntimeContext
@@ -40,6 +46,10 @@ from .metrics import Counters, flink_pipeline_metrics
 from .settings import JobSettings
 from .store import dead_letter_row
 from .users import ANALYTICS, DEAD, EVENT
+
+#: What the heartbeat source sends (streaming only), and the element kind it becomes.
+HEARTBEAT_TICK = "tick"
+HEARTBEAT = "h"
 
 _LOG = logging.getLogger(__name__)
 #: Report the per-partition event-time high mark every this many records.
@@ -62,6 +72,8 @@ class DecodeAndAnonymize(ProcessFunction):
         self._outbox = DeadLetterOutbox(self._client, OutboxKeys(s.redis_key_prefix))
         self._newest: dict[tuple, int] = {}
         self._seen = 0
+        self._idle_s = float(s.get("kafka_idle_timeout") or 0)
+        self._last_record = time.monotonic()
         self._warned_keyless: set = set()
 
     def close(self):
@@ -70,6 +82,10 @@ class DecodeAndAnonymize(ProcessFunction):
             client.close()
 
     def process_element(self, value, ctx: ProcessFunction.Context):
+        if value == HEARTBEAT_TICK:
+            yield from self._heartbeat()
+            return
+        self._last_record = time.monotonic()
         record = KafkaRecord(*value)
         self._count("records_read", 1)
         self._metrics.events_read(record.topic, record.partition, 1)
@@ -105,6 +121,12 @@ class DecodeAndAnonymize(ProcessFunction):
         else:
             self._count("anonymized_analytics_only", 1)
             yield ANALYTICS, out["user_key"], out
+
+    def _heartbeat(self):
+        """No record for ``--kafka_idle_timeout``: the watermark may move to the wall clock minus the
+        out-of-orderness, as the Beam source moves an idle partition's (transforms/kafka/watermarks.py)."""
+        if self._idle_s > 0 and time.monotonic() - self._last_record >= self._idle_s:
+            yield HEARTBEAT, "", time.time_ns() // 1_000_000
 
     def _source_dead_letter(self, letter: dict):
         """Record the letter (raw bytes) in the outbox now; the row (no raw bytes) goes on."""

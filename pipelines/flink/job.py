@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from typing import Optional
 
 from pyflink.common import Configuration, Duration, Types, WatermarkStrategy
@@ -31,7 +32,7 @@ from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
-from .events import DecodeAndAnonymize
+from .events import HEARTBEAT, HEARTBEAT_TICK, DecodeAndAnonymize
 from .learner import LearnerStage
 from .settings import JobSettings, flink_configuration, source_ddl
 from .users import DEAD, UserStage
@@ -41,11 +42,17 @@ LEARNER_KEY = "online-models"
 
 
 class OccurredAt(TimestampAssigner):
-    """Event time of a keyed element: the event's ``occurred_at``; dead-letter rows hold no watermark up."""
+    """Event time for the watermark: the event's ``occurred_at``, capped at the wall clock (one event
+    from a skewed device clock must not make every honest event late, as in the Beam source); a
+    heartbeat's wall clock; 0 for dead-letter rows, which hold no watermark up or back."""
 
     def extract_timestamp(self, value, record_timestamp: int) -> int:
         kind, _, payload = value
-        return 0 if kind == DEAD else payload["occurred_at"]
+        if kind == DEAD:
+            return 0
+        if kind == HEARTBEAT:
+            return payload
+        return min(payload["occurred_at"], time.time_ns() // 1_000_000)
 
 
 def _record(row) -> tuple:
@@ -76,6 +83,14 @@ def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
     tables.execute_sql(source_ddl(s))
     records = (tables.to_data_stream(tables.from_path("onboarding_events"))
                .map(_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("KafkaRecords").uid("kafka-records"))
+    if s.streaming():
+        # One tick a second, so an idle source still moves the watermark (events.py _heartbeat).
+        tables.execute_sql("CREATE TEMPORARY TABLE heartbeat (n BIGINT) WITH "
+                           "('connector' = 'datagen', 'rows-per-second' = '1')")
+        ticks = (tables.to_data_stream(tables.from_path("heartbeat"))
+                 .map(lambda _: HEARTBEAT_TICK, output_type=Types.PICKLED_BYTE_ARRAY())
+                 .name("HeartbeatTicks").uid("heartbeat-ticks").set_parallelism(1))
+        records = records.union(ticks)
     idle_ms = int(float(s.kafka_idle_timeout) * 1000) if s.get("kafka_idle_timeout") else 0
     watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
         Duration.of_millis(int(float(s.kafka_max_out_of_orderness) * 1000)))
@@ -85,7 +100,8 @@ def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
               .process(DecodeAndAnonymize(s), output_type=Types.PICKLED_BYTE_ARRAY())
               .name("DecodeAndAnonymize").uid("decode-anonymize")
               .assign_timestamps_and_watermarks(watermarks.with_timestamp_assigner(OccurredAt()))
-              .name("EventTime").uid("event-time"))
+              .name("EventTime").uid("event-time")
+              .filter(lambda element: element[0] != HEARTBEAT).name("DropHeartbeats").uid("drop-heartbeats"))
     applied = (events
                .key_by(lambda element: element[1], key_type=Types.STRING())
                .process(UserStage(s), output_type=Types.PICKLED_BYTE_ARRAY())

@@ -104,8 +104,11 @@ class UserStage(KeyedProcessFunction):
         # Users with pending work in the buffer, and those flushed since this process started.
         self._buffered: set[str] = set()
         self._flushed: set[str] = set()
-        # The watermark probe this process set (None: none yet), and the newest event time seen.
+        # The watermark probe this process set (None: none yet), whether it waits for the wall
+        # clock (no newer event had been seen), when one last fired, and the newest event time seen.
         self._probe_at: Optional[int] = None
+        self._probe_waits_for_clock = False
+        self._probe_fired = -(2**62)
         self._end_set = False
         self._newest_ms: Optional[int] = None
 
@@ -234,8 +237,8 @@ class UserStage(KeyedProcessFunction):
             yield from self._flush()
             yield MARK, self._subtask, self._subtasks, min(timestamp, END_OF_INPUT_MS)
             if timestamp == self._probe_at and not self._bounded:
-                self._probe_at = next_watermark_probe(timestamp, self._newest_ms, _now_ms(), self._lag_ms)
-                timers.register_event_time_timer(self._probe_at)
+                self._probe_fired = timestamp
+                self._set_probe(timers, next_watermark_probe(timestamp, self._newest_ms, _now_ms(), self._lag_ms))
 
     def _watch_progress(self, timers) -> None:
         if self._bounded:
@@ -246,8 +249,17 @@ class UserStage(KeyedProcessFunction):
         if self._probe_at is None:
             watermark = timers.current_watermark()
             fired = watermark if watermark is not None and watermark > 0 else (self._newest_ms or 0) - 1
-            self._probe_at = next_watermark_probe(fired, self._newest_ms, _now_ms(), self._lag_ms)
-            timers.register_event_time_timer(self._probe_at)
+            self._set_probe(timers, next_watermark_probe(fired, self._newest_ms, _now_ms(), self._lag_ms))
+        elif (self._probe_waits_for_clock and self._newest_ms is not None
+              and self._probe_fired < self._newest_ms < self._probe_at):
+            # Events came after the probe was set to wait for the wall clock (a backlog
+            # arriving): follow them, so progress is recorded as it drains.
+            self._set_probe(timers, self._newest_ms)
+
+    def _set_probe(self, timers, at_ms: int) -> None:
+        self._probe_at = at_ms
+        self._probe_waits_for_clock = self._newest_ms is None or at_ms > self._newest_ms
+        timers.register_event_time_timer(at_ms)
 
     def _confirm(self, key: str) -> Iterator:
         """A confirm tick of ``key``: flush the buffer; clear the key's pending work, rewriting it if restored."""

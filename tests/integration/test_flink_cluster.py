@@ -24,13 +24,11 @@ stops it again afterwards only in that case).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 import subprocess
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,9 +41,11 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from onboardflow.runners.cli.produce import produce
 from onboardflow.runners.cli.run import run
+from onboardflow.runners.flink_job import FlinkRest
 from onboardflow.runners.flink_runner import WorkerPool, is_job_server_jar
 from onboardflow.runners.local import PRISM_NO_DYNAMIC_SPLITS, prism_location
 from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
+from onboardflow.tests.conftest import local_flink_cluster
 from onboardflow.transforms.anonymize import SecretKey
 from onboardflow.transforms.profile_store.encoding import decode_profile
 
@@ -62,23 +62,10 @@ def _flink_env_default(name: str) -> str:
     return re.search(rf'^export {name}="\$\{{{name}:-([^}}]*)\}}"', text, re.M).group(1)
 
 
-class FlinkRest:
-    """The few REST calls the tests need (GET and POST JSON)."""
+class ClusterRest(FlinkRest):
+    """The launcher's REST client (runners/flink_job.py), with the tests' polling."""
 
-    def __init__(self, base: str):
-        self.base = base
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"{self.base}{path}", timeout=10) as resp:
-            return json.load(resp)
-
-    def post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.base}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return json.load(resp)
-
-    def wait(self, what: str, timeout_s: float, probe):
+    def poll(self, what: str, timeout_s: float, probe):
         """Poll ``probe()`` until it returns something truthy; fail after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -99,19 +86,13 @@ class FlinkRest:
                 exceptions = self.get(f"/jobs/{job_id}/exceptions").get("root-exception", "")
                 pytest.fail(f"job {job_id} ended {state}: {exceptions[:2000]}")
             return state if state in states else None
-        return self.wait(f"job {job_id} in {sorted(states)}", timeout_s, probe)
+        return self.poll(f"job {job_id} in {sorted(states)}", timeout_s, probe)
 
 
 @pytest.fixture(scope="module")
 def flink():
-    health = subprocess.run([str(FLINK_SH), "health"], capture_output=True, text=True)
-    started_here = health.returncode != 0
-    if started_here:
-        subprocess.run([str(FLINK_SH), "up"], check=True)
-    host = "127.0.0.1"
-    yield FlinkRest(f"http://{host}:{_flink_env_default('FLINK_REST_PORT')}")
-    if started_here:
-        subprocess.run([str(FLINK_SH), "down"], check=True)
+    with local_flink_cluster():
+        yield ClusterRest(f"http://127.0.0.1:{_flink_env_default('FLINK_REST_PORT')}")
 
 
 def submit_check_job(out_dir: Path, job_name: str, *, count: int, rows_per_second: int,
@@ -202,10 +183,10 @@ def test_job_stopped_with_a_savepoint_and_resumed_loses_and_repeats_nothing(flin
     first = submit_check_job(tmp_path, job_name, count=count, rows_per_second=rate)
     flink.wait_for_state(first, {"RUNNING"})
     # Part-way: as soon as a checkpoint has published some results.
-    flink.wait("first published results", 90, lambda: published_lines(tmp_path))
+    flink.poll("first published results", 90, lambda: published_lines(tmp_path))
 
     trigger = flink.post(f"/jobs/{first}/stop", {"targetDirectory": str(tmp_path / "savepoints"), "drain": False})
-    operation = flink.wait("stop-with-savepoint", 90, lambda: (
+    operation = flink.poll("stop-with-savepoint", 90, lambda: (
         lambda s: s if s["status"]["id"] == "COMPLETED" else None)(
             flink.get(f"/jobs/{first}/savepoints/{trigger['request-id']}")))
     assert "failure-cause" not in operation["operation"], operation["operation"]

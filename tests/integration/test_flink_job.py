@@ -45,6 +45,7 @@ from onboardflow.runners.cli.lag import KafkaLagReader
 from onboardflow.runners.cli.produce import produce
 from onboardflow.runners.flink_job import FlinkRest
 from onboardflow.schemas.units import DAY_MS
+from onboardflow.tests.conftest import local_flink_cluster
 from onboardflow.tests.integration.reliability_harness import (
     Deployment,
     Outputs,
@@ -70,13 +71,8 @@ NO_MODELS = "--disable_online_models"
 
 @pytest.fixture(scope="module")
 def flink():
-    health = subprocess.run([str(FLINK_SH), "health"], capture_output=True, text=True)
-    started_here = health.returncode != 0
-    if started_here:
-        subprocess.run([str(FLINK_SH), "up"], check=True)
-    yield FlinkRest(os.environ.get("OBF_FLINK_REST_URL", "http://127.0.0.1:8081"))
-    if started_here:
-        subprocess.run([str(FLINK_SH), "down"], check=True)
+    with local_flink_cluster():
+        yield FlinkRest(os.environ.get("OBF_FLINK_REST_URL", "http://127.0.0.1:8081"))
 
 
 @pytest.fixture(scope="module")
