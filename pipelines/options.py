@@ -325,9 +325,12 @@ class FlinkJobOptions(PipelineOptions):
         g.add_argument("--flink_job_name", default="onboardflow-onboarding",
                        help="The job's name in Flink (web UI, REST API, `flink list`).")
         g.add_argument("--flink_parallelism", type=int, default=1,
-                       help="Parallelism of the source, decode and user stages (the learner runs at 1). "
+                       help="Parallelism of the keyed user stage (the learner runs at 1). "
                             "Python runs in the TaskManager's JVM (thread mode): one TaskManager is one "
                             "GIL, so parallelism needs TaskManagers (docs/flink.md).")
+        g.add_argument("--flink_source_parallelism", type=int, default=0,
+                       help="Parallelism of the Kafka source and decoding; 0 (default): one per partition, so "
+                            "each partition keeps its own watermark as on the Beam source. Needs that many slots.")
         g.add_argument("--flink_restart_strategy", choices=("fixed-delay", "exponential-delay", "none"),
                        default="fixed-delay", help="What Flink does when a task fails.")
         g.add_argument("--flink_restart_attempts", type=int, default=10,

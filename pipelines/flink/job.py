@@ -84,9 +84,10 @@ def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
     records = (tables.to_data_stream(tables.from_path("onboarding_events"))
                .map(_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("KafkaRecords").uid("kafka-records"))
     if s.streaming():
-        # One tick a second, so an idle source still moves the watermark (events.py _heartbeat).
+        # A tick a second per decoding subtask, so an idle partition still moves the
+        # watermark (events.py _heartbeat); ticks are spread round-robin.
         tables.execute_sql("CREATE TEMPORARY TABLE heartbeat (n BIGINT) WITH "
-                           "('connector' = 'datagen', 'rows-per-second' = '1')")
+                           f"('connector' = 'datagen', 'rows-per-second' = '{int(s.source_parallelism)}')")
         ticks = (tables.to_data_stream(tables.from_path("heartbeat"))
                  .map(lambda _: HEARTBEAT_TICK, output_type=Types.PICKLED_BYTE_ARRAY())
                  .name("HeartbeatTicks").uid("heartbeat-ticks").set_parallelism(1))
@@ -105,7 +106,7 @@ def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
     applied = (events
                .key_by(lambda element: element[1], key_type=Types.STRING())
                .process(UserStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
-               .name("UserProfiles").uid("user-profiles"))
+               .name("UserProfiles").uid("user-profiles").set_parallelism(int(s.parallelism)))
     learner = (applied
                .key_by(lambda _: LEARNER_KEY, key_type=Types.STRING())
                .process(LearnerStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
@@ -119,7 +120,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     s = JobSettings.from_file(args.settings)
     env = StreamExecutionEnvironment.get_execution_environment(configuration(s))
-    env.set_parallelism(int(s.parallelism))
+    # The source, decoding and watermarks run one subtask per partition (each partition's own
+    # watermark); the keyed stages set their own parallelism.
+    env.set_parallelism(int(s.source_parallelism))
     # Jars to ship with the job, for a cluster whose lib/ lacks them (flink.sh puts the Kafka
     # connector there). Appended to the jars PyFlink ships itself: never replace pipeline.jars.
     if s.connector_jars:

@@ -24,6 +24,8 @@ from typing import Any, Mapping, Optional
 JOB_FIELDS = {
     "job_name": "onboardflow",
     "parallelism": 1,
+    # Kafka source and decoding; the launcher sets one per partition.
+    "source_parallelism": 1,
     "learner_parallelism": 1,
     # {"topic": str, "start": {partition: offset}, "stop": {partition: offset}} per topic, or None (streaming)
     "bounded_ranges": None,

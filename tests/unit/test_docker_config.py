@@ -168,3 +168,18 @@ def test_flink_deployment_submit_job_reaches_the_sidecar_and_the_job_server_jar_
     assert ("runners/flink/jobserver/pom.xml" in launcher
             and "COPY --from=flink-job-server /opt/beam/ /opt/beam/" in launcher)
     assert "--checkpointing_interval=10000" in args and "--state_backend=rocksdb" in args
+
+
+def test_the_native_flink_image_builds_the_runtime_flink_sh_builds():
+    """docker/Dockerfile.flink: the same apache-flink pin, constraints, connector (with its
+    FLINK-31006 fix) and lib/ arrangement as runners/flink/flink.sh install."""
+    image = (DOCKER / "Dockerfile.flink").read_text()
+    env = (ROOT / "runners" / "flink" / "env.sh").read_text()
+    connector = re.search(r'FLINK_KAFKA_CONNECTOR:-([^}]+)\}', env).group(1)
+    assert f"ARG FLINK_KAFKA_CONNECTOR={connector}" in image
+    assert "runners/flink/requirements.txt runners/flink/constraints.txt" in image
+    assert "FLINK-31006.patch" in image and (ROOT / "runners/flink/connectors/FLINK-31006.patch").is_file()
+    assert "flink-python-*.jar" in image and "FLINK_LIB_DIR=/opt/flink-lib" in image
+    assert re.search(r"^FROM python:3\.11", image, re.M)
+    entry = (DOCKER / "flink-entrypoint.sh").read_text()
+    assert "python.execution-mode: thread" in entry
