@@ -84,12 +84,16 @@ def _name(pid: int) -> str:
             words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
     except OSError:
         return "?"
-    program = Path(words[0]).name if words else ""
+    program = Path(words[0]).name if words else "?"
     if "prism" in program:
         return "prism"
-    if "java" in program:
-        return "flink-client" if "CliFrontend" in " ".join(words) else "java"
-    return "python"
+    if program == "java" or "python" in program or program in ("bash", "sh"):
+        # Flink's client: flink.sh, which execs the CliFrontend JVM, which runs the PyFlink driver.
+        text = " ".join(words)
+        if "CliFrontend" in text or (program != "java" and "flink" in text):
+            return "flink-client"
+        return "java" if program == "java" else "python"
+    return program
 
 
 def _hwm_kb(pid: int) -> int:
@@ -133,7 +137,8 @@ class Usage:
         pids = dict(self.fixed)
         if root is not None:
             for pid in _descendants(root):
-                pids.setdefault(pid, self.role.get(pid) or (root_role if pid == root else _name(pid)))
+                # Named at every sample: a script that execs a program keeps its pid.
+                pids.setdefault(pid, root_role if pid == root else _name(pid))
         for pid, role in pids.items():
             st = _stat(pid)
             if st is None:
