@@ -5,6 +5,8 @@
 #   make test            lint, then unit + integration + end-to-end tests against real services
 #   make lint            ruff check (rules and exceptions in ruff.toml)
 #   make bench           benchmarks (print events/s, latency, memory; never asserted)
+#   make bench-compare   one 200,000-event topic through the plain loop, the Flink job
+#                        (parallelism 1 and 2) and the Beam pipeline on Prism, side by side
 #   make services-up     Kafka (KRaft), Redis, PostgreSQL; idempotent, health-checked
 #   make services-down   stop what services-up started
 #
@@ -29,14 +31,14 @@ SERVICES      := runners/services/services.sh
 PYTEST        := $(PY) -m pytest
 
 .PHONY: help install venv prism jars services-up services-down services-status \
-        test test-unit test-integration test-e2e lint demo bench clean distclean
+        test test-unit test-integration test-e2e lint demo bench bench-compare clean distclean
 .PHONY: promtool check-alerts lag-exporter
 .PHONY: train evaluate
 .PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
         flink-worker-pool-down flink-demo test-flink
 
 help:
-	@sed -n '2,15p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,17p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---- install ---------------------------------------------------------------
 
@@ -197,10 +199,19 @@ test-flink: install services-up
 demo: install
 	PY=$(PY) runners/demo.sh
 
+# bench_engines.py is bench-compare's: it needs the Flink install and runs
+# for ~45 minutes at its defaults (3 runs of 4 contenders, 6 latency runs).
 bench: install services-up
 	@for b in tests/benchmarks/bench_*.py; do \
+	  case "$$b" in */bench_engines.py) continue ;; esac; \
 	  echo "== $$b"; $(PY) $$b || exit 1; \
 	done
+
+# The engines side by side (tests/benchmarks/bench_engines.py: its own Flink
+# cluster on REST port 18081, restarted per layout). BENCH_ARGS, e.g.
+# BENCH_ARGS="--events 20000 --repeat 1 --skip-latency".
+bench-compare: install services-up flink-install
+	$(PY) tests/benchmarks/bench_engines.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info

@@ -33,23 +33,18 @@ job's process with LOOPBACK workers) and of Prism. Usage:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import statistics
 import subprocess
 import sys
 import time
-import uuid
 from typing import Optional
 
 from bench_topics import fresh_topics
+from live_latency import probe_latency
 
-from onboardflow.runners.cli.demo import _login, _percentile
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.progress import SinkWatermark
-
-_PROBE_CONSENT = {"analytics": True, "personalization": True, "marketing": False}
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -173,112 +168,19 @@ def _sustained(args, run_id, tag, schema, secret, memory: PeakMemory, extra=(), 
         print(f"   sustained, {label}: did not drain within 900 s", flush=True)
 
 
-def _feed_live(bootstrap: str, topic: str, rate: float, n: int, ready, go) -> None:
-    """Send ``n`` generated events at ``rate`` per second, each stamped with the wall clock as it goes out.
-
-    The events (their users, types and properties) come from the journey
-    generator; their times are replaced when sent, keeping each event's own
-    collector delay (received_at - occurred_at) so out-of-order and late
-    events stay so. Generation happens first, then ``ready`` is set and
-    sending starts when ``go`` is.
-    """
-    from kafka import KafkaProducer
-
-    from onboardflow.runners.cli.produce import TokenBucket, producer_settings
-    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator, message_key, v1_serializer
-
-    gen = JourneyGenerator(GeneratorConfig(seed=4, users=max(5_000, n // 5)))
-    events = []
-    for _, event in gen.events():
-        events.append(event)
-        if len(events) >= n:
-            break
-    serialize = v1_serializer()
-    producer = KafkaProducer(bootstrap_servers=bootstrap, **producer_settings())
-    producer.partitions_for(topic)
-    ready.set()
-    go.wait()
-    bucket = TokenBucket(rate)
-    for event in events:
-        bucket.acquire()
-        now = int(time.time() * 1000)
-        event["occurred_at"], event["received_at"] = now - (event["received_at"] - event["occurred_at"]), now
-        producer.send(topic, key=message_key(event), value=serialize(event))
-    producer.flush()
-    producer.close()
-
-
 def _latency(args, run_id, rate: float, schema, secret, memory: PeakMemory) -> None:
-    """Probe produce -> Redis latency while live traffic flows at ``rate`` events/s."""
-    from kafka import KafkaProducer
-
-    from onboardflow.schemas import EVENTS_SUBJECT, default_registry, load_schema
-    from onboardflow.schemas.wire import AvroSerializer
-    from onboardflow.transforms.profile_store.store import ProfileStore
-
+    """Probe produce -> Redis latency while live traffic flows at ``rate`` events/s (live_latency.py)."""
     tag = f"l{int(rate)}"
     topic = f"bench-{run_id}-{tag}.onboarding.events"
     _topics(args, topic, f"bench-{run_id}-{tag}-x")
-    n = int(rate * args.seconds)
-    spawn = multiprocessing.get_context("spawn")
-    ready, go = spawn.Event(), spawn.Event()
-    feeder = spawn.Process(target=_feed_live, args=(args.bootstrap, topic, rate, n, ready, go), daemon=True)
-    feeder.start()
-    if not ready.wait(timeout=300):
-        raise RuntimeError("the load generator did not get ready within 300 s")
     group, prefix = f"bench-{run_id}-{tag}", f"bench{run_id}{tag}"
-    result = _start_pipeline(args, topic, group, prefix, schema, secret)
-    serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
-    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0)
-    store = ProfileStore("redis://127.0.0.1:6379/0", secret, key_prefix=prefix)
-    time.sleep(10)  # start-up
-    go.set()
-    t_start = time.time()
-    t_end = t_start + args.seconds
-    probes: list[tuple[float, float]] = []  # (sent, latency)
-    pending: dict[str, float] = {}
-    next_probe = t_start
-    try:
-        while time.time() < t_end + 30 and (time.time() < t_end or pending):
-            if next_probe <= time.time() < t_end:
-                user = f"probe-{uuid.uuid4().hex[:10]}"
-                producer.send(topic, key=user.encode(), value=serializer.serialize(
-                    _login(user, int(time.time() * 1000), _PROBE_CONSENT)))
-                producer.flush()
-                pending[user] = time.time()
-                next_probe += args.probe_interval
-            found = [u for u, r in zip(pending, store.get_many(list(pending))) if r is not None]
-            for u in found:
-                sent = pending.pop(u)
-                probes.append((sent, time.time() - sent))
-            time.sleep(0.01)
-        memory.sample()
-    finally:
-        stop_streaming_job(result)
-        producer.close()
-        store.close()
-    feeder.join(timeout=5)
-    if feeder.is_alive():
-        feeder.terminate()
-    if not probes:
-        print(f"   latency at {rate:,.0f} events/s: no probe reached Redis within 30 s", flush=True)
-        return
-    every = [lat for _, lat in probes]
-    steady = [lat for sent, lat in probes if sent - t_start >= args.warmup]
-    ms = lambda v: f"{v * 1000:,.0f} ms"  # noqa: E731
-    line = (f"   latency at {rate:,.0f} events/s live for {args.seconds:.0f}s: all probes p50 "
-            f"{ms(statistics.median(every))}, p99 {ms(_percentile(every, 0.99))} ({len(every)} probes, "
-            f"{len(pending)} not seen within 30 s)")
-    if steady:
-        line += (f"; after {args.warmup:.0f}s warm-up p50 {ms(statistics.median(steady))}, "
-                 f"p99 {ms(_percentile(steady, 0.99))} ({len(steady)} probes)")
-    print(line, flush=True)
-    # Median per 10 s of load: shows warm-up and falling behind at a glance.
-    buckets: dict[int, list[float]] = {}
-    for sent, lat in probes:
-        buckets.setdefault(int((sent - t_start) // 10), []).append(lat)
-    print("     median by 10 s of load: " + "  ".join(
-        f"{b * 10}s {statistics.median(v):.1f}s" for b, v in sorted(buckets.items())), flush=True)
+
+    def start():
+        result = _start_pipeline(args, topic, group, prefix, schema, secret)
+        return lambda: stop_streaming_job(result)
+
+    probe_latency(args.bootstrap, topic, prefix, secret, rate, args.seconds, start, warmup=args.warmup,
+                  probe_interval=args.probe_interval, before_stop=memory.sample)
 
 
 def _phase(args) -> None:

@@ -1,0 +1,474 @@
+"""The same topic through every engine, side by side (prints, never asserts): ``make bench-compare``.
+
+One topic of ``--events`` generated events (2,000 users, ~14 days of event
+time ending half a day before now, so nothing is "in the future"; 4
+partitions) is produced once. Then each contender reads all of it, in a
+process of its own, one after the other, each into its own Redis prefix,
+warehouse schema, output topics and consumer group:
+
+* ``loop``: a plain single-process loop over the same core functions
+  (tests/benchmarks/plain_loop.py): the ceiling for this logic in Python;
+* ``flink-p1`` / ``flink-p2``: the native Flink job (pipelines/flink/),
+  ``onboardflow run --engine flink --kafka_bounded``, at parallelism 1 on one
+  TaskManager and at parallelism 2 on ``--flink-p2-layout`` (default two
+  TaskManagers of one slot: Python runs in the TaskManager's JVM, one GIL
+  per TaskManager). The benchmark runs its own Flink cluster
+  (runners/flink/flink.sh, on ``--flink-rest-port``, state under
+  .run/bench-engines) and restarts it for each layout;
+* ``beam``: the Beam pipeline on Prism, ``onboardflow run --kafka_bounded``.
+
+Throughput, per run: events/s from the contender's process start until it
+exits. All three are bounded runs that end only after every write (the
+Flink and Beam jobs flush their sinks before they finish; the loop flushes
+and fires every timer at the end of input), so the end of the process is
+"Redis settled"; the number of profiles in Redis and of rows in the
+warehouse's ``events`` table are printed beside it, to show that every
+contender did the same work. Also: the time from process start to the
+profile sink's first write (its progress marker in Redis), and the rate
+after it (without start-up); CPU seconds (utime + stime from /proc, sampled every
+0.5 s) of every process that works for the run: the launcher and its
+children (Prism and the in-process SDK workers; Flink's client), and the
+TaskManager and JobManager JVMs (their delta over the run); peak memory
+(VmHWM) of the largest process (a TaskManager's covers every run on that
+cluster). Medians of ``--repeat`` runs; ratios against the plain loop.
+Online models are off (``--disable_online_models``) unless ``--models``.
+
+Latency, at each of ``--rates``: produce -> Redis p50/p99 of probe events
+under live load (live_latency.py), for the Flink job (streaming, parallelism
+1, stopped with a savepoint) and the Beam pipeline (streaming, on Prism).
+
+    python tests/benchmarks/bench_engines.py [--events 200000] [--repeat 3] [--rates 1000,2000,5000]
+        [--contenders loop,flink-p1,flink-p2,beam] [--skip-latency] [--models]
+
+Needs the local services and the Flink install (runners/flink/flink.sh install).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from bench_topics import fresh_topics
+from live_latency import probe_latency
+
+from onboardflow.transforms.progress import EventTimeProgress
+
+HERE = Path(__file__).resolve().parent
+CLI = "import sys; from onboardflow.runners.cli import main; sys.exit(main())"
+TICK = os.sysconf("SC_CLK_TCK")
+#: What the contender's own process is (its children are named by program: prism, java, python).
+ROOT_ROLE = {"loop": "loop", "beam": "launcher+sdk-workers"}
+
+
+# ---- processes ----------------------------------------------------------------
+
+def _stat(pid: int) -> Optional[tuple[int, float]]:
+    """(parent pid, CPU seconds) of ``pid``, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except OSError:
+        return "?"
+    program = Path(words[0]).name if words else "?"
+    if "prism" in program:
+        return "prism"
+    if program == "java" or "python" in program or program in ("bash", "sh"):
+        # Flink's client: flink.sh, which execs the CliFrontend JVM, which runs the PyFlink driver.
+        text = " ".join(words)
+        if "CliFrontend" in text or (program != "java" and "flink" in text):
+            return "flink-client"
+        return "java" if program == "java" else "python"
+    return program
+
+
+def _hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                parents[int(entry)] = st[0]
+    found, frontier = [], [root]
+    while frontier:
+        p = frontier.pop()
+        found.append(p)
+        frontier += [c for c, pp in parents.items() if pp == p]
+    return found
+
+
+class Usage:
+    """CPU seconds and peak memory per process of one run, by role."""
+
+    def __init__(self, fixed: dict[int, str]):
+        # Long-lived processes (TaskManagers, JobManager): their delta over the run.
+        self.fixed = fixed
+        self.base = {pid: (_stat(pid) or (0, 0.0))[1] for pid in fixed}
+        self.cpu: dict[int, float] = {}
+        self.role: dict[int, str] = {}
+        self.hwm: dict[int, int] = {}
+
+    def sample(self, root: Optional[int], root_role: str = "launcher") -> None:
+        pids = dict(self.fixed)
+        if root is not None:
+            for pid in _descendants(root):
+                # Named at every sample: a script that execs a program keeps its pid.
+                pids.setdefault(pid, root_role if pid == root else _name(pid))
+        for pid, role in pids.items():
+            st = _stat(pid)
+            if st is None:
+                continue
+            self.cpu[pid] = st[1] - self.base.get(pid, 0.0)
+            self.role[pid] = role
+            self.hwm[pid] = max(self.hwm.get(pid, 0), _hwm_kb(pid))
+
+    def by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, cpu in self.cpu.items():
+            out[self.role[pid]] = out.get(self.role[pid], 0.0) + cpu
+        return out
+
+    def peak(self) -> tuple[str, int]:
+        if not self.hwm:
+            return "-", 0
+        pid = max(self.hwm, key=self.hwm.get)
+        return self.role[pid], self.hwm[pid]
+
+
+# ---- the Flink cluster ----------------------------------------------------------
+
+class Cluster:
+    """The benchmark's own Flink cluster (flink.sh with its own ports and run directory)."""
+
+    def __init__(self, args):
+        from onboardflow.runners.flink_job import FLINK_SH
+        from onboardflow.runners.paths import run_dir
+
+        self.sh = args.flink_sh or str(FLINK_SH)
+        self.env = dict(os.environ, OBF_RUN_DIR=str(run_dir() / "bench-engines"),
+                        FLINK_REST_PORT=str(args.flink_rest_port), FLINK_RPC_PORT=str(args.flink_rpc_port),
+                        FLINK_PROMETHEUS_PORTS=args.flink_prometheus_ports)
+        self.url = f"http://127.0.0.1:{args.flink_rest_port}"
+        self.layout: Optional[tuple[int, int]] = None
+
+    def up(self, taskmanagers: int, slots: int) -> None:
+        if self.layout == (taskmanagers, slots):
+            return
+        self.down()
+        env = dict(self.env, FLINK_TASKMANAGERS=str(taskmanagers), FLINK_TASK_SLOTS=str(slots),
+                   FLINK_PARALLELISM=str(min(2, taskmanagers * slots)))
+        subprocess.run([self.sh, "up"], env=env, check=True, stdout=subprocess.DEVNULL)
+        self.layout = (taskmanagers, slots)
+
+    def down(self) -> None:
+        subprocess.run([self.sh, "down"], env=self.env, check=False, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        self.layout = None
+
+    def processes(self) -> dict[int, str]:
+        folder = Path(self.env["OBF_RUN_DIR"]) / "flink"
+        found = {}
+        for name, role in (("taskexecutor", "taskmanager"), ("standalonesession", "jobmanager")):
+            f = folder / f"flink-onboardflow-{name}.pid"
+            if f.is_file():
+                for line in f.read_text().split():
+                    if _stat(int(line)) is not None:
+                        found[int(line)] = role
+        return found
+
+
+# ---- one run --------------------------------------------------------------------
+
+def _flags(args, run: str, topic: str, secret_file: str) -> list[str]:
+    flags = [f"--kafka_bootstrap_servers={args.bootstrap}", f"--kafka_topics={topic}",
+             f"--kafka_consumer_group=bench-{run}", f"--dead_letter_topic=bench-{run}.dlq",
+             f"--segment_changes_topic=bench-{run}.changes", f"--model_events_topic=bench-{run}.models",
+             f"--redis_key_prefix=bench{run}", f"--warehouse_schema=bench_{run}", f"--secret_file={secret_file}",
+             "--kafka_idle_timeout=5"]
+    return flags if args.models else flags + ["--disable_online_models"]
+
+
+def _command(kind: str, args, flags: list[str], run: str, streaming: bool, cluster: Cluster) -> list[str]:
+    read = ["--streaming", "--kafka_start_position=earliest"] if streaming else \
+        ["--kafka_bounded", "--kafka_start_position=earliest"]
+    if kind == "loop":
+        return [sys.executable, str(HERE / "plain_loop.py"), *read, *flags]
+    if kind == "beam":
+        return [sys.executable, "-c", CLI, "run", *read, *flags]
+    parallelism = 2 if kind == "flink-p2" else 1
+    return [sys.executable, "-c", CLI, "run", "--engine", "flink", *read, *flags,
+            f"--flink_rest_url={cluster.url}", f"--flink_job_name=bench-{run}",
+            f"--flink_parallelism={parallelism}"]
+
+
+def _first_write(client, prefix: str) -> bool:
+    """True once the profile sink has written (it records its progress with every write)."""
+    return bool(client.exists(EventTimeProgress(prefix).key))
+
+
+def _count_profiles(client, prefix: str) -> int:
+    return sum(1 for _ in client.scan_iter(match=f"{prefix}:profile:*", count=10_000))
+
+
+def _events_rows(schema: str) -> int:
+    import psycopg
+
+    from onboardflow.pipelines.options import DEFAULT_WAREHOUSE_DSN
+
+    try:
+        with psycopg.connect(DEFAULT_WAREHOUSE_DSN, autocommit=True) as conn:
+            return conn.execute(f'SELECT count(*) FROM "{schema}".events').fetchone()[0]
+    except Exception:  # noqa: BLE001 - a run that created no table has no rows
+        return -1
+
+
+def _cleanup(client, run: str, bootstrap: str) -> None:
+    import psycopg
+
+    from onboardflow.pipelines.options import DEFAULT_WAREHOUSE_DSN
+
+    keys = list(client.scan_iter(match=f"bench{run}:*", count=10_000))
+    for i in range(0, len(keys), 1000):
+        client.unlink(*keys[i:i + 1000])
+    with psycopg.connect(DEFAULT_WAREHOUSE_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "bench_{run}" CASCADE')
+
+
+def _outputs(bootstrap: str, run: str, more: tuple = ()) -> None:
+    fresh_topics(bootstrap, [*more, (f"bench-{run}.dlq", 1), (f"bench-{run}.changes", 1),
+                             (f"bench-{run}.models", 1)], drop_prefix=f"bench-{run}.")
+
+
+def throughput_run(kind: str, args, run: str, topic: str, secret_file: str, cluster: Cluster, client) -> dict:
+    """One bounded run of ``kind``; its figures (module docstring)."""
+    _outputs(args.bootstrap, run)
+    flags = _flags(args, run, topic, secret_file)
+    usage = Usage(cluster.processes() if kind.startswith("flink") else {})
+    log = open(Path(cluster.env["OBF_RUN_DIR"]) / f"{run}.log", "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(_command(kind, args, flags, run, False, cluster), stdout=log,
+                            stderr=subprocess.STDOUT)
+    first = None
+    code = None
+    while code is None:
+        usage.sample(proc.pid, ROOT_ROLE.get(kind, "launcher"))
+        if first is None and _first_write(client, f"bench{run}"):
+            first = time.monotonic() - t0
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            code = os.waitstatus_to_exitcode(status)
+            proc.returncode = code
+            break
+        if time.monotonic() - t0 > args.timeout:
+            proc.kill()
+        time.sleep(0.5)
+    seconds = time.monotonic() - t0
+    usage.sample(None)
+    log.close()
+    if code != 0:
+        raise RuntimeError(f"{kind} exited with {code}; see {log.name}")
+    role, peak = usage.peak()
+    steady = args.events / (seconds - first) if first is not None and seconds > first else float("nan")
+    result = {"kind": kind, "seconds": seconds, "rate": args.events / seconds, "first": first, "steady": steady,
+              "cpu": usage.by_role(), "peak_role": role, "peak_kb": peak,
+              "profiles": _count_profiles(client, f"bench{run}"), "rows": _events_rows(f"bench_{run}")}
+    _cleanup(client, run, args.bootstrap)
+    cpu = " + ".join(f"{r} {c:.0f}s" for r, c in sorted(result["cpu"].items()) if c >= 0.5)
+    print(f"   {kind}: {seconds:.1f}s = {result['rate']:,.0f} events/s; first write after "
+          f"{first if first is not None else float('nan'):.1f}s ({steady:,.0f} events/s after it); "
+          f"CPU {cpu}; peak {role} {peak / 1024:.0f} MiB; "
+          f"{result['profiles']:,} profiles, {result['rows']:,} event rows", flush=True)
+    return result
+
+
+# ---- the table -------------------------------------------------------------------
+
+def _table(results: dict[str, list[dict]]) -> None:
+    def med(kind: str, f: Callable[[dict], float]) -> float:
+        return statistics.median(f(r) for r in results[kind])
+
+    ceiling = med("loop", lambda r: r["rate"]) if results.get("loop") else None
+    print("\n| contender | events/s | × plain loop | after first write | wall s | first write s | "
+          "CPU s (by process) | peak memory | profiles / event rows |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|")
+    for kind, runs in results.items():
+        if not runs:
+            print(f"| {kind} | failed | | | | | | | |")
+            continue
+        rate = med(kind, lambda r: r["rate"])
+        roles = sorted({role for r in runs for role in r["cpu"]})
+        cpu = {role: statistics.median(r["cpu"].get(role, 0.0) for r in runs) for role in roles}
+        total = sum(cpu.values())
+        parts = ", ".join(f"{role} {c:.0f}" for role, c in cpu.items() if c >= 0.5)
+        peak = max(runs, key=lambda r: r["peak_kb"])
+        first = [r["first"] for r in runs if r["first"] is not None]
+        ratio = f"{rate / ceiling:.2f}" if ceiling else "-"
+        print(f"| {kind} | {rate:,.0f} | {ratio} | {med(kind, lambda r: r['steady']):,.0f} | "
+              f"{med(kind, lambda r: r['seconds']):.1f} | "
+              f"{statistics.median(first) if first else float('nan'):.1f} | {total:.0f} ({parts}) | "
+              f"{peak['peak_role']} {peak['peak_kb'] / 1024:.0f} MiB | "
+              f"{runs[-1]['profiles']:,} / {runs[-1]['rows']:,} |")
+    print(f"(medians of {max(len(r) for r in results.values())} runs; {os.cpu_count()} cores)", flush=True)
+
+
+# ---- latency --------------------------------------------------------------------
+
+def latency_run(kind: str, rate: float, args, run: str, secret_file: str, cluster: Cluster,
+                secret) -> Optional[tuple[float, float]]:
+    topic = f"bench-{run}.events"
+    _outputs(args.bootstrap, run, ((topic, 4),))
+    flags = _flags(args, run, topic, secret_file)
+    log = open(Path(cluster.env["OBF_RUN_DIR"]) / f"{run}.log", "w")
+
+    def start():
+        proc = subprocess.Popen(_command(kind, args, flags, run, True, cluster), stdout=log, stderr=log,
+                                start_new_session=True)
+
+        def stop():
+            proc.send_signal(signal.SIGINT)  # Flink: stop with a savepoint; Beam: cancel
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+        return stop
+
+    startup = 40.0 if kind.startswith("flink") else 20.0
+    try:
+        return probe_latency(args.bootstrap, topic, f"bench{run}", secret, rate, args.seconds, start,
+                             warmup=args.warmup, probe_interval=args.probe_interval, startup_s=startup, label=kind)
+    finally:
+        import redis
+
+        _cleanup(redis.Redis.from_url("redis://127.0.0.1:6379/0"), run, args.bootstrap)
+
+
+# ---- main -----------------------------------------------------------------------
+
+def _produce(args, topic: str) -> None:
+    from onboardflow.runners.cli.produce import produce
+    from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
+    from onboardflow.schemas.units import DAY_MS
+
+    now = int(time.time() * 1000)
+    gen = JourneyGenerator(GeneratorConfig(seed=7, users=args.users, start_ms=now - int(14.5 * DAY_MS),
+                                           horizon_days=14.0, signup_window_days=7.0))
+    stats = produce(gen.messages(max_messages=args.events), args.bootstrap, topic, progress=False)
+    print(f"   produced {args.events:,} events of {args.users:,} users to {topic} "
+          f"({dict(gen.counts)})", flush=True)
+    return stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--bootstrap", default="127.0.0.1:9092")
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--users", type=int, default=2_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--contenders", default="loop,flink-p1,flink-p2,beam")
+    ap.add_argument("--flink-p2-layout", default="2x1",
+                    help="TaskManagers x slots of the cluster for flink-p2 (flink-p1 runs on 1x2)")
+    ap.add_argument("--models", action="store_true", help="online models on (default: --disable_online_models)")
+    ap.add_argument("--rates", default="1000,2000,5000")
+    ap.add_argument("--latency-engines", default="flink-p1,beam")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=20.0)
+    ap.add_argument("--probe-interval", type=float, default=1.0)
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed")
+    ap.add_argument("--flink-sh", default=None, help="flink.sh to manage the cluster with (default: this checkout's)")
+    ap.add_argument("--flink-rest-port", type=int, default=18081)
+    ap.add_argument("--flink-rpc-port", type=int, default=16123)
+    ap.add_argument("--flink-prometheus-ports", default="19249-19253")
+    args = ap.parse_args()
+
+    import logging
+
+    import redis
+
+    from onboardflow.transforms.anonymize import SecretKey
+
+    logging.basicConfig(level=logging.ERROR)
+    run_id = time.strftime("%H%M%S")
+    cluster = Cluster(args)
+    folder = Path(cluster.env["OBF_RUN_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = b"bench-engines-secret-0123456789abcdef"
+    secret_file = folder / "secret.key"
+    secret_file.write_bytes(secret)
+    secret_file.chmod(0o600)
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    print(f"== bench_engines: {args.events:,} events, contenders {args.contenders}, online models "
+          f"{'on' if args.models else 'off'}; real Kafka/Redis/PostgreSQL; {os.cpu_count()} cores "
+          f"(figures are indicative when the machine is shared)", flush=True)
+    layouts = {"flink-p1": (1, 2), "flink-p2": tuple(int(x) for x in args.flink_p2_layout.split("x"))}
+    kinds = [k.strip() for k in args.contenders.split(",") if k.strip()]
+    try:
+        if not args.skip_throughput:
+            topic = f"bench-e{run_id}.events"
+            fresh_topics(args.bootstrap, [(topic, 4)], drop_prefix="bench-e")
+            _produce(args, topic)
+            results: dict[str, list[dict]] = {k: [] for k in kinds}
+            for kind in kinds:
+                if kind in layouts:
+                    cluster.up(*layouts[kind])
+                for i in range(args.repeat):
+                    run = f"e{run_id}{kind.replace('-', '')}{i}"
+                    try:
+                        results[kind].append(throughput_run(kind, args, run, topic, str(secret_file), cluster,
+                                                            client))
+                    except Exception as error:  # noqa: BLE001 - a failed contender is reported, not fatal
+                        print(f"   {kind}: failed: {error}", flush=True)
+            _table(results)
+        if not args.skip_latency:
+            print("\n== live latency, produce -> Redis (streaming runs)", flush=True)
+            rates = [float(r) for r in args.rates.split(",") if r.strip()]
+            summary = []
+            for kind in [k.strip() for k in args.latency_engines.split(",") if k.strip()]:
+                if kind in layouts:
+                    cluster.up(*layouts[kind])
+                for rate in rates:
+                    run = f"l{run_id}{kind.replace('-', '')}{int(rate)}"
+                    try:
+                        found = latency_run(kind, rate, args, run, str(secret_file), cluster, SecretKey(secret))
+                    except Exception as error:  # noqa: BLE001
+                        print(f"   {kind} at {rate:,.0f}/s: failed: {error}", flush=True)
+                        found = None
+                    summary.append((kind, rate, found))
+            print("\n| contender | events/s live | p50 | p99 |\n|---|---:|---:|---:|")
+            for kind, rate, found in summary:
+                p50, p99 = (f"{v * 1000:,.0f} ms" for v in found) if found else ("-", "-")
+                print(f"| {kind} | {rate:,.0f} | {p50} | {p99} |", flush=True)
+    finally:
+        cluster.down()
+
+
+if __name__ == "__main__":
+    main()
