@@ -339,7 +339,7 @@ class FlinkJobOptions(PipelineOptions):
                        help="fixed-delay: milliseconds between a failure and the restart.")
         g.add_argument("--flink_flush_size", type=int, default=500,
                        help="Pending writes (profiles and rows) at which a user-stage subtask flushes.")
-        g.add_argument("--flink_flush_interval_ms", type=int, default=200,
+        g.add_argument("--flink_flush_interval_ms", type=int, default=100,
                        help="A subtask flushes what is pending at least this often (processing time).")
         g.add_argument("--flink_rest_url", default=None,
                        help="The cluster's REST API (default $OBF_FLINK_REST_URL or http://127.0.0.1:8081).")

@@ -31,7 +31,7 @@ JOB_FIELDS = {
     "bounded_ranges": None,
     "horizon_ms": None,
     "flush_size": 500,
-    "flush_interval_ms": 200,
+    "flush_interval_ms": 100,
     "connector_jars": [],
     "checkpoint_dir": None,
 }

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Iterator, Optional
 
 from pyflink.common.typeinfo import Types
@@ -101,6 +102,10 @@ class UserStage(KeyedProcessFunction):
         self._bounded = not s.streaming()
         # Users whose profile goes out at the next flush: the live state objects.
         self._dirty: dict[str, UserProfileState] = {}
+        # Decoded states of recently seen users (``_read``), and the confirm tick's keys.
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = int(s.get("state_cache_size") or 50_000)
+        self._tick, self._ticked = -1, set()
         # Users with pending work in the buffer, and those flushed since this process started.
         self._buffered: set[str] = set()
         self._flushed: set[str] = set()
@@ -119,11 +124,45 @@ class UserStage(KeyedProcessFunction):
 
     # -- elements ----------------------------------------------------------------
 
+    # -- the user's state: Flink's cell, behind a cache of decoded states -------------
+
+    def _read(self, key: str) -> tuple:
+        """(primitive, dirty, rows, decoded state or None) of ``key``.
+
+        Only this function instance writes its keys' state, and a restore makes a
+        new instance, so a cached entry is the cell's value: a hit skips the
+        cell read and the decoding.
+        """
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        stored = self._cell.value()
+        primitive, dirty, rows = stored if stored is not None else (None, False, ())
+        return primitive, dirty, rows, (self._machine.load(primitive) if primitive is not None else None)
+
+    def _write(self, key: str, primitive, dirty: bool, rows: tuple, state) -> None:
+        self._cell.update((primitive, dirty, rows))
+        self._cache[key] = (primitive, dirty, rows, state if primitive is not None else None)
+        self._cache.move_to_end(key)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _confirm_at_next_tick(self, key: str, timers) -> None:
+        """A processing-time confirm timer for ``key`` at the next tick (once per key and tick)."""
+        tick = (timers.current_processing_time() // self._interval + 1) * self._interval
+        if tick != self._tick:
+            self._tick, self._ticked = tick, set()
+        if key not in self._ticked:
+            self._ticked.add(key)
+            timers.register_processing_time_timer(tick)
+
+    # -- elements ----------------------------------------------------------------
+
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         kind, key, payload = value
         timers = ctx.timer_service()
-        stored = self._cell.value()
-        primitive, dirty, rows = stored if stored is not None else (None, False, ())
+        primitive, dirty, rows, state = self._read(key)
         now_flush = False
         if kind == DEAD:
             rows = rows + ((DEAD_LETTERS, payload),)
@@ -134,16 +173,14 @@ class UserStage(KeyedProcessFunction):
             if kind == EVENT:
                 t = payload["occurred_at"]
                 self._newest_ms = t if self._newest_ms is None or t > self._newest_ms else self._newest_ms
-                state = self._dirty.get(key)
-                if state is None and primitive is not None:
-                    state = self._machine.load(primitive)
                 decisions = self._machine.on_event(state, payload)
+                if state is None:
+                    state = _stored_state(decisions)
                 primitive, dirty, rows, now_flush = self._carry_out(decisions, key, primitive, dirty, rows,
                                                                     timers, payload)
-        self._cell.update((primitive, dirty, rows))
+        self._write(key, primitive, dirty, rows, state)
         self._buffered.add(key)
-        timers.register_processing_time_timer((timers.current_processing_time() // self._interval + 1)
-                                              * self._interval)
+        self._confirm_at_next_tick(key, timers)
         self._watch_progress(timers)
         if now_flush or self._chain.pending >= self._flush_size:
             yield from self._flush()
@@ -198,10 +235,10 @@ class UserStage(KeyedProcessFunction):
 
     @staticmethod
     def _emitted_state(decisions) -> UserProfileState:
-        for d in decisions:
-            if type(d) is Store:
-                return d.state
-        raise AssertionError("the profile machine emitted without storing the state")
+        state = _stored_state(decisions)
+        if state is None:
+            raise AssertionError("the profile machine emitted without storing the state")
+        return state
 
     # -- timers ------------------------------------------------------------------
 
@@ -211,10 +248,8 @@ class UserStage(KeyedProcessFunction):
         if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
             yield from self._confirm(key)
             return
-        stored = self._cell.value()
-        if stored is not None and stored[0] is not None:
-            primitive, dirty, rows = stored
-            state = self._dirty.get(key) or self._machine.load(primitive)
+        primitive, dirty, rows, state = self._read(key)
+        if state is not None:
             probe_due, lifecycle_due = state.probe_at == timestamp, state.lifecycle_at == timestamp
             now_flush = False
             if probe_due:
@@ -225,11 +260,10 @@ class UserStage(KeyedProcessFunction):
                     self._machine.on_lifecycle(state, key, timestamp), key, primitive, dirty, rows, timers)
                 now_flush = now_flush or flush_too
             if probe_due or lifecycle_due:
-                self._cell.update((primitive, dirty, rows))
+                self._write(key, primitive, dirty, rows, state)
                 if dirty or rows:
                     self._buffered.add(key)
-                    timers.register_processing_time_timer(
-                        (timers.current_processing_time() // self._interval + 1) * self._interval)
+                    self._confirm_at_next_tick(key, timers)
             if now_flush:
                 yield from self._flush()
         if timestamp == END_OF_INPUT_MS or timestamp == self._probe_at:
@@ -265,23 +299,20 @@ class UserStage(KeyedProcessFunction):
         """A confirm tick of ``key``: flush the buffer; clear the key's pending work, rewriting it if restored."""
         if self._chain.pending:
             yield from self._flush()
-        stored = self._cell.value()
-        if stored is None:
-            return
-        primitive, dirty, rows = stored
+        primitive, dirty, rows, state = self._read(key)
         if not dirty and not rows:
             return
         if key not in self._flushed:
             # Restored from a checkpoint: this process never wrote this work. Write it again.
             self._count("pending_writes_restored", 1)
-            if dirty and primitive is not None:
-                self._dirty[key] = self._machine.load(primitive)
+            if dirty and state is not None:
+                self._dirty[key] = state
             for table, element in rows:
                 self._chain.add_row(table, element)
             self._buffered.add(key)
             yield from self._flush()
         self._flushed.discard(key)
-        self._cell.update((primitive, False, ()))
+        self._write(key, primitive, False, (), state)
 
     def _flush(self) -> Iterator:
         for key, state in self._dirty.items():
@@ -294,6 +325,13 @@ class UserStage(KeyedProcessFunction):
         self._count("flushes", 1)
         for profile in applied:
             yield APPLIED, profile
+
+
+def _stored_state(decisions) -> Optional[UserProfileState]:
+    for d in decisions:
+        if type(d) is Store:
+            return d.state
+    return None
 
 
 def subtask_of(runtime_context: RuntimeContext) -> tuple[int, int]:
