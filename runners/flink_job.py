@@ -197,6 +197,17 @@ def submit(argv: Sequence[str], settings: Optional[Settings] = None, rest: Optio
     folder.mkdir(parents=True, exist_ok=True)
     settings_path = folder / f"{values['job_name']}.json"
     settings_path.write_text(json.dumps(values, sort_keys=True, indent=1))
+    needed = max(int(values["source_parallelism"]), int(values["parallelism"]))
+    try:
+        slots = FlinkRest(base).get("/overview")["slots-total"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"onboardflow run --engine flink: no Flink cluster answers at {base} "
+                         f"({type(exc).__name__}); start one with `make flink-up`") from None
+    if slots < needed:
+        raise SystemExit(f"onboardflow run --engine flink: the job needs {needed} task slots (one per Kafka "
+                         f"partition for the source, --flink_parallelism for the user stage) and the cluster "
+                         f"at {base} has {slots}; add TaskManagers or slots (FLINK_TASKMANAGERS, "
+                         f"FLINK_TASK_SLOTS), or lower --flink_source_parallelism")
     if not FLINK_SH.is_file():
         raise SystemExit(f"onboardflow run --engine flink: {FLINK_SH} is missing (run from a checkout)")
     host_port = base.split("://", 1)[-1]

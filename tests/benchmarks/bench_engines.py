@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from bench_topics import fresh_topics
+from bench_topics import fresh_topics, vm_hwm_kb
 from live_latency import probe_latency
 
 from onboardflow.transforms.progress import EventTimeProgress
@@ -96,17 +96,6 @@ def _name(pid: int) -> str:
     return program
 
 
-def _hwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _descendants(root: int) -> list[int]:
     parents = {}
     for entry in os.listdir("/proc"):
@@ -145,7 +134,7 @@ class Usage:
                 continue
             self.cpu[pid] = st[1] - self.base.get(pid, 0.0)
             self.role[pid] = role
-            self.hwm[pid] = max(self.hwm.get(pid, 0), _hwm_kb(pid))
+            self.hwm[pid] = max(self.hwm.get(pid, 0), vm_hwm_kb(pid))
 
     def by_role(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -392,8 +381,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--contenders", default="loop,flink-p1,flink-p2,beam")
-    ap.add_argument("--flink-p2-layout", default="2x1",
-                    help="TaskManagers x slots of the cluster for flink-p2 (flink-p1 runs on 1x2)")
+    ap.add_argument("--flink-p2-layout", default="2x2",
+                    help="TaskManagers x slots of the cluster for flink-p2 (flink-p1 runs on 1x4): the source "
+                         "and decoding take one slot per partition (4), the user stage its parallelism")
     ap.add_argument("--models", action="store_true", help="online models on (default: --disable_online_models)")
     ap.add_argument("--rates", default="1000,2000,5000")
     ap.add_argument("--latency-engines", default="flink-p1,beam")
@@ -428,7 +418,7 @@ def main() -> None:
     print(f"== bench_engines: {args.events:,} events, contenders {args.contenders}, online models "
           f"{'on' if args.models else 'off'}; real Kafka/Redis/PostgreSQL; {os.cpu_count()} cores "
           f"(figures are indicative when the machine is shared)", flush=True)
-    layouts = {"flink-p1": (1, 2), "flink-p2": tuple(int(x) for x in args.flink_p2_layout.split("x"))}
+    layouts = {"flink-p1": (1, 4), "flink-p2": tuple(int(x) for x in args.flink_p2_layout.split("x"))}
     kinds = [k.strip() for k in args.contenders.split(",") if k.strip()]
     try:
         if not args.skip_throughput:

@@ -39,23 +39,12 @@ import sys
 import time
 from typing import Optional
 
-from bench_topics import fresh_topics
+from bench_topics import fresh_topics, vm_hwm_kb
 from live_latency import probe_latency
 
 from onboardflow.runners.local import stop_streaming_job
 from onboardflow.schemas.units import DAY_MS
 from onboardflow.transforms.progress import SinkWatermark
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _pids(needle: bytes, first_arg_only: bool = False) -> list[int]:
@@ -83,8 +72,8 @@ class PeakMemory:
 
     def sample(self) -> None:
         workers = [os.getpid()] if self.in_process_workers else _pids(b"SdkHarness")
-        self.workers_kb = max([self.workers_kb] + [_vm_hwm_kb(p) for p in workers])
-        self.prism_kb = max([self.prism_kb] + [_vm_hwm_kb(p) for p in _pids(b"prism", first_arg_only=True)])
+        self.workers_kb = max([self.workers_kb] + [vm_hwm_kb(p) for p in workers])
+        self.prism_kb = max([self.prism_kb] + [vm_hwm_kb(p) for p in _pids(b"prism", first_arg_only=True)])
 
     def __str__(self) -> str:
         who = "launcher + in-process SDK workers" if self.in_process_workers else "largest SDK worker process"

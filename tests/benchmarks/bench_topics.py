@@ -25,3 +25,15 @@ def fresh_topics(bootstrap: str, specs: list[tuple[str, int]], drop_prefix: str)
         return old
     finally:
         admin.close()
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """Peak resident memory (VmHWM, KiB) of process ``pid``; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
