@@ -250,6 +250,11 @@ class UserStage(KeyedProcessFunction):
             return
         primitive, dirty, rows, state = self._read(key)
         if state is not None:
+            if dirty and key not in self._dirty and key not in self._flushed:
+                # Restored with a profile still to write, and its confirm tick not yet come: keep it
+                # in the buffer, so a decision of this timer (an expiry) cannot drop it.
+                self._dirty[key] = state
+                self._buffered.add(key)
             probe_due, lifecycle_due = state.probe_at == timestamp, state.lifecycle_at == timestamp
             now_flush = False
             if probe_due:
