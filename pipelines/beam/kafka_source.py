@@ -261,8 +261,9 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
             for rec in batch:
                 offset = rec.offset
                 if not try_claim(offset):
+                    # The runner split the range here (a checkpoint): the
+                    # residual owns this offset onwards, commits included.
                     finished = True
-                    next_offset = stop
                     break
                 read += 1
                 next_offset = offset + 1
