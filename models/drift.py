@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 import uuid
+from typing import TYPE_CHECKING
 
-from river import drift
+if TYPE_CHECKING:
+    from river import drift
 
 from ..schemas.records import DriftEvent
 
@@ -36,6 +38,13 @@ from ..schemas.records import DriftEvent
 DRIFT_NAMESPACE = uuid.UUID("6f1b8d0e-4a53-4c1e-9a57-0b9e5f1c2d11")
 ACTIONS = ("none", "reset", "retrain")
 
+
+def _adwin(delta: float) -> "drift.ADWIN":
+    # Imported on first use: river.drift's package imports its datasets and
+    # with them scikit-learn (~0.8 s), which a run without models never needs.
+    from river.drift import ADWIN
+
+    return ADWIN(delta=delta)
 
 class _AdwinDrift:
     def __init__(self, model_name: str, model_version: str, delta: float, action: str):
@@ -82,7 +91,7 @@ class SegmentMixDrift(_AdwinDrift):
         if cluster_id < 0:
             return []
         if cluster_id not in self._detectors:
-            detector = drift.ADWIN(delta=self.delta)
+            detector = _adwin(self.delta)
             # A cluster born mid-stream had share 0 until now: say so, compactly,
             # or its first assignments would look like its whole history.
             for _ in range(min(self._seen, 1000)):
@@ -107,7 +116,7 @@ class PropensityErrorDrift(_AdwinDrift):
                  delta: float = 0.002, log_loss_cap: float = 5.0, action: str = "none"):
         super().__init__(model_name, model_version, delta, action)
         self.log_loss_cap = log_loss_cap
-        self._detector = drift.ADWIN(delta=delta)
+        self._detector = _adwin(delta)
         self._since = 0
 
     def update(self, y: int, probability: float, at_ms: int) -> list[DriftEvent]:

@@ -337,7 +337,7 @@ class FlinkJobOptions(PipelineOptions):
                        help="fixed-delay: restarts before the job fails for good.")
         g.add_argument("--flink_restart_delay_ms", type=int, default=2000,
                        help="fixed-delay: milliseconds between a failure and the restart.")
-        g.add_argument("--flink_flush_size", type=int, default=500,
+        g.add_argument("--flink_flush_size", type=int, default=5000,
                        help="Pending writes (profiles and rows) at which a user-stage subtask flushes.")
         g.add_argument("--flink_flush_interval_ms", type=int, default=100,
                        help="A subtask flushes what is pending at least this often (processing time).")

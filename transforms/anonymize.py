@@ -262,10 +262,37 @@ def _strip_ip_decorations(raw: str) -> str:
     return text.split("%", 1)[0]  # IPv6 zone id
 
 
+# A plain dotted quad, by ipaddress's rules: decimal octets 0-255, no leading zeros.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PLAIN_IPV4_RE = re.compile(rf"({_OCTET}\.{_OCTET}\.{_OCTET})\.{_OCTET}")
+
+
+# An IPv6 address written out in full (eight groups): its /48 is its first three.
+_FULL_IPV6_RE = re.compile(r"([0-9A-Fa-f]{1,4}):([0-9A-Fa-f]{1,4}):([0-9A-Fa-f]{1,4})(?::[0-9A-Fa-f]{1,4}){5}")
+
+
+def _ipv6_48(first: list[int]) -> str:
+    """``ipaddress.IPv6Network`` text of the /48 starting with groups ``first`` (RFC 5952: the longest zero run)."""
+    groups = first + [0] * 5
+    start = 3
+    while start and groups[start - 1] == 0:
+        start -= 1  # the zero run of groups 3..7 reaches back over zero groups before it
+    head = ":".join(f"{g:x}" for g in groups[:start])
+    return f"{head}::/48"
+
+
 def ip_prefix(ip: Optional[str]) -> Optional[str]:
     """The network an address belongs to: IPv4 -> /24, IPv6 -> /48; invalid -> None."""
     if not isinstance(ip, str) or not ip:
         return None
+    plain = _PLAIN_IPV4_RE.fullmatch(ip)
+    if plain is not None:  # the common case, before any stripping
+        return plain.group(1) + ".0/24"
+    full = _FULL_IPV6_RE.fullmatch(ip)
+    if full is not None:
+        groups = [int(g, 16) for g in full.groups()]
+        if groups[0] not in (0, 0x2002):  # neither IPv4-mapped/compatible nor 6to4: no embedded IPv4
+            return _ipv6_48(groups)
     text = _strip_ip_decorations(ip)
     octets = text.split(".")
     # Fast path for plain dotted quads (the common case); same rules as ipaddress:

@@ -30,7 +30,7 @@ JOB_FIELDS = {
     # {"topic": str, "start": {partition: offset}, "stop": {partition: offset}} per topic, or None (streaming)
     "bounded_ranges": None,
     "horizon_ms": None,
-    "flush_size": 500,
+    "flush_size": 5000,
     "flush_interval_ms": 100,
     "connector_jars": [],
     "checkpoint_dir": None,

@@ -23,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ...models.model_registry import ModelStore
 from ...models.tracks import TrackPolicy
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.enrich import AccountsCache, enrich_profile
 from ...transforms.metrics import PipelineMetrics
-from ...transforms.online_models import ProfileScorer, ServingModels
 from ...transforms.outbox.keys import STREAMS
 from ...transforms.outbox.settings import RelaySettings, make_relays
 from ...transforms.profile_store.sink import ProfileSink
@@ -39,6 +37,9 @@ from ...transforms.segment import ProfileRejected, RuleSet, segment_profile
 from ...transforms.warehouse import rows
 from ...transforms.warehouse.sink import WarehouseSink
 from ..configuration import AccountsTable
+
+if TYPE_CHECKING:
+    from ...transforms.online_models import ProfileScorer
 
 _LOG = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class StoreChain:
         self._store = None
         self._scorer: Optional[ProfileScorer] = None
         if not s.disable_online_models:
+            # Imported here: the models bring River and SciPy (~1 s), which a
+            # run without them never needs.
+            from ...models.model_registry import ModelStore
+            from ...transforms.online_models import ProfileScorer, ServingModels
+
             self._store = ModelStore(s.redis_url, s.redis_key_prefix)
             self._scorer = ProfileScorer(ServingModels(self._store, s.model_refresh_seconds), self._metrics,
                                          self._count)

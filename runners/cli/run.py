@@ -33,7 +33,7 @@ def pipeline_options(argv: Sequence[str], settings: Optional[Settings] = None):
     """
     from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
 
-    from ...pipelines import onboarding  # noqa: F401 - registers the pipeline's option classes
+    from ...pipelines import options as _options  # noqa: F401 - registers the option classes
     from ..flink_runner import flink_argv, given_flags
     from ..local import local_pipeline_options
 

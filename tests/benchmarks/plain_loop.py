@@ -8,9 +8,10 @@ in the same order:
 
     OnboardingEventDecoder.decode ─► normalize_event ─► EventAnonymizer
       ─► ProfileMachine (snapshots=False; state in a dict, timers in a heap)
-      ─► every --batch records: StoreChain.flush() (pipelines/flink/store.py:
+      ─► StoreChain.flush() (pipelines/flink/store.py:
          enrich, rules, scores, track, ProfileSink to Redis, WarehouseSink,
-         outbox relays)
+         outbox relays), when the chain holds --flink_flush_size items or
+         --flink_flush_interval_ms passed since the last flush, as in the job
 
 Event time as in the Flink job: the watermark is the smallest per-partition
 newest event time minus the out-of-orderness, the machine's probe and
@@ -72,10 +73,11 @@ END = 2**63 - 2
 class PlainLoop:
     """The loop's state: users' profile states, their timers, the store chain (module docstring)."""
 
-    def __init__(self, s: JobSettings, batch: int):
+    def __init__(self, s: JobSettings):
         rules = load_rules(s)
         self.s = s
-        self.batch = batch
+        self.flush_size = int(s.flush_size)
+        self.flush_interval_s = int(s.flush_interval_ms) / 1000
         self.counts: collections.Counter = collections.Counter()
         self.decoder = OnboardingEventDecoder(registry_url=s.registry_url)
         self.anonymizer = EventAnonymizer(Pseudonymizer(resolve_secret(s).resolve()))
@@ -170,11 +172,6 @@ class PlainLoop:
 
 
 def main(argv: list[str]) -> None:
-    batch = 500
-    for arg in list(argv):
-        if arg.startswith("--loop_batch="):
-            batch = int(arg.split("=", 1)[1])
-            argv.remove(arg)
     s = JobSettings(job_settings(argv))
     (only,) = s.bounded_ranges
     stops = {int(p): o for p, o in only["stop"].items()}
@@ -185,9 +182,10 @@ def main(argv: list[str]) -> None:
     consumer.assign(list(parts.values()))
     for p, tp in parts.items():
         consumer.seek(tp, int(only["start"][str(p)]))
-    loop = PlainLoop(s, batch)
+    loop = PlainLoop(s)
     loop.chain.open()
-    records = pending = 0
+    records = 0
+    flushed_at = time.monotonic()
     try:
         while parts:
             for tp, batch_records in consumer.poll(timeout_ms=1000).items():
@@ -198,14 +196,16 @@ def main(argv: list[str]) -> None:
                         break
                     loop.record(KafkaRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value))
                     records += 1
-                    pending += 1
-                    if pending >= loop.batch:
+                    if loop.chain.pending >= loop.flush_size:
                         loop.flush(loop.watermark())
-                        pending = 0
+                        flushed_at = time.monotonic()
                     if r.offset + 1 >= stops[tp.partition]:
                         del parts[tp.partition]
                         consumer.pause(tp)
                         break
+            if time.monotonic() - flushed_at >= loop.flush_interval_s:
+                loop.flush(loop.watermark())
+                flushed_at = time.monotonic()
         # End of input: the watermark jumps to +infinity; timers set while firing fire too.
         loop.flush(END)
     finally:

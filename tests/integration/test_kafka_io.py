@@ -175,7 +175,8 @@ def test_bounded_read_returns_exactly_the_produced_records_and_commits_the_end_o
             r.partition, r.offset, r.key.hex(), r.value.hex(), ts.micros // 1000)), out)
 
     read = collected(out)
-    diff = differences([tuple(r[:4]) for r in read], [(r.partition, r.offset, r.key.hex(), r.value.hex()) for r in sent])
+    diff = differences([tuple(r[:4]) for r in read],
+                       [(r.partition, r.offset, r.key.hex(), r.value.hex()) for r in sent])
     assert diff == {"missing": [], "doubled_or_unexpected": []}, diff
     broker_time = {(r.partition, r.offset): r.timestamp_ms for r in sent}
     off_broker_time = [(p, o, ts) for p, o, _, _, ts in read if ts != broker_time[(p, o)]]

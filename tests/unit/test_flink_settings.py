@@ -24,7 +24,7 @@ def test_settings_round_trip_through_json_and_pickle_and_are_read_only(tmp_path)
     path = tmp_path / "job.json"
     path.write_text(settings.to_json())
     again = JobSettings.from_file(path)
-    assert again.kafka_topics == "onboarding.events" and again.parallelism == 1 and again.flush_size == 500
+    assert again.kafka_topics == "onboarding.events" and again.parallelism == 1 and again.flush_size == 5000
     # Flink ships the functions, and the settings in them, pickled to the TaskManagers.
     assert pickle.loads(pickle.dumps(again)).job_name == "obf"
     with pytest.raises(AttributeError):

@@ -136,6 +136,10 @@ class OutboxRelay:
                 pass  # Redis is down: the fenced steps will find out
 
     def _relay_once(self) -> RelayReport:
+        if not self._client.xlen(self.stream_key):
+            # Nothing to drain (a commit deletes what it relayed, so an
+            # interrupted batch still has its entries): no lock, no lease thread.
+            return RelayReport()
         token = self._acquire()
         stop = threading.Event()
         threading.Thread(target=self._keep_alive, args=(token, stop), daemon=True,

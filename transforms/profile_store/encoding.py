@@ -53,8 +53,9 @@ class EncodedProfile(NamedTuple):
     fields: bytes  # UTF-8 JSON object: hash field name -> encoded string value
 
 
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
+# Encoders made once: json.dumps with options builds a new one per call.
+_compact_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False).encode
+_fields_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def encode_value(name: str, value: Any) -> tuple[str, str]:
@@ -151,7 +152,7 @@ def encode_profile(profile: Any, *, default_updated_at: Optional[int] = None) ->
         types[name] = kind
     encoded[TYPES_FIELD] = _compact_json(types)
     try:
-        fields = json.dumps(encoded, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        fields = _fields_json(encoded).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate in some string: not representable in UTF-8, hence not in Redis.
         raise ProfileEncodingError("unencodable_field", "a string is not valid Unicode (lone surrogate)") from None

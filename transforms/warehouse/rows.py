@@ -85,9 +85,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+# One encoder for every row: json.dumps with options builds a new one per call.
+_ENCODE_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False,
+                                default=_json_default).encode
+
+
 def _json(value: Any, name: str) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False, default=_json_default)
+        return _ENCODE_JSON(value)
     except (TypeError, ValueError) as exc:
         raise RowError("invalid_field", f"{name} is not JSON-serializable ({type(exc).__name__})") from None
 
