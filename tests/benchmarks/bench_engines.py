@@ -36,7 +36,8 @@ children (Prism and the in-process SDK workers; Flink's client; the Quix
 application's child that resolves its flags, ``settings``), and the
 TaskManager and JobManager JVMs (their delta over the run); peak memory
 (VmHWM) of the largest process (a TaskManager's covers every run on that
-cluster). Medians of ``--repeat`` runs; ratios against the plain loop.
+cluster; the Quix application's ``settings`` child, done before it starts,
+aside). Medians of ``--repeat`` runs; ratios against the plain loop.
 Online models are off (``--disable_online_models``) unless ``--models``.
 
 Latency, at each of ``--rates``: produce -> Redis p50/p99 of probe events
@@ -73,6 +74,8 @@ CLI = "import sys; from onboardflow.runners.cli import main; sys.exit(main())"
 TICK = os.sysconf("SC_CLK_TCK")
 #: What the contender's own process is (its children are named by program: prism, java, python).
 ROOT_ROLE = {"loop": "loop", "quix": "quix", "beam": "launcher+sdk-workers"}
+#: Short-lived helpers: their CPU counts, their memory is not the contender's peak.
+HELPERS = {"settings"}
 
 
 # ---- processes ----------------------------------------------------------------
@@ -154,9 +157,11 @@ class Usage:
         return out
 
     def peak(self) -> tuple[str, int]:
-        if not self.hwm:
+        """(role, VmHWM KiB) of the largest process, helpers (``HELPERS``) aside."""
+        working = [pid for pid in self.hwm if self.role[pid] not in HELPERS] or list(self.hwm)
+        if not working:
             return "-", 0
-        pid = max(self.hwm, key=self.hwm.get)
+        pid = max(working, key=self.hwm.get)
         return self.role[pid], self.hwm[pid]
 
 

@@ -24,8 +24,9 @@ Flush: ``StoreChainSink``, a Quix sink, calls ``PlainLoop.flush`` from its
 ``flush()``, which Quix calls at each checkpoint before it produces the
 changelog and commits the offsets, so nothing buffered is lost by a crash.
 Checkpoints every ``--quix_commit_every`` records (default 500, the loop's
-batch) or ``--quix_commit_interval`` seconds (default 0.1, the Flink job's
-flush interval).
+batch) or ``--quix_commit_interval`` seconds (default: bounded 5, Quix's
+default, so that the count decides as in the loop; streaming 0.1, the
+Flink job's flush interval).
 
 Timers: Quix has none, so the loop's event-time timers (the machine's
 probe and lifecycle timers, in a heap in memory, as in plain_loop.py) fire
@@ -47,7 +48,7 @@ virtualenv lacks: it runs in ``--settings_python`` (default the checkout's
 .venv), a child process of this one.
 
     python tests/benchmarks/quix_app.py [--settings_python=PY] [--quix_state_dir=DIR]
-        [--quix_commit_every=500] [--quix_commit_interval=0.1] [onboardflow run flags]
+        [--quix_commit_every=500] [--quix_commit_interval=S] [onboardflow run flags]
 
 Prints one JSON line, as plain_loop.py: ``{"records", "first_write_s", "seconds", "counts"}``.
 """
@@ -196,13 +197,14 @@ def main(argv: list[str]) -> None:
     python = pop_flag(argv, "settings_python", str(default_python))
     state_dir = pop_flag(argv, "quix_state_dir", str(run_dir() / "quix-state"))
     commit_every = int(pop_flag(argv, "quix_commit_every", "500"))
-    commit_interval = float(pop_flag(argv, "quix_commit_interval", "0.1"))
+    commit_interval = pop_flag(argv, "quix_commit_interval", "")
     s = resolve_settings(argv, python)
     bounded = not s.streaming()
+    commit_interval = float(commit_interval or (5.0 if bounded else 0.1))
     if bounded:
         topic_name, starts, stops = bounded_range(s)
     else:
-        topic_name, starts, stops = s.kafka_topics.split(",")[0].strip(), {}, {}
+        (topic_name,), starts, stops = [t.strip() for t in s.kafka_topics.split(",") if t.strip()], {}, {}
     group = s.kafka_consumer_group
     # --kafka_start_position: committed (else earliest) and earliest are Quix's "earliest", latest its
     # "latest"; a timestamp reads from the earliest (a bounded run skips what precedes its ranges).
@@ -245,6 +247,8 @@ def main(argv: list[str]) -> None:
     try:
         if remaining or not bounded:
             app.run()
+        else:
+            loop.flush(END)  # nothing to read: the loop's last flush all the same
     finally:
         loop.chain.close()
         loop.client.close()
