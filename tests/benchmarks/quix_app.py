@@ -63,14 +63,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from plain_loop import END, PlainLoop, bounded_range, pop_flag, report  # first: its clock starts at import
-from quixstreams import Application, message_context  # noqa: E402
-from quixstreams.models.topics import TopicAdmin, TopicManager  # noqa: E402
-from quixstreams.sinks import BaseSink  # noqa: E402
-from quixstreams.state.rocksdb import RocksDBOptions  # noqa: E402
+from quixstreams import Application, message_context
+from quixstreams.models.topics import TopicAdmin, TopicManager
+from quixstreams.sinks import BaseSink
+from quixstreams.state.rocksdb import RocksDBOptions
 
-from onboardflow.pipelines.flink.settings import JobSettings  # noqa: E402
-from onboardflow.transforms.kafka.records import KafkaRecord  # noqa: E402
-from onboardflow.transforms.profile import ProfileMachine, UserProfileState  # noqa: E402
+from onboardflow.pipelines.flink.settings import JobSettings
+from onboardflow.transforms.kafka.records import KafkaRecord
+from onboardflow.transforms.profile import ProfileMachine, UserProfileState
 
 _SETTINGS = ("import json, sys; from onboardflow.runners.flink_job import job_settings; "
              "print(json.dumps(job_settings(sys.argv[1:])))")
