@@ -5,8 +5,9 @@
 #   make test            lint, then unit + integration + end-to-end tests against real services
 #   make lint            ruff check (rules and exceptions in ruff.toml)
 #   make bench           benchmarks (print events/s, latency, memory; never asserted)
-#   make bench-compare   one 200,000-event topic through the plain loop, the Flink job
-#                        (parallelism 1 and 2) and the Beam pipeline on Prism, side by side
+#   make bench-compare   one 200,000-event topic through the plain loop, a Quix Streams
+#                        application, the Flink job (parallelism 1 and 2) and the Beam
+#                        pipeline on Prism, side by side
 #   make services-up     Kafka (KRaft), Redis, PostgreSQL; idempotent, health-checked
 #   make services-down   stop what services-up started
 #
@@ -31,14 +32,15 @@ SERVICES      := runners/services/services.sh
 PYTEST        := $(PY) -m pytest
 
 .PHONY: help install venv prism jars services-up services-down services-status \
-        test test-unit test-integration test-e2e lint demo bench bench-compare clean distclean
+        test test-unit test-integration test-e2e lint demo bench bench-compare bench-quix-install \
+        clean distclean
 .PHONY: promtool check-alerts lag-exporter
 .PHONY: train evaluate
 .PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
         flink-worker-pool-down flink-demo test-flink
 
 help:
-	@sed -n '2,17p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,18p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---- install ---------------------------------------------------------------
 
@@ -210,8 +212,13 @@ bench: install services-up
 # The engines side by side (tests/benchmarks/bench_engines.py: its own Flink
 # cluster on REST port 18081, restarted per layout). BENCH_ARGS, e.g.
 # BENCH_ARGS="--events 20000 --repeat 1 --skip-latency".
-bench-compare: install services-up flink-install
+bench-compare: install services-up flink-install bench-quix-install
 	$(PY) tests/benchmarks/bench_engines.py $(BENCH_ARGS)
+
+# The peer of bench-compare (tests/benchmarks/quix_app.py): Quix Streams and
+# onboardflow in a virtualenv of their own ($(OBF_CACHE_DIR)/bench-quix-venv).
+bench-quix-install:
+	tests/benchmarks/quix_venv.sh install
 
 clean:
 	rm -rf .pytest_cache .hypothesis build dist *.egg-info

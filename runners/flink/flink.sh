@@ -49,19 +49,11 @@ install_runtime() {
 
 # onboardflow's engine-free core and its Flink job (pipelines/flink/), editable
 # from this checkout, under the Flink virtualenv's pins (numpy < 2.2, so
-# river <= 0.23: runners/flink/constraints.txt). Redone when pyproject.toml or
-# the constraints change, or when another checkout shares this cache (CI
-# clones link .cache): the TaskManagers must import this checkout's code.
+# river <= 0.23: runners/flink/constraints.txt); redone only when needed
+# (install_onboardflow_into, runners/services/env.sh): the TaskManagers must
+# import this checkout's code.
 install_onboardflow() {
-  local want have
-  want="$( (cat "$OBF_ROOT/pyproject.toml" "$here/constraints.txt"; echo "$OBF_ROOT") | sha256sum | cut -c1-16)"
-  have="$(cat "$FLINK_VENV/.installed-onboardflow" 2>/dev/null || true)"
-  [ "$want" = "$have" ] && return 0
-  log "Flink: installing onboardflow (editable, $OBF_ROOT) into $FLINK_VENV"
-  "$FLINK_VENV/bin/python" -m pip install -q -c "$here/constraints.txt" -e "$OBF_ROOT" >&2
-  "$FLINK_VENV/bin/python" -c 'import onboardflow.pipelines.flink.job' \
-    || die "onboardflow's Flink job does not import in $FLINK_VENV"
-  echo "$want" >"$FLINK_VENV/.installed-onboardflow"
+  install_onboardflow_into "$FLINK_VENV" "$here/constraints.txt" onboardflow.pipelines.flink.job
 }
 
 # Flink's Kafka connector (runners/flink/connectors/pom.xml) from Maven, once,

@@ -45,6 +45,23 @@ wait_for() {
   done
 }
 
+# install_onboardflow_into VENV CONSTRAINTS MODULE: onboardflow, editable from
+# this checkout ($OBF_ROOT), into the virtualenv VENV under the pins of the
+# file CONSTRAINTS, then check that MODULE imports there. Redone only when
+# pyproject.toml or the constraints change, or when another checkout shares
+# this cache (CI clones link .cache): VENV must import this checkout's code.
+# Used by runners/flink/flink.sh and tests/benchmarks/quix_venv.sh.
+install_onboardflow_into() {
+  local venv="$1" constraints="$2" module="$3" want have
+  want="$( (cat "$OBF_ROOT/pyproject.toml" "$constraints"; echo "$OBF_ROOT") | sha256sum | cut -c1-16)"
+  have="$(cat "$venv/.installed-onboardflow" 2>/dev/null || true)"
+  [ "$want" = "$have" ] && return 0
+  log "installing onboardflow (editable, $OBF_ROOT) into $venv"
+  "$venv/bin/python" -m pip install -q -c "$constraints" -e "$OBF_ROOT" >&2
+  "$venv/bin/python" -c "import $module" || die "$module does not import in $venv"
+  echo "$want" >"$venv/.installed-onboardflow"
+}
+
 # apt_install PKG...: install Debian packages that are missing (root only).
 apt_install() {
   local missing=()

@@ -8,6 +8,10 @@ warehouse schema, output topics and consumer group:
 
 * ``loop``: a plain single-process loop over the same core functions
   (tests/benchmarks/plain_loop.py): the ceiling for this logic in Python;
+* ``quix``: the peer, a Quix Streams application doing the same work through
+  the same functions (tests/benchmarks/quix_app.py: state in Quix's RocksDB
+  store with its changelog topic, writes at its checkpoints), run by the
+  interpreter of its own virtualenv (``--quix-python``; tests/benchmarks/quix_venv.sh);
 * ``flink-p1`` / ``flink-p2``: the native Flink job (pipelines/flink/),
   ``onboardflow run --engine flink --kafka_bounded``, at parallelism 1 on one
   TaskManager and at parallelism 2 on ``--flink-p2-layout`` (default two
@@ -18,29 +22,35 @@ warehouse schema, output topics and consumer group:
 * ``beam``: the Beam pipeline on Prism, ``onboardflow run --kafka_bounded``.
 
 Throughput, per run: events/s from the contender's process start until it
-exits. All three are bounded runs that end only after every write (the
+exits. All are bounded runs that end only after every write (the
 Flink and Beam jobs flush their sinks before they finish; the loop flushes
-and fires every timer at the end of input), so the end of the process is
+and fires every timer at the end of input, and so does the Quix
+application at its last checkpoint), so the end of the process is
 "Redis settled"; the number of profiles in Redis and of rows in the
 warehouse's ``events`` table are printed beside it, to show that every
 contender did the same work. Also: the time from process start to the
 profile sink's first write (its progress marker in Redis), and the rate
 after it (without start-up); CPU seconds (utime + stime from /proc, sampled every
 0.5 s) of every process that works for the run: the launcher and its
-children (Prism and the in-process SDK workers; Flink's client), and the
+children (Prism and the in-process SDK workers; Flink's client; the Quix
+application's child that resolves its flags, ``settings``), and the
 TaskManager and JobManager JVMs (their delta over the run); peak memory
 (VmHWM) of the largest process (a TaskManager's covers every run on that
-cluster). Medians of ``--repeat`` runs; ratios against the plain loop.
+cluster; the Quix application's ``settings`` child, done before it starts,
+aside). Medians of ``--repeat`` runs; ratios against the plain loop.
 Online models are off (``--disable_online_models``) unless ``--models``.
 
 Latency, at each of ``--rates``: produce -> Redis p50/p99 of probe events
 under live load (live_latency.py), for the Flink job (streaming, parallelism
-1, stopped with a savepoint) and the Beam pipeline (streaming, on Prism).
+1, stopped with a savepoint), the Beam pipeline (streaming, on Prism) and
+the Quix application (streaming, stopped by SIGINT).
 
     python tests/benchmarks/bench_engines.py [--events 200000] [--repeat 3] [--rates 1000,2000,5000]
-        [--contenders loop,flink-p1,flink-p2,beam] [--skip-latency] [--models]
+        [--contenders loop,quix,flink-p1,flink-p2,beam] [--skip-latency] [--models]
 
-Needs the local services and the Flink install (runners/flink/flink.sh install).
+Needs the local services, the Flink install (runners/flink/flink.sh install)
+and the Quix virtualenv (tests/benchmarks/quix_venv.sh install); ``make
+bench-compare`` installs both.
 """
 from __future__ import annotations
 
@@ -63,7 +73,9 @@ HERE = Path(__file__).resolve().parent
 CLI = "import sys; from onboardflow.runners.cli import main; sys.exit(main())"
 TICK = os.sysconf("SC_CLK_TCK")
 #: What the contender's own process is (its children are named by program: prism, java, python).
-ROOT_ROLE = {"loop": "loop", "beam": "launcher+sdk-workers"}
+ROOT_ROLE = {"loop": "loop", "quix": "quix", "beam": "launcher+sdk-workers"}
+#: Short-lived helpers: their CPU counts, their memory is not the contender's peak.
+HELPERS = {"settings"}
 
 
 # ---- processes ----------------------------------------------------------------
@@ -90,6 +102,8 @@ def _name(pid: int) -> str:
     if program == "java" or "python" in program or program in ("bash", "sh"):
         # Flink's client: flink.sh, which execs the CliFrontend JVM, which runs the PyFlink driver.
         text = " ".join(words)
+        if "import job_settings" in text:
+            return "settings"  # quix_app.py's child that resolves the flags with Beam's option classes
         if "CliFrontend" in text or (program != "java" and "flink" in text):
             return "flink-client"
         return "java" if program == "java" else "python"
@@ -143,9 +157,11 @@ class Usage:
         return out
 
     def peak(self) -> tuple[str, int]:
-        if not self.hwm:
+        """(role, VmHWM KiB) of the largest process, helpers (``HELPERS``) aside."""
+        working = [pid for pid in self.hwm if self.role[pid] not in HELPERS] or list(self.hwm)
+        if not working:
             return "-", 0
-        pid = max(self.hwm, key=self.hwm.get)
+        pid = max(working, key=self.hwm.get)
         return self.role[pid], self.hwm[pid]
 
 
@@ -207,12 +223,23 @@ def _command(kind: str, args, flags: list[str], run: str, streaming: bool, clust
         ["--kafka_bounded", "--kafka_start_position=earliest"]
     if kind == "loop":
         return [sys.executable, str(HERE / "plain_loop.py"), *read, *flags]
+    if kind == "quix":
+        if not Path(args.quix_python).is_file():
+            raise RuntimeError(f"{args.quix_python} not found: run tests/benchmarks/quix_venv.sh install "
+                               "(make bench-quix-install)")
+        return [args.quix_python, str(HERE / "quix_app.py"), *read, *flags, f"--settings_python={sys.executable}",
+                f"--quix_state_dir={_quix_state(cluster, run)}"]
     if kind == "beam":
         return [sys.executable, "-c", CLI, "run", *read, *flags]
     parallelism = 2 if kind == "flink-p2" else 1
     return [sys.executable, "-c", CLI, "run", "--engine", "flink", *read, *flags,
             f"--flink_rest_url={cluster.url}", f"--flink_job_name=bench-{run}",
             f"--flink_parallelism={parallelism}"]
+
+
+def _quix_state(cluster: Cluster, run: str) -> Path:
+    """The Quix application's state directory in ``run`` (removed by ``_cleanup``)."""
+    return Path(cluster.env["OBF_RUN_DIR"]) / "quix-state" / run
 
 
 def _first_write(client, prefix: str) -> bool:
@@ -236,7 +263,9 @@ def _events_rows(schema: str) -> int:
         return -1
 
 
-def _cleanup(client, run: str, bootstrap: str) -> None:
+def _cleanup(client, run: str, bootstrap: str, cluster: Cluster) -> None:
+    import shutil
+
     import psycopg
 
     from onboardflow.pipelines.options import DEFAULT_WAREHOUSE_DSN
@@ -246,6 +275,7 @@ def _cleanup(client, run: str, bootstrap: str) -> None:
         client.unlink(*keys[i:i + 1000])
     with psycopg.connect(DEFAULT_WAREHOUSE_DSN, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "bench_{run}" CASCADE')
+    shutil.rmtree(_quix_state(cluster, run), ignore_errors=True)
 
 
 def _outputs(bootstrap: str, run: str, more: tuple = ()) -> None:
@@ -286,7 +316,7 @@ def throughput_run(kind: str, args, run: str, topic: str, secret_file: str, clus
     result = {"kind": kind, "seconds": seconds, "rate": args.events / seconds, "first": first, "steady": steady,
               "cpu": usage.by_role(), "peak_role": role, "peak_kb": peak,
               "profiles": _count_profiles(client, f"bench{run}"), "rows": _events_rows(f"bench_{run}")}
-    _cleanup(client, run, args.bootstrap)
+    _cleanup(client, run, args.bootstrap, cluster)
     cpu = " + ".join(f"{r} {c:.0f}s" for r, c in sorted(result["cpu"].items()) if c >= 0.5)
     print(f"   {kind}: {seconds:.1f}s = {result['rate']:,.0f} events/s; first write after "
           f"{first if first is not None else float('nan'):.1f}s ({steady:,.0f} events/s after it); "
@@ -339,7 +369,7 @@ def latency_run(kind: str, rate: float, args, run: str, secret_file: str, cluste
                                 start_new_session=True)
 
         def stop():
-            proc.send_signal(signal.SIGINT)  # Flink: stop with a savepoint; Beam: cancel
+            proc.send_signal(signal.SIGINT)  # Flink: stop with a savepoint; Beam: cancel; Quix: a last commit
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
@@ -355,7 +385,7 @@ def latency_run(kind: str, rate: float, args, run: str, secret_file: str, cluste
     finally:
         import redis
 
-        _cleanup(redis.Redis.from_url("redis://127.0.0.1:6379/0"), run, args.bootstrap)
+        _cleanup(redis.Redis.from_url("redis://127.0.0.1:6379/0"), run, args.bootstrap, cluster)
 
 
 # ---- main -----------------------------------------------------------------------
@@ -380,24 +410,31 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--users", type=int, default=2_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--contenders", default="loop,flink-p1,flink-p2,beam")
+    ap.add_argument("--contenders", default="loop,quix,flink-p1,flink-p2,beam")
     ap.add_argument("--flink-p2-layout", default="2x2",
                     help="TaskManagers x slots of the cluster for flink-p2 (flink-p1 runs on 1x4): the source "
                          "and decoding take one slot per partition (4), the user stage its parallelism")
     ap.add_argument("--models", action="store_true", help="online models on (default: --disable_online_models)")
     ap.add_argument("--rates", default="1000,2000,5000")
-    ap.add_argument("--latency-engines", default="flink-p1,beam")
+    ap.add_argument("--latency-engines", default="flink-p1,beam,quix")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--probe-interval", type=float, default=1.0)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed")
+    ap.add_argument("--quix-python", default=None,
+                    help="interpreter of the Quix virtualenv (default: $OBF_CACHE_DIR/bench-quix-venv/bin/python, "
+                         "made by tests/benchmarks/quix_venv.sh install)")
     ap.add_argument("--flink-sh", default=None, help="flink.sh to manage the cluster with (default: this checkout's)")
     ap.add_argument("--flink-rest-port", type=int, default=18081)
     ap.add_argument("--flink-rpc-port", type=int, default=16123)
     ap.add_argument("--flink-prometheus-ports", default="19249-19253")
     args = ap.parse_args()
+    if args.quix_python is None:
+        from onboardflow.runners.paths import cache_dir
+
+        args.quix_python = str(cache_dir() / "bench-quix-venv" / "bin" / "python")
 
     import logging
 

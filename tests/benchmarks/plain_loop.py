@@ -31,6 +31,7 @@ import heapq
 import json
 import sys
 import time
+from typing import Optional
 
 T0 = time.monotonic()
 
@@ -98,6 +99,17 @@ class PlainLoop:
         self.counts[name] += n
 
     def record(self, record: KafkaRecord) -> None:
+        """One Kafka record: its rows buffered, and its event through the user's ``ProfileMachine``."""
+        event = self.event(record)
+        if event is not None:
+            self.on_event(event["user_key"], event)
+
+    def event(self, record: KafkaRecord) -> Optional[dict]:
+        """Decode, normalize and anonymize ``record``, buffering its rows (events, dead letters).
+
+        Returns the anonymized event when it goes on to its user's profile
+        (personalization consent), else None.
+        """
         try:
             event = self.decoder.decode(record)
             t = event_time_ms(event)
@@ -105,7 +117,7 @@ class PlainLoop:
             letter = self.decoder.dead_letter(record, error, stage="decode")
             self.outbox.write([(dead_letter_id(letter), letter.get("key"), self.decoder.encode_dead_letter(letter))])
             self.chain.add_row(DEAD_LETTERS, dead_letter_row(letter))
-            return
+            return None
         tp = record.partition
         if t > self.newest.get(tp, -1):
             self.newest[tp] = t
@@ -113,14 +125,16 @@ class PlainLoop:
         route, out, _ = self.anonymizer.anonymize(event)
         if route == core.DEAD_LETTER:
             self.chain.add_row(DEAD_LETTERS, dead_letter_row(out))
-            return
+            return None
         if route == core.CONSENT_FILTERED:
-            return
+            return None
         self.count("events_valid")
         self.chain.add_row(EVENTS, out)
-        if route == core.PERSONALIZATION:
-            key = out["user_key"]
-            self.carry_out(self.machine.on_event(self.states.get(key), out), key, out)
+        return out if route == core.PERSONALIZATION else None
+
+    def on_event(self, key: str, event: dict) -> None:
+        """The machine's decisions on ``event`` of user ``key``, carried out."""
+        self.carry_out(self.machine.on_event(self.states.get(key), event), key, event)
 
     def carry_out(self, decisions, key: str, event=None) -> None:
         for d in decisions:
@@ -171,17 +185,39 @@ class PlainLoop:
         return min(self.newest.values()) - self.lag_ms if self.newest else -1
 
 
+def pop_flag(argv: list[str], name: str, default: str) -> str:
+    """The value of ``--name=value`` in ``argv`` (removed from it: not a flag of onboardflow run), else ``default``."""
+    for arg in list(argv):
+        if arg.startswith(f"--{name}="):
+            argv.remove(arg)
+            default = arg.split("=", 1)[1]
+    return default
+
+
+def bounded_range(s: JobSettings) -> tuple[str, dict[int, int], dict[int, int]]:
+    """(topic, start offsets, stop offsets) of the bounded read, for the partitions with something to read."""
+    (only,) = s.bounded_ranges
+    start = {int(p): int(o) for p, o in only["start"].items()}
+    stop = {int(p): int(o) for p, o in only["stop"].items()}
+    return only["topic"], {p: start[p] for p in stop if stop[p] > start[p]}, \
+        {p: stop[p] for p in stop if stop[p] > start[p]}
+
+
+def report(records: int, loop: PlainLoop) -> None:
+    """The run's JSON line (module docstring)."""
+    print(json.dumps({"records": records, "first_write_s": loop.first_write_s,
+                      "seconds": time.monotonic() - T0, "counts": dict(loop.counts)}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     s = JobSettings(job_settings(argv))
-    (only,) = s.bounded_ranges
-    stops = {int(p): o for p, o in only["stop"].items()}
+    topic, starts, stops = bounded_range(s)
     consumer = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap_servers, enable_auto_commit=False,
                              max_poll_records=2000, fetch_max_bytes=64 * 1024 * 1024)
-    parts = {p: TopicPartition(only["topic"], p) for p, stop in stops.items()
-             if stop > int(only["start"][str(p)])}
+    parts = {p: TopicPartition(topic, p) for p in stops}
     consumer.assign(list(parts.values()))
     for p, tp in parts.items():
-        consumer.seek(tp, int(only["start"][str(p)]))
+        consumer.seek(tp, starts[p])
     loop = PlainLoop(s)
     loop.chain.open()
     records = 0
@@ -212,8 +248,7 @@ def main(argv: list[str]) -> None:
         loop.chain.close()
         consumer.close()
         loop.client.close()
-    print(json.dumps({"records": records, "first_write_s": loop.first_write_s,
-                      "seconds": time.monotonic() - T0, "counts": dict(loop.counts)}), flush=True)
+    report(records, loop)
 
 
 if __name__ == "__main__":
