@@ -40,6 +40,10 @@ cluster; the Quix application's ``settings`` child, done before it starts,
 aside). Medians of ``--repeat`` runs; ratios against the plain loop.
 Online models are off (``--disable_online_models``) unless ``--models``.
 
+For the Flink runs, also each vertex's busy and back-pressured seconds
+(Flink's task metrics, summed over its subtasks): which operator bounds the
+job, JVM work included.
+
 Latency, at each of ``--rates``: produce -> Redis p50/p99 of probe events
 under live load (live_latency.py), for the Flink job (streaming, parallelism
 1, stopped with a savepoint), the Beam pipeline (streaming, on Prism) and
@@ -195,6 +199,35 @@ class Cluster:
                        stderr=subprocess.DEVNULL)
         self.layout = None
 
+    def busy(self) -> dict[str, tuple[float, float]]:
+        """Per vertex of the running job: (busy s, back-pressured s) summed over its subtasks so far.
+
+        Flink's ``accumulateBusyTimeMs`` / ``accumulateBackPressuredTimeMs``
+        task metrics: where the job's time goes, JVM side included (which a
+        Python profile of the TaskManager does not see).
+        """
+        import json
+        import urllib.request
+
+        def get(path: str):
+            with urllib.request.urlopen(self.url + path, timeout=5) as reply:
+                return json.load(reply)
+
+        found: dict[str, tuple[float, float]] = {}
+        try:
+            for job in get("/jobs")["jobs"]:
+                if job["status"] != "RUNNING":
+                    continue
+                for vertex in get(f"/jobs/{job['id']}")["vertices"]:
+                    metrics = get(f"/jobs/{job['id']}/vertices/{vertex['id']}/subtasks/metrics"
+                                  "?get=accumulateBusyTimeMs,accumulateBackPressuredTimeMs&agg=sum")
+                    sums = {m["id"]: float(m.get("sum", 0.0)) for m in metrics}
+                    found[vertex["name"]] = (sums.get("accumulateBusyTimeMs", 0.0) / 1000,
+                                             sums.get("accumulateBackPressuredTimeMs", 0.0) / 1000)
+        except (OSError, ValueError, KeyError):
+            pass  # between jobs, or the cluster is going down: the last figures stand
+        return found
+
     def processes(self) -> dict[int, str]:
         folder = Path(self.env["OBF_RUN_DIR"]) / "flink"
         found = {}
@@ -294,8 +327,13 @@ def throughput_run(kind: str, args, run: str, topic: str, secret_file: str, clus
                             stderr=subprocess.STDOUT)
     first = None
     code = None
+    busy: dict[str, tuple[float, float]] = {}
+    polled = 0.0
     while code is None:
         usage.sample(proc.pid, ROOT_ROLE.get(kind, "launcher"))
+        if kind.startswith("flink") and time.monotonic() - polled >= 2.0:
+            busy = cluster.busy() or busy
+            polled = time.monotonic()
         if first is None and _first_write(client, f"bench{run}"):
             first = time.monotonic() - t0
         pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
@@ -322,6 +360,9 @@ def throughput_run(kind: str, args, run: str, topic: str, secret_file: str, clus
           f"{first if first is not None else float('nan'):.1f}s ({steady:,.0f} events/s after it); "
           f"CPU {cpu}; peak {role} {peak / 1024:.0f} MiB; "
           f"{result['profiles']:,} profiles, {result['rows']:,} event rows", flush=True)
+    for vertex, (busy_s, pressured_s) in busy.items():
+        print(f"     {vertex[:110]}: busy {busy_s:.1f} s, back-pressured {pressured_s:.1f} s "
+              "(summed over subtasks, until 2 s before the end)", flush=True)
     return result
 
 
