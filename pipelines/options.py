@@ -311,6 +311,14 @@ class FlinkCheckpointOptions(PipelineOptions):
                        help="Start from a savepoint even if it holds state of steps the pipeline no longer has.")
 
 
+#: The Flink user stage's flush tick (--flink_flush_interval_ms) by run kind: a
+#: flush's fixed cost (a Redis script call, a warehouse transaction per table,
+#: the outbox relays) is paid per tick, so a backfill flushes less often
+#: (docs/performance.md).
+STREAMING_FLUSH_INTERVAL_MS = 100
+BOUNDED_FLUSH_INTERVAL_MS = 1000
+
+
 class FlinkJobOptions(PipelineOptions):
     """Settings of the native Flink job (``onboardflow run --engine flink``, pipelines/flink/, docs/flink.md).
 
@@ -339,8 +347,10 @@ class FlinkJobOptions(PipelineOptions):
                        help="fixed-delay: milliseconds between a failure and the restart.")
         g.add_argument("--flink_flush_size", type=int, default=5000,
                        help="Pending writes (profiles and rows) at which a user-stage subtask flushes.")
-        g.add_argument("--flink_flush_interval_ms", type=int, default=100,
-                       help="A subtask flushes what is pending at least this often (processing time).")
+        g.add_argument("--flink_flush_interval_ms", type=int, default=None,
+                       help="A subtask flushes what is pending at least this often (processing time). Default: "
+                            f"{STREAMING_FLUSH_INTERVAL_MS} ms streaming (profiles fresh within the seeds' 200 ms), "
+                            f"{BOUNDED_FLUSH_INTERVAL_MS} ms bounded (a backfill: fewer, larger flushes).")
         g.add_argument("--flink_rest_url", default=None,
                        help="The cluster's REST API (default $OBF_FLINK_REST_URL or http://127.0.0.1:8081).")
         g.add_argument("--flink_detach", action="store_true", default=False,

@@ -128,7 +128,14 @@ def _json_ready(values: dict) -> dict:
 def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> dict:
     """The ``JobSettings`` values for ``argv`` over the deployment (steps 1–2 of the module docstring)."""
     from ..pipelines.configuration import resolve_secret
-    from ..pipelines.options import FlinkCheckpointOptions, FlinkJobOptions, KafkaReadOptions, OnboardingOptions
+    from ..pipelines.options import (
+        BOUNDED_FLUSH_INTERVAL_MS,
+        STREAMING_FLUSH_INTERVAL_MS,
+        FlinkCheckpointOptions,
+        FlinkJobOptions,
+        KafkaReadOptions,
+        OnboardingOptions,
+    )
     from ..transforms.backfill_horizon import backfill_horizon
     from ..transforms.decode import OnboardingEventDecoder
     from ..transforms.kafka.consumer import resolve_partitions
@@ -147,7 +154,9 @@ def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> di
         values["secret_file"] = _demo_secret(job.flink_job_name)
     values.update(
         job_name=job.flink_job_name, parallelism=job.flink_parallelism,
-        flush_size=job.flink_flush_size, flush_interval_ms=job.flink_flush_interval_ms,
+        flush_size=job.flink_flush_size,
+        flush_interval_ms=job.flink_flush_interval_ms or (
+            BOUNDED_FLUSH_INTERVAL_MS if kafka.kafka_bounded else STREAMING_FLUSH_INTERVAL_MS),
         restart_strategy=job.flink_restart_strategy, restart_attempts=job.flink_restart_attempts,
         restart_delay_ms=job.flink_restart_delay_ms,
         checkpointing_interval=checkpoints.checkpointing_interval or 10_000,
