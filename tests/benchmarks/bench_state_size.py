@@ -505,6 +505,9 @@ def report(args, m: Measured) -> None:
         print(_row(f"Flink ValueState value (pickled), {group}", m.values("flink_value", ks), project))
         print(_row(f"Redis profile hash (MEMORY USAGE), {group}", [m.profiles[k] for k in ks if k in m.profiles],
                    project))
+        if m.listpacks:
+            print(_row(f"Redis profile hash as a listpack (what-if), {group}",
+                       [m.listpacks[k] for k in ks if k in m.listpacks], project))
     for part in ("engagement", "sessions", "seen", "context"):
         print(_row(f"  Beam cell part: {part}", m.values(part, m.keys("all")), project))
     print(f"| decoded state on the heap (tracemalloc), all | | | {m.heap:,.0f} | {human(m.heap * project)} |")
