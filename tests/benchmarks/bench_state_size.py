@@ -13,28 +13,37 @@ keeps it:
 * Beam: ``_UserProfileFn.PROFILE_STATE`` (pipelines/beam/profile.py), one
   ``ReadModifyWriteState`` cell per user, encoded with the coder it declares
   (``FastPrimitivesCoder``) and its key with the key coder of the keyed
-  ``tuple[str, dict]`` PCollection (``StrUtf8Coder``); plus two event-time
-  timers per user, which the runner keeps beside the cell;
+  ``tuple[str, dict]`` PCollection (``StrUtf8Coder``); the two event-time
+  timers per user that the runner keeps beside the cell are not counted;
 * Flink: the ``ValueState`` of pipelines/flink/users.py, ``Types.PICKLED_BYTE_ARRAY``
   of ``(primitive, dirty, rows)`` at rest (after a confirm tick: ``False, ()``);
 * the decoded ``UserProfileState`` on the heap (tracemalloc), what a worker's
   state cache holds per cached user (Flink's ``state_cache_size``, Beam's);
 * Redis (prefix ``benchmem``): ``MEMORY USAGE ... SAMPLES 0`` of every key the
   sink wrote: the profile hashes one by one, and the shared keys (segment sets,
-  outbox streams and their cursors, the progress marker) divided by users;
+  outbox streams and their cursors, the progress marker) divided by profiles;
+  and, when ``redis-server`` is on PATH, the same hashes copied into a private
+  one with ``hash-max-listpack-value 4096`` (as listpacks, a what-if: every
+  hash written today has a value over the default 64 bytes, so it is a
+  hashtable);
 * the warehouse (schema ``bench_mem``): ``pg_total_relation_size`` per row of
   each table written.
 
 With ``--flink``, also the RocksDB checkpoint of the native Flink job
 (streaming, parallelism 1) over the same topic, on a cluster of its own
 (runners/flink/flink.sh, REST ``--flink-rest-port``, state under
-``.run/bench-mem``): the user stage's checkpointed state size divided by the
-users it holds (~1-2 minutes more and a JVM; off by default so ``make bench``
-stays light).
+``.run/bench-mem``): once the job has read the topic, the state size of its
+latest incremental checkpoint per key, and of its stop-with-savepoint (~5
+minutes more and a JVM; off by default so ``make bench`` stays light). The
+Flink virtualenv installs onboardflow from ``OBF_ROOT`` (flink.sh): run from
+another checkout than the one it holds, pass ``--flink-obf-root`` (or
+``BENCH_FLINK_OBF_ROOT``) naming that one, or flink.sh reinstalls it.
 
-Prints medians and p99 per user (identified users and anonymous visitors
+Prints medians and p99 per key (identified users and anonymous visitors
 apart), what grows with events rather than users, and the projection to
-``--project`` users. Cleans up its Redis keys, schema and topics (``bench-mem*``).
+``--project`` users, each with the visitor profiles generated per user.
+Figures and their reading: docs/performance.md. Cleans up its Redis keys,
+schema, topics and consumer group (``bench-mem*``) and Flink's checkpoints.
 
     python tests/benchmarks/bench_state_size.py [--users 2000] [--events 200000] [--flink]
 
@@ -46,6 +55,7 @@ import argparse
 import json
 import os
 import pickle
+import shutil
 import signal
 import statistics
 import subprocess
@@ -63,7 +73,6 @@ from plain_loop import PlainLoop
 PREFIX = "benchmem"
 SCHEMA = "bench_mem"
 TOPICS = "bench-mem"
-HERE = Path(__file__).resolve().parent
 CLI = "import sys; from onboardflow.runners.cli import main; sys.exit(main())"
 MIB = 1024 * 1024
 
@@ -178,7 +187,7 @@ def engine_state(loop: PlainLoop) -> dict[str, dict[str, int]]:
     out = {}
     for key, state in loop.states.items():
         primitive = state.to_primitive()
-        engagement, sessions, seen = primitive[1], primitive[2], primitive[3]
+        engagement, sessions, seen, context = primitive[1:5]
         out[key] = {
             "beam_value": len(cell.encode(primitive)),
             "beam_key": len(key_coder.encode(key)),
@@ -186,10 +195,10 @@ def engine_state(loop: PlainLoop) -> dict[str, dict[str, int]]:
             "engagement": len(cell.encode(engagement)),
             "sessions": len(cell.encode(sessions)),
             "seen": len(cell.encode(seen)),
-            "context": len(cell.encode(primitive[4])),
-            "events": engagement[11],
-            "session_count": len(sessions[0]),
-            "ids": len(seen[0]),
+            "context": len(cell.encode(context)),
+            "events": state.engagement.events_total,
+            "session_count": len(state.sessions.starts),
+            "ids": len(state.seen.seen),
         }
     return out
 
@@ -261,7 +270,6 @@ def hash_payload(client, limit: int) -> tuple[list[int], list[int], dict[str, in
 def listpack_what_if(client, limit: int, value_limit: int = 4096) -> Optional[dict[str, int]]:
     """MEMORY USAGE of up to ``limit`` profile hashes copied into a private redis-server whose
     ``hash-max-listpack-value`` is ``value_limit``, so they are listpacks; None without redis-server."""
-    import shutil
     import socket
     import tempfile
 
@@ -310,6 +318,7 @@ def cleanup_redis(client) -> None:
 
 
 def drop_topics(bootstrap: str) -> None:
+    """Delete this benchmark's topics and consumer group (the Flink job commits offsets to it)."""
     from kafka.admin import KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-bench")
@@ -317,6 +326,8 @@ def drop_topics(bootstrap: str) -> None:
         old = [name for name in admin.list_topics() if name.startswith(TOPICS)]
         if old:
             admin.delete_topics(old)
+        if any(group.get("group_id") == TOPICS for group in admin.list_groups()):
+            admin.delete_groups([TOPICS])
     finally:
         admin.close()
 
@@ -450,14 +461,17 @@ def flink_checkpoint(args, flags: list[str], records: int, client) -> Optional[d
         if result is not None:
             result["savepoint_size"] = _newest_savepoint_bytes(folder / "flink" / "savepoints", started)
         subprocess.run([sh, "down"], env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Checkpoints are retained on cancellation and savepoints kept: not by this benchmark.
+        for old in (folder / "flink" / "checkpoints", folder / "flink" / "savepoints"):
+            shutil.rmtree(old, ignore_errors=True)
     return result
 
 
 # ---- the report -------------------------------------------------------------------
 
-def _row(label: str, values: list[float], project: int, per_user: Optional[float] = None) -> str:
+def _row(label: str, values: list[float], project: int) -> str:
     med, p99, mean = quantiles(values)
-    total = (per_user if per_user is not None else mean) * project
+    total = mean * project
     return f"| {label} | {med:,.0f} | {p99:,.0f} | {mean:,.0f} | {human(total)} |"
 
 
@@ -587,7 +601,7 @@ def _projection(args, m: Measured) -> None:
          per_user(lambda ks: m.values("flink_value", ks))),
     ]
     if m.flink:
-        rows.append(("Flink RocksDB checkpoint, user stage (incremental: SST files incl. timers)",
+        rows.append(("Flink RocksDB checkpoint (incremental, every operator: SST files incl. timers)",
                      m.flink["state_size"] / len(m.states) * (1 + ratio)))
         if m.flink.get("savepoint_size"):
             rows.append(("Flink savepoint, canonical (every operator)",
