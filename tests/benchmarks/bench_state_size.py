@@ -130,7 +130,7 @@ def run_core(args, flags: list[str]) -> tuple[PlainLoop, dict[str, bool], int]:
     s = JobSettings(job_settings([*flags, "--kafka_bounded", "--kafka_start_position=earliest"]))
     (only,) = s.bounded_ranges
     stops = {int(p): o for p, o in only["stop"].items()}
-    loop = PlainLoop(s, args.batch)
+    loop = PlainLoop(s)
     identified: dict[str, bool] = {}
     anonymize = loop.anonymizer.anonymize
 
@@ -158,7 +158,7 @@ def run_core(args, flags: list[str]) -> tuple[PlainLoop, dict[str, bool], int]:
                     loop.record(KafkaRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value))
                     records += 1
                     pending += 1
-                    if pending >= loop.batch:
+                    if pending >= args.batch:
                         loop.flush(loop.watermark())
                         pending = 0
                     if r.offset + 1 >= stops[tp.partition]:
