@@ -35,9 +35,8 @@ after it (without start-up); CPU seconds (utime + stime from /proc, sampled ever
 children (Prism and the in-process SDK workers; Flink's client; the Quix
 application's child that resolves its flags, ``settings``), and the
 TaskManager and JobManager JVMs (their delta over the run); peak memory
-(VmHWM) of the largest process (a TaskManager's covers every run on that
-cluster; the Quix application's ``settings`` child, done before it starts,
-aside). Medians of ``--repeat`` runs; ratios against the plain loop.
+(VmHWM) of each of those processes, the largest of a role (a TaskManager's
+covers every run on that cluster). Medians of ``--repeat`` runs; ratios against the plain loop.
 Online models are off (``--disable_online_models``) unless ``--models``.
 
 For the Flink runs, also each vertex's busy and back-pressured seconds
@@ -78,8 +77,6 @@ CLI = "import sys; from onboardflow.runners.cli import main; sys.exit(main())"
 TICK = os.sysconf("SC_CLK_TCK")
 #: What the contender's own process is (its children are named by program: prism, java, python).
 ROOT_ROLE = {"loop": "loop", "quix": "quix", "beam": "launcher+sdk-workers"}
-#: Short-lived helpers: their CPU counts, their memory is not the contender's peak.
-HELPERS = {"settings"}
 
 
 # ---- processes ----------------------------------------------------------------
@@ -160,13 +157,13 @@ class Usage:
             out[self.role[pid]] = out.get(self.role[pid], 0.0) + cpu
         return out
 
-    def peak(self) -> tuple[str, int]:
-        """(role, VmHWM KiB) of the largest process, helpers (``HELPERS``) aside."""
-        working = [pid for pid in self.hwm if self.role[pid] not in HELPERS] or list(self.hwm)
-        if not working:
-            return "-", 0
-        pid = max(working, key=self.hwm.get)
-        return self.role[pid], self.hwm[pid]
+    def peaks(self) -> dict[str, int]:
+        """Peak memory (VmHWM KiB) per role: the largest process of each."""
+        out: dict[str, int] = {}
+        for pid, kb in self.hwm.items():
+            out[self.role[pid]] = max(out.get(self.role[pid], 0), kb)
+        return out
+
 
 
 # ---- the Flink cluster ----------------------------------------------------------
@@ -349,16 +346,16 @@ def throughput_run(kind: str, args, run: str, topic: str, secret_file: str, clus
     log.close()
     if code != 0:
         raise RuntimeError(f"{kind} exited with {code}; see {log.name}")
-    role, peak = usage.peak()
     steady = args.events / (seconds - first) if first is not None and seconds > first else float("nan")
     result = {"kind": kind, "seconds": seconds, "rate": args.events / seconds, "first": first, "steady": steady,
-              "cpu": usage.by_role(), "peak_role": role, "peak_kb": peak,
+              "cpu": usage.by_role(), "peaks": usage.peaks(),
               "profiles": _count_profiles(client, f"bench{run}"), "rows": _events_rows(f"bench_{run}")}
     _cleanup(client, run, args.bootstrap, cluster)
     cpu = " + ".join(f"{r} {c:.0f}s" for r, c in sorted(result["cpu"].items()) if c >= 0.5)
+    peaks = ", ".join(f"{r} {kb / 1024:.0f}" for r, kb in sorted(result["peaks"].items()) if kb >= 10 * 1024)
     print(f"   {kind}: {seconds:.1f}s = {result['rate']:,.0f} events/s; first write after "
           f"{first if first is not None else float('nan'):.1f}s ({steady:,.0f} events/s after it); "
-          f"CPU {cpu}; peak {role} {peak / 1024:.0f} MiB; "
+          f"CPU {cpu}; peak memory MiB by process {peaks}; "
           f"{result['profiles']:,} profiles, {result['rows']:,} event rows", flush=True)
     for vertex, (busy_s, pressured_s) in busy.items():
         print(f"     {vertex[:110]}: busy {busy_s:.1f} s, back-pressured {pressured_s:.1f} s "
@@ -374,7 +371,7 @@ def _table(results: dict[str, list[dict]]) -> None:
 
     ceiling = med("loop", lambda r: r["rate"]) if results.get("loop") else None
     print("\n| contender | events/s | × plain loop | after first write | wall s | first write s | "
-          "CPU s (by process) | peak memory | profiles / event rows |")
+          "CPU s (by process) | peak memory MiB (by process) | profiles / event rows |")
     print("|---|---:|---:|---:|---:|---:|---|---|---|")
     for kind, runs in results.items():
         if not runs:
@@ -385,13 +382,17 @@ def _table(results: dict[str, list[dict]]) -> None:
         cpu = {role: statistics.median(r["cpu"].get(role, 0.0) for r in runs) for role in roles}
         total = sum(cpu.values())
         parts = ", ".join(f"{role} {c:.0f}" for role, c in cpu.items() if c >= 0.5)
-        peak = max(runs, key=lambda r: r["peak_kb"])
+        peaks: dict[str, int] = {}
+        for r in runs:
+            for role, kb in r["peaks"].items():
+                peaks[role] = max(peaks.get(role, 0), kb)
+        peak = ", ".join(f"{role} {kb / 1024:.0f}" for role, kb in sorted(peaks.items()) if kb >= 10 * 1024)
         first = [r["first"] for r in runs if r["first"] is not None]
         ratio = f"{rate / ceiling:.2f}" if ceiling else "-"
         print(f"| {kind} | {rate:,.0f} | {ratio} | {med(kind, lambda r: r['steady']):,.0f} | "
               f"{med(kind, lambda r: r['seconds']):.1f} | "
               f"{statistics.median(first) if first else float('nan'):.1f} | {total:.0f} ({parts}) | "
-              f"{peak['peak_role']} {peak['peak_kb'] / 1024:.0f} MiB | "
+              f"{peak} | "
               f"{runs[-1]['profiles']:,} / {runs[-1]['rows']:,} |")
     print(f"(medians of {max(len(r) for r in results.values())} runs; {os.cpu_count()} cores)", flush=True)
 
