@@ -9,8 +9,10 @@ the Beam pipeline composes the same core functions (pipelines/onboarding.py):
 
     profile ─► enrich (AccountsCache) ─► rule segments ─► online-model scores
             ─► onboarding track ─► ProfileSink (Redis, version-guarded, outbox
-               in the same script) ─► relays: segment changes and snapshots to
-               Kafka and the warehouse, dead letters to the DLQ topic
+               in the same script) ─► relays, in a thread of their own
+               (transforms/outbox/background.py): segment changes and
+               snapshots to Kafka and the warehouse, dead letters to the DLQ
+               topic; ``close()`` waits for a last round
     rows    ─► WarehouseSink per table (INSERT ... ON CONFLICT DO NOTHING)
 
 and returns the profiles Redis applied (for the learner). Everything it
@@ -29,7 +31,7 @@ from ...models.tracks import TrackPolicy
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.enrich import AccountsCache, enrich_profile
 from ...transforms.metrics import PipelineMetrics
-from ...transforms.outbox.keys import STREAMS
+from ...transforms.outbox.background import BackgroundRelays
 from ...transforms.outbox.settings import RelaySettings, make_relays
 from ...transforms.profile_store.sink import ProfileSink
 from ...transforms.progress import EventTimeProgress
@@ -106,17 +108,24 @@ class StoreChain:
         }
         for sink in (self._profile_sink, *self._tables.values()):
             sink.open()
+        self._background = BackgroundRelays()
         self._relays = make_relays(
             RelaySettings(s.redis_url, s.redis_key_prefix, s.kafka_bootstrap_servers, s.segment_changes_topic,
                           s.dead_letter_topic, s.warehouse_dsn, s.warehouse_schema, self._rules, s.registry_url),
-            on_warehouse_retry=self._metrics.warehouse_error, count=self._count)
+            on_warehouse_retry=self._background.warehouse_retry, count=self._background.count)
+        self._background.start(self._relays)
 
     def close(self) -> None:
-        for sink in (getattr(self, "_profile_sink", None), *getattr(self, "_tables", {}).values()):
-            if sink is not None:
-                sink.close()
-        for relay in getattr(self, "_relays", {}).values():
-            relay.close()
+        """Close the sinks, after a last relay round of everything written (``BackgroundRelays.drain``)."""
+        try:
+            if getattr(self, "_background", None) is not None:
+                self._relayed(*self._background.drain())
+        finally:
+            for sink in (getattr(self, "_profile_sink", None), *getattr(self, "_tables", {}).values()):
+                if sink is not None:
+                    sink.close()
+            for relay in getattr(self, "_relays", {}).values():
+                relay.close()
         if getattr(self, "_store", None) is not None:
             self._store.close()
 
@@ -161,15 +170,21 @@ class StoreChain:
                 _LOG.error("a dead-letter row was refused (%s); counted dead_letter_rows_refused",
                            record.rejection[0])
         self._pending_rows = 0
-        for name in STREAMS:
-            report = self._relays[name].relay()
+        # The relays trail the writes in their own thread (transforms/outbox/background.py).
+        self._relayed(*self._background.kick())
+        return applied
+
+    def _relayed(self, reports: list, calls: list) -> None:
+        """Count what finished relay rounds did (``BackgroundRelays``), in this thread."""
+        for method, args in calls:
+            (self._count if method == "count" else self._metrics.warehouse_error)(*args)
+        for name, report in reports:
             self._count("outbox_entries_relayed", report.entries)
             self._count("outbox_records_sent", report.records)
             self._count("outbox_records_skipped", report.skipped)
             self._count("outbox_rows_rejected", report.rejected)
             if name == "segment-changes" and report.records:
                 self._metrics.segment_changes(report.records)
-        return applied
 
     def _prepare(self, profile: dict) -> Optional[dict]:
         """enrich ─► rules ─► scores ─► track; None (and a dead-letter row) when the rules refuse it."""
