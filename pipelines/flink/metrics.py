@@ -34,6 +34,11 @@ class Counters:
         self._counters: dict[str, Any] = {}
         self._gauges: dict[str, list] = {}
 
+    def register(self, *names: str) -> None:
+        """Create these counters now, at 0: a job's counters exist from its start, not from their first event."""
+        for name in names:
+            self(name, 0)
+
     def __call__(self, name: str, n: int = 1) -> None:
         counter = self._counters.get(name)
         if counter is None:

@@ -77,6 +77,14 @@ APPLIED, MARK = "p", "w"
 END_OF_INPUT_MS = 2**63 - 2
 
 
+#: The stage's own counters (Flink metric group ``onboardflow``), registered at open.
+STAGE_COUNTERS = (
+    "flushes", "profile_updates_emitted", "pending_writes_restored", "duplicates_dropped", "too_late_events",
+    "future_events", "profile_dead_letter", "profile_state_expired", "lifecycle_timers_fired",
+    "lifecycle_timers_beyond_clock",
+)
+
+
 class UserStage(KeyedProcessFunction):
     """See the module docstring."""
 
@@ -92,6 +100,7 @@ class UserStage(KeyedProcessFunction):
         self._machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False)
         self._cell = runtime_context.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
         self._count = Counters(runtime_context)
+        self._count.register(*STAGE_COUNTERS)
         self._metrics = flink_pipeline_metrics(self._count, s)
         self._chain = StoreChain(s, rules, tracks, self._metrics, self._count)
         self._chain.open()
