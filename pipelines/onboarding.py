@@ -127,9 +127,12 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     events = anonymized[AnonymizeEvents.PERSONALIZATION]
     analytics_only = anonymized[AnonymizeEvents.ANALYTICS_ONLY]
 
+    # One sink per consent route rather than one behind a Flatten: on Prism a
+    # Flatten's consumer is a stage of its own, which moved every event through
+    # the runner once more (docs/decisions.md "pipelines/onboarding.py").
     event_rejects = (
-        (events, analytics_only) | "AllAnonymizedEvents" >> beam.Flatten()
-        | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
+        events | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics),
+        analytics_only | "WriteAnalyticsOnlyEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
 
     built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon, rules), metrics=metrics)
     too_late = built[TOO_LATE]
@@ -160,14 +163,19 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # segment changes and snapshot in the outbox in the same Redis script; the
     # relay moves them to Kafka and the warehouse exactly once. Every write
     # result triggers it, applied or not: a replay after a crash relays what
-    # the crashed run left behind.
+    # the crashed run left behind. Each relay runs fused into the stage whose
+    # writes trigger it, at the end of that stage's bundle (no stage of its
+    # own: Prism busy-waits through every bundle of a stage without outputs
+    # or timers, docs/decisions.md "pipelines/onboarding.py").
+    relay_settings = RelaySettings(
+        opts.redis_url, opts.redis_key_prefix, bootstrap, opts.segment_changes_topic, opts.dead_letter_topic,
+        dsn, schema, rules, opts.registry_url)
     relayed = (
-        (written | "OutboxesOfWrites" >> beam.FlatMap(lambda _: (SEGMENT_CHANGES_OUTBOX, PROFILE_SNAPSHOTS_OUTBOX)),
-         recorded_letters)
-        | "OutboxTriggers" >> beam.Flatten()
-        | "RelayOutboxes" >> RelayOutboxes(RelaySettings(
-            opts.redis_url, opts.redis_key_prefix, bootstrap, opts.segment_changes_topic, opts.dead_letter_topic,
-            dsn, schema, rules, opts.registry_url), metrics=metrics))
+        ((written
+         | "OutboxesOfWrites" >> beam.FlatMap(lambda _: (SEGMENT_CHANGES_OUTBOX, PROFILE_SNAPSHOTS_OUTBOX))
+         | "RelayOutboxes" >> RelayOutboxes(relay_settings, metrics=metrics)),
+         recorded_letters | "RelayDeadLetters" >> RelayOutboxes(relay_settings, metrics=metrics))
+        | "Relayed" >> beam.Flatten())
     applied = written | "AppliedWrites" >> beam.Filter(lambda r: r.applied)
 
     model_rejects = ()
@@ -190,7 +198,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # their metadata goes to the warehouse's dead_letters table with the rest.
     internal_rejects = (
         anonymized[AnonymizeEvents.DEAD_LETTER], built.dead_letter, segmented[AssignRuleSegments.DEAD_LETTER],
-        redis[WriteProfilesToRedis.DEAD_LETTER], event_rejects, late_rejects, *model_rejects,
+        redis[WriteProfilesToRedis.DEAD_LETTER], *event_rejects, late_rejects, *model_rejects,
     )
     ((dead_letters,) + internal_rejects
      | "AllDeadLetters" >> beam.Flatten()
