@@ -10,8 +10,9 @@ core, in the order of tests/benchmarks/plain_loop.py:
     snapshot ─► enrich ─► rule segments ─► Redis encoding
 
 Each step runs over all its inputs at once and is timed in CPU seconds
-(``time.process_time``), the garbage collector's generations frozen after
-setup (a worker holding its state long-lived); medians of ``--repeat``
+(``time.process_time``), with what is alive before the step (its
+inputs, the users' states) frozen out of the garbage collector, as a
+worker's long-lived state is; medians of ``--repeat``
 rounds, in µs per item and per record.
 
 ``--baseline ROOT``: the same measurement, in the same run, of the checkout
@@ -73,12 +74,15 @@ def measure(records: int, users: int, repeat: int, flush_records: int) -> dict[s
             return None
 
     decode(raw[0])  # the schema fetched and planned once, as in a worker
-    gc.collect()
-    gc.freeze()
     timings: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
 
     def step(name, fn, items):
+        # What is alive (the step's inputs, earlier steps' outputs) is frozen out of the
+        # collector: a worker does not hold a whole run's events, and scanning them
+        # would bill a step for its predecessors' garbage.
+        gc.collect()
+        gc.freeze()
         started = time.process_time()
         out = [fn(x) for x in items]
         timings.setdefault(name, []).append((time.process_time() - started) * 1e6 / max(len(items), 1))
@@ -114,8 +118,6 @@ def measure(records: int, users: int, repeat: int, flush_records: int) -> dict[s
         segmented = step("segments", lambda p: segment_profile(rules, p, p["as_of"]), enriched)
         step("redis encoding", encode_profile, segmented)
         gc.unfreeze()
-        gc.collect()
-        gc.freeze()
     return {name: (statistics.median(values), sizes[name]) for name, values in timings.items()}
 
 

@@ -148,7 +148,8 @@ class Usage:
             if st is None:
                 continue
             self.cpu[pid] = st[1] - self.base.get(pid, 0.0)
-            self.role[pid] = role
+            if role != "?" or pid not in self.role:  # an exiting process has no command line left
+                self.role[pid] = role
             self.hwm[pid] = max(self.hwm.get(pid, 0), vm_hwm_kb(pid))
 
     def by_role(self) -> dict[str, float]:
