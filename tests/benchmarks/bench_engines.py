@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from bench_topics import fresh_topics, vm_hwm_kb
+from bench_topics import fresh_topics, interrupt, vm_hwm_kb
 from live_latency import probe_latency
 
 from onboardflow.transforms.progress import EventTimeProgress
@@ -412,12 +411,7 @@ def latency_run(kind: str, rate: float, args, run: str, secret_file: str, cluste
                                 start_new_session=True)
 
         def stop():
-            proc.send_signal(signal.SIGINT)  # Flink: stop with a savepoint; Beam: cancel; Quix: a last commit
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            interrupt(proc, group=False)  # Flink: stop with a savepoint; Beam: cancel; Quix: a last commit
             log.close()
         return stop
 

@@ -56,7 +56,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from bench_topics import fresh_topics
+from bench_topics import fresh_topics, interrupt
 from plain_loop import PlainLoop
 
 PREFIX = "benchmem"
@@ -451,12 +450,7 @@ def flink_checkpoint(args, flags: list[str], records: int, client) -> Optional[d
                   "tasks": {name: t.get("state_size", 0) for name, t in tasks.items()}}
     finally:
         if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # stop with a savepoint
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            interrupt(proc)  # stop with a savepoint
         log.close()
         if result is not None:
             result["savepoint_size"] = _newest_savepoint_bytes(folder / "flink" / "savepoints", started)

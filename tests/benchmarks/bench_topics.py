@@ -1,7 +1,10 @@
-"""Topics of one benchmark run: older runs' topics deleted, this run's created (not a benchmark itself).
+"""Topics of one benchmark run, and the processes of its contenders (not a benchmark itself).
 
     from bench_topics import fresh_topics   # benchmarks run as scripts, so their folder is on sys.path
 """
+import os
+import signal
+import subprocess
 import time
 
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -37,3 +40,18 @@ def vm_hwm_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def interrupt(proc: subprocess.Popen, timeout: float = 120.0, group: bool = True) -> None:
+    """SIGINT to ``proc`` (a streaming job's clean stop: Flink's with a savepoint), to its whole process
+    group if ``group``; SIGKILL to the group if it has not ended within ``timeout`` seconds. ``proc``
+    must lead its group (``start_new_session=True``)."""
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
