@@ -126,8 +126,8 @@ class StoreChain:
                     sink.close()
             for relay in getattr(self, "_relays", {}).values():
                 relay.close()
-        if getattr(self, "_store", None) is not None:
-            self._store.close()
+            if getattr(self, "_store", None) is not None:
+                self._store.close()
 
     # -- between flushes ----------------------------------------------------------
 
