@@ -46,6 +46,7 @@ def _adwin(delta: float) -> "drift.ADWIN":
 
     return ADWIN(delta=delta)
 
+
 class _AdwinDrift:
     def __init__(self, model_name: str, model_version: str, delta: float, action: str):
         if action not in ACTIONS:

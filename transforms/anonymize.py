@@ -286,7 +286,7 @@ def ip_prefix(ip: Optional[str]) -> Optional[str]:
     if not isinstance(ip, str) or not ip:
         return None
     plain = _PLAIN_IPV4_RE.fullmatch(ip)
-    if plain is not None:  # the common case, before any stripping
+    if plain is not None:  # the common case: nothing to strip
         return plain.group(1) + ".0/24"
     full = _FULL_IPV6_RE.fullmatch(ip)
     if full is not None:
@@ -294,14 +294,9 @@ def ip_prefix(ip: Optional[str]) -> Optional[str]:
         if groups[0] not in (0, 0x2002):  # neither IPv4-mapped/compatible nor 6to4: no embedded IPv4
             return _ipv6_48(groups)
     text = _strip_ip_decorations(ip)
-    octets = text.split(".")
-    # Fast path for plain dotted quads (the common case); same rules as ipaddress:
-    # decimal octets 0-255, no leading zeros.
-    if len(octets) == 4 and all(o.isdigit() and o.isascii() and len(o) <= 3 and (o == "0" or o[0] != "0")
-                                for o in octets):
-        if all(int(o) <= 255 for o in octets):
-            return f"{octets[0]}.{octets[1]}.{octets[2]}.0/24"
-        return None
+    plain = _PLAIN_IPV4_RE.fullmatch(text)  # a dotted quad with a port, a list, spaces around it
+    if plain is not None:
+        return plain.group(1) + ".0/24"
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
