@@ -80,9 +80,11 @@ class DecodeAndAnonymize(ProcessFunction):
         client = getattr(self, "_client", None)
         if client is not None:
             client.close()
+            self._count.push()
 
     def process_element(self, value, ctx: ProcessFunction.Context):
         if value == HEARTBEAT_TICK:
+            self._count.tick()
             yield from self._heartbeat()
             return
         self._last_record = time.monotonic()

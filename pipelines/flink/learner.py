@@ -61,7 +61,8 @@ class LearnerStage(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext):
         s = self._settings
         self._count = Counters(runtime_context, "models")
-        self._metrics = flink_pipeline_metrics(Counters(runtime_context), s)
+        self._metric_counts = Counters(runtime_context)
+        self._metrics = flink_pipeline_metrics(self._metric_counts, s)
         self._enabled = not s.disable_online_models
         self._state = runtime_context.get_state(ValueStateDescriptor("learner", Types.PICKLED_BYTE_ARRAY()))
         self._batch = runtime_context.get_list_state(ListStateDescriptor("batch", Types.PICKLED_BYTE_ARRAY()))
@@ -98,6 +99,8 @@ class LearnerStage(KeyedProcessFunction):
         client = getattr(self, "_client", None)
         if client is not None:
             client.close()
+            self._count.push()
+            self._metric_counts.push()
 
     # -- elements ----------------------------------------------------------------
 

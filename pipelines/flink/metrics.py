@@ -9,42 +9,81 @@ instruments to the TaskManager process's own ``/metrics`` endpoint
 (``--metrics_port``), the same series the Beam workers serve, so the Grafana
 dashboard reads both engines (docs/observability.md). ``Counters`` does the
 same for a stage's own named counters (``count(name, n)``).
+
+Counts are summed in Python and added to Flink's counters at most once per
+``PUSH_INTERVAL_S`` (and at ``push()``, which the stages call when they flush
+and close): in thread mode each ``Counter.inc`` is a call into the JVM, and a
+handful per event cost more than the event's own logic (docs/performance.md).
+Flink's reporters poll every few seconds, so the lag does not show.
 """
 from __future__ import annotations
 
+import time
+from functools import lru_cache
 from typing import Any, Optional
 
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.metrics_endpoint import WorkerMetricsEndpoint
 
 GROUP = "onboardflow"
+#: Seconds between additions of the summed counts to Flink's counters.
+PUSH_INTERVAL_S = 1.0
 
 
+@lru_cache(maxsize=4096)
 def _flink_name(namespace: str, name: str) -> str:
     text = f"{namespace}_{name}".replace(".", "_").lower()
     return "".join(c if c.isalnum() or c == "_" else "_" for c in text)
 
 
 class Counters:
-    """``count(name, n)`` onto Flink counters of one function's metric group, each looked up once."""
+    """``count(name, n)`` onto Flink counters of one function's metric group, each looked up once,
+    the counts summed here and pushed to Flink every ``push_interval_s`` (module docstring)."""
 
-    def __init__(self, runtime_context: Any, namespace: str = ""):
+    def __init__(self, runtime_context: Any, namespace: str = "", push_interval_s: float = PUSH_INTERVAL_S):
         self._group = runtime_context.get_metrics_group().add_group(GROUP)
         self._namespace = namespace
         self._counters: dict[str, Any] = {}
         self._gauges: dict[str, list] = {}
+        # Counts not yet added to Flink's counters, by name.
+        self._unpushed: dict[str, int] = {}
+        self._interval = float(push_interval_s)
+        self._push_at = time.monotonic() + self._interval
 
     def register(self, *names: str) -> None:
         """Create these counters now, at 0: a job's counters exist from its start, not from their first event."""
         for name in names:
-            self(name, 0)
+            self._counter(name)
 
-    def __call__(self, name: str, n: int = 1) -> None:
+    def _counter(self, name: str) -> Any:
         counter = self._counters.get(name)
         if counter is None:
             metric = _flink_name(self._namespace, name) if self._namespace else name
             counter = self._counters[name] = self._group.counter(metric)
-        counter.inc(int(n))
+        return counter
+
+    def __call__(self, name: str, n: int = 1) -> None:
+        unpushed = self._unpushed
+        if name in unpushed:
+            unpushed[name] += n
+        else:
+            self._counter(name)
+            unpushed[name] = n
+        if time.monotonic() >= self._push_at:
+            self.push()
+
+    def tick(self) -> None:
+        """Push if the interval has passed (for a function that may count nothing for a while)."""
+        if time.monotonic() >= self._push_at:
+            self.push()
+
+    def push(self) -> None:
+        """Add the summed counts to Flink's counters now."""
+        for name, n in self._unpushed.items():
+            if n:
+                self._counters[name].inc(int(n))
+        self._unpushed = {}
+        self._push_at = time.monotonic() + self._interval
 
     # The facade's (namespace, name, value) callbacks.
     def counter(self, namespace: str, name: str, value: int) -> None:

@@ -19,14 +19,18 @@ a Python function no hook before a checkpoint barrier, so a write buffered in
 memory when the barrier passes would be lost by a crash after that
 checkpoint: its input is behind the checkpoint's offsets and is not read
 again. So every piece of pending work is also written into the user's keyed
-state, which the checkpoint holds: a ``dirty`` flag for the profile, the
-warehouse rows (events, late events, dead letters) waiting. The subtask
+state, which the checkpoint holds: a ``dirty`` flag for the profile (in the
+user's cell, beside the machine's state), the warehouse rows (events, late
+events, dead letters) waiting (in a list state: a row is added once, not
+re-serialized with the cell at every event). The subtask
 flushes its buffer (``StoreChain``) every ``flush_size`` items, and each user
 with pending work gets a processing-time *confirm* timer at the next
 ``flush_interval_ms`` tick. When it fires, the buffer is flushed (if it is not
-empty) and the user's pending work is cleared from state. A confirm timer
-restored from a checkpoint finds a user this process never flushed: it
-writes the user's pending work again from state first. All writes are
+empty) and the user's pending work is cleared from state. Pending work this
+process never buffered (restored from a checkpoint) is put back into the
+buffer the first time the process reads the user's state, by an element or a
+timer (the restored confirm timers at the latest), so it is written again
+before the user's state changes further. All writes are
 idempotent (profile versions, outbox ids, warehouse keys), so writing twice
 is harmless and nothing is written zero times. A bounded run flushes at an
 event-time timer at the end of input; a streaming run also flushes at each
@@ -42,7 +46,7 @@ from typing import Iterator, Optional
 
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, TimeDomain
-from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from ...models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
 from ...transforms.dead_letter import pipeline_dead_letter
@@ -98,7 +102,10 @@ class UserStage(KeyedProcessFunction):
         rules = load_rules(s)
         tracks = TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules)
         self._machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False)
+        # (primitive, dirty, queued): the machine's state, whether the profile waits to be
+        # written, whether ``_rows`` holds rows (a tuple of rows in cells of older versions).
         self._cell = runtime_context.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
+        self._rows = runtime_context.get_list_state(ListStateDescriptor("rows", Types.PICKLED_BYTE_ARRAY()))
         self._count = Counters(runtime_context)
         self._count.register(*STAGE_COUNTERS)
         self._metrics = flink_pipeline_metrics(self._count, s)
@@ -130,13 +137,14 @@ class UserStage(KeyedProcessFunction):
         chain = getattr(self, "_chain", None)
         if chain is not None:
             chain.close()
+            self._count.push()
 
     # -- elements ----------------------------------------------------------------
 
     # -- the user's state: Flink's cell, behind a cache of decoded states -------------
 
     def _read(self, key: str) -> tuple:
-        """(primitive, dirty, rows, decoded state or None) of ``key``.
+        """(primitive, dirty, queued, decoded state or None) of ``key``.
 
         Only this function instance writes its keys' state, and a restore makes a
         new instance, so a cached entry is the cell's value: a hit skips the
@@ -147,19 +155,33 @@ class UserStage(KeyedProcessFunction):
             self._cache.move_to_end(key)
             return hit
         stored = self._cell.value()
-        primitive, dirty, rows = stored if stored is not None else (None, False, ())
-        return primitive, dirty, rows, (self._machine.load(primitive) if primitive is not None else None)
+        primitive, dirty, queued = stored if stored is not None else (None, False, False)
+        state = self._machine.load(primitive) if primitive is not None else None
+        if (dirty or queued) and key not in self._buffered and key not in self._flushed:
+            self._adopt(key, dirty, queued, state)
+        return primitive, dirty, queued, state
 
-    def _write(self, key: str, primitive, dirty: bool, rows: tuple, state) -> None:
-        self._cell.update((primitive, dirty, rows))
-        self._cache[key] = (primitive, dirty, rows, state if primitive is not None else None)
+    def _adopt(self, key: str, dirty: bool, queued, state) -> None:
+        """Pending work of ``key`` this process never wrote (restored from a checkpoint) into the
+        buffer, before anything else touches the key: it is written at the next flush."""
+        self._count("pending_writes_restored", 1)
+        if dirty and state is not None:
+            self._dirty[key] = state
+        for table, element in (*(queued if type(queued) is tuple else ()), *self._rows.get()):
+            self._chain.add_row(table, element)
+        self._buffered.add(key)
+
+    def _write(self, key: str, primitive, dirty: bool, queued, state) -> None:
+        self._cell.update((primitive, dirty, queued))
+        self._cache[key] = (primitive, dirty, queued, state if primitive is not None else None)
         self._cache.move_to_end(key)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
     def _confirm_at_next_tick(self, key: str, timers) -> None:
         """A processing-time confirm timer for ``key`` at the next tick (once per key and tick)."""
-        tick = (timers.current_processing_time() // self._interval + 1) * self._interval
+        # Flink's processing time is the wall clock: read here, not through a call into the JVM.
+        tick = (_now_ms() // self._interval + 1) * self._interval
         if tick != self._tick:
             self._tick, self._ticked = tick, set()
         if key not in self._ticked:
@@ -171,31 +193,35 @@ class UserStage(KeyedProcessFunction):
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         kind, key, payload = value
         timers = ctx.timer_service()
-        primitive, dirty, rows, state = self._read(key)
+        primitive, dirty, queued, state = self._read(key)
         now_flush = False
         if kind == DEAD:
-            rows = rows + ((DEAD_LETTERS, payload),)
-            self._chain.add_row(DEAD_LETTERS, payload)
+            queued = self._queue(queued, DEAD_LETTERS, payload)
         else:
-            rows = rows + ((EVENTS, payload),)
-            self._chain.add_row(EVENTS, payload)
+            queued = self._queue(queued, EVENTS, payload)
             if kind == EVENT:
                 t = payload["occurred_at"]
                 self._newest_ms = t if self._newest_ms is None or t > self._newest_ms else self._newest_ms
                 decisions = self._machine.on_event(state, payload)
                 if state is None:
                     state = _stored_state(decisions)
-                primitive, dirty, rows, now_flush = self._carry_out(decisions, key, primitive, dirty, rows,
-                                                                    timers, payload)
-        self._write(key, primitive, dirty, rows, state)
+                primitive, dirty, queued, now_flush = self._carry_out(decisions, key, primitive, dirty, queued,
+                                                                      timers, payload)
+        self._write(key, primitive, dirty, queued, state)
         self._buffered.add(key)
         self._confirm_at_next_tick(key, timers)
         self._watch_progress(timers)
         if now_flush or self._chain.pending >= self._flush_size:
             yield from self._flush()
 
-    def _carry_out(self, decisions, key: str, primitive, dirty: bool, rows: tuple, timers, event=None):
-        """The machine's decisions onto Flink state, timers and the buffer; the new (primitive, dirty, rows)."""
+    def _queue(self, queued, table: str, row: dict):
+        """``row`` into the buffer and the current key's pending rows; the key's new ``queued``."""
+        self._rows.add((table, row))
+        self._chain.add_row(table, row)
+        return queued or True
+
+    def _carry_out(self, decisions, key: str, primitive, dirty: bool, queued, timers, event=None):
+        """The machine's decisions onto Flink state, timers and the buffer; the new (primitive, dirty, queued)."""
         now_flush = False
         for d in decisions:
             kind = type(d)
@@ -219,16 +245,14 @@ class UserStage(KeyedProcessFunction):
             elif kind is TooLate:
                 self._count("too_late_events", 1)
                 self._metrics.late(1)
-                rows = rows + ((LATE_EVENTS, event),)
-                self._chain.add_row(LATE_EVENTS, event)
+                queued = self._queue(queued, LATE_EVENTS, event)
             elif kind is DeadLetter:
                 self._count("profile_dead_letter", 1)
                 if d.reason == OCCURRED_IN_THE_FUTURE:
                     self._count("future_events", 1)
                 self._metrics.dead_lettered("profile", d.reason)
                 row = dead_letter_row(pipeline_dead_letter("profile", d.reason, d.detail, event))
-                rows = rows + ((DEAD_LETTERS, row),)
-                self._chain.add_row(DEAD_LETTERS, row)
+                queued = self._queue(queued, DEAD_LETTERS, row)
             elif kind is ClearState:
                 self._count("profile_state_expired", 1)
                 primitive = None
@@ -240,7 +264,7 @@ class UserStage(KeyedProcessFunction):
             elif kind is LifecycleHeld:
                 if d.reason == BEYOND_CLOCK:
                     self._count("lifecycle_timers_beyond_clock", 1)
-        return primitive, dirty, rows, now_flush
+        return primitive, dirty, queued, now_flush
 
     @staticmethod
     def _emitted_state(decisions) -> UserProfileState:
@@ -257,25 +281,20 @@ class UserStage(KeyedProcessFunction):
         if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
             yield from self._confirm(key)
             return
-        primitive, dirty, rows, state = self._read(key)
+        primitive, dirty, queued, state = self._read(key)
         if state is not None:
-            if dirty and key not in self._dirty and key not in self._flushed:
-                # Restored with a profile still to write, and its confirm tick not yet come: keep it
-                # in the buffer, so a decision of this timer (an expiry) cannot drop it.
-                self._dirty[key] = state
-                self._buffered.add(key)
             probe_due, lifecycle_due = state.probe_at == timestamp, state.lifecycle_at == timestamp
             now_flush = False
             if probe_due:
-                primitive, dirty, rows, now_flush = self._carry_out(
-                    self._machine.on_probe(state, timestamp), key, primitive, dirty, rows, timers)
+                primitive, dirty, queued, now_flush = self._carry_out(
+                    self._machine.on_probe(state, timestamp), key, primitive, dirty, queued, timers)
             if lifecycle_due and primitive is not None:
-                primitive, dirty, rows, flush_too = self._carry_out(
-                    self._machine.on_lifecycle(state, key, timestamp), key, primitive, dirty, rows, timers)
+                primitive, dirty, queued, flush_too = self._carry_out(
+                    self._machine.on_lifecycle(state, key, timestamp), key, primitive, dirty, queued, timers)
                 now_flush = now_flush or flush_too
             if probe_due or lifecycle_due:
-                self._write(key, primitive, dirty, rows, state)
-                if dirty or rows:
+                self._write(key, primitive, dirty, queued, state)
+                if dirty or queued:
                     self._buffered.add(key)
                     self._confirm_at_next_tick(key, timers)
             if now_flush:
@@ -311,22 +330,15 @@ class UserStage(KeyedProcessFunction):
 
     def _confirm(self, key: str) -> Iterator:
         """A confirm tick of ``key``: flush the buffer; clear the key's pending work, rewriting it if restored."""
+        primitive, dirty, queued, state = self._read(key)  # restored work adopted into the buffer
         if self._chain.pending:
             yield from self._flush()
-        primitive, dirty, rows, state = self._read(key)
-        if not dirty and not rows:
+        if not dirty and not queued:
             return
-        if key not in self._flushed:
-            # Restored from a checkpoint: this process never wrote this work. Write it again.
-            self._count("pending_writes_restored", 1)
-            if dirty and state is not None:
-                self._dirty[key] = state
-            for table, element in rows:
-                self._chain.add_row(table, element)
-            self._buffered.add(key)
-            yield from self._flush()
         self._flushed.discard(key)
-        self._write(key, primitive, False, (), state)
+        if queued:
+            self._rows.clear()
+        self._write(key, primitive, False, False, state)
 
     def _flush(self) -> Iterator:
         for key, state in self._dirty.items():
@@ -337,6 +349,7 @@ class UserStage(KeyedProcessFunction):
         self._flushed |= self._buffered
         self._buffered = set()
         self._count("flushes", 1)
+        self._count.push()
         for profile in applied:
             yield APPLIED, profile
 

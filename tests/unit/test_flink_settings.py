@@ -81,3 +81,59 @@ def test_engine_is_taken_out_of_the_run_flags():
     assert engine_of(["--engine=flink"]) == ("flink", [])
     with pytest.raises(SystemExit, match="--engine must be one of"):
         engine_of(["--engine=spark"])
+
+
+class _FlinkCounter:
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def inc(self, n):
+        self.calls.append(n)
+
+
+class _Group:
+    def __init__(self):
+        self.counters: dict[str, _FlinkCounter] = {}
+
+    def add_group(self, name):
+        return self
+
+    def counter(self, name):
+        return self.counters.setdefault(name, _FlinkCounter())
+
+
+class _Context:
+    def __init__(self):
+        self.group = _Group()
+
+    def get_metrics_group(self):
+        return self.group
+
+
+def test_counters_reach_flink_summed_at_push_not_one_jvm_call_per_count():
+    from onboardflow.pipelines.flink.metrics import Counters
+
+    context = _Context()
+    count = Counters(context, push_interval_s=3600)
+    count.register("flushes")
+    for _ in range(1000):
+        count("events", 1)
+    count("events", 5)
+    count.counter("onboardflow", "events_read", 3)
+    assert context.group.counters["events"].calls == [], "pushed before the interval or push()"
+    count.push()
+    assert context.group.counters["events"].calls == [1005]
+    assert context.group.counters["onboardflow_events_read"].calls == [3]
+    assert context.group.counters["flushes"].calls == [], "a registered counter with nothing to add"
+    count.push()
+    assert context.group.counters["events"].calls == [1005], "pushed twice"
+
+
+def test_counters_push_by_themselves_once_the_interval_has_passed():
+    from onboardflow.pipelines.flink.metrics import Counters
+
+    context = _Context()
+    count = Counters(context, push_interval_s=0)
+    count("events", 2)
+    count("events", 3)
+    assert context.group.counters["events"].calls == [2, 3]
