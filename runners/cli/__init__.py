@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": (".registry", "list or serve the Avro schema registry"),
     "run": (".run", "run the onboarding personalization pipeline"),
     "profile": (".profile", "read one user's profile from Redis"),
+    "erase": (".erase", "erase a user (or follow the erasure-request topic): profile, segments, warehouse rows"),
     "warehouse": (".warehouse", "apply or inspect warehouse migrations"),
     "demo": (".demo", "produce events, run the pipeline, print a summary"),
     "lag": (".lag", "print the pipeline's consumer lag and event-time lag once"),

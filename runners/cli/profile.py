@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from typing import Any, Optional
 
-DEFAULT_SECRET_ENV = "OBF_PSEUDONYM_SECRET"
+from .secret import add_secret_flags, cli_secret
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,11 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="Redis URL (default: the deployment's, %(default)s)")
     parser.add_argument("--key-prefix", default=deployment.redis_key_prefix,
                         help="key prefix of the store (default: the deployment's, %(default)s)")
-    secret = parser.add_mutually_exclusive_group()
-    secret.add_argument("--secret-file", metavar="PATH", help="file holding the pseudonymization secret")
-    secret.add_argument("--secret-env", metavar="NAME",
-                        help=f"environment variable holding the secret (default: {DEFAULT_SECRET_ENV} when set, "
-                             f"else the deployment's key file {deployment.key_file})")
+    add_secret_flags(parser, deployment)
     parser.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     return parser
 
@@ -85,28 +80,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     # Imported here so `--help` and usage errors stay fast (no Beam import).
-    from ...transforms.anonymize import SecretError, load_secret
     from ...transforms.profile_store.store import ProfileStore
 
     secret = None
     if args.user_id:
-        from ..settings import settings
-
-        secret_file = args.secret_file
-        if not secret_file and not args.secret_env and not os.environ.get(DEFAULT_SECRET_ENV):
-            key_file = settings().key_file  # written by `onboardflow demo`
-            if not key_file.is_file():
-                print(f"onboardflow profile: no pseudonymization key for deployment '{settings().deployment}': "
-                      f"{key_file} does not exist (`onboardflow demo` writes it) and ${DEFAULT_SECRET_ENV} is "
-                      "not set; pass --secret-file or --secret-env", file=sys.stderr)
-                return 2
-            secret_file = key_file
         try:
-            secret = load_secret(path=secret_file,
-                                 env_var=None if secret_file else (args.secret_env or DEFAULT_SECRET_ENV))
-        except SecretError as exc:
-            print(f"onboardflow profile: {exc}", file=sys.stderr)
-            return 2
+            secret = cli_secret(args, "onboardflow profile")
+        except SystemExit as exit_:
+            return int(exit_.code)
     try:
         store = ProfileStore(args.redis_url, secret, key_prefix=args.key_prefix)
     except ValueError as exc:

@@ -5,6 +5,7 @@
     {prefix}:profile:{user_key}   hash, one field per profile field
     {prefix}:segment:{segment}    set of user_keys currently in the segment
     {prefix}:outbox:{name}        outbox streams (transforms/outbox/)
+    {prefix}:erased               set of erased user_keys: no profile write applies to them
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ class ProfileKeys:
 
     def segment(self, segment: str) -> str:
         return self.segment_prefix + segment
+
+    @property
+    def erased(self) -> str:
+        """The set of erased user_keys (transforms/erasure.py): the upsert script writes none of them."""
+        return f"{self.prefix}:erased"
 
     def outbox(self, name: str) -> str:
         """The outbox stream ``name`` (transforms/outbox/) under this prefix."""

@@ -41,7 +41,9 @@ _LOG = logging.getLogger(__name__)
 _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 
 # KEYS[1] profile hash, KEYS[2] the segment-change outbox stream, KEYS[3] the
-# profile-snapshot outbox stream (transforms/outbox/; '' for either: none).
+# profile-snapshot outbox stream (transforms/outbox/; '' for either: none),
+# KEYS[4] the set of erased user_keys (transforms/erasure.py): an erased user's
+# write is answered as stale, so nothing of it is stored or relayed.
 # ARGV: [1] version, [2] write id, [3] ttl ms (0: none),
 # [4] segment key prefix, [5] user_key (the set member), [6] n segments,
 # [7 .. 6+n] segments, [7+n] the hash fields as one JSON object of strings
@@ -53,6 +55,7 @@ _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 # Redis node (or Sentinel), not Redis Cluster.
 UPSERT_PROFILE_LUA = """
 local key = KEYS[1]
+if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 1 then return 0 end
 local incoming = tonumber(ARGV[1])
 local stored = redis.call('HMGET', key, 'version', '_write_id', 'segments', '_prev_segments')
 local stored_version = tonumber(stored[1])
@@ -235,7 +238,7 @@ class RedisProfileWriter:
                 self._script_loaded = True
             pipe = self.client.pipeline(transaction=False)
             for item in items:
-                pipe.evalsha(self._sha, 3, self.keys.profile(item.user_key), *self._outboxes,
+                pipe.evalsha(self._sha, 4, self.keys.profile(item.user_key), *self._outboxes, self.keys.erased,
                              *self._args(item, write_id))
             replies = pipe.execute(raise_on_error=False)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):

@@ -4,7 +4,9 @@ In: rows of one ``TableSpec``. Out: a ``WriteReport`` (rows inserted, rows
 already there, rows refused with the error text). Each batch is one
 transaction: COPY into a temporary staging table, then ``INSERT ... SELECT
 ... ON CONFLICT DO NOTHING`` on the table's natural key, so bundle retries
-and Kafka replays never duplicate a row. A batch the database refuses for
+and Kafka replays never duplicate a row; rows of erased users (tables with
+a ``user_key``) are left out of the insert and counted with the rows
+already there (transforms/erasure.py). A batch the database refuses for
 its data (a NUL character, a violated constraint) is retried row by row
 inside savepoints and only the offending rows are reported. Day partitions
 of ``events`` are created on demand for the days a batch touches
@@ -35,7 +37,7 @@ TRANSIENT_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 class WriteReport(NamedTuple):
     inserted: int  # rows new to the table
-    duplicates: int  # rows already there (replays, retries)
+    duplicates: int  # rows already there (replays, retries), or of erased users
     rejected: list[tuple[int, str]]  # (index in the batch, error without data values)
 
 
@@ -47,6 +49,16 @@ def _error_text(exc: psycopg.Error) -> str:
     # Refused by psycopg before it reached the server (e.g. a NUL character):
     # these messages describe the problem, not the value.
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:MAX_DETAIL]
+
+
+def _skip_erased(schema: str, spec: TableSpec) -> sql.Composable:
+    """The insert's filter for a table keyed by user: no row of an erased user (V007's
+    ``erased_users``; transforms/erasure.py), so a replay cannot bring one back."""
+    if "user_key" not in spec.columns:
+        return sql.SQL("")
+    return sql.SQL("WHERE user_key IS NULL OR NOT EXISTS "
+                   "(SELECT 1 FROM {} AS erased WHERE erased.user_key = {}.user_key)").format(
+        sql.Identifier(schema, "erased_users"), sql.Identifier(f"_obf_stage_{spec.table}"))
 
 
 class WarehouseWriter:
@@ -87,8 +99,8 @@ class WarehouseWriter:
         self._staging = sql.Identifier(f"_obf_stage_{spec.table}")
         cols = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(self._staging, cols)
-        self._insert_sql = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
-            self._target, cols, cols, self._staging
+        self._insert_sql = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} {} ON CONFLICT DO NOTHING").format(
+            self._target, cols, cols, self._staging, _skip_erased(self.schema, spec)
         )
         self._partition_index = spec.columns.index(spec.day_partition_column) if spec.day_partition_column else None
 

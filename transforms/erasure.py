@@ -1,0 +1,182 @@
+"""The right to erasure: remove one user from every store and keep them out.
+
+In: an ``ErasureRequest`` (the user's pseudonym, who asked, when, where the
+request came from). Out: an ``ErasureReport`` with how many items each store
+removed; the same report is the audit row. The raw user id never reaches
+this module: callers pseudonymize it first (runners/cli/erase.py), so
+nothing here can log or store it.
+
+What one erasure does, in this order (docs/security.md, "Right to erasure"):
+
+1. **Suppress** the pseudonym: ``{prefix}:erased`` in Redis and
+   ``erased_users`` in the warehouse. From then on the profile upsert script
+   answers every write of this user as stale (transforms/profile_store/writer.py)
+   and warehouse inserts leave the user's rows out
+   (transforms/warehouse/writer.py), whichever engine writes and whatever it
+   replays: the streaming state cannot bring the user back.
+2. **Redis**: the profile hash, the user's membership of every segment set,
+   and the outbox entries not yet relayed that name the user (segment changes,
+   profile snapshots).
+3. **Warehouse**, in one transaction: the user's rows in ``events``,
+   ``late_events``, ``profile_snapshots`` and ``segment_changes``, and the
+   audit row (``erasure_audit``).
+
+Every step is idempotent, and the audit row is keyed by the request's id: a
+request erased twice (a retried command, a replayed request topic) removes
+nothing more and keeps its first audit row.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import psycopg
+import redis
+from psycopg import sql
+
+from .outbox.keys import PROFILE_SNAPSHOTS, SEGMENT_CHANGES
+from .profile_store.keys import ProfileKeys
+from .warehouse.schema import DEFAULT_SCHEMA, check_schema
+
+#: Warehouse tables holding rows keyed by ``user_key``.
+USER_TABLES = ("events", "late_events", "profile_snapshots", "segment_changes")
+#: Outbox streams whose entries name a user (field ``u``).
+USER_OUTBOXES = (SEGMENT_CHANGES, PROFILE_SNAPSHOTS)
+_SCAN_COUNT = 1000
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """Erase ``user_key`` (the pseudonym). ``source``: ``cli`` or ``topic:<topic>:<partition>:<offset>``;
+    ``erasure_id`` keys the audit row (a topic request's coordinates make a replay recognisable)."""
+
+    user_key: str
+    requested_by: str
+    source: str = "cli"
+    requested_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    erasure_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        if not self.user_key or not self.requested_by:
+            raise ValueError("an erasure needs the user's pseudonym and who requested it")
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    """What one erasure removed, by store; ``already_audited``: the request had been carried out before."""
+
+    erasure_id: str
+    user_key: str
+    removed: dict[str, int]
+    completed_at: dt.datetime
+    already_audited: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.removed.values())
+
+
+class UserEraser:
+    """Carries out ``ErasureRequest``s against one deployment's Redis (``client``, ``keys``) and warehouse."""
+
+    def __init__(self, client: redis.Redis, keys: ProfileKeys, warehouse_dsn: str,
+                 warehouse_schema: str = DEFAULT_SCHEMA, connect_timeout_s: int = 10):
+        self._redis = client
+        self._keys = keys
+        self._dsn = warehouse_dsn
+        self._schema = check_schema(warehouse_schema)
+        self._connect_timeout_s = connect_timeout_s
+
+    def erase(self, request: ErasureRequest) -> ErasureReport:
+        """Suppress, then remove (module docstring); the report is also the audit row."""
+        removed: dict[str, int] = {}
+        self._redis.sadd(self._keys.erased, request.user_key)
+        removed.update(self._erase_redis(request.user_key))
+        with psycopg.connect(self._dsn, connect_timeout=self._connect_timeout_s,
+                             application_name="onboardflow-erasure") as conn:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(sql.SQL("INSERT INTO {} (user_key, erased_at) VALUES (%s, %s) ON CONFLICT DO NOTHING")
+                            .format(self._table("erased_users")), (request.user_key, request.requested_at))
+                for table in USER_TABLES:
+                    cur.execute(sql.SQL("DELETE FROM {} WHERE user_key = %s").format(self._table(table)),
+                                (request.user_key,))
+                    removed[f"warehouse.{table}"] = cur.rowcount
+                completed_at = dt.datetime.now(dt.timezone.utc)
+                cur.execute(
+                    sql.SQL("INSERT INTO {} (erasure_id, user_key, requested_by, source, requested_at, completed_at,"
+                            " removed) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (erasure_id) DO NOTHING")
+                    .format(self._table("erasure_audit")),
+                    (request.erasure_id, request.user_key, request.requested_by, request.source,
+                     request.requested_at, completed_at, json.dumps(removed, sort_keys=True)))
+                first = cur.rowcount == 1
+        return ErasureReport(request.erasure_id, request.user_key, removed, completed_at, already_audited=not first)
+
+    def is_erased(self, user_key: str) -> bool:
+        """Whether ``user_key`` is suppressed in Redis."""
+        return bool(self._redis.sismember(self._keys.erased, user_key))
+
+    # -- Redis -------------------------------------------------------------------
+
+    def _erase_redis(self, user_key: str) -> dict[str, int]:
+        keys = self._keys
+        memberships = 0
+        for segment_key in self._redis.scan_iter(match=keys.segment_prefix + "*", count=_SCAN_COUNT):
+            memberships += int(self._redis.srem(segment_key, user_key))
+        removed = {
+            "redis.profile": int(self._redis.delete(keys.profile(user_key))),
+            "redis.segment_memberships": memberships,
+        }
+        for name in USER_OUTBOXES:
+            removed[f"redis.outbox.{name}"] = self._erase_stream_entries(keys.outbox(name), user_key)
+        return removed
+
+    def _erase_stream_entries(self, stream: str, user_key: str) -> int:
+        """Delete the entries of ``stream`` whose user field ``u`` is ``user_key``; how many."""
+        removed, start = 0, "-"
+        target = user_key.encode()
+        while True:
+            entries = self._redis.xrange(stream, min=start, max="+", count=_SCAN_COUNT)
+            if not entries:
+                return removed
+            ids = [entry_id for entry_id, fields in entries if fields.get(b"u") == target]
+            if ids:
+                removed += int(self._redis.xdel(stream, *ids))
+            if len(entries) < _SCAN_COUNT:
+                return removed
+            start = "(" + _text(entries[-1][0])
+
+    def _table(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self._schema, name)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def erasure_request_from_message(value: bytes, topic: str, partition: int, offset: int,
+                                 pseudonymize) -> Optional[ErasureRequest]:
+    """An ``ErasureRequest`` from one record of the erasure-request topic, or None when malformed.
+
+    The record's value is JSON: ``{"user_id": "...", "requested_by": "...",
+    "requested_at": "<ISO 8601>"}`` (``requested_at`` optional). ``pseudonymize``
+    turns the raw user id into the pseudonym; the raw id goes no further. The
+    request's id is its coordinates, so a replayed topic erases nothing twice.
+    """
+    try:
+        body = json.loads(value)
+        user_id, requested_by = body["user_id"], body["requested_by"]
+        if not isinstance(user_id, str) or not user_id or not isinstance(requested_by, str) or not requested_by:
+            return None
+        at = body.get("requested_at")
+        requested_at = dt.datetime.fromisoformat(at.replace("Z", "+00:00")) if isinstance(at, str) else \
+            dt.datetime.now(dt.timezone.utc)
+        if requested_at.tzinfo is None:
+            requested_at = requested_at.replace(tzinfo=dt.timezone.utc)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    source = f"topic:{topic}:{partition}:{offset}"
+    return ErasureRequest(pseudonymize(user_id), requested_by[:200], source=source, requested_at=requested_at,
+                          erasure_id=source)
