@@ -134,7 +134,8 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         events | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics),
         analytics_only | "WriteAnalyticsOnlyEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
 
-    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon, rules), metrics=metrics)
+    built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon, rules), metrics=metrics,
+                                                           erased_from=(opts.redis_url, opts.redis_key_prefix))
     too_late = built[TOO_LATE]
     late_rejects = too_late | "WriteLateEvents" >> WriteLateEvents(dsn, schema, metrics=metrics)
 

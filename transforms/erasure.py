@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
@@ -46,6 +48,7 @@ USER_TABLES = ("events", "late_events", "profile_snapshots", "segment_changes")
 #: Outbox streams whose entries name a user (field ``u``).
 USER_OUTBOXES = (SEGMENT_CHANGES, PROFILE_SNAPSHOTS)
 _SCAN_COUNT = 1000
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,10 @@ class UserEraser:
     def erase(self, request: ErasureRequest) -> ErasureReport:
         """Suppress, then remove (module docstring); the report is also the audit row."""
         removed: dict[str, int] = {}
-        self._redis.sadd(self._keys.erased, request.user_key)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.sadd(self._keys.erased, request.user_key)
+        pipe.incr(self._keys.erased_version)
+        pipe.execute()
         removed.update(self._erase_redis(request.user_key))
         with psycopg.connect(self._dsn, connect_timeout=self._connect_timeout_s,
                              application_name="onboardflow-erasure") as conn:
@@ -150,6 +156,44 @@ class UserEraser:
 
     def _table(self, name: str) -> sql.Identifier:
         return sql.Identifier(self._schema, name)
+
+
+class ErasedUsers:
+    """``erased(user_key)``: whether the user is erased, from an in-process copy of ``{prefix}:erased``.
+
+    For the engines' user stages (``ProfileMachine(erased=...)``): a set
+    lookup per event. The copy is checked against ``{prefix}:erased:version``
+    (one GET) at most every ``refresh_s`` and reloaded when an erasure changed
+    it, so a new erasure reaches a running stage within ``refresh_s``. Redis
+    unreachable: the last copy is kept (the write script refuses the user's
+    writes anyway) and the next check tries again.
+    """
+
+    def __init__(self, client: redis.Redis, keys: ProfileKeys, refresh_s: float = 5.0, clock=time.monotonic):
+        self._redis = client
+        self._keys = keys
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._members: frozenset = frozenset()
+        self._version: Optional[bytes] = None
+        self._check_at = float("-inf")
+
+    def __call__(self, user_key: str) -> bool:
+        if self._clock() >= self._check_at:
+            self.refresh()
+        return user_key in self._members
+
+    def refresh(self) -> None:
+        """Reload the copy if the set changed since the last load."""
+        self._check_at = self._clock() + self._refresh_s
+        try:
+            version = self._redis.get(self._keys.erased_version)
+            if version != self._version or version is None and self._members:
+                members = self._redis.smembers(self._keys.erased)
+                self._members = frozenset(_text(m) for m in members)
+                self._version = version
+        except redis.RedisError:
+            _LOG.warning("the erased users could not be read; the last copy (%d users) stays", len(self._members))
 
 
 def _text(value) -> str:

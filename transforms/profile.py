@@ -338,8 +338,9 @@ EVENT = "event"
 AT_HORIZON = "at_horizon"
 BEYOND_CLOCK = "beyond_clock"
 
-#: ``ClearState.reason``.
+#: ``ClearState.reason``: the state outlived its TTL; the user was erased (transforms/erasure.py).
 EXPIRED = "expired"
+ERASED = "erased"
 
 #: ``DeadLetter.reason`` of an event stamped later than the clock + max_future_ms.
 OCCURRED_IN_THE_FUTURE = "occurred_in_the_future"
@@ -352,7 +353,8 @@ class Store(NamedTuple):
 
 
 class ClearState(NamedTuple):
-    """Drop the user's state (``reason``: ``EXPIRED``). An update emitted earlier still goes out."""
+    """Drop the user's state. ``EXPIRED``: an update emitted earlier still goes out. ``ERASED``: the
+    user was erased: nothing of theirs goes out any more (a pending update is dropped too)."""
 
     reason: str
 
@@ -446,7 +448,10 @@ class ProfileMachine:
     the state no ``last_emitted``: for an in-process engine that reads the
     profile it emits from the state itself (``state.snapshot(user_key)``) at
     its bundle's end, sparing a snapshot per event (the Beam shell must keep
-    them: it writes the state per event and emits at ``finish_bundle``).
+    them: it writes the state per event and emits at ``finish_bundle``);
+    ``erased``, a predicate on a user_key (``ErasedUsers``,
+    transforms/erasure.py): an erased user's next event or lifecycle timer
+    clears the state (``ClearState(ERASED)``), so nothing of them is kept.
 
     The machine holds no per-user data: each call takes the user's state (None
     when the engine holds none), may change it in place, and returns the
@@ -467,10 +472,11 @@ class ProfileMachine:
     """
 
     def __init__(self, config: ProfileConfig = ProfileConfig(), clock_ms: Callable[[], int] = wall_clock_ms,
-                 snapshots: bool = True):
+                 snapshots: bool = True, erased: Optional[Callable[[str], bool]] = None):
         self.config = config
         self._clock_ms = clock_ms
         self._snapshots = snapshots
+        self._erased = erased
 
     # -- state ---------------------------------------------------------------------
 
@@ -489,6 +495,8 @@ class ProfileMachine:
         problem = unusable(event)
         if problem is not None:
             return (DeadLetter(*problem),)
+        if self._erased is not None and self._erased(event["user_key"]):
+            return (ClearState(ERASED),)
         config = self.config
         t = event["occurred_at"]
         if t > self._clock_ms() + config.max_future_ms:
@@ -533,6 +541,8 @@ class ProfileMachine:
         """The ``LIFECYCLE`` timer of ``user_key`` fired at ``fired_ms``."""
         if state is None:
             return ()
+        if self._erased is not None and self._erased(user_key):
+            return (ClearState(ERASED),)
         t = fired_ms
         due = state.next_lifecycle_ms()
         if due is None or t > self._clock_ms() + self.config.max_future_ms:

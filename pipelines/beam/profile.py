@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
+import redis
 from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
@@ -27,9 +28,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from ...schemas.records import ProfileUpdate
 from ...transforms.dead_letter import pipeline_dead_letter
+from ...transforms.erasure import ErasedUsers
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.profile import (
     BEYOND_CLOCK,
+    ERASED,
     LIFECYCLE,
     OCCURRED_IN_THE_FUTURE,
     PROBE,
@@ -46,6 +49,7 @@ from ...transforms.profile import (
     UserProfileState,
     unusable,
 )
+from ...transforms.profile_store.keys import ProfileKeys
 from .metrics import beam_pipeline_metrics
 
 #: Output tags of ``BuildUserProfiles``.
@@ -89,18 +93,27 @@ class _UserProfileFn(beam.DoFn):
     LIFECYCLE_TIMER = TimerSpec(LIFECYCLE, TimeDomain.WATERMARK)
     PROBE_TIMER = TimerSpec(PROBE, TimeDomain.WATERMARK)
 
-    def __init__(self, config: ProfileConfig, metrics: Optional[PipelineMetrics] = None):
+    def __init__(self, config: ProfileConfig, metrics: Optional[PipelineMetrics] = None,
+                 erased_from: Optional[tuple[str, str]] = None):
         self._config = config
         self._metrics = metrics or beam_pipeline_metrics(prometheus=False)
+        self._erased_from = erased_from
 
     def setup(self):
-        self._machine = ProfileMachine(self._config)
+        self._client = None
+        erased = None
+        if self._erased_from is not None:
+            redis_url, key_prefix = self._erased_from
+            self._client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10)
+            erased = ErasedUsers(self._client, ProfileKeys(key_prefix))
+        self._machine = ProfileMachine(self._config, erased=erased)
         self._metrics.setup()
         self._duplicates = Metrics.counter("onboardflow", "duplicates_dropped")
         self._too_late = Metrics.counter("onboardflow", "too_late_events")
         self._dead_letters = Metrics.counter("onboardflow", "profile_dead_letter")
         self._lifecycle = Metrics.counter("onboardflow", "lifecycle_timers_fired")
         self._expired = Metrics.counter("onboardflow", "profile_state_expired")
+        self._erased = Metrics.counter("onboardflow", "erased_state_cleared")
         self._emitted = Metrics.counter("onboardflow", "profile_updates_emitted")
         self._future = Metrics.counter("onboardflow", "future_events")
         self._beyond_clock = Metrics.counter("onboardflow", "lifecycle_timers_beyond_clock")
@@ -151,7 +164,11 @@ class _UserProfileFn(beam.DoFn):
                     self._future.inc()
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_letter(d.reason, d.detail, event))
             elif kind is ClearState:
-                self._expired.inc()
+                if d.reason == ERASED:
+                    self._erased.inc()
+                    self._pending.pop((user_key, window), None)  # nothing of an erased user goes out
+                else:
+                    self._expired.inc()
                 cell.clear()
                 self._decoded.pop((user_key, window), None)
             elif kind is LifecycleHeld:
@@ -194,6 +211,10 @@ class _UserProfileFn(beam.DoFn):
         decisions = self._machine.on_lifecycle(self._load(cell, key, window), key, _ms(fired))
         yield from self._carry_out(decisions, key, window, cell, {LIFECYCLE: lifecycle})
 
+    def teardown(self):
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
+
     def finish_bundle(self):
         for (_, window), (previous, current) in self._pending.items():
             self._emitted.inc()
@@ -225,14 +246,19 @@ class BuildUserProfiles(beam.PTransform):
     ``future_events``), go to ``dead_letter`` as
     ``{"stage": "profile", "reason", "detail", "event_id", "payload"}``
     (counted ``profile_dead_letter``). With ``config.horizon_ms`` (bounded
-    runs) no update is as of later than the horizon. Returns ``ProfileOutputs(profiles,
+    runs) no update is as of later than the horizon. With ``erased_from``
+    (Redis URL, key prefix) an erased user's next event or lifecycle timer
+    clears their state and drops any update pending for them (counted
+    ``erased_state_cleared``; transforms/erasure.py). Returns ``ProfileOutputs(profiles,
     too_late, dead_letter)``.
     """
 
-    def __init__(self, config: ProfileConfig = ProfileConfig(), metrics: Optional[PipelineMetrics] = None):
+    def __init__(self, config: ProfileConfig = ProfileConfig(), metrics: Optional[PipelineMetrics] = None,
+                 erased_from: Optional[tuple[str, str]] = None):
         super().__init__()
         self._config = config
         self._metrics = metrics
+        self._erased_from = erased_from
 
     def expand(self, events):
         keyed = (
@@ -242,6 +268,7 @@ class BuildUserProfiles(beam.PTransform):
             .with_outputs(DEAD_LETTER, main="keyed")
         )
         built = keyed.keyed | "UpdateProfileState" >> beam.ParDo(
-            _UserProfileFn(self._config, self._metrics)).with_outputs(TOO_LATE, DEAD_LETTER, main="profiles")
+            _UserProfileFn(self._config, self._metrics, self._erased_from)).with_outputs(
+                TOO_LATE, DEAD_LETTER, main="profiles")
         dead_letters = (keyed[DEAD_LETTER], built[DEAD_LETTER]) | "MergeDeadLetters" >> beam.Flatten()
         return ProfileOutputs(built.profiles, built[TOO_LATE], dead_letters)

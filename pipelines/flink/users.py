@@ -44,14 +44,17 @@ import time
 from collections import OrderedDict
 from typing import Iterator, Optional
 
+import redis
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from ...models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
 from ...transforms.dead_letter import pipeline_dead_letter
+from ...transforms.erasure import ErasedUsers
 from ...transforms.profile import (
     BEYOND_CLOCK,
+    ERASED,
     LIFECYCLE,
     OCCURRED_IN_THE_FUTURE,
     ClearState,
@@ -65,6 +68,7 @@ from ...transforms.profile import (
     TooLate,
     UserProfileState,
 )
+from ...transforms.profile_store.keys import ProfileKeys
 from ...transforms.progress import next_watermark_probe
 from ..configuration import load_rules, profile_config
 from .metrics import Counters, flink_pipeline_metrics
@@ -84,7 +88,7 @@ END_OF_INPUT_MS = 2**63 - 2
 #: The stage's own counters (Flink metric group ``onboardflow``), registered at open.
 STAGE_COUNTERS = (
     "flushes", "profile_updates_emitted", "pending_writes_restored", "duplicates_dropped", "too_late_events",
-    "future_events", "profile_dead_letter", "profile_state_expired", "lifecycle_timers_fired",
+    "future_events", "profile_dead_letter", "profile_state_expired", "erased_state_cleared", "lifecycle_timers_fired",
     "lifecycle_timers_beyond_clock",
 )
 
@@ -101,7 +105,10 @@ class UserStage(KeyedProcessFunction):
         s = self._settings
         rules = load_rules(s)
         tracks = TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules)
-        self._machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False)
+        # An erased user's next event or lifecycle timer clears their state (transforms/erasure.py).
+        self._erased_client = redis.Redis.from_url(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False,
+                                       erased=ErasedUsers(self._erased_client, ProfileKeys(s.redis_key_prefix)))
         # (primitive, dirty, queued): the machine's state, whether the profile waits to be
         # written, whether ``_rows`` holds rows (a tuple of rows in cells of older versions).
         self._cell = runtime_context.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
@@ -116,6 +123,7 @@ class UserStage(KeyedProcessFunction):
         self._interval = max(1, int(s.flush_interval_ms))
         self._lag_ms = int(float(s.kafka_max_out_of_orderness) * 1000)
         self._bounded = not s.streaming()
+        self._erased_cleared = 0
         # Users whose profile goes out at the next flush: the live state objects.
         self._dirty: dict[str, UserProfileState] = {}
         # Decoded states of recently seen users (``_read``), and the confirm tick's keys.
@@ -138,6 +146,12 @@ class UserStage(KeyedProcessFunction):
         if chain is not None:
             chain.close()
             self._count.push()
+        client = getattr(self, "_erased_client", None)
+        if client is not None:
+            client.close()
+            if self._erased_cleared:
+                _LOG.info("onboardflow user stage of job %s, subtask %d: %d erased user state(s) cleared (one per event or timer)",
+                          self._settings.job_name, self._subtask, self._erased_cleared)
 
     # -- elements ----------------------------------------------------------------
 
@@ -253,6 +267,11 @@ class UserStage(KeyedProcessFunction):
                 self._metrics.dead_lettered("profile", d.reason)
                 row = dead_letter_row(pipeline_dead_letter("profile", d.reason, d.detail, event))
                 queued = self._queue(queued, DEAD_LETTERS, row)
+            elif kind is ClearState and d.reason == ERASED:
+                self._count("erased_state_cleared", 1)
+                self._erased_cleared += 1
+                primitive, dirty = None, False
+                self._dirty.pop(key, None)  # nothing of an erased user goes out
             elif kind is ClearState:
                 self._count("profile_state_expired", 1)
                 primitive = None

@@ -53,12 +53,14 @@ from onboardflow.transforms import anonymize as core  # noqa: E402
 from onboardflow.transforms.anonymize import EventAnonymizer, Pseudonymizer  # noqa: E402
 from onboardflow.transforms.dead_letter import pipeline_dead_letter  # noqa: E402
 from onboardflow.transforms.decode import OnboardingEventDecoder  # noqa: E402
+from onboardflow.transforms.erasure import ErasedUsers  # noqa: E402
 from onboardflow.transforms.kafka.records import KafkaRecord, event_time_ms  # noqa: E402
 from onboardflow.transforms.metrics import PipelineMetrics  # noqa: E402
 from onboardflow.transforms.normalize import normalize_event  # noqa: E402
 from onboardflow.transforms.outbox.dead_letters import DeadLetterOutbox, dead_letter_id  # noqa: E402
 from onboardflow.transforms.outbox.keys import OutboxKeys  # noqa: E402
 from onboardflow.transforms.profile import (  # noqa: E402
+    ERASED,
     ClearState,
     DeadLetter,
     Emit,
@@ -67,6 +69,7 @@ from onboardflow.transforms.profile import (  # noqa: E402
     Store,
     TooLate,
 )
+from onboardflow.transforms.profile_store.keys import ProfileKeys  # noqa: E402
 
 END = 2**63 - 2
 
@@ -82,10 +85,11 @@ class PlainLoop:
         self.counts: collections.Counter = collections.Counter()
         self.decoder = OnboardingEventDecoder(registry_url=s.registry_url)
         self.anonymizer = EventAnonymizer(Pseudonymizer(resolve_secret(s).resolve()))
-        self.machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False)
+        self.client = redis.Redis.from_url(s.redis_url)
+        self.machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False,
+                                      erased=ErasedUsers(self.client, ProfileKeys(s.redis_key_prefix)))
         self.chain = StoreChain(s, rules, TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules),
                                 PipelineMetrics(prometheus=False), self.count)
-        self.client = redis.Redis.from_url(s.redis_url)
         self.outbox = DeadLetterOutbox(self.client, OutboxKeys(s.redis_key_prefix))
         self.states: dict = {}
         self.dirty: set = set()
@@ -154,7 +158,7 @@ class PlainLoop:
                                                                                       event)))
             elif kind is ClearState:
                 state = self.states.pop(key, None)
-                if key in self.dirty and state is not None:
+                if key in self.dirty and state is not None and d.reason != ERASED:
                     self.chain.add_profile(state.snapshot(key))
                 self.dirty.discard(key)
 

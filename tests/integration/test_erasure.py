@@ -8,6 +8,8 @@ A bounded run writes every user's profile, segments and warehouse rows; then
 * a replay of the whole input from the earliest offset, in a new consumer
   group (fresh pipeline state that recomputes the erased user), brings
   nothing of the user back, and leaves every other user as it was;
+* the same on the native Flink job: a replay through it clears the erased
+  user's state at their first event and writes nothing of them;
 * ``onboardflow erase --follow`` erases a second user from a request on the
   erasure topic, dead-letters a malformed request with its raw bytes and a
   reason, and, read again by another consumer group, erases and
@@ -16,9 +18,12 @@ A bounded run writes every user's profile, segments and warehouse rows; then
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -27,11 +32,14 @@ from kafka import KafkaProducer
 from psycopg import sql
 
 from onboardflow.runners.cli.produce import produce
+from onboardflow.runners.flink_job import FlinkRest
+from onboardflow.tests.conftest import local_flink_cluster
 from onboardflow.tests.integration.outputs import read_topic
 from onboardflow.tests.integration.reliability_harness import (
     SECRET,
     Deployment,
     Outputs,
+    PipelineProcess,
     create_topics,
     decode,
     delete_topics,
@@ -164,6 +172,40 @@ def test_erase_removes_a_user_everywhere_audits_it_and_a_replay_brings_nothing_b
     others = {k: v for k, v in before.profiles.items() if k != key}
     assert {k: v for k, v in after.profiles.items() if k != key} == others, "the replay changed other users"
     assert len(_audit(d)) == 1
+
+
+@pytest.fixture(scope="module")
+def flink():
+    with local_flink_cluster():
+        yield FlinkRest(os.environ.get("OBF_FLINK_REST_URL", "http://127.0.0.1:8081"))
+
+
+@pytest.mark.flink
+def test_a_replay_through_the_flink_job_clears_the_erased_users_state_and_writes_nothing_of_them(
+        flink, deployment, user_ids, tmp_path):
+    d = deployment
+    run_to_end(d, f"{d.name}-first", tmp_path / "first.log")
+    before = Outputs.read(d)
+    (uid, key), = _victims(d, user_ids, 1)
+    _cli(d, uid, f"--requested-by={REQUESTER}")
+    replay = PipelineProcess(d.argv(f"{d.name}-flink", "--engine=flink", f"--flink_job_name={d.name}",
+                                    "--disable_online_models"), tmp_path / "flink.log")
+    assert replay.wait(600) == 0, replay.log_text()[-4000:]
+    cleared = _cleared_in_taskmanager_log(d.name)
+    assert cleared >= 1, "the Flink user stage never cleared the erased user's state"
+    assert _present(d, key) == [], "the Flink replay brought the erased user back"
+    after = Outputs.read(d)
+    assert {k: v for k, v in after.profiles.items() if k != key} == \
+        {k: v for k, v in before.profiles.items() if k != key}, "the Flink replay changed other users"
+
+
+def _cleared_in_taskmanager_log(job_name: str) -> int:
+    """How many erased users' states the job's user stage cleared, from its closing log line (the
+    TaskManager's log; Flink's REST metrics of a finished job may miss the operator's last counts)."""
+    pattern = re.compile(rf"user stage of job {re.escape(job_name)}, subtask \d+: (\d+) erased user state")
+    logs = Path(os.environ.get("OBF_RUN_DIR", Path(__file__).resolve().parents[2] / ".run")) / "flink" / "log"
+    return sum(int(m.group(1)) for path in logs.glob("*taskexecutor*.log*")
+               for m in pattern.finditer(path.read_text(errors="replace")))
 
 
 def test_erase_follow_consumes_requests_dead_letters_malformed_ones_and_does_nothing_twice(

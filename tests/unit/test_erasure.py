@@ -53,3 +53,57 @@ def test_the_request_topic_sits_beside_the_events_topic():
     assert erasure_topic("onboarding.events") == "onboarding.erasures"
     assert erasure_topic("acme.events") == "acme.erasures"
     assert erasure_topic("raw") == "raw.erasures"
+
+
+class _FakeRedis:
+    """The two reads ErasedUsers makes, counted."""
+
+    def __init__(self):
+        self.members: set[bytes] = set()
+        self.version = None
+        self.loads = 0
+
+    def get(self, key):
+        assert key.endswith(":erased:version")
+        return self.version
+
+    def smembers(self, key):
+        assert key.endswith(":erased")
+        self.loads += 1
+        return set(self.members)
+
+    def erase(self, user_key: str):
+        self.members.add(user_key.encode())
+        self.version = str(int(self.version or 0) + 1).encode()
+
+
+def test_erased_users_reload_only_when_an_erasure_moved_the_version_and_at_most_every_refresh():
+    from onboardflow.transforms.erasure import ErasedUsers
+    from onboardflow.transforms.profile_store.keys import ProfileKeys
+
+    client, now = _FakeRedis(), [0.0]
+    erased = ErasedUsers(client, ProfileKeys("t"), refresh_s=5.0, clock=lambda: now[0])
+    assert not erased("k1") and client.loads == 0, "nothing erased yet: no load"
+    client.erase("k1")
+    now[0] = 4.0
+    assert not erased("k1"), "checked again before refresh_s"
+    now[0] = 5.0
+    assert erased("k1") and not erased("k2") and client.loads == 1
+    now[0] = 11.0
+    assert erased("k1") and client.loads == 1, "version unchanged: no reload"
+
+
+def test_an_erased_users_event_or_lifecycle_timer_clears_the_state_and_emits_nothing():
+    from onboardflow.schemas.units import DAY_MS
+    from onboardflow.transforms.profile import ERASED, ClearState, ProfileConfig, ProfileMachine, Store
+
+    gone: set[str] = set()
+    machine = ProfileMachine(ProfileConfig(), clock_ms=lambda: 100 * DAY_MS, erased=gone.__contains__)
+    event = {"event_id": "e1", "user_key": "u", "event_type": "login", "occurred_at": DAY_MS}
+    state = next(d.state for d in machine.on_event(None, event) if type(d) is Store)
+    gone.add("u")
+    assert machine.on_event(state, dict(event, event_id="e2")) == (ClearState(ERASED),)
+    assert machine.on_lifecycle(state, "u", 2 * DAY_MS) == (ClearState(ERASED),)
+    assert machine.on_lifecycle(None, "u", 2 * DAY_MS) == ()
+    other = {"event_id": "e3", "user_key": "v", "event_type": "login", "occurred_at": DAY_MS}
+    assert any(type(d) is Store for d in machine.on_event(None, other)), "another user is untouched"

@@ -6,6 +6,7 @@
     {prefix}:segment:{segment}    set of user_keys currently in the segment
     {prefix}:outbox:{name}        outbox streams (transforms/outbox/)
     {prefix}:erased               set of erased user_keys: no profile write applies to them
+    {prefix}:erased:version       counter of erasures (readers of the set reload it when it moves)
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ class ProfileKeys:
     def erased(self) -> str:
         """The set of erased user_keys (transforms/erasure.py): the upsert script writes none of them."""
         return f"{self.prefix}:erased"
+
+    @property
+    def erased_version(self) -> str:
+        """A counter every erasure increments: readers of ``erased`` reload it when it moved."""
+        return f"{self.prefix}:erased:version"
 
     def outbox(self, name: str) -> str:
         """The outbox stream ``name`` (transforms/outbox/) under this prefix."""
