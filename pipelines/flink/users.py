@@ -150,8 +150,8 @@ class UserStage(KeyedProcessFunction):
         if client is not None:
             client.close()
             if self._erased_cleared:
-                _LOG.info("onboardflow user stage of job %s, subtask %d: %d erased user state(s) cleared (one per event or timer)",
-                          self._settings.job_name, self._subtask, self._erased_cleared)
+                _LOG.info("onboardflow user stage of job %s, subtask %d: %d erased user state(s) cleared "
+                          "(one per event or timer)", self._settings.job_name, self._subtask, self._erased_cleared)
 
     # -- elements ----------------------------------------------------------------
 
