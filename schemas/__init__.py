@@ -6,7 +6,9 @@ big-endian schema id, schemaless Avro binary), so any Confluent-compatible
 producer or consumer can talk to our topics. Schema ids come from a registry
 (``schema_registry.py``): by default the file registry ``registry.json`` shipped next
 to the ``.avsc`` files, or a real Confluent Schema Registry; ``onboardflow
-registry serve`` serves the file registry over the Confluent REST API.
+registry serve`` serves the file registry over the Confluent REST API. A new
+version of a subject must pass the subject's compatibility level (BACKWARD
+unless set; ``compatibility.py``), as in Confluent's registry.
 
 Schemas live here as ``<name>.avsc`` or, for evolving ones, ``<name>.v<N>.avsc``:
 

@@ -1,4 +1,4 @@
-"""Schema registries: where the 4-byte schema ids in our Kafka frames point.
+"""Schema registries: where the 4-byte schema ids in our Kafka frames point, and what may evolve.
 
 Producers register the schema they write under a subject and put the returned
 id in front of every record; consumers fetch the writer schema by id and
@@ -19,8 +19,16 @@ key-sorted, whitespace-free: formatting and namespace shorthand do not matter;
 docs, defaults and symbols do (as for Confluent, a doc change is a new schema).
 Like Confluent, an identical schema gets the same id under every subject.
 
-No compatibility checks are enforced on registration; the evolution rules of
-the shipped schemas are pinned by tests/unit/test_schemas.py instead.
+Governance, as in Confluent: every registry has a global compatibility level
+(BACKWARD unless set) and optional per-subject levels; a new version of a
+subject must pass schemas/compatibility.py against the subject's earlier
+versions at its level (the latest, or all of them for a ``*_TRANSITIVE``
+level), or registration raises ``IncompatibleEvolution`` naming what breaks.
+Registering a schema the subject already holds returns its id unchecked.
+``compatibility_problems`` runs the same check without registering. The file
+registry keeps the levels in its file (``"compatibility": {"global": LEVEL,
+"subjects": {subject: LEVEL}}``; a file without that key is BACKWARD
+throughout). docs/security.md ("Schema governance") has the rules.
 """
 from __future__ import annotations
 
@@ -34,12 +42,21 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from typing import Any, Union
 
 import fastavro
 from fastavro.schema import SchemaParseException
 
 from . import REGISTRY_FILE, default_registry
+from .compatibility import (
+    DEFAULT_LEVEL,
+    InvalidLevel,
+    UnreadableSchema,
+    check_level,
+    pair_problems,
+    versions_to_check,
+)
 
 # A schema as accepted by the registries: Avro JSON text, a JSON dict/list, or a
 # fastavro-parsed schema.
@@ -66,6 +83,34 @@ class RegistryReadOnly(RegistryError):
 
 class RegistryUnavailable(RegistryError):
     """The registry could not be reached or failed (transient: retry later)."""
+
+
+class IncompatibleEvolution(RegistryError):
+    """The schema may not follow the subject's earlier versions at its compatibility level.
+
+    ``problems`` lists what breaks, one line each (empty when a remote registry gave no details).
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+class InvalidCompatibilityLevel(RegistryError, InvalidLevel):
+    """Not one of the compatibility levels (schemas/compatibility.py LEVELS)."""
+
+
+def _incompatible_message(subject: str, level: str, problems: Sequence[str]) -> str:
+    # Confluent's wording, with what breaks as the details.
+    return (f'Schema being registered is incompatible with an earlier schema for subject "{subject}", '
+            f"details: [{level}: {'; '.join(problems)}]")
+
+
+def _level(level: Any) -> str:
+    try:
+        return check_level(level)
+    except InvalidLevel as err:
+        raise InvalidCompatibilityLevel(str(err)) from None
 
 
 def plain_schema(schema: SchemaLike) -> Any:
@@ -132,13 +177,71 @@ class SchemaRegistry(abc.ABC):
                 return schema_id
         raise SchemaNotFound(f"schema not registered under subject {subject!r}")
 
+    def get_schema_json(self, schema_id: int) -> Any:
+        """The schema with this id as plain Avro JSON data."""
+        return plain_schema(self.get_schema(schema_id))
+
+    # Governance. Registries that do not override these have no levels.
+
+    def compatibility(self, subject: str | None = None, default_to_global: bool = True) -> str | None:
+        """The global level, or ``subject``'s own level; without one, the global level
+        (``default_to_global``) or None."""
+        raise NotImplementedError(f"{type(self).__name__} has no compatibility levels")
+
+    def set_compatibility(self, level: str, subject: str | None = None) -> str:
+        """Set the global level, or ``subject``'s own; returns the level set.
+        InvalidCompatibilityLevel for an unknown level, RegistryReadOnly when read-only."""
+        raise NotImplementedError(f"{type(self).__name__} has no compatibility levels")
+
+    def delete_compatibility(self, subject: str | None = None) -> str:
+        """Drop ``subject``'s own level (SchemaNotFound if it has none), or reset the global
+        level to BACKWARD; returns the level dropped."""
+        raise NotImplementedError(f"{type(self).__name__} has no compatibility levels")
+
+    def compatibility_problems(self, subject: str, schema: SchemaLike, version: int | None = None) -> list[str]:
+        """What stops ``schema`` from following ``subject``'s versions; empty when it may.
+
+        ``version=None`` checks what registration checks: the versions the
+        subject's level names (the latest, or all for a ``*_TRANSITIVE``
+        level). A version number checks that version alone, in the level's
+        direction(s). A subject without versions has nothing to break; a
+        version it does not have is SchemaNotFound; InvalidSchema if
+        ``schema`` is not Avro.
+        """
+        parse(schema)
+        level = self.compatibility(subject)
+        try:
+            ids = self.versions(subject)
+        except SchemaNotFound:
+            if version is None:
+                return []
+            raise
+        if version is None:
+            numbers = versions_to_check(level, len(ids))
+        elif 1 <= version <= len(ids):
+            numbers = [] if level == "NONE" else [version]
+        else:
+            raise SchemaNotFound(f"subject {subject!r} has no version {version}")
+        new = plain_schema(schema)
+        found: list[str] = []
+        try:
+            for number in numbers:
+                old = self.get_schema_json(ids[number - 1])
+                found += [f"version {number}: {p}" for p in pair_problems(new, old, level)]
+        except UnreadableSchema as err:
+            raise InvalidSchema(str(err)) from None
+        return found
+
 
 class FileSchemaRegistry(SchemaRegistry):
-    """A registry kept in a JSON file: ``{"schemas": [{"id", "schema"}], "subjects": {subject: [ids]}}``.
+    """A registry kept in a JSON file: ``{"compatibility": {"global": LEVEL, "subjects":
+    {subject: LEVEL}}, "schemas": [{"id", "schema"}], "subjects": {subject: [ids]}}``.
 
-    Read-only unless ``writable``; a writable registry rewrites the file
-    atomically on every new registration, and is safe to share between threads
-    (the served registry), though not between processes.
+    Read-only unless ``writable`` (new schemas and level changes then raise
+    RegistryReadOnly); a writable registry rewrites the file atomically on
+    every new registration or level change, and is safe to share between
+    threads (the served registry), though not between processes. A file
+    without ``"compatibility"`` loads as BACKWARD throughout.
     """
 
     def __init__(self, path: str | os.PathLike = REGISTRY_FILE, writable: bool = False):
@@ -149,6 +252,8 @@ class FileSchemaRegistry(SchemaRegistry):
         self._parsed: dict[int, Any] = {}
         self._ids_by_identity: dict[str, int] = {}
         self._subjects: dict[str, list[int]] = {}
+        self._global_level = DEFAULT_LEVEL
+        self._subject_levels: dict[str, str] = {}
         if self.path.exists():
             self._load(json.loads(self.path.read_text(encoding="utf-8")))
         elif not writable:
@@ -165,6 +270,12 @@ class FileSchemaRegistry(SchemaRegistry):
             if unknown:
                 raise ValueError(f"{self.path}: subject {subject!r} refers to unknown ids {unknown}")
             self._subjects[subject] = list(ids)
+        levels = data.get("compatibility", {})
+        try:
+            self._global_level = check_level(levels.get("global", DEFAULT_LEVEL))
+            self._subject_levels = {s: check_level(v) for s, v in levels.get("subjects", {}).items()}
+        except InvalidLevel as err:
+            raise ValueError(f"{self.path}: {err}") from None
 
     def register(self, subject: str, schema: SchemaLike) -> int:
         identity = normalize(schema)
@@ -176,6 +287,10 @@ class FileSchemaRegistry(SchemaRegistry):
                 raise RegistryReadOnly(
                     f"schema not registered under subject {subject!r} and {self.path.name} is read-only"
                 )
+            found = self.compatibility_problems(subject, schema)
+            if found:
+                level = self.compatibility(subject)
+                raise IncompatibleEvolution(_incompatible_message(subject, level, found), found)
             if schema_id is None:
                 schema_id = max(self._raw, default=0) + 1
                 self._raw[schema_id] = plain_schema(schema)
@@ -185,8 +300,45 @@ class FileSchemaRegistry(SchemaRegistry):
             self._save()
             return schema_id
 
+    def compatibility(self, subject: str | None = None, default_to_global: bool = True) -> str | None:
+        if subject is None:
+            return self._global_level
+        own = self._subject_levels.get(subject)
+        return own if own is not None or not default_to_global else self._global_level
+
+    def set_compatibility(self, level: str, subject: str | None = None) -> str:
+        level = _level(level)
+        with self._lock:
+            self._check_writable("compatibility level")
+            if subject is None:
+                self._global_level = level
+            else:
+                self._subject_levels[subject] = level
+            self._save()
+        return level
+
+    def delete_compatibility(self, subject: str | None = None) -> str:
+        with self._lock:
+            self._check_writable("compatibility level")
+            if subject is None:
+                dropped, self._global_level = self._global_level, DEFAULT_LEVEL
+            elif subject in self._subject_levels:
+                dropped = self._subject_levels.pop(subject)
+            else:
+                raise SchemaNotFound(f"subject {subject!r} has no compatibility level of its own")
+            self._save()
+        return dropped
+
+    def _check_writable(self, what: str) -> None:
+        if not self.writable:
+            raise RegistryReadOnly(f"{self.path.name} is read-only: its {what} cannot change")
+
     def _save(self) -> None:
         data = {
+            "compatibility": {
+                "global": self._global_level,
+                "subjects": {s: self._subject_levels[s] for s in sorted(self._subject_levels)},
+            },
             "schemas": [{"id": i, "schema": self._raw[i]} for i in sorted(self._raw)],
             "subjects": {s: self._subjects[s] for s in sorted(self._subjects)},
         }
@@ -275,6 +427,12 @@ class ConfluentSchemaRegistry(SchemaRegistry):
             text = f"{method} {path}: HTTP {err.code} (error_code {code}): {message}"
             if err.code == 404:
                 raise SchemaNotFound(text) from None
+            if err.code == 409:
+                raise IncompatibleEvolution(text) from None
+            if err.code == 422 and code == 42203:
+                raise InvalidCompatibilityLevel(text) from None
+            if err.code == 422 and code == 42205:
+                raise RegistryReadOnly(text) from None
             if err.code == 422 and str(code).startswith("422"):
                 raise InvalidSchema(text) from None
             if err.code >= 500 or err.code == 429:
@@ -330,6 +488,41 @@ class ConfluentSchemaRegistry(SchemaRegistry):
         body = {"schema": json.dumps(plain_schema(schema))}
         return int(self._request("POST", f"subjects/{self._quote(subject)}", body)["id"])
 
+    def compatibility(self, subject: str | None = None, default_to_global: bool = True) -> str | None:
+        if subject is None:
+            return self._request("GET", "config")["compatibilityLevel"]
+        path = f"config/{self._quote(subject)}" + ("?defaultToGlobal=true" if default_to_global else "")
+        try:
+            return self._request("GET", path)["compatibilityLevel"]
+        except SchemaNotFound:
+            # 40408 (older registries: 40401): the subject has no level of its own.
+            if default_to_global:
+                raise
+            return None
+
+    def set_compatibility(self, level: str, subject: str | None = None) -> str:
+        path = "config" if subject is None else f"config/{self._quote(subject)}"
+        return self._request("PUT", path, {"compatibility": _level(level)})["compatibility"]
+
+    def delete_compatibility(self, subject: str | None = None) -> str:
+        path = "config" if subject is None else f"config/{self._quote(subject)}"
+        return self._request("DELETE", path)["compatibilityLevel"]
+
+    def compatibility_problems(self, subject: str, schema: SchemaLike, version: int | None = None) -> list[str]:
+        path = f"compatibility/subjects/{self._quote(subject)}/versions"
+        if version is not None:
+            path += f"/{int(version)}"
+        body = {"schema": json.dumps(plain_schema(parse(schema)))}
+        try:
+            answer = self._request("POST", path + "?verbose=true", body)
+        except SchemaNotFound:
+            if version is None:  # a subject without versions has nothing to break
+                return []
+            raise
+        if answer.get("is_compatible"):
+            return []
+        return [str(m) for m in answer.get("messages") or ()] or ["incompatible (the registry gave no details)"]
+
 
 def registry_from_url(url: str | None = None, writable: bool = False) -> SchemaRegistry:
     """A registry for a URL: None -> the shipped file registry; ``http(s)://`` ->
@@ -349,6 +542,8 @@ def registry_from_url(url: str | None = None, writable: bool = False) -> SchemaR
 __all__ = [
     "ConfluentSchemaRegistry",
     "FileSchemaRegistry",
+    "IncompatibleEvolution",
+    "InvalidCompatibilityLevel",
     "InvalidSchema",
     "RegistryError",
     "RegistryReadOnly",

@@ -5,7 +5,7 @@ dispatches, so `onboardflow --help` stays fast (no Beam import) and each
 command parses its own flags.
 
     onboardflow produce ...        synthetic onboarding events to Kafka
-    onboardflow registry ...       list / serve the schema registry
+    onboardflow registry ...       list, govern (config, check) or serve the schema registry
     onboardflow run ...            the onboarding pipeline (Beam options pass through)
     onboardflow profile USER_ID    read one profile back from Redis
 """
@@ -19,7 +19,7 @@ import sys
 # name -> ("module" or "module:function" relative to this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "produce": (".produce", "produce synthetic onboarding journeys to Kafka"),
-    "registry": (".registry", "list or serve the Avro schema registry"),
+    "registry": (".registry", "list, register, check, configure or serve the Avro schema registry"),
     "run": (".run", "run the onboarding personalization pipeline"),
     "profile": (".profile", "read one user's profile from Redis"),
     "erase": (".erase", "erase a user (or follow the erasure-request topic): profile, segments, warehouse rows"),

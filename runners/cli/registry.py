@@ -1,12 +1,22 @@
-"""``onboardflow registry``: inspect the schema registry, and serve it to Confluent clients.
+"""``onboardflow registry``: inspect and govern the schema registry, and serve it to Confluent clients.
 
     onboardflow registry list [--registry URL]
     onboardflow registry register SUBJECT SCHEMA.avsc [--registry URL]
+    onboardflow registry config [SUBJECT] [--set LEVEL | --delete] [--registry URL]
+    onboardflow registry check SUBJECT SCHEMA.avsc [--version N] [--registry URL]
     onboardflow registry serve [--registry PATH] [--host 127.0.0.1] [--port 8081] [--writable]
 
-``serve`` puts a file registry (by default the ``schemas/registry.json``
-shipped in the repo, read-only) behind the subset of the Confluent Schema
-Registry REST API that serializers, deserializers and the ``ConfluentSchemaRegistry``
+``--registry`` is a file path or an ``http(s)://`` Confluent-compatible
+registry (the shipped ``schemas/registry.json`` by default); every command
+goes through the same registry classes (schemas/schema_registry.py).
+``config`` prints the global level, or a subject's level (marked
+``(global default)`` when it has none of its own), or sets / deletes it.
+``check`` prints whether the schema file may be registered as the subject's
+next version (exit 0) or why not (exit 1; 2 for an unusable schema file).
+
+``serve`` puts a file registry (by default the shipped one, read-only) behind
+the subset of the Confluent Schema Registry REST API that serializers,
+deserializers, ``SchemaRegistryClient`` and the ``ConfluentSchemaRegistry``
 client use, so any Confluent-compatible producer can write to our topics
 without a Confluent install:
 
@@ -15,12 +25,21 @@ without a Confluent install:
     GET  /subjects/{subject}/versions/{v|latest} GET  /schemas/ids/{id}/subjects
     GET  /subjects/{subject}/versions/{v}/schema GET  /schemas/ids/{id}/versions
     POST /subjects/{subject}/versions (register) GET  /schemas/types
-    POST /subjects/{subject}          (lookup)   GET  /config
+    POST /subjects/{subject}          (lookup)
+    GET|PUT|DELETE /config                       {"compatibility": LEVEL} in, {"compatibilityLevel": LEVEL} out
+    GET|PUT|DELETE /config/{subject}             GET takes ?defaultToGlobal=true
+    POST /compatibility/subjects/{subject}/versions[/{v|latest}][?verbose=true]   {"is_compatible": bool}
 
-Registering a schema that is already registered returns its id; a new schema
-is refused (422, error code 42205, as Confluent does in read-only mode) unless
-``--writable``, which appends it to the registry file. Compatibility is not
-enforced (``/config`` says NONE).
+Registering a schema the subject already holds returns its id. A new one
+must pass the subject's compatibility level (global default BACKWARD), or it
+is refused with HTTP 409, error code 409, naming what breaks. In a read-only
+registry (no ``--writable``) new schemas and level changes are refused (422,
+error code 42205, as Confluent does in read-only mode); ``--writable``
+appends them to the registry file. Other Confluent error codes: 40401
+subject, 40402 version, 40403 schema not found; 40408 subject has no level of
+its own; 42201 invalid schema; 42202 invalid version; 42203 invalid level.
+Left out: deleting subjects or versions, modes, contexts, references,
+non-Avro schema types, normalization.
 """
 from __future__ import annotations
 
@@ -35,14 +54,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
 
 from ...schemas import REGISTRY_FILE
+from ...schemas.compatibility import LEVELS
 from ...schemas.schema_registry import (
     CONFLUENT_CONTENT_TYPE,
     FileSchemaRegistry,
+    IncompatibleEvolution,
+    InvalidCompatibilityLevel,
     InvalidSchema,
+    RegistryError,
     RegistryReadOnly,
     SchemaNotFound,
     SchemaRegistry,
-    plain_schema,
     registry_from_url,
 )
 
@@ -54,9 +76,14 @@ MAX_BODY_BYTES = 1 << 20
 SUBJECT_NOT_FOUND = 40401
 VERSION_NOT_FOUND = 40402
 SCHEMA_NOT_FOUND = 40403
+SUBJECT_LEVEL_NOT_CONFIGURED = 40408
+INCOMPATIBLE_SCHEMA = 409
 INVALID_SCHEMA = 42201
 INVALID_VERSION = 42202
+INVALID_COMPATIBILITY_LEVEL = 42203
 OPERATION_NOT_PERMITTED = 42205
+
+INVALID_LEVEL_MESSAGE = f"Invalid compatibility level. Valid values are {', '.join(LEVELS)}"
 
 
 class _ApiError(Exception):
@@ -74,11 +101,7 @@ class _ConfluentApi:
         self.registry = registry
 
     def schema_text(self, schema_id: int) -> str:
-        if isinstance(self.registry, FileSchemaRegistry):
-            schema = self.registry.get_schema_json(schema_id)
-        else:
-            schema = plain_schema(self.registry.get_schema(schema_id))
-        return json.dumps(schema, separators=(",", ":"))
+        return json.dumps(self.registry.get_schema_json(schema_id), separators=(",", ":"))
 
     def _schema_by_id(self, raw_id: str) -> int:
         try:
@@ -119,7 +142,46 @@ class _ConfluentApi:
             raise _ApiError(422, INVALID_SCHEMA, "Schema references are not supported")
         return body["schema"]
 
-    def get(self, parts: list[str]) -> Any:
+    @staticmethod
+    def _flag(query: dict[str, list[str]], name: str) -> bool:
+        return query.get(name, ["false"])[-1].strip().lower() == "true"
+
+    def _compatibility(self, subject: str, raw_version: str | None, body: Any, verbose: bool) -> dict:
+        schema = self._schema_from_body(body)
+        version = None
+        if raw_version is not None:
+            try:
+                self.registry.versions(subject)
+            except SchemaNotFound:
+                if raw_version in ("latest", "-1"):  # nothing registered: nothing to break
+                    return {"is_compatible": True, **({"messages": []} if verbose else {})}
+                raise _ApiError(404, SUBJECT_NOT_FOUND, f"Subject '{subject}' not found.") from None
+            version = self._version(subject, raw_version)[0]
+        try:
+            found = self.registry.compatibility_problems(subject, schema, version)
+        except InvalidSchema as err:
+            raise _ApiError(422, INVALID_SCHEMA, str(err)) from None
+        return {"is_compatible": not found, **({"messages": found} if verbose else {})}
+
+    def _set_level(self, body: Any, subject: str | None) -> dict:
+        # Confluent's clients send "compatibility"; its newer config objects "compatibilityLevel".
+        level = body.get("compatibility", body.get("compatibilityLevel")) if isinstance(body, dict) else None
+        try:
+            return {"compatibility": self.registry.set_compatibility(level, subject)}
+        except InvalidCompatibilityLevel:
+            raise _ApiError(422, INVALID_COMPATIBILITY_LEVEL, INVALID_LEVEL_MESSAGE) from None
+        except RegistryReadOnly as err:
+            raise _ApiError(422, OPERATION_NOT_PERMITTED, str(err)) from None
+
+    def _delete_level(self, subject: str | None) -> dict:
+        try:
+            return {"compatibilityLevel": self.registry.delete_compatibility(subject)}
+        except RegistryReadOnly as err:
+            raise _ApiError(422, OPERATION_NOT_PERMITTED, str(err)) from None
+        except SchemaNotFound:
+            raise _ApiError(404, SUBJECT_NOT_FOUND, f"Subject '{subject}' not found.") from None
+
+    def get(self, parts: list[str], query: dict[str, list[str]]) -> Any:
         match parts:
             case []:
                 return {}
@@ -148,12 +210,38 @@ class _ConfluentApi:
                     for i, sid in enumerate(self.registry.versions(s))
                     if sid == schema_id
                 ]
-            case ["config"] | ["config", _]:
-                return {"compatibilityLevel": "NONE"}
+            case ["config"]:
+                return {"compatibilityLevel": self.registry.compatibility()}
+            case ["config", subject]:
+                level = self.registry.compatibility(subject, default_to_global=self._flag(query, "defaultToGlobal"))
+                if level is None:
+                    raise _ApiError(404, SUBJECT_LEVEL_NOT_CONFIGURED,
+                                    f"Subject '{subject}' does not have subject-level compatibility configured")
+                return {"compatibilityLevel": level}
         raise _ApiError(404, 404, "Not found")
 
-    def post(self, parts: list[str], body: Any) -> Any:
+    def put(self, parts: list[str], body: Any) -> Any:
         match parts:
+            case ["config"]:
+                return self._set_level(body, None)
+            case ["config", subject]:
+                return self._set_level(body, subject)
+        raise _ApiError(404, 404, "Not found")
+
+    def delete(self, parts: list[str]) -> Any:
+        match parts:
+            case ["config"]:
+                return self._delete_level(None)
+            case ["config", subject]:
+                return self._delete_level(subject)
+        raise _ApiError(404, 404, "Not found")
+
+    def post(self, parts: list[str], body: Any, query: dict[str, list[str]]) -> Any:
+        match parts:
+            case ["compatibility", "subjects", subject, "versions"]:
+                return self._compatibility(subject, None, body, self._flag(query, "verbose"))
+            case ["compatibility", "subjects", subject, "versions", version]:
+                return self._compatibility(subject, version, body, self._flag(query, "verbose"))
             case ["subjects", subject, "versions"]:
                 schema = self._schema_from_body(body)
                 try:
@@ -162,6 +250,8 @@ class _ConfluentApi:
                     raise _ApiError(422, INVALID_SCHEMA, str(err)) from None
                 except RegistryReadOnly as err:
                     raise _ApiError(422, OPERATION_NOT_PERMITTED, str(err)) from None
+                except IncompatibleEvolution as err:
+                    raise _ApiError(409, INCOMPATIBLE_SCHEMA, str(err)) from None
             case ["subjects", subject]:
                 schema = self._schema_from_body(body)
                 versions = self._versions(subject)
@@ -184,6 +274,9 @@ def _handler_for(api: _ConfluentApi) -> type[BaseHTTPRequestHandler]:
             path = urllib.parse.urlsplit(self.path).path
             return [urllib.parse.unquote(p) for p in path.split("/") if p]
 
+        def _query(self) -> dict[str, list[str]]:
+            return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+
         def _reply(self, status: int, payload: Any) -> None:
             data = json.dumps(payload).encode("utf-8")
             self.send_response(status)
@@ -202,9 +295,9 @@ def _handler_for(api: _ConfluentApi) -> type[BaseHTTPRequestHandler]:
                 self._reply(500, {"error_code": 50001, "message": "Internal server error"})
 
         def do_GET(self) -> None:  # noqa: N802 - http.server naming
-            self._serve(lambda: api.get(self._parts()))
+            self._serve(lambda: api.get(self._parts(), self._query()))
 
-        def do_POST(self) -> None:  # noqa: N802
+        def _with_body(self, route) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY_BYTES:
                 self.close_connection = True
@@ -217,14 +310,21 @@ def _handler_for(api: _ConfluentApi) -> type[BaseHTTPRequestHandler]:
                     body = json.loads(raw or b"null")
                 except ValueError:
                     raise _ApiError(400, 400, "Request body is not JSON") from None
-                return api.post(self._parts(), body)
+                return route(body)
 
             self._serve(call)
 
-        def _not_allowed(self) -> None:
-            self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error_code": 405, "message": "Method not allowed"})
+        def do_POST(self) -> None:  # noqa: N802
+            self._with_body(lambda body: api.post(self._parts(), body, self._query()))
 
-        do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815
+        def do_PUT(self) -> None:  # noqa: N802
+            self._with_body(lambda body: api.put(self._parts(), body))
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._with_body(lambda _body: api.delete(self._parts()))
+
+        def do_PATCH(self) -> None:  # noqa: N802
+            self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error_code": 405, "message": "Method not allowed"})
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server signature
             log.debug("%s - %s", self.address_string(), format % args)
@@ -292,7 +392,57 @@ def _register(args: argparse.Namespace) -> int:
     registry = registry_from_url(args.registry, writable=True)
     with open(args.schema_file, encoding="utf-8") as f:
         schema = f.read()
-    print(registry.register(args.subject, schema))
+    try:
+        print(registry.register(args.subject, schema))
+    except RegistryError as err:  # incompatible, invalid, read-only
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    changing = args.set is not None or args.delete
+    registry = registry_from_url(args.registry, writable=changing)
+    scope = args.subject or "global"
+    try:
+        if args.set is not None:
+            print(f"{scope}: {registry.set_compatibility(args.set, args.subject)}")
+        elif args.delete:
+            dropped = registry.delete_compatibility(args.subject)
+            now = registry.compatibility(args.subject)
+            print(f"{scope}: {now} (was {dropped})")
+        elif args.subject is None:
+            print(f"global: {registry.compatibility()}")
+        else:
+            own = registry.compatibility(args.subject, default_to_global=False)
+            level = own if own is not None else f"{registry.compatibility()} (global default)"
+            print(f"{scope}: {level}")
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    registry = registry_from_url(args.registry)
+    try:
+        with open(args.schema_file, encoding="utf-8") as f:
+            schema = f.read()
+        level = registry.compatibility(args.subject)
+        found = registry.compatibility_problems(args.subject, schema, args.version)
+    except OSError as err:
+        print(f"error: {args.schema_file}: {err}", file=sys.stderr)
+        return 2
+    except RegistryError as err:  # an invalid schema, an unknown version, an unreachable registry
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    against = f"version {args.version}" if args.version is not None else "its earlier versions"
+    if found:
+        print(f"{args.schema_file} is incompatible with {args.subject} at {level} ({against}):")
+        for problem in found:
+            print(f"  {problem}")
+        return 1
+    print(f"{args.schema_file} is compatible with {args.subject} at {level} ({against})")
     return 0
 
 
@@ -323,6 +473,23 @@ def build_parser() -> argparse.ArgumentParser:
     register_cmd.add_argument("schema_file")
     register_cmd.add_argument("--registry", help="registry URL or path (default: the shipped registry.json)")
     register_cmd.set_defaults(run=_register)
+
+    config_cmd = commands.add_parser("config", help="show or set the global or a subject's compatibility level")
+    config_cmd.add_argument("subject", nargs="?", help="a subject (default: the global level)")
+    change = config_cmd.add_mutually_exclusive_group()
+    change.add_argument("--set", metavar="LEVEL", help=f"one of {', '.join(LEVELS)}")
+    change.add_argument("--delete", action="store_true",
+                        help="drop the subject's own level (global: back to BACKWARD)")
+    config_cmd.add_argument("--registry", help="registry URL or path (default: the shipped registry.json)")
+    config_cmd.set_defaults(run=_config)
+
+    check_cmd = commands.add_parser(
+        "check", help="may a schema file be registered under a subject? exit 1 and the reasons if not")
+    check_cmd.add_argument("subject")
+    check_cmd.add_argument("schema_file")
+    check_cmd.add_argument("--version", type=int, help="check against this version only (default: as registration)")
+    check_cmd.add_argument("--registry", help="registry URL or path (default: the shipped registry.json)")
+    check_cmd.set_defaults(run=_check)
 
     serve_cmd = commands.add_parser("serve", help="serve a file registry over the Confluent REST API")
     serve_cmd.add_argument("--registry", help="registry file (default: the shipped registry.json)")
