@@ -343,6 +343,8 @@ def test_a_process_started_with_the_secured_settings_shows_no_secret_in_ps(secur
         [line] = [row for row in ps.splitlines() if row.split(None, 1)[0] == str(proc.pid)]
         assert "rediss://onboardflow-pipeline@" in line  # found it, with the secured URL on its command line
         secure.assert_no_secret_in(ps)
+        # What ps reads: every process's command line, including those ps truncates or hides.
+        secure.assert_no_secret_in(Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().replace("\0", " "))
         secure.assert_no_secret_in(metrics)
     finally:
         proc.terminate()
