@@ -20,7 +20,9 @@ A URL carries only what is not secret; the secret is named, never written:
 
 A password written into the URL still works, but then it shows wherever the
 URL does (``ps``, shell history); ``redact`` strips it for display. Roles, ACL
-users and the secure services: docs/security.md.
+users and the secure services: docs/security.md. Kafka clients (SSL/SASL) are
+not built here yet; they are to follow the same rule: one setting that names
+the CA and the password file, read in one place.
 """
 from __future__ import annotations
 

@@ -130,7 +130,9 @@ def test_the_env_file_names_tls_endpoints_and_password_files_but_holds_no_secret
 # --------------------------------------------------------------------------- Redis
 
 
-def test_the_profile_sink_writes_profiles_and_outbox_entries_over_tls_as_the_pipeline_user(secure):
+@pytest.fixture(scope="module")
+def written(secure):
+    """Three profiles (users u0..u2) written by the pipeline's profile sink as the pipeline user."""
     sink = ProfileSink(secure["OBF_REDIS_URL"], PREFIX, profile_ttl_s=3600, batch_size=10)
     t = now_ms() - 60_000
     for n in range(3):
@@ -138,7 +140,11 @@ def test_the_profile_sink_writes_profiles_and_outbox_entries_over_tls_as_the_pip
                   "segments": ["activated"], "engagement_score": 1.5 + n})
     records = sink.flush()
     sink.close()
-    assert [r.result.applied for r in records] == [True, True, True]
+    return records
+
+
+def test_the_profile_sink_writes_profiles_and_outbox_entries_over_tls_as_the_pipeline_user(secure, written):
+    assert [r.result.applied for r in written] == [True, True, True]
 
     client = redis_client(secure["OBF_REDIS_URL"])
     try:
@@ -169,7 +175,7 @@ def test_the_pipeline_user_stays_in_its_prefix_and_cannot_administer(secure):
         client.close()
 
 
-def test_the_app_user_reads_profiles_and_a_write_is_refused_with_noperm(secure):
+def test_the_app_user_reads_profiles_and_a_write_is_refused_with_noperm(secure, written):
     app = redis_client(secure["OBF_REDIS_APP_URL"])
     try:
         key = f"{PREFIX}:profile:{key_of('u0')}"
@@ -184,6 +190,19 @@ def test_the_app_user_reads_profiles_and_a_write_is_refused_with_noperm(secure):
             app.eval("return 1", 0)
     finally:
         app.close()
+
+
+def test_a_client_certificate_and_a_password_variable_are_accepted_too(secure, written, monkeypatch):
+    tls = secure.run_dir / "tls"
+    monkeypatch.setenv("OBF_TEST_REDIS_PASSWORD", secure.passwords["redis-app.password"])
+    url = (secure["OBF_REDIS_APP_URL"].split("password_file=")[0]
+           + f"ssl_certfile={tls}/client.crt&ssl_keyfile={tls}/client.key&password_env=OBF_TEST_REDIS_PASSWORD")
+    client = redis_client(url)
+    try:
+        assert client.ping()
+        assert client.hget(f"{PREFIX}:profile:{key_of('u2')}", "user_key").decode() == key_of("u2")
+    finally:
+        client.close()
 
 
 def test_a_wrong_redis_password_is_refused_with_a_clear_error_that_does_not_show_it(secure, tmp_path, caplog):
@@ -270,6 +289,13 @@ def test_the_pipeline_role_cannot_change_the_schema(secure, migrated):
             conn.execute(f"SELECT {migrated}.create_day_partition('accounts', current_date)")
         assert conn.execute(f"SELECT {migrated}.create_day_partition('events', current_date + 30)").fetchone() == (
             False,)
+        # Its search_path puts the caller's temporary schema last: a temporary look-alike of a
+        # catalog it reads changes nothing.
+        conn.execute("CREATE TEMP TABLE pg_partitioned_table (partrelid oid)")
+        with pytest.raises(psycopg.errors.UndefinedTable, match="not a partitioned table"):
+            conn.execute(f"SELECT {migrated}.create_day_partition('accounts', current_date)")
+        assert conn.execute("SELECT proconfig FROM pg_proc WHERE proname = 'create_day_partition'").fetchone() == (
+            [f"search_path={migrated}, pg_catalog, pg_temp"],)
     # Its migrate step applies nothing: with everything applied it is a no-op; asked to grant, it refuses.
     assert apply_migrations(secure["OBF_WAREHOUSE_DSN"], migrated) == []
     with pytest.raises(MigrationError, match="may not change schema"):
