@@ -138,7 +138,7 @@ def unreachable_service(exc: BaseException) -> str | None:
         redis_mod, kafka_mod, psycopg_mod = (sys.modules.get(m) for m in ("redis", "kafka.errors", "psycopg"))
         hint = "is it running? `make services-up`"
         if redis_mod is not None and isinstance(exc, redis_mod.exceptions.AuthenticationError):
-            return f"Redis at {redact(settings().redis_url)} refused the credentials: {exc} (docs/security.md)"
+            return f"Redis refused the credentials: {exc} (docs/security.md)"
         if redis_mod is not None and isinstance(exc, redis_mod.exceptions.ConnectionError):
             where = re.search(r"[\w.-]+:\d+", str(exc))
             where = where.group(0) if where else redact(re.sub(r"//[^@/]*@", "//", settings().redis_url))

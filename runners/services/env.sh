@@ -36,8 +36,12 @@ export OBF_SECRETS_DIR="${OBF_SECRETS_DIR:-$OBF_RUN_DIR/secrets}"
 export REDIS_TLS_PORT="${REDIS_TLS_PORT:-6380}"
 # Client certificates: "optional" verifies one when presented, "yes" requires one.
 export REDIS_TLS_AUTH_CLIENTS="${REDIS_TLS_AUTH_CLIENTS:-optional}"
-# The key prefix the pipeline's ACL user may touch (the deployment's, OBF_REDIS_KEY_PREFIX).
-export REDIS_ACL_PREFIX="${REDIS_ACL_PREFIX:-${OBF_REDIS_KEY_PREFIX:-obf}}"
+# The key prefixes (space-separated) the ACL users may touch: the deployment's,
+# derived as runners/settings.py does (OBF_REDIS_KEY_PREFIX, else `obf` for the
+# default deployment and the deployment's name for any other).
+_obf_prefix=obf
+if [ -n "${OBF_DEPLOYMENT:-}" ] && [ "$OBF_DEPLOYMENT" != onboarding ]; then _obf_prefix="$OBF_DEPLOYMENT"; fi
+export REDIS_ACL_PREFIX="${REDIS_ACL_PREFIX:-${OBF_REDIS_KEY_PREFIX:-$_obf_prefix}}"
 export REDIS_PIPELINE_USER="${REDIS_PIPELINE_USER:-onboardflow-pipeline}"
 export REDIS_APP_USER="${REDIS_APP_USER:-onboardflow-app}"
 export REDIS_ADMIN_USER="${REDIS_ADMIN_USER:-onboardflow-admin}"

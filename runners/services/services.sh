@@ -30,7 +30,6 @@ secure_up() {
 # written by services.sh secure-up ($(date -u +%Y-%m-%dT%H:%M:%SZ)): the TLS + authenticated
 # endpoints (docs/security.md). Use them with: set -a; . $OBF_RUN_DIR/services.secure.env; set +a
 OBF_KAFKA_BOOTSTRAP='$KAFKA_HOST:$KAFKA_PORT'
-OBF_REDIS_KEY_PREFIX='${REDIS_ACL_PREFIX%% *}'
 OBF_REDIS_URL='rediss://$REDIS_PIPELINE_USER@$REDIS_HOST:$REDIS_TLS_PORT/0?ssl_ca_certs=$ca&password_file=$s/redis-pipeline.password'
 OBF_REDIS_APP_URL='rediss://$REDIS_APP_USER@$REDIS_HOST:$REDIS_TLS_PORT/0?ssl_ca_certs=$ca&password_file=$s/redis-app.password'
 OBF_WAREHOUSE_DSN='postgresql://$PG_PIPELINE_ROLE@$pg'
