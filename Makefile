@@ -10,6 +10,8 @@
 #                        pipeline on Prism, side by side
 #   make services-up     Kafka (KRaft), Redis, PostgreSQL; idempotent, health-checked
 #   make services-down   stop what services-up started
+#   make services-up-secure  services-up, plus Redis and PostgreSQL with TLS and authentication
+#                        on ports 6380/5433 (endpoints in .run/services.secure.env; docs/security.md)
 #
 # Settings (override on the command line or in the environment): PYTHON,
 # KAFKA_PORT, REDIS_PORT, PG_PORT, OBF_RUN_DIR, OBF_CACHE_DIR — see
@@ -31,7 +33,7 @@ VENV_STAMP    := $(VENV)/.installed
 SERVICES      := runners/services/services.sh
 PYTEST        := $(PY) -m pytest
 
-.PHONY: help install venv prism jars services-up services-down services-status \
+.PHONY: help install venv prism jars services-up services-up-secure services-down services-status \
         test test-unit test-integration test-e2e lint demo bench bench-compare bench-quix-install \
         clean distclean
 .PHONY: promtool check-alerts lag-exporter
@@ -40,7 +42,7 @@ PYTEST        := $(PY) -m pytest
         flink-worker-pool-down flink-demo test-flink
 
 help:
-	@sed -n '2,18p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,20p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---- install ---------------------------------------------------------------
 
@@ -73,6 +75,9 @@ jars:
 
 services-up:
 	$(SERVICES) up
+
+services-up-secure:
+	OBF_SECURITY=tls $(SERVICES) up
 
 services-down:
 	$(SERVICES) down

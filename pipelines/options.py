@@ -29,13 +29,18 @@ class OnboardingOptions(PipelineOptions):
                        help="Kafka topic for records that cannot be decoded or validated (raw bytes + reason).")
         g.add_argument("--segment_changes_topic", default="onboarding.segment-changes",
                        help="Kafka topic for SegmentChange records (entered/exited), for downstream triggers.")
-        g.add_argument("--redis_url", default=DEFAULT_REDIS_URL, help="Redis profile store.")
+        g.add_argument("--redis_url", default=DEFAULT_REDIS_URL,
+                       help="Redis profile store. TLS and a user: rediss://USER@HOST:PORT/0?ssl_ca_certs=CA"
+                            "&password_file=PATH (or password_env=VAR); never the password itself "
+                            "(transforms/connections.py, docs/security.md).")
         g.add_argument("--redis_key_prefix", default="obf",
                        help="Prefix of every Redis key the pipeline writes (see docs/redis-contract.md).")
         g.add_argument("--profile_ttl_days", type=float, default=90.0,
                        help="A profile hash expires this long after its last accepted write; longer keeps "
                             "returning users' history, shorter bounds Redis memory.")
-        g.add_argument("--warehouse_dsn", default=DEFAULT_WAREHOUSE_DSN, help="PostgreSQL warehouse (libpq URL).")
+        g.add_argument("--warehouse_dsn", default=DEFAULT_WAREHOUSE_DSN,
+                       help="PostgreSQL warehouse (libpq URL), as the pipeline's role. TLS and a password file: "
+                            "...?sslmode=verify-full&sslrootcert=CA&passfile=PGPASS (docs/security.md).")
         g.add_argument("--warehouse_schema", default="public", help="PostgreSQL schema of the warehouse tables.")
         g.add_argument("--rules_file", default=None,
                        help="Segment rules YAML (default: pipelines/segment_rules.yaml).")

@@ -48,6 +48,8 @@ from typing import Any, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from ..transforms.connections import warehouse_connect
+
 METRICS_NAMESPACE = "onboardflow"
 STAGE = "train"
 DEFAULT_K_MIN = 2
@@ -82,9 +84,7 @@ class _ReadShardFn(beam.DoFn):
         self._read = Metrics.counter(METRICS_NAMESPACE, "train_snapshots_read")
 
     def setup(self) -> None:
-        import psycopg
-
-        self._conn = psycopg.connect(self._dsn, application_name="onboardflow-train")
+        self._conn = warehouse_connect(self._dsn, application_name="onboardflow-train")
 
     def process(self, shard: int):
         from psycopg import sql
@@ -353,7 +353,6 @@ def read_snapshot_history(dsn: str, schema: str, as_of_ms: Optional[int], batch:
 
     A server-side cursor streams them, so the history need not fit in memory.
     """
-    import psycopg
     from psycopg import sql
 
     query = sql.SQL("SELECT snapshot FROM {}").format(sql.Identifier(schema, "profile_snapshots"))
@@ -362,7 +361,7 @@ def read_snapshot_history(dsn: str, schema: str, as_of_ms: Optional[int], batch:
         query = sql.SQL("{} WHERE version < %s").format(query)
         params.append((as_of_ms + 1) * 1000)
     query = sql.SQL("{} ORDER BY version, user_key").format(query)
-    with psycopg.connect(dsn, application_name="onboardflow-train") as conn:
+    with warehouse_connect(dsn, application_name="onboardflow-train") as conn:
         with conn.cursor(name="onboardflow_train_history") as cur:
             cur.itersize = batch
             cur.execute(query, params)
@@ -429,7 +428,6 @@ def bootstrap_propensity(snapshots: Iterable[Mapping[str, Any]], timeout_days: f
 
 
 def count_users(dsn: str, schema: str, as_of_ms: Optional[int]) -> int:
-    import psycopg
     from psycopg import sql
 
     query = sql.SQL("SELECT count(DISTINCT user_key) FROM {}").format(sql.Identifier(schema, "profile_snapshots"))
@@ -437,7 +435,7 @@ def count_users(dsn: str, schema: str, as_of_ms: Optional[int]) -> int:
     if as_of_ms is not None:
         query = sql.SQL("{} WHERE version < %s").format(query)
         params.append((as_of_ms + 1) * 1000)
-    with psycopg.connect(dsn, autocommit=True, application_name="onboardflow-train") as conn:
+    with warehouse_connect(dsn, autocommit=True, application_name="onboardflow-train") as conn:
         return conn.execute(query, params).fetchone()[0]
 
 

@@ -76,9 +76,18 @@ class Settings:
     """``OBF_SCHEMA_REGISTRY_URL``: a Confluent-compatible registry's URL, or a registry JSON file;
     unset: the registry shipped in schemas/registry.json."""
     redis_url: str = DEFAULT_REDIS_URL
-    """``OBF_REDIS_URL``: the Redis profile store and model registry serving copy."""
+    """``OBF_REDIS_URL``: the Redis profile store and model registry serving copy. Secured:
+    ``rediss://USER@HOST:PORT/0?ssl_ca_certs=CA&password_file=PATH`` (transforms/connections.py)."""
     warehouse_dsn: str = DEFAULT_WAREHOUSE_DSN
-    """``OBF_WAREHOUSE_DSN``: the PostgreSQL warehouse (libpq URL); never printed (it holds a password)."""
+    """``OBF_WAREHOUSE_DSN``: the PostgreSQL warehouse (libpq URL) as the pipeline's role; never printed
+    whole. Secured: ``sslmode=verify-full&sslrootcert=CA&passfile=PGPASS`` and no password in it (docs/security.md)."""
+    warehouse_owner_dsn: Optional[str] = None
+    """``OBF_WAREHOUSE_OWNER_DSN``: the warehouse as the role that owns the schema, for
+    `onboardflow warehouse migrate`; unset: ``warehouse_dsn`` (one role for everything)."""
+    warehouse_pipeline_role: Optional[str] = None
+    """``OBF_WAREHOUSE_PIPELINE_ROLE``: the pipeline's least-privilege role, granted its writes by each migrate."""
+    warehouse_reader_role: Optional[str] = None
+    """``OBF_WAREHOUSE_READER_ROLE``: the analysts' role, granted SELECT by each migrate."""
     events_topic: str = "onboarding.events"
     """``OBF_EVENTS_TOPIC``: the topic of onboarding events the pipeline reads."""
     dead_letter_topic: str = "onboarding.events.dlq"
@@ -118,7 +127,8 @@ class Settings:
         fields: dict = {"deployment": deployment, "run_dir": run_dir, "cache_dir": cache_dir}
         for name, derived in deployment_names(deployment).items():
             fields[name] = values.get(cls.variable(name), derived)
-        for name in ("kafka_bootstrap", "schema_registry_url", "redis_url", "warehouse_dsn"):
+        for name in ("kafka_bootstrap", "schema_registry_url", "redis_url", "warehouse_dsn", "warehouse_owner_dsn",
+                     "warehouse_pipeline_role", "warehouse_reader_role"):
             if cls.variable(name) in values:
                 fields[name] = values[cls.variable(name)]
         if values.get("OBF_SECRET_FILE"):

@@ -35,10 +35,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-import psycopg
 import redis
 from psycopg import sql
 
+from .connections import warehouse_connect
 from .outbox.keys import PROFILE_SNAPSHOTS, SEGMENT_CHANGES
 from .profile_store.keys import ProfileKeys
 from .warehouse.schema import DEFAULT_SCHEMA, check_schema
@@ -101,8 +101,8 @@ class UserEraser:
         pipe.incr(self._keys.erased_version)
         pipe.execute()
         removed.update(self._erase_redis(request.user_key))
-        with psycopg.connect(self._dsn, connect_timeout=self._connect_timeout_s,
-                             application_name="onboardflow-erasure") as conn:
+        with warehouse_connect(self._dsn, connect_timeout=self._connect_timeout_s,
+                               application_name="onboardflow-erasure") as conn:
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute(sql.SQL("INSERT INTO {} (user_key, erased_at) VALUES (%s, %s) ON CONFLICT DO NOTHING")
                             .format(self._table("erased_users")), (request.user_key, request.requested_at))

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import redis
 
 from ..schemas.contract import MODEL_FIELDS
+from .connections import redis_client
 from .profile_store.encoding import decode_profile
 from .profile_store.encoding import encode_value as _encode_value
 from .profile_store.keys import ProfileKeys
@@ -87,7 +88,7 @@ class ProfileSweep:
             raise ValueError("page must be >= 1")
         self.keys = ProfileKeys(key_prefix)
         self._page = page
-        self._client = client if client is not None else redis.Redis.from_url(redis_url)
+        self._client = client if client is not None else redis_client(redis_url)
         self._script = self._client.register_script(RESCORE_LUA)
 
     def population(self) -> list[dict]:

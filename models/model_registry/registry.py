@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import psycopg
 from psycopg import sql
 
+from ...transforms.connections import warehouse_connect
 from .retention import check_retention, prunable_versions, retention_cutoff
 from .store import ModelStore
 from .versions import (
@@ -57,7 +58,7 @@ class ModelRegistry:
         return sql.Identifier(self.schema, name)
 
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self._dsn, application_name="onboardflow-models")
+        return warehouse_connect(self._dsn, application_name="onboardflow-models")
 
     def _lock(self, conn: psycopg.Connection, kind: str) -> None:
         # One writer per kind at a time: version numbers and pointer moves are

@@ -11,6 +11,7 @@ from typing import Optional
 
 import redis
 
+from ...transforms.connections import redis_client
 from .versions import (
     _EPOCH,
     _PREFIX_RE,
@@ -90,7 +91,7 @@ class ModelStore:
         if not _PREFIX_RE.match(key_prefix):
             raise RegistryError("key_prefix must be 1-64 letters, digits, '_', '.' or '-'")
         self.key_prefix = key_prefix
-        self._client = client if client is not None else redis.Redis.from_url(redis_url)
+        self._client = client if client is not None else redis_client(redis_url)
         self._mirror = self._client.register_script(_MIRROR_LUA)
         self._read_current = self._client.register_script(_READ_CURRENT_LUA)
         self._drop = self._client.register_script(_DROP_LUA)

@@ -31,6 +31,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from ...transforms.connections import redis_client
 from ...transforms.metrics import BEAM_NAMESPACE, PipelineMetrics
 from ...transforms.metrics_endpoint import WorkerMetricsEndpoint
 from ...transforms.progress import SinkWatermark, next_watermark_probe
@@ -168,9 +169,7 @@ class _WatermarkProbeFn(beam.DoFn):
         self._failed = Metrics.counter(BEAM_NAMESPACE, "sink_watermark_record_failed")
 
     def setup(self):
-        import redis
-
-        self._client = redis.Redis.from_url(self._redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self._client = redis_client(self._redis_url, socket_timeout=5, socket_connect_timeout=5)
 
     def process(self, element, newest=beam.DoFn.StateParam(NEWEST), pending=beam.DoFn.StateParam(NEXT),
                 tick=beam.DoFn.TimerParam(TICK)):

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
-import redis
 from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
@@ -27,6 +26,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from ...schemas.records import ProfileUpdate
+from ...transforms.connections import redis_client
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.erasure import ErasedUsers
 from ...transforms.metrics import PipelineMetrics
@@ -104,7 +104,7 @@ class _UserProfileFn(beam.DoFn):
         erased = None
         if self._erased_from is not None:
             redis_url, key_prefix = self._erased_from
-            self._client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10)
+            self._client = redis_client(redis_url, socket_timeout=30, socket_connect_timeout=10)
             erased = ErasedUsers(self._client, ProfileKeys(key_prefix))
         self._machine = ProfileMachine(self._config, erased=erased)
         self._metrics.setup()

@@ -25,9 +25,9 @@ import functools
 from typing import Optional
 
 import apache_beam as beam
-import redis
 from apache_beam.metrics import Metrics
 
+from ...transforms.connections import redis_client
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.outbox.dead_letters import DeadLetterOutbox, dead_letter_id
 from ...transforms.outbox.keys import DEAD_LETTERS, SEGMENT_CHANGES, OutboxKeys
@@ -44,7 +44,7 @@ class _RecordDeadLettersFn(beam.DoFn):
         self._again = Metrics.counter(METRICS_NAMESPACE, "dead_letters_already_recorded")
 
     def setup(self):
-        self._client = redis.Redis.from_url(self._redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._client = redis_client(self._redis_url, socket_timeout=30, socket_connect_timeout=10)
         self._outbox = DeadLetterOutbox(self._client, OutboxKeys(self._key_prefix), self._retry_s)
 
     def process(self, letter):

@@ -31,11 +31,11 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
 from pyflink.datastream import ProcessFunction, RuntimeContext
 
 from ...transforms import anonymize as core
 from ...transforms.anonymize import EventAnonymizer, Pseudonymizer
+from ...transforms.connections import redis_client
 from ...transforms.decode import OnboardingEventDecoder
 from ...transforms.kafka.records import KafkaRecord, event_time_ms
 from ...transforms.normalize import normalize_event
@@ -68,7 +68,7 @@ class DecodeAndAnonymize(ProcessFunction):
         self._anonymizer = EventAnonymizer(Pseudonymizer(resolve_secret(s).resolve()))
         self._count = Counters(runtime_context)
         self._metrics = flink_pipeline_metrics(self._count, s)
-        self._client = redis.Redis.from_url(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._client = redis_client(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
         self._outbox = DeadLetterOutbox(self._client, OutboxKeys(s.redis_key_prefix))
         self._newest: dict[tuple, int] = {}
         self._seen = 0

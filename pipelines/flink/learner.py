@@ -24,13 +24,13 @@ import logging
 import time
 from typing import Optional
 
-import redis
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from ...models.segmentation import SegmentSettings
 from ...models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
+from ...transforms.connections import redis_client
 from ...transforms.kafka.sink import KafkaSink, sink_producer_config
 from ...transforms.online_models import (
     LearnerSettings,
@@ -69,7 +69,7 @@ class LearnerStage(KeyedProcessFunction):
         self._batched: Optional[int] = None  # profiles in ``_batch``; read from state once after a restore
         self._batch_size = int(s.model_batch_size)
         self._learner: Optional[LearnerState] = None
-        self._client = redis.Redis.from_url(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._client = redis_client(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
         self._sink_watermark = SinkWatermark(s.redis_key_prefix)
         self._marks: dict[int, int] = {}
         self._cap = horizon(s)

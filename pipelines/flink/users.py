@@ -44,12 +44,12 @@ import time
 from collections import OrderedDict
 from typing import Iterator, Optional
 
-import redis
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from ...models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
+from ...transforms.connections import redis_client
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.erasure import ErasedUsers
 from ...transforms.profile import (
@@ -106,7 +106,7 @@ class UserStage(KeyedProcessFunction):
         rules = load_rules(s)
         tracks = TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules)
         # An erased user's next event or lifecycle timer clears their state (transforms/erasure.py).
-        self._erased_client = redis.Redis.from_url(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
+        self._erased_client = redis_client(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
         self._machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False,
                                        erased=ErasedUsers(self._erased_client, ProfileKeys(s.redis_key_prefix)))
         # (primitive, dirty, queued): the machine's state, whether the profile waits to be

@@ -130,6 +130,7 @@ def unreachable_service(exc: BaseException) -> str | None:
 
     Looks through the exception's causes; only modules already imported are consulted.
     """
+    from ...transforms.connections import redact
     from ..settings import settings
 
     seen = set()
@@ -137,17 +138,25 @@ def unreachable_service(exc: BaseException) -> str | None:
         seen.add(id(exc))
         redis_mod, kafka_mod, psycopg_mod = (sys.modules.get(m) for m in ("redis", "kafka.errors", "psycopg"))
         hint = "is it running? `make services-up`"
+        if redis_mod is not None and isinstance(exc, redis_mod.exceptions.AuthenticationError):
+            return f"Redis refused the credentials: {exc} (docs/security.md)"
         if redis_mod is not None and isinstance(exc, redis_mod.exceptions.ConnectionError):
             where = re.search(r"[\w.-]+:\d+", str(exc))
-            return f"cannot reach Redis at {'redis://' + where.group(0) if where else settings().redis_url}: {hint}"
+            where = where.group(0) if where else redact(re.sub(r"//[^@/]*@", "//", settings().redis_url))
+            if "SSL" in str(exc) or "reset by peer" in str(exc) or "closed by server" in str(exc):
+                return (f"Redis at {where} refused the connection: {exc} "
+                        "(TLS-only servers need a rediss:// URL and its CA, docs/security.md)")
+            return f"cannot reach Redis at {where if '//' in where else 'redis://' + where}: {hint}"
         kafka_errors = tuple(getattr(kafka_mod, name) for name in ("NoBrokersAvailable", "KafkaConnectionError")
                              if hasattr(kafka_mod, name)) if kafka_mod is not None else ()
         if kafka_errors and isinstance(exc, kafka_errors):
             return f"cannot reach Kafka at {settings().kafka_bootstrap}: {hint}"
         if psycopg_mod is not None and isinstance(exc, psycopg_mod.OperationalError):
             text = str(exc).strip()
+            if re.search(r"password authentication failed|SSL|certificate|no pg_hba.conf entry", text):
+                return f"PostgreSQL refused the connection: {text.splitlines()[-1]} (docs/security.md)"
             if re.search(r"refused|could not connect|connection (to server|failed)|timeout expired", text):
-                where = re.sub(r"//[^@/]*@", "//", settings().warehouse_dsn)
+                where = redact(re.sub(r"//[^@/]*@", "//", settings().warehouse_dsn))
                 return f"cannot reach PostgreSQL at {where}: {hint}"
             return None
         exc = exc.__cause__ or exc.__context__

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ...schemas.units import DAY_MS
+from ...transforms.connections import redis_client, warehouse_connect
 
 #: The source's max out-of-orderness (seconds): an idle pipeline's watermark
 #: trails the wall clock by this much, so "due by now" means due by now minus it.
@@ -336,16 +337,13 @@ def run_demo(args) -> DemoResult:
     # The stages' own progress (publishes, sweeps) too: the demo prints what it waits for.
     logging.getLogger("onboardflow").setLevel(logging.WARNING)
 
-    import psycopg
-    import redis
-
     from ...schemas import EVENTS_SUBJECT, default_registry, load_schema
     from ...schemas.wire import AvroSerializer
     from ...transforms.anonymize import SecretKey, load_secret
     from ...transforms.profile_store.store import ProfileStore
     from ...transforms.progress import SinkWatermark
     from ...transforms.warehouse.accounts import upsert_accounts
-    from ...transforms.warehouse.migrations import apply_migrations
+    from ...transforms.warehouse.migrations import WarehouseRoles, apply_migrations
     from ..sim.generator import GeneratorConfig, JourneyGenerator, v1_serializer
     from .lag import KafkaLagReader, ProgressReader
     from .produce import produce
@@ -370,15 +368,19 @@ def run_demo(args) -> DemoResult:
     old_topics = _fresh_topics(args.bootstrap_servers,
                                [(topic, 4), (deployment.dead_letter_topic, 2),
                                 (deployment.segment_changes_topic, 4), (deployment.model_events_topic, 1)])
-    r = redis.Redis.from_url(args.redis_url)
+    r = redis_client(args.redis_url)
     stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(stale), 500):
         r.unlink(*stale[i:i + 500])
-    with psycopg.connect(args.warehouse_dsn, autocommit=True) as conn:
+    # Resetting the schema and loading accounts is the owner's job when the
+    # deployment has separate roles (docs/security.md); the pipeline runs as its own.
+    owner_dsn = deployment.warehouse_owner_dsn or args.warehouse_dsn
+    with warehouse_connect(owner_dsn, autocommit=True) as conn:
         had_schema = conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
                                   (schema,)).fetchone() is not None
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    apply_migrations(args.warehouse_dsn, schema)
+    roles = WarehouseRoles(deployment.warehouse_pipeline_role, deployment.warehouse_reader_role)
+    apply_migrations(owner_dsn, schema, roles=roles if roles.pipeline or roles.reader else None)
     if stale or had_schema or old_topics:
         print(f"   warm run: removed an earlier run's {len(stale):,} Redis keys, "
               f"{'its warehouse schema' if had_schema else 'no warehouse schema'} and the records of "
@@ -392,7 +394,7 @@ def run_demo(args) -> DemoResult:
         seed=args.seed, users=args.users, start_ms=args.anchor_ms - horizon_days * DAY_MS,
         horizon_days=horizon_days, malformed_fraction=0.005, duplicate_fraction=0.01, late_fraction=0.01),
         serializer=recorder)
-    upsert_accounts(args.warehouse_dsn, [dataclasses.asdict(a) for a in gen.accounts()], schema=schema)
+    upsert_accounts(owner_dsn, [dataclasses.asdict(a) for a in gen.accounts()], schema=schema)
     gen.write_ground_truth(run_dir / "ground_truth.csv")
 
     def noted(messages):
@@ -571,9 +573,8 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
 
     Profiles, segments and scores are counted in Redis (SCAN, SCARD) when printed.
     """
-    import psycopg
 
-    with psycopg.connect(args.warehouse_dsn) as conn:
+    with warehouse_connect(args.warehouse_dsn) as conn:
         def q(sql):
             return conn.execute(sql).fetchall()
         tables = {t: q(f'SELECT count(*) FROM "{schema}".{t}')[0][0]

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --follow: stop after this long without a record")
     parser.add_argument("--json", action="store_true", help="print each report as one JSON object")
     add_store_flags(parser, deployment)
+    # Erasing deletes rows: the schema owner's role where the deployment has one (docs/security.md).
+    parser.set_defaults(warehouse_dsn=deployment.warehouse_owner_dsn or deployment.warehouse_dsn)
     add_secret_flags(parser, deployment)
     return parser
 
@@ -94,14 +96,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code)
 
-    import redis
-
     from ...transforms.anonymize import Pseudonymizer
+    from ...transforms.connections import redis_client
     from ...transforms.erasure import ErasureRequest, UserEraser
     from ...transforms.profile_store.keys import ProfileKeys
 
     pseudonymizer = Pseudonymizer(secret)
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=30, socket_connect_timeout=10)
+    client = redis_client(args.redis_url, socket_timeout=30, socket_connect_timeout=10)
     try:
         eraser = UserEraser(client, ProfileKeys(args.key_prefix), args.warehouse_dsn, args.warehouse_schema)
         if args.user_id:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...schemas.units import DAY_MS, HOUR_MS
+from ...transforms.connections import redis_client, warehouse_connect
 
 STABILITY_MIN_EVENTS = 10
 
@@ -70,7 +71,6 @@ def _ari(truth, predicted) -> float:
 def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, redis_url: str, dsn: str,
                               live_timeout_s: float = 180.0, keep: bool = False) -> PipelineEvaluation:
     """Run design ``name`` through the pipeline with a live phase (module docstring)."""
-    import redis
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
@@ -131,7 +131,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
                       f"--kafka_max_out_of_orderness={MAX_OUT_OF_ORDERNESS_S}"], secret=secret, wait=False)
         try:
             kafka, progress = KafkaLagReader(bootstrap, live_group, [topic]), ProgressReader(redis_url, base)
-            client, sink = redis.Redis.from_url(redis_url), SinkWatermark(base)
+            client, sink = redis_client(redis_url), SinkWatermark(base)
             try:
                 settled = await_settled(kafka, progress, lambda: sink.read(client), newest_ms, time.time(),
                                         live_timeout_s * 3, failed=lambda: None, report_every_s=30.0)
@@ -173,13 +173,12 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
         if producer is not None:
             producer.close()
         if not keep:
-            client = redis.Redis.from_url(redis_url)
+            client = redis_client(redis_url)
             stale = list(client.scan_iter(match=f"{base}:*", count=1000))
             for i in range(0, len(stale), 1000):
                 client.delete(*stale[i:i + 1000])
             client.close()
-            import psycopg
-            with psycopg.connect(dsn, autocommit=True) as conn:
+            with warehouse_connect(dsn, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             admin.delete_topics([topic, dlq, changes])
         admin.close()

@@ -51,6 +51,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ...transforms.connections import redis_client
 from ...transforms.progress import EventTimeProgress, Progress
 from ...transforms.prometheus import MetricSpec
 
@@ -244,12 +245,9 @@ class ProgressReader:
         self._client = None
 
     def read(self) -> Optional[Progress]:
-        import redis
-
         if self._client is None:
-            self._client = redis.Redis.from_url(self.redis_url, socket_timeout=self._timeout_s,
-                                                socket_connect_timeout=self._timeout_s,
-                                                client_name="onboardflow-lag")
+            self._client = redis_client(self.redis_url, socket_timeout=self._timeout_s,
+                                        socket_connect_timeout=self._timeout_s, client_name="onboardflow-lag")
         return self._progress.read(self._client)
 
     def close(self) -> None:

@@ -9,8 +9,12 @@ it fails, changing nothing, when an applied migration's file was edited.
 ``status`` lists every migration with its state and exits 1 unless all are
 applied and unchanged, so scripts can gate on it.
 
-The DSN and schema default to the deployment's (runners/settings.py); the DSN
-is never printed, since it carries the password.
+The DSN and schema default to the deployment's (runners/settings.py): the
+owner's (``OBF_WAREHOUSE_OWNER_DSN``) when set, else ``OBF_WAREHOUSE_DSN``;
+the DSN is never printed, since it may carry the password. ``migrate`` also
+grants the pipeline's and the readers' roles (``OBF_WAREHOUSE_PIPELINE_ROLE``,
+``OBF_WAREHOUSE_READER_ROLE``, or ``--pipeline-role``/``--reader-role``)
+what they may do (docs/security.md).
 """
 from __future__ import annotations
 
@@ -29,19 +33,32 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--warehouse-schema", default=None,
                          help="target schema (default: the deployment's, OBF_WAREHOUSE_SCHEMA)")
         cmd.add_argument("--migrations-dir", default=None, help=argparse.SUPPRESS)
+        if name == "migrate":
+            cmd.add_argument("--pipeline-role", default=None,
+                             help="grant this role the pipeline's writes (default: OBF_WAREHOUSE_PIPELINE_ROLE)")
+            cmd.add_argument("--reader-role", default=None,
+                             help="grant this role SELECT (default: OBF_WAREHOUSE_READER_ROLE)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from ...transforms.warehouse.migrations import MigrationError, apply_migrations, migration_status
+    from ...transforms.warehouse.migrations import (
+        MigrationError,
+        WarehouseRoles,
+        apply_migrations,
+        migration_status,
+    )
     from ..settings import settings
 
-    dsn = args.warehouse_dsn or settings().warehouse_dsn
+    dsn = args.warehouse_dsn or settings().warehouse_owner_dsn or settings().warehouse_dsn
     schema = args.warehouse_schema or settings().warehouse_schema
     try:
         if args.command == "migrate":
-            applied = apply_migrations(dsn, schema, args.migrations_dir)
+            roles = WarehouseRoles(args.pipeline_role or settings().warehouse_pipeline_role,
+                                   args.reader_role or settings().warehouse_reader_role)
+            applied = apply_migrations(dsn, schema, args.migrations_dir,
+                                       roles if roles.pipeline or roles.reader else None)
             if applied:
                 for migration in applied:
                     print(f"applied {migration.label}")

@@ -27,6 +27,29 @@ export PG_USER="${PG_USER:-onboardflow}"
 export PG_PASSWORD="${PG_PASSWORD:-onboardflow}"
 export PG_DATABASE="${PG_DATABASE:-onboardflow}"
 
+# Secure services (docs/security.md): OBF_SECURITY=tls makes `services.sh up`
+# also start Redis and PostgreSQL with TLS and authentication, on their own
+# ports, next to the plaintext ones; the endpoints go to $OBF_RUN_DIR/services.secure.env.
+export OBF_SECURITY="${OBF_SECURITY:-off}"
+export OBF_TLS_DIR="${OBF_TLS_DIR:-$OBF_RUN_DIR/tls}"
+export OBF_SECRETS_DIR="${OBF_SECRETS_DIR:-$OBF_RUN_DIR/secrets}"
+export REDIS_TLS_PORT="${REDIS_TLS_PORT:-6380}"
+# Client certificates: "optional" verifies one when presented, "yes" requires one.
+export REDIS_TLS_AUTH_CLIENTS="${REDIS_TLS_AUTH_CLIENTS:-optional}"
+# The key prefixes (space-separated) the ACL users may touch: the deployment's,
+# derived as runners/settings.py does (OBF_REDIS_KEY_PREFIX, else `obf` for the
+# default deployment and the deployment's name for any other).
+_obf_prefix=obf
+if [ -n "${OBF_DEPLOYMENT:-}" ] && [ "$OBF_DEPLOYMENT" != onboarding ]; then _obf_prefix="$OBF_DEPLOYMENT"; fi
+export REDIS_ACL_PREFIX="${REDIS_ACL_PREFIX:-${OBF_REDIS_KEY_PREFIX:-$_obf_prefix}}"
+export REDIS_PIPELINE_USER="${REDIS_PIPELINE_USER:-onboardflow-pipeline}"
+export REDIS_APP_USER="${REDIS_APP_USER:-onboardflow-app}"
+export REDIS_ADMIN_USER="${REDIS_ADMIN_USER:-onboardflow-admin}"
+export PG_TLS_PORT="${PG_TLS_PORT:-5433}"
+export PG_OWNER_ROLE="${PG_OWNER_ROLE:-onboardflow_owner}"
+export PG_PIPELINE_ROLE="${PG_PIPELINE_ROLE:-onboardflow_pipeline}"
+export PG_READER_ROLE="${PG_READER_ROLE:-onboardflow_reader}"
+
 export BEAM_VERSION="${BEAM_VERSION:-2.77.0}"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

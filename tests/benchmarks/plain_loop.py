@@ -35,7 +35,6 @@ from typing import Optional
 
 T0 = time.monotonic()
 
-import redis  # noqa: E402
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy  # noqa: E402
@@ -51,6 +50,7 @@ from onboardflow.pipelines.flink.store import (  # noqa: E402
 from onboardflow.runners.flink_job import job_settings  # noqa: E402
 from onboardflow.transforms import anonymize as core  # noqa: E402
 from onboardflow.transforms.anonymize import EventAnonymizer, Pseudonymizer  # noqa: E402
+from onboardflow.transforms.connections import redis_client  # noqa: E402
 from onboardflow.transforms.dead_letter import pipeline_dead_letter  # noqa: E402
 from onboardflow.transforms.decode import OnboardingEventDecoder  # noqa: E402
 from onboardflow.transforms.erasure import ErasedUsers  # noqa: E402
@@ -85,7 +85,7 @@ class PlainLoop:
         self.counts: collections.Counter = collections.Counter()
         self.decoder = OnboardingEventDecoder(registry_url=s.registry_url)
         self.anonymizer = EventAnonymizer(Pseudonymizer(resolve_secret(s).resolve()))
-        self.client = redis.Redis.from_url(s.redis_url)
+        self.client = redis_client(s.redis_url)
         self.machine = ProfileMachine(profile_config(s, horizon(s), rules), snapshots=False,
                                       erased=ErasedUsers(self.client, ProfileKeys(s.redis_key_prefix)))
         self.chain = StoreChain(s, rules, TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import redis
 
+from ..connections import redis_client
 from ..warehouse.rows import PROFILE_SNAPSHOTS as SNAPSHOT_TABLE
 from ..warehouse.rows import SEGMENT_CHANGES as CHANGE_TABLE
 from ..warehouse.writer import WarehouseWriter
@@ -61,7 +62,7 @@ def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None,
     from ...schemas.wire import AvroSerializer
     from ..segment import DEFAULT_RULES_PATH, RuleSet
 
-    client = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=10)
+    client = client or redis_client(settings.redis_url, socket_timeout=30, socket_connect_timeout=10)
     keys = OutboxKeys(settings.key_prefix)
 
     def kafka(topic: Optional[str]) -> Optional[KafkaOutboxTarget]:

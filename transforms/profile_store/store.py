@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import redis
 
 from ..anonymize import Pseudonymizer, SecretKey
+from ..connections import redis_client
 from ..outbox.keys import SEGMENT_CHANGES
 from .encoding import decode_profile, now_ms
 from .keys import DEFAULT_KEY_PREFIX, ProfileKeys
@@ -82,7 +83,7 @@ class ProfileStore:
             secret = secret.encode("utf-8")
         self._pseudonymizer = Pseudonymizer(secret) if secret is not None else None
         # ``client`` lets an app share its own connection pool.
-        self._client = client if client is not None else redis.Redis.from_url(redis_url)
+        self._client = client if client is not None else redis_client(redis_url)
         self._sweep = self._client.register_script(SWEEP_SEGMENT_LUA)
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ..connections import redis_client
 from ..outbox.keys import PROFILE_SNAPSHOTS, SEGMENT_CHANGES
 from ..sinks.retry import DEFAULT_MAX_ATTEMPTS, RetryPolicy
 from .encoding import EncodedProfile
@@ -201,7 +202,7 @@ class RedisProfileWriter:
     @property
     def client(self) -> redis.Redis:
         if self._client is None:
-            self._client = redis.Redis.from_url(
+            self._client = redis_client(
                 self._redis_url,
                 client_name=self.client_name,
                 socket_timeout=self._socket_timeout_s,

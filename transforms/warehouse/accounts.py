@@ -10,9 +10,9 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
+from ..connections import warehouse_connect
 from .rows import EPOCH
 from .schema import DEFAULT_SCHEMA, check_schema
 
@@ -27,7 +27,7 @@ def read_accounts(dsn: str, schema: str = DEFAULT_SCHEMA) -> dict[str, dict[str,
     query = sql.SQL(
         "SELECT account_id, plan, tier, industry, company_size, updated_at FROM {}"
     ).format(sql.Identifier(check_schema(schema), "accounts"))
-    with psycopg.connect(dsn, autocommit=True, application_name="onboardflow-accounts") as conn:
+    with warehouse_connect(dsn, autocommit=True, application_name="onboardflow-accounts") as conn:
         rows = conn.execute(query).fetchall()
     return {
         account_id: {
@@ -57,7 +57,7 @@ def upsert_accounts(dsn: str, accounts: Iterable[Mapping[str, Any]], schema: str
         "plan = EXCLUDED.plan, tier = EXCLUDED.tier, industry = EXCLUDED.industry, "
         "company_size = EXCLUDED.company_size, updated_at = EXCLUDED.updated_at"
     ).format(sql.Identifier(check_schema(schema), "accounts"))
-    with psycopg.connect(dsn, application_name="onboardflow-accounts") as conn:
+    with warehouse_connect(dsn, application_name="onboardflow-accounts") as conn:
         with conn.cursor() as cur:
             cur.executemany(query, rows)
     return len(rows)

@@ -6,6 +6,12 @@ state (``migration_status``). Each migration runs in its own transaction and
 is recorded with its SHA-256 in ``schema_migrations``. Re-running is a no-op;
 an applied migration whose file changed is an error (add a new migration
 instead), as is a new one that sorts before one already applied.
+
+Roles (``WarehouseRoles``, docs/security.md): the role that applies the
+migrations owns the schema; ``apply_migrations`` grants the pipeline's role
+what it writes and the readers' role SELECT, idempotently, on every run. A
+role that may not change the schema (the pipeline's) applies nothing: it
+checks that nothing is pending.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Optional
 import psycopg
 from psycopg import sql
 
+from ..connections import warehouse_connect
 from .schema import DEFAULT_SCHEMA, check_schema
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "schemas" / "warehouse"
@@ -28,6 +35,49 @@ _MIGRATION_FILE_RE = re.compile(r"^V(\d+)__([A-Za-z0-9_]+)\.sql$")
 
 class MigrationError(RuntimeError):
     """The migrations on disk and those applied to the database disagree."""
+
+
+#: The tables the pipeline inserts into and updates (warehouse sinks, outbox
+#: relays, the model registry and its retention); every other table it only reads.
+PIPELINE_WRITES = ("events", "late_events", "profile_snapshots", "segment_changes", "dead_letters",
+                   "drift_events", "model_versions", "model_pointers", "model_events")
+
+
+@dataclass(frozen=True)
+class WarehouseRoles:
+    """The roles besides the migrating one, and what ``apply_migrations`` grants them (None: not granted).
+
+    ``pipeline``: USAGE on the schema, SELECT on every table, INSERT and UPDATE
+    on ``PIPELINE_WRITES``, its sequences, and EXECUTE on
+    ``create_day_partition`` (V007): no DDL. ``reader``: USAGE and SELECT only,
+    also on tables later migrations create (default privileges).
+    """
+
+    pipeline: Optional[str] = None
+    reader: Optional[str] = None
+
+    def statements(self, schema: str) -> list[sql.Composed]:
+        s = sql.Identifier(schema)
+        out = []
+        if self.pipeline:
+            p = sql.Identifier(self.pipeline)
+            writes = sql.SQL(", ").join(sql.Identifier(schema, t) for t in PIPELINE_WRITES)
+            out += [
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, p),
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, p),
+                sql.SQL("GRANT INSERT, UPDATE ON {} TO {}").format(writes, p),
+                sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, p),
+                sql.SQL("GRANT EXECUTE ON FUNCTION {}(text, date) TO {}").format(
+                    sql.Identifier(schema, "create_day_partition"), p),
+            ]
+        if self.reader:
+            r = sql.Identifier(self.reader)
+            out += [
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, r),
+                sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(s, r),
+            ]
+        return out
 
 
 @dataclass(frozen=True)
@@ -116,21 +166,39 @@ def _verify(migrations: list[Migration], applied: Mapping[int, tuple]) -> list[M
     return pending
 
 
+_MAY_CHANGE_SCHEMA = """
+SELECT CASE WHEN n.oid IS NULL THEN has_database_privilege(current_database(), 'CREATE')
+            ELSE has_schema_privilege(n.oid, 'CREATE') END
+FROM (SELECT %s::text AS name) AS wanted LEFT JOIN pg_namespace n ON n.nspname = wanted.name
+"""
+
+
 def apply_migrations(
-    dsn: str, schema: str = DEFAULT_SCHEMA, migrations_dir: Optional[Path] = None
+    dsn: str, schema: str = DEFAULT_SCHEMA, migrations_dir: Optional[Path] = None,
+    roles: Optional[WarehouseRoles] = None,
 ) -> list[Migration]:
-    """Apply pending migrations to ``schema`` in order; return those applied now.
+    """Apply pending migrations to ``schema`` in order, then grant ``roles``; return the migrations applied now.
 
     Each migration runs in its own transaction with ``search_path`` set to
     ``schema`` and is recorded in ``schema_migrations``. Concurrent callers
     serialize on an advisory lock, so two workers starting at once apply each
     migration once. Raises ``MigrationError`` when an applied migration changed
-    on disk or vanished, or a new one sorts before an applied one.
+    on disk or vanished, or a new one sorts before an applied one. Connected
+    as a role without CREATE on the schema (the pipeline's), nothing is
+    applied: ``MigrationError`` names the pending migrations, if any.
     """
     check_schema(schema)
     migrations = discover_migrations(migrations_dir)
     ident = sql.Identifier(schema)
-    with psycopg.connect(dsn, autocommit=True, application_name="onboardflow-migrate") as conn:
+    with warehouse_connect(dsn, autocommit=True, application_name="onboardflow-migrate") as conn:
+        if not conn.execute(_MAY_CHANGE_SCHEMA, [schema]).fetchone()[0]:
+            pending = _verify(migrations, _applied(conn, schema))
+            if pending or roles is not None:
+                raise MigrationError(
+                    f"role {conn.info.user} may not change schema {schema}"
+                    + (f" and migrations {', '.join(m.label for m in pending)} are pending" if pending else "")
+                    + ": run `onboardflow warehouse migrate` as the owner role (docs/security.md)")
+            return []
         conn.execute("SELECT pg_advisory_lock(%s)", [_lock_id(schema)])
         try:
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
@@ -145,6 +213,8 @@ def apply_migrations(
                         .format(ident),
                         [migration.version, migration.name, migration.checksum],
                     )
+            for statement in (roles.statements(schema) if roles is not None else []):
+                conn.execute(statement)
             return pending
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", [_lock_id(schema)])
@@ -156,7 +226,7 @@ def migration_status(
     """Every migration on disk or in the database, with its state; changes nothing."""
     check_schema(schema)
     migrations = {m.version: m for m in discover_migrations(migrations_dir)}
-    with psycopg.connect(dsn, autocommit=True, application_name="onboardflow-migrate") as conn:
+    with warehouse_connect(dsn, autocommit=True, application_name="onboardflow-migrate") as conn:
         applied = _applied(conn, schema)
     states = []
     for version in sorted(set(migrations) | set(applied)):

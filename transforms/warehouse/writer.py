@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import psycopg
 from psycopg import sql
 
+from ..connections import warehouse_connect
 from ..sinks.retry import DEFAULT_MAX_ATTEMPTS, RetryPolicy
 from .rows import MAX_DETAIL, TableSpec
 from .schema import DEFAULT_SCHEMA, check_schema
@@ -52,7 +53,7 @@ def _error_text(exc: psycopg.Error) -> str:
 
 
 def _skip_erased(schema: str, spec: TableSpec) -> sql.Composable:
-    """The insert's filter for a table keyed by user: no row of an erased user (V007's
+    """The insert's filter for a table keyed by user: no row of an erased user (V008's
     ``erased_users``; transforms/erasure.py), so a replay cannot bring one back."""
     if "user_key" not in spec.columns:
         return sql.SQL("")
@@ -119,7 +120,7 @@ class WarehouseWriter:
 
     def connect(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = psycopg.connect(
+            conn = warehouse_connect(
                 self._dsn, autocommit=True, application_name=self.application_name,
                 connect_timeout=self._connect_timeout_s,
             )
@@ -226,16 +227,13 @@ class WarehouseWriter:
             self._partitions.add(day)
 
     def _create_partition(self, conn: psycopg.Connection, day: dt.date) -> None:
-        start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
-        end = start + dt.timedelta(days=1)
-        ddl = sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
-            sql.Identifier(self.schema, self._partition_name(day)), self._target,
-            sql.Literal(start.isoformat()), sql.Literal(end.isoformat()),
-        )
+        # Through the migrations' create_day_partition (V007), which runs as the
+        # schema's owner: the pipeline's own role needs no DDL privilege.
+        create = sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(self.schema, "create_day_partition"))
         try:
             # Its own short transaction: it locks the parent table exclusively.
             with conn.transaction():
-                conn.execute(ddl)
+                conn.execute(create, [self.spec.table, day])
         except (psycopg.errors.DuplicateTable, psycopg.errors.UniqueViolation):
             pass  # another worker created it between our check and our CREATE
         except (psycopg.errors.CheckViolation, psycopg.errors.InvalidObjectDefinition):

@@ -1,4 +1,4 @@
--- V007: the right to erasure (docs/security.md, "Right to erasure").
+-- V008: the right to erasure (docs/security.md, "Right to erasure").
 -- erased_users: every pseudonym erased. Warehouse writes skip rows of these
 -- users (transforms/warehouse/writer.py joins against it), so a replay or a
 -- late relay of the outboxes cannot bring an erased user back.
