@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import os
 import shutil
@@ -376,3 +377,50 @@ def test_a_process_started_with_the_secured_settings_shows_no_secret_in_ps(secur
         proc.terminate()
         output, _ = proc.communicate(timeout=30)
     secure.assert_no_secret_in(output)
+
+
+# --------------------------------------------------------------------------- erasure with security on
+
+
+def test_erase_over_tls_removes_the_user_as_the_pipeline_user_and_owner_role_and_the_pipeline_cannot_rewrite_them(
+        secure, written, migrated, tmp_path):
+    """`onboardflow erase` with the secured settings (Redis as the pipeline user, the warehouse as the
+    owner: the pipeline role has no DELETE), then the pipeline's own writers try the user again."""
+    victim = key_of("u2")
+    t = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+    rows = WarehouseSink(secure["OBF_WAREHOUSE_DSN"], EVENTS, migrated, batch_size=10)
+    rows.add({"event_id": "erase-me-1", "occurred_at": t, "event_type": "login", "user_key": victim,
+              "properties": {}})
+    rows.flush()
+    rows.close()
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(SECRET)
+    done = subprocess.run(
+        [sys.executable, "-m", "onboardflow.runners.cli", "erase", "u2", "--requested-by=dpo", "--json",
+         f"--redis-url={secure['OBF_REDIS_URL']}", f"--key-prefix={PREFIX}",
+         f"--warehouse-dsn={secure['OBF_WAREHOUSE_OWNER_DSN']}", f"--warehouse-schema={migrated}",
+         f"--secret-file={secret}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    secure.assert_no_secret_in(done.stdout + done.stderr)
+    removed = json.loads(done.stdout)["removed"]
+    assert removed["redis.profile"] == 1 and removed["warehouse.events"] >= 1, removed
+
+    with ProfileStore(secure["OBF_REDIS_APP_URL"], SECRET, PREFIX) as store:
+        assert store.get("u2") is None and victim not in store.segment_members("activated")
+        assert store.get("u1") is not None
+    # The pipeline writes the user again (a replay): Redis answers stale, the warehouse skips the row.
+    sink = ProfileSink(secure["OBF_REDIS_URL"], PREFIX, profile_ttl_s=3600, batch_size=10)
+    sink.add({"user_key": victim, "version": (t + 1) * 1000 + 9, "updated_at": t, "segments": ["activated"]})
+    assert [r.result.applied for r in sink.flush()] == [False]
+    sink.close()
+    rows = WarehouseSink(secure["OBF_WAREHOUSE_DSN"], EVENTS, migrated, batch_size=10)
+    rows.add({"event_id": "erase-me-2", "occurred_at": t, "event_type": "login", "user_key": victim,
+              "properties": {}})
+    rows.flush()
+    rows.close()
+    with warehouse_connect(secure["OBF_WAREHOUSE_READER_DSN"], autocommit=True) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {migrated}.events WHERE user_key = %s",
+                            [victim]).fetchone()[0] == 0
+        audit = conn.execute(f"SELECT requested_by, source FROM {migrated}.erasure_audit WHERE user_key = %s",
+                             [victim]).fetchall()
+        assert audit == [("dpo", "cli")]
