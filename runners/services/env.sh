@@ -16,7 +16,7 @@ export KAFKA_PORT="${KAFKA_PORT:-9092}"
 export KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 export KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 # topic:partitions pairs created by `kafka.sh topics`.
-export KAFKA_TOPICS="${KAFKA_TOPICS:-onboarding.events:4 onboarding.events.dlq:2 onboarding.segment-changes:4 onboarding.model-events:1}"
+export KAFKA_TOPICS="${KAFKA_TOPICS:-onboarding.events:4 onboarding.events.dlq:2 onboarding.segment-changes:4 onboarding.model-events:1 onboarding.erasures:1}"
 
 export REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 export REDIS_PORT="${REDIS_PORT:-6379}"
