@@ -19,10 +19,10 @@ downstream (sessionization, scoring, segmentation, the warehouse) works on
   (its ISO 3166-1 alpha-2 region subtag, e.g. "en-US" -> "US"; the language
   part is not kept).
 * ``properties`` lose every entry whose key names PII (email, phone, name of a
-  person, ip, address, password, ...: see ``is_pii_property_key``), whose value
-  looks like an email address, or whose value contains one of the event's raw
-  identifiers. Non-string values that are not plain scalars are dropped too,
-  since the contract says property values are strings.
+  person, ip, address, password, ...: see ``is_pii_property_key``), whose key or
+  value contains an email address or one of the event's raw identifiers.
+  Non-string values that are not plain scalars are dropped too, since the
+  contract says property values are strings.
 * ``referrer`` (reader schema v2) becomes ``referrer_host``: paths and query
   strings routinely carry emails and tokens.
 * Fields are allow-listed: a new schema field only reaches downstream stages
@@ -457,7 +457,7 @@ class Pseudonymizer:
         raw_email = context.get("email")
         raw_ip = context.get("ip")
         raw_ua = context.get("user_agent")
-        needles = _needles((user_id, anonymous_id, raw_email, raw_ip, raw_ua))
+        needles = _needles((user_id, anonymous_id, raw_email, raw_ip, raw_ua, *_address_needles(raw_ip)))
         properties, stripped = _scrub_properties(event.get("properties") or {}, needles)
         session_id = event.get("session_id")
         if session_id is not None and (not isinstance(session_id, str) or _leaks(session_id, needles)):
@@ -495,6 +495,19 @@ def _needles(identifiers) -> list[tuple[str, bool]]:
     return [(n.lower(), len(n) >= _MIN_SUBSTRING_NEEDLE) for n in identifiers if isinstance(n, str) and n]
 
 
+def _address_needles(raw_ip: Any) -> tuple[str, ...]:
+    """The address in an IP field other than as sent: without port, list, brackets, zone or
+    spaces, and in canonical form ("[2001:0db8::7]:443" -> "2001:0db8::7", "2001:db8::7")."""
+    if not isinstance(raw_ip, str) or not raw_ip or _PLAIN_IPV4_RE.fullmatch(raw_ip):
+        return ()  # the common case: the address is the field
+    text = _strip_ip_decorations(raw_ip)
+    try:
+        canonical = str(ipaddress.ip_address(text))
+    except ValueError:
+        canonical = text
+    return tuple({text, canonical} - {raw_ip})
+
+
 def _leaks(value: str, needles: list[tuple[str, bool]]) -> bool:
     lowered = value.lower()
     for needle, as_substring in needles:
@@ -523,7 +536,9 @@ def _scrub_properties(properties: Mapping[str, Any], needles: list[tuple[str, bo
             stripped += 1
             continue
         text = value if isinstance(value, str) else str(value)
-        if _leaks(text, needles) or _EMAIL_IN_TEXT_RE.search(text):
+        # The key is client text too: a raw identifier or an address used as a key is stripped.
+        if (_leaks(text, needles) or _EMAIL_IN_TEXT_RE.search(text)
+                or _leaks(key, needles) or _EMAIL_IN_TEXT_RE.search(key)):
             stripped += 1
             continue
         kept[key] = value
@@ -573,6 +588,12 @@ def _validation_error(event: Mapping[str, Any]) -> Optional[tuple[str, str]]:
         return "bad_context", "context is not a mapping"
     return None
 
+
+#: Reason codes of the dead letters ``EventAnonymizer.anonymize`` writes.
+ANONYMIZE_REASONS = frozenset({
+    "not_a_mapping", "bad_consent", "missing_event_id", "missing_event_type", "missing_occurred_at",
+    "bad_received_at", "bad_user_id", "bad_anonymous_id", "missing_identity", "bad_context",
+})
 
 PERSONALIZATION = "personalization"
 ANALYTICS_ONLY = "analytics_only"

@@ -332,6 +332,29 @@ def test_short_user_ids_only_strip_properties_equal_to_them():
     assert anonymized["properties"] == {"amount": "42.00"}
 
 
+def test_property_keys_carrying_a_raw_identifier_or_an_address_are_stripped():
+    # Found by the fuzzer (docs/security.md "Fuzzing"): keys were only checked for PII names.
+    event = raw_event(properties={"acct-7731-jane.doe": "1", "203.0.113.77": "x", "ann@example.org": "y",
+                                  "feature": "export"})
+    anonymized, stripped = Pseudonymizer(SECRET).anonymize(event)
+    assert anonymized["properties"] == {"feature": "export"} and stripped == 3
+
+
+@pytest.mark.parametrize("raw_ip,bare", [
+    (" 203.0.113.77 ", "203.0.113.77"),
+    ("203.0.113.77:8443", "203.0.113.77"),
+    ("203.0.113.77, 10.0.0.1", "203.0.113.77"),
+    ("[2001:db8::7]:443", "2001:db8::7"),
+    ("2001:0db8:0000:0000:0000:0000:0000:0007", "2001:db8::7"),
+])
+def test_the_bare_address_of_a_decorated_ip_is_stripped_from_properties(raw_ip, bare):
+    # Found by the fuzzer: the IP was looked for only as sent (with its port, spaces, brackets).
+    context = {**raw_event()["context"], "ip": raw_ip}
+    event = raw_event(context=context, properties={"origin": bare, bare: "k", "feature": "export"})
+    anonymized, _ = Pseudonymizer(SECRET).anonymize(event)
+    assert anonymized["properties"] == {"feature": "export"}
+
+
 def test_unknown_top_level_fields_are_not_passed_on():
     event = raw_event(shipping_address="1 Main St")
     anonymized, _ = Pseudonymizer(SECRET).anonymize(event)
