@@ -93,6 +93,27 @@ class SecretError(ValueError):
     """The pseudonymization secret is missing, unreadable or too short."""
 
 
+def _cached_when_short(max_chars: int, maxsize: int):
+    """``functools.lru_cache`` for arguments up to ``max_chars`` long; longer ones are computed each time.
+
+    A cache keyed by client text is bounded in entries, not bytes: unique
+    megabyte-long user agents would otherwise pin up to ``maxsize`` MB of
+    worker memory. Real values are short and repeat, long ones are rare.
+    """
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(value):
+            if isinstance(value, str) and len(value) > max_chars:
+                return fn(value)
+            return cached(value)
+
+        call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+        return call
+    return wrap
+
+
 # --------------------------------------------------------------------------- secrets
 
 
@@ -222,7 +243,11 @@ _EMAIL_DOMAIN_RE = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"
 )
 _WHITESPACE_RE = re.compile(r"\s")
-_EMAIL_IN_TEXT_RE = re.compile(r"[^\s@<>(),;:\"\[\]]+@[^\s@<>(),;:\"\[\]]+\.[A-Za-z]{2,}")
+# An address anywhere in free text, in linear time: a match starts only where a run of address
+# characters starts (the lookbehind), and the run before "@" is never backtracked into (++).
+# Why: docs/security.md "Fuzzing", finding 4.
+_EMAIL_CHAR = r"[^\s@<>(),;:\"\[\]]"
+_EMAIL_IN_TEXT_RE = re.compile(rf"(?<!{_EMAIL_CHAR}){_EMAIL_CHAR}++@{_EMAIL_CHAR}+\.[A-Za-z]{{2,}}")
 
 
 def email_domain(email: Optional[str]) -> Optional[str]:
@@ -323,7 +348,7 @@ _MOBILE_UA_RE = re.compile(
 _DESKTOP_UA_RE = re.compile(r"windows nt|macintosh|mac os x|x11|linux|cros|freebsd|openbsd")
 
 
-@functools.lru_cache(maxsize=4096)
+@_cached_when_short(512, maxsize=4096)
 def device_class(user_agent: Optional[str]) -> str:
     """desktop / mobile / tablet / bot / unknown from a user agent string.
 
@@ -332,7 +357,8 @@ def device_class(user_agent: Optional[str]) -> str:
     iPads say "iPad"), then phones, then desktop operating systems. iPadOS 13+
     in desktop mode announces itself as a Mac and is counted as desktop; the
     device class is a coarse personalization hint, not a fingerprint.
-    Cached: user agents repeat heavily, the cache lives in worker memory only.
+    Cached up to 512 characters: user agents repeat heavily, the cache lives
+    in worker memory only.
     """
     if not isinstance(user_agent, str) or not user_agent.strip():
         return DEVICE_UNKNOWN
@@ -351,7 +377,7 @@ def device_class(user_agent: Optional[str]) -> str:
 _LOCALE_SPLIT_RE = re.compile(r"[-_.@]")
 
 
-@functools.lru_cache(maxsize=1024)
+@_cached_when_short(64, maxsize=1024)
 def country_from_locale(locale: Optional[str]) -> Optional[str]:
     """The ISO 3166-1 alpha-2 region of a BCP 47 / POSIX locale: "en-US",
     "en_us.UTF-8" -> "US", "zh-Hant-TW" -> "TW"; no region ("fr") or a
@@ -403,7 +429,7 @@ _PII_KEY_PAIRS = frozenset({
 _KEY_TOKEN_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 
 
-@functools.lru_cache(maxsize=2048)
+@_cached_when_short(128, maxsize=2048)
 def is_pii_property_key(key: str) -> bool:
     """Whether a property key suggests its value is PII (documented above)."""
     tokens = [t.lower() for t in _KEY_TOKEN_RE.findall(key)]
@@ -495,9 +521,11 @@ def _needles(identifiers) -> list[tuple[str, bool]]:
     return [(n.lower(), len(n) >= _MIN_SUBSTRING_NEEDLE) for n in identifiers if isinstance(n, str) and n]
 
 
+@_cached_when_short(64, maxsize=4096)
 def _address_needles(raw_ip: Any) -> tuple[str, ...]:
     """The address in an IP field other than as sent: without port, list, brackets, zone or
-    spaces, and in canonical form ("[2001:0db8::7]:443" -> "2001:0db8::7", "2001:db8::7")."""
+    spaces, and in canonical form ("[2001:0db8::7]:443" -> "2001:0db8::7", "2001:db8::7").
+    Cached as ``device_class`` is: parsing an IPv6 address costs more than the rest of the event."""
     if not isinstance(raw_ip, str) or not raw_ip or _PLAIN_IPV4_RE.fullmatch(raw_ip):
         return ()  # the common case: the address is the field
     text = _strip_ip_decorations(raw_ip)

@@ -5,7 +5,7 @@ checked by ``harness.check_record``: the properties are listed there, and any
 violation or escaping exception is a crash. Mutations are structure-aware
 (``mutate``): besides libFuzzer's byte mutations of the whole input, framed
 v1/v2 values are decoded, one to three fields changed (boundary timestamps,
-empty and over-long ids, a raw identifier copied into another field, IP, e-mail,
+empty, over-long and amplified strings, a raw identifier copied into another field, IP, e-mail,
 locale, user agent and referrer shapes, consent flips, properties added or
 removed), re-encoded under schema id 1 or 2 (sometimes another id), and the
 key and timestamp changed. Seeds: ``seeds.seed_records()`` plus the
@@ -53,7 +53,8 @@ TIMESTAMPS = (0, -1, 1, 946_684_799_999, 946_684_800_000, 4_102_444_799_999, 4_1
 STRINGS = (
     "", " ", "\t", "\x00", "x" * 128, "x" * 129, "İ", "ß", "\u2028", "\ufeff", "é" * 70, "🙂",
     "unknown", "other", "und", "none", "null", "True", "1234",
-    "a@b.co", "Jane.Doe@Example.COM", " jane@example.com ", "@", "a@", "@b.c", "a@@b.c", "a@b@c.example",
+    "a@b.co", "jane@localhost", "Jane.Doe@Example.COM", " jane@example.com ", "@", "a@", "@b.c", "a@@b.c",
+    "a@b@c.example",
     "ann@bücher.example", "ann@xn--bcher-kva.example", "ann@-bad-.example", "mailto:ann@example.org",
     "203.0.113.77", "203.0.113.77:8080", " 203.0.113.77 ", "203.0.113.77, 10.0.0.1", "10.0.0.1,203.0.113.77",
     "001.002.003.004", "1.2.3", "256.1.1.1", "2001:db8::1", "[2001:db8::1]:443", "fe80::1%eth0",
@@ -144,15 +145,24 @@ class Mutator:
         roll = rng.random()
         if roll < 0.1:
             return None
-        if roll < 0.45:
-            return rng.choice(STRINGS)
-        if roll < 0.7 and self.pii(event):
+        if roll < 0.4:
+            text = rng.choice(STRINGS)
+        elif roll < 0.65 and self.pii(event):
             # A raw identifier copied into another field, maybe with a prefix, suffix or changed case.
             text = rng.choice(self.pii(event))
             text = rng.choice((text, text.upper(), f" {text} ", f"see {text}!", f"{text}/x", text[1:]))
-            return text
-        raw = (current or "").encode("utf-8")
-        return atheris.Mutate(raw, max(8, 2 * len(raw))).decode("utf-8", "ignore")
+        elif roll < 0.8:
+            text = current or ""
+        else:
+            raw = (current or "").encode("utf-8")
+            text = atheris.Mutate(raw, max(8, 2 * len(raw))).decode("utf-8", "ignore")
+        if text and rng.random() < 0.2:
+            # Amplified: a run of one character at one or two places, up to tens of kilobytes
+            # (slow regular expressions, quadratic scans).
+            for _ in range(rng.randint(1, 2)):
+                at = rng.randrange(len(text))
+                text = text[:at] + text[at] * rng.choice((16, 256, 4096, 30_000, 60_000)) + text[at:]
+        return text
 
     def mutate_event(self, event: dict, rng: random.Random) -> None:
         target = rng.choice(("top", "top", "context", "context", "properties", "time", "consent", "type"))
@@ -230,7 +240,7 @@ def child(args: argparse.Namespace, libfuzzer_args: list[str]) -> None:
             print(f"fuzz-outcomes {n} " + " ".join(f"{k}={v}" for k, v in sorted(outcomes.items())),
                   file=sys.stderr, flush=True)
 
-    common = [f"-max_len={args.max_len}", f"-artifact_prefix={crashes}/", "-timeout=20", "-rss_limit_mb=3072"]
+    common = [f"-max_len={args.max_len}", f"-artifact_prefix={crashes}/", "-timeout=5", "-rss_limit_mb=3072"]
     if args.raw:  # a merge's inner process: libFuzzer's own command line
         argv = [sys.argv[0], *libfuzzer_args]
     elif args.minimize:
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=int(os.environ.get("FUZZ_RUNS", "100000")))
     parser.add_argument("--workdir", default=os.environ.get("FUZZ_WORKDIR", ".run/fuzz"))
-    parser.add_argument("--max-len", type=int, default=4096)
+    parser.add_argument("--max-len", type=int, default=65536)
     parser.add_argument("--seed", type=int, default=int(os.environ.get("FUZZ_SEED", "1")))
     parser.add_argument("--minimize", metavar="DIR",
                         help="write the minimized corpus (regression corpus, work corpus, seeds) to DIR instead")

@@ -32,7 +32,9 @@ and raises ``PropertyViolation`` when one of these properties fails:
   os, app_version), matched as the anonymizer matches them: case-insensitive,
   as a substring from 4 characters, else as the whole value (``event_id`` is
   passed through unchanged by design and not checked); and it makes a
-  warehouse ``events`` row.
+  warehouse ``events`` row; a user agent or locale longer than 4,096
+  characters was not cached (the anonymizer's caches are bounded in entries,
+  not bytes).
 
 No engine and no fuzzer imported: tests/unit/test_fuzz_corpus.py replays the
 committed corpus through ``check_record`` without atheris. docs/security.md "Fuzzing".
@@ -124,11 +126,13 @@ def check_record(path: FuzzedPath, record: KafkaRecord) -> str:
     except Exception as error:  # noqa: BLE001 - the property under test
         _fail(f"decode raised {type(error).__name__}: {error}")
     _check_resolution(path, record.value, event)
+    calls = _cache_calls()
     try:
         normalized, _ = normalize_event(event)
         route, out, stripped = path.anonymizer.anonymize(normalized)
     except Exception as error:  # noqa: BLE001 - the property under test
         _fail(f"normalize/anonymize raised {type(error).__name__}: {error}")
+    _check_long_values_not_cached(normalized, calls)
     if route not in ROUTES:
         _fail(f"unknown route {route!r}")
     consent = event["consent"]
@@ -197,6 +201,24 @@ def _check_decode_dead_letter(path: FuzzedPath, record: KafkaRecord, error: Inva
     if row[-1] != hashlib.sha256(record.value or b"").hexdigest():
         _fail("dead-letter row hash is not the raw value's")
     return error.reason
+
+
+_CACHED = (core.device_class, core.country_from_locale)
+#: No cache may keep a client value longer than this (real user agents: a few hundred characters).
+LONGEST_CACHED = 4096
+
+
+def _cache_calls() -> list[int]:
+    return [f.cache_info().hits + f.cache_info().misses for f in _CACHED]
+
+
+def _check_long_values_not_cached(event: Mapping[str, Any], before: list[int]) -> None:
+    """The anonymizer's caches (bounded in entries, not bytes) never keep a long client value."""
+    context = event.get("context") or {}
+    for f, value, calls_before, calls_after in zip(
+            _CACHED, (context.get("user_agent"), context.get("locale")), before, _cache_calls()):
+        if isinstance(value, str) and len(value) > LONGEST_CACHED and calls_after != calls_before:
+            _fail(f"{f.__name__} cached a {len(value)}-character value")
 
 
 def _pii_needles(event: Mapping[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ Each file of tests/fuzz/corpus/ is one Kafka record as the fuzzer
 whose dead letter keeps the raw bytes and encodes; an accepted event is routed
 by consent, with no raw identifier left in its free text.
 """
+import time
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,16 @@ def path():
 
 def test_the_corpus_is_small_and_holds_every_finding():
     assert 20 <= len(FILES) <= 400
-    assert all(p.stat().st_size <= 4096 for p in FILES)
+    assert all(p.stat().st_size <= 65536 for p in FILES) and sum(p.stat().st_size for p in FILES) <= 256 * 1024
     assert [p.name[:10] for p in FINDINGS] == [f"finding-{i:02d}" for i in range(1, len(FINDINGS) + 1)]
 
 
 @pytest.mark.parametrize("corpus_file", FILES, ids=[p.name for p in FILES])
-def test_every_corpus_input_keeps_the_properties(path, corpus_file):
+def test_every_corpus_input_keeps_the_properties_in_well_under_the_fuzzers_timeout(path, corpus_file):
+    started = time.process_time()
     assert check_record(path, record_from_bytes(corpus_file.read_bytes())) in set(REASONS) | ROUTES
+    # The fuzzer's timeout is 5 s; finding 04 took 7.5 s before its fix, a few ms after.
+    assert time.process_time() - started < 2.0
 
 
 def test_the_corpus_reaches_every_decode_reason_and_every_consent_route(path):
