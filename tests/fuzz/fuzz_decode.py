@@ -29,6 +29,7 @@ import io
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -79,10 +80,9 @@ TOP_STRINGS = ("event_id", "user_id", "anonymous_id", "session_id", "referrer")
 class Mutator:
     """libFuzzer's custom mutator: see the module docstring."""
 
-    def __init__(self, harness, writer_schemas, serializers):
+    def __init__(self, harness, schemas):
         self.harness = harness
-        self.writers = writer_schemas  # schema id -> parsed writer schema (epoch millis)
-        self.serializers = serializers  # schema id -> schemaless writer schema
+        self.schemas = schemas  # schema id (1, 2) -> parsed onboarding_event schema (epoch millis)
 
     def __call__(self, data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)
@@ -118,9 +118,9 @@ class Mutator:
         if not value or len(value) < 5 or value[0] != 0:
             return None
         schema_id = int.from_bytes(value[1:5], "big")
-        if schema_id not in self.writers:
+        if schema_id not in self.schemas:
             return None
-        event = schemaless_reader(io.BytesIO(value[5:]), self.writers[schema_id], None)
+        event = schemaless_reader(io.BytesIO(value[5:]), self.schemas[schema_id], None)
         event.setdefault("referrer", None)
         for _ in range(rng.randint(1, 3)):
             self.mutate_event(event, rng)
@@ -128,7 +128,7 @@ class Mutator:
         if out_id == 1:
             event.pop("referrer", None)
         buffer = io.BytesIO()
-        schemaless_writer(buffer, self.serializers[out_id], event)
+        schemaless_writer(buffer, self.schemas[out_id], event)
         payload = buffer.getvalue()
         frame_id = out_id if rng.random() < 0.95 else rng.choice((1, 2, 3, 4, 5, 6, 7, 8, 2**32 - 1))
         value = b"\x00" + frame_id.to_bytes(4, "big") + payload
@@ -231,7 +231,7 @@ def child(args: argparse.Namespace, libfuzzer_args: list[str]) -> None:
     path = harness.FuzzedPath()
     outcomes: collections.Counter = collections.Counter()
     schemas = {v: epoch_millis_schema(load_schema("onboarding_event", v)) for v in (1, 2)}
-    mutator = Mutator(harness, schemas, schemas)
+    mutator = Mutator(harness, schemas)
 
     def test_one_input(data: bytes) -> None:
         outcomes[harness.check_record(path, harness.record_from_bytes(data))] += 1
@@ -247,7 +247,7 @@ def child(args: argparse.Namespace, libfuzzer_args: list[str]) -> None:
         # libFuzzer's merge: the smallest set of inputs with the same coverage, into an empty directory.
         # It reruns argv[0] for the inputs, so argv[0] is this script's inner command.
         Path(args.minimize).mkdir(parents=True, exist_ok=True)
-        inner = f"{sys.executable} {__file__} --child --raw --workdir={args.workdir} --"
+        inner = shlex.join([sys.executable, __file__, "--child", "--raw", f"--workdir={args.workdir}", "--"])
         argv = [inner, "-merge=1", *common, args.minimize, str(CORPUS), str(corpus), str(seeds)]
     else:
         argv = [sys.argv[0], str(corpus), str(seeds), str(CORPUS), f"-runs={args.runs}", *common,
