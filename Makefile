@@ -8,6 +8,8 @@
 #   make bench-compare   one 200,000-event topic through the plain loop, a Quix Streams
 #                        application, the Flink job (parallelism 1 and 2) and the Beam
 #                        pipeline on Prism, side by side
+#   make fuzz            coverage-guided fuzzing of decoding and anonymization
+#                        (FUZZ_RUNS inputs, default 100,000; exits non-zero on a crash)
 #   make services-up     Kafka (KRaft), Redis, PostgreSQL; idempotent, health-checked
 #   make services-down   stop what services-up started
 #   make services-up-secure  services-up, plus Redis and PostgreSQL with TLS and authentication
@@ -38,6 +40,7 @@ PYTEST        := $(PY) -m pytest
         clean distclean
 .PHONY: promtool check-alerts lag-exporter
 .PHONY: train evaluate
+.PHONY: fuzz
 .PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
         flink-worker-pool-down flink-demo test-flink
 
@@ -105,6 +108,25 @@ test-e2e: install services-up
 # Ruff (installed by the [test] extras); lint only, never reformats.
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# ---- fuzzing (docs/security.md "Fuzzing") -------------------------------------
+
+# atheris (the [fuzz] extra) on decode -> normalize -> anonymize -> dead letter
+# (tests/fuzz/fuzz_decode.py): FUZZ_RUNS inputs, about a minute on 2 cores at
+# the default; work corpus and crashing inputs in .run/fuzz. Prints executions,
+# coverage, outcomes and crashes; exits non-zero on a crash. FUZZ_ARGS adds
+# flags, e.g. FUZZ_ARGS="--seed 7 -- -max_total_time=300". `make test` does not
+# fuzz: it replays the regression corpus tests/fuzz/corpus (test_fuzz_corpus.py).
+FUZZ_RUNS ?= 100000
+FUZZ_ARGS ?=
+FUZZ_STAMP := $(VENV)/.fuzz-installed
+
+fuzz: $(FUZZ_STAMP)
+	$(PY) tests/fuzz/fuzz_decode.py --runs $(FUZZ_RUNS) --workdir .run/fuzz $(FUZZ_ARGS)
+
+$(FUZZ_STAMP): $(VENV_STAMP)
+	$(PY) -m pip install -q -e '.[fuzz]'
+	@touch $@
 
 # ---- observability (docs/observability.md) ---------------------------------
 

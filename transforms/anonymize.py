@@ -19,10 +19,10 @@ downstream (sessionization, scoring, segmentation, the warehouse) works on
   (its ISO 3166-1 alpha-2 region subtag, e.g. "en-US" -> "US"; the language
   part is not kept).
 * ``properties`` lose every entry whose key names PII (email, phone, name of a
-  person, ip, address, password, ...: see ``is_pii_property_key``), whose value
-  looks like an email address, or whose value contains one of the event's raw
-  identifiers. Non-string values that are not plain scalars are dropped too,
-  since the contract says property values are strings.
+  person, ip, address, password, ...: see ``is_pii_property_key``), whose key or
+  value contains an email address or one of the event's raw identifiers.
+  Non-string values that are not plain scalars are dropped too, since the
+  contract says property values are strings.
 * ``referrer`` (reader schema v2) becomes ``referrer_host``: paths and query
   strings routinely carry emails and tokens.
 * Fields are allow-listed: a new schema field only reaches downstream stages
@@ -91,6 +91,27 @@ _PROPERTY_SCALARS = (str, int, float, bool)
 
 class SecretError(ValueError):
     """The pseudonymization secret is missing, unreadable or too short."""
+
+
+def _cached_when_short(max_chars: int, maxsize: int):
+    """``functools.lru_cache`` for arguments up to ``max_chars`` long; longer ones are computed each time.
+
+    A cache keyed by client text is bounded in entries, not bytes: unique
+    megabyte-long user agents would otherwise pin up to ``maxsize`` MB of
+    worker memory. Real values are short and repeat, long ones are rare.
+    """
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(value):
+            if isinstance(value, str) and len(value) > max_chars:
+                return fn(value)
+            return cached(value)
+
+        call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+        return call
+    return wrap
 
 
 # --------------------------------------------------------------------------- secrets
@@ -222,7 +243,11 @@ _EMAIL_DOMAIN_RE = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"
 )
 _WHITESPACE_RE = re.compile(r"\s")
-_EMAIL_IN_TEXT_RE = re.compile(r"[^\s@<>(),;:\"\[\]]+@[^\s@<>(),;:\"\[\]]+\.[A-Za-z]{2,}")
+# An address anywhere in free text, in linear time: a match starts only where a run of address
+# characters starts (the lookbehind), and the run before "@" is never backtracked into (++).
+# Why: docs/security.md "Fuzzing", finding 4.
+_EMAIL_CHAR = r"[^\s@<>(),;:\"\[\]]"
+_EMAIL_IN_TEXT_RE = re.compile(rf"(?<!{_EMAIL_CHAR}){_EMAIL_CHAR}++@{_EMAIL_CHAR}+\.[A-Za-z]{{2,}}")
 
 
 def email_domain(email: Optional[str]) -> Optional[str]:
@@ -323,7 +348,7 @@ _MOBILE_UA_RE = re.compile(
 _DESKTOP_UA_RE = re.compile(r"windows nt|macintosh|mac os x|x11|linux|cros|freebsd|openbsd")
 
 
-@functools.lru_cache(maxsize=4096)
+@_cached_when_short(512, maxsize=4096)
 def device_class(user_agent: Optional[str]) -> str:
     """desktop / mobile / tablet / bot / unknown from a user agent string.
 
@@ -332,7 +357,8 @@ def device_class(user_agent: Optional[str]) -> str:
     iPads say "iPad"), then phones, then desktop operating systems. iPadOS 13+
     in desktop mode announces itself as a Mac and is counted as desktop; the
     device class is a coarse personalization hint, not a fingerprint.
-    Cached: user agents repeat heavily, the cache lives in worker memory only.
+    Cached up to 512 characters: user agents repeat heavily, the cache lives
+    in worker memory only.
     """
     if not isinstance(user_agent, str) or not user_agent.strip():
         return DEVICE_UNKNOWN
@@ -351,7 +377,7 @@ def device_class(user_agent: Optional[str]) -> str:
 _LOCALE_SPLIT_RE = re.compile(r"[-_.@]")
 
 
-@functools.lru_cache(maxsize=1024)
+@_cached_when_short(64, maxsize=1024)
 def country_from_locale(locale: Optional[str]) -> Optional[str]:
     """The ISO 3166-1 alpha-2 region of a BCP 47 / POSIX locale: "en-US",
     "en_us.UTF-8" -> "US", "zh-Hant-TW" -> "TW"; no region ("fr") or a
@@ -403,7 +429,7 @@ _PII_KEY_PAIRS = frozenset({
 _KEY_TOKEN_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 
 
-@functools.lru_cache(maxsize=2048)
+@_cached_when_short(128, maxsize=2048)
 def is_pii_property_key(key: str) -> bool:
     """Whether a property key suggests its value is PII (documented above)."""
     tokens = [t.lower() for t in _KEY_TOKEN_RE.findall(key)]
@@ -457,7 +483,7 @@ class Pseudonymizer:
         raw_email = context.get("email")
         raw_ip = context.get("ip")
         raw_ua = context.get("user_agent")
-        needles = _needles((user_id, anonymous_id, raw_email, raw_ip, raw_ua))
+        needles = _needles((user_id, anonymous_id, raw_email, raw_ip, raw_ua, *_address_needles(raw_ip)))
         properties, stripped = _scrub_properties(event.get("properties") or {}, needles)
         session_id = event.get("session_id")
         if session_id is not None and (not isinstance(session_id, str) or _leaks(session_id, needles)):
@@ -495,6 +521,21 @@ def _needles(identifiers) -> list[tuple[str, bool]]:
     return [(n.lower(), len(n) >= _MIN_SUBSTRING_NEEDLE) for n in identifiers if isinstance(n, str) and n]
 
 
+@_cached_when_short(64, maxsize=4096)
+def _address_needles(raw_ip: Any) -> tuple[str, ...]:
+    """The address in an IP field other than as sent: without port, list, brackets, zone or
+    spaces, and in canonical form ("[2001:0db8::7]:443" -> "2001:0db8::7", "2001:db8::7").
+    Cached as ``device_class`` is: parsing an IPv6 address costs more than the rest of the event."""
+    if not isinstance(raw_ip, str) or not raw_ip or _PLAIN_IPV4_RE.fullmatch(raw_ip):
+        return ()  # the common case: the address is the field
+    text = _strip_ip_decorations(raw_ip)
+    try:
+        canonical = str(ipaddress.ip_address(text))
+    except ValueError:
+        canonical = text
+    return tuple({text, canonical} - {raw_ip})
+
+
 def _leaks(value: str, needles: list[tuple[str, bool]]) -> bool:
     lowered = value.lower()
     for needle, as_substring in needles:
@@ -523,7 +564,9 @@ def _scrub_properties(properties: Mapping[str, Any], needles: list[tuple[str, bo
             stripped += 1
             continue
         text = value if isinstance(value, str) else str(value)
-        if _leaks(text, needles) or _EMAIL_IN_TEXT_RE.search(text):
+        # The key is client text too: a raw identifier or an address used as a key is stripped.
+        if (_leaks(text, needles) or _EMAIL_IN_TEXT_RE.search(text)
+                or _leaks(key, needles) or _EMAIL_IN_TEXT_RE.search(key)):
             stripped += 1
             continue
         kept[key] = value
@@ -573,6 +616,12 @@ def _validation_error(event: Mapping[str, Any]) -> Optional[tuple[str, str]]:
         return "bad_context", "context is not a mapping"
     return None
 
+
+#: Reason codes of the dead letters ``EventAnonymizer.anonymize`` writes.
+ANONYMIZE_REASONS = frozenset({
+    "not_a_mapping", "bad_consent", "missing_event_id", "missing_event_type", "missing_occurred_at",
+    "bad_received_at", "bad_user_id", "bad_anonymous_id", "missing_identity", "bad_context",
+})
 
 PERSONALIZATION = "personalization"
 ANALYTICS_ONLY = "analytics_only"

@@ -49,7 +49,7 @@ from kafka import TopicPartition
 
 from ...transforms.kafka.consumer import OffsetCommitter, PartitionConsumers, resolve_partitions, source_consumer_config
 from ...transforms.kafka.offsets import StartPosition
-from ...transforms.kafka.records import UNBOUNDED_STOP, KafkaPartition, KafkaRecord, event_time_ms
+from ...transforms.kafka.records import UNBOUNDED_STOP, KafkaPartition, KafkaRecord, event_time_ms, record_time_ms
 from ...transforms.kafka.watermarks import PartitionWatermarks
 from ...transforms.metrics import PipelineMetrics
 from ..options import KafkaReadOptions, watermark_alignment
@@ -269,7 +269,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                 next_offset = offset + 1
                 record = KafkaRecord(rec.topic, rec.partition, offset, rec.timestamp, rec.key, rec.value)
                 if decode is None:
-                    event_ms = rec.timestamp
+                    event_ms = record_time_ms(rec.timestamp)
                     yield TimestampedValue(record, Timestamp(micros=event_ms * 1000))
                 else:
                     try:
@@ -281,7 +281,7 @@ class _ReadPartitionsFn(beam.DoFn, RestrictionProvider, EventTimeWatermarkEstima
                             DEAD_LETTERS,
                             TimestampedValue(
                                 decoder.dead_letter(record, error, stage="decode"),
-                                Timestamp(micros=rec.timestamp * 1000),
+                                Timestamp(micros=record_time_ms(rec.timestamp) * 1000),
                             ),
                         )
                     else:

@@ -332,6 +332,59 @@ def test_short_user_ids_only_strip_properties_equal_to_them():
     assert anonymized["properties"] == {"amount": "42.00"}
 
 
+def test_property_keys_carrying_a_raw_identifier_or_an_address_are_stripped():
+    # Found by the fuzzer (docs/security.md "Fuzzing"): keys were only checked for PII names.
+    event = raw_event(properties={"acct-7731-jane.doe": "1", "203.0.113.77": "x", "ann@example.org": "y",
+                                  "feature": "export"})
+    anonymized, stripped = Pseudonymizer(SECRET).anonymize(event)
+    assert anonymized["properties"] == {"feature": "export"} and stripped == 3
+
+
+def test_a_megabyte_property_is_scanned_for_addresses_in_linear_time():
+    # Found by the fuzzer: the address search backtracked quadratically over a long run
+    # without "@" (60 kB: 7.5 s; this megabyte: hours).
+    import time
+
+    run = "x" * 500_000
+    event = raw_event(properties={"blob": run, run: "k", "tail": run + "@" + run, "feature": "export"})
+    started = time.process_time()
+    anonymized, _ = Pseudonymizer(SECRET).anonymize(event)
+    assert time.process_time() - started < 1.0
+    assert anonymized["properties"] == {"blob": run, run: "k", "tail": run + "@" + run, "feature": "export"}
+    assert Pseudonymizer(SECRET).anonymize(raw_event(properties={"n": run + " a@b.example"}))[0]["properties"] == {}
+
+
+def test_caches_keyed_by_client_text_keep_no_long_value():
+    # Found by the fuzzer: the caches are bounded in entries, not bytes, so unique long user
+    # agents, locales, keys or IPs could pin up to thousands of megabyte-long strings.
+    from onboardflow.transforms import anonymize
+
+    cached = (anonymize.device_class, anonymize.country_from_locale, anonymize.is_pii_property_key,
+              anonymize._address_needles)
+    before = [f.cache_info().currsize for f in cached]
+    for i in range(50):
+        long = f"Mozilla/5.0 {i} " + "x" * 10_000
+        assert device_class(long) == "unknown" and country_from_locale("en-US-" + long) == "US"
+        assert not is_pii_property_key(long) and anonymize._address_needles(" " + long) == (long,)
+    assert [f.cache_info().currsize for f in cached] == before
+    assert device_class(IPHONE) == "mobile" and anonymize.device_class.cache_info().currsize >= 1
+
+
+@pytest.mark.parametrize("raw_ip,bare", [
+    (" 203.0.113.77 ", "203.0.113.77"),
+    ("203.0.113.77:8443", "203.0.113.77"),
+    ("203.0.113.77, 10.0.0.1", "203.0.113.77"),
+    ("[2001:db8::7]:443", "2001:db8::7"),
+    ("2001:0db8:0000:0000:0000:0000:0000:0007", "2001:db8::7"),
+])
+def test_the_bare_address_of_a_decorated_ip_is_stripped_from_properties(raw_ip, bare):
+    # Found by the fuzzer: the IP was looked for only as sent (with its port, spaces, brackets).
+    context = {**raw_event()["context"], "ip": raw_ip}
+    event = raw_event(context=context, properties={"origin": bare, bare: "k", "feature": "export"})
+    anonymized, _ = Pseudonymizer(SECRET).anonymize(event)
+    assert anonymized["properties"] == {"feature": "export"}
+
+
 def test_unknown_top_level_fields_are_not_passed_on():
     event = raw_event(shipping_address="1 Main St")
     anonymized, _ = Pseudonymizer(SECRET).anonymize(event)

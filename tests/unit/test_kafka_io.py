@@ -21,7 +21,13 @@ from onboardflow.pipelines.beam.kafka_sink import WriteToKafka
 from onboardflow.pipelines.beam.kafka_source import ReadFromKafka, _ReadBoundedPartitionsFn, _ReadUnboundedPartitionsFn
 from onboardflow.pipelines.options import KafkaReadOptions, watermark_alignment
 from onboardflow.transforms.kafka.offsets import StartPosition, resolve_start_offset
-from onboardflow.transforms.kafka.records import UNBOUNDED_STOP, EventTimeError, KafkaPartition, event_time_ms
+from onboardflow.transforms.kafka.records import (
+    UNBOUNDED_STOP,
+    EventTimeError,
+    KafkaPartition,
+    event_time_ms,
+    record_time_ms,
+)
 from onboardflow.transforms.kafka.watermarks import PartitionWatermarks
 
 NOW_S = 1_767_571_200.0  # a fixed wall clock: 2026-01-05T00:00:00Z
@@ -454,6 +460,20 @@ def test_events_without_a_usable_occurred_at_are_rejected_with_a_reason(event, r
     with pytest.raises(EventTimeError) as raised:
         event_time_ms(event)
     assert raised.value.reason == reason
+
+
+@pytest.mark.parametrize("create_time", [2**56 - 1, 2**63 - 1, -(2**63), 253_402_300_800_000])
+def test_a_producers_create_time_far_outside_beams_range_still_makes_an_element_timestamp(create_time):
+    # Found with the fuzzer's input (docs/security.md "Fuzzing"): the dead letter of such a
+    # record overflowed its element timestamp when encoded, failing the bundle on every retry.
+    from apache_beam.coders import coders
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    ms = record_time_ms(create_time)
+    coder = coders.WindowedValueCoder(coders.BytesCoder(), coders.GlobalWindowCoder())
+    value = WindowedValue(b"x", Timestamp(micros=ms * 1000), [GlobalWindow()])
+    assert coder.decode(coder.encode(value)).timestamp == value.timestamp
+    assert record_time_ms(1_717_000_000_000) == 1_717_000_000_000 and record_time_ms(None) == -1
 
 
 # --------------------------------------------------------------------------

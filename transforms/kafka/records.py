@@ -3,7 +3,8 @@
 In: kafka-python records and decoded events. Out: ``KafkaRecord`` (one record,
 value undecoded), ``KafkaPartition`` (one topic-partition and the offsets a
 read covers) and ``event_time_ms(event)``, the epoch-ms element timestamp of a
-decoded event, or ``EventTimeError`` with a ``reason`` for the dead letter.
+decoded event, or ``EventTimeError`` with a ``reason`` for the dead letter;
+``record_time_ms(timestamp)``, a record's own timestamp within the engine's range.
 """
 from __future__ import annotations
 
@@ -55,6 +56,18 @@ class EventTimeError(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def record_time_ms(timestamp_ms: Optional[int]) -> int:
+    """A record's Kafka timestamp as an element timestamp (epoch ms), clamped into the engine's range.
+
+    A producer sets CreateTime to any 64-bit value; unclamped, one far in the
+    future overflows the element timestamp and fails the bundle on every retry.
+    None (no timestamp) counts as -1, as the broker reports it.
+    """
+    if timestamp_ms is None:
+        return -1
+    return min(max(int(timestamp_ms), MIN_EVENT_MS), MAX_EVENT_MS)
 
 
 def event_time_ms(event: Mapping[str, Any]) -> int:

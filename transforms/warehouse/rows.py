@@ -209,6 +209,17 @@ def _coordinate(value: Any, default: int) -> int:
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else default
 
 
+def _kafka_time(ms: int) -> Optional[dt.datetime]:
+    """A record's Kafka timestamp for the row: None for -1 (the broker had none) and for
+    one no timestamp column holds (a producer sets CreateTime to any 64-bit value)."""
+    if ms < 0:
+        return None
+    try:
+        return _ts(ms, "kafka_timestamp")
+    except RowError:
+        return None
+
+
 def dead_letter_row(element: Any) -> tuple:
     """Metadata of a dead letter, either shape: Kafka record or in-pipeline stage letter.
 
@@ -225,7 +236,7 @@ def dead_letter_row(element: Any) -> tuple:
         _clean_text(letter.get("source_topic"), ""),
         _coordinate(letter.get("source_partition"), -1),
         _coordinate(letter.get("source_offset"), -1),
-        _ts(kafka_ts, "kafka_timestamp") if kafka_ts >= 0 else None,  # -1: the broker had none
+        _kafka_time(kafka_ts),
         _clean_text(letter.get("stage"), "unknown"),
         _clean_text(letter.get("reason"), "unknown"),
         _clean_text(letter.get("detail"), ""),
