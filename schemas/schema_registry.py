@@ -389,6 +389,10 @@ class FileSchemaRegistry(SchemaRegistry):
 class ConfluentSchemaRegistry(SchemaRegistry):
     """Client for the Confluent Schema Registry REST API (Avro only), on urllib.
 
+    ``url`` may ask for TLS and basic authentication without holding the
+    password: ``https://USER@HOST:PORT?cafile=CA&password_file=PATH``
+    (transforms/connections.py ``http_settings``).
+
     Schemas by id are cached forever (ids are immutable); registrations are
     cached per subject and schema; ``latest`` always asks the server.
     """
@@ -407,15 +411,18 @@ class ConfluentSchemaRegistry(SchemaRegistry):
         self.__init__(**state)
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
+        from ..transforms.connections import http_settings
+
+        base, context, auth = http_settings(self.url)
         data = None if body is None else json.dumps(body).encode("utf-8")
         request = urllib.request.Request(
-            f"{self.url}/{path}",
+            f"{base.rstrip('/')}/{path}",
             data=data,
             method=method,
-            headers={"Accept": CONFLUENT_CONTENT_TYPE, "Content-Type": CONFLUENT_CONTENT_TYPE},
+            headers={"Accept": CONFLUENT_CONTENT_TYPE, "Content-Type": CONFLUENT_CONTENT_TYPE, **auth},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=context) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as err:
             try:
@@ -425,6 +432,8 @@ class ConfluentSchemaRegistry(SchemaRegistry):
             code = payload.get("error_code", err.code) if isinstance(payload, dict) else err.code
             message = payload.get("message", err.reason) if isinstance(payload, dict) else err.reason
             text = f"{method} {path}: HTTP {err.code} (error_code {code}): {message}"
+            if err.code in (401, 403):
+                raise RegistryError(text) from None
             if err.code == 404:
                 raise SchemaNotFound(text) from None
             if err.code == 409:

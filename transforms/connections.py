@@ -17,6 +17,8 @@ A URL carries only what is not secret; the secret is named, never written:
 - PostgreSQL: libpq's own parameters, e.g.
   ``postgresql://ROLE@HOST:PORT/DB?sslmode=verify-full&sslrootcert=CA&passfile=PGPASS``
   (or ``PGPASSWORD`` in the environment).
+- The schema registry (HTTP): ``https://USER@HOST:PORT?cafile=CA&password_file=PATH``
+  (``http_settings``): TLS verified against ``cafile``, basic authentication.
 
 A password written into the URL still works, but then it shows wherever the
 URL does (``ps``, shell history); ``redact`` strips it for display. Roles, ACL
@@ -44,16 +46,56 @@ class CredentialsError(RuntimeError):
     """A URL names a password source that cannot be read (the message names the source, never a secret)."""
 
 
-def _read_password_file(path: str) -> str:
+def _read_password_file(path: str, what: str = "Redis") -> str:
     try:
         with open(path, encoding="utf-8") as f:
             line = f.readline()
     except OSError as exc:
-        raise CredentialsError(f"Redis password file {path}: {exc.strerror or type(exc).__name__}") from None
+        raise CredentialsError(f"{what} password file {path}: {exc.strerror or type(exc).__name__}") from None
     password = line.rstrip("\r\n")
     if not password:
-        raise CredentialsError(f"Redis password file {path} is empty")
+        raise CredentialsError(f"{what} password file {path} is empty")
     return password
+
+
+def _password(params: dict[str, str], what: str) -> str:
+    """The password ``params`` name (``password_file`` or ``password_env``), for ``what``."""
+    if REDIS_PASSWORD_FILE in params:
+        return _read_password_file(params[REDIS_PASSWORD_FILE], what)
+    name = params[REDIS_PASSWORD_ENV]
+    if not os.environ.get(name):
+        raise CredentialsError(f"{what} password variable {name} is not set")
+    return os.environ[name]
+
+
+def http_settings(url: str) -> tuple[str, Any, dict[str, str]]:
+    """An HTTP(S) service's URL (the schema registry) as ``(plain URL, SSL context or None, headers)``.
+
+    ``https://USER@HOST:PORT?cafile=CA&password_file=PATH`` (or ``password_env``):
+    the server certificate is verified against ``cafile`` (else the system's
+    CAs) and requests carry HTTP basic authentication, as Confluent's
+    ``basic.auth.user.info``. The plain URL has no user and none of these
+    parameters; the password is read here, at each call, never stored with the URL.
+    """
+    import base64
+    import ssl
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in (REDIS_PASSWORD_FILE, REDIS_PASSWORD_ENV, "cafile")}
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    plain = urlunsplit(parts._replace(netloc=netloc, query=urlencode([(k, v) for k, v in query if k not in ours])))
+    context = None
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=ours.get("cafile"))
+    headers: dict[str, str] = {}
+    user = parts.username
+    if user is not None:
+        password = parts.password if parts.password is not None else (
+            _password(ours, "registry") if REDIS_PASSWORD_FILE in ours or REDIS_PASSWORD_ENV in ours else "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return plain, context, headers
 
 
 def redis_settings(url: str) -> tuple[str, dict[str, Any]]:

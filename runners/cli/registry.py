@@ -5,6 +5,14 @@
     onboardflow registry config [SUBJECT] [--set LEVEL | --delete] [--registry URL]
     onboardflow registry check SUBJECT SCHEMA.avsc [--version N] [--registry URL]
     onboardflow registry serve [--registry PATH] [--host 127.0.0.1] [--port 8081] [--writable]
+                               [--tls-cert PEM --tls-key PEM] [--users-file PATH]
+    onboardflow registry user NAME --role read|write --users-file PATH [--password-file PATH]
+
+``serve --tls-cert/--tls-key`` serves HTTPS; ``--users-file`` requires HTTP
+basic authentication of the users ``registry user`` adds, in two roles
+(runners/cli/registry_access.py: ``read`` looks up and tests, ``write`` also
+registers and sets levels; 401 / 403 otherwise). Clients name the CA and the
+password file in the URL: ``https://USER@HOST:PORT?cafile=CA&password_file=PATH``.
 
 ``--registry`` is a file path or an ``http(s)://`` Confluent-compatible
 registry (the shipped ``schemas/registry.json`` by default); every command
@@ -46,12 +54,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import ssl
 import sys
 import threading
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ...schemas import REGISTRY_FILE
 from ...schemas.compatibility import LEVELS
@@ -67,6 +76,7 @@ from ...schemas.schema_registry import (
     SchemaRegistry,
     registry_from_url,
 )
+from .registry_access import ROLES, RegistryUsers, add_user
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +275,7 @@ class _ConfluentApi:
         raise _ApiError(404, 404, "Not found")
 
 
-def _handler_for(api: _ConfluentApi) -> type[BaseHTTPRequestHandler]:
+def _handler_for(api: _ConfluentApi, users: Optional[RegistryUsers] = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "onboardflow-registry"
@@ -286,6 +296,19 @@ def _handler_for(api: _ConfluentApi) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _serve(self, call) -> None:
+            if users is not None:
+                refused = users.check(self.command, self._parts(), self.headers.get("Authorization"))
+                if refused is not None:
+                    status, code, message = refused
+                    data = json.dumps({"error_code": code, "message": message}).encode("utf-8")
+                    self.send_response(status)
+                    if status == 401:
+                        self.send_header("WWW-Authenticate", 'Basic realm="onboardflow-registry"')
+                    self.send_header("Content-Type", CONFLUENT_CONTENT_TYPE)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
             try:
                 self._reply(200, call())
             except _ApiError as err:
@@ -338,16 +361,23 @@ class RegistryServer:
     ``port=0`` picks a free port; ``url`` tells which.
     """
 
-    def __init__(self, registry: SchemaRegistry, host: str = "127.0.0.1", port: int = 8081):
+    def __init__(self, registry: SchemaRegistry, host: str = "127.0.0.1", port: int = 8081,
+                 tls: Optional[tuple[str, str]] = None, users: Optional[RegistryUsers] = None):
         self.registry = registry
-        self._httpd = ThreadingHTTPServer((host, port), _handler_for(_ConfluentApi(registry)))
+        self._httpd = ThreadingHTTPServer((host, port), _handler_for(_ConfluentApi(registry), users))
         self._httpd.daemon_threads = True
+        self._tls = tls is not None
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{port}"
 
     def start(self) -> "RegistryServer":
         # A short poll interval keeps stop() (and test teardown) quick.
@@ -448,8 +478,13 @@ def _check(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     registry = FileSchemaRegistry(args.registry or REGISTRY_FILE, writable=args.writable)
-    server = RegistryServer(registry, host=args.host, port=args.port)
-    mode = "writable" if args.writable else "read-only"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = RegistryServer(registry, host=args.host, port=args.port, tls=tls,
+                            users=RegistryUsers(args.users_file) if args.users_file else None)
+    mode = ("writable" if args.writable else "read-only") + (", users " + args.users_file if args.users_file else "")
     print(f"serving {registry.path} ({mode}) at {server.url}", flush=True)
     try:
         server.serve_forever()
@@ -457,6 +492,21 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
+    return 0
+
+
+def _user(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    source = open(args.password_file, encoding="utf-8") if args.password_file else sys.stdin
+    with source:
+        password = source.readline().rstrip("\r\n")
+    try:
+        add_user(Path(args.users_file), args.name, args.role, password)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {args.role} in {args.users_file}")
     return 0
 
 
@@ -496,7 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8081)
     serve_cmd.add_argument("--writable", action="store_true", help="append newly registered schemas to the file")
+    serve_cmd.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    serve_cmd.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    serve_cmd.add_argument("--users-file", help="require HTTP basic auth of these users (`registry user` writes it)")
     serve_cmd.set_defaults(run=_serve)
+
+    user_cmd = commands.add_parser("user", help="add or replace a user of `registry serve --users-file`")
+    user_cmd.add_argument("name")
+    user_cmd.add_argument("--role", choices=ROLES, required=True,
+                          help="read: lookups and compatibility tests; write: also register and set levels")
+    user_cmd.add_argument("--users-file", required=True)
+    user_cmd.add_argument("--password-file", help="file holding the password (default: read from stdin)")
+    user_cmd.set_defaults(run=_user)
     return parser
 
 
