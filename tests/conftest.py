@@ -7,6 +7,7 @@ Each test gets uniquely named topics / key prefixes / schemas and cleans up.
 import contextlib
 import math
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -169,3 +170,13 @@ def _assert_same_profiles(actual: dict[str, dict], expected: dict[str, dict]) ->
 def assert_same_profiles():
     """``assert_same_profiles(actual, expected)``: decoded profiles of two runs, equal up to float ulps."""
     return _assert_same_profiles
+
+
+@pytest.fixture
+def registry_copy(tmp_path):
+    """A writable copy of the shipped schema registry file (tests never change the shipped one)."""
+    from onboardflow.schemas import REGISTRY_FILE
+
+    path = tmp_path / "registry.json"
+    shutil.copy(REGISTRY_FILE, path)
+    return path

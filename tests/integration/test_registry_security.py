@@ -11,7 +11,6 @@ plain HTTP to the TLS port, fails; no password shows in an error.
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from onboardflow.runners.cli.registry import RegistryServer
 from onboardflow.runners.cli.registry_access import RegistryUsers
-from onboardflow.schemas import EVENTS_SUBJECT, REGISTRY_FILE, load_schema_json
+from onboardflow.schemas import EVENTS_SUBJECT, load_schema_json
 from onboardflow.schemas.schema_registry import (
     FileSchemaRegistry,
     RegistryError,
@@ -68,10 +67,8 @@ def users(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 
 @pytest.fixture
-def server(tls, users, tmp_path):
-    registry = tmp_path / "registry.json"
-    shutil.copy(REGISTRY_FILE, registry)
-    with RegistryServer(FileSchemaRegistry(registry, writable=True), port=0,
+def server(tls, users, registry_copy):
+    with RegistryServer(FileSchemaRegistry(registry_copy, writable=True), port=0,
                         tls=(str(tls / "server.crt"), str(tls / "server.key")),
                         users=RegistryUsers(users[0])) as running:
         yield running

@@ -8,14 +8,13 @@ from an unsafe one, and registering the unsafe one is refused with
 Confluent's 409 until the subject's level is NONE.
 """
 import json
-import shutil
 
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from onboardflow.runners.cli.registry import RegistryServer
-from onboardflow.schemas import EVENTS_SUBJECT, REGISTRY_FILE, load_schema_json, schema_path
+from onboardflow.schemas import EVENTS_SUBJECT, load_schema_json, schema_path
 from onboardflow.schemas.schema_registry import FileSchemaRegistry
 
 pytestmark = pytest.mark.integration
@@ -34,13 +33,6 @@ REQUIRED_FIELD = _event_schema([{"name": "tenant", "type": "string"}])
 TYPE_CHANGE = _event_schema(fields=[
     {**f, "type": "long"} if f["name"] == "event_id" else f for f in load_schema_json("onboarding_event", 2)["fields"]
 ])
-
-
-@pytest.fixture
-def registry_copy(tmp_path):
-    path = tmp_path / "registry.json"
-    shutil.copy(REGISTRY_FILE, path)
-    return path
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Schema registries: the shipped file registry, writable file registries, the
 Confluent REST client, and ``onboardflow registry serve`` speaking to it over real HTTP."""
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from onboardflow.runners.cli.registry import RegistryServer, main
 from onboardflow.schemas import (
     DEAD_LETTER_SUBJECT,
     EVENTS_SUBJECT,
-    REGISTRY_FILE,
     default_registry,
     load_schema,
     load_schema_json,
@@ -34,13 +32,6 @@ from onboardflow.schemas.wire import AvroDeserializer, AvroSerializer, unframe
 
 THING = {"type": "record", "name": "Thing", "namespace": "test", "fields": [{"name": "n", "type": "int"}]}
 THING_V2 = {**THING, "fields": THING["fields"] + [{"name": "m", "type": ["null", "int"], "default": None}]}
-
-
-@pytest.fixture
-def registry_copy(tmp_path):
-    path = tmp_path / "registry.json"
-    shutil.copy(REGISTRY_FILE, path)
-    return path
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 at the subject's level, the Confluent /config and /compatibility endpoints of ``onboardflow registry
 serve``, the Confluent REST client speaking to them, and the ``registry config`` / ``check`` commands."""
 import json
-import shutil
 import urllib.error
 import urllib.request
 
@@ -29,13 +28,6 @@ V3 = {**V1, "fields": V1["fields"] + [{"name": "b", "type": "int"}]}
 # A new required field: the new schema cannot read anything written before it.
 REQUIRED_FIELD = {**V1, "fields": V1["fields"] + [{"name": "c", "type": "string"}]}
 TYPE_CHANGE = {**V1, "fields": [{"name": "a", "type": "string"}]}
-
-
-@pytest.fixture
-def registry_copy(tmp_path):
-    path = tmp_path / "registry.json"
-    shutil.copy(REGISTRY_FILE, path)
-    return path
 
 
 @pytest.fixture
