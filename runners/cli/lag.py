@@ -189,8 +189,10 @@ class KafkaLagReader:
         if self._consumer is None:
             from kafka import KafkaConsumer
 
+            from ...transforms.connections import kafka_config
+
             config = {
-                "bootstrap_servers": self.bootstrap_servers,
+                **kafka_config(self.bootstrap_servers),
                 "group_id": self.group,
                 "enable_auto_commit": False,
                 "client_id": "onboardflow-lag",
