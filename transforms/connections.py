@@ -119,20 +119,21 @@ def kafka_settings(bootstrap: str) -> tuple[str, dict[str, Any]]:
     """
     if "://" not in bootstrap:
         return bootstrap, {}
+    where = redact(bootstrap.partition("?")[0])  # messages show no query: it may hold anything
     scheme, _, rest = bootstrap.partition("://")
     scheme = scheme.lower()
     if scheme not in KAFKA_PROTOCOLS:
-        raise ValueError(f"Kafka bootstrap {redact(bootstrap)!r}: unknown security protocol {scheme!r} "
+        raise ValueError(f"Kafka bootstrap {where!r}: unknown security protocol {scheme!r} "
                          f"(one of {', '.join(KAFKA_PROTOCOLS)})")
     location, _, query_text = rest.partition("?")
     user, _, servers = location.rpartition("@")
     if ":" in user:
-        raise ValueError(f"Kafka bootstrap {redact(bootstrap)!r}: name the password with password_file= "
+        raise ValueError(f"Kafka bootstrap {where!r}: name the password with password_file= "
                          f"or password_env=, not in the URL")
     query = dict(parse_qsl(query_text, keep_blank_values=True))
     unknown = sorted(set(query) - set(_KAFKA_PARAMETERS))
     if unknown or not servers.strip("/"):
-        raise ValueError(f"Kafka bootstrap {redact(bootstrap)!r}: "
+        raise ValueError(f"Kafka bootstrap {where!r}: "
                          + (f"unknown parameters {unknown} (known: {', '.join(_KAFKA_PARAMETERS)})"
                             if unknown else "no host:port"))
     servers = servers.strip("/")
@@ -143,9 +144,9 @@ def kafka_settings(bootstrap: str) -> tuple[str, dict[str, Any]]:
         kwargs.update({k: query[k] for k in _KAFKA_TLS_PARAMETERS if query.get(k)})
     if scheme.startswith("sasl_"):
         if not user:
-            raise ValueError(f"Kafka bootstrap {redact(bootstrap)!r}: SASL needs a user (sasl_ssl://USER@HOST:PORT)")
+            raise ValueError(f"Kafka bootstrap {where!r}: SASL needs a user (sasl_ssl://USER@HOST:PORT)")
         if REDIS_PASSWORD_FILE not in query and REDIS_PASSWORD_ENV not in query:
-            raise ValueError(f"Kafka bootstrap {redact(bootstrap)!r}: SASL needs password_file= or password_env=")
+            raise ValueError(f"Kafka bootstrap {where!r}: SASL needs password_file= or password_env=")
         kwargs.update(sasl_mechanism=query.get("sasl_mechanism") or KAFKA_DEFAULT_SASL_MECHANISM,
                       sasl_plain_username=user, sasl_plain_password=_password_from(query, "Kafka"))
     return servers, kwargs

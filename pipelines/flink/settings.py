@@ -101,7 +101,8 @@ def flink_kafka_bootstrap(bootstrap: str) -> str:
     from ...transforms.connections import kafka_is_secured, kafka_settings, redact
 
     if kafka_is_secured(bootstrap):
-        raise ValueError(f"Kafka bootstrap {redact(bootstrap)!r}: the Flink runner reads Kafka in plaintext only; "
+        where = redact(bootstrap.partition("?")[0])
+        raise ValueError(f"Kafka bootstrap {where!r}: the Flink runner reads Kafka in plaintext only; "
                          "a secured (SASL/TLS) Kafka works with the Beam runners (docs/security.md)")
     return kafka_settings(bootstrap)[0]
 

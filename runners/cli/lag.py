@@ -260,6 +260,9 @@ class ProgressReader:
 
 def _reason(error: BaseException) -> str:
     # Types and broker-side messages only: no record content ever reaches here.
+    from ...transforms.connections import kafka_refusal
+
+    error = kafka_refusal(error) or error  # a refused login or certificate, named
     name, text = type(error).__name__, str(error).strip()
     if not text:
         return name

@@ -160,6 +160,7 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
     ``producer_settings()``; ``total`` sizes the progress bar.
     """
     from kafka import KafkaProducer
+    from kafka.errors import KafkaError
     from tqdm import tqdm
 
     from ...transforms.connections import kafka_config, kafka_refusal
@@ -173,8 +174,12 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
             stats.failed[kind] += 1
             stats.errors[type(exc).__name__] += 1
 
-    producer = KafkaProducer(**kafka_config(bootstrap_servers, **{**producer_settings(),
-                                                                  **dict(producer_config or {})}))
+    try:
+        producer = KafkaProducer(**kafka_config(bootstrap_servers, **{**producer_settings(),
+                                                                      **dict(producer_config or {})}))
+    except KafkaError as exc:
+        # A refused login or certificate surfaces as a bootstrap timeout: name the reason.
+        raise (kafka_refusal(exc) or exc) from None
     try:
         # Fetch the topic's metadata now, so the first send does not stall the
         # pacing (and a missing topic fails here, once).

@@ -64,6 +64,11 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=168
 PROPS
+  write_log4j
+}
+
+write_log4j() {  # the broker's log (to $run/server.log) and the tools' (WARN to stderr)
+  mkdir -p "$run"
   cat > "$run/log4j2.properties" <<PROPS
 status = warn
 appender.file.type = File
@@ -159,7 +164,7 @@ pw() { head -n1 "$(secret "$1")" | tr -d '\n'; }
 write_secure_config() {
   mkdir -p "$srun/data" && chmod 700 "$srun"
   local admin; admin="$(pw kafka-admin.password)"
-  [ -f "$run/log4j2-tools.properties" ] || write_config
+  [ -f "$run/log4j2-tools.properties" ] || write_log4j
   cat "$OBF_TLS_DIR/server.key" "$OBF_TLS_DIR/server.crt" >"$srun/server.pem.new"
   chmod 600 "$srun/server.pem.new" && mv "$srun/server.pem.new" "$srun/server.pem"
   (umask 077; cat >"$srun/server.properties.new" <<PROPS
