@@ -122,9 +122,10 @@ def configure_logging(verbose: bool = False, service: bool = False) -> None:
         # The Kafka client logs each dropped connection it then re-opens as an ERROR; for a
         # one-shot command a failure that matters reaches it as an exception, while a service's
         # log must show the outage (docs/reliability.md).
-        # The records still reach transforms/connections.py, which keeps the last security
-        # refusal among them for the one-line error (kafka_refusal); only the output drops them.
-        logging.getLogger("kafka").setLevel(logging.ERROR)
+        logging.getLogger("kafka").setLevel(logging.ERROR if service else logging.CRITICAL)
+        # Except the connection layer's errors: transforms/connections.py keeps the last security
+        # refusal among them for the one-line error (kafka_refusal); a one-shot's output drops them.
+        logging.getLogger("kafka.net").setLevel(logging.NOTSET if service else logging.ERROR)
         if not service:
             handler.addFilter(_kafka_below_critical)
 
