@@ -193,10 +193,33 @@ class _KafkaRefusals(logging.Handler):
 _REFUSALS = _KafkaRefusals()
 
 
+class _HideKafkaPassword(logging.Filter):
+    """Masks ``sasl_plain_password`` in a configuration kafka-python logs (``KafkaAdminClient`` does, at DEBUG)."""
+
+    @staticmethod
+    def _masked(value: Any) -> Any:
+        if isinstance(value, dict) and value.get("sasl_plain_password"):
+            return {**value, "sasl_plain_password": "***"}
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._masked(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = self._masked(record.args)
+        return True
+
+
+_HIDE_PASSWORD = _HideKafkaPassword()
+_CONFIG_LOGGERS = ("kafka.admin.client", "kafka.producer.kafka", "kafka.consumer.group", "kafka.net.manager")
+
+
 def _watch_kafka_refusals() -> None:
     kafka_logger = logging.getLogger("kafka")
     if _REFUSALS not in kafka_logger.handlers:
         kafka_logger.addHandler(_REFUSALS)
+        for name in _CONFIG_LOGGERS:
+            logging.getLogger(name).addFilter(_HIDE_PASSWORD)
 
 
 def kafka_refusal(exc: BaseException, within_s: float = 600.0) -> Optional[KafkaRefusedError]:

@@ -196,6 +196,19 @@ def test_the_sink_writes_segment_changes_that_the_app_user_reads(secure):
     assert set(pairs) <= got
 
 
+def test_an_admin_client_of_the_pipeline_lists_its_topics_and_logs_no_password(secure, caplog):
+    from kafka.admin import KafkaAdminClient
+
+    with caplog.at_level(logging.DEBUG):
+        admin = KafkaAdminClient(**kafka_config(secure.pipeline, request_timeout_ms=20_000))
+        try:
+            assert {EVENTS, DLQ, SEGMENTS} <= set(admin.list_topics())
+        finally:
+            admin.close()
+    assert "Starting KafkaAdminClient with configuration" in caplog.text
+    secure.assert_no_secret_in(caplog.text)
+
+
 def test_the_pipeline_user_cannot_touch_another_deployments_topics(secure):
     producer = KafkaProducer(**kafka_config(secure.pipeline, **FAST))
     try:
