@@ -12,8 +12,8 @@
 #                        (FUZZ_RUNS inputs, default 100,000; exits non-zero on a crash)
 #   make services-up     Kafka (KRaft), Redis, PostgreSQL; idempotent, health-checked
 #   make services-down   stop what services-up started
-#   make services-up-secure  services-up, plus Redis and PostgreSQL with TLS and authentication
-#                        on ports 6380/5433 (endpoints in .run/services.secure.env; docs/security.md)
+#   make services-up-secure  services-up, plus Kafka (SASL_SSL), Redis and PostgreSQL with TLS and
+#                        authentication on ports 9094/6380/5433 (endpoints in .run/services.secure.env; docs/security.md)
 #
 # Settings (override on the command line or in the environment): PYTHON,
 # KAFKA_PORT, REDIS_PORT, PG_PORT, OBF_RUN_DIR, OBF_CACHE_DIR — see

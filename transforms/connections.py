@@ -1,12 +1,20 @@
-"""Every Redis client and PostgreSQL connection of onboardflow, built from one URL each.
+"""Every Kafka client, Redis client and PostgreSQL connection of onboardflow, built from one URL each.
 
-In: the deployment's Redis URL (``OBF_REDIS_URL`` / ``--redis_url``) or
-warehouse DSN (``OBF_WAREHOUSE_DSN`` / ``--warehouse_dsn``). Out: a
+In: the deployment's Kafka bootstrap (``OBF_KAFKA_BOOTSTRAP`` /
+``--kafka_bootstrap_servers``), Redis URL (``OBF_REDIS_URL`` / ``--redis_url``)
+or warehouse DSN (``OBF_WAREHOUSE_DSN`` / ``--warehouse_dsn``). Out: the
+kafka-python settings (``kafka_settings``, ``kafka_config``), a
 ``redis.Redis`` client (``redis_client``) or a ``psycopg.Connection``
 (``warehouse_connect``). Building every client here means TLS and credentials
 cannot be forgotten in one place: what the URL asks for, every client gets.
 
 A URL carries only what is not secret; the secret is named, never written:
+
+- Kafka: ``host:port[,host:port]`` is plaintext, as always. Secured:
+  ``sasl_ssl://USER@HOST:PORT[,HOST:PORT]?ssl_cafile=CA&password_file=PATH``
+  (SCRAM-SHA-512 unless ``sasl_mechanism=`` says otherwise; ``password_env=VAR``
+  instead of the file), ``ssl://HOST:PORT?ssl_cafile=CA[&ssl_certfile=CERT&ssl_keyfile=KEY]``
+  (TLS, optionally a client certificate) or ``sasl_plaintext://USER@HOST:PORT?password_file=PATH``.
 
 - Redis: ``rediss://USER@HOST:PORT/DB?ssl_ca_certs=CA&ssl_certfile=CERT&ssl_keyfile=KEY&password_file=PATH``.
   ``rediss`` turns TLS on (the server certificate is verified against
@@ -22,15 +30,15 @@ A URL carries only what is not secret; the secret is named, never written:
 
 A password written into the URL still works, but then it shows wherever the
 URL does (``ps``, shell history); ``redact`` strips it for display. Roles, ACL
-users and the secure services: docs/security.md. Kafka clients (SSL/SASL) are
-not built here yet; they are to follow the same rule: one setting that names
-the CA and the password file, read in one place.
+users and the secure services: docs/security.md.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # imported when a client is built: `onboardflow --help` stays fast
@@ -46,25 +54,24 @@ class CredentialsError(RuntimeError):
     """A URL names a password source that cannot be read (the message names the source, never a secret)."""
 
 
-def _read_password_file(path: str, what: str = "Redis") -> str:
+def _read_password_file(path: str, service: str = "Redis") -> str:
     try:
         with open(path, encoding="utf-8") as f:
             line = f.readline()
     except OSError as exc:
-        raise CredentialsError(f"{what} password file {path}: {exc.strerror or type(exc).__name__}") from None
+        raise CredentialsError(f"{service} password file {path}: {exc.strerror or type(exc).__name__}") from None
     password = line.rstrip("\r\n")
     if not password:
-        raise CredentialsError(f"{what} password file {path} is empty")
+        raise CredentialsError(f"{service} password file {path} is empty")
     return password
 
 
-def _password(params: dict[str, str], what: str) -> str:
-    """The password ``params`` name (``password_file`` or ``password_env``), for ``what``."""
-    if REDIS_PASSWORD_FILE in params:
-        return _read_password_file(params[REDIS_PASSWORD_FILE], what)
-    name = params[REDIS_PASSWORD_ENV]
+def _password_from(source: dict[str, str], service: str) -> str:
+    if REDIS_PASSWORD_FILE in source:
+        return _read_password_file(source[REDIS_PASSWORD_FILE], service)
+    name = source[REDIS_PASSWORD_ENV]
     if not os.environ.get(name):
-        raise CredentialsError(f"{what} password variable {name} is not set")
+        raise CredentialsError(f"{service} password variable {name} is not set")
     return os.environ[name]
 
 
@@ -92,7 +99,7 @@ def http_settings(url: str) -> tuple[str, Any, dict[str, str]]:
     user = parts.username
     if user is not None:
         password = parts.password if parts.password is not None else (
-            _password(ours, "registry") if REDIS_PASSWORD_FILE in ours or REDIS_PASSWORD_ENV in ours else "")
+            _password_from(ours, "registry") if REDIS_PASSWORD_FILE in ours or REDIS_PASSWORD_ENV in ours else "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     return plain, context, headers
@@ -106,12 +113,7 @@ def redis_settings(url: str) -> tuple[str, dict[str, Any]]:
     if not ours:
         return url, {}
     rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k not in ours])))
-    if REDIS_PASSWORD_FILE in ours:
-        return rest, {"password": _read_password_file(ours[REDIS_PASSWORD_FILE])}
-    name = ours[REDIS_PASSWORD_ENV]
-    if not os.environ.get(name):
-        raise CredentialsError(f"Redis password variable {name} is not set")
-    return rest, {"password": os.environ[name]}
+    return rest, {"password": _password_from(ours, "Redis")}
 
 
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
@@ -127,6 +129,158 @@ def warehouse_connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
     import psycopg
 
     return psycopg.connect(dsn, **kwargs)
+
+
+#: Kafka security protocols a bootstrap URL may name (its scheme), and the
+#: SASL mechanism used when the URL names none (the secure broker's).
+KAFKA_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
+KAFKA_DEFAULT_SASL_MECHANISM = "SCRAM-SHA-512"
+_KAFKA_TLS_PARAMETERS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+_KAFKA_PARAMETERS = (*_KAFKA_TLS_PARAMETERS, "sasl_mechanism", REDIS_PASSWORD_FILE, REDIS_PASSWORD_ENV)
+
+
+def kafka_settings(bootstrap: str) -> tuple[str, dict[str, Any]]:
+    """The bootstrap servers and the kafka-python keyword arguments a bootstrap setting stands for.
+
+    ``host:port[,host:port]`` (plaintext) -> (itself, ``{}``): the clients
+    behave exactly as without this function. A URL (module docstring) ->
+    ``("HOST:PORT[,...]", {"security_protocol": "SASL_SSL", "ssl_cafile": CA,
+    "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": USER,
+    "sasl_plain_password": <read from the file>})``. Raises ``ValueError`` for
+    a malformed URL, ``CredentialsError`` for a password source that cannot be read.
+    """
+    if "://" not in bootstrap:
+        return bootstrap, {}
+    where = redact(bootstrap.partition("?")[0])  # messages show no query: it may hold anything
+    scheme, _, rest = bootstrap.partition("://")
+    scheme = scheme.lower()
+    if scheme not in KAFKA_PROTOCOLS:
+        raise ValueError(f"Kafka bootstrap {where!r}: unknown security protocol {scheme!r} "
+                         f"(one of {', '.join(KAFKA_PROTOCOLS)})")
+    location, _, query_text = rest.partition("?")
+    user, _, servers = location.rpartition("@")
+    if ":" in user:
+        raise ValueError(f"Kafka bootstrap {where!r}: name the password with password_file= "
+                         f"or password_env=, not in the URL")
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
+    unknown = sorted(set(query) - set(_KAFKA_PARAMETERS))
+    if unknown or not servers.strip("/"):
+        raise ValueError(f"Kafka bootstrap {where!r}: "
+                         + (f"unknown parameters {unknown} (known: {', '.join(_KAFKA_PARAMETERS)})"
+                            if unknown else "no host:port"))
+    servers = servers.strip("/")
+    if scheme == "plaintext":
+        return servers, {}
+    kwargs: dict[str, Any] = {"security_protocol": scheme.upper()}
+    if scheme in ("ssl", "sasl_ssl"):
+        kwargs.update({k: query[k] for k in _KAFKA_TLS_PARAMETERS if query.get(k)})
+    if scheme.startswith("sasl_"):
+        if not user:
+            raise ValueError(f"Kafka bootstrap {where!r}: SASL needs a user (sasl_ssl://USER@HOST:PORT)")
+        if REDIS_PASSWORD_FILE not in query and REDIS_PASSWORD_ENV not in query:
+            raise ValueError(f"Kafka bootstrap {where!r}: SASL needs password_file= or password_env=")
+        kwargs.update(sasl_mechanism=query.get("sasl_mechanism") or KAFKA_DEFAULT_SASL_MECHANISM,
+                      sasl_plain_username=user, sasl_plain_password=_password_from(query, "Kafka"))
+    return servers, kwargs
+
+
+class KafkaRefusedError(ConnectionError):
+    """Kafka refused the connection for a security reason (credentials, certificate, protocol); no secret in it."""
+
+
+class _KafkaRefusals(logging.Handler):
+    """Keeps the last security refusal kafka-python logged.
+
+    kafka-python retries a refused connection until its timeout and then
+    raises only "Unable to bootstrap" / ``NoBrokersAvailable``; the reason
+    (a SASL failure, an unverified certificate, a plaintext client on a TLS
+    port) is only logged on the way. ``kafka_refusal`` puts it back.
+    """
+
+    PATTERNS = (
+        (re.compile(r"SaslAuthenticationFailedError: .*?(Authentication failed[^)\n]*)"),
+         "Kafka refused the credentials: {0} (docs/security.md)"),
+        (re.compile(r"(\[SSL: CERTIFICATE_VERIFY_FAILED\][^(\n]*)"),
+         "Kafka's certificate was not verified: {0} (name the CA with ssl_cafile=, docs/security.md)"),
+        (re.compile(r"(Invalid frame length: \d+)"),
+         "Kafka answered in TLS to a plaintext client ({0}): use sasl_ssl:// with its CA (docs/security.md)"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last: Optional[tuple[float, str]] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a log record must never break the client
+            return
+        for pattern, message in self.PATTERNS:
+            found = pattern.search(text)
+            if found:
+                self.last = (time.monotonic(), message.format(found.group(1).strip()))
+                return
+
+
+_REFUSALS = _KafkaRefusals()
+
+
+class _HideKafkaPassword(logging.Filter):
+    """Masks ``sasl_plain_password`` in a configuration kafka-python logs (``KafkaAdminClient`` does, at DEBUG)."""
+
+    @staticmethod
+    def _masked(value: Any) -> Any:
+        if isinstance(value, dict) and value.get("sasl_plain_password"):
+            return {**value, "sasl_plain_password": "***"}
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._masked(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = self._masked(record.args)
+        return True
+
+
+_HIDE_PASSWORD = _HideKafkaPassword()
+_CONFIG_LOGGERS = ("kafka.admin.client", "kafka.producer.kafka", "kafka.consumer.group", "kafka.net.manager")
+
+
+def _watch_kafka_refusals() -> None:
+    kafka_logger = logging.getLogger("kafka")
+    if _REFUSALS not in kafka_logger.handlers:
+        kafka_logger.addHandler(_REFUSALS)
+        for name in _CONFIG_LOGGERS:
+            logging.getLogger(name).addFilter(_HIDE_PASSWORD)
+
+
+def kafka_refusal(exc: BaseException, within_s: float = 600.0) -> Optional[KafkaRefusedError]:
+    """A ``KafkaRefusedError`` naming why ``exc`` (a bootstrap timeout, no broker available) happened, if a
+    security refusal was logged in the last ``within_s`` seconds; else None."""
+    if _REFUSALS.last is None or isinstance(exc, KafkaRefusedError):
+        return exc if isinstance(exc, KafkaRefusedError) else None
+    name = type(exc).__name__
+    if name not in ("KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionError"):
+        return None
+    when, message = _REFUSALS.last
+    return KafkaRefusedError(message) if time.monotonic() - when <= within_s else None
+
+
+def kafka_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """kafka-python client settings for ``bootstrap`` (``bootstrap_servers`` and security), then ``overrides``.
+
+    Every ``KafkaProducer``/``KafkaConsumer``/``KafkaAdminClient`` of onboardflow is
+    built from this: ``KafkaProducer(**kafka_config(bootstrap, acks="all"))``.
+    """
+    _watch_kafka_refusals()
+    servers, security = kafka_settings(bootstrap)
+    return {"bootstrap_servers": servers, **security, **overrides}
+
+
+def kafka_is_secured(bootstrap: str) -> bool:
+    """True when ``bootstrap`` asks for TLS or SASL (a URL whose scheme is not ``plaintext``)."""
+    scheme, sep, _ = bootstrap.partition("://")
+    return bool(sep) and scheme.lower() != "plaintext"
 
 
 _USERINFO_PASSWORD = re.compile(r"(//[^:@/]*):[^@/]*@")

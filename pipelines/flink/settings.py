@@ -91,12 +91,28 @@ def _offsets(partitions: dict) -> str:
     return ";".join(f"partition:{p},offset:{o}" for p, o in sorted(partitions.items(), key=lambda kv: int(kv[0])))
 
 
+def flink_kafka_bootstrap(bootstrap: str) -> str:
+    """``bootstrap`` for the Flink Kafka connector's ``properties.bootstrap.servers``: plaintext only.
+
+    A secured bootstrap (SASL/TLS, transforms/connections.py) is refused: the
+    connector would need the password in its table options, which Flink shows
+    in its plan, logs and web UI (docs/security.md "Transport and credentials").
+    """
+    from ...transforms.connections import kafka_is_secured, kafka_settings, redact
+
+    if kafka_is_secured(bootstrap):
+        where = redact(bootstrap.partition("?")[0])
+        raise ValueError(f"Kafka bootstrap {where!r}: the Flink runner reads Kafka in plaintext only; "
+                         "a secured (SASL/TLS) Kafka works with the Beam runners (docs/security.md)")
+    return kafka_settings(bootstrap)[0]
+
+
 def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
     """The 'kafka' table: raw bytes and the record's coordinates, read as the settings say."""
     options = {
         "connector": "kafka",
         "topic": ";".join(s.topics()),
-        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
+        "properties.bootstrap.servers": flink_kafka_bootstrap(s.kafka_bootstrap_servers),
         "properties.group.id": s.kafka_consumer_group,
         "properties.client.id.prefix": s.job_name,
         "key.format": "raw",

@@ -123,6 +123,15 @@ def configure_logging(verbose: bool = False, service: bool = False) -> None:
         # one-shot command a failure that matters reaches it as an exception, while a service's
         # log must show the outage (docs/reliability.md).
         logging.getLogger("kafka").setLevel(logging.ERROR if service else logging.CRITICAL)
+        # Except the connection layer's errors: transforms/connections.py keeps the last security
+        # refusal among them for the one-line error (kafka_refusal); a one-shot's output drops them.
+        logging.getLogger("kafka.net").setLevel(logging.NOTSET if service else logging.ERROR)
+        if not service:
+            handler.addFilter(_kafka_below_critical)
+
+
+def _kafka_below_critical(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("kafka") and record.levelno < logging.CRITICAL)
 
 
 def unreachable_service(exc: BaseException) -> str | None:
@@ -130,7 +139,7 @@ def unreachable_service(exc: BaseException) -> str | None:
 
     Looks through the exception's causes; only modules already imported are consulted.
     """
-    from ...transforms.connections import redact
+    from ...transforms.connections import kafka_refusal, redact
     from ..settings import settings
 
     seen = set()
@@ -149,8 +158,11 @@ def unreachable_service(exc: BaseException) -> str | None:
             return f"cannot reach Redis at {where if '//' in where else 'redis://' + where}: {hint}"
         kafka_errors = tuple(getattr(kafka_mod, name) for name in ("NoBrokersAvailable", "KafkaConnectionError")
                              if hasattr(kafka_mod, name)) if kafka_mod is not None else ()
+        refusal = kafka_refusal(exc)
+        if refusal is not None:
+            return str(refusal)
         if kafka_errors and isinstance(exc, kafka_errors):
-            return f"cannot reach Kafka at {settings().kafka_bootstrap}: {hint}"
+            return f"cannot reach Kafka at {redact(settings().kafka_bootstrap)}: {hint}"
         if psycopg_mod is not None and isinstance(exc, psycopg_mod.OperationalError):
             text = str(exc).strip()
             if re.search(r"password authentication failed|SSL|certificate|no pg_hba.conf entry", text):

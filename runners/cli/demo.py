@@ -154,8 +154,10 @@ def _fresh_topics(bootstrap, specs) -> list[str]:
     from kafka import KafkaConsumer, TopicPartition
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="onboardflow-demo")
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="onboardflow-demo", enable_auto_commit=False)
+    from ...transforms.connections import kafka_config
+
+    admin = KafkaAdminClient(**kafka_config(bootstrap, client_id="onboardflow-demo"))
+    consumer = KafkaConsumer(**kafka_config(bootstrap, client_id="onboardflow-demo", enable_auto_commit=False))
     try:
         existing = set(admin.list_topics())
         missing = [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in specs if n not in existing]
@@ -468,7 +470,9 @@ def run_demo(args) -> DemoResult:
             serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT,
                                         load_schema("onboarding_event", version=2))
             from kafka import KafkaProducer
-            producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=0)
+
+            from ...transforms.connections import kafka_config
+            producer = KafkaProducer(**kafka_config(args.bootstrap_servers, acks="all", linger_ms=0))
             store = ProfileStore(args.redis_url, secret, key_prefix=prefix)
             try:
                 if args.live:

@@ -118,6 +118,7 @@ def _follow(args, eraser, pseudonymizer, client) -> int:
     from kafka.structs import OffsetAndMetadata
 
     from ...schemas.wire import InvalidEvent
+    from ...transforms.connections import kafka_config
     from ...transforms.decode import OnboardingEventDecoder
     from ...transforms.erasure import erasure_request_from_message
     from ...transforms.kafka.records import KafkaRecord
@@ -125,8 +126,8 @@ def _follow(args, eraser, pseudonymizer, client) -> int:
     from ...transforms.outbox.keys import DEAD_LETTERS, OutboxKeys
     from ...transforms.outbox.settings import RelaySettings, make_relays
 
-    consumer = KafkaConsumer(args.topic, bootstrap_servers=args.bootstrap, group_id=args.group,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = KafkaConsumer(args.topic, **kafka_config(args.bootstrap, group_id=args.group,
+                                                        enable_auto_commit=False, auto_offset_reset="earliest"))
     # Malformed requests take the pipeline's dead-letter path: recorded once per source
     # coordinate in the outbox, relayed to the dead-letter topic and the warehouse.
     outbox = DeadLetterOutbox(client, OutboxKeys(args.key_prefix))

@@ -76,6 +76,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
 
     from ...models.model_registry import ModelStore
     from ...transforms.anonymize import SecretKey
+    from ...transforms.connections import kafka_config
     from ...transforms.profile_store.store import ProfileStore
     from ...transforms.progress import SinkWatermark
     from ..local import stop_streaming_job
@@ -93,7 +94,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     now = int(time.time() * 1000)
     probe = population(name, users=users, seed=seed)
     pop = population(name, users=users, seed=seed, start_ms=now - HOUR_MS - int(probe.days * DAY_MS))
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = KafkaAdminClient(**kafka_config(bootstrap))
     admin.create_topics([NewTopic(topic, 3, 1), NewTopic(dlq, 1, 1), NewTopic(changes, 1, 1)])
     common = [
         f"--kafka_bootstrap_servers={bootstrap}", f"--kafka_topics={topic}", f"--kafka_consumer_group={group}",
@@ -106,7 +107,7 @@ def evaluate_through_pipeline(name: str, users: int, seed: int, bootstrap: str, 
     persona = {u.user_id: u.persona for u in pop.users()}
     producer = None
     try:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
+        producer = KafkaProducer(**kafka_config(bootstrap, acks="all", linger_ms=20))
         messages = 0
         for key, value in pop.messages():
             producer.send(topic, key=key, value=value)

@@ -189,8 +189,10 @@ class KafkaLagReader:
         if self._consumer is None:
             from kafka import KafkaConsumer
 
+            from ...transforms.connections import kafka_config
+
             config = {
-                "bootstrap_servers": self.bootstrap_servers,
+                **kafka_config(self.bootstrap_servers),
                 "group_id": self.group,
                 "enable_auto_commit": False,
                 "client_id": "onboardflow-lag",
@@ -258,6 +260,9 @@ class ProgressReader:
 
 def _reason(error: BaseException) -> str:
     # Types and broker-side messages only: no record content ever reaches here.
+    from ...transforms.connections import kafka_refusal
+
+    error = kafka_refusal(error) or error  # a refused login or certificate, named
     name, text = type(error).__name__, str(error).strip()
     if not text:
         return name

@@ -160,7 +160,10 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
     ``producer_settings()``; ``total`` sizes the progress bar.
     """
     from kafka import KafkaProducer
+    from kafka.errors import KafkaError
     from tqdm import tqdm
+
+    from ...transforms.connections import kafka_config, kafka_refusal
 
     stats = ProduceStats(topic=topic)
     lock = threading.Lock()
@@ -171,14 +174,21 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
             stats.failed[kind] += 1
             stats.errors[type(exc).__name__] += 1
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers,
-                             **{**producer_settings(), **dict(producer_config or {})})
+    try:
+        producer = KafkaProducer(**kafka_config(bootstrap_servers, **{**producer_settings(),
+                                                                      **dict(producer_config or {})}))
+    except KafkaError as exc:
+        # A refused login or certificate surfaces as a bootstrap timeout: name the reason.
+        raise (kafka_refusal(exc) or exc) from None
     try:
         # Fetch the topic's metadata now, so the first send does not stall the
         # pacing (and a missing topic fails here, once).
         producer.partitions_for(topic)
-    except BaseException:
+    except BaseException as exc:
         producer.close(timeout=5)
+        refusal = kafka_refusal(exc)
+        if refusal is not None:
+            raise refusal from None
         raise
     bucket = TokenBucket(rate, clock=clock) if rate > 0 else None
     bar = tqdm(total=total, unit="msg", file=sys.stderr, disable=not progress,
@@ -324,6 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from kafka.errors import KafkaError
 
     from ...schemas.schema_registry import RegistryError, registry_from_url
+    from ...transforms.connections import kafka_refusal
 
     try:
         serializer = v1_serializer(registry_from_url(args.registry_url))
@@ -339,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         stats = produce(generator.messages(max_messages=args.events), args.bootstrap_servers, args.topic,
                         rate=args.rate, progress=not args.no_progress, total=args.events)
     except (KafkaError, RegistryError) as err:
-        print(f"onboardflow produce: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"onboardflow produce: {kafka_refusal(err) or f'{type(err).__name__}: {err}'}", file=sys.stderr)
         return 1
     print(stats.summary())
     if stats.interrupted:

@@ -28,11 +28,13 @@ export PG_PASSWORD="${PG_PASSWORD:-onboardflow}"
 export PG_DATABASE="${PG_DATABASE:-onboardflow}"
 
 # Secure services (docs/security.md): OBF_SECURITY=tls makes `services.sh up`
-# also start Redis and PostgreSQL with TLS and authentication, on their own
+# also start Kafka, Redis and PostgreSQL with TLS and authentication, on their own
 # ports, next to the plaintext ones; the endpoints go to $OBF_RUN_DIR/services.secure.env.
 export OBF_SECURITY="${OBF_SECURITY:-off}"
 export OBF_TLS_DIR="${OBF_TLS_DIR:-$OBF_RUN_DIR/tls}"
 export OBF_SECRETS_DIR="${OBF_SECRETS_DIR:-$OBF_RUN_DIR/secrets}"
+# The secure services `secure-up` starts (a subset, e.g. for a test: "kafka").
+export OBF_SECURE_SERVICES="${OBF_SECURE_SERVICES:-kafka redis postgres}"
 export REDIS_TLS_PORT="${REDIS_TLS_PORT:-6380}"
 # Client certificates: "optional" verifies one when presented, "yes" requires one.
 export REDIS_TLS_AUTH_CLIENTS="${REDIS_TLS_AUTH_CLIENTS:-optional}"
@@ -45,6 +47,17 @@ export REDIS_ACL_PREFIX="${REDIS_ACL_PREFIX:-${OBF_REDIS_KEY_PREFIX:-$_obf_prefi
 export REDIS_PIPELINE_USER="${REDIS_PIPELINE_USER:-onboardflow-pipeline}"
 export REDIS_APP_USER="${REDIS_APP_USER:-onboardflow-app}"
 export REDIS_ADMIN_USER="${REDIS_ADMIN_USER:-onboardflow-admin}"
+# The secure Kafka broker (SASL_SSL, SCRAM-SHA-512, ACLs): its own ports and data.
+export KAFKA_TLS_PORT="${KAFKA_TLS_PORT:-9094}"
+export KAFKA_TLS_CONTROLLER_PORT="${KAFKA_TLS_CONTROLLER_PORT:-$((KAFKA_TLS_PORT + 1))}"
+# The topic prefix the pipeline's ACLs cover: the deployment's (runners/settings.py).
+export KAFKA_ACL_PREFIX="${KAFKA_ACL_PREFIX:-${OBF_DEPLOYMENT:-onboarding}.}"
+export KAFKA_PIPELINE_USER="${KAFKA_PIPELINE_USER:-onboardflow-pipeline}"
+export KAFKA_APP_USER="${KAFKA_APP_USER:-onboardflow-app}"
+export KAFKA_ADMIN_USER="${KAFKA_ADMIN_USER:-onboardflow-admin}"
+# Consumer-group prefixes: the pipeline's groups (onboardflow, onboardflow-<deployment>) and the apps'.
+export KAFKA_PIPELINE_GROUP_PREFIX="${KAFKA_PIPELINE_GROUP_PREFIX:-onboardflow}"
+export KAFKA_APP_GROUP_PREFIX="${KAFKA_APP_GROUP_PREFIX:-onboardflow-app}"
 export PG_TLS_PORT="${PG_TLS_PORT:-5433}"
 export PG_OWNER_ROLE="${PG_OWNER_ROLE:-onboardflow_owner}"
 export PG_PIPELINE_ROLE="${PG_PIPELINE_ROLE:-onboardflow_pipeline}"

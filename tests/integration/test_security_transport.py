@@ -81,7 +81,8 @@ def secure():
     run_dir = Path(tempfile.mkdtemp(prefix="obf-secure-services-", dir="/tmp"))
     os.chmod(run_dir, 0o755)
     env = {**os.environ, "OBF_RUN_DIR": str(run_dir), "OBF_SECURITY": "tls",
-           "REDIS_TLS_PORT": str(free_port()), "PG_TLS_PORT": str(free_port()), "REDIS_ACL_PREFIX": PREFIX}
+           "REDIS_TLS_PORT": str(free_port()), "PG_TLS_PORT": str(free_port()), "REDIS_ACL_PREFIX": PREFIX,
+           "OBF_SECURE_SERVICES": "redis postgres"}  # Kafka: test_security_kafka.py
     env.pop("OBF_TLS_DIR", None), env.pop("OBF_SECRETS_DIR", None)
     try:
         done = subprocess.run(["bash", str(SERVICES), "secure-up"], env=env, capture_output=True, text=True,

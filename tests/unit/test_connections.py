@@ -1,8 +1,20 @@
 """The connection factory: URLs that name a password source, never hold the password (transforms/connections.py)."""
+import logging
+
 import pytest
 import redis
 
-from onboardflow.transforms.connections import CredentialsError, redact, redis_client, redis_settings
+from onboardflow.transforms.connections import (
+    CredentialsError,
+    KafkaRefusedError,
+    kafka_config,
+    kafka_is_secured,
+    kafka_refusal,
+    kafka_settings,
+    redact,
+    redis_client,
+    redis_settings,
+)
 
 
 def test_a_password_file_is_read_and_its_parameter_removed_before_redis_py_sees_the_url(tmp_path):
@@ -48,3 +60,64 @@ def test_redact_masks_a_password_written_into_a_url_or_a_keyword_dsn():
     assert redact("host=h user=role password=hunter2 dbname=db") == "host=h user=role password=*** dbname=db"
     assert redact("rediss://pipeline@h:1/0?password_file=/run/secrets/p") == (
         "rediss://pipeline@h:1/0?password_file=/run/secrets/p")
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def test_a_plaintext_kafka_bootstrap_gives_the_same_client_settings_as_before():
+    assert kafka_settings("127.0.0.1:9092,127.0.0.1:9093") == ("127.0.0.1:9092,127.0.0.1:9093", {})
+    assert kafka_settings("plaintext://127.0.0.1:9092") == ("127.0.0.1:9092", {})
+    assert kafka_config("127.0.0.1:9092", acks="all") == {"bootstrap_servers": "127.0.0.1:9092", "acks": "all"}
+    assert not kafka_is_secured("127.0.0.1:9092") and not kafka_is_secured("plaintext://h:1")
+
+
+def test_a_sasl_ssl_bootstrap_names_the_ca_and_the_password_file(tmp_path, monkeypatch):
+    secret = tmp_path / "kafka.password"
+    secret.write_text("kafka-s3cret\n")
+    url = f"sasl_ssl://onboardflow-pipeline@127.0.0.1:9094,127.0.0.1:9096?ssl_cafile=/ca.crt&password_file={secret}"
+    assert kafka_is_secured(url)
+    assert kafka_settings(url) == ("127.0.0.1:9094,127.0.0.1:9096", {
+        "security_protocol": "SASL_SSL", "ssl_cafile": "/ca.crt", "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "onboardflow-pipeline", "sasl_plain_password": "kafka-s3cret"})
+    monkeypatch.setenv("OBF_TEST_KAFKA_PASSWORD", "from-env")
+    _, kwargs = kafka_settings("sasl_plaintext://app@h:1?password_env=OBF_TEST_KAFKA_PASSWORD&sasl_mechanism=PLAIN")
+    assert kwargs == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                      "sasl_plain_username": "app", "sasl_plain_password": "from-env"}
+    assert kafka_settings("ssl://h:1?ssl_cafile=/ca&ssl_certfile=/c&ssl_keyfile=/k") == (
+        "h:1", {"security_protocol": "SSL", "ssl_cafile": "/ca", "ssl_certfile": "/c", "ssl_keyfile": "/k"})
+
+
+@pytest.mark.parametrize("url, message", [
+    ("sasl_ssl://u:inline-secret@h:1?ssl_cafile=/ca", "password_file= or password_env="),
+    ("sasl_ssl://h:1?password_file=/p", "SASL needs a user"),
+    ("sasl_ssl://u@h:1?ssl_cafile=/ca", "SASL needs password_file= or password_env="),
+    ("sasl_ssl://u@h:1?password_file=/p&sasl_password=inline-secret", "unknown parameters"),
+    ("kerberos://u@h:1", "unknown security protocol"),
+])
+def test_a_malformed_kafka_bootstrap_is_refused_without_showing_a_secret(url, message):
+    with pytest.raises(ValueError, match=message) as err:
+        kafka_settings(url)
+    assert "inline-secret" not in str(err.value)
+
+
+def test_a_missing_kafka_password_source_is_named(tmp_path, monkeypatch):
+    with pytest.raises(CredentialsError, match="Kafka password file .*nope"):
+        kafka_settings(f"sasl_ssl://u@h:1?password_file={tmp_path / 'nope'}")
+    monkeypatch.delenv("OBF_TEST_KAFKA_UNSET", raising=False)
+    with pytest.raises(CredentialsError, match="Kafka password variable OBF_TEST_KAFKA_UNSET is not set"):
+        kafka_settings("sasl_ssl://u@h:1?password_env=OBF_TEST_KAFKA_UNSET")
+
+
+def test_a_logged_security_refusal_explains_a_bootstrap_timeout():
+    from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+
+    kafka_config("127.0.0.1:9092")  # starts watching kafka-python's log
+    logging.getLogger("kafka.net.transport").error(
+        "<KafkaSSLTransport>: Abort ([Error 58] SaslAuthenticationFailedError: SaslAuthenticationFailedError: "
+        "Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512)")
+    refusal = kafka_refusal(KafkaTimeoutError("Unable to bootstrap from h:1"))
+    assert isinstance(refusal, KafkaRefusedError)
+    assert str(refusal).startswith("Kafka refused the credentials: Authentication failed during authentication")
+    assert kafka_refusal(TopicAuthorizationFailedError("t")) is None
+    assert kafka_refusal(ValueError("x")) is None

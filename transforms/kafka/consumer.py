@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from ..connections import kafka_config
 from .offsets import StartPosition, resolve_start_offset
 from .records import KafkaPartition
 
@@ -30,7 +31,7 @@ _LOG = logging.getLogger(__name__)
 def source_consumer_config(bootstrap_servers: str, extra: Optional[Mapping[str, Any]] = None, **overrides: Any) -> dict:
     """kafka-python consumer settings of the source; ``extra`` (security, ...) then ``overrides`` win."""
     config = {
-        "bootstrap_servers": bootstrap_servers,
+        **kafka_config(bootstrap_servers),
         "enable_auto_commit": False,
         "allow_auto_create_topics": False,
         "auto_offset_reset": "earliest",

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from ..connections import kafka_config
 from ..sinks.base import BatchingSink, Count, RecordRejected, Rejected, SinkBatch, SinkRecord
 from ..sinks.retry import RetryPolicy
 
@@ -146,7 +147,7 @@ class KafkaSink(BatchingSink):
 
     def _connect(self) -> KafkaProducer:
         if self._producer is None:
-            self._producer = KafkaProducer(bootstrap_servers=self._bootstrap_servers, **self._config)
+            self._producer = KafkaProducer(**{**kafka_config(self._bootstrap_servers), **self._config})
         return self._producer
 
     def close(self) -> None:

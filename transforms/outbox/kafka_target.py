@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Optional
 
+from ..connections import kafka_config
 from .keys import OUTBOX_HEADER, OUTBOX_ID_HEADER, OutboxRecord, parse_record_id
 from .retry import KafkaRelayError
 
@@ -29,12 +30,12 @@ class KafkaOutboxTarget:
     def producer(self):
         if self._producer is None:
             from kafka import KafkaProducer
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap_servers, client_id="onboardflow-outbox-relay",
+            self._producer = KafkaProducer(**kafka_config(
+                self.bootstrap_servers, client_id="onboardflow-outbox-relay",
                 acks="all", enable_idempotence=True, max_in_flight_requests_per_connection=1,
                 retries=2**31 - 1, retry_backoff_ms=200, delivery_timeout_ms=self._delivery_timeout_ms,
                 linger_ms=5, request_timeout_ms=30_000,
-            )
+            ))
         return self._producer
 
     def partitions(self) -> list[int]:
@@ -70,8 +71,8 @@ class KafkaOutboxTarget:
     def newest_ids(self, stream_key: str, window: int = 1000) -> dict[int, tuple[int, int, int]]:
         from kafka import KafkaConsumer, TopicPartition
         newest: dict[int, tuple[int, int, int]] = {}
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
-                                 client_id="onboardflow-outbox-recovery", consumer_timeout_ms=10_000)
+        consumer = KafkaConsumer(**kafka_config(self.bootstrap_servers, enable_auto_commit=False,
+                                                client_id="onboardflow-outbox-recovery", consumer_timeout_ms=10_000))
         try:
             wanted = stream_key.encode()
             for p in self.partitions():
