@@ -85,6 +85,23 @@ class SecureKafka:
         assert not leaked, f"secrets {leaked} appear in the output"
 
 
+@pytest.fixture(autouse=True)
+def kafka_logging_of_a_fresh_process():
+    """The Kafka client's loggers as a process of its own has them (levels unset).
+
+    A CLI command an earlier test ran in this process (runners/cli/__init__.py
+    ``configure_logging``) quiets them for a one-shot command; these tests look
+    at what the client logs, and at the refusals recovered from it.
+    """
+    names = [n for n in logging.root.manager.loggerDict if n == "kafka" or n.startswith("kafka.")]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def secure():
     run_dir = Path(tempfile.mkdtemp(prefix="obf-secure-kafka-", dir="/tmp"))
