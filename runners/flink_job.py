@@ -128,7 +128,7 @@ def _json_ready(values: dict) -> dict:
 def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> dict:
     """The ``JobSettings`` values for ``argv`` over the deployment (steps 1–2 of the module docstring)."""
     from ..pipelines.configuration import resolve_secret
-    from ..pipelines.flink.settings import flink_kafka_bootstrap
+    from ..pipelines.flink.settings import flink_kafka_properties
     from ..pipelines.options import (
         BOUNDED_FLUSH_INTERVAL_MS,
         STREAMING_FLUSH_INTERVAL_MS,
@@ -163,7 +163,7 @@ def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> di
         checkpointing_interval=checkpoints.checkpointing_interval or 10_000,
         state_backend=checkpoints.state_backend or "rocksdb",
     )
-    flink_kafka_bootstrap(kafka.kafka_bootstrap_servers)  # a secured Kafka: refused before anything starts
+    flink_kafka_properties(kafka.kafka_bootstrap_servers)  # what the connector cannot take: refused now
     topics = [t.strip() for t in kafka.kafka_topics.split(",") if t.strip()]
     partitions = resolve_partitions(kafka.kafka_bootstrap_servers, topics, kafka.kafka_consumer_group,
                                     StartPosition.parse(kafka.kafka_start_position), bounded=kafka.kafka_bounded)

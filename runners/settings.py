@@ -71,7 +71,11 @@ class Settings:
     deployment: str = DEFAULT_DEPLOYMENT
     """``OBF_DEPLOYMENT``: the deployment's name; the names below derive from it (``deployment_names``)."""
     kafka_bootstrap: str = DEFAULT_KAFKA_BOOTSTRAP
-    """``OBF_KAFKA_BOOTSTRAP``: Kafka bootstrap servers, ``host:port[,host:port...]``."""
+    """``OBF_KAFKA_BOOTSTRAP``: Kafka bootstrap servers, ``host:port[,host:port...]``, as the pipeline's
+    identity. Secured: ``sasl_ssl://USER@HOST:PORT?ssl_cafile=CA&password_file=PATH`` (transforms/connections.py)."""
+    kafka_producer_bootstrap: Optional[str] = None
+    """``OBF_KAFKA_PRODUCER_BOOTSTRAP``: Kafka as the event sources' identity, which writes the events and
+    erasure-request topics (`onboardflow produce`, the demo's generator); unset: ``kafka_bootstrap``."""
     schema_registry_url: Optional[str] = None
     """``OBF_SCHEMA_REGISTRY_URL``: a Confluent-compatible registry's URL, or a registry JSON file;
     unset: the registry shipped in schemas/registry.json."""
@@ -110,6 +114,11 @@ class Settings:
     cache_dir: Path = dataclasses.field(default_factory=paths.cache_dir)
     """``OBF_CACHE_DIR``: what is fetched or built once (Prism, Kafka, jars); runners/paths.py."""
 
+    @property
+    def producer_bootstrap(self) -> str:
+        """Where event sources write: ``kafka_producer_bootstrap``, else ``kafka_bootstrap``."""
+        return self.kafka_producer_bootstrap or self.kafka_bootstrap
+
     #: field -> environment variable (the one scheme: ``OBF_`` + the field's name in capitals).
     @staticmethod
     def variable(field: str) -> str:
@@ -127,7 +136,8 @@ class Settings:
         fields: dict = {"deployment": deployment, "run_dir": run_dir, "cache_dir": cache_dir}
         for name, derived in deployment_names(deployment).items():
             fields[name] = values.get(cls.variable(name), derived)
-        for name in ("kafka_bootstrap", "schema_registry_url", "redis_url", "warehouse_dsn", "warehouse_owner_dsn",
+        for name in ("kafka_bootstrap", "kafka_producer_bootstrap", "schema_registry_url", "redis_url",
+                     "warehouse_dsn", "warehouse_owner_dsn",
                      "warehouse_pipeline_role", "warehouse_reader_role"):
             if cls.variable(name) in values:
                 fields[name] = values[cls.variable(name)]

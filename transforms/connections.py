@@ -34,6 +34,7 @@ users and the secure services: docs/security.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -139,18 +140,43 @@ _KAFKA_TLS_PARAMETERS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
 _KAFKA_PARAMETERS = (*_KAFKA_TLS_PARAMETERS, "sasl_mechanism", REDIS_PASSWORD_FILE, REDIS_PASSWORD_ENV)
 
 
-def kafka_settings(bootstrap: str) -> tuple[str, dict[str, Any]]:
-    """The bootstrap servers and the kafka-python keyword arguments a bootstrap setting stands for.
+@dataclasses.dataclass(frozen=True)
+class KafkaEndpoint:
+    """A Kafka bootstrap setting, parsed: where, which protocol, who, and where the password is (never the password).
 
-    ``host:port[,host:port]`` (plaintext) -> (itself, ``{}``): the clients
-    behave exactly as without this function. A URL (module docstring) ->
-    ``("HOST:PORT[,...]", {"security_protocol": "SASL_SSL", "ssl_cafile": CA,
-    "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": USER,
-    "sasl_plain_password": <read from the file>})``. Raises ``ValueError`` for
-    a malformed URL, ``CredentialsError`` for a password source that cannot be read.
+    ``protocol`` is Kafka's name (``PLAINTEXT``, ``SSL``, ``SASL_SSL``,
+    ``SASL_PLAINTEXT``); ``tls`` holds the kafka-python TLS parameters the URL
+    gave (``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``); exactly one of
+    ``password_file`` / ``password_env`` is set for SASL.
+    """
+
+    servers: str
+    protocol: str = "PLAINTEXT"
+    user: str = ""
+    sasl_mechanism: str = ""
+    tls: tuple[tuple[str, str], ...] = ()
+    password_file: str = ""
+    password_env: str = ""
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    def password(self) -> str:
+        """The password, read now from its file or variable (``CredentialsError`` if it cannot be)."""
+        source = {REDIS_PASSWORD_FILE: self.password_file} if self.password_file else \
+            {REDIS_PASSWORD_ENV: self.password_env}
+        return _password_from(source, "Kafka")
+
+
+def parse_kafka_bootstrap(bootstrap: str) -> KafkaEndpoint:
+    """``bootstrap`` (module docstring) as a ``KafkaEndpoint``; ``ValueError`` names what is malformed.
+
+    ``host:port[,host:port]`` -> plaintext. A URL's password is refused (name
+    it with ``password_file=`` or ``password_env=``); messages show no query.
     """
     if "://" not in bootstrap:
-        return bootstrap, {}
+        return KafkaEndpoint(bootstrap)
     where = redact(bootstrap.partition("?")[0])  # messages show no query: it may hold anything
     scheme, _, rest = bootstrap.partition("://")
     scheme = scheme.lower()
@@ -170,18 +196,37 @@ def kafka_settings(bootstrap: str) -> tuple[str, dict[str, Any]]:
                             if unknown else "no host:port"))
     servers = servers.strip("/")
     if scheme == "plaintext":
-        return servers, {}
-    kwargs: dict[str, Any] = {"security_protocol": scheme.upper()}
-    if scheme in ("ssl", "sasl_ssl"):
-        kwargs.update({k: query[k] for k in _KAFKA_TLS_PARAMETERS if query.get(k)})
-    if scheme.startswith("sasl_"):
-        if not user:
-            raise ValueError(f"Kafka bootstrap {where!r}: SASL needs a user (sasl_ssl://USER@HOST:PORT)")
-        if REDIS_PASSWORD_FILE not in query and REDIS_PASSWORD_ENV not in query:
-            raise ValueError(f"Kafka bootstrap {where!r}: SASL needs password_file= or password_env=")
-        kwargs.update(sasl_mechanism=query.get("sasl_mechanism") or KAFKA_DEFAULT_SASL_MECHANISM,
-                      sasl_plain_username=user, sasl_plain_password=_password_from(query, "Kafka"))
-    return servers, kwargs
+        return KafkaEndpoint(servers)
+    tls = tuple((k, query[k]) for k in _KAFKA_TLS_PARAMETERS if query.get(k)) if scheme in ("ssl", "sasl_ssl") else ()
+    if not scheme.startswith("sasl_"):
+        return KafkaEndpoint(servers, scheme.upper(), tls=tls)
+    if not user:
+        raise ValueError(f"Kafka bootstrap {where!r}: SASL needs a user (sasl_ssl://USER@HOST:PORT)")
+    if not query.get(REDIS_PASSWORD_FILE) and not query.get(REDIS_PASSWORD_ENV):
+        raise ValueError(f"Kafka bootstrap {where!r}: SASL needs password_file= or password_env=")
+    return KafkaEndpoint(servers, scheme.upper(), user, query.get("sasl_mechanism") or KAFKA_DEFAULT_SASL_MECHANISM,
+                         tls, password_file=query.get(REDIS_PASSWORD_FILE, ""),
+                         password_env="" if query.get(REDIS_PASSWORD_FILE) else query[REDIS_PASSWORD_ENV])
+
+
+def kafka_settings(bootstrap: str) -> tuple[str, dict[str, Any]]:
+    """The bootstrap servers and the kafka-python keyword arguments a bootstrap setting stands for.
+
+    ``host:port[,host:port]`` (plaintext) -> (itself, ``{}``): the clients
+    behave exactly as without this function. A URL (module docstring) ->
+    ``("HOST:PORT[,...]", {"security_protocol": "SASL_SSL", "ssl_cafile": CA,
+    "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": USER,
+    "sasl_plain_password": <read from the file>})``. Raises ``ValueError`` for
+    a malformed URL, ``CredentialsError`` for a password source that cannot be read.
+    """
+    endpoint = parse_kafka_bootstrap(bootstrap)
+    if endpoint.protocol == "PLAINTEXT":
+        return endpoint.servers, {}
+    kwargs: dict[str, Any] = {"security_protocol": endpoint.protocol, **dict(endpoint.tls)}
+    if endpoint.sasl:
+        kwargs.update(sasl_mechanism=endpoint.sasl_mechanism, sasl_plain_username=endpoint.user,
+                      sasl_plain_password=endpoint.password())
+    return endpoint.servers, kwargs
 
 
 class KafkaRefusedError(ConnectionError):

@@ -17,6 +17,7 @@ settings: thread mode, RocksDB, checkpoints, restarts, savepoint).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -91,20 +92,89 @@ def _offsets(partitions: dict) -> str:
     return ";".join(f"partition:{p},offset:{o}" for p, o in sorted(partitions.items(), key=lambda kv: int(kv[0])))
 
 
-def flink_kafka_bootstrap(bootstrap: str) -> str:
-    """``bootstrap`` for the Flink Kafka connector's ``properties.bootstrap.servers``: plaintext only.
+#: Where flink-sql-connector-kafka keeps the Kafka client (it relocates ``org.apache.kafka``).
+SHADED_KAFKA = "org.apache.flink.kafka.shaded.org.apache.kafka"
+_LOGIN_MODULES = {"PLAIN": "common.security.plain.PlainLoginModule",
+                  "SCRAM-SHA-256": "common.security.scram.ScramLoginModule",
+                  "SCRAM-SHA-512": "common.security.scram.ScramLoginModule"}
+_KAFKA_USER = re.compile(r"[A-Za-z0-9._@+=-]+")
 
-    A secured bootstrap (SASL/TLS, transforms/connections.py) is refused: the
-    connector would need the password in its table options, which Flink shows
-    in its plan, logs and web UI (docs/security.md "Transport and credentials").
+
+def flink_kafka_properties(bootstrap: str) -> dict[str, str]:
+    """The Kafka connector's ``properties.*`` table options for a bootstrap setting (transforms/connections.py).
+
+    ``host:port`` -> ``{"properties.bootstrap.servers": "host:port"}``. A
+    secured URL adds the protocol, the CA as a PEM truststore and, for SASL,
+    a JAAS line whose password is a Kafka config-provider reference, resolved
+    by the Kafka client inside the TaskManager: ``${dir:DIR:FILE}`` (the
+    ``password_file``, read byte for byte: it must not end in a newline) or
+    ``${env:VAR}`` (``password_env``, a variable of the TaskManagers'
+    environment). The password is never read here, so it is in no table
+    option, plan, log or web UI page (docs/security.md "Transport and credentials").
+
+    Raises ``ValueError`` for what the connector cannot take: a client
+    certificate, a mechanism other than PLAIN/SCRAM, a password file ending in
+    whitespace.
     """
-    from ...transforms.connections import kafka_is_secured, kafka_settings, redact
+    from ...transforms.connections import parse_kafka_bootstrap, redact
 
-    if kafka_is_secured(bootstrap):
-        where = redact(bootstrap.partition("?")[0])
-        raise ValueError(f"Kafka bootstrap {where!r}: the Flink runner reads Kafka in plaintext only; "
-                         "a secured (SASL/TLS) Kafka works with the Beam runners (docs/security.md)")
-    return kafka_settings(bootstrap)[0]
+    endpoint = parse_kafka_bootstrap(bootstrap)
+    options = {"properties.bootstrap.servers": endpoint.servers}
+    if endpoint.protocol == "PLAINTEXT":
+        return options
+    where = redact(bootstrap.partition("?")[0])
+    tls = dict(endpoint.tls)
+    if "ssl_certfile" in tls or "ssl_keyfile" in tls:
+        raise ValueError(f"Kafka bootstrap {where!r}: the Flink runner does not present client certificates; "
+                         "authenticate with SASL (sasl_ssl://USER@...) (docs/security.md)")
+    options["properties.security.protocol"] = endpoint.protocol
+    if "ssl_cafile" in tls:
+        options.update({"properties.ssl.truststore.type": "PEM",
+                        "properties.ssl.truststore.location": str(Path(tls["ssl_cafile"]).resolve())})
+    if not endpoint.sasl:
+        return options
+    module = _LOGIN_MODULES.get(endpoint.sasl_mechanism.upper())
+    if module is None:
+        raise ValueError(f"Kafka bootstrap {where!r}: the Flink runner authenticates with "
+                         f"{', '.join(_LOGIN_MODULES)}, not {endpoint.sasl_mechanism}")
+    if not _KAFKA_USER.fullmatch(endpoint.user):
+        raise ValueError(f"Kafka bootstrap {where!r}: a user name the JAAS line can quote "
+                         "(letters, digits and ._@+=-)")
+    if endpoint.password_file:
+        path = Path(endpoint.password_file).resolve()
+        _check_password_file(path, where)
+        provider, reference = "dir", f"${{dir:{path.parent}:{path.name}}}"
+    else:
+        provider, reference = "env", f"${{env:{endpoint.password_env}}}"
+    provider_class = {"dir": "DirectoryConfigProvider", "env": "EnvVarConfigProvider"}[provider]
+    options.update({
+        "properties.sasl.mechanism": endpoint.sasl_mechanism.upper(),
+        "properties.sasl.jaas.config": f'{SHADED_KAFKA}.{module} required username="{endpoint.user}" '
+                                       f'password="{reference}";',
+        "properties.config.providers": provider,
+        f"properties.config.providers.{provider}.class": f"{SHADED_KAFKA}.common.config.provider.{provider_class}",
+    })
+    return options
+
+
+def _check_password_file(path: Path, where: str) -> None:
+    """The Kafka client reads the file whole; a trailing newline would become part of the password.
+
+    Checked where the launcher runs (the local cluster's TaskManagers read the
+    same file); a file only the TaskManagers can see is left to them.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ValueError(f"Kafka bootstrap {where!r}: password file {path}: {exc.strerror}") from None
+    if not data.strip():
+        raise ValueError(f"Kafka bootstrap {where!r}: password file {path} is empty")
+    if data != data.rstrip():
+        raise ValueError(f"Kafka bootstrap {where!r}: password file {path} ends in a newline or space, which the "
+                         "Flink job's Kafka client would send as part of the password; write it without one "
+                         "(printf %s \"$(cat FILE)\" > FILE)")
 
 
 def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
@@ -112,7 +182,6 @@ def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
     options = {
         "connector": "kafka",
         "topic": ";".join(s.topics()),
-        "properties.bootstrap.servers": flink_kafka_bootstrap(s.kafka_bootstrap_servers),
         "properties.group.id": s.kafka_consumer_group,
         "properties.client.id.prefix": s.job_name,
         "key.format": "raw",
@@ -122,6 +191,7 @@ def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
         # Offsets are committed to the group on each completed checkpoint.
         "properties.commit.offsets.on.checkpoint": "true",
         "properties.auto.offset.reset": "earliest",
+        **flink_kafka_properties(s.kafka_bootstrap_servers),
     }
     ranges = s.bounded_ranges
     if ranges:
@@ -139,7 +209,7 @@ def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
     else:
         options["scan.startup.mode"] = {"earliest": "earliest-offset", "latest": "latest-offset",
                                         "committed": "group-offsets"}.get(s.kafka_start_position, "group-offsets")
-    settings = ",\n  ".join(f"'{k}' = '{v}'" for k, v in options.items())
+    settings = ",\n  ".join(f"'{k}' = '{_quoted(v)}'" for k, v in options.items())
     return f"""CREATE TEMPORARY TABLE {table} (
   `record_key` BYTES,
   `value` BYTES,
@@ -150,6 +220,11 @@ def source_ddl(s: JobSettings, table: str = "onboarding_events") -> str:
 ) WITH (
   {settings}
 )"""
+
+
+def _quoted(value: object) -> str:
+    """A string literal's body in Flink SQL: a quote doubled."""
+    return str(value).replace("'", "''")
 
 
 def flink_configuration(s: JobSettings) -> dict[str, str]:

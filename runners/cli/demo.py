@@ -406,7 +406,7 @@ def run_demo(args) -> DemoResult:
 
     print(f"== producing up to {args.events:,} events for {args.users} users "
           f"({horizon_days}-day journeys ending {_utc(args.anchor_ms)})")
-    stats = produce(noted(gen.messages(max_messages=args.events)), args.bootstrap_servers, topic,
+    stats = produce(noted(gen.messages(max_messages=args.events)), deployment.producer_bootstrap, topic,
                     progress=sys.stderr.isatty(), total=args.events)
     produced = sum(stats.attempted.values()) - sum(stats.failed.values())
     print(f"   produced {produced:,} messages in {stats.elapsed_s:.1f}s: " +

@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..settings import settings
 
     deployment = settings()
-    kafka.add_argument("--bootstrap-servers", default=deployment.kafka_bootstrap,
-                       help="default: the deployment's, %(default)s")
+    kafka.add_argument("--bootstrap-servers", default=deployment.producer_bootstrap,
+                       help="default: the deployment's event-source identity, %(default)s")
     kafka.add_argument("--topic", default=deployment.events_topic, help="default: the deployment's, %(default)s")
     kafka.add_argument("--registry-url", metavar="URL", default=deployment.schema_registry_url,
                        help="schema registry: http(s):// Confluent REST, file path, "

@@ -54,6 +54,7 @@ export KAFKA_TLS_CONTROLLER_PORT="${KAFKA_TLS_CONTROLLER_PORT:-$((KAFKA_TLS_PORT
 export KAFKA_ACL_PREFIX="${KAFKA_ACL_PREFIX:-${OBF_DEPLOYMENT:-onboarding}.}"
 export KAFKA_PIPELINE_USER="${KAFKA_PIPELINE_USER:-onboardflow-pipeline}"
 export KAFKA_APP_USER="${KAFKA_APP_USER:-onboardflow-app}"
+export KAFKA_PRODUCER_USER="${KAFKA_PRODUCER_USER:-onboardflow-producer}"
 export KAFKA_ADMIN_USER="${KAFKA_ADMIN_USER:-onboardflow-admin}"
 # Consumer-group prefixes: the pipeline's groups (onboardflow, onboardflow-<deployment>) and the apps'.
 export KAFKA_PIPELINE_GROUP_PREFIX="${KAFKA_PIPELINE_GROUP_PREFIX:-onboardflow}"

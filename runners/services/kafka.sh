@@ -227,7 +227,7 @@ secure_format() {
   log "Kafka (SASL_SSL): formatting KRaft storage (cluster $cluster_id) with SCRAM users"
   (umask 077; {
     echo "kafka.tools.StorageTool format -t $cluster_id -c $srun/server.properties"
-    for who in admin pipeline app; do
+    for who in admin pipeline app producer; do
       local user; user="$(user_of "$who")"
       echo "--add-scram SCRAM-SHA-512=[name=$user,password=$(pw "kafka-$who.password")]"
     done
@@ -242,6 +242,7 @@ secure_format() {
 user_of() {
   case "$1" in
     admin) echo "$KAFKA_ADMIN_USER" ;; pipeline) echo "$KAFKA_PIPELINE_USER" ;; app) echo "$KAFKA_APP_USER" ;;
+    producer) echo "$KAFKA_PRODUCER_USER" ;;
   esac
 }
 
@@ -249,7 +250,7 @@ user_of() {
 # delete a password file, run secure-up). The value goes through a 0600 file.
 secure_sync_users() {
   local who user
-  for who in pipeline app; do
+  for who in pipeline app producer; do
     user="$(user_of "$who")"
     (umask 077; echo "SCRAM-SHA-512=[password=$(pw "kafka-$who.password")]" >"$srun/scram.properties")
     secure_java_run org.apache.kafka.tools.ConfigCommand --bootstrap-server "$sbootstrap" --alter \
@@ -270,9 +271,10 @@ acl() {
 # The pipeline: DESCRIBE/CREATE under the deployment's topic prefix, READ on
 # the events and erasure-request topics, READ/WRITE on the topics it writes
 # (the outbox relay reads them back after a crash), its consumer groups
-# (prefix onboardflow). It may WRITE the events topic too: `onboardflow produce`
-# and the demo stand in for the event sources under the same identity. The
-# app: READ on the segment-change topic and its own consumer groups, nothing else.
+# (prefix onboardflow); it may not write the events. The producer (the event
+# sources: `onboardflow produce`, the demo's generator, whatever requests
+# erasures): WRITE and DESCRIBE on the events and erasure-request topics, no
+# READ. The app: READ on the segment-change topic and its own consumer groups.
 secure_acls() {
   local p="$KAFKA_ACL_PREFIX" ops t
   [[ "$p" =~ ^[A-Za-z0-9_.-]+$ ]] || die "KAFKA_ACL_PREFIX: '$p' is not a topic prefix (letters, digits, _ . -)"
@@ -283,7 +285,12 @@ secure_acls() {
   acl "$KAFKA_PIPELINE_USER" --operation Read --operation Describe --resource-pattern-type prefixed \
     --group "$KAFKA_PIPELINE_GROUP_PREFIX"
   acl "$KAFKA_PIPELINE_USER" --operation Read --topic "$base.events" --topic "$base.erasures" "${written[@]}"
-  acl "$KAFKA_PIPELINE_USER" --operation Write --topic "$base.events" "${written[@]}"
+  acl "$KAFKA_PIPELINE_USER" --operation Write "${written[@]}"
+  acl "$KAFKA_PRODUCER_USER" --operation Write --operation Describe --topic "$base.events" --topic "$base.erasures"
+  # A broker set up before the producer user existed let the pipeline write the events: take that back.
+  secure_java_run org.apache.kafka.tools.AclCommand --bootstrap-server "$sbootstrap" --remove --force \
+    --allow-principal "User:$KAFKA_PIPELINE_USER" --allow-host '*' --operation Write --topic "$base.events" >/dev/null \
+    || die "Kafka (SASL_SSL): could not remove the pipeline's WRITE on $base.events"
   acl "$KAFKA_APP_USER" --operation Read --operation Describe --topic "$base.segment-changes"
   acl "$KAFKA_APP_USER" --operation Read --operation Describe --resource-pattern-type prefixed \
     --group "$KAFKA_APP_GROUP_PREFIX"
@@ -325,7 +332,7 @@ secure_up() {
   fi
   secure_acls
   secure_topics
-  log "Kafka (SASL_SSL): ready on $sbootstrap, users $KAFKA_PIPELINE_USER, $KAFKA_APP_USER; topics $KAFKA_TOPICS"
+  log "Kafka (SASL_SSL): ready on $sbootstrap, users $KAFKA_PIPELINE_USER, $KAFKA_APP_USER, $KAFKA_PRODUCER_USER; topics $KAFKA_TOPICS"
 }
 
 secure_down() {

@@ -42,7 +42,9 @@ secret() {
   if [ ! -s "$f" ]; then
     ensure_openssl
     mkdir -p "$OBF_SECRETS_DIR" && chmod 700 "$OBF_SECRETS_DIR"
-    (umask 077; openssl rand -hex 24 >"$f")
+    # No trailing newline: some clients read the file whole (the Flink job's
+    # Kafka client, through Kafka's DirectoryConfigProvider).
+    (umask 077; openssl rand -hex 24 | tr -d '\n' >"$f")
   fi
   echo "$f"
 }

@@ -42,6 +42,7 @@ ENV
     if secured kafka; then cat <<ENV
 OBF_KAFKA_BOOTSTRAP='sasl_ssl://$KAFKA_PIPELINE_USER@$kafka/kafka-pipeline.password'
 OBF_KAFKA_APP_BOOTSTRAP='sasl_ssl://$KAFKA_APP_USER@$kafka/kafka-app.password'
+OBF_KAFKA_PRODUCER_BOOTSTRAP='sasl_ssl://$KAFKA_PRODUCER_USER@$kafka/kafka-producer.password'
 ENV
     else echo "OBF_KAFKA_BOOTSTRAP='$KAFKA_HOST:$KAFKA_PORT'"; fi
     if secured redis; then cat <<ENV

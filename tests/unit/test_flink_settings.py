@@ -6,7 +6,13 @@ import pickle
 import pytest
 
 from onboardflow.pipelines.configuration import profile_config
-from onboardflow.pipelines.flink.settings import JobSettings, flink_configuration, source_ddl
+from onboardflow.pipelines.flink.settings import (
+    SHADED_KAFKA,
+    JobSettings,
+    flink_configuration,
+    flink_kafka_properties,
+    source_ddl,
+)
 from onboardflow.runners.cli.run import engine_of
 
 BASE = {
@@ -137,3 +143,63 @@ def test_counters_push_by_themselves_once_the_interval_has_passed():
     count("events", 2)
     count("events", 3)
     assert context.group.counters["events"].calls == [2, 3]
+
+
+# --------------------------------------------------------------------------- Kafka security
+
+
+def test_a_plaintext_bootstrap_gives_the_connector_only_the_servers():
+    assert flink_kafka_properties("h1:9092,h2:9092") == {"properties.bootstrap.servers": "h1:9092,h2:9092"}
+    assert flink_kafka_properties("plaintext://h1:9092") == {"properties.bootstrap.servers": "h1:9092"}
+
+
+def test_sasl_ssl_names_the_password_file_through_a_config_provider_and_never_reads_it(tmp_path):
+    secret = tmp_path / "kafka-pipeline.password"
+    secret.write_text("s3cret-no-newline")
+    ca = tmp_path / "ca.crt"
+    options = flink_kafka_properties(f"sasl_ssl://onboardflow-pipeline@h:9094?ssl_cafile={ca}&password_file={secret}")
+    assert options == {
+        "properties.bootstrap.servers": "h:9094",
+        "properties.security.protocol": "SASL_SSL",
+        "properties.ssl.truststore.type": "PEM",
+        "properties.ssl.truststore.location": str(ca),
+        "properties.sasl.mechanism": "SCRAM-SHA-512",
+        "properties.sasl.jaas.config": f'{SHADED_KAFKA}.common.security.scram.ScramLoginModule required '
+                                       f'username="onboardflow-pipeline" password="${{dir:{tmp_path}:{secret.name}}}";',
+        "properties.config.providers": "dir",
+        "properties.config.providers.dir.class": f"{SHADED_KAFKA}.common.config.provider.DirectoryConfigProvider",
+    }
+    assert "s3cret" not in repr(options)
+
+
+def test_a_password_variable_is_resolved_in_the_taskmanagers_environment():
+    options = flink_kafka_properties("sasl_plaintext://app@h:1?password_env=KAFKA_PW&sasl_mechanism=PLAIN")
+    assert options["properties.security.protocol"] == "SASL_PLAINTEXT"
+    assert options["properties.sasl.jaas.config"] == (
+        f'{SHADED_KAFKA}.common.security.plain.PlainLoginModule required username="app" password="${{env:KAFKA_PW}}";')
+    assert options["properties.config.providers.env.class"].endswith(".EnvVarConfigProvider")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("ssl://h:1?ssl_cafile=/ca&ssl_certfile=/c&ssl_keyfile=/k", "does not present client certificates"),
+    ("sasl_ssl://u@h:1?password_env=P&sasl_mechanism=GSSAPI", "not GSSAPI"),
+    ('sasl_ssl://u"x@h:1?password_env=P', "a user name the JAAS line can quote"),
+])
+def test_what_the_connector_cannot_take_is_refused_before_the_job_starts(url, message):
+    with pytest.raises(ValueError, match=message):
+        flink_kafka_properties(url)
+
+
+def test_a_password_file_ending_in_a_newline_is_refused_since_the_kafka_client_would_send_it(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    with pytest.raises(ValueError, match="ends in a newline") as refused:
+        flink_kafka_properties(f"sasl_ssl://u@h:1?password_file={secret}")
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_quote_in_a_table_option_is_doubled_in_the_ddl(tmp_path):
+    ca = tmp_path / "it's" / "ca.crt"
+    ddl = source_ddl(JobSettings({"kafka_bootstrap_servers": f"ssl://h:1?ssl_cafile={ca}", "kafka_topics": "t",
+                                  "kafka_consumer_group": "g", "kafka_start_position": "earliest"}))
+    assert f"'properties.ssl.truststore.location' = '{str(ca).replace(chr(39), chr(39) * 2)}'" in ddl
