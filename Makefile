@@ -56,7 +56,7 @@ $(VENV_STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[worker,cli,test,dev]'
+	$(PY) -m pip install -q -e '.[worker,cli,api,test,dev]'
 	@touch $@
 
 # Prism, Beam's local portable runner, built from the Go module proxy at the
