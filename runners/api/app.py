@@ -18,6 +18,7 @@ from typing import Optional
 import redis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...models.tracks import TrackPolicy
 from ...transforms.anonymize import Pseudonymizer
@@ -92,6 +93,16 @@ def build_service(config: ApiConfig) -> ApiService:
         lag=lag, eraser=eraser, _sync_redis=sync_redis)
 
 
+#: error codes of the router's own refusals (an unknown path, a method a route lacks).
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request, exc: StarletteHTTPException) -> Response:
+    """The router's own errors in the API's error shape (errors.py)."""
+    return ApiError(exc.status_code, _HTTP_ERRORS.get(exc.status_code, "error"), str(exc.detail),
+                    headers=getattr(exc, "headers", None)).response()
+
+
 def create_app(config: ApiConfig) -> FastAPI:
     """The application for ``config`` (see the module docstring)."""
     service = build_service(config)
@@ -107,6 +118,7 @@ def create_app(config: ApiConfig) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.add_exception_handler(ApiError, lambda request, exc: exc.response())
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(routes.router)
     app.include_router(operator.router)
 

@@ -15,6 +15,7 @@ from typing import Optional
 import redis
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from ...schemas.contract import PROFILE_FIELDS
 from ...transforms.erasure import ErasureRequest
@@ -22,6 +23,22 @@ from .auth import require
 from .decisions import SECRET_UNAVAILABLE, STORE_UNAVAILABLE, decide, fallback_decision
 from .errors import ApiError, responses
 from .schemas import Decision, ErasureReport, NextStep, Profile, SegmentPage, SegmentSizes, Status, json_safe
+
+
+class RawIdConvertor(Convertor):
+    """A path segment run for user ids: any characters at all, slashes and line breaks included
+    (Starlette's ``path`` stops at a line break, and the id would then not be found)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("rawid", RawIdConvertor())
 
 router = APIRouter(prefix="/v1")
 UserId = Path(min_length=1, max_length=256, description="The raw user id (URL-encoded); pseudonymized by the "
@@ -48,7 +65,7 @@ def _matches(if_none_match: Optional[str], tag: str) -> bool:
     return "*" in candidates or tag in candidates
 
 
-@router.get("/profiles/{user_id:path}", response_model=Profile, responses={
+@router.get("/profiles/{user_id:rawid}", response_model=Profile, responses={
     304: {"description": "Not modified: the profile still has the ETag sent in If-None-Match"},
     **responses(401, 403, 404, 429, 503)})
 async def get_profile(request: Request, user_id: str = UserId,
@@ -74,7 +91,7 @@ async def get_profile(request: Request, user_id: str = UserId,
     return JSONResponse(body, headers=headers)
 
 
-@router.get("/decisions/{user_id:path}", response_model=Decision, responses=responses(401, 403, 429))
+@router.get("/decisions/{user_id:rawid}", response_model=Decision, responses=responses(401, 403, 429))
 async def get_decision(request: Request, user_id: str = UserId, _key=Depends(require("profiles:read"))):
     """Track, segments and next steps for the user; the fallback decision (``fallback: true``) when the user is
     unknown, the profile stale or Redis unreachable, never an error for those."""
@@ -154,7 +171,7 @@ async def status(request: Request, _key=Depends(require("profiles:read"))):
                   catalogue_version=service.catalogue.version, rules_version=service.rules.version)
 
 
-@router.delete("/users/{user_id:path}", response_model=ErasureReport, responses=responses(401, 403, 429, 503))
+@router.delete("/users/{user_id:rawid}", response_model=ErasureReport, responses=responses(401, 403, 429, 503))
 async def erase_user(request: Request, user_id: str = UserId, key=Depends(require("users:erase"))):
     """Erase the user everywhere (transforms/erasure.py): profile, segment memberships, pending outbox entries,
     warehouse rows; recorded in the audit table with the key's name as who asked. Idempotent."""
