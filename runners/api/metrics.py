@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from ...transforms.prometheus import MetricSpec
+from ...transforms.prometheus import MetricSpec, sample_names
 
 #: Seconds; the SLA is 200 ms end to end and a Redis read takes well under a millisecond.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
@@ -31,10 +31,7 @@ UNMATCHED = "unmatched"
 
 
 def api_sample_names() -> set[str]:
-    names: set[str] = set()
-    for spec in API_METRICS:
-        names |= spec.sample_names()
-    return names
+    return sample_names(API_METRICS)
 
 
 class ApiMetrics:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from onboardflow.runners.api.keys import KeyFile
+from onboardflow.tests.conftest import delete_redis_prefix
 from onboardflow.transforms.profile_store.encoding import encode_profile
 from onboardflow.transforms.profile_store.writer import RedisProfileWriter
 
@@ -108,17 +109,10 @@ class ApiDeployment:
 
     def cleanup(self) -> None:
         import psycopg
-        import redis
         from psycopg import sql
 
         self.writer.close()
-        client = redis.Redis.from_url(self.redis_url)
-        try:
-            found = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
-            if found:
-                client.delete(*found)
-        finally:
-            client.close()
+        delete_redis_prefix(self.redis_url, self.prefix)
         with psycopg.connect(self.pg_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -206,3 +206,16 @@ def test_stale_after_takes_durations_with_units(text, seconds):
 def test_the_clients_profile_type_has_every_contract_field():
     hints = typing.get_type_hints(client.Profile)
     assert list(hints) == [f.name for f in PROFILE_FIELDS]
+
+
+def test_the_metrics_exposed_are_the_catalogues_and_name_routes_by_template():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from onboardflow.runners.api.metrics import ApiMetrics, api_sample_names
+
+    metrics = ApiMetrics()
+    metrics.observe("GET", "/v1/decisions/{user_id}", 200, 0.002)
+    metrics.fallback("stale_profile")
+    samples = [s for family in text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples]
+    assert {s.name for s in samples} <= api_sample_names()
+    assert {s.labels.get("route") for s in samples if "route" in s.labels} == {"/v1/decisions/{user_id}"}
