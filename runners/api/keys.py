@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ SCOPES = ("profiles:read", "segments:read", "users:erase")
 KEY_PREFIX = "obf_"
 _KEY_RE = re.compile(r"^obf_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.@-]{0,63}$")
+_LOG = logging.getLogger(__name__)
 
 
 class ApiKeyError(ValueError):
@@ -174,7 +176,15 @@ class KeyRing:
             stamp = None
         if stamp == self._stamp and not force:
             return
-        self._by_id = {k.id: k for k in self._file.load() if k.active}
+        try:
+            keys = self._file.load()
+        except ApiKeyError as exc:
+            if force:
+                raise
+            # A running server keeps the keys it had rather than refusing everyone.
+            _LOG.error("%s; keeping the %d keys loaded before", exc, len(self._by_id))
+            return
+        self._by_id = {k.id: k for k in keys if k.active}
         self._stamp = stamp
 
     def __len__(self) -> int:

@@ -219,3 +219,15 @@ def test_the_metrics_exposed_are_the_catalogues_and_name_routes_by_template():
     samples = [s for family in text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples]
     assert {s.name for s in samples} <= api_sample_names()
     assert {s.labels.get("route") for s in samples if "route" in s.labels} == {"/v1/decisions/{user_id}"}
+
+
+def test_a_running_ring_keeps_its_keys_when_the_file_turns_unreadable(tmp_path):
+    clock = [0.0]
+    keys = KeyFile(tmp_path / "api.json")
+    plaintext, _ = keys.create("ui", ["profiles:read"])
+    ring = KeyRing(keys.path, clock=lambda: clock[0])
+    keys.path.write_text("{not json")
+    clock[0] = 2.0
+    assert ring.authenticate(plaintext).name == "ui"
+    with pytest.raises(ApiKeyError, match="cannot read"):
+        KeyRing(keys.path)
