@@ -41,6 +41,7 @@ PYTEST        := $(PY) -m pytest
 .PHONY: promtool check-alerts lag-exporter
 .PHONY: train evaluate
 .PHONY: fuzz
+.PHONY: openapi
 .PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
         flink-worker-pool-down flink-demo test-flink
 
@@ -56,7 +57,7 @@ $(VENV_STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[worker,cli,test,dev]'
+	$(PY) -m pip install -q -e '.[worker,cli,api,test,dev]'
 	@touch $@
 
 # Prism, Beam's local portable runner, built from the Go module proxy at the
@@ -108,6 +109,13 @@ test-e2e: install services-up
 # Ruff (installed by the [test] extras); lint only, never reformats.
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# ---- the personalization API (docs/api.md) -----------------------------------
+
+# Regenerate the committed OpenAPI document from the app (a unit test fails
+# while docs/api/openapi.json differs from it).
+openapi: venv
+	$(VENV)/bin/onboardflow serve --write-openapi docs/api/openapi.json
 
 # ---- fuzzing (docs/security.md "Fuzzing") -------------------------------------
 

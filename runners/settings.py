@@ -109,6 +109,9 @@ class Settings:
     secret_file: Optional[Path] = None
     """``OBF_SECRET_FILE``: the pseudonymization key file; unset: ``$OBF_RUN_DIR/keys/<deployment>.key``
     (what `onboardflow demo` writes), used only when it exists."""
+    api_keys_file: Optional[Path] = None
+    """``OBF_API_KEYS_FILE``: the hashed API keys of `onboardflow serve` (`onboardflow apikeys`); unset:
+    ``$OBF_RUN_DIR/keys/<deployment>.apikeys.json`` (docs/api.md)."""
     run_dir: Path = dataclasses.field(default_factory=paths.run_dir)
     """``OBF_RUN_DIR``: what runs write (service data and logs, demo and train output); runners/paths.py."""
     cache_dir: Path = dataclasses.field(default_factory=paths.cache_dir)
@@ -141,14 +144,20 @@ class Settings:
                      "warehouse_pipeline_role", "warehouse_reader_role"):
             if cls.variable(name) in values:
                 fields[name] = values[cls.variable(name)]
-        if values.get("OBF_SECRET_FILE"):
-            fields["secret_file"] = Path(values["OBF_SECRET_FILE"])
+        for name in ("secret_file", "api_keys_file"):
+            if values.get(cls.variable(name)):
+                fields[name] = Path(values[cls.variable(name)])
         return cls(**fields)
 
     @property
     def key_file(self) -> Path:
         """The pseudonymization key file of this deployment (``secret_file`` or its default path)."""
         return self.secret_file or self.run_dir / "keys" / f"{self.deployment}.key"
+
+    @property
+    def api_keys_path(self) -> Path:
+        """The API keys file of this deployment (``api_keys_file`` or its default path)."""
+        return self.api_keys_file or self.run_dir / "keys" / f"{self.deployment}.apikeys.json"
 
     def pipeline_flags(self) -> list[str]:
         """These settings as the onboarding pipeline's Beam flags (pipelines/options.py and

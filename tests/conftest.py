@@ -92,12 +92,17 @@ def kafka_topic(kafka_bootstrap, unique_name):
 @pytest.fixture
 def redis_key_prefix(redis_url, unique_name):
     """A Redis key prefix unique to this test; every key under it is deleted after."""
+    yield unique_name
+    delete_redis_prefix(redis_url, unique_name)
+
+
+def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix:`` (a test's own prefix) from the Redis at ``redis_url``."""
     import redis
 
-    yield unique_name
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{unique_name}:*", count=1000))
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
     finally:

@@ -93,12 +93,17 @@ PIPELINE_METRICS: tuple[MetricSpec, ...] = (
 SPECS = {spec.name[len(PREFIX):]: spec for spec in PIPELINE_METRICS}
 
 
-def pipeline_sample_names() -> set[str]:
-    """Every series name the worker endpoint can expose (for dashboards and alerts checks)."""
+def sample_names(specs) -> set[str]:
+    """Every series name a catalogue of ``MetricSpec`` can expose (for dashboards and alerts checks)."""
     names: set[str] = set()
-    for spec in PIPELINE_METRICS:
+    for spec in specs:
         names |= spec.sample_names()
     return names
+
+
+def pipeline_sample_names() -> set[str]:
+    """Every series name the worker endpoint can expose."""
+    return sample_names(PIPELINE_METRICS)
 
 
 class Instruments:

@@ -121,6 +121,15 @@ class ModelStore:
         pointer, version = _pairs(reply[0]), _pairs(reply[1])
         return self._version(kind, int(pointer["version"]), version)
 
+    def pointer(self, kind: str) -> Optional[Pointer]:
+        """The serving pointer of ``kind`` as Redis holds it (no payload read), or None before the first publish."""
+        fields = self._client.hgetall(self.current_key(kind))
+        if not fields:
+            return None
+        fields = {k.decode(): v.decode() for k, v in fields.items()}
+        return Pointer(kind, int(fields["version"]), int(fields.get("generation") or 0), fields.get("pinned") == "1",
+                       _EPOCH + dt.timedelta(milliseconds=int(fields.get("updated_at") or 0)))
+
     def get(self, kind: str, number: int) -> Optional[ModelVersion]:
         """A mirrored version with its payload, or None when Redis does not hold it."""
         fields = self._client.hgetall(self.version_key(kind, number))

@@ -8,6 +8,7 @@ command parses its own flags.
     onboardflow registry ...       list, govern (config, check) or serve the schema registry
     onboardflow run ...            the onboarding pipeline (Beam options pass through)
     onboardflow profile USER_ID    read one profile back from Redis
+    onboardflow serve ...          the personalization API (docs/api.md)
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": (".train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
     "models": (".models", "list, show, roll back or promote model versions"),
     "outbox": (".outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
+    "serve": (".serve", "serve the personalization API (profiles, decisions, segments) over HTTP"),
+    "apikeys": (".apikeys", "create, list or revoke the personalization API's keys"),
     "evaluate": (".evaluate",
                  "segments and propensity on four population designs: ARI, stability, calibration, plots"),
 }
@@ -98,7 +101,7 @@ class _QuietStderr:
 
 #: Commands that run as services: operators read their logs, so a dependency's errors (a Kafka
 #: broker going away, a reconnect) stay in them; the Beam and Prism chatter does not.
-SERVICES = frozenset({"run", "lag-exporter"})
+SERVICES = frozenset({"run", "lag-exporter", "serve"})
 
 
 def configure_logging(verbose: bool = False, service: bool = False) -> None:

@@ -53,7 +53,7 @@ from prometheus_client.registry import Collector
 
 from ...transforms.connections import redis_client
 from ...transforms.progress import EventTimeProgress, Progress
-from ...transforms.prometheus import MetricSpec
+from ...transforms.prometheus import MetricSpec, sample_names
 
 _LOG = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ LAG_METRICS: tuple[MetricSpec, ...] = (
 
 
 def lag_sample_names() -> set[str]:
-    names: set[str] = set()
-    for spec in LAG_METRICS:
-        names |= spec.sample_names()
-    return names
+    return sample_names(LAG_METRICS)
 
 
 # --------------------------------------------------------------------------

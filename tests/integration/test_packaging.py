@@ -65,7 +65,10 @@ def installed(wheel, tmp_path_factory) -> Path:
 def test_the_wheel_holds_the_package_data_and_no_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("onboardflow/schemas/onboarding_event.v1.avsc", "onboardflow/pipelines/segment_rules.yaml",
-                     "onboardflow/pipelines/onboarding_tracks.yaml", "onboardflow/runners/cli/__main__.py"):
+                     "onboardflow/pipelines/onboarding_tracks.yaml", "onboardflow/runners/cli/__main__.py",
+                     # The personalization API: its steps catalogue, operator page and typed client.
+                     "onboardflow/pipelines/onboarding_steps.yaml", "onboardflow/runners/api/static/operator.html",
+                     "onboardflow/runners/api/static/operator.js", "onboardflow/client.py"):
         assert expected in names
     assert any(n.startswith("onboardflow/schemas/warehouse/") and n.endswith(".sql") for n in names)
     assert not [n for n in names if n.startswith(("onboardflow/tests/", "tests/"))]

@@ -1,0 +1,54 @@
+"""The personalization API's Prometheus metrics (``/metrics``): requests, latency, fallbacks.
+
+``API_METRICS`` is the catalogue (names, labels, buckets), in the same
+``MetricSpec`` form as the pipeline's (transforms/prometheus.py) so dashboards
+can be checked against it. ``route`` is the route template
+(``/v1/profiles/{user_id}``), never a path: no user id reaches a label, and
+the series stay few. Each app has its own registry (``ApiMetrics``).
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from ...transforms.prometheus import MetricSpec, sample_names
+
+#: Seconds; the SLA is 200 ms end to end and a Redis read takes well under a millisecond.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+
+API_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("onboardflow_api_requests", "counter", "HTTP requests answered, by route template and status.",
+               ("method", "route", "status")),
+    MetricSpec("onboardflow_api_request_duration_seconds", "histogram",
+               "Time from a request's arrival to its response's end, by route template and status.",
+               ("method", "route", "status"), LATENCY_BUCKETS),
+    MetricSpec("onboardflow_api_decision_fallbacks", "counter",
+               "Decisions answered with the fallback, by reason (unknown_user, stale_profile, "
+               "store_unavailable, secret_unavailable).", ("reason",)),
+)
+
+#: The ``route`` label of a request no route matched (a 404 of an unknown path).
+UNMATCHED = "unmatched"
+
+
+def api_sample_names() -> set[str]:
+    return sample_names(API_METRICS)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        requests, duration, fallbacks = API_METRICS
+        self._requests = Counter(requests.name, requests.help, requests.labels, registry=self.registry)
+        self._duration = Histogram(duration.name, duration.help, duration.labels, registry=self.registry,
+                                   buckets=duration.buckets)
+        self._fallbacks = Counter(fallbacks.name, fallbacks.help, fallbacks.labels, registry=self.registry)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self._requests.labels(method, route, str(status)).inc()
+        self._duration.labels(method, route, str(status)).observe(seconds)
+
+    def fallback(self, reason: str) -> None:
+        self._fallbacks.labels(reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,138 @@
+"""`onboardflow serve`: the personalization API (runners/api/, docs/api.md) on uvicorn.
+
+    onboardflow serve [--host 127.0.0.1] [--port 8080] [--stale-after 14d]
+                      [--rate-limit 100] [--rate-burst 200] [--api-keys-file PATH]
+                      [store flags] [--secret-file PATH | --secret-env NAME]
+                      [--bootstrap-servers ... --consumer-group ... --topic ...]
+    onboardflow serve --write-openapi docs/api/openapi.json
+
+Redis, the key prefix, the warehouse (for erasures), Kafka (for the lag in
+``/v1/status``), the API keys file and the pseudonymization secret default to
+the deployment's (runners/settings.py, runners/cli/secret.py); the secret
+is required: the service holds it so apps never do. Keys: `onboardflow
+apikeys`. One JSON access-log line per request goes to stdout (route
+template, status, latency, key name; never a user id or a key); the
+service's own messages go to stderr. Runs until interrupted (SIGINT/SIGTERM:
+in-flight requests finish). ``--write-openapi`` writes the OpenAPI document
+and exits.
+
+Exit status: 0 stopped cleanly (or document written), 2 usage or configuration error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .secret import add_secret_flags, cli_secret
+
+PROG = "onboardflow serve"
+_LOG = logging.getLogger("onboardflow.serve")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> Optional[float]:
+    """``90``, ``90s``, ``15m``, ``6h``, ``14d`` -> seconds; ``off`` -> None (never stale)."""
+    if text == "off":
+        return None
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 90s, 15m, 6h, 14d, or off")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..api.config import DEFAULT_STALE_AFTER_S
+    from ..settings import add_store_flags, settings
+
+    deployment = settings()
+    parser = argparse.ArgumentParser(prog=PROG, description="Serve the personalization API (docs/api.md).")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s)")
+    parser.add_argument("--api-keys-file", type=Path, default=deployment.api_keys_path,
+                        help="hashed API keys (`onboardflow apikeys`; default: %(default)s)")
+    parser.add_argument("--stale-after", type=duration_s, default=DEFAULT_STALE_AFTER_S, metavar="DURATION",
+                        help="serve the fallback decision for a profile the store last wrote longer ago "
+                             "(90s, 15m, 6h, 14d, or off; default: 14d)")
+    parser.add_argument("--rate-limit", type=float, default=100.0, metavar="PER_S",
+                        help="requests a second per API key, on average (default: %(default)g)")
+    parser.add_argument("--rate-burst", type=int, default=200,
+                        help="requests a key may make at once (default: %(default)s)")
+    parser.add_argument("--redis-timeout-ms", type=float, default=250.0,
+                        help="per Redis read; slower is answered as unavailable (default: %(default)g)")
+    parser.add_argument("--bootstrap-servers", default=deployment.kafka_bootstrap,
+                        help="Kafka, for the consumer lag of /v1/status ('' leaves it out; default: %(default)s)")
+    parser.add_argument("--consumer-group", default=deployment.consumer_group,
+                        help="the pipeline's consumer group (default: %(default)s)")
+    parser.add_argument("--topic", action="append", default=None,
+                        help=f"a topic the pipeline reads; repeat (default: {deployment.events_topic})")
+    parser.add_argument("--write-openapi", type=Path, default=None, metavar="PATH",
+                        help="write the OpenAPI document to PATH and exit")
+    add_store_flags(parser, deployment)
+    # Erasing deletes rows: the schema owner's role where the deployment has one (docs/security.md).
+    parser.set_defaults(warehouse_dsn=deployment.warehouse_owner_dsn or deployment.warehouse_dsn)
+    add_secret_flags(parser, deployment)
+    return parser
+
+
+def _access_log_to_stdout() -> None:
+    from ..api.access_log import ACCESS_LOGGER
+
+    logger = logging.getLogger(ACCESS_LOGGER)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.write_openapi is not None:
+        from ..api.openapi import write
+
+        print(f"wrote {write(args.write_openapi)}")
+        return 0
+    try:
+        secret = cli_secret(args, PROG)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+    import uvicorn
+
+    from ..api.app import create_app
+    from ..api.catalogue import CatalogueError
+    from ..api.config import ApiConfig
+    from ..api.keys import ApiKeyError
+    from ..settings import settings
+
+    config = ApiConfig.from_settings(
+        settings(), secret, redis_url=args.redis_url, key_prefix=args.key_prefix,
+        api_keys_file=args.api_keys_file, warehouse_dsn=args.warehouse_dsn or None,
+        warehouse_schema=args.warehouse_schema, kafka_bootstrap=args.bootstrap_servers or None,
+        consumer_group=args.consumer_group, topics=tuple(args.topic or (settings().events_topic,)),
+        stale_after_s=args.stale_after, rate_per_s=args.rate_limit, rate_burst=args.rate_burst,
+        redis_timeout_s=args.redis_timeout_ms / 1000)
+    try:
+        app = create_app(config)
+    except (ApiKeyError, CatalogueError, ValueError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    _access_log_to_stdout()
+    keys = len(app.state.service.keys)
+    _LOG.info("serving the personalization API on http://%s:%d (prefix '%s', %d active API keys in %s)",
+              args.host, args.port, args.key_prefix, keys, args.api_keys_file)
+    if keys == 0:
+        _LOG.warning("no active API key: every /v1 request is refused; `onboardflow apikeys create NAME --scopes ...`")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_config=None,
+                                           server_header=False, lifespan="on", timeout_graceful_shutdown=10))
+    server.run()
+    return 0 if server.started else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
