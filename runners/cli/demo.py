@@ -32,6 +32,12 @@
    services and the data stay, and the closing lines are commands that work
    as printed (``onboardflow profile <a user id of this run>``, ``models
    list``, ``lag``, ``make train``).
+7. The personalization API (``--api``, default on; runners/api/, docs/api.md):
+   ``onboardflow serve`` started on ``--api-port`` with a ``profiles:read``
+   key named ``demo`` (hashed in the deployment's API keys file; the key itself
+   in a 0600 file beside it, for the curl the demo prints), the sample user's
+   decision fetched through the typed client (``onboardflow.client``) and
+   printed, then the service stopped.
 
 Two runs with the same ``--seed`` and ``--anchor`` settle on the same
 profiles and segment table (tests/integration/test_demo.py), except the
@@ -109,6 +115,10 @@ def _parse(argv):
                    help="seconds for the live phase (a served model, then every login in Redis)")
     p.add_argument("--run-dir", default=str(deployment.run_dir / "demo"),
                    help="ground truth and other demo output (default: %(default)s)")
+    p.add_argument("--api", action=argparse.BooleanOptionalAction, default=True,
+                   help="End by serving the API and printing one decision fetched through it (docs/api.md).")
+    p.add_argument("--api-port", type=int, default=8080,
+                   help="port of the API the demo starts (default %(default)s; a free one when taken)")
     p.add_argument("--engine", choices=("beam", "flink"), default="beam",
                    help="beam: the Beam pipeline (Prism, or Beam's Flink runner with --flink-master); flink: "
                         "the native Flink job on the cluster `make flink-up` runs (docs/flink.md)")
@@ -324,6 +334,9 @@ class DemoResult:
     profiles: int = 0
     segments: dict = dataclasses.field(default_factory=dict)
     sample_profile: Optional[dict] = None
+    #: The sample user's decision as the API served it (``--api``), the client's ``Decision`` as a dict.
+    decision: Optional[dict] = None
+    sample_user: Optional[str] = None
 
 
 def main(argv=None) -> int:
@@ -488,7 +501,12 @@ def run_demo(args) -> DemoResult:
         with ProfileStore(args.redis_url, secret, key_prefix=prefix) as store:
             _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, prefix, outcome,
                      later=later)
-        outcome.exit_code = 0 if settled.ok and live_ok else 1
+        api_ok, api_key_file = True, None
+        if args.api and outcome.sample_user:
+            api_key_file = _api_decision(args, secret_file, outcome.sample_user, outcome)
+            api_ok = api_key_file is not None
+        _next_steps(args, outcome.sample_user, api_key_file)
+        outcome.exit_code = 0 if settled.ok and live_ok and api_ok else 1
     finally:
         kafka.close()
         progress.close()
@@ -627,10 +645,10 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
                   f"({len(latencies)} of {args.probes} probes in Redis within 30 s)")
         else:
             print(f"   produce->Redis latency: none of {args.probes} probes reached Redis within 30 s")
-    _next_steps(args, sample_user)
+    outcome.sample_user = sample_user
 
 
-def _next_steps(args, sample_user: Optional[str]) -> None:
+def _next_steps(args, sample_user: Optional[str], api_key_file: Optional[Path] = None) -> None:
     """What to try next, as commands that work as printed (same deployment, same key, services up)."""
     import os
 
@@ -653,7 +671,93 @@ def _next_steps(args, sample_user: Optional[str]) -> None:
     print(f"   {prefix}onboardflow models list --kind segmentation")
     print(f"   {prefix}onboardflow lag")
     print(f"   {prefix}make train")
+    if api_key_file is not None:
+        print(f"   {prefix}onboardflow serve{secret} --port {args.api_port}")
+        user = sample_user or "USER_ID"
+        print(f'   curl -H "Authorization: Bearer $(cat {api_key_file})" '
+              f"http://127.0.0.1:{args.api_port}/v1/decisions/{user}")
     print(f"   (every user id of this run: {Path(args.run_dir) / 'ground_truth.csv'})")
+
+
+def _port_free(port: int) -> int:
+    """``port`` if nothing listens on it on 127.0.0.1 (0: a port the kernel picks), else 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+        return s.getsockname()[1]
+
+
+def _api_decision(args, secret_file: Path, sample_user: str, outcome: "DemoResult") -> Optional[Path]:
+    """Step 7 of the module docstring; returns the file holding the demo key (None if the API did not serve).
+
+    The service runs as a process of its own, as an app would reach it: over
+    HTTP with a key, through ``onboardflow.client``.
+    """
+    import os
+    import subprocess
+    import urllib.request
+
+    from ...client import ApiError, OnboardflowClient
+    from ..api.keys import ApiKeyError, KeyFile
+    from ..settings import Settings
+
+    deployment = args.settings
+    keys = KeyFile(deployment.api_keys_path)
+    try:
+        keys.revoke("demo")  # the previous run's demo key: one active demo key at a time
+    except ApiKeyError:
+        pass
+    key, _ = keys.create("demo", ["profiles:read"])
+    key_file = deployment.api_keys_path.with_name(f"{deployment.deployment}.demo.apikey")
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    port = args.api_port if _port_free(args.api_port) else _port_free(0)
+    env = {**os.environ, **{Settings.variable(f.name): str(getattr(deployment, f.name))
+                            for f in dataclasses.fields(deployment) if getattr(deployment, f.name) is not None}}
+    log = Path(args.run_dir) / "api.log"
+    print(f"\n== personalization API: onboardflow serve on 127.0.0.1:{port} (key 'demo', scope profiles:read; "
+          f"access log {log})")
+    with open(log, "ab") as out:
+        server = subprocess.Popen([sys.executable, "-m", "onboardflow.runners.cli", "serve", "--port", str(port),
+                                   "--secret-file", str(secret_file)], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                print(f"   the API did not become ready (see {log})", file=sys.stderr)
+                return None
+            time.sleep(0.3)
+        with OnboardflowClient(f"http://127.0.0.1:{port}", key, timeout=5) as client:
+            try:
+                started = time.perf_counter()
+                decision = client.decision(sample_user)
+                took_ms = (time.perf_counter() - started) * 1000
+            except ApiError as error:
+                print(f"   GET /v1/decisions failed: {error}", file=sys.stderr)
+                return None
+        outcome.decision = dataclasses.asdict(decision)
+        print(f"   GET /v1/decisions/{sample_user} ({took_ms:.0f} ms, through onboardflow.client):")
+        print("     " + json.dumps(outcome.decision, default=str))
+        return key_file
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def _login(user_id: str, at_ms: int, consent: dict) -> dict:

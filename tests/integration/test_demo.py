@@ -167,21 +167,63 @@ def next_steps(out: str) -> list[tuple[dict, list[str]]]:
     return commands
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served_decision(out: str, env: dict, serve: list[str], port: int) -> dict:
+    """Start `onboardflow serve` as the demo printed it, fetch the printed curl line's URL with the
+    printed key file, stop the service: the decision it served (JSON)."""
+    import json
+    import urllib.request
+
+    [(key_file, url)] = re.findall(r'curl -H "Authorization: Bearer \$\(cat (\S+)\)" (http://\S+)', out)
+    assert url.startswith(f"http://127.0.0.1:{port}/v1/decisions/usr-")
+    assert serve[-2:] == ["--port", str(port)]
+    server = subprocess.Popen([sys.executable, "-m", "onboardflow.runners.cli", *serve], env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {open(key_file).read()}"})
+                with urllib.request.urlopen(request, timeout=5) as reply:
+                    return json.loads(reply.read())
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_the_commands_the_demo_suggests_work_as_printed(demo_name, kafka_bootstrap, redis_url, pg_dsn,
                                                          tmp_path, capsys):
     """Issue 15, item 7: after the demo, `profile <the hinted user id>`, `models list` and `lag` find its
     data, each as printed (a new process, the deployment's settings, no extra flags), with no Beam
-    or runner noise on stderr."""
+    or runner noise on stderr. Issue 19: the demo ends with a decision served by the API, and the
+    `serve` command and curl line it prints serve the same decision."""
+    api_port = free_port()
     argv = ["--deployment", demo_name, "--secret-file", str(tmp_path / "pseudonym.key"),
             "--bootstrap-servers", kafka_bootstrap, "--redis-url", redis_url, "--warehouse-dsn", pg_dsn,
             "--users", "80", "--events", "40000", "--seed", "21", "--no-live", "--probes", "0",
-            "--timeout", "300", "--run-dir", str(tmp_path)]
+            "--timeout", "300", "--run-dir", str(tmp_path), "--api-port", str(api_port)]
     result = demo.run_demo(demo._parse(argv))
     out = capsys.readouterr().out
     assert result.exit_code == 0, out
 
     commands = {words[0]: (env, words) for env, words in next_steps(out)}
-    assert set(commands) == {"profile", "models", "lag"}
+    assert set(commands) == {"profile", "models", "lag", "serve"}
+    served = served_decision(out, *commands.pop("serve"), api_port)
+    decision = result.decision
+    assert decision is not None and decision["fallback"] is False and decision["fallback_reason"] is None
+    assert re.fullmatch(r"[0-9a-f]{64}", decision["user_key"]) and decision["track"] and decision["next_steps"]
+    assert served["user_key"] == decision["user_key"] and served["track"] == decision["track"]
+    assert served["segments"] == decision["segments"]
     env, profile = commands["profile"]
     assert env == {"OBF_DEPLOYMENT": demo_name}
     assert re.fullmatch(r"usr-\d{6}", profile[1])  # a real user id of the run
