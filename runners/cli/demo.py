@@ -150,6 +150,8 @@ def demo_settings(base, deployment: str, bootstrap: Optional[str] = None, redis_
         base = dataclasses.replace(base, deployment=deployment, secret_file=None, **names)
     endpoints = {"kafka_bootstrap": bootstrap, "redis_url": redis_url, "warehouse_dsn": warehouse_dsn,
                  "secret_file": Path(secret_file) if secret_file else None}
+    if bootstrap:  # one Kafka named on the command line: the events are produced there too
+        base = dataclasses.replace(base, kafka_producer_bootstrap=None)
     return dataclasses.replace(base, **{k: v for k, v in endpoints.items() if v})
 
 
@@ -485,7 +487,7 @@ def run_demo(args) -> DemoResult:
             from kafka import KafkaProducer
 
             from ...transforms.connections import kafka_config
-            producer = KafkaProducer(**kafka_config(args.bootstrap_servers, acks="all", linger_ms=0))
+            producer = KafkaProducer(**kafka_config(deployment.producer_bootstrap, acks="all", linger_ms=0))
             store = ProfileStore(args.redis_url, secret, key_prefix=prefix)
             try:
                 if args.live:
