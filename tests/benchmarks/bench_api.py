@@ -230,7 +230,7 @@ def main() -> None:
 
     results: dict[str, dict[str, list[dict]]] = {str(r): {**{k: [] for k in ROUTES}, "redis": []} for r in rates}
     server = ApiServer(deployment, args.port, package_root=args.server_root, log=out / "serve.log",
-                       extra_env={"OBF_API_RATE_LIMIT": "0"})
+                       args=["--rate-limit", "1000000", "--rate-burst", "1000000"])
     try:
         server.start()
         key = server.create_key("bench", ["profiles:read"])

@@ -158,15 +158,14 @@ class ApiServer:
     """``onboardflow serve --host HOST --port PORT`` for ``deployment``, in a session of its own.
 
     ``package_root``: a checkout whose ``onboardflow`` serves (default: the one
-    this process imports). Output goes to ``log``. Use as a context manager,
+    this process imports); ``args``: more flags of ``serve``. Output goes to ``log``. Use as a context manager,
     or ``start()`` / ``stop()``.
     """
 
     def __init__(self, deployment: ApiDeployment, port: int, host: str = "127.0.0.1",
-                 package_root: Optional[str] = None, log: Optional[Path] = None,
-                 extra_env: Optional[dict[str, str]] = None) -> None:
-        self.deployment, self.host, self.port = deployment, host, port
-        self.env = {**deployment.environ(package_root), **(extra_env or {})}
+                 package_root: Optional[str] = None, log: Optional[Path] = None, args: Sequence[str] = ()) -> None:
+        self.deployment, self.host, self.port, self.args = deployment, host, port, list(args)
+        self.env = deployment.environ(package_root)
         self.log = Path(log) if log else deployment.directory / f"serve-{port}.log"
         self.proc: Optional[subprocess.Popen] = None
 
@@ -177,7 +176,8 @@ class ApiServer:
     def start(self, timeout_s: float = 60.0) -> "ApiServer":
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", CLI, "serve", "--host", self.host, "--port", str(self.port)],
+                [sys.executable, "-c", CLI, "serve", "--host", self.host, "--port", str(self.port),
+                 *self.args],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
@@ -213,7 +213,7 @@ class ApiServer:
         """``onboardflow apikeys create NAME --scopes A,B``: the plaintext key it prints once."""
         out = subprocess.run([sys.executable, "-c", CLI, "apikeys", "create", name, "--scopes", ",".join(scopes),
                               *extra], env=self.env, check=True, capture_output=True, text=True).stdout
-        found = re.findall(r"\b(obf_[A-Za-z0-9_-]{20,}|[A-Za-z0-9_-]{32,})\b", out)
+        found = [line.strip() for line in out.splitlines() if re.fullmatch(r"obf_[0-9a-f]{12}_[\w-]{43}", line.strip())]
         if not found:
             raise RuntimeError("onboardflow apikeys create printed no key")
-        return found[-1]
+        return found[0]

@@ -105,6 +105,16 @@ def test_without_a_key_the_page_refuses_and_shows_no_data(served, browser):
     assert not browser.find_element(By.ID, "segments").find_elements(By.TAG_NAME, "td")
 
 
+def test_a_key_the_service_does_not_know_is_refused_with_401(served, browser):
+    deployment, server = served
+    _open(browser, server, "obf_000000000000_" + "A" * 43)
+    _look_up(browser, USER)
+    refusal = _wait_text(browser, "error")
+    assert "not valid" in refusal, refusal
+    assert deployment.pseudonymizer().user_key(USER) not in browser.page_source
+    assert USER not in browser.page_source
+
+
 def test_with_a_key_a_lookup_shows_the_pseudonymous_profile_and_never_the_raw_id(served, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
