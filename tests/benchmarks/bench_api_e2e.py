@@ -1,6 +1,7 @@
 """Event -> pipeline -> API latency at the demo's idle rate (prints, never asserts).
 
     python tests/benchmarks/bench_api_e2e.py [--events 50] [--users 5] [--port 8801] [--server-root ROOT]
+        [--pipeline-arg=--FLAG=VALUE ...]
 
 A deployment of its own (``i19e2e``: topics, consumer group, Redis prefix,
 warehouse schema, all emptied first) runs what `make demo` runs: the Beam
@@ -84,7 +85,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8801)
     ap.add_argument("--deployment", default="i19e2e")
     ap.add_argument("--server-root", default=None, help="serve the checkout at ROOT instead of this one")
+    ap.add_argument("--pipeline-arg", action="append", default=[],
+                    help="one more pipeline flag, after the demo's, e.g. --pipeline-arg=--kafka_idle_timeout=1")
     args = ap.parse_args()
+    flags = PIPELINE_FLAGS + args.pipeline_arg
 
     from kafka import KafkaProducer
 
@@ -112,7 +116,7 @@ def main() -> None:
     serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT, load_schema("onboarding_event", version=2))
     producer = KafkaProducer(**kafka_config(settings.kafka_bootstrap, acks="all", linger_ms=0))
     with open(out / "e2e-pipeline.log", "ab") as log:
-        pipeline = subprocess.Popen([sys.executable, "-c", CLI, "run", *PIPELINE_FLAGS], env=env, stdout=log,
+        pipeline = subprocess.Popen([sys.executable, "-c", CLI, "run", *flags], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     # Polled every few ms: no rate limit.
     server = ApiServer(deployment, args.port, package_root=args.server_root, log=out / "e2e-serve.log",
@@ -151,7 +155,7 @@ def main() -> None:
         producer.close()
         redis.close()
         deployment.clear_redis()
-    (out / "e2e.json").write_text(json.dumps({"machine": machine(), "flags": PIPELINE_FLAGS, "probes": rows},
+    (out / "e2e.json").write_text(json.dumps({"machine": machine(), "flags": flags, "probes": rows},
                                              indent=1))
 
     def line(label: str, values: list[float]) -> str:
