@@ -102,6 +102,7 @@ def main() -> None:
     env = deployment.environ()
     settings = Settings.load(env)
     deployment.clear_redis()
+    deployment.api_keys_file.unlink(missing_ok=True)  # an earlier run's keys
     fresh_topics(settings.kafka_bootstrap, [(settings.events_topic, 4), (settings.dead_letter_topic, 1),
                                             (settings.segment_changes_topic, 1), (settings.model_events_topic, 1)],
                  drop_prefix=f"{args.deployment}.")
