@@ -4,7 +4,8 @@
 #                        the services stay up for the commands it suggests
 #   make test            lint, then unit + integration + end-to-end tests against real services
 #   make lint            ruff check (rules and exceptions in ruff.toml)
-#   make bench           benchmarks (print events/s, latency, memory; never asserted)
+#   make bench           benchmarks (print events/s, latency, memory; never asserted), the API's
+#                        under load beside Redis and event -> pipeline -> API (bench-api)
 #   make bench-compare   one 200,000-event topic through the plain loop, a Quix Streams
 #                        application, the Flink job (parallelism 1 and 2) and the Beam
 #                        pipeline on Prism, side by side
@@ -42,6 +43,7 @@ PYTEST        := $(PY) -m pytest
 .PHONY: train evaluate
 .PHONY: fuzz
 .PHONY: openapi
+.PHONY: bench-api vegeta browser
 .PHONY: flink-install flink-up flink-down flink-status flink-jobserver-jar flink-worker-pool-up \
         flink-worker-pool-down flink-demo test-flink
 
@@ -93,18 +95,24 @@ services-status:
 
 # Lint (ruff.toml), then unit tests (fast, no services), then integration and
 # end-to-end tests against the real Kafka, Redis and PostgreSQL started by services-up.
-test: install services-up lint
+test: install services-up browser lint
 	$(PYTEST) tests/unit
 	$(PYTEST) tests/integration
 
 test-unit: venv prism
 	$(PYTEST) tests/unit
 
-test-integration: install services-up
+test-integration: install services-up browser
 	$(PYTEST) tests/integration -m "not e2e"
 
-test-e2e: install services-up
+test-e2e: install services-up browser
 	$(PYTEST) tests/integration -m e2e
+
+# Debian's chromium and its driver, for the operator page's browser test
+# (tests/integration/test_operator_page.py; selenium is in the [test] extras).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { source runners/services/env.sh; apt_install chromium chromium-driver; }
 
 # Ruff (installed by the [test] extras); lint only, never reformats.
 lint: venv
@@ -238,11 +246,32 @@ demo: install
 
 # bench_engines.py is bench-compare's: it needs the Flink install and runs
 # for ~45 minutes at its defaults (3 runs of 4 contenders, 6 latency runs).
-bench: install services-up
+bench: install services-up vegeta
 	@for b in tests/benchmarks/bench_*.py; do \
 	  case "$$b" in */bench_engines.py) continue ;; esac; \
 	  echo "== $$b"; $(PY) $$b || exit 1; \
 	done
+
+# The API alone (tests/benchmarks/bench_api.py, bench_api_e2e.py; both are also
+# part of `make bench`): latency under load at 500-2,000 req/s beside Redis, and
+# event -> pipeline -> API. BENCH_API_ARGS, e.g. BENCH_API_ARGS="--seconds 5 --repeat 1".
+BENCH_API_ARGS ?=
+bench-api: install services-up vegeta
+	$(PY) tests/benchmarks/bench_api.py $(BENCH_API_ARGS)
+	$(PY) tests/benchmarks/bench_api_e2e.py
+
+# vegeta, the HTTP load generator of bench_api.py (constant rate, open loop),
+# built from the Go module proxy at a pinned version, as Prism and promtool are.
+VEGETA_VERSION ?= v12.13.0
+VEGETA        := $(OBF_CACHE_DIR)/bin/vegeta
+VEGETA_STAMP  := $(OBF_CACHE_DIR)/bin/.vegeta-$(VEGETA_VERSION)
+
+vegeta: $(VEGETA_STAMP)
+$(VEGETA_STAMP):
+	@command -v go >/dev/null || { source runners/services/env.sh; apt_install golang-go; }
+	@mkdir -p $(OBF_CACHE_DIR)/bin
+	GOBIN=$(OBF_CACHE_DIR)/bin GOFLAGS=-mod=mod go install github.com/tsenart/vegeta/v12@$(VEGETA_VERSION)
+	@touch $@
 
 # The engines side by side (tests/benchmarks/bench_engines.py: its own Flink
 # cluster on REST port 18081, restarted per layout). BENCH_ARGS, e.g.
