@@ -3,11 +3,12 @@
 Each line (logger ``onboardflow.api.access``, INFO) is a JSON object::
 
     {"at": "2026-12-07T05:43:03.123Z", "method": "GET", "route": "/v1/decisions/{user_id}",
-     "status": 200, "latency_ms": 1.84, "key": "onboarding-ui", "fallback": "unknown_user"}
+     "status": 200, "latency_ms": 1.84, "key": "onboarding-ui", "worker": 4242, "fallback": "unknown_user"}
 
 ``route`` is the route template, never the path, and there is no query
 string: a raw user id appears in neither. ``key`` is the API key's *name*
 (None when no valid key was sent); the key itself is never logged.
+``worker`` is the serving process's pid (`serve --workers N`).
 ``fallback`` is present on decisions served with the fallback. The same
 numbers feed ``ApiMetrics`` (``metrics.py``).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import time
 
@@ -39,6 +41,7 @@ class AccessLogMiddleware:
     def __init__(self, app, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.worker = os.getpid()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -64,7 +67,8 @@ class AccessLogMiddleware:
                 line = {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace(
                             "+00:00", "Z"),
                         "method": scope["method"], "route": route, "status": status,
-                        "latency_ms": round(seconds * 1000, 3), "key": state.get("api_key_name")}
+                        "latency_ms": round(seconds * 1000, 3), "key": state.get("api_key_name"),
+                        "worker": self.worker}
                 if state.get("fallback_reason"):
                     line["fallback"] = state["fallback_reason"]
                 _LOG.info(json.dumps(line, separators=(",", ":")))

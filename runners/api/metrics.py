@@ -4,9 +4,15 @@
 ``MetricSpec`` form as the pipeline's (transforms/prometheus.py) so dashboards
 can be checked against it. ``route`` is the route template
 (``/v1/profiles/{user_id}``), never a path: no user id reaches a label, and
-the series stay few. Each app has its own registry (``ApiMetrics``).
+the series stay few. Each app has its own registry (``ApiMetrics``). With
+several worker processes (`onboardflow serve --workers N`) the values live in
+prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by
+`serve` before the workers start) and ``/metrics``, whichever worker answers
+it, sums every worker's.
 """
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -51,4 +57,10 @@ class ApiMetrics:
         self._fallbacks.labels(reason).inc()
 
     def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            every_worker = CollectorRegistry()
+            multiprocess.MultiProcessCollector(every_worker)
+            return generate_latest(every_worker)
         return generate_latest(self.registry)

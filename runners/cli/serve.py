@@ -1,6 +1,6 @@
 """`onboardflow serve`: the personalization API (runners/api/, docs/api.md) on uvicorn.
 
-    onboardflow serve [--host 127.0.0.1] [--port 8080] [--stale-after 14d]
+    onboardflow serve [--host 127.0.0.1] [--port 8080] [--workers 1] [--stale-after 14d]
                       [--rate-limit 100] [--rate-burst 200] [--api-keys-file PATH]
                       [store flags] [--secret-file PATH | --secret-env NAME]
                       [--bootstrap-servers ... --consumer-group ... --topic ...]
@@ -16,14 +16,29 @@ service's own messages go to stderr. Runs until interrupted (SIGINT/SIGTERM:
 in-flight requests finish). ``--write-openapi`` writes the OpenAPI document
 and exits.
 
+``--workers N`` runs N server processes on the one port (uvicorn's process
+manager; one process is one GIL, and one process answers about 500 requests a
+second on this project's 2-core machine: docs/performance.md "The API"). Each
+worker builds its own app from the same flags (``OBF_API_SERVE_ARGV``, flags
+only: the secret is read again from its file or variable, never passed); the
+rate limit is split between them (each allows ``--rate-limit``/N, burst
+``--rate-burst``/N, so a key gets about the limit over the port);
+``/metrics`` sums every worker (prometheus-client's multiprocess mode, files
+in a private temporary directory removed at exit).
+
 Exit status: 0 stopped cleanly (or document written), 2 usage or configuration error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Serve the personalization API (docs/api.md).")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes on the port (default: %(default)s; see the module docstring)")
     parser.add_argument("--api-keys-file", type=Path, default=deployment.api_keys_path,
                         help="hashed API keys (`onboardflow apikeys`; default: %(default)s)")
     parser.add_argument("--stale-after", type=duration_s, default=DEFAULT_STALE_AFTER_S, metavar="DURATION",
@@ -90,19 +107,16 @@ def _access_log_to_stdout() -> None:
     logger.propagate = False
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.write_openapi is not None:
-        from ..api.openapi import write
+#: The worker processes' flags (``--workers`` > 1): `serve`'s own argv, as JSON.
+WORKER_ARGV = "OBF_API_SERVE_ARGV"
 
-        print(f"wrote {write(args.write_openapi)}")
-        return 0
+
+def _app(args, workers: int = 1):
+    """The app for parsed ``args`` (each worker's share of the rate limit), or an exit status on a refusal."""
     try:
         secret = cli_secret(args, PROG)
     except SystemExit as exit_:
         return int(exit_.code)
-
-    import uvicorn
 
     from ..api.app import create_app
     from ..api.catalogue import CatalogueError
@@ -115,23 +129,64 @@ def main(argv: Optional[list[str]] = None) -> int:
         api_keys_file=args.api_keys_file, warehouse_dsn=args.warehouse_dsn or None,
         warehouse_schema=args.warehouse_schema, kafka_bootstrap=args.bootstrap_servers or None,
         consumer_group=args.consumer_group, topics=tuple(args.topic or (settings().events_topic,)),
-        stale_after_s=args.stale_after, rate_per_s=args.rate_limit, rate_burst=args.rate_burst,
-        redis_timeout_s=args.redis_timeout_ms / 1000)
+        stale_after_s=args.stale_after, rate_per_s=args.rate_limit / workers,
+        rate_burst=max(1, math.ceil(args.rate_burst / workers)), redis_timeout_s=args.redis_timeout_ms / 1000)
     try:
         app = create_app(config)
     except (ApiKeyError, CatalogueError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     _access_log_to_stdout()
+    return app
+
+
+def worker_app():
+    """A worker process's app (``--workers`` > 1): built from the flags in ``OBF_API_SERVE_ARGV``."""
+    args = _parser().parse_args(json.loads(os.environ[WORKER_ARGV]))
+    app = _app(args, args.workers)
+    if isinstance(app, int):
+        raise SystemExit(app)
+    return app
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.write_openapi is not None:
+        from ..api.openapi import write
+
+        print(f"wrote {write(args.write_openapi)}")
+        return 0
+    if args.workers < 1:
+        print(f"{PROG}: --workers must be at least 1", file=sys.stderr)
+        return 2
+    app = _app(args)  # built here in every case: a refusal (no secret, a bad keys file) stops before any worker
+    if isinstance(app, int):
+        return app
+
+    import uvicorn
+
     keys = len(app.state.service.keys)
-    _LOG.info("serving the personalization API on http://%s:%d (prefix '%s', %d active API keys in %s)",
-              args.host, args.port, args.key_prefix, keys, args.api_keys_file)
+    _LOG.info("serving the personalization API on http://%s:%d (prefix '%s', %d active API keys in %s, %d worker%s)",
+              args.host, args.port, args.key_prefix, keys, args.api_keys_file, args.workers,
+              "" if args.workers == 1 else "s")
     if keys == 0:
         _LOG.warning("no active API key: every /v1 request is refused; `onboardflow apikeys create NAME --scopes ...`")
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_config=None,
-                                           server_header=False, lifespan="on", timeout_graceful_shutdown=10))
-    server.run()
-    return 0 if server.started else 2
+    common = dict(host=args.host, port=args.port, access_log=False, log_config=None, server_header=False,
+                  lifespan="on", timeout_graceful_shutdown=10)
+    if args.workers == 1:
+        server = uvicorn.Server(uvicorn.Config(app, **common))
+        server.run()
+        return 0 if server.started else 2
+    metrics_dir = tempfile.mkdtemp(prefix="onboardflow-api-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[WORKER_ARGV] = json.dumps(argv)
+    try:
+        uvicorn.run(f"{__package__}.serve:worker_app", factory=True,
+                    workers=args.workers, **common)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

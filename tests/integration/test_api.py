@@ -36,7 +36,7 @@ from onboardflow.transforms.warehouse.migrations import apply_migrations
 
 pytestmark = pytest.mark.integration
 
-PORT, LIMITED_PORT, OUTAGE_PORT, OWN_REDIS_PORT = 8700, 8701, 8702, 8750
+PORT, LIMITED_PORT, OUTAGE_PORT, WORKERS_PORT, OWN_REDIS_PORT = 8700, 8701, 8702, 8705, 8750
 ALICE, BOB, STALE = "alice@example.com", "bob-1234", "carol-stale"
 MEMBERS = [f"member-{i:03d}" for i in range(37)]
 
@@ -295,6 +295,30 @@ def test_a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_are_unaffe
     assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"] == "rate_limited" and refused.json()["retry_after_s"] >= 1
     assert other.status_code == 200
+
+
+# --------------------------------------------------------------------------- several workers
+
+
+def test_two_workers_answer_on_one_port_and_metrics_sum_both(deployment, tmp_path):
+    workers = ApiServer(WORKERS_PORT, deployment.serve_args(WORKERS_PORT, "--workers", "2", "--rate-limit", "1000"),
+                        tmp_path)
+    try:
+        with httpx.Client(base_url=workers.base_url, timeout=10) as client:
+            answered = []
+            for _ in range(60):  # a new connection each: the kernel spreads them over both workers
+                answered.append(client.get(f"/v1/decisions/{ALICE}", headers={**auth(deployment, "profiles"),
+                                                                            "Connection": "close"}))
+            metrics = client.get("/metrics").text
+    finally:
+        workers.stop()
+    assert {r.status_code for r in answered} == {200} and {r.json()["fallback"] for r in answered} == {False}
+    [count] = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('onboardflow_api_requests_total{method="GET",route="/v1/decisions/{user_id}",'
+                                  'status="200"}')]
+    assert count == 60, "/metrics does not sum both workers' requests"
+    pids = {line["worker"] for line in workers.access_lines() if line["route"] == "/v1/decisions/{user_id}"}
+    assert len(pids) == 2, f"one worker answered everything: {pids}"
 
 
 # --------------------------------------------------------------------------- Redis stopped
