@@ -282,6 +282,7 @@ class TreatmentEffect:
             raise ValueError(f"variant {self.variant!r} is not one of {sorted(self.experiment.weights)}")
         if not -1.0 <= self.lift <= 1.0:
             raise ValueError("lift must be within [-1, 1]")
+        self._pseudonymizer  # noqa: B018 - a secret the anonymization stage would refuse fails here
 
     @functools.cached_property
     def _pseudonymizer(self) -> "Pseudonymizer":
