@@ -18,8 +18,8 @@ What one erasure does, in this order (docs/security.md, "Right to erasure"):
    and the outbox entries not yet relayed that name the user (segment changes,
    profile snapshots).
 3. **Warehouse**, in one transaction: the user's rows in ``events``,
-   ``late_events``, ``profile_snapshots`` and ``segment_changes``, and the
-   audit row (``erasure_audit``).
+   ``late_events``, ``profile_snapshots``, ``segment_changes`` and
+   ``experiment_exposures``, and the audit row (``erasure_audit``).
 
 Every step is idempotent, and the audit row is keyed by the request's id: a
 request erased twice (a retried command, a replayed request topic) removes
@@ -44,7 +44,7 @@ from .profile_store.keys import ProfileKeys
 from .warehouse.schema import DEFAULT_SCHEMA, check_schema
 
 #: Warehouse tables holding rows keyed by ``user_key``.
-USER_TABLES = ("events", "late_events", "profile_snapshots", "segment_changes")
+USER_TABLES = ("events", "late_events", "profile_snapshots", "segment_changes", "experiment_exposures")
 #: Outbox streams whose entries name a user (field ``u``).
 USER_OUTBOXES = (SEGMENT_CHANGES, PROFILE_SNAPSHOTS)
 _SCAN_COUNT = 1000

@@ -5,8 +5,10 @@ the operational routes (``/healthz``, ``/readyz``, ``/metrics``), the
 operator page (operator.py), the access log and request metrics
 (access_log.py). What the app holds is one ``ApiService``: the async Redis
 reader, the pseudonymizer (the service holds the secret so apps never do),
-the API keys, the rate limiter, the track policy and steps catalogue, the
-model-registry and lag readers, and the eraser. Clients are closed when the
+the API keys, the rate limiter, the track policy, steps catalogue and
+experiments, the model-registry and lag readers, the eraser, and the
+experiment exposure log (exposures.py, written in the background while the
+app runs). Clients are closed when the
 app shuts down. Routes, auth and fallbacks: docs/api.md.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ...models.tracks import TrackPolicy
 from ...transforms.anonymize import Pseudonymizer
 from ...transforms.connections import redis_client
 from ...transforms.erasure import UserEraser
+from ...transforms.experiments import ExperimentSet
 from ...transforms.profile_store.keys import ProfileKeys
 from ...transforms.segment import RuleSet
 from . import operator, routes
@@ -31,6 +34,7 @@ from .access_log import AccessLogMiddleware
 from .catalogue import StepCatalogue
 from .config import ApiConfig
 from .errors import ApiError
+from .exposures import ExposureLog, warehouse_writer
 from .keys import KeyRing
 from .metrics import ApiMetrics
 from .ratelimit import RateLimiter
@@ -55,11 +59,13 @@ class ApiService:
     limiter: RateLimiter
     policy: TrackPolicy
     catalogue: StepCatalogue
+    experiments: ExperimentSet
     rules: RuleSet
     metrics: ApiMetrics
     models: ModelVersions
     lag: Optional[LagStatus]
     eraser: Optional[UserEraser]
+    exposures: Optional[ExposureLog]
     _sync_redis: redis.Redis
 
     @property
@@ -67,6 +73,8 @@ class ApiService:
         return sorted(self.rules.names)
 
     async def close(self) -> None:
+        if self.exposures is not None:
+            await self.exposures.stop()
         await self.reader.close()
         self.models.close()
         if self.lag is not None:
@@ -79,6 +87,12 @@ def build_service(config: ApiConfig) -> ApiService:
     rules = RuleSet.load()
     policy = TrackPolicy.from_yaml(config.tracks_file, rules)
     catalogue = StepCatalogue.from_yaml(config.steps_file, policy.tracks)
+    experiments = ExperimentSet.load(config.experiments_file, rules.known_segments, policy.tracks)
+    metrics = ApiMetrics()
+    exposures = (ExposureLog(warehouse_writer(config.warehouse_dsn, config.warehouse_schema), metrics,
+                             batch_rows=config.exposure_batch_rows, flush_ms=config.exposure_flush_ms,
+                             queue_rows=config.exposure_queue_rows)
+                 if config.warehouse_dsn else None)
     sync_redis = redis_client(config.redis_url, socket_timeout=10, socket_connect_timeout=config.lag_timeout_s)
     eraser = (UserEraser(sync_redis, ProfileKeys(config.key_prefix), config.warehouse_dsn, config.warehouse_schema)
               if config.warehouse_dsn else None)
@@ -88,9 +102,9 @@ def build_service(config: ApiConfig) -> ApiService:
         config=config, reader=AsyncProfileReader(config.redis_url, config.key_prefix, config.redis_timeout_s),
         pseudonymizer=Pseudonymizer(config.secret) if config.secret is not None else None,
         keys=KeyRing(config.api_keys_file), limiter=RateLimiter(config.rate_per_s, config.rate_burst),
-        policy=policy, catalogue=catalogue, rules=rules, metrics=ApiMetrics(),
+        policy=policy, catalogue=catalogue, experiments=experiments, rules=rules, metrics=metrics,
         models=ModelVersions(config.redis_url, config.key_prefix, config.lag_timeout_s),
-        lag=lag, eraser=eraser, _sync_redis=sync_redis)
+        lag=lag, eraser=eraser, exposures=exposures, _sync_redis=sync_redis)
 
 
 #: error codes of the router's own refusals (an unknown path, a method a route lacks).
@@ -109,6 +123,8 @@ def create_app(config: ApiConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if service.exposures is not None:
+            service.exposures.start()
         try:
             yield
         finally:

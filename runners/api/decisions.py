@@ -19,14 +19,21 @@ catalogue's ``fallback.track`` with all its steps, no segments, and
 * ``store_unavailable``: Redis could not be read in time;
 * ``secret_unavailable``: the service has no pseudonymization secret.
 
+``experiments`` (``{experiment: variant}``) holds every experiment of the
+experiments file (transforms/experiments.py) that is running at ``now_ms``
+and whose eligibility the profile meets, with the decision's track as the
+profile's ``onboarding_track``. A fallback decision is in no experiment: the
+user's segments and track are unknown or not trusted, and the UI shows the
+default onboarding, so no variant is served and no exposure recorded.
+
 >>> from onboardflow.models.tracks import TrackPolicy
 >>> policy = TrackPolicy.from_dict({"version": "1", "default": "standard",
 ...     "tracks": {"standard": "the tour"}, "rules": []})
 >>> catalogue = StepCatalogue.from_dict({"version": "1", "fallback": {"track": "standard"},
 ...     "tracks": {"standard": [{"id": "tour", "title": "Take the tour"}]}})
 >>> d = decide(None, now_ms=0, stale_after_s=60, policy=policy, catalogue=catalogue)
->>> d.fallback, d.fallback_reason, d.track, [s.id for s in d.next_steps]
-(True, 'unknown_user', 'standard', ['tour'])
+>>> d.fallback, d.fallback_reason, d.track, [s.id for s in d.next_steps], d.experiments
+(True, 'unknown_user', 'standard', ['tour'], {})
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ...models.tracks import TrackPolicy
+from ...models.tracks import TRACK_FIELD, TrackPolicy
+from ...transforms.experiments import ExperimentSet
 from .catalogue import Step, StepCatalogue
 
 UNKNOWN_USER, STALE_PROFILE = "unknown_user", "stale_profile"
@@ -50,6 +58,7 @@ class Decision:
     catalogue_version: str
     user_key: Optional[str] = None
     segments: list[str] = field(default_factory=list)
+    experiments: dict[str, str] = field(default_factory=dict)
     segment_label: Optional[str] = None
     track_rule: Optional[str] = None
     fallback_reason: Optional[str] = None
@@ -77,7 +86,8 @@ def is_stale(profile: Mapping[str, Any], now_ms: int, stale_after_s: Optional[fl
 
 
 def decide(profile: Optional[Mapping[str, Any]], *, now_ms: int, stale_after_s: Optional[float],
-           policy: TrackPolicy, catalogue: StepCatalogue, user_key: Optional[str] = None) -> Decision:
+           policy: TrackPolicy, catalogue: StepCatalogue, user_key: Optional[str] = None,
+           experiments: Optional[ExperimentSet] = None) -> Decision:
     """The decision for a stored profile (None: the user is unknown); see the module docstring."""
     if profile is None:
         return fallback_decision(UNKNOWN_USER, catalogue, user_key)
@@ -89,9 +99,12 @@ def decide(profile: Optional[Mapping[str, Any]], *, now_ms: int, stale_after_s: 
         track, rule = policy.decide(profile)
     segments = profile.get("segments")
     label = profile.get("segment_label")
+    variants = (experiments.assign({**profile, TRACK_FIELD: track}, now_ms, user_key)
+                if experiments is not None and user_key else {})
     return Decision(
         track, catalogue.next_steps(track, profile), False, catalogue.version, user_key=user_key,
         segments=[s for s in segments if isinstance(s, str)] if isinstance(segments, list) else [],
+        experiments=variants,
         segment_label=label if isinstance(label, str) else None, track_rule=rule,
         profile_version=profile.get("version"), updated_at=profile.get("updated_at"),
     )

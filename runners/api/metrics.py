@@ -1,4 +1,4 @@
-"""The personalization API's Prometheus metrics (``/metrics``): requests, latency, fallbacks.
+"""The personalization API's Prometheus metrics (``/metrics``): requests, latency, fallbacks, exposures.
 
 ``API_METRICS`` is the catalogue (names, labels, buckets), in the same
 ``MetricSpec`` form as the pipeline's (transforms/prometheus.py) so dashboards
@@ -30,6 +30,11 @@ API_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("onboardflow_api_decision_fallbacks", "counter",
                "Decisions answered with the fallback, by reason (unknown_user, stale_profile, "
                "store_unavailable, secret_unavailable).", ("reason",)),
+    MetricSpec("onboardflow_api_exposures_written", "counter",
+               "Experiment exposures new to the warehouse (first serving of a variant to a user).", ()),
+    MetricSpec("onboardflow_api_exposures_dropped", "counter",
+               "Experiment exposures not written, by reason (queue_full, warehouse_unavailable, rejected); "
+               "the user's next decision records them again.", ("reason",)),
 )
 
 #: The ``route`` label of a request no route matched (a 404 of an unknown path).
@@ -43,11 +48,13 @@ def api_sample_names() -> set[str]:
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        requests, duration, fallbacks = API_METRICS
+        requests, duration, fallbacks, written, dropped = API_METRICS
         self._requests = Counter(requests.name, requests.help, requests.labels, registry=self.registry)
         self._duration = Histogram(duration.name, duration.help, duration.labels, registry=self.registry,
                                    buckets=duration.buckets)
         self._fallbacks = Counter(fallbacks.name, fallbacks.help, fallbacks.labels, registry=self.registry)
+        self._written = Counter(written.name, written.help, written.labels, registry=self.registry)
+        self._dropped = Counter(dropped.name, dropped.help, dropped.labels, registry=self.registry)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self._requests.labels(method, route, str(status)).inc()
@@ -55,6 +62,12 @@ class ApiMetrics:
 
     def fallback(self, reason: str) -> None:
         self._fallbacks.labels(reason).inc()
+
+    def exposures_written(self, rows: int) -> None:
+        self._written.inc(rows)
+
+    def exposures_dropped(self, reason: str, rows: int) -> None:
+        self._dropped.labels(reason).inc(rows)
 
     def exposition(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -93,8 +93,9 @@ async def get_profile(request: Request, user_id: str = UserId,
 
 @router.get("/decisions/{user_id:rawid}", response_model=Decision, responses=responses(401, 403, 429))
 async def get_decision(request: Request, user_id: str = UserId, _key=Depends(require("profiles:read"))):
-    """Track, segments and next steps for the user; the fallback decision (``fallback: true``) when the user is
-    unknown, the profile stale or Redis unreachable, never an error for those."""
+    """Track, segments, next steps and experiment variants for the user; the fallback decision (``fallback:
+    true``, no experiments) when the user is unknown, the profile stale or Redis unreachable, never an error for
+    those. Each variant served is recorded as an exposure in the warehouse, off the request path."""
     service = request.app.state.service
     if service.pseudonymizer is None:
         decision = fallback_decision(SECRET_UNAVAILABLE, service.catalogue)
@@ -105,15 +106,18 @@ async def get_decision(request: Request, user_id: str = UserId, _key=Depends(req
         except redis.RedisError:
             decision = fallback_decision(STORE_UNAVAILABLE, service.catalogue, user_key)
         else:
-            decision = decide(profile, now_ms=time.time_ns() // 1_000_000,
-                              stale_after_s=service.config.stale_after_s, policy=service.policy,
-                              catalogue=service.catalogue, user_key=user_key)
+            now_ms = time.time_ns() // 1_000_000
+            decision = decide(profile, now_ms=now_ms, stale_after_s=service.config.stale_after_s,
+                              policy=service.policy, catalogue=service.catalogue, user_key=user_key,
+                              experiments=service.experiments)
+            if decision.experiments and service.exposures is not None:
+                service.exposures.record(decision.user_key, decision.experiments, now_ms)
     if decision.fallback:
         service.metrics.fallback(decision.fallback_reason)
         request.state.fallback_reason = decision.fallback_reason
     return Decision(
         user_key=decision.user_key, track=decision.track, track_rule=decision.track_rule,
-        segments=decision.segments, segment_label=decision.segment_label,
+        segments=decision.segments, segment_label=decision.segment_label, experiments=decision.experiments,
         next_steps=[NextStep(id=s.id, title=s.title) for s in decision.next_steps],
         fallback=decision.fallback, fallback_reason=decision.fallback_reason,
         profile_version=decision.profile_version, updated_at=decision.updated_at,

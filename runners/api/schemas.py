@@ -61,8 +61,9 @@ class Decision(BaseModel):
     segment_label: Optional[str] = Field(None, description="The online model's behaviour segment")
     next_steps: list[NextStep]
     experiments: dict[str, str] = Field(default_factory=dict,
-                                        description="Experiment -> variant; filled once experiments exist "
-                                                    "(issue 20), empty until then")
+                                        description="Experiment -> variant, for every running experiment the "
+                                                    "user is eligible for (pipelines/experiments.yaml); "
+                                                    "empty for a fallback")
     fallback: bool = Field(description="True: the configured default decision, not a personalized one")
     fallback_reason: Optional[str] = Field(None, description="unknown_user, stale_profile, store_unavailable or "
                                                              "secret_unavailable; null when personalized")

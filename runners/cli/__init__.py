@@ -9,6 +9,7 @@ command parses its own flags.
     onboardflow run ...            the onboarding pipeline (Beam options pass through)
     onboardflow profile USER_ID    read one profile back from Redis
     onboardflow serve ...          the personalization API (docs/api.md)
+    onboardflow experiments ...    declared experiments and their reports (docs/experiments.md)
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "outbox": (".outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
     "serve": (".serve", "serve the personalization API (profiles, decisions, segments) over HTTP"),
     "apikeys": (".apikeys", "create, list or revoke the personalization API's keys"),
+    "experiments": (".experiments", "list the declared experiments; report one (completion by variant, SRM, plot)"),
     "evaluate": (".evaluate",
                  "segments and propensity on four population designs: ARI, stability, calibration, plots"),
 }

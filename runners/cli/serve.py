@@ -2,11 +2,13 @@
 
     onboardflow serve [--host 127.0.0.1] [--port 8080] [--workers 1] [--stale-after 14d]
                       [--rate-limit 100] [--rate-burst 200] [--api-keys-file PATH]
+                      [--experiments-file PATH] [--exposure-flush-ms 200]
                       [store flags] [--secret-file PATH | --secret-env NAME]
                       [--bootstrap-servers ... --consumer-group ... --topic ...]
     onboardflow serve --write-openapi docs/api/openapi.json
 
-Redis, the key prefix, the warehouse (for erasures), Kafka (for the lag in
+Redis, the key prefix, the warehouse (for erasures and experiment
+exposures), Kafka (for the lag in
 ``/v1/status``), the API keys file and the pseudonymization secret default to
 the deployment's (runners/settings.py, runners/cli/secret.py); the secret
 is required: the service holds it so apps never do. Keys: `onboardflow
@@ -87,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="the pipeline's consumer group (default: %(default)s)")
     parser.add_argument("--topic", action="append", default=None,
                         help=f"a topic the pipeline reads; repeat (default: {deployment.events_topic})")
+    parser.add_argument("--experiments-file", type=Path, default=None, metavar="PATH",
+                        help="the experiments the decisions serve (default: pipelines/experiments.yaml)")
+    parser.add_argument("--exposure-flush-ms", type=float, default=200.0, metavar="MS",
+                        help="longest wait before served variants are written to the warehouse as exposures "
+                             "(default: %(default)g)")
     parser.add_argument("--write-openapi", type=Path, default=None, metavar="PATH",
                         help="write the OpenAPI document to PATH and exit")
     add_store_flags(parser, deployment)
@@ -118,6 +125,7 @@ def _app(args, workers: int = 1):
     except SystemExit as exit_:
         return int(exit_.code)
 
+    from ...transforms.experiments import ExperimentError
     from ..api.app import create_app
     from ..api.catalogue import CatalogueError
     from ..api.config import ApiConfig
@@ -130,10 +138,12 @@ def _app(args, workers: int = 1):
         warehouse_schema=args.warehouse_schema, kafka_bootstrap=args.bootstrap_servers or None,
         consumer_group=args.consumer_group, topics=tuple(args.topic or (settings().events_topic,)),
         stale_after_s=args.stale_after, rate_per_s=args.rate_limit / workers,
-        rate_burst=max(1, math.ceil(args.rate_burst / workers)), redis_timeout_s=args.redis_timeout_ms / 1000)
+        rate_burst=max(1, math.ceil(args.rate_burst / workers)), redis_timeout_s=args.redis_timeout_ms / 1000,
+        exposure_flush_ms=args.exposure_flush_ms,
+        **({"experiments_file": args.experiments_file} if args.experiments_file else {}))
     try:
         app = create_app(config)
-    except (ApiKeyError, CatalogueError, ValueError) as exc:
+    except (ApiKeyError, CatalogueError, ExperimentError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     _access_log_to_stdout()

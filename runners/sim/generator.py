@@ -27,6 +27,9 @@ tutorial completion, breadth of feature adoption, purchases and recency.
 ``converted``: a purchase) that a propensity model is later trained on. The
 labels are planned before the journey is generated and the journey honours
 them, so they agree with the events exactly when the stream is read to its end.
+``GeneratorConfig.treatment`` simulates an experiment: users in its treatment
+arm (the core's assignment of their pseudonym) complete onboarding with a
+higher chance (``TreatmentEffect``; docs/experiments.md "Simulated effects").
 
 Journeys are realistic enough to exercise the pipeline: anonymous page views
 (``anonymous_id`` only) before ``signup`` assigns the ``user_id``; sessions
@@ -68,9 +71,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 from ...schemas.units import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, WEEK_MS
+
+if TYPE_CHECKING:
+    from ...transforms.anonymize import Pseudonymizer
+    from ...transforms.experiments import Experiment
 
 #: 2026-01-05T00:00:00Z, a Monday: the default, fixed start of the timeline.
 DEFAULT_START_MS = 1_767_571_200_000
@@ -251,6 +258,47 @@ DEFAULT_PERSONA_MIX: dict[str, float] = {
 
 
 @dataclass(frozen=True)
+class TreatmentEffect:
+    """A simulated experiment effect: users in ``variant`` of ``experiment`` complete onboarding more often.
+
+    A user's arm is the core's assignment (``Experiment.variant``,
+    transforms/experiments.py) of the pseudonym the pipeline will compute
+    for them: HMAC-SHA256 of the user id under ``secret`` (the deployment's
+    pseudonymization key, as ``Pseudonymizer.user_key``). In that arm the
+    chance of finishing the tutorial is ``min(1, p + lift)`` instead of
+    ``p``, drawn from the same random number, so the other arms' journeys and
+    every other attribute are those of a run without the effect. Since a
+    persona's ``p`` can come near 1, the realized lift is at most ``lift``
+    (``JourneyGenerator.expected_lift`` says how much).
+    """
+
+    experiment: "Experiment"
+    variant: str
+    lift: float
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.variant not in self.experiment.weights:
+            raise ValueError(f"variant {self.variant!r} is not one of {sorted(self.experiment.weights)}")
+        if not -1.0 <= self.lift <= 1.0:
+            raise ValueError("lift must be within [-1, 1]")
+        self._pseudonymizer  # noqa: B018 - a secret the anonymization stage would refuse fails here
+
+    @functools.cached_property
+    def _pseudonymizer(self) -> "Pseudonymizer":
+        from ...transforms.anonymize import Pseudonymizer
+
+        return Pseudonymizer(self.secret)
+
+    def user_key(self, user_id: str) -> str:
+        """The pseudonym the anonymization stage gives ``user_id``."""
+        return self._pseudonymizer.user_key(user_id)
+
+    def treated(self, user_id: str) -> bool:
+        return self.experiment.variant(self.user_key(user_id)) == self.variant
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """What to generate. Fractions are of valid events unless said otherwise."""
 
@@ -279,6 +327,8 @@ class GeneratorConfig:
     personalization_consent_rate: float = 0.95
     analytics_consent_rate: float = 0.9
     marketing_consent_rate: float = 0.4
+    #: a simulated experiment effect on onboarding completion (None: no experiment changes anything)
+    treatment: Optional[TreatmentEffect] = None
 
     def __post_init__(self) -> None:
         if self.users < 1:
@@ -659,11 +709,15 @@ class JourneyGenerator:
     def _profile(self, index: int, signup_ms: int) -> UserProfile:
         cfg = self.config
         rng = random.Random(f"{cfg.seed}/user/{index}")
-        persona = PERSONAS[rng.choices(self._persona_names, weights=self._persona_weights)[0]]
-        engagement = min(2.0, max(0.4, rng.lognormvariate(0.0, 0.3)))
+        persona, engagement = self._persona(rng)
         # More engaged users are likelier to finish and to buy, within each persona,
         # so the labels are predictable from early behaviour and not only the persona.
-        completes = rng.random() < min(0.98, persona.completion_p * engagement ** 1.5)
+        completion_p = self._completion_p(persona, engagement)
+        user_id = f"usr-{index + 1:06d}"
+        treatment = cfg.treatment
+        if treatment is not None and treatment.treated(user_id):
+            completion_p = min(1.0, max(0.0, completion_p + treatment.lift))
+        completes = rng.random() < completion_p
         steps = STEP_TOTAL if completes else rng.randint(*persona.partial_steps)
         buy_p = min(0.95, persona.purchase_p * engagement ** 1.5 * (1.4 if completes else 0.7))
         purchase_plan = rng.choice(PURCHASE_PLANS)[0] if rng.random() < buy_p else None
@@ -673,7 +727,7 @@ class JourneyGenerator:
         domain = rng.choices(EMAIL_DOMAINS, weights=EMAIL_DOMAIN_WEIGHTS)[0]
         return UserProfile(
             index=index,
-            user_id=f"usr-{index + 1:06d}",
+            user_id=user_id,
             account_id=f"acct-{account + 1:05d}",
             account_plan=self.account(account).plan,
             persona=persona.name,
@@ -689,6 +743,27 @@ class JourneyGenerator:
                 "marketing": rng.random() < cfg.marketing_consent_rate,
             },
         )
+
+    def _persona(self, rng: random.Random) -> tuple[Persona, float]:
+        """A user's persona and engagement: the first draws of the user's ``rng``."""
+        persona = PERSONAS[rng.choices(self._persona_names, weights=self._persona_weights)[0]]
+        return persona, min(2.0, max(0.4, rng.lognormvariate(0.0, 0.3)))
+
+    @staticmethod
+    def _completion_p(persona: Persona, engagement: float) -> float:
+        return min(0.98, persona.completion_p * engagement ** 1.5)
+
+    def expected_lift(self) -> float:
+        """The treatment's expected lift in completion over this population: the mean of
+        ``min(1, p + lift) - p`` over every user's completion chance ``p`` (0 without a treatment)."""
+        treatment = self.config.treatment
+        if treatment is None:
+            return 0.0
+        total = 0.0
+        for index in range(self.config.users):
+            p = self._completion_p(*self._persona(random.Random(f"{self.config.seed}/user/{index}")))
+            total += min(1.0, max(0.0, p + treatment.lift)) - p
+        return total / self.config.users
 
     def account(self, account_index: int) -> AccountProfile:
         """The reference-table row of account ``acct-{account_index + 1:05d}``."""

@@ -1,13 +1,14 @@
 """Latency of the personalization API under constant load, beside Redis itself (prints, never asserts).
 
     python tests/benchmarks/bench_api.py [--profiles 10000] [--rates 500,1000,2000] [--seconds 15]
-        [--repeat 3] [--unknown 0.1] [--port 8800] [--server-root ROOT]
+        [--repeat 3] [--workers 1,2] [--unknown 0.1] [--port 8800] [--server-root ROOT]
 
 1. ``--profiles`` profiles (tests/integration/api_service.py ``seed_profiles``:
    shaped by the core, written with the pipeline's writer) in a deployment of
    the benchmark's own (``i19bench``: Redis prefix, key files in .run/bench-api).
 2. ``onboardflow serve`` in a process of its own on ``--port``, and an API key
-   with ``profiles:read``.
+   with ``profiles:read``; once per ``--workers`` count (`serve --workers N`),
+   so one process and one per core show side by side.
 3. At each rate, vegeta (built by ``make vegeta`` from the Go module proxy) sends
    ``GET /v1/profiles/{id}`` and ``GET /v1/decisions/{id}``, half each, shuffled,
    for ``--seconds``, open loop: requests go out at the rate whatever the
@@ -197,17 +198,20 @@ def cell(runs: list[dict]) -> str:
     return text + (f" (+{med['fallback_rate']:.2%} fallback)" if med["fallback_rate"] else "")
 
 
-def print_table(results: dict, rates: list[int]) -> None:
+def print_table(results: dict, rates: list[int], workers: list[int]) -> None:
+    """``results[rate][label]``: runs; labels ``"<route>@<workers>"`` and ``"redis"``."""
     head = " | ".join(f"{rate:,} req/s: p50 / p99 / p99.9, errors" for rate in rates)
     print(f"\n| route | {head} |\n|---|" + "---:|" * len(rates))
-    for label in [*ROUTES, "redis"]:
-        name = ROUTES.get(label, CEILING)
+    labels = [(f"{route}@{n}", f"{ROUTES[route]}, {n} worker{'s' if n > 1 else ''}")
+              for n in workers for route in ROUTES] + [("redis", CEILING)]
+    for label, name in labels:
         print(f"| {name} | " + " | ".join(cell(results[str(rate)][label]) for rate in rates) + " |")
     at = results.get("1000")
     if at:
-        worst = max(statistics.median(r["p99_ms"] for r in at[route]) for route in ROUTES)
-        print(f"\ntarget p99 < 10 ms at 1,000 req/s: worst route p99 {worst:.2f} ms "
-              f"({'met' if worst < 10 else 'missed'}; reported, not asserted)", flush=True)
+        for n in workers:
+            worst = max(statistics.median(r["p99_ms"] for r in at[f"{route}@{n}"]) for route in ROUTES)
+            print(f"target p99 < 10 ms at 1,000 req/s, {n} worker(s): worst route p99 {worst:.2f} ms "
+                  f"({'met' if worst < 10 else 'missed'}; reported, not asserted)", flush=True)
 
 
 def main() -> None:
@@ -216,12 +220,15 @@ def main() -> None:
     ap.add_argument("--rates", default="500,1000,2000", help="requests/s, comma-separated")
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each step")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", default=f"1,{os.cpu_count() or 1}",
+                    help="serve --workers counts, comma-separated (default: 1 and one per core)")
     ap.add_argument("--unknown", type=float, default=0.1, help="share of ids without a profile")
     ap.add_argument("--port", type=int, default=8800)
     ap.add_argument("--deployment", default="i19bench")
     ap.add_argument("--server-root", default=None, help="serve the checkout at ROOT instead of this one")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
+    workers = sorted({int(n) for n in args.workers.split(",")})
     out = run_dir() / "bench-api"
     out.mkdir(parents=True, exist_ok=True)
     vegeta = vegeta_binary()
@@ -241,29 +248,38 @@ def main() -> None:
     pseudonymizer = deployment.pseudonymizer()
     keys = [f"{deployment.prefix}:profile:{pseudonymizer.user_key(u)}" for u, _ in ids]
 
-    results: dict[str, dict[str, list[dict]]] = {str(r): {**{k: [] for k in ROUTES}, "redis": []} for r in rates}
-    server = ApiServer(deployment, args.port, package_root=args.server_root, log=out / "serve.log",
-                       args=["--rate-limit", "1000000", "--rate-burst", "1000000"])
+    results: dict[str, dict[str, list[dict]]] = {
+        str(r): {**{f"{k}@{n}": [] for k in ROUTES for n in workers}, "redis": []} for r in rates}
+    key = None
     try:
-        server.start()
-        key = server.create_key("bench", ["profiles:read"])
-        attack(vegeta, server.url, key, ids, 100, 3, out / "warmup.bin")  # connections, caches, JIT-free warm-up
+        for n in workers:
+            server = ApiServer(deployment, args.port, package_root=args.server_root, log=out / f"serve-{n}.log",
+                               args=["--rate-limit", "1000000", "--rate-burst", "1000000", "--workers", str(n)])
+            try:
+                server.start()
+                key = key or server.create_key("bench", ["profiles:read"])
+                attack(vegeta, server.url, key, ids, 100, 3, out / "warmup.bin")  # connections, caches
+                for run in range(args.repeat):
+                    for rate in rates:
+                        figures = attack(vegeta, server.url, key, ids, rate, args.seconds,
+                                         out / f"api-{n}w-{rate}-{run}.bin")
+                        for route in ROUTES:
+                            results[str(rate)][f"{route}@{n}"].append(figures[route])
+                        print(f"   {n} worker(s), run {run + 1}, {rate:,} req/s: " + "; ".join(
+                            f"{route} p99 {figures[route]['p99_ms']:.2f} ms" for route in ROUTES), flush=True)
+            finally:
+                server.stop()
         for run in range(args.repeat):
             for rate in rates:
-                figures = attack(vegeta, server.url, key, ids, rate, args.seconds, out / f"api-{rate}-{run}.bin")
-                for route in ROUTES:
-                    results[str(rate)][route].append(figures[route])
                 results[str(rate)]["redis"].append(redis_ceiling(deployment.redis_url, keys, rate, args.seconds))
-                print(f"   run {run + 1}, {rate:,} req/s: " + "; ".join(
-                    f"{label} p99 {results[str(rate)][label][-1]['p99_ms']:.2f} ms"
-                    for label in [*ROUTES, "redis"]), flush=True)
+                print(f"   Redis directly, run {run + 1}, {rate:,} req/s: "
+                      f"p99 {results[str(rate)]['redis'][-1]['p99_ms']:.2f} ms", flush=True)
     finally:
-        server.stop()
         deployment.clear_redis()
     (out / "report.json").write_text(json.dumps(
         {"machine": machine(), "profiles": args.profiles, "unknown": args.unknown, "seconds": args.seconds,
-         "rates": rates, "runs": results}, indent=1))
-    print_table(results, rates)
+         "rates": rates, "workers": workers, "runs": results}, indent=1))
+    print_table(results, rates, workers)
     print(f"   raw figures: {out / 'report.json'}, vegeta results {out}/api-*.bin", flush=True)
 
 

@@ -1,7 +1,7 @@
 """The personalization API as the integration tests run it: `onboardflow serve` in a process of its own.
 
-``ApiDeployment`` is one isolated deployment (deployment ``i19api``, a Redis
-prefix and warehouse schema unique to the run) with a secret file, an API
+``ApiDeployment`` is one isolated deployment (deployment ``i19api`` unless
+a test names its own, a Redis prefix and warehouse schema unique to the run) with a secret file, an API
 keys file holding one key per scope set (``keys``), and helpers that write
 profiles the way the pipeline does (``encode_profile`` + ``RedisProfileWriter``,
 the profile store's own writer). ``ApiServer`` starts the real command on a
@@ -80,14 +80,15 @@ def pipeline_profile(user_id: str, *, updated_at: Optional[int] = None, segments
 class ApiDeployment:
     """One isolated deployment for the API tests (module docstring); ``cleanup()`` deletes its keys and schema."""
 
-    def __init__(self, redis_url: str, pg_dsn: str, kafka_bootstrap: str) -> None:
+    def __init__(self, redis_url: str, pg_dsn: str, kafka_bootstrap: str, deployment: str = DEPLOYMENT) -> None:
         tag = uuid.uuid4().hex[:8]
-        self.prefix = f"{DEPLOYMENT}-{tag}"
-        self.schema = f"{DEPLOYMENT}_{tag}"
+        self.deployment = deployment
+        self.prefix = f"{deployment}-{tag}"
+        self.schema = f"{deployment}_{tag}"
         self.redis_url, self.pg_dsn, self.kafka_bootstrap = redis_url, pg_dsn, kafka_bootstrap
         self.topic = f"{self.prefix}.events"
         self.group = f"onboardflow-{self.prefix}"
-        self.dir = Path(tempfile.mkdtemp(prefix="obf-i19api-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"obf-{deployment}-"))
         self.secret_file = self.dir / "secret.key"
         self.secret_file.write_bytes(SECRET)
         self.keys_file = self.dir / "apikeys.json"
@@ -121,12 +122,12 @@ class ApiDeployment:
 class ApiServer:
     """`onboardflow serve ARGS` on 127.0.0.1:``port``, started and health-checked; ``stop()`` ends it."""
 
-    def __init__(self, port: int, args: list[str], log_dir: Path) -> None:
+    def __init__(self, port: int, args: list[str], log_dir: Path, deployment: str = DEPLOYMENT) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.access_log = log_dir / f"serve-{port}.out"
         self.stderr_log = log_dir / f"serve-{port}.err"
-        env = {**os.environ, "OBF_DEPLOYMENT": DEPLOYMENT}
+        env = {**os.environ, "OBF_DEPLOYMENT": deployment}
         with open(self.access_log, "wb") as out, open(self.stderr_log, "wb") as err:
             self.process = subprocess.Popen([sys.executable, "-m", "onboardflow.runners.cli", "serve", *args],
                                             stdout=out, stderr=err, env=env)

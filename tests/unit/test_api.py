@@ -25,6 +25,7 @@ from onboardflow.runners.api.ratelimit import RateLimiter
 from onboardflow.runners.cli import main as cli_main
 from onboardflow.runners.cli.serve import duration_s
 from onboardflow.schemas.contract import PROFILE_FIELDS
+from onboardflow.transforms.experiments import ExperimentSet
 
 NOW = 1_796_000_000_000
 
@@ -172,6 +173,49 @@ def test_a_profile_the_models_stage_has_not_reached_gets_the_policys_track(polic
     profile = {"user_key": "k" * 64, "version": 5, "updated_at": NOW, "segments": ["needs_help"]}
     decision = decide(profile, now_ms=NOW, stale_after_s=60, policy=policy, catalogue=catalogue)
     assert (decision.track, decision.track_rule) == ("guided", "asks_for_help")
+
+
+@pytest.fixture(scope="module")
+def experiments():
+    variants = [{"name": "control", "weight": 0.5}, {"name": "checklist", "weight": 0.5}]
+    return ExperimentSet.from_dict({"version": "t", "experiments": [
+        {"name": "for_simplified", "salt": "a", "status": "running", "start": "2026-11-01T00:00:00Z",
+         "variants": variants, "eligible": {"tracks": ["simplified"]}},
+        {"name": "for_stalled", "salt": "b", "status": "running", "start": "2026-11-01T00:00:00Z",
+         "variants": variants, "eligible": {"segments_any": ["onboarding_stalled"]}},
+        {"name": "not_yet", "salt": "c", "status": "running", "start": "2027-01-01T00:00:00Z", "variants": variants},
+    ]})
+
+
+def stored_profile(**fields):
+    base = {"user_key": "k1", "version": 1, "updated_at": NOW, "segments": ["onboarding_stalled"],
+            "onboarding_track": "simplified"}
+    base.update(fields)
+    return base
+
+
+def test_a_decision_serves_each_running_experiment_the_user_is_eligible_for(policy, catalogue, experiments):
+    decision = decide(stored_profile(), now_ms=NOW, stale_after_s=None, policy=policy, catalogue=catalogue,
+                      experiments=experiments)
+    assert decision.experiments == {"for_simplified": experiments["for_simplified"].variant("k1"),
+                                    "for_stalled": experiments["for_stalled"].variant("k1")}
+    other = decide(stored_profile(segments=[], onboarding_track="advanced"), now_ms=NOW, stale_after_s=None,
+                   policy=policy, catalogue=catalogue, experiments=experiments)
+    assert other.experiments == {}
+
+
+def test_eligibility_by_track_uses_the_decisions_track_when_the_profile_has_none(policy, catalogue, experiments):
+    # No onboarding_track yet: the policy chooses (dormant -> simplified), and the experiment follows that choice.
+    decision = decide(stored_profile(onboarding_track=None, segments=["dormant"]), now_ms=NOW, stale_after_s=None,
+                      policy=policy, catalogue=catalogue, experiments=experiments)
+    assert decision.track == "simplified" and set(decision.experiments) == {"for_simplified"}
+
+
+@pytest.mark.parametrize("stored,stale_after_s", [(None, None), (stored_profile(updated_at=NOW - 7_200_000), 3600.0)])
+def test_a_fallback_decision_is_in_no_experiment(policy, catalogue, experiments, stored, stale_after_s):
+    decision = decide(stored, now_ms=NOW, stale_after_s=stale_after_s, policy=policy, catalogue=catalogue,
+                      user_key="k1", experiments=experiments)
+    assert decision.fallback and decision.experiments == {}
 
 
 def test_the_docstring_examples_hold():

@@ -38,9 +38,10 @@ class MigrationError(RuntimeError):
 
 
 #: The tables the pipeline inserts into and updates (warehouse sinks, outbox
-#: relays, the model registry and its retention); every other table it only reads.
+#: relays, the model registry and its retention, and the API's experiment
+#: exposures where it runs as the pipeline's role); every other table it only reads.
 PIPELINE_WRITES = ("events", "late_events", "profile_snapshots", "segment_changes", "dead_letters",
-                   "drift_events", "model_versions", "model_pointers", "model_events")
+                   "drift_events", "model_versions", "model_pointers", "model_events", "experiment_exposures")
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,17 @@ def drift_event_row(event: DriftEvent) -> tuple:
     )
 
 
+def exposure_row(exposure: Mapping[str, Any]) -> tuple:
+    """An experiment exposure ``{experiment, user_key, variant, served_at}`` (runners/api/exposures.py) as an
+    ``experiment_exposures`` row."""
+    return (
+        _text(exposure.get("experiment"), "experiment", required=True),
+        _text(exposure.get("user_key"), "user_key", required=True),
+        _text(exposure.get("variant"), "variant", required=True),
+        _ts(exposure.get("served_at"), "served_at"),
+    )
+
+
 def _payload_bytes(letter: Mapping[str, Any]) -> Optional[bytes]:
     if "value" in letter:  # a Kafka record (schemas/dead_letter.avsc)
         value = letter["value"]
@@ -255,6 +266,9 @@ class TableSpec:
     columns: tuple[str, ...]
     to_row: Callable[[Any], tuple]  # raises RowError
     day_partition_column: Optional[str] = None
+    #: ``(key columns, time column)``: a row whose key is already there replaces it only when its time is
+    #: earlier, so the first occurrence wins whatever order batches arrive in. None: the row first written wins.
+    earliest_wins: Optional[tuple[tuple[str, ...], str]] = None
 
     @property
     def stage(self) -> str:
@@ -290,4 +304,8 @@ DEAD_LETTERS = TableSpec(
         "event_id", "failed_at", "payload_size", "payload_sha256",
     ),
     dead_letter_row,
+)
+EXPERIMENT_EXPOSURES = TableSpec(
+    "experiment_exposures", ("experiment", "user_key", "variant", "served_at"), exposure_row,
+    earliest_wins=(("experiment", "user_key"), "served_at"),
 )

@@ -4,7 +4,9 @@ In: rows of one ``TableSpec``. Out: a ``WriteReport`` (rows inserted, rows
 already there, rows refused with the error text). Each batch is one
 transaction: COPY into a temporary staging table, then ``INSERT ... SELECT
 ... ON CONFLICT DO NOTHING`` on the table's natural key, so bundle retries
-and Kafka replays never duplicate a row; rows of erased users (tables with
+and Kafka replays never duplicate a row (an ``earliest_wins`` table,
+``experiment_exposures``, keeps the row with the earliest time instead;
+its "inserted" count includes rows moved earlier); rows of erased users (tables with
 a ``user_key``) are left out of the insert and counted with the rows
 already there (transforms/erasure.py). A batch the database refuses for
 its data (a NUL character, a violated constraint) is retried row by row
@@ -62,6 +64,25 @@ def _skip_erased(schema: str, spec: TableSpec) -> sql.Composable:
         sql.Identifier(schema, "erased_users"), sql.Identifier(f"_obf_stage_{spec.table}"))
 
 
+def _insert_sql(target: sql.Identifier, staging: sql.Identifier, cols: sql.Composable, schema: str,
+                spec: TableSpec) -> sql.Composed:
+    """Staging -> table. ``ON CONFLICT DO NOTHING``; for an ``earliest_wins`` table, one row a key (the
+    earliest) and ``DO UPDATE`` of a row whose time is later than the new one's."""
+    if spec.earliest_wins is None:
+        return sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} {} ON CONFLICT DO NOTHING").format(
+            target, cols, cols, staging, _skip_erased(schema, spec))
+    keys, time_column = spec.earliest_wins
+    key_cols = sql.SQL(", ").join(map(sql.Identifier, keys))
+    time = sql.Identifier(time_column)
+    updates = sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                                 for c in spec.columns if c not in keys)
+    return sql.SQL(
+        "INSERT INTO {} AS existing ({}) SELECT DISTINCT ON ({}) {} FROM {} {} ORDER BY {}, {} "
+        "ON CONFLICT ({}) DO UPDATE SET {} WHERE EXCLUDED.{} < existing.{}"
+    ).format(target, cols, key_cols, cols, staging, _skip_erased(schema, spec), key_cols, time, key_cols, updates,
+             time, time)
+
+
 class WarehouseWriter:
     """Idempotent COPY-based batch writes to one table (see the module docstring).
 
@@ -100,9 +121,7 @@ class WarehouseWriter:
         self._staging = sql.Identifier(f"_obf_stage_{spec.table}")
         cols = sql.SQL(", ").join(map(sql.Identifier, spec.columns))
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(self._staging, cols)
-        self._insert_sql = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} {} ON CONFLICT DO NOTHING").format(
-            self._target, cols, cols, self._staging, _skip_erased(self.schema, spec)
-        )
+        self._insert_sql = _insert_sql(self._target, self._staging, cols, self.schema, spec)
         self._partition_index = spec.columns.index(spec.day_partition_column) if spec.day_partition_column else None
 
     @property
