@@ -264,15 +264,24 @@ def test_flink_job_with_online_models_publishes_portable_models_and_serves_metri
         seeded = registry.publish("propensity", _seed_propensity_model(), source="test", reason="seed").version
     sd_dir = tmp_path / "targets"
     process = PipelineProcess(flink_argv(d), tmp_path / "flink.log", metrics_dir=sd_dir)
+    # The user stage's metric group as Flink's REST API lists it, read while the job runs: the
+    # JobManager fetches operator metrics every few seconds and keeps no later ones of a finished job.
+    names: set[str] = set()
+    while process.running() and not any(n.endswith("onboardflow.flushes") for n in names):
+        if "Flink job " in process.log_text():
+            job_id = process.log_text().split("Flink job ", 1)[1].split()[0]
+            try:
+                vertices = {v["name"]: v["id"] for v in flink.get(f"/jobs/{job_id}")["vertices"]}
+                users = next(vid for name, vid in vertices.items() if name.startswith("UserProfiles"))
+                names = {m["id"] for m in flink.get(f"/jobs/{job_id}/vertices/{users}/metrics")}
+            except (OSError, ValueError, KeyError, StopIteration):
+                pass
+        time.sleep(0.5)
     assert process.wait(600) == 0, process.log_text()[-4000:]
+    assert any(n.endswith("onboardflow.flushes") for n in names), sorted(names)[:20]
     samples = process.scrape()
     read = sum(v for k, v in samples.items() if k.startswith("onboardflow_events_read_total"))
     assert read >= len(messages), f"the TaskManager's /metrics counted {read} records read of {len(messages)}"
-    job_id = process.log_text().split("Flink job ", 1)[1].split()[0]
-    vertices = {v["name"]: v["id"] for v in flink.get(f"/jobs/{job_id}")["vertices"]}
-    users = next(vid for name, vid in vertices.items() if name.startswith("UserProfiles"))
-    names = {m["id"] for m in flink.get(f"/jobs/{job_id}/vertices/{users}/metrics")}
-    assert any(n.endswith("onboardflow.flushes") for n in names), sorted(names)[:20]
     profiles = Outputs.read(d).profiles
     store = ModelStore(d.redis_url, d.prefix)
     try:
