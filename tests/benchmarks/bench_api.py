@@ -83,6 +83,24 @@ def summarize(latencies_s: list[float], errors: int, total: int, seconds: float)
 # ---------------------------------------------------------------------------------------------- the API
 
 
+def drained(base_url: str, timeout_s: float = 120.0) -> float:
+    """Wait until the server answers ``/healthz`` promptly three times in a row (an overloaded step's
+    queue drained, so it does not spill into the next step's figures); returns the seconds waited."""
+    import urllib.request
+
+    started, prompt = time.monotonic(), 0
+    while prompt < 3 and time.monotonic() - started < timeout_s:
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=10) as reply:
+                reply.read()
+            prompt = prompt + 1 if time.monotonic() - t0 < 0.005 else 0
+        except OSError:
+            prompt = 0
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def attack(vegeta: str, base_url: str, key: str, ids: list[tuple[str, bool]], rate: int, seconds: float,
            out: Path) -> dict[str, dict]:
     """One vegeta run at ``rate`` req/s over the shuffled ``ids`` ((user id, known)); figures per route."""
@@ -261,6 +279,7 @@ def main() -> None:
                 attack(vegeta, server.url, key, ids, 100, 3, out / "warmup.bin")  # connections, caches
                 for run in range(args.repeat):
                     for rate in rates:
+                        drained(server.url)
                         figures = attack(vegeta, server.url, key, ids, rate, args.seconds,
                                          out / f"api-{n}w-{rate}-{run}.bin")
                         for route in ROUTES:
