@@ -82,12 +82,17 @@ class ApiService:
         self._sync_redis.close()
 
 
-def build_service(config: ApiConfig) -> ApiService:
-    """Every client and every validated configuration file of one server (no I/O beyond reading files)."""
+def decision_files(config: ApiConfig) -> tuple[RuleSet, TrackPolicy, StepCatalogue, ExperimentSet]:
+    """The validated files a decision is made from: segment rules, tracks, steps catalogue, experiments."""
     rules = RuleSet.load()
     policy = TrackPolicy.from_yaml(config.tracks_file, rules)
     catalogue = StepCatalogue.from_yaml(config.steps_file, policy.tracks)
-    experiments = ExperimentSet.load(config.experiments_file, rules.known_segments, policy.tracks)
+    return rules, policy, catalogue, ExperimentSet.load(config.experiments_file, rules.known_segments, policy.tracks)
+
+
+def build_service(config: ApiConfig) -> ApiService:
+    """Every client and every validated configuration file of one server (no I/O beyond reading files)."""
+    rules, policy, catalogue, experiments = decision_files(config)
     metrics = ApiMetrics()
     exposures = (ExposureLog(warehouse_writer(config.warehouse_dsn, config.warehouse_schema), metrics,
                              batch_rows=config.exposure_batch_rows, flush_ms=config.exposure_flush_ms,

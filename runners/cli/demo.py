@@ -27,7 +27,9 @@
    is visible in Redis (produce -> Redis, the path an app sees).
 6. A summary of what it waited for and what is in Redis now (SCAN and SCARD,
    not what was sent): profiles, members per segment, scores, one generated
-   user's profile read back through ``ProfileStore``; warehouse row counts,
+   user's profile read back through ``ProfileStore``, the arms of each running
+   experiment (pipelines/experiments.yaml) as the API's decisions serve them to
+   the profiles in Redis; warehouse row counts,
    throughput and latency percentiles. The pipeline is then cancelled; the
    services and the data stay, and the closing lines are commands that work
    as printed (``onboardflow profile <a user id of this run>``, ``models
@@ -338,6 +340,8 @@ class DemoResult:
     sample_profile: Optional[dict] = None
     #: The sample user's decision as the API served it (``--api``), the client's ``Decision`` as a dict.
     decision: Optional[dict] = None
+    #: Running experiment -> variant -> profiles in Redis it is served to (decisions as the API makes them now).
+    experiment_arms: dict = dataclasses.field(default_factory=dict)
     sample_user: Optional[str] = None
 
 
@@ -584,6 +588,37 @@ def _probes(n, store, producer, serializer, topic) -> list[float]:
     return latencies
 
 
+def _experiment_arms(r, prefix) -> dict[str, dict[str, int]]:
+    """Running experiment -> variant -> how many of the profiles in Redis the API's decision serves it to now.
+
+    The decisions are the API's own (runners/api/decisions.py ``decide``, with
+    the tracks, steps and experiments files `onboardflow serve` loads), so the
+    arms are what the onboarding UI would show these users.
+    """
+    import collections
+
+    from ...transforms.profile_store.encoding import decode_profile
+    from ..api.app import decision_files
+    from ..api.config import DEFAULT_STALE_AFTER_S, ApiConfig
+    from ..api.decisions import decide
+
+    # The files `onboardflow serve` loads by default (ApiConfig's defaults; no service is built).
+    _, policy, catalogue, experiments = decision_files(ApiConfig(redis_url="", key_prefix=prefix,
+                                                                 api_keys_file=Path()))
+    now_ms = int(time.time() * 1000)
+    arms: dict[str, collections.Counter] = {e.name: collections.Counter() for e in experiments
+                                             if e.is_active(now_ms)}
+    for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
+        raw = r.hgetall(key)
+        if not raw:
+            continue
+        decision = decide(decode_profile(raw), now_ms=now_ms, stale_after_s=DEFAULT_STALE_AFTER_S, policy=policy,
+                          catalogue=catalogue, experiments=experiments)
+        for name, variant in decision.experiments.items():
+            arms[name][variant] += 1
+    return {name: dict(counts) for name, counts in arms.items()}
+
+
 def _segment_table(r, store, prefix) -> dict[str, int]:
     """Members per segment, as Redis holds them now (SCARD), every rule's segment listed."""
     from ...transforms.segment import DEFAULT_RULES_PATH, RuleSet
@@ -621,6 +656,10 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
     for seg, members in outcome.segments.items():
         print(f"     {seg:<28} {members:>6,}")
     _models_summary(args, r, schema, prefix)
+    outcome.experiment_arms = _experiment_arms(r, prefix)
+    for name, arms in outcome.experiment_arms.items():
+        print(f"   experiment {name}: {_counted(sorted(arms.items()))} profiles "
+              "(the variants GET /v1/decisions serves now; docs/experiments.md)")
     # The first generated user (signup order) that has a profile: the same user in every run of a seed.
     sample_user = next((u.user_id for u in gen.users() if store.get(u.user_id)), None)
     if sample_user:

@@ -224,6 +224,18 @@ def test_the_commands_the_demo_suggests_work_as_printed(demo_name, kafka_bootstr
     assert re.fullmatch(r"[0-9a-f]{64}", decision["user_key"]) and decision["track"] and decision["next_steps"]
     assert served["user_key"] == decision["user_key"] and served["track"] == decision["track"]
     assert served["segments"] == decision["segments"]
+    # Issue 20: the summary's experiment arms are the API's decisions over the profiles in Redis.
+    from onboardflow.transforms.experiments import ExperimentSet
+
+    now_ms = int(time.time() * 1000)
+    running = {e.name: {v.name for v in e.variants} for e in ExperimentSet.load() if e.is_active(now_ms)}
+    arms = result.experiment_arms
+    assert set(arms) == set(running) and running, arms
+    for name, counts in arms.items():
+        assert set(counts) <= running[name] and 0 < sum(counts.values()) <= result.profiles, (name, counts)
+        assert f"experiment {name}: " in out
+    for name, variant in served["experiments"].items():
+        assert arms[name].get(variant, 0) >= 1
     env, profile = commands["profile"]
     assert env == {"OBF_DEPLOYMENT": demo_name}
     assert re.fullmatch(r"usr-\d{6}", profile[1])  # a real user id of the run
