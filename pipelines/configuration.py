@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from ..transforms.anonymize import SecretKey, generate_demo_secret, load_secret
+from ..transforms.identity import IdentityConfig
 from ..transforms.profile import ProfileConfig
 from ..transforms.segment import DEFAULT_RULES_PATH, RuleSet
 from ..transforms.warehouse.accounts import read_accounts
@@ -68,6 +69,11 @@ def profile_config(opts: Any, horizon_ms: Optional[int] = None,
         horizon_ms=horizon_ms,
         max_future_ms=int(opts.future_tolerance_seconds * 1000),
     )
+
+
+def identity_config(opts: Any) -> IdentityConfig:
+    """The identity stage's settings: a device is forgotten as long after its newest event as a user's state."""
+    return IdentityConfig(ttl_ms=int(opts.state_ttl_days * DAY_MS), max_pending=int(opts.identity_max_pending))
 
 
 class RecordEncoder:

@@ -9,8 +9,9 @@ step is a Beam shell from ``pipelines/beam/`` or a transform over the engine-fre
 core in ``transforms/`` (see docs/architecture.md); the segment rules and the
 tracks policy are compiled once here and handed to every stage that uses them::
 
-    ReadFromKafka(decode) ─► NormalizeEvents ─► AnonymizeEvents ─► BuildUserProfiles
-         │ dead letters           │ events (warehouse)      │ ProfileUpdate
+    ReadFromKafka(decode) ─► NormalizeEvents ─► AnonymizeEvents ─► StitchIdentities ─► BuildUserProfiles
+         │ dead letters           │ events (warehouse)      │ aliases, retired      │ ProfileUpdate
+         │                        │                         │ visitors (WriteIdentityLinks)
          ▼                        ▼                         ▼
     DLQ topic + metadata    WriteEventsToWarehouse    EnrichProfiles ─► AssignRuleSegments
                                                                                │ profiles
@@ -59,6 +60,7 @@ from ..transforms.outbox.settings import RelaySettings
 from ..transforms.warehouse.migrations import apply_migrations
 from .beam.anonymize import AnonymizeEvents
 from .beam.enrich import EnrichProfiles
+from .beam.identity import StitchIdentities, WriteIdentityLinks
 from .beam.kafka_sink import WriteToKafka
 from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
 from .beam.metrics import CountDeadLetters, PublishSinkWatermark, pipeline_metrics_from_options
@@ -70,7 +72,14 @@ from .beam.relay import RecordDeadLetters, RelayOutboxes
 from .beam.segments import AssignRuleSegments
 from .beam.tracks import AssignOnboardingTracks
 from .beam.warehouse import WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents
-from .configuration import AccountsTable, drift_event_kv, load_rules, profile_config, resolve_secret
+from .configuration import (
+    AccountsTable,
+    drift_event_kv,
+    identity_config,
+    load_rules,
+    profile_config,
+    resolve_secret,
+)
 from .options import KafkaReadOptions, OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
@@ -134,6 +143,13 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
         events | "WriteEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics),
         analytics_only | "WriteAnalyticsOnlyEvents" >> WriteEventsToWarehouse(dsn, schema, metrics=metrics))
 
+    # A device's anonymous activity follows the account it identifies as (transforms/identity.py).
+    identity_rejects = ()
+    if not opts.disable_identity_stitching:
+        stitched = events | "StitchIdentities" >> StitchIdentities(identity_config(opts))
+        events = stitched.events
+        identity_rejects = stitched.stitches | "WriteIdentityLinks" >> WriteIdentityLinks(
+            opts.redis_url, opts.redis_key_prefix, opts.profile_ttl_days * 86_400, dsn, schema, metrics=metrics)
     built = events | "BuildProfiles" >> BuildUserProfiles(profile_config(opts, horizon, rules), metrics=metrics,
                                                            erased_from=(opts.redis_url, opts.redis_key_prefix))
     too_late = built[TOO_LATE]
@@ -199,7 +215,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # their metadata goes to the warehouse's dead_letters table with the rest.
     internal_rejects = (
         anonymized[AnonymizeEvents.DEAD_LETTER], built.dead_letter, segmented[AssignRuleSegments.DEAD_LETTER],
-        redis[WriteProfilesToRedis.DEAD_LETTER], *event_rejects, late_rejects, *model_rejects,
+        redis[WriteProfilesToRedis.DEAD_LETTER], *event_rejects, late_rejects, *model_rejects, *identity_rejects,
     )
     ((dead_letters,) + internal_rejects
      | "AllDeadLetters" >> beam.Flatten()

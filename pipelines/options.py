@@ -91,6 +91,13 @@ class OnboardingOptions(PipelineOptions):
                        help="Per-user pipeline state is cleared this long after the last activity.")
         g.add_argument("--accounts_refresh_seconds", type=float, default=300.0,
                        help="Streaming: re-read the accounts reference table this often (0: read once).")
+        i = parser.add_argument_group("onboardflow identity stitching (docs/identity.md)")
+        i.add_argument("--disable_identity_stitching", action="store_true", default=False,
+                       help="Keep a visitor's anonymous activity on its own profile even after the device "
+                            "identifies as an account.")
+        i.add_argument("--identity_max_pending", type=int, default=1000,
+                       help="Anonymous events held per device until it identifies (moved to the account then); "
+                            "later ones stay on the visitor's profile only, counted identity_pending_overflow.")
         m = parser.add_argument_group("onboardflow online models (docs/models.md)")
         m.add_argument("--disable_online_models", action="store_true", default=False,
                        help="Write profiles without cluster, propensity and track, and learn nothing.")

@@ -9,7 +9,9 @@ downstream (sessionization, scoring, segmentation, the warehouse) works on
 * ``user_id`` / ``anonymous_id`` become ``user_key``, a keyed pseudonym:
   hex HMAC-SHA256(secret, user_id), or HMAC-SHA256(secret, "anon:" +
   anonymous_id) for visitors who are not identified yet. The "anon:" prefix
-  keeps device ids out of the account-id key space. Keys are stable for a given
+  keeps device ids out of the account-id key space. ``anonymous_key`` is the
+  device's pseudonym whenever the event carries a device id, identified or
+  not: identity stitching links the two (transforms/identity.py). Keys are stable for a given
   secret (profiles survive restarts) and unlinkable to the raw ids without it.
 * ``context.email`` -> ``email_domain`` (lower-cased; invalid -> None),
   ``context.ip`` -> ``ip_prefix`` (IPv4 /24, IPv6 /48; 6to4 and IPv4-mapped
@@ -31,7 +33,8 @@ downstream (sessionization, scoring, segmentation, the warehouse) works on
 The anonymized event shape is flat, as the profile stage and the warehouse
 ``events`` table read it::
 
-    {"event_id", "event_type", "user_key", "identified": bool, "session_id",
+    {"event_id", "event_type", "user_key", "identified": bool,
+     "anonymous_key": pseudonym of the device id or None, "session_id",
      "occurred_at", "received_at", "properties": {str: str},
      "device", "os", "app_version", "country", "email_domain", "ip_prefix",
      "device_class",
@@ -494,6 +497,8 @@ class Pseudonymizer:
             "event_type": event["event_type"],
             "user_key": self.user_key(user_id, anonymous_id),
             "identified": user_id is not None,
+            # The device's pseudonym, for identity stitching (transforms/identity.py).
+            "anonymous_key": self._hmac_hex(ANONYMOUS_KEY_PREFIX + anonymous_id) if anonymous_id else None,
             "session_id": session_id,
             "occurred_at": event["occurred_at"],
             "received_at": event.get("received_at"),

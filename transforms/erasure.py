@@ -19,7 +19,12 @@ What one erasure does, in this order (docs/security.md, "Right to erasure"):
    profile snapshots).
 3. **Warehouse**, in one transaction: the user's rows in ``events``,
    ``late_events``, ``profile_snapshots``, ``segment_changes`` and
-   ``experiment_exposures``, and the audit row (``erasure_audit``).
+   ``experiment_exposures``, their ``identity_aliases`` links, and the audit
+   row (``erasure_audit``).
+
+The devices identity stitching linked to the account (transforms/identity.py)
+are erased with it: each device pseudonym is suppressed and removed as above
+(its visitor profile, memberships, stitched marker and its anonymous events).
 
 Every step is idempotent, and the audit row is keyed by the request's id: a
 request erased twice (a retried command, a replayed request topic) removes
@@ -94,22 +99,39 @@ class UserEraser:
         self._connect_timeout_s = connect_timeout_s
 
     def erase(self, request: ErasureRequest) -> ErasureReport:
-        """Suppress, then remove (module docstring); the report is also the audit row."""
+        """Suppress, then remove (module docstring); the report is also the audit row.
+
+        The devices stitched into the account (``identity_aliases``, transforms/identity.py) are the
+        user's too: each is suppressed and removed the same way, with its alias rows and markers."""
         removed: dict[str, int] = {}
+        with warehouse_connect(self._dsn, connect_timeout=self._connect_timeout_s,
+                               application_name="onboardflow-erasure") as conn:
+            devices = [row[0] for row in conn.execute(
+                sql.SQL("SELECT DISTINCT anonymous_key FROM {} WHERE user_key = %s AND status = 'linked'")
+                .format(self._table("identity_aliases")), (request.user_key,))]
+        keys = [request.user_key, *devices]
+        removed["identity.devices"] = len(devices)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.sadd(self._keys.erased, request.user_key)
+        pipe.sadd(self._keys.erased, *keys)
         pipe.incr(self._keys.erased_version)
         pipe.execute()
-        removed.update(self._erase_redis(request.user_key))
+        for key in keys:
+            for name, n in self._erase_redis(key).items():
+                removed[name] = removed.get(name, 0) + n
+        removed["redis.stitched_markers"] = int(self._redis.delete(*(self._keys.stitched(d) for d in devices))
+                                                if devices else 0)
         with warehouse_connect(self._dsn, connect_timeout=self._connect_timeout_s,
                                application_name="onboardflow-erasure") as conn:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(sql.SQL("INSERT INTO {} (user_key, erased_at) VALUES (%s, %s) ON CONFLICT DO NOTHING")
-                            .format(self._table("erased_users")), (request.user_key, request.requested_at))
+                cur.executemany(sql.SQL("INSERT INTO {} (user_key, erased_at) VALUES (%s, %s) ON CONFLICT DO NOTHING")
+                                .format(self._table("erased_users")), [(k, request.requested_at) for k in keys])
                 for table in USER_TABLES:
-                    cur.execute(sql.SQL("DELETE FROM {} WHERE user_key = %s").format(self._table(table)),
-                                (request.user_key,))
+                    cur.execute(sql.SQL("DELETE FROM {} WHERE user_key = ANY(%s)").format(self._table(table)),
+                                (keys,))
                     removed[f"warehouse.{table}"] = cur.rowcount
+                cur.execute(sql.SQL("DELETE FROM {} WHERE user_key = %s OR anonymous_key = ANY(%s)")
+                            .format(self._table("identity_aliases")), (request.user_key, devices))
+                removed["warehouse.identity_aliases"] = cur.rowcount
                 completed_at = dt.datetime.now(dt.timezone.utc)
                 cur.execute(
                     sql.SQL("INSERT INTO {} (erasure_id, user_key, requested_by, source, requested_at, completed_at,"

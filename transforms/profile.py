@@ -18,6 +18,10 @@ The Beam shell is ``pipelines/beam/profile.py`` (``BuildUserProfiles``); the
 evaluator (``runners/cli/evaluate.py``) drives the same machine in-process.
 Design notes and measurements: docs/decisions.md (``transforms/profile.py``).
 
+Identity stitching (transforms/identity.py) sends a visitor's anonymous
+events to the account they identify as, marked ``stitched``: those are
+folded in whatever their lateness.
+
 One event, in order: *unusable* (no ``user_key``, ``event_id``,
 ``event_type``, integer ``occurred_at``, a ``properties`` that is not a
 mapping) or stamped later than the clock +
@@ -504,7 +508,9 @@ class ProfileMachine:
                                f"occurred_at more than {config.max_future_ms} ms after the pipeline's clock"),)
         if state is None:
             state = UserProfileState.new(config)
-        elif state.is_too_late(t):
+        elif state.is_too_late(t) and not event.get("stitched"):
+            # A visitor's events released on identification (transforms/identity.py) are
+            # history, not late input: they count as if they had been the user's all along.
             return (TooLate(state.watermark_lb - config.allowed_lateness_ms),)
         if not state.seen.add(event["event_id"], t):
             return (Duplicate(event["event_id"]),)

@@ -2,6 +2,8 @@
 
     Kafka ('kafka' table source: raw key/value, topic/partition/offset/timestamp)
       ─► DecodeAndAnonymize (events.py) ─► event-time watermarks
+      ─► key by device (anonymous_key) ─► IdentityStage (identity.py: a device's
+           events to the account it identified as, alias rows)
       ─► key by user_key ─► UserStage (users.py: ProfileMachine on keyed state
            and timers; enrich, rules, scores, tracks, Redis, warehouse, relays)
       ─► key by one key ─► LearnerStage (learner.py: online models, drift,
@@ -33,6 +35,7 @@ from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
 from .events import HEARTBEAT, HEARTBEAT_TICK, DecodeAndAnonymize
+from .identity import IdentityStage, device_key
 from .learner import LearnerStage
 from .settings import JobSettings, flink_configuration, source_ddl
 from .users import DEAD, UserStage
@@ -103,6 +106,11 @@ def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
               .assign_timestamps_and_watermarks(watermarks.with_timestamp_assigner(OccurredAt()))
               .name("EventTime").uid("event-time")
               .filter(lambda element: element[0] != HEARTBEAT).name("DropHeartbeats").uid("drop-heartbeats"))
+    if not s.get("disable_identity_stitching"):
+        events = (events
+                  .key_by(device_key, key_type=Types.STRING())
+                  .process(IdentityStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
+                  .name("StitchIdentities").uid("stitch-identities").set_parallelism(int(s.parallelism)))
     applied = (events
                .key_by(lambda element: element[1], key_type=Types.STRING())
                .process(UserStage(s), output_type=Types.PICKLED_BYTE_ARRAY())

@@ -13,7 +13,9 @@ the Beam pipeline composes the same core functions (pipelines/onboarding.py):
                (transforms/outbox/background.py): segment changes and
                snapshots to Kafka and the warehouse, dead letters to the DLQ
                topic; ``close()`` waits for a last round
-    rows    ─► WarehouseSink per table (INSERT ... ON CONFLICT DO NOTHING)
+    rows    ─► WarehouseSink per table (INSERT ... ON CONFLICT DO NOTHING; identity_aliases
+               keeps the earliest link), then VisitorRetireSink (linked visitors'
+               profiles retired in Redis, after the profile writes)
 
 and returns the profiles Redis applied (for the learner). Everything it
 writes is idempotent, so writing a user's pending work twice (after a
@@ -33,6 +35,7 @@ from ...transforms.enrich import AccountsCache, enrich_profile
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.outbox.background import BackgroundRelays
 from ...transforms.outbox.settings import RelaySettings, make_relays
+from ...transforms.profile_store.identity import VisitorRetireSink
 from ...transforms.profile_store.sink import ProfileSink
 from ...transforms.progress import EventTimeProgress
 from ...transforms.segment import ProfileRejected, RuleSet, segment_profile
@@ -48,6 +51,9 @@ _LOG = logging.getLogger(__name__)
 EVENTS = "events"
 LATE_EVENTS = "late_events"
 DEAD_LETTERS = "dead_letters"
+IDENTITY_ALIASES = "identity_aliases"
+#: Visitors to retire in Redis (``Stitch`` rows with ``retire``: transforms/profile_store/identity.py).
+RETIREMENTS = "retirements"
 
 #: The dead_letters table fed with rows already made (``rows.dead_letter_row``)
 #: upstream, so no raw payload travels through Flink's network or state.
@@ -105,6 +111,10 @@ class StoreChain:
                                        metrics=self._metrics, count=self._count),
             DEAD_LETTERS: WarehouseSink(s.warehouse_dsn, DEAD_LETTER_ROWS, s.warehouse_schema, _SINK_BATCH,
                                         metrics=self._metrics, count=self._count),
+            IDENTITY_ALIASES: WarehouseSink(s.warehouse_dsn, rows.IDENTITY_ALIASES, s.warehouse_schema, _SINK_BATCH,
+                                            metrics=self._metrics, count=self._count),
+            RETIREMENTS: VisitorRetireSink(s.redis_url, s.redis_key_prefix, s.profile_ttl_days * 86_400,
+                                           _SINK_BATCH, count=self._count),
         }
         for sink in (self._profile_sink, *self._tables.values()):
             sink.open()
@@ -160,7 +170,8 @@ class StoreChain:
             if prepared is not None:
                 applied += self._settle(self._profile_sink, self._profile_sink.add(prepared))
         applied += self._settle(self._profile_sink, self._profile_sink.flush())
-        for table in (EVENTS, LATE_EVENTS):
+        # Retirements after the profiles: a visitor's last write goes before its profile is removed.
+        for table in (EVENTS, LATE_EVENTS, IDENTITY_ALIASES, RETIREMENTS):
             self._settle(self._tables[table], self._tables[table].flush())
         # Last, so the rejections of this flush (dead-letter rows now) go with it.
         letters = self._tables[DEAD_LETTERS]

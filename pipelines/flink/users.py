@@ -2,8 +2,13 @@
 
 In (keyed by ``user_key``; source dead letters by ``dlq:<topic>:<partition>``):
 ``(EVENT, key, event)`` for events with personalization consent,
-``(ANALYTICS, key, event)`` for analytics-only events and ``(DEAD, key, row)``
-for dead-letter rows made upstream. Out: ``(APPLIED, profile)`` for every
+``(ANALYTICS, key, event)`` for analytics-only events, ``(DEAD, key, row)``
+for dead-letter rows made upstream, and from the identity stage
+(pipelines/flink/identity.py) ``(RELEASED, key, event)`` for a visitor's
+events moved to the account (profile only: the warehouse has them) and
+``(STITCH, device, Stitch)`` for alias rows and visitor retirements. Events
+go to the warehouse under the key they arrived with
+(``transforms.identity.as_received``), as in the Beam pipeline. Out: ``(APPLIED, profile)`` for every
 profile write Redis applied (the learner's input) and ``(MARK, subtask,
 subtasks, W)`` after a flush that covers event time W (the sink watermark).
 
@@ -52,6 +57,7 @@ from ...models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
 from ...transforms.connections import redis_client
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.erasure import ErasedUsers
+from ...transforms.identity import as_received
 from ...transforms.profile import (
     BEYOND_CLOCK,
     ERASED,
@@ -73,12 +79,14 @@ from ...transforms.progress import next_watermark_probe
 from ..configuration import load_rules, profile_config
 from .metrics import Counters, flink_pipeline_metrics
 from .settings import JobSettings, horizon
-from .store import DEAD_LETTERS, EVENTS, LATE_EVENTS, StoreChain, dead_letter_row
+from .store import DEAD_LETTERS, EVENTS, IDENTITY_ALIASES, LATE_EVENTS, RETIREMENTS, StoreChain, dead_letter_row
 
 _LOG = logging.getLogger(__name__)
 
-#: Element kinds in.
+#: Element kinds in: from the decoder, and from the identity stage (pipelines/flink/identity.py):
+#: a visitor's event released to the account it identified as, an alias row.
 EVENT, ANALYTICS, DEAD = "e", "a", "d"
+RELEASED, STITCH = "s", "t"
 #: Element kinds out.
 APPLIED, MARK = "p", "w"
 #: Event time of the end-of-input timer: fires at the final watermark (Long.MAX_VALUE).
@@ -211,9 +219,15 @@ class UserStage(KeyedProcessFunction):
         now_flush = False
         if kind == DEAD:
             queued = self._queue(queued, DEAD_LETTERS, payload)
+        elif kind == STITCH:
+            queued = self._queue(queued, IDENTITY_ALIASES, payload)
+            if payload.retire:
+                queued = self._queue(queued, RETIREMENTS, payload)
         else:
-            queued = self._queue(queued, EVENTS, payload)
-            if kind == EVENT:
+            row = as_received(payload)
+            if row is not None:
+                queued = self._queue(queued, EVENTS, row)
+            if kind == EVENT or kind == RELEASED:
                 t = payload["occurred_at"]
                 self._newest_ms = t if self._newest_ms is None or t > self._newest_ms else self._newest_ms
                 decisions = self._machine.on_event(state, payload)

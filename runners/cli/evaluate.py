@@ -588,6 +588,10 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["identity"]:
+        from .evaluate_identity import main as identity_main
+        return identity_main(argv[1:])
     args = _parse(argv)
     names = design_names() if args.designs == "all" else [d.strip() for d in args.designs.split(",") if d.strip()]
     unknown = set(names) - set(design_names())

@@ -168,6 +168,10 @@ MAX_ANONYMOUS_VIEWS = 4
 # Anonymous page views precede signup by at most this much.
 MAX_PRE_SIGNUP_MS = MAX_ANONYMOUS_VIEWS * MAX_EVENT_GAP_MS
 
+# Cross-device visitors (GeneratorConfig.cross_device_share) browse anonymously on
+# another device at most this long before they sign up.
+MAX_CROSS_DEVICE_LEAD_MS = 3 * DAY_MS
+
 # Malformation kinds and the rejection reason the decoder gives each.
 MALFORMATION_REASONS: dict[str, str] = {
     "garbage": "not_framed",
@@ -329,13 +333,18 @@ class GeneratorConfig:
     marketing_consent_rate: float = 0.4
     #: a simulated experiment effect on onboarding completion (None: no experiment changes anything)
     treatment: Optional[TreatmentEffect] = None
+    #: users who also browse anonymously on another device before signing up (identity stitching) ...
+    cross_device_share: float = 0.0
+    #: ... and of those, the share who later log in on that device (a deterministic link)
+    cross_device_login_share: float = 0.8
 
     def __post_init__(self) -> None:
         if self.users < 1:
             raise ValueError("users must be at least 1")
         if self.horizon_days <= 0 or self.signup_window_days < 0:
             raise ValueError("horizon_days must be positive and signup_window_days non-negative")
-        for name in ("out_of_order_fraction", "late_fraction", "duplicate_fraction",
+        for name in ("out_of_order_fraction", "late_fraction", "duplicate_fraction", "cross_device_share",
+                     "cross_device_login_share",
                      "personalization_consent_rate", "analytics_consent_rate", "marketing_consent_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
@@ -808,7 +817,76 @@ class JourneyGenerator:
     def journey(self, profile: UserProfile) -> Iterator[dict]:
         """One user's events in event-time order (``received_at`` not yet stamped)."""
         rng = random.Random(f"{self.config.seed}/journey/{profile.index}")
-        return iter(_Journey(profile, PERSONAS[profile.persona], rng, self.horizon_end_ms))
+        journey = _Journey(profile, PERSONAS[profile.persona], rng, self.horizon_end_ms)
+        other = self._cross_device_events(profile, journey.consent)
+        if not other:
+            return iter(journey)
+        return heapq.merge(journey, other, key=lambda e: e["occurred_at"])
+
+    def _cross_device_events(self, profile: UserProfile, consent: Mapping[str, bool]) -> list[dict]:
+        """A cross-device visitor's other device (``cross_device_share`` of users, drawn from an RNG of
+        its own, so the rest of the stream is what it is without them): one to three anonymous visits
+        in the days before signup; for ``cross_device_login_share`` of them a login on that device
+        within three days after signup (if before the horizon), which links it to the account."""
+        cfg = self.config
+        if cfg.cross_device_share <= 0:
+            return []
+        rng = random.Random(f"{cfg.seed}/cross-device/{profile.index}")
+        if rng.random() >= cfg.cross_device_share:
+            return []
+        device = _Device(rng)
+        context = {"device": device.device, "os": device.os, "app_version": device.app_version,
+                   "locale": profile.locale, "ip": device.ip, "user_agent": device.user_agent, "email": None}
+
+        def event(event_type, t, user_id, session_id, properties, email=None):
+            return {"event_id": _uuid4(rng), "event_type": event_type, "user_id": user_id,
+                    "anonymous_id": device.anonymous_id, "session_id": session_id, "occurred_at": t,
+                    "received_at": t, "properties": properties, "context": {**context, "email": email},
+                    "consent": dict(consent)}
+
+        events = []
+        for _ in range(rng.randint(1, 3)):
+            t = profile.signup_ms - rng.randint(2 * HOUR_MS, MAX_CROSS_DEVICE_LEAD_MS)
+            session_id = f"sess-{rng.getrandbits(64):016x}"
+            for _ in range(rng.randint(1, 5)):
+                page = rng.choice(("/", "/pricing", "/features", "/blog", "/customers"))
+                events.append(event("page_view", t, None, session_id, {"page": page}))
+                t += 2 * SECOND_MS + rng.randrange(MAX_EVENT_GAP_MS)
+        if rng.random() < cfg.cross_device_login_share:
+            t = profile.signup_ms + rng.randint(HOUR_MS, 3 * DAY_MS)
+            session_id = f"sess-{rng.getrandbits(64):016x}"
+            if t + 4 * MAX_EVENT_GAP_MS < self.horizon_end_ms:
+                events.append(event("login", t, profile.user_id, session_id, {"method": "password"},
+                                    profile.email))
+                for _ in range(rng.randint(1, 3)):
+                    t += 2 * SECOND_MS + rng.randrange(MAX_EVENT_GAP_MS)
+                    events.append(event("page_view", t, profile.user_id, session_id, {"page": "/app"},
+                                        profile.email))
+        return sorted(events, key=lambda e: e["occurred_at"])
+
+    def identity_truth(self) -> Iterator[dict]:
+        """Per (user, device) that carried a device id: ``{"user_id", "anonymous_id", "deterministic",
+        "anonymous_events"}``. ``deterministic``: an event carried both ids (a signup or login on the
+        device), so a pipeline can link them for certain; ``anonymous_events``: the device's events
+        without the account id (which stitching should move to the account). From the journeys
+        themselves, before the stream's perturbations."""
+        for profile in self.users():
+            devices: dict[str, list] = {}
+            for e in self.journey(profile):
+                if e["anonymous_id"]:
+                    seen = devices.setdefault(e["anonymous_id"], [False, 0])
+                    if e["user_id"]:
+                        seen[0] = True
+                    else:
+                        seen[1] += 1
+            for anonymous_id, (deterministic, anonymous_events) in devices.items():
+                yield {"user_id": profile.user_id, "anonymous_id": anonymous_id, "deterministic": deterministic,
+                       "anonymous_events": anonymous_events}
+
+    def _earliest_start(self, profile: UserProfile) -> int:
+        """The earliest time ``profile``'s journey can start (the merge's key; the same offset for everyone)."""
+        lead = MAX_CROSS_DEVICE_LEAD_MS if self.config.cross_device_share > 0 else MAX_PRE_SIGNUP_MS
+        return profile.signup_ms - max(lead, MAX_PRE_SIGNUP_MS)
 
     def events_in_event_time(self) -> Iterator[dict]:
         """Every user's journey merged by event time (``received_at`` not yet stamped).
@@ -816,7 +894,7 @@ class JourneyGenerator:
         Users join lazily as their first event nears, so only the journeys in
         flight are held.
         """
-        return merge_journeys((u.signup_ms - MAX_PRE_SIGNUP_MS, u.index, functools.partial(self.journey, u))
+        return merge_journeys((self._earliest_start(u), u.index, functools.partial(self.journey, u))
                               for u in self.users())
 
     def events(self) -> Iterator[tuple[str, dict]]:

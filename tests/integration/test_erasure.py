@@ -131,6 +131,22 @@ def _present(d: Deployment, user_key: str) -> list[str]:
     return where + [f"warehouse {table} ({n} rows)" for table, n in _rows_of(d, user_key).items() if n]
 
 
+def _linked_devices(d: Deployment, user_key: str) -> list[str]:
+    """The device pseudonyms identity stitching linked to ``user_key`` (the alias table)."""
+    with psycopg.connect(d.dsn, autocommit=True) as conn:
+        return sorted(row[0] for row in conn.execute(sql.SQL(
+            "SELECT anonymous_key FROM {} WHERE user_key = %s").format(sql.Identifier(d.schema, "identity_aliases")),
+            (user_key,)))
+
+
+def _stitched_markers(d: Deployment, devices: list[str]) -> list[str]:
+    client = redis.Redis.from_url(d.redis_url)
+    try:
+        return [device for device in devices if client.exists(f"{d.prefix}:stitched:{device}")]
+    finally:
+        client.close()
+
+
 def _victims(d: Deployment, user_ids: list[str], n: int) -> list[tuple[str, str]]:
     """``n`` (raw id, pseudonym) of users the run left a profile, segments and warehouse rows for."""
     pseudonym = Pseudonymizer(SECRET).user_key
@@ -149,6 +165,9 @@ def test_erase_removes_a_user_everywhere_audits_it_and_a_replay_brings_nothing_b
     before = Outputs.read(d)
     (uid, key), = _victims(d, user_ids, 1)
     assert _present(d, key), "the victim has nothing to erase"
+    devices = _linked_devices(d, key)
+    assert devices and any(_rows_of(d, device)["events"] for device in devices), \
+        "the victim has no stitched device with anonymous events"
 
     done = _cli(d, uid, f"--requested-by={REQUESTER}")
     report = json.loads(done.stdout)
@@ -158,6 +177,9 @@ def test_erase_removes_a_user_everywhere_audits_it_and_a_replay_brings_nothing_b
     assert report["removed"]["redis.segment_memberships"] == len(before.memberships()[key])
     assert report["removed"]["warehouse.events"] > 0 and report["removed"]["warehouse.profile_snapshots"] > 0
     assert _present(d, key) == []
+    assert report["removed"]["identity.devices"] == len(devices)
+    assert [_present(d, device) for device in devices] == [[]] * len(devices)
+    assert _linked_devices(d, key) == [] and not _stitched_markers(d, devices)
 
     audit = _audit(d)
     assert len(audit) == 1 and audit[0]["user_key"] == key and audit[0]["requested_by"] == REQUESTER
@@ -168,9 +190,12 @@ def test_erase_removes_a_user_everywhere_audits_it_and_a_replay_brings_nothing_b
     # rebuilt from scratch and recomputes the erased user's profile and rows; none may land.
     run_to_end(d, f"{d.name}-replay", tmp_path / "replay.log")
     assert _present(d, key) == [], "the replay brought the erased user back"
+    assert [_present(d, device) for device in devices] == [[]] * len(devices), "the replay brought a device back"
+    assert _linked_devices(d, key) == [] and not _stitched_markers(d, devices)
     after = Outputs.read(d)
-    others = {k: v for k, v in before.profiles.items() if k != key}
-    assert {k: v for k, v in after.profiles.items() if k != key} == others, "the replay changed other users"
+    gone = {key, *devices}
+    others = {k: v for k, v in before.profiles.items() if k not in gone}
+    assert {k: v for k, v in after.profiles.items() if k not in gone} == others, "the replay changed other users"
     assert len(_audit(d)) == 1
 
 

@@ -62,7 +62,7 @@ from onboardflow.runners.sim.generator import (
 from onboardflow.schemas import default_registry, load_schema
 from onboardflow.schemas.wire import AvroDeserializer
 from onboardflow.tests.integration.outputs import counters, read_topic, redis_dump
-from onboardflow.transforms.anonymize import SecretKey, ip_prefix
+from onboardflow.transforms.anonymize import Pseudonymizer, SecretKey, ip_prefix
 from onboardflow.transforms.online_models import PROPENSITY, SEGMENTATION
 from onboardflow.transforms.profile_store.encoding import decode_profile
 from onboardflow.transforms.profile_store.store import ProfileStore
@@ -75,7 +75,7 @@ PARTITIONS = 4
 # ~26k messages. Consent rates below the defaults so that all three consent
 # routes (profiles, analytics only, dropped) carry a good share of the events.
 CONFIG = GeneratorConfig(
-    seed=2026, users=300, horizon_days=14.0,
+    seed=2026, users=300, horizon_days=14.0, cross_device_share=0.3,
     malformed_fraction=0.01, duplicate_fraction=0.01, late_fraction=0.01,
     personalization_consent_rate=0.8, analytics_consent_rate=0.6,
 )
@@ -461,9 +461,22 @@ def independent_profile(events: list[dict]) -> dict:
 
 def test_profiles_in_redis_equal_an_independent_computation_from_the_users_events(deployment, stream):
     by_user = defaultdict(list)
+    # Identity stitching: a device's anonymous events count for the account that device first
+    # identified as (by event time: an event carrying both ids), whenever they arrive.
+    owner = {}
+    for _, event in sorted(stream.events, key=lambda ke: (ke[1]["occurred_at"], ke[1]["event_id"])):
+        if event["user_id"] and event["anonymous_id"] and event["consent"]["personalization"]:
+            owner.setdefault(event["anonymous_id"], event["user_id"])
+    stitched = 0
     for _, event in stream.events:
-        if event["user_id"] and event["consent"]["personalization"]:
+        if not event["consent"]["personalization"]:
+            continue
+        if event["user_id"]:
             by_user[event["user_id"]].append(event)
+        elif event["anonymous_id"] in owner:
+            by_user[owner[event["anonymous_id"]]].append(event)
+            stitched += 1
+    assert stitched > 100  # the visitors' page views before signup
     late = sum(1 for events in by_user.values() for e in events
                if e["received_at"] - e["occurred_at"] >= CONFIG.min_lateness_ms)
     duplicated = sum(len(events) - len({e["event_id"] for e in events}) for events in by_user.values())
@@ -481,6 +494,48 @@ def test_profiles_in_redis_equal_an_independent_computation_from_the_users_event
         if actual != expected:
             wrong[user_id] = {name: (actual[name], want) for name, want in expected.items() if actual[name] != want}
     assert wrong == {}, f"{len(wrong)} of {len(user_ids)} profiles differ: field -> (redis, expected)"
+
+
+def test_visitors_are_stitched_into_the_accounts_they_identify_as_and_their_own_profiles_retired(deployment, stream):
+    """Ground truth from the stream itself: a device belongs to the account an event of it carried
+    (deterministic links), its anonymous-only events count there (the test above), its own profile is
+    gone from Redis with its segment memberships, and the alias table records exactly those links.
+    Devices never identified keep their visitor profile."""
+    pseudonymizer = Pseudonymizer(SECRET)
+    truth, devices = {}, set()
+    for _, event in sorted(stream.events, key=lambda ke: (ke[1]["occurred_at"], ke[1]["event_id"])):
+        if not event["consent"]["personalization"] or not event["anonymous_id"]:
+            continue
+        devices.add(event["anonymous_id"])
+        if event["user_id"]:
+            truth.setdefault(event["anonymous_id"], event["user_id"])
+    anonymous_only = {e["anonymous_id"] for _, e in stream.events
+                      if e["anonymous_id"] and not e["user_id"] and e["consent"]["personalization"]}
+    never_identified = anonymous_only - truth.keys()
+    assert len(truth) > 200 and never_identified  # cross-device visitors who never logged in there
+
+    deployment.run_bounded(deployment.group("run"))
+
+    links = {(a, u): status for a, u, status in query(
+        deployment.dsn, deployment.schema, "SELECT anonymous_key, user_key, status FROM identity_aliases")}
+    want = {(pseudonymizer.user_key(None, a), pseudonymizer.user_key(u)) for a, u in truth.items()}
+    made = {pair for pair, status in links.items() if status == "linked"}
+    precision = len(made & want) / len(made)
+    recall = len(made & want) / len(want)
+    assert (precision, recall) == (1.0, 1.0), (precision, recall)  # no shared devices in this stream
+    profiles, segments = final_profiles(deployment.redis_url, deployment.prefix)
+    members = set().union(*segments.values())
+    client = redis.Redis.from_url(deployment.redis_url)
+    try:
+        for anonymous_id, user_id in truth.items():
+            device = pseudonymizer.user_key(None, anonymous_id)
+            assert device not in profiles and device not in members
+            if anonymous_id in anonymous_only:  # a visitor profile existed: retired into the account
+                assert client.get(f"{deployment.prefix}:stitched:{device}") == pseudonymizer.user_key(user_id).encode()
+        for anonymous_id in never_identified:
+            assert pseudonymizer.user_key(None, anonymous_id) in profiles
+    finally:
+        client.close()
 
 
 # --------------------------------------------------------------------------- 5. replay

@@ -7,6 +7,8 @@
     {prefix}:outbox:{name}        outbox streams (transforms/outbox/)
     {prefix}:erased               set of erased user_keys: no profile write applies to them
     {prefix}:erased:version       counter of erasures (readers of the set reload it when it moves)
+    {prefix}:stitched:{user_key}  a visitor retired into an account: the account's user_key; no profile
+                                  write of the visitor applies (transforms/identity.py)
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ class ProfileKeys:
     def erased_version(self) -> str:
         """A counter every erasure increments: readers of ``erased`` reload it when it moved."""
         return f"{self.prefix}:erased:version"
+
+    def stitched(self, user_key: str) -> str:
+        """Marker of a visitor retired into an account (its value: the account's user_key)."""
+        return f"{self.prefix}:stitched:{user_key}"
 
     def outbox(self, name: str) -> str:
         """The outbox stream ``name`` (transforms/outbox/) under this prefix."""

@@ -45,6 +45,8 @@ _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 # profile-snapshot outbox stream (transforms/outbox/; '' for either: none),
 # KEYS[4] the set of erased user_keys (transforms/erasure.py): an erased user's
 # write is answered as stale, so nothing of it is stored or relayed.
+# KEYS[5] the user's stitched marker (a visitor retired into an account,
+# RETIRE_VISITOR_LUA): its writes are answered as stale too.
 # ARGV: [1] version, [2] write id, [3] ttl ms (0: none),
 # [4] segment key prefix, [5] user_key (the set member), [6] n segments,
 # [7 .. 6+n] segments, [7+n] the hash fields as one JSON object of strings
@@ -57,6 +59,7 @@ _STALE, _APPLIED, _ALREADY_APPLIED = 0, 1, 2
 UPSERT_PROFILE_LUA = """
 local key = KEYS[1]
 if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
 local incoming = tonumber(ARGV[1])
 local stored = redis.call('HMGET', key, 'version', '_write_id', 'segments', '_prev_segments')
 local stored_version = tonumber(stored[1])
@@ -115,6 +118,45 @@ if KEYS[3] ~= '' then
   redis.call('XADD', KEYS[3], '*', 'u', member, 'v', ARGV[1], 'f', ARGV[7 + n])
 end
 return {1, stored[3] or '[]'}
+"""
+
+
+# Retire a visitor's profile into the account it identified as (transforms/identity.py).
+# KEYS[1] the visitor's profile hash, KEYS[2] its stitched marker, KEYS[3] the
+# segment-change outbox ('' for none), KEYS[4] the set of erased user_keys (an
+# erased visitor is left alone: erasure removed it, transforms/erasure.py). ARGV: [1] segment key prefix, [2] the
+# visitor's key (the set member), [3] the account's key, [4] marker ttl ms (0:
+# none), [5] the link's event time (ms). Sets the marker first (from then on the
+# upsert script refuses the visitor's writes, whatever order they come in), then
+# removes the profile and its segment memberships and records the exits, at the
+# next version, as one segment change (reason "stitched"). Idempotent: a second
+# call finds no profile and returns 0.
+RETIRE_VISITOR_LUA = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[3])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+local stored = redis.call('HMGET', KEYS[1], 'version', 'segments', 'as_of')
+if not stored[1] then return 0 end
+local old = {}
+if stored[2] then
+  local ok, decoded = pcall(cjson.decode, stored[2])
+  if ok and type(decoded) == 'table' then
+    for _, s in ipairs(decoded) do
+      if type(s) == 'string' then old[#old + 1] = s end
+    end
+  end
+end
+for _, s in ipairs(old) do redis.call('SREM', ARGV[1] .. s, ARGV[2]) end
+redis.call('DEL', KEYS[1])
+if #old > 0 and KEYS[3] ~= '' then
+  local at = tonumber(ARGV[5])
+  local as_of = tonumber(stored[3])
+  if as_of and as_of > at then at = as_of end
+  redis.call('XADD', KEYS[3], '*', 'u', ARGV[2], 'v', tostring(tonumber(stored[1]) + 1),
+             'at', tostring(at), 'old', stored[2], 'new', '[]', 'why', 'stitched')
+end
+return 1
 """
 
 
@@ -239,8 +281,8 @@ class RedisProfileWriter:
                 self._script_loaded = True
             pipe = self.client.pipeline(transaction=False)
             for item in items:
-                pipe.evalsha(self._sha, 4, self.keys.profile(item.user_key), *self._outboxes, self.keys.erased,
-                             *self._args(item, write_id))
+                pipe.evalsha(self._sha, 5, self.keys.profile(item.user_key), *self._outboxes, self.keys.erased,
+                             self.keys.stitched(item.user_key), *self._args(item, write_id))
             replies = pipe.execute(raise_on_error=False)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             # The connection is dropped by redis-py; the next attempt reconnects.
@@ -287,6 +329,25 @@ class RedisProfileWriter:
             self.retry.run(attempt, transient=is_transient, what="Redis profile write", log=_LOG,
                            on_retry=self.retried)
         return outcomes  # every index was settled: applied, stale or rejected
+
+    def retire(self, visitors: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """Retire each ``(visitor key, account key, linked_at ms)`` (``RETIRE_VISITOR_LUA``); per item,
+        whether a profile was there to remove. Retried as ``write`` is; idempotent."""
+        replies: list = []
+
+        def attempt() -> None:
+            nonlocal replies
+            pipe = self.client.pipeline(transaction=False)
+            for visitor, account, linked_at in visitors:
+                pipe.eval(RETIRE_VISITOR_LUA, 4, self.keys.profile(visitor), self.keys.stitched(visitor),
+                          self._outboxes[0], self.keys.erased, self.keys.segment_prefix, visitor, account,
+                          str(self._ttl_ms), str(int(linked_at)))
+            replies = pipe.execute()
+
+        if visitors:
+            self.retry.run(attempt, transient=is_transient, what="Redis visitor retirement", log=_LOG,
+                           on_retry=self.retried)
+        return [bool(int(r)) for r in replies]
 
     def retried(self, error: BaseException) -> None:
         """Count one retry (``retries`` and the ``redis_retries`` counter)."""

@@ -193,6 +193,20 @@ def exposure_row(exposure: Mapping[str, Any]) -> tuple:
     )
 
 
+def identity_alias_row(stitch: Any) -> tuple:
+    """A ``Stitch`` (transforms/identity.py) as an ``identity_aliases`` row."""
+    if not isinstance(stitch, tuple) or len(stitch) < 6:
+        raise RowError("not_a_stitch", f"element is a {type(stitch).__name__}")
+    return (
+        _text(stitch[0], "anonymous_key", required=True),
+        _text(stitch[1], "user_key", required=True),
+        _ts(stitch[2], "linked_at"),
+        _text(stitch[3], "event_id", required=True),
+        _text(stitch[4], "match", required=True),
+        _text(stitch[5], "status", required=True),
+    )
+
+
 def _payload_bytes(letter: Mapping[str, Any]) -> Optional[bytes]:
     if "value" in letter:  # a Kafka record (schemas/dead_letter.avsc)
         value = letter["value"]
@@ -308,4 +322,8 @@ DEAD_LETTERS = TableSpec(
 EXPERIMENT_EXPOSURES = TableSpec(
     "experiment_exposures", ("experiment", "user_key", "variant", "served_at"), exposure_row,
     earliest_wins=(("experiment", "user_key"), "served_at"),
+)
+IDENTITY_ALIASES = TableSpec(
+    "identity_aliases", ("anonymous_key", "user_key", "linked_at", "event_id", "match", "status"),
+    identity_alias_row, earliest_wins=(("anonymous_key", "user_key"), "linked_at"),
 )

@@ -1,0 +1,167 @@
+"""Beam shell of identity stitching: ``StitchIdentities`` and ``WriteIdentityLinks``.
+
+The logic is ``IdentityResolver`` (transforms/identity.py); this module keys
+anonymized events by their device pseudonym (``anonymous_key``; an event
+without one by its ``user_key``, and passed through untouched), keeps the
+device's link in a ``ReadModifyWriteState`` cell and its held anonymous
+events in a ``BagState``, and forgets both at an event-time timer
+``IdentityConfig.ttl_ms`` after the device's newest event. Counters
+(namespace ``onboardflow``): ``identity_links``, ``identity_conflicts``,
+``identity_events_released``, ``identity_events_rekeyed``,
+``identity_pending_overflow``, ``identity_state_expired``. Released events
+are emitted at the identifying event's timestamp (Beam refuses an output
+older than its input); the profile stage reads event time from the event.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.coders import FastPrimitivesCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from ...transforms.identity import CONFLICT, IdentityConfig, IdentityResolver, Link, anonymous_key, released
+from ...transforms.metrics import PipelineMetrics
+from ...transforms.profile import unusable
+from ...transforms.profile_store.identity import VisitorRetireSink
+from ...transforms.warehouse import rows
+from .sinks import DEAD_LETTER, WriteToSink
+from .warehouse import _WriteToWarehouse
+
+#: Output tag of ``StitchIdentities``: the ``Stitch`` rows.
+STITCHES = "stitches"
+
+
+def _key_by_device(event):
+    device = anonymous_key(event) if unusable(event) is None else None
+    if device is not None:
+        return device, event
+    return (event.get("user_key") if isinstance(event, dict) else None) or "", event
+
+
+class _ResolveFn(beam.DoFn):
+    """(device or user key, event) in; events for the profile stage out, ``Stitch`` rows tagged.
+
+    The device's cell holds ``(link, newest event time, events held)``: the bag
+    of held events is only read when the device links (a state read per
+    element is what costs on a portable runner)."""
+
+    # The names are the state's identity in a running job: keep them.
+    DEVICE = ReadModifyWriteStateSpec("device", FastPrimitivesCoder())
+    PENDING = BagStateSpec("pending", FastPrimitivesCoder())
+    EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
+
+    def __init__(self, config: IdentityConfig):
+        self._config = config
+
+    def setup(self):
+        self._resolver = IdentityResolver(self._config)
+        counter = lambda name: Metrics.counter("onboardflow", name)  # noqa: E731
+        self._links, self._conflicts = counter("identity_links"), counter("identity_conflicts")
+        self._released, self._rekeyed = counter("identity_events_released"), counter("identity_events_rekeyed")
+        self._overflow, self._expired = counter("identity_pending_overflow"), counter("identity_state_expired")
+
+    def process(self, element, cell=beam.DoFn.StateParam(DEVICE), pending=beam.DoFn.StateParam(PENDING),
+                expire=beam.DoFn.TimerParam(EXPIRE)):
+        key, event = element
+        if anonymous_key(event) != key or unusable(event) is not None:
+            yield event
+            return
+        stored = cell.read()
+        link_primitive, newest, held = stored if stored is not None else (None, None, 0)
+        link = Link.from_primitive(link_primitive)
+        r = self._resolver.on_event(link, held, event)
+        if r.hold:
+            pending.add(r.forward)
+            held += 1
+        if r.overflow:
+            self._overflow.inc()
+        if link is not None and not event.get("identified"):
+            self._rekeyed.inc()
+        yield r.forward
+        if r.release:
+            self._links.inc()
+            for copy in released(pending.read(), r.link.user_key):
+                self._released.inc()
+                yield copy
+            pending.clear()
+            held = 0
+        if r.stitch is not None:
+            if r.stitch.status == CONFLICT:
+                self._conflicts.inc()
+            yield beam.pvalue.TaggedOutput(STITCHES, r.stitch)
+        t = event["occurred_at"]
+        if newest is None or t > newest:
+            newest = t
+            expire.set(Timestamp(micros=self._resolver.expire_at(t) * 1000))
+        cell.write((None if r.link is None else r.link.to_primitive(), newest, held))
+
+    @on_timer(EXPIRE)
+    def on_expire(self, cell=beam.DoFn.StateParam(DEVICE), pending=beam.DoFn.StateParam(PENDING)):
+        self._expired.inc()
+        cell.clear()
+        pending.clear()
+
+
+class StitchOutputs(NamedTuple):
+    """``events``: for the profile stage (re-keyed and released ones included); ``stitches``: alias rows."""
+
+    events: Any
+    stitches: Any
+
+
+class StitchIdentities(beam.PTransform):
+    """Anonymized events in; the same events resolved to the account they belong to out (transforms/identity.py).
+
+    An anonymous event of a device that identified as an account comes out
+    with the account's ``user_key``; a device's first identification releases
+    its earlier anonymous events to the account (marked ``stitched``). Events
+    without a device id, and events the profile stage will dead-letter, pass
+    through unchanged. ``stitches``: one ``Stitch`` per identifying event that
+    carries a device id (``WriteIdentityLinks``).
+    """
+
+    def __init__(self, config: IdentityConfig = IdentityConfig()):
+        super().__init__()
+        self._config = config
+
+    def expand(self, events):
+        resolved = (events
+                    | "KeyByDevice" >> beam.Map(_key_by_device)
+                    | "Resolve" >> beam.ParDo(_ResolveFn(self._config)).with_outputs(STITCHES, main="events"))
+        return StitchOutputs(resolved.events, resolved[STITCHES])
+
+
+class WriteIdentityAliases(_WriteToWarehouse):
+    """``Stitch`` rows -> ``identity_aliases`` (key: device, account; the earliest link wins)."""
+
+    SPEC = rows.IDENTITY_ALIASES
+
+
+class WriteIdentityLinks(beam.PTransform):
+    """``Stitch`` rows in: the alias table, and each linked visitor's profile retired in Redis.
+
+    Out: the dead letters of both sinks. Both writes are idempotent, so a
+    replayed bundle changes nothing.
+    """
+
+    def __init__(self, redis_url: str, key_prefix: str, profile_ttl_s: float, dsn: str, schema: str,
+                 metrics: Optional[PipelineMetrics] = None):
+        super().__init__()
+        self._retire = (redis_url, key_prefix, profile_ttl_s)
+        self._warehouse = (dsn, schema)
+        self._metrics = metrics
+
+    def expand(self, stitches):
+        redis_url, key_prefix, ttl_s = self._retire
+        retired = (stitches
+                   | "Retirements" >> beam.Filter(lambda s: s.retire)
+                   | "RetireVisitors" >> WriteToSink(
+                       functools.partial(VisitorRetireSink, redis_url, key_prefix, ttl_s),
+                       step="RetireVisitorProfiles"))
+        aliases = stitches | "WriteAliases" >> WriteIdentityAliases(*self._warehouse, metrics=self._metrics)
+        return retired[DEAD_LETTER], aliases

@@ -1,0 +1,182 @@
+"""Identity stitching's core (transforms/identity.py) with the profile machine, no engine.
+
+A small in-process engine runs the resolver (per device: link, held events)
+in front of the profile machine (per user: state), the way both engine shells
+compose them. The account's profile must come out the same whatever order
+the events arrive in, and equal to a run where every device event had carried
+the account id from the start.
+"""
+import itertools
+import random
+
+import pytest
+
+from onboardflow.schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
+from onboardflow.transforms.identity import (
+    CONFLICT,
+    LINKED,
+    IdentityConfig,
+    IdentityResolver,
+    Link,
+    anonymous_key,
+    released,
+)
+from onboardflow.transforms.profile import ProfileConfig, ProfileMachine, Store
+
+T0 = 1_760_000_000_000 // DAY_MS * DAY_MS
+USER, OTHER, DEVICE = "u" * 64, "o" * 64, "d" * 64
+
+
+def event(n, t, identified, event_type="page_view", device=DEVICE, user=USER):
+    return {"event_id": f"e{n}", "event_type": event_type, "occurred_at": t, "identified": identified,
+            "user_key": user if identified else device, "anonymous_key": device, "properties": {}}
+
+
+class Engine:
+    """Resolver then profile machine, states in dicts; probe timers fired after each event (a strict watermark)."""
+
+    def __init__(self, config=IdentityConfig(), lateness_ms=HOUR_MS):
+        self.resolver = IdentityResolver(config)
+        self.machine = ProfileMachine(ProfileConfig(allowed_lateness_ms=lateness_ms, dedup_horizon_ms=lateness_ms),
+                                      clock_ms=lambda: T0 + 365 * DAY_MS)
+        self.links, self.pending, self.states, self.stitches = {}, {}, {}, []
+        self.too_late = 0
+
+    def feed(self, e):
+        device = anonymous_key(e)
+        forwarded = [e]
+        if device is not None:
+            held = self.pending.setdefault(device, [])
+            r = self.resolver.on_event(self.links.get(device), len(held), e)
+            self.links[device] = r.link
+            forwarded = [r.forward]
+            if r.hold:
+                held.append(r.forward)
+            if r.release:
+                forwarded += released(held, r.link.user_key)
+                held.clear()
+            if r.stitch is not None:
+                self.stitches.append(r.stitch)
+        for f in forwarded:
+            key = f["user_key"]
+            for d in self.machine.on_event(self.states.get(key), f):
+                if type(d) is Store:
+                    self.states[key] = d.state
+                elif type(d).__name__ == "TooLate":
+                    self.too_late += 1
+            state = self.states.get(key)
+            if state is not None:  # the watermark passes the newest event at once: lateness bites
+                self.machine.on_probe(state, state.engagement.last_event_at)
+
+    def profile(self, key):
+        """The user's profile; floats rounded to 9 significant digits (float sums differ in the last bit
+        with the order of their terms, as between the engines: tests/integration/reliability_harness.py)."""
+        state = self.states.get(key)
+        if state is None:
+            return None
+        return {k: float(f"{v:.9g}") if isinstance(v, float) else v
+                for k, v in state.snapshot(key).items() if k != "updated_at"}
+
+
+def journey():
+    """Two days of anonymous browsing, a signup, then mixed events (some anonymous-only)."""
+    events = [event(i, T0 + i * 5 * MINUTE_MS, False) for i in range(6)]
+    events += [event(i, T0 + 2 * DAY_MS + i * 7 * MINUTE_MS, False) for i in range(6, 9)]
+    events.append(event(9, T0 + 3 * DAY_MS, True, "signup"))
+    events += [event(10 + i, T0 + 3 * DAY_MS + (i + 1) * MINUTE_MS, i % 2 == 0, "click") for i in range(6)]
+    return events
+
+
+def ideal_profile(events):
+    """Every event as if it had carried the account id from the start (no lateness: a fresh engine)."""
+    engine = Engine(lateness_ms=60 * DAY_MS)
+    for e in sorted(events, key=lambda e: e["occurred_at"]):
+        engine.feed({**e, "identified": True, "user_key": USER, "anonymous_key": None})
+    return engine.profile(USER)
+
+
+def test_the_account_holds_the_visitors_history_as_if_it_had_been_theirs_all_along():
+    events = journey()
+    engine = Engine()
+    for e in events:
+        engine.feed(e)
+    assert engine.too_late == 0  # two-day-old browsing is released, not late
+    assert engine.profile(USER) == ideal_profile(events)
+    assert engine.profile(USER)["events_total"] == len(events)
+    assert [s.status for s in engine.stitches] == [LINKED] * 4  # the signup and three identified clicks
+    assert [s.retire for s in engine.stitches] == [True, False, False, False]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_any_arrival_order_gives_the_same_account_profile(seed):
+    events = journey()
+    rng = random.Random(seed)
+    shuffled = events[:]
+    rng.shuffle(shuffled)
+    engine = Engine(lateness_ms=30 * DAY_MS)
+    for e in shuffled:
+        engine.feed(e)
+    assert engine.profile(USER) == ideal_profile(events)
+    assert engine.links[DEVICE] == Link(USER, T0 + 3 * DAY_MS, "e9")
+
+
+def test_a_late_signup_moves_the_link_earlier_and_a_replay_changes_nothing():
+    events = journey()
+    login = event(99, T0 + 4 * DAY_MS, True, "login")
+    engine = Engine(lateness_ms=30 * DAY_MS)
+    for e in [login] + events:  # the login arrives first; the signup (earlier) later
+        engine.feed(e)
+    assert engine.links[DEVICE] == Link(USER, T0 + 3 * DAY_MS, "e9")
+    before = engine.profile(USER)
+    for e in [login] + events:  # the same input again: duplicates everywhere
+        engine.feed(e)
+    assert engine.profile(USER) == before == ideal_profile(events + [login])
+
+
+def test_a_device_that_identifies_as_a_second_account_stays_with_the_first():
+    engine = Engine()
+    engine.feed(event(1, T0, False))
+    engine.feed(event(2, T0 + MINUTE_MS, True, "signup"))
+    engine.feed(event(3, T0 + 2 * MINUTE_MS, True, "login", user=OTHER))
+    engine.feed(event(4, T0 + 3 * MINUTE_MS, False))
+    assert [s.status for s in engine.stitches] == [LINKED, CONFLICT]
+    assert engine.profile(USER)["events_total"] == 3  # the visit, the signup, the later anonymous view
+    assert engine.profile(OTHER)["events_total"] == 1
+
+
+def test_held_events_are_capped_and_released_once_each():
+    engine = Engine(IdentityConfig(max_pending=3))
+    for i in range(5):
+        engine.feed(event(i, T0 + i * MINUTE_MS, False))
+    engine.feed(event(2, T0 + 2 * MINUTE_MS, False))  # a re-sent duplicate, held again
+    assert len(engine.pending[DEVICE]) == 3  # the rest reached the visitor's profile only
+    engine.feed(event(9, T0 + HOUR_MS, True, "signup"))
+    assert engine.profile(USER)["events_total"] == 4  # three released + the signup
+    assert engine.profile(DEVICE)["events_total"] == 5
+
+
+def test_released_copies_are_marked_and_deduplicated():
+    held = [event(1, T0, False), event(1, T0, False), event(2, T0 + 1, False)]
+    out = released(held, USER)
+    assert [(e["event_id"], e["user_key"], e["stitched"]) for e in out] == [("e1", USER, True), ("e2", USER, True)]
+    assert held[0]["user_key"] == DEVICE  # the held events themselves are not changed
+
+
+def test_events_without_a_device_id_skip_the_resolver_and_bad_settings_are_refused():
+    assert anonymous_key({"user_key": USER, "anonymous_key": None}) is None
+    assert anonymous_key("not an event") is None
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError):
+            IdentityConfig(max_pending=bad)
+    assert IdentityResolver(IdentityConfig(ttl_ms=DAY_MS)).expire_at(T0) == T0 + DAY_MS
+
+
+def test_the_permutations_of_a_short_journey_all_agree():
+    events = [event(1, T0, False), event(2, T0 + MINUTE_MS, True, "signup"), event(3, T0 + 2 * MINUTE_MS, False)]
+    profiles = set()
+    for order in itertools.permutations(events):
+        engine = Engine(lateness_ms=DAY_MS)
+        for e in order:
+            engine.feed(e)
+        profiles.add(repr(sorted(engine.profile(USER).items())))
+    assert len(profiles) == 1

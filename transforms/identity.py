@@ -1,0 +1,178 @@
+"""Identity stitching: a visitor's anonymous activity resolved into the account it identifies as.
+
+Engine-free. ``IdentityResolver`` is the keyed stage *before* the profile
+stage, keyed by the event's ``anonymous_key`` (the pseudonym of its device
+id, transforms/anonymize.py); events without one pass it untouched. Per
+device it keeps a ``Link`` (the account the device identified as, or none
+yet) and the device's anonymous events seen before the link (``pending``).
+
+    resolver.on_event(link, pending_count, event) -> Resolution
+
+* An anonymous event (no account id) of a device with no link goes on to the
+  visitor's own profile (keyed by the anonymous key) and is *held*: the
+  engine appends it to the device's pending events.
+* An anonymous event of a linked device goes to the account's profile
+  (``user_key`` replaced): later events that carry only the anonymous id land
+  on the user.
+* An identified event carrying the device id (signup, login) goes to the
+  account as always, and yields a ``Stitch`` (a row of the warehouse's
+  ``identity_aliases``: device, account, event time, event id). The first one
+  *links* the device: the engine *releases* its pending events to the account
+  (``stitched_copy``: re-keyed and marked ``stitched``, so the profile stage
+  folds them in whatever their lateness, transforms/profile.py), clears them,
+  and retires the visitor's profile (Redis: the profile and its segment
+  memberships removed and its later writes refused,
+  transforms/profile_store/writer.py).
+
+Why the result does not depend on arrival order: every profile state class
+is an order-independent fold of a set of events (transforms/profile.py), so
+the account's profile holds the same events whether the device's anonymous
+events came before the link (released), after it (re-keyed) or are replayed;
+a late signup only moves the link's time. The alias rows are one per (device,
+account) with the earliest event time winning, and the retirement is
+idempotent. The one order-dependent case is a device that identifies as two
+accounts (a shared computer): the first link holds, the second is recorded as
+a ``conflict`` row and counted, and events keep going to the first account.
+Design notes: docs/identity.md.
+
+State size: at most ``max_pending`` held events per device (the rest still
+reach the visitor's profile, counted as ``overflow``, and are not moved on a
+link); a device's state is dropped ``ttl_ms`` of event time after its newest
+event (``expire_at``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+from ..schemas.units import DAY_MS
+
+#: ``Stitch.match``: how the device and the account were matched.
+MATCH_ID = "id"
+#: ``Stitch.status``: the link that holds, or a second account the device identified as.
+LINKED, CONFLICT = "linked", "conflict"
+
+
+class Link(NamedTuple):
+    """The account a device identified as: its pseudonym, and the earliest identifying event seen."""
+
+    user_key: str
+    linked_at: int
+    event_id: str
+
+    def to_primitive(self) -> tuple:
+        return tuple(self)
+
+    @classmethod
+    def from_primitive(cls, value) -> Optional["Link"]:
+        return None if value is None else cls(*value)
+
+
+class Stitch(NamedTuple):
+    """One (device, account) link as the warehouse's ``identity_aliases`` keeps it; ``retire``: the
+    visitor's profile is to be retired into the account (the first link of the device)."""
+
+    anonymous_key: str
+    user_key: str
+    linked_at: int
+    event_id: str
+    match: str = MATCH_ID
+    status: str = LINKED
+    retire: bool = False
+
+
+class Resolution(NamedTuple):
+    """What to do with one event (module docstring).
+
+    ``forward``: the event for the profile stage (its ``user_key`` is the key to
+    send it to); ``link``: the device's link after the event (store it);
+    ``hold``: append ``forward`` to the device's pending events; ``release``:
+    send the pending events to ``link.user_key`` (``stitched_copy``) and clear
+    them; ``stitch``: the alias row, if the event identified the device;
+    ``overflow``: the event could not be held (``max_pending``).
+    """
+
+    forward: dict
+    link: Optional[Link]
+    hold: bool = False
+    release: bool = False
+    stitch: Optional[Stitch] = None
+    overflow: bool = False
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Settings of the resolver (module docstring)."""
+
+    ttl_ms: int = 90 * DAY_MS
+    max_pending: int = 1000
+
+    def __post_init__(self):
+        for name in ("ttl_ms", "max_pending"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def anonymous_key(event: Any) -> Optional[str]:
+    """The key of the resolver for ``event`` (its device pseudonym), or None: the event skips it."""
+    if not isinstance(event, dict):
+        return None
+    key = event.get("anonymous_key")
+    return key if isinstance(key, str) and key else None
+
+
+def stitched_copy(event: dict, user_key: str) -> dict:
+    """A held anonymous event, released to ``user_key``: folded in there whatever its lateness."""
+    return {**event, "user_key": user_key, "stitched": True}
+
+
+def as_received(event: dict) -> Optional[dict]:
+    """The event as the resolver received it, for the warehouse's ``events`` table (which keeps each event
+    under the key it arrived with; ``events_resolved`` resolves it); None for a released copy, stored when
+    it first came."""
+    if event.get("stitched"):
+        return None
+    device = event.get("anonymous_key")
+    if device and not event.get("identified") and event.get("user_key") != device:
+        return {**event, "user_key": device}
+    return event
+
+
+def released(pending, user_key: str) -> list[dict]:
+    """A device's held events released to ``user_key`` (``stitched_copy``), each event id once."""
+    out, seen = [], set()
+    for event in pending:
+        if event["event_id"] not in seen:
+            seen.add(event["event_id"])
+            out.append(stitched_copy(event, user_key))
+    return out
+
+
+class IdentityResolver:
+    """The per-device decision (module docstring); holds no state of its own."""
+
+    def __init__(self, config: IdentityConfig = IdentityConfig()):
+        self.config = config
+
+    def on_event(self, link: Optional[Link], pending_count: int, event: dict) -> Resolution:
+        device = event["anonymous_key"]
+        if not event.get("identified"):
+            if link is not None:
+                return Resolution({**event, "user_key": link.user_key}, link)
+            if pending_count >= self.config.max_pending:
+                return Resolution(event, None, overflow=True)
+            return Resolution(event, None, hold=True)
+        user_key, at, event_id = event["user_key"], event["occurred_at"], event["event_id"]
+        if link is None:
+            link = Link(user_key, at, event_id)
+            return Resolution(event, link, release=True, stitch=Stitch(device, user_key, at, event_id, retire=True))
+        if link.user_key != user_key:
+            return Resolution(event, link, stitch=Stitch(device, user_key, at, event_id, status=CONFLICT))
+        if (at, event_id) < (link.linked_at, link.event_id):
+            link = Link(user_key, at, event_id)
+        return Resolution(event, link, stitch=Stitch(device, user_key, at, event_id))
+
+    def expire_at(self, newest_ms: int) -> int:
+        """Event time at which a device whose newest event is at ``newest_ms`` is forgotten."""
+        return newest_ms + self.config.ttl_ms
