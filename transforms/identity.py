@@ -176,3 +176,29 @@ class IdentityResolver:
     def expire_at(self, newest_ms: int) -> int:
         """Event time at which a device whose newest event is at ``newest_ms`` is forgotten."""
         return newest_ms + self.config.ttl_ms
+
+
+class LocalIdentities:
+    """The resolver with its state in dicts, for in-process drivers (the identity evaluation, the plain
+    benchmark loop, tests): ``resolve(event)`` -> the events for the profile stage (the event itself, or
+    resolved, then any released ones) and the alias row, if any. No expiry: a driver's run is bounded."""
+
+    def __init__(self, config: IdentityConfig = IdentityConfig()):
+        self.resolver = IdentityResolver(config)
+        self.links: dict[str, Optional[Link]] = {}
+        self.held: dict[str, list] = {}
+
+    def resolve(self, event: dict) -> tuple[list[dict], Optional[Stitch]]:
+        device = anonymous_key(event)
+        if device is None:
+            return [event], None
+        held = self.held.setdefault(device, [])
+        r = self.resolver.on_event(self.links.get(device), len(held), event)
+        self.links[device] = r.link
+        out = [r.forward]
+        if r.hold:
+            held.append(r.forward)
+        if r.release:
+            out += released(held, r.link.user_key)
+            held.clear()
+        return out, r.stitch

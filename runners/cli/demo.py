@@ -342,6 +342,8 @@ class DemoResult:
     decision: Optional[dict] = None
     #: Running experiment -> variant -> profiles in Redis it is served to (decisions as the API makes them now).
     experiment_arms: dict = dataclasses.field(default_factory=dict)
+    #: Identity stitching: devices linked, visitors retired, precision / recall against the generator's truth.
+    identity: dict = dataclasses.field(default_factory=dict)
     sample_user: Optional[str] = None
 
 
@@ -413,7 +415,8 @@ def run_demo(args) -> DemoResult:
     recorder = _NewestProfileEvent(v1_serializer())
     gen = JourneyGenerator(GeneratorConfig(
         seed=args.seed, users=args.users, start_ms=args.anchor_ms - horizon_days * DAY_MS,
-        horizon_days=horizon_days, malformed_fraction=0.005, duplicate_fraction=0.01, late_fraction=0.01),
+        horizon_days=horizon_days, malformed_fraction=0.005, duplicate_fraction=0.01, late_fraction=0.01,
+        cross_device_share=0.3),
         serializer=recorder)
     upsert_accounts(owner_dsn, [dataclasses.asdict(a) for a in gen.accounts()], schema=schema)
     gen.write_ground_truth(run_dir / "ground_truth.csv")
@@ -619,6 +622,28 @@ def _experiment_arms(r, prefix) -> dict[str, dict[str, int]]:
     return {name: dict(counts) for name, counts in arms.items()}
 
 
+def _identity_summary(args, r, gen, schema, prefix) -> dict:
+    """Device links in the warehouse (``identity_aliases``), retired visitors in Redis, and the links'
+    precision and recall against the generator's ground truth (``JourneyGenerator.identity_truth``)."""
+    from ...transforms.anonymize import Pseudonymizer, load_secret
+
+    pseudonymizer = Pseudonymizer(load_secret(args.settings.key_file))
+    with warehouse_connect(args.warehouse_dsn) as conn:
+        rows = conn.execute(f'SELECT anonymous_key, user_key, status FROM "{schema}".identity_aliases').fetchall()
+    made = {(a, u) for a, u, status in rows if status == "linked"}
+    consenting = {u.user_id for u in gen.users() if u.consent["personalization"]}
+    truth = [t for t in gen.identity_truth() if t["user_id"] in consenting]
+    pairs = {(pseudonymizer.user_key(None, t["anonymous_id"]), pseudonymizer.user_key(t["user_id"])): t["deterministic"]
+             for t in truth}
+    deterministic = {pair for pair, sure in pairs.items() if sure}
+    correct = made & pairs.keys()
+    return {"links": len(made), "conflicts": sum(1 for *_, status in rows if status != "linked"),
+            "retired": _count_keys(r, f"{prefix}:stitched:*"), "true_pairs": len(pairs),
+            "deterministic_pairs": len(deterministic), "correct": len(correct),
+            "precision": len(correct) / len(made) if made else 1.0,
+            "recall": len(made & deterministic) / len(deterministic) if deterministic else 1.0}
+
+
 def _segment_table(r, store, prefix) -> dict[str, int]:
     """Members per segment, as Redis holds them now (SCARD), every rule's segment listed."""
     from ...transforms.segment import DEFAULT_RULES_PATH, RuleSet
@@ -651,6 +676,11 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
           "(no analytics or personalization consent: never stored)")
     print(f"   too late for profiles  {tables['late_events']:>9,}   (kept in warehouse.late_events)")
     print(f"   profiles in Redis      {profiles:>9,}   (signed-up users and anonymous visitors)")
+    outcome.identity = identity = _identity_summary(args, r, gen, schema, prefix)
+    print(f"   stitched visitors      {identity['retired']:>9,}   (visitor profiles retired into the account their "
+          f"device identified as; {identity['links']:,} device links, {identity['conflicts']:,} conflicts; "
+          f"precision {identity['precision']:.3f}, recall {identity['recall']:.3f} against the generator's "
+          "deterministic links; docs/identity.md)")
     print("   segment members in Redis:")
     outcome.segments = _segment_table(r, store, prefix)
     for seg, members in outcome.segments.items():

@@ -32,7 +32,7 @@ from typing import Optional
 
 from ...schemas.units import DAY_MS
 from ...transforms.anonymize import PERSONALIZATION, EventAnonymizer, Pseudonymizer, generate_demo_secret
-from ...transforms.identity import IdentityConfig, IdentityResolver, anonymous_key, released
+from ...transforms.identity import CONFLICT, IdentityConfig, LocalIdentities
 from ...transforms.profile import ProfileConfig, ProfileMachine, Store
 from ..sim.generator import GeneratorConfig, JourneyGenerator
 
@@ -69,11 +69,9 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
     secret = generate_demo_secret()
     pseudonymizer = Pseudonymizer(secret)
     anonymizer = EventAnonymizer(pseudonymizer)
-    resolver = IdentityResolver(IdentityConfig())
     profile_config = ProfileConfig(allowed_lateness_ms=lateness_ms, dedup_horizon_ms=max(lateness_ms, 2 * DAY_MS))
     machine = ProfileMachine(profile_config, clock_ms=lambda: generator.horizon_end_ms + DAY_MS, snapshots=False)
-    links: dict[str, object] = {}
-    pending: dict[str, list] = {}
+    identities = LocalIdentities(IdentityConfig())
     states: dict = {}
     # Where each anonymous event (by event id) was folded in: the keys whose profile counts it.
     folded_on: dict[str, set] = {}
@@ -84,20 +82,9 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
         if routed.route != PERSONALIZATION:
             continue
         event = routed.record
-        forwarded = [event]
-        device = anonymous_key(event)
-        if device is not None:
-            held = pending.setdefault(device, [])
-            r = resolver.on_event(links.get(device), len(held), event)
-            links[device] = r.link
-            forwarded = [r.forward]
-            if r.hold:
-                held.append(r.forward)
-            if r.release:
-                forwarded += released(held, r.link.user_key)
-                held.clear()
-            if r.stitch is not None and r.stitch.status != "linked":
-                conflicts += 1
+        forwarded, stitch = identities.resolve(event)
+        if stitch is not None and stitch.status == CONFLICT:
+            conflicts += 1
         for f in forwarded:
             key = f["user_key"]
             decisions = machine.on_event(states.get(key), f)
@@ -123,7 +110,7 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
     true_pairs = {(row["anonymous_id"], row["user_id"]) for row in truth}
     deterministic = {(row["anonymous_id"], row["user_id"]) for row in truth if row["deterministic"]}
     made = {(device_of_key.get(device, device), user_of_key.get(link.user_key, link.user_key))
-            for device, link in links.items() if link is not None}
+            for device, link in identities.links.items() if link is not None}
     correct = made & true_pairs
 
     # Events: the anonymous events of deterministically linked devices, on the right account's profile.

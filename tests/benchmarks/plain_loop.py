@@ -7,6 +7,7 @@ functions as in the native Flink job (pipelines/flink/events.py, users.py),
 in the same order:
 
     OnboardingEventDecoder.decode ─► normalize_event ─► EventAnonymizer
+      ─► LocalIdentities (identity stitching, transforms/identity.py)
       ─► ProfileMachine (snapshots=False; state in a dict, timers in a heap)
       ─► StoreChain.flush() (pipelines/flink/store.py:
          enrich, rules, scores, track, ProfileSink to Redis, WarehouseSink,
@@ -38,12 +39,19 @@ T0 = time.monotonic()
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy  # noqa: E402
-from onboardflow.pipelines.configuration import load_rules, profile_config, resolve_secret  # noqa: E402
+from onboardflow.pipelines.configuration import (  # noqa: E402
+    identity_config,
+    load_rules,
+    profile_config,
+    resolve_secret,
+)
 from onboardflow.pipelines.flink.settings import JobSettings, horizon  # noqa: E402
 from onboardflow.pipelines.flink.store import (  # noqa: E402
     DEAD_LETTERS,
     EVENTS,
+    IDENTITY_ALIASES,
     LATE_EVENTS,
+    RETIREMENTS,
     StoreChain,
     dead_letter_row,
 )
@@ -54,6 +62,7 @@ from onboardflow.transforms.connections import redis_client  # noqa: E402
 from onboardflow.transforms.dead_letter import pipeline_dead_letter  # noqa: E402
 from onboardflow.transforms.decode import OnboardingEventDecoder  # noqa: E402
 from onboardflow.transforms.erasure import ErasedUsers  # noqa: E402
+from onboardflow.transforms.identity import LocalIdentities  # noqa: E402
 from onboardflow.transforms.kafka.records import KafkaRecord, event_time_ms  # noqa: E402
 from onboardflow.transforms.metrics import PipelineMetrics  # noqa: E402
 from onboardflow.transforms.normalize import normalize_event  # noqa: E402
@@ -91,6 +100,8 @@ class PlainLoop:
         self.chain = StoreChain(s, rules, TrackPolicy.from_yaml(s.tracks_file or DEFAULT_TRACKS_PATH, rules),
                                 PipelineMetrics(prometheus=False), self.count)
         self.outbox = DeadLetterOutbox(self.client, OutboxKeys(s.redis_key_prefix))
+        # Identity stitching, as the job's IdentityStage (dict state: a bounded run needs no expiry).
+        self.identities = None if s.get("disable_identity_stitching") else LocalIdentities(identity_config(s))
         self.states: dict = {}
         self.dirty: set = set()
         self.timers: list = []  # heap of (at_ms, user_key)
@@ -105,8 +116,15 @@ class PlainLoop:
     def record(self, record: KafkaRecord) -> None:
         """One Kafka record: its rows buffered, and its event through the user's ``ProfileMachine``."""
         event = self.event(record)
-        if event is not None:
-            self.on_event(event["user_key"], event)
+        if event is None:
+            return
+        forwarded, stitch = self.identities.resolve(event) if self.identities is not None else ([event], None)
+        if stitch is not None:
+            self.chain.add_row(IDENTITY_ALIASES, stitch)
+            if stitch.retire:
+                self.chain.add_row(RETIREMENTS, stitch)
+        for resolved in forwarded:
+            self.on_event(resolved["user_key"], resolved)
 
     def event(self, record: KafkaRecord) -> Optional[dict]:
         """Decode, normalize and anonymize ``record``, buffering its rows (events, dead letters).

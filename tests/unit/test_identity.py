@@ -18,6 +18,7 @@ from onboardflow.transforms.identity import (
     IdentityConfig,
     IdentityResolver,
     Link,
+    LocalIdentities,
     anonymous_key,
     released,
 )
@@ -33,30 +34,21 @@ def event(n, t, identified, event_type="page_view", device=DEVICE, user=USER):
 
 
 class Engine:
-    """Resolver then profile machine, states in dicts; probe timers fired after each event (a strict watermark)."""
+    """``LocalIdentities`` then the profile machine, states in dicts; probe timers fired after each event
+    (a strict watermark)."""
 
     def __init__(self, config=IdentityConfig(), lateness_ms=HOUR_MS):
-        self.resolver = IdentityResolver(config)
+        self.identities = LocalIdentities(config)
         self.machine = ProfileMachine(ProfileConfig(allowed_lateness_ms=lateness_ms, dedup_horizon_ms=lateness_ms),
                                       clock_ms=lambda: T0 + 365 * DAY_MS)
-        self.links, self.pending, self.states, self.stitches = {}, {}, {}, []
+        self.links, self.pending = self.identities.links, self.identities.held
+        self.states, self.stitches = {}, []
         self.too_late = 0
 
     def feed(self, e):
-        device = anonymous_key(e)
-        forwarded = [e]
-        if device is not None:
-            held = self.pending.setdefault(device, [])
-            r = self.resolver.on_event(self.links.get(device), len(held), e)
-            self.links[device] = r.link
-            forwarded = [r.forward]
-            if r.hold:
-                held.append(r.forward)
-            if r.release:
-                forwarded += released(held, r.link.user_key)
-                held.clear()
-            if r.stitch is not None:
-                self.stitches.append(r.stitch)
+        forwarded, stitch = self.identities.resolve(e)
+        if stitch is not None:
+            self.stitches.append(stitch)
         for f in forwarded:
             key = f["user_key"]
             for d in self.machine.on_event(self.states.get(key), f):

@@ -129,7 +129,7 @@ return {1, stored[3] or '[]'}
 # none), [5] the link's event time (ms). Sets the marker first (from then on the
 # upsert script refuses the visitor's writes, whatever order they come in), then
 # removes the profile and its segment memberships and records the exits, at the
-# next version, as one segment change (reason "stitched"). Idempotent: a second
+# next version, as one segment change (reason "identity:stitched"). Idempotent: a second
 # call finds no profile and returns 0.
 RETIRE_VISITOR_LUA = """
 if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 1 then return 0 end
@@ -153,8 +153,9 @@ if #old > 0 and KEYS[3] ~= '' then
   local at = tonumber(ARGV[5])
   local as_of = tonumber(stored[3])
   if as_of and as_of > at then at = as_of end
-  redis.call('XADD', KEYS[3], '*', 'u', ARGV[2], 'v', tostring(tonumber(stored[1]) + 1),
-             'at', tostring(at), 'old', stored[2], 'new', '[]', 'why', 'stitched')
+  -- %.0f: Lua's tostring writes a 16-digit version in exponent notation.
+  redis.call('XADD', KEYS[3], '*', 'u', ARGV[2], 'v', string.format('%.0f', tonumber(stored[1]) + 1),
+             'at', string.format('%.0f', at), 'old', stored[2], 'new', '[]', 'why', 'identity:stitched')
 end
 return 1
 """

@@ -41,7 +41,8 @@ class MigrationError(RuntimeError):
 #: relays, the model registry and its retention, and the API's experiment
 #: exposures where it runs as the pipeline's role); every other table it only reads.
 PIPELINE_WRITES = ("events", "late_events", "profile_snapshots", "segment_changes", "dead_letters",
-                   "drift_events", "model_versions", "model_pointers", "model_events", "experiment_exposures")
+                   "drift_events", "model_versions", "model_pointers", "model_events", "experiment_exposures",
+                   "identity_aliases")
 
 
 @dataclass(frozen=True)
