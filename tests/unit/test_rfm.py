@@ -266,8 +266,8 @@ def test_rules_can_name_the_rfm_fields():
     ((5, 5, 5), {"active_days_7d": 4, "intent_score": 12.0}, {"high_intent_engaged", "big_spender"}),
     ((4, 4, 3), {"active_days_7d": 3, "intent_score": 0.0}, {"high_intent_engaged"}),
     ((4, 4, 3), {"active_days_7d": 2, "intent_score": 0.0}, set()),  # bought lately, but not around now
-    ((1, 2, 4), {"active_days_7d": 0, "intent_score": 2.9}, {"low_intent_sporadic"}),
-    ((2, 1, 5), {"active_days_7d": 0, "intent_score": 3.0}, {"big_spender"}),  # intent not low enough
+    ((1, 2, 4), {"active_days_7d": 0, "intent_score": 5.9}, {"low_intent_sporadic"}),
+    ((2, 1, 5), {"active_days_7d": 0, "intent_score": 6.0}, {"big_spender"}),  # intent not low enough
     ((None, None, None), {"active_days_7d": 7, "intent_score": 0.0}, set()),  # no reference or no purchase
 ])
 def test_the_value_segments_of_the_shipped_rules(scores, extra, expected):
@@ -288,3 +288,13 @@ def test_the_refresh_is_described_in_one_line():
         '{"recency_days": [2.0, 7.0, 14.0, 30.0], "frequency": [1, 1, 2, 4], "monetary": [19.0, 49.0, 99.0, 150.0]}')
     assert describe(Refreshed(120, ref, False)).startswith("RFM reference rfm-000003 unchanged:")
     assert describe(Refreshed(7, None, False)) == "RFM reference: not published, too few buyers among 7 profiles"
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    from onboardflow.models import rfm_reference
+    from onboardflow.transforms import rfm
+
+    assert doctest.testmod(rfm_reference).attempted > 0 and doctest.testmod(rfm_reference).failed == 0
+    assert doctest.testmod(rfm).attempted > 0 and doctest.testmod(rfm).failed == 0
