@@ -13,7 +13,7 @@ tracks policy are compiled once here and handed to every stage that uses them::
          │ dead letters           │ events (warehouse)      │ aliases, retired      │ ProfileUpdate
          │                        │                         │ visitors (WriteIdentityLinks)
          ▼                        ▼                         ▼
-    DLQ topic + metadata    WriteEventsToWarehouse    EnrichProfiles ─► AssignRuleSegments
+    DLQ topic + metadata    WriteEventsToWarehouse    EnrichProfiles ─► ScoreRfm ─► AssignRuleSegments
                                                                                │ profiles
                                                                                ▼
                                     ScoreProfiles (online models) ─► AssignOnboardingTracks
@@ -69,6 +69,7 @@ from .beam.online_models import LearnOnlineModels, ScoreProfiles
 from .beam.profile import TOO_LATE, BuildUserProfiles
 from .beam.profile_store import WriteProfilesToRedis
 from .beam.relay import RecordDeadLetters, RelayOutboxes
+from .beam.rfm import ScoreRfm
 from .beam.segments import AssignRuleSegments
 from .beam.tracks import AssignOnboardingTracks
 from .beam.warehouse import WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents
@@ -159,6 +160,8 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     segmented = (
         built.profiles
         | "Enrich" >> EnrichProfiles(AccountsTable(dsn, schema), refresh)
+        # RFM scores before the rules: value segments name them (docs/rfm.md).
+        | "ScoreRfm" >> ScoreRfm(opts.redis_url, opts.redis_key_prefix, refresh_seconds=opts.model_refresh_seconds)
         | "AssignSegments" >> AssignRuleSegments(rules)
     )
     profiles = segmented[AssignRuleSegments.PROFILES]

@@ -29,7 +29,7 @@ from typing import Any, Optional
 NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
 
 #: The stages that set profile fields, in pipeline order (docs/architecture.md).
-STAGES = ("anonymize", "profile", "engagement", "sessions", "enrich", "rules", "models", "store")
+STAGES = ("anonymize", "profile", "engagement", "sessions", "enrich", "rfm", "rules", "models", "store")
 
 _AVRO_OF_TYPE = {"str": "string", "int": "long", "float": "double", "bool": "boolean"}
 _TIMESTAMP_MILLIS = {"type": "long", "logicalType": "timestamp-millis"}
@@ -152,6 +152,28 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
     _f("country", "str", "profile", "ISO 3166-1 alpha-2 region of the event's locale.", nullable=True, rule=STRING),
     _f("os", "str", "profile", "Operating system as the client reported it, PII-scrubbed.",
        nullable=True, rule=STRING),
+    # -- RFM: purchases folded (transforms/rfm.py PurchaseHistory) and scored (RfmScorer); docs/rfm.md
+    _f("rfm_last_purchase_at", "int", "profile", "Event time of the newest purchase; null before one.",
+       nullable=True, avro=_TIMESTAMP_MILLIS),
+    _f("rfm_recency_days", "float", "profile",
+       "RFM recency: (as_of - rfm_last_purchase_at) in days; null before a purchase. Moves with time "
+       "only at the profile's refreshes.", nullable=True, rule=NUMBER),
+    _f("rfm_frequency", "int", "profile",
+       "RFM frequency: purchases since the user was first seen (lifetime of the profile state).", rule=NUMBER),
+    _f("rfm_monetary", "float", "profile",
+       "RFM monetary value: sum of the purchases' amounts (summed in cents, as sent; one currency).",
+       rule=NUMBER),
+    _f("rfm_amounts_ignored", "int", "profile",
+       "Purchases whose amount was missing, not a number, negative or absurd: counted in "
+       "rfm_frequency, not in rfm_monetary.", rule=NUMBER),
+    _f("rfm_r", "int", "rfm", "Recency quintile score 1..5 (5: most recent) against the population "
+       "reference; null without a purchase or a reference.", nullable=True, rule=NUMBER),
+    _f("rfm_f", "int", "rfm", "Frequency quintile score 1..5 (5: most purchases); null without a purchase "
+       "or a reference.", nullable=True, rule=NUMBER),
+    _f("rfm_m", "int", "rfm", "Monetary quintile score 1..5 (5: most spent); null without a purchase "
+       "or a reference.", nullable=True, rule=NUMBER),
+    _f("rfm_reference", "str", "rfm", "Version of the RFM population reference that set the scores, e.g. "
+       "rfm-000002; null when unscored.", nullable=True, rule=STRING),
     # -- account reference data (transforms/enrich.py)
     # plan and account_tier are nullable in the record because profiles written before the
     # enrichment defaults (UserProfile v1) may hold null; the pipeline always sets them now.

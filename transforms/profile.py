@@ -33,7 +33,8 @@ lifecycle timers set, the profile emitted and the state stored.
 
 The state composes the per-concern classes: ``RecentEventIds``
 (normalize.py), ``SessionState`` (sessionize.py), ``EngagementState``
-(score.py), the newest anonymized context (email domain, device class,
+(score.py), ``PurchaseHistory`` (rfm.py: recency, frequency and monetary value
+of the purchases), the newest anonymized context (email domain, device class,
 country, os) and the account id.
 
 Time, lateness and timers (event time throughout):
@@ -107,6 +108,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 from ..schemas.contract import MODEL_FIELDS
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from .normalize import RecentEventIds
+from .rfm import SCORE_FIELDS as RFM_SCORE_FIELDS
+from .rfm import PurchaseHistory
 from .score import DEFAULT_SCORE_CONFIG, EngagementState, ScoreConfig
 from .sessionize import SessionState
 
@@ -193,6 +196,7 @@ class UserProfileState:
     # timer is only moved *earlier*: see ProfileMachine.on_event.
     lifecycle_at: Optional[int] = None
     last_emitted: Optional[dict] = None
+    purchases: PurchaseHistory = field(default_factory=PurchaseHistory)
 
     @classmethod
     def new(cls, config: ProfileConfig) -> "UserProfileState":
@@ -213,6 +217,7 @@ class UserProfileState:
         t = event["occurred_at"]
         self.engagement.add(event)
         self.sessions.add(t)
+        self.purchases.add(event)
         props = event.get("properties") or {}
         account = props.get("account_id")
         if account:
@@ -289,7 +294,8 @@ class UserProfileState:
             profile[name] = value
         for name in ("account_id", "signup_plan", *_CONTEXT_FIELDS):
             profile.setdefault(name, None)
-        for name in MODEL_FIELDS:
+        profile.update(self.purchases.snapshot(self.as_of))
+        for name in (*MODEL_FIELDS, *RFM_SCORE_FIELDS):
             profile[name] = None
         profile["user_key"] = user_key
         profile["as_of"] = self.as_of
@@ -302,12 +308,12 @@ class UserProfileState:
     def to_primitive(self) -> tuple:
         s = self.sessions
         return (
-            2,
+            3,
             self.engagement.to_primitive(),
             (s.starts, s.ends, s.counts, s.folded_sessions, s.folded_duration_ms, s.folded_events, s.max_event_ms),
             (self.seen.seen, self.seen.max_ms, self.seen.prune_at),
             self.context, self.as_of, self.watermark_lb, self.probe_at, self.last_emitted,
-            self.lifecycle_at,
+            self.lifecycle_at, self.purchases.to_primitive(),
         )
 
     @classmethod
@@ -315,9 +321,16 @@ class UserProfileState:
         if data[0] == 1:  # layout 1 kept an arrival-order counter after as_of (no longer used)
             data = data[:6] + data[7:]
         (_, engagement, sessions, seen, context, as_of, watermark_lb, probe_at, last_emitted,
-         lifecycle_at) = data
+         lifecycle_at) = data[:10]
         state = cls.new(config)
         state.engagement = EngagementState.from_primitive(engagement, config.score)
+        if data[0] >= 3:
+            state.purchases = PurchaseHistory.from_primitive(data[10])
+        else:
+            # Layouts 1 and 2 kept no purchase history: the purchase count and the newest
+            # purchase with a plan are in the engagement state, the amounts are not.
+            count = state.engagement.event_counts.get("purchase", 0)
+            state.purchases = PurchaseHistory(count, 0, state.engagement.plan_at, count)
         s = state.sessions
         (s.starts, s.ends, s.counts, s.folded_sessions, s.folded_duration_ms, s.folded_events, s.max_event_ms) = (
             list(sessions[0]), list(sessions[1]), list(sessions[2]), *sessions[3:])

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple, Optional, Union
 DEFAULT_KEY_PREFIX = "obf"
 DEFAULT_SCHEMA = "warehouse"
 
-#: The model kinds and the prefix of their version ids.
-KINDS: dict[str, str] = {"segmentation": "seg", "propensity": "prop"}
+#: The model kinds and the prefix of their version ids (``rfm``: the RFM population reference,
+#: a JSON payload, models/rfm_reference.py).
+KINDS: dict[str, str] = {"segmentation": "seg", "propensity": "prop", "rfm": "rfm"}
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

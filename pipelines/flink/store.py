@@ -7,7 +7,7 @@ bundle), the anonymized events for the warehouse (``add_row(EVENTS, ...)``),
 late events and dead-letter rows. ``flush()`` carries them out in the order
 the Beam pipeline composes the same core functions (pipelines/onboarding.py):
 
-    profile ─► enrich (AccountsCache) ─► rule segments ─► online-model scores
+    profile ─► enrich (AccountsCache) ─► RFM scores (RfmScorer) ─► rule segments ─► online-model scores
             ─► onboarding track ─► ProfileSink (Redis, version-guarded, outbox
                in the same script) ─► relays, in a thread of their own
                (transforms/outbox/background.py): segment changes and
@@ -29,6 +29,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ...models.model_registry import ModelStore
 from ...models.tracks import TrackPolicy
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.enrich import AccountsCache, enrich_profile
@@ -38,6 +39,7 @@ from ...transforms.outbox.settings import RelaySettings, make_relays
 from ...transforms.profile_store.identity import VisitorRetireSink
 from ...transforms.profile_store.sink import ProfileSink
 from ...transforms.progress import EventTimeProgress
+from ...transforms.rfm import RfmScorer, ServingReference
 from ...transforms.segment import ProfileRejected, RuleSet, segment_profile
 from ...transforms.warehouse import rows
 from ...transforms.warehouse.sink import WarehouseSink
@@ -88,12 +90,14 @@ class StoreChain:
         refresh = s.accounts_refresh_seconds if s.streaming() and s.accounts_refresh_seconds > 0 else float("inf")
         self._accounts = AccountsCache(AccountsTable(s.warehouse_dsn, s.warehouse_schema), refresh)
         self._accounts.refresh()
+        self._rfm_store = ModelStore(s.redis_url, s.redis_key_prefix)
+        self._rfm = RfmScorer(ServingReference(self._rfm_store, s.model_refresh_seconds), self._count)
+        self._rfm.refresh()
         self._store = None
         self._scorer: Optional[ProfileScorer] = None
         if not s.disable_online_models:
             # Imported here: the models bring River and SciPy (~1 s), which a
             # run without them never needs.
-            from ...models.model_registry import ModelStore
             from ...transforms.online_models import ProfileScorer, ServingModels
 
             self._store = ModelStore(s.redis_url, s.redis_key_prefix)
@@ -136,8 +140,9 @@ class StoreChain:
                     sink.close()
             for relay in getattr(self, "_relays", {}).values():
                 relay.close()
-            if getattr(self, "_store", None) is not None:
-                self._store.close()
+            for store in (getattr(self, "_store", None), getattr(self, "_rfm_store", None)):
+                if store is not None:
+                    store.close()
 
     # -- between flushes ----------------------------------------------------------
 
@@ -161,6 +166,7 @@ class StoreChain:
         """Write everything added since the last flush, then relay the outboxes; the profiles Redis applied."""
         if self._scorer is not None:
             self._scorer.refresh()
+        self._rfm.refresh()
         if not self._accounts.refresh():
             self._count("enrich_reference_refresh_failed", 1)
         profiles, self._profiles = self._profiles, {}
@@ -198,10 +204,11 @@ class StoreChain:
                 self._metrics.segment_changes(report.records)
 
     def _prepare(self, profile: dict) -> Optional[dict]:
-        """enrich ─► rules ─► scores ─► track; None (and a dead-letter row) when the rules refuse it."""
+        """enrich ─► RFM ─► rules ─► scores ─► track; None (and a dead-letter row) when the rules refuse it."""
         enriched, found = enrich_profile(profile, self._accounts.accounts)
         if not found:
             self._count("enrich_reference_missing", 1)
+        enriched = self._rfm.score(enriched)
         try:
             segmented = segment_profile(self._rules, enriched, enriched["as_of"])
         except ProfileRejected as rejected:

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lag-exporter": (".lag:exporter_main", "serve consumer and event-time lag for Prometheus"),
     "train": (".train", "bootstrap the online segmenter from the warehouse (choose k, publish)"),
     "models": (".models", "list, show, roll back or promote model versions"),
+    "rfm": (".rfm", "fit the RFM population reference on the profile store and publish it"),
     "outbox": (".outbox", "show or relay the outboxes (segment changes, snapshots, dead letters)"),
     "serve": (".serve", "serve the personalization API (profiles, decisions, segments) over HTTP"),
     "apikeys": (".apikeys", "create, list or revoke the personalization API's keys"),

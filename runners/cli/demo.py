@@ -29,7 +29,9 @@
    not what was sent): profiles, members per segment, scores, one generated
    user's profile read back through ``ProfileStore``, the arms of each running
    experiment (pipelines/experiments.yaml) as the API's decisions serve them to
-   the profiles in Redis; warehouse row counts,
+   the profiles in Redis; the RFM reference (published by ``onboardflow rfm
+   refresh`` once the backfill settled, so the live logins are scored against
+   it) and the RFM value segments' counts (docs/rfm.md); warehouse row counts,
    throughput and latency percentiles. The pipeline is then cancelled; the
    services and the data stay, and the closing lines are commands that work
    as printed (``onboardflow profile <a user id of this run>``, ``models
@@ -344,6 +346,8 @@ class DemoResult:
     experiment_arms: dict = dataclasses.field(default_factory=dict)
     #: Identity stitching: devices linked, visitors retired, precision / recall against the generator's truth.
     identity: dict = dataclasses.field(default_factory=dict)
+    #: The RFM reference the demo published after settling (``runners/cli/rfm.py`` ``Refreshed``), if any.
+    rfm: Optional[object] = None
     sample_user: Optional[str] = None
 
 
@@ -488,6 +492,14 @@ def run_demo(args) -> DemoResult:
         elapsed = settled.caught_up_s or (time.time() - t0)
 
         later, live_ok, latencies = 0, True, []
+        if settled.ok:
+            # The population reference of the settled store; the live logins below are scored against it.
+            from .rfm import describe, refresh_reference
+            outcome.rfm = refresh_reference(args.redis_url, args.warehouse_dsn, schema, prefix,
+                                            reason="demo: after the backfill settled")
+            print(f"== {describe(outcome.rfm)}")
+            if args.live and outcome.rfm.reference is not None:
+                time.sleep(6.0)  # the RFM steps re-check the registry every 5 s (--model_refresh_seconds)
         if settled.ok and (args.live or args.probes):
             serializer = AvroSerializer(default_registry(), EVENTS_SUBJECT,
                                         load_schema("onboarding_event", version=2))
@@ -686,6 +698,8 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
     for seg, members in outcome.segments.items():
         print(f"     {seg:<28} {members:>6,}")
     _models_summary(args, r, schema, prefix)
+    for line in rfm_summary(outcome.rfm, outcome.segments, _rfm_scored(r, prefix)):
+        print(line)
     outcome.experiment_arms = _experiment_arms(r, prefix)
     for name, arms in outcome.experiment_arms.items():
         print(f"   experiment {name}: {_counted(sorted(arms.items()))} profiles "
@@ -717,6 +731,33 @@ def _summary(args, r, store, gen, stats, produced, elapsed, latencies, schema, p
         else:
             print(f"   produce->Redis latency: none of {args.probes} probes reached Redis within 30 s")
     outcome.sample_user = sample_user
+
+
+#: The value segments of pipelines/segment_rules.yaml that rank users by their RFM scores (docs/rfm.md).
+RFM_SEGMENTS = ("high_intent_engaged", "low_intent_sporadic", "big_spender")
+
+
+def _rfm_scored(r, prefix) -> tuple[int, int]:
+    """(profiles with RFM scores, profiles) in Redis now."""
+    scored = total = 0
+    for key in r.scan_iter(match=f"{prefix}:profile:*", count=1000):
+        total += 1
+        scored += r.hget(key, "rfm_reference") not in (None, b"", b"null")
+    return scored, total
+
+
+def rfm_summary(refreshed, segments: dict, scored: tuple[int, int]) -> list[str]:
+    """The summary's RFM lines: the reference published, the profiles scored, the value segments' members."""
+    if refreshed is None or refreshed.reference is None:
+        head = "   RFM reference          none published (the backfill did not settle, or too few buyers)"
+    else:
+        ref = refreshed.reference
+        head = (f"   RFM reference          {ref.version}: {ref.population:,} buyers; boundaries recency days "
+                f"{', '.join(f'{b:.1f}' for b in ref.recency_days)} | frequency "
+                f"{', '.join(str(b) for b in ref.frequency)} | monetary {', '.join(f'{b:.2f}' for b in ref.monetary)}")
+    counts = ", ".join(f"{name} {segments.get(name, 0):,}" for name in RFM_SEGMENTS)
+    return [head, f"   RFM segment counts     {counts} ({scored[0]:,} of {scored[1]:,} profiles scored; "
+                  "a profile is scored at its next update after the reference)"]
 
 
 def _next_steps(args, sample_user: Optional[str], api_key_file: Optional[Path] = None) -> None:

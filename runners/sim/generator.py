@@ -37,7 +37,11 @@ separated by more than 30 minutes of event time and made of events seconds to
 minutes apart; a ``login`` to start later sessions; ``tutorial_step`` events
 with ``step``/``step_total``; ``feature_used`` from a catalogue of twelve
 features; ``purchase`` (sent by the billing backend, so without device
-context or session) with ``amount`` and ``plan``. Contexts carry synthetic
+context or session) with ``amount`` and ``plan``, and after it, in a few later
+sessions, seat add-ons of the same plan (``item: extra_seats``, ``quantity``,
+``amount``), drawn from a per-user billing RNG of their own so the rest of the
+journey is what it was without them: RFM's frequency and monetary value
+(docs/rfm.md). Contexts carry synthetic
 PII: unique e-mail addresses, IPv4/IPv6 addresses, desktop/mobile/tablet
 user-agent strings, and per-user consent (most users allow personalization).
 
@@ -116,6 +120,11 @@ ACCOUNT_PLAN_WEIGHTS = (0.45, 0.2, 0.18, 0.12, 0.05)
 INDUSTRIES = ("software", "retail", "finance", "healthcare", "education", "manufacturing", "media")
 #: What a purchase buys: (plan, monthly price).
 PURCHASE_PLANS = (("starter", "19.00"), ("pro", "49.00"), ("team", "99.00"))
+#: Seat add-ons after the purchase: the price of a seat per plan, and the chance that a later session
+#: buys some (times the user's engagement, at most ADDON_MAX_P).
+SEAT_PRICES = {"starter": 5, "pro": 12, "team": 20}
+ADDON_SESSION_P = 0.05
+ADDON_MAX_P = 0.2
 
 LOCALES = ("en-US", "en-GB", "en-IN", "de-DE", "fr-FR", "es-ES", "pt-BR", "nl-NL", "ja-JP")
 LOCALE_WEIGHTS = (0.38, 0.1, 0.08, 0.1, 0.08, 0.07, 0.08, 0.05, 0.06)
@@ -546,6 +555,8 @@ class _Journey:
         if profile.purchase_plan is not None:
             earliest = step_sessions[-1] if profile.tutorial_steps else 0
             self.purchase_session = rng.randint(earliest, self.n_sessions - 1)
+        # Add-ons draw from their own RNG: without them every other draw is the same.
+        self.billing = random.Random(f"{profile.user_id}/billing")
 
         breadth = rng.randint(*persona.feature_breadth)
         self.features = rng.sample(FEATURES, breadth)
@@ -586,7 +597,9 @@ class _Journey:
 
         steps = self.steps_by_session.get(index, [])
         purchase = index == self.purchase_session
-        room = MAX_SESSION_EVENTS - 2 - len(steps) - (2 if purchase else 0)
+        addon = (0 <= self.purchase_session < index
+                 and self.billing.random() < min(ADDON_MAX_P, ADDON_SESSION_P * profile.engagement))
+        room = MAX_SESSION_EVENTS - 2 - len(steps) - (2 if purchase else 0) - addon
         mean = persona.events_per_session * profile.engagement
         body_count = min(room, max(1, _poisson(rng, rng.gammavariate(4.0, mean / 4.0))))
         body: list[tuple[str, dict]] = [self._body_event(index) for _ in range(body_count)]
@@ -621,17 +634,27 @@ class _Journey:
             t += self._gap()
             if event_type == "purchase":
                 plan, amount = next(p for p in PURCHASE_PLANS if p[0] == profile.purchase_plan)
-                # Sent by the billing backend: no device context and no client session.
-                backend = {"device": None, "os": None, "app_version": "billing-svc-2.3.1",
-                           "locale": profile.locale, "ip": None, "user_agent": None, "email": profile.email}
                 yield self._event("purchase", t, profile.user_id, None, None,
                                   {"plan": plan, "amount": amount, "currency": "USD",
-                                   "account_id": profile.account_id}, backend)
+                                   "account_id": profile.account_id}, self._backend(profile))
             else:
                 yield self._event(event_type, t, profile.user_id, device.anonymous_id, session_id, props, context)
+        if addon:
+            t += min(MAX_EVENT_GAP_MS, max(2 * SECOND_MS, int(self.billing.lognormvariate(9.9, 0.9))))
+            seats = self.billing.randint(1, 5)
+            yield self._event("purchase", t, profile.user_id, None, None,
+                              {"plan": profile.purchase_plan, "item": "extra_seats", "quantity": str(seats),
+                               "amount": f"{seats * SEAT_PRICES[profile.purchase_plan]:.2f}", "currency": "USD",
+                               "account_id": profile.account_id}, self._backend(profile))
         if rng.random() < persona.logout_p:
             t += self._gap()
             yield self._event("logout", t, profile.user_id, device.anonymous_id, session_id, {}, context)
+
+    @staticmethod
+    def _backend(profile) -> dict:
+        """The context of an event the billing backend sends: no device and no client session."""
+        return {"device": None, "os": None, "app_version": "billing-svc-2.3.1",
+                "locale": profile.locale, "ip": None, "user_agent": None, "email": profile.email}
 
     def _body_event(self, session_index: int) -> tuple[str, dict]:
         rng = self.rng

@@ -174,7 +174,7 @@ def test_segment_sizes_list_every_rule_segment(http, deployment):
     body = http.get("/v1/segments", headers=auth(deployment, "segments")).json()
     sizes = {s["name"]: s["size"] for s in body["segments"]}
     assert sizes["dormant"] == len(MEMBERS) and sizes["needs_help"] == 1 and sizes["onboarding_stalled"] == 0
-    assert body["rules_version"].startswith("2025-01.1")
+    assert body["rules_version"].startswith("2025-01.2")
 
 
 def test_an_unknown_segment_is_a_404_naming_the_known_ones(http, deployment):

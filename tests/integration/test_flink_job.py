@@ -19,7 +19,9 @@ source offsets. Nothing lost, nothing doubled, nothing different:
   the job from the last checkpoint;
 * a run stopped with a savepoint halfway and resumed from it.
 
-Online models are off in these comparisons (the propensity model's scores
+Every deployment serves the same RFM reference (``RFM_REFERENCE``, published
+before its run), so the comparisons hold the RFM scores and the value segments
+of the input's buyers to Beam's too. Online models are off in these comparisons (the propensity model's scores
 depend on the order of its training batches, in either engine);
 ``test_flink_job_with_online_models_publishes_portable_models`` covers them.
 The cluster comes from ``runners/flink/flink.sh up`` (started here when it is
@@ -41,6 +43,7 @@ import redis
 from onboardflow.models.features import feature_vector
 from onboardflow.models.model_registry import ModelRegistry, ModelStore
 from onboardflow.models.propensity import PropensityModel
+from onboardflow.models.rfm_reference import RFM_KIND, RfmReference
 from onboardflow.models.segmentation import Segmenter
 from onboardflow.runners.cli.lag import KafkaLagReader
 from onboardflow.runners.cli.produce import produce
@@ -68,6 +71,9 @@ RUN_DIR = Path(os.environ.get("OBF_RUN_DIR", ROOT / ".run"))
 SEED = 1616
 USERS = 300
 NO_MODELS = "--disable_online_models"
+#: Boundaries for the input's 3-day journeys (purchases within days of as_of, one or two per buyer,
+#: 19 to 99 USD plus seats), so every score 1..5 occurs; published into every deployment.
+RFM_REFERENCE = RfmReference((0.25, 0.5, 1.0, 2.0), (1, 1, 1, 2), (19.0, 49.0, 49.0, 99.0), 100, 0)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +113,9 @@ def deployments(kafka_bootstrap, redis_url, pg_dsn, input_topic, secret_file):
     def make(label: str) -> Deployment:
         d = Deployment(_name(label), kafka_bootstrap, input_topic, redis_url, pg_dsn, secret_file).create()
         made.append(d)
+        apply_migrations(d.dsn, d.schema)
+        with ModelRegistry(d.redis_url, d.dsn, schema=d.schema, key_prefix=d.prefix) as registry:
+            registry.publish(RFM_KIND, RFM_REFERENCE.to_json(), source="test", reason="the module's reference")
         return d
 
     yield make
@@ -121,6 +130,8 @@ def reference(deployments, tmp_path_factory):
     run_to_end(d, f"{d.name}-group", tmp_path_factory.mktemp("beam") / "beam.log", NO_MODELS, timeout_s=900)
     outputs = Outputs.read(d)
     assert len(outputs.profiles) > 250 and outputs.rows["events"] and outputs.dead_letter_records
+    scored = [p for p in outputs.profiles.values() if p.get("rfm_reference")]
+    assert len(scored) > 30 and len({p["rfm_m"] for p in scored}) >= 3, "the RFM scores are compared too"
     return outputs
 
 

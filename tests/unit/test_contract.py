@@ -47,9 +47,11 @@ def _pipeline_profiles(users=60, seed=7):
 
     generator events -> normalize -> anonymize -> profile machine (events, then
     each user's lifecycle timers up to the horizon) -> enrich (every 5th
-    account missing from the table) -> rule segments -> the online models'
-    fields as the scorer sets them with no model serving -> tracks.
+    account missing from the table) -> RFM scores (a reference fitted on each
+    user's last profile) -> rule segments -> the online models' fields as the
+    scorer sets them with no model serving -> tracks.
     """
+    from onboardflow.models.rfm_reference import fit_reference
     from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.schemas.records import ProfileUpdate
@@ -58,6 +60,7 @@ def _pipeline_profiles(users=60, seed=7):
     from onboardflow.transforms.normalize import normalize_event
     from onboardflow.transforms.online_models import ServingModels
     from onboardflow.transforms.profile import LIFECYCLE, Emit, ProfileConfig, ProfileMachine, SetTimer, Store
+    from onboardflow.transforms.rfm import score_profile
     from onboardflow.transforms.segment import DEFAULT_RULES_PATH, RuleSet, segment_profile
 
     gen = JourneyGenerator(GeneratorConfig(seed=seed, users=users))
@@ -92,9 +95,11 @@ def _pipeline_profiles(users=60, seed=7):
         del lifecycle[key]
         carry_out(key, machine.on_lifecycle(states.get(key), key, at))
 
+    last = {u.current["user_key"]: u.current for u in updates}
+    reference = fit_reference(last.values()).with_version("rfm-000001")
     for update in updates:
         enriched, _ = enrich_update(update, accounts)
-        profile = segment_profile(rules, enriched, enriched.current["as_of"])
+        profile = segment_profile(rules, score_profile(enriched.current, reference), enriched.current["as_of"])
         yield tracks.with_track(scorer.score(profile))
 
 

@@ -165,3 +165,21 @@ def test_the_newest_event_a_profile_keeps_is_noted_from_the_produced_messages(ma
     events = [e for _, e in JourneyGenerator(config).events()][:sent]
     kept = [e["occurred_at"] for e in events if e["consent"]["personalization"]]
     assert kept and recorder.newest_ms == max(kept)
+
+
+def test_the_rfm_lines_name_the_reference_and_count_every_value_segment():
+    from onboardflow.models.rfm_reference import RfmReference
+    from onboardflow.runners.cli.rfm import Refreshed
+
+    ref = RfmReference((1.0, 4.25, 9.0, 20.5), (1, 1, 2, 3), (19.0, 49.0, 73.0, 99.0), 40, 0, "rfm-000001")
+    lines = demo.rfm_summary(Refreshed(150, ref, True), {"big_spender": 8, "high_intent_engaged": 5, "dormant": 9},
+                             (96, 150))
+    assert lines == [
+        "   RFM reference          rfm-000001: 40 buyers; boundaries recency days 1.0, 4.2, 9.0, 20.5 | "
+        "frequency 1, 1, 2, 3 | monetary 19.00, 49.00, 73.00, 99.00",
+        "   RFM segment counts     high_intent_engaged 5, low_intent_sporadic 0, big_spender 8 (96 of 150 "
+        "profiles scored; a profile is scored at its next update after the reference)"]
+    assert demo.rfm_summary(None, {}, (0, 3))[0].endswith("none published (the backfill did not settle, or too "
+                                                          "few buyers)")
+    assert demo.rfm_summary(Refreshed(3, None, False), {}, (0, 3))[1].startswith(
+        "   RFM segment counts     high_intent_engaged 0, low_intent_sporadic 0, big_spender 0")

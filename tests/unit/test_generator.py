@@ -27,6 +27,7 @@ from onboardflow.runners.sim.generator import (
     MALFORMATION_REASONS,
     MINUTE_MS,
     PERSONAS,
+    SEAT_PRICES,
     STEP_TOTAL,
     UNKNOWN_SCHEMA_ID,
     WEEK_MS,
@@ -459,10 +460,15 @@ def test_personas_are_recoverable_from_behaviour_alone(balanced_population):
 
 def test_ground_truth_labels_agree_with_the_emitted_journeys(stream, valid_events):
     generator, _ = stream
-    steps, purchases = defaultdict(set), Counter()
+    steps, purchases, addons = defaultdict(set), Counter(), Counter()
     for event in valid_events:
         if event["event_type"] == "tutorial_step":
             steps[event["user_id"]].add(int(event["properties"]["step"]))
+        elif event["event_type"] == "purchase" and event["properties"].get("item") == "extra_seats":
+            # A seat add-on of the plan bought, priced per seat (docs/rfm.md).
+            props = event["properties"]
+            assert props["amount"] == f"{int(props['quantity']) * SEAT_PRICES[props['plan']]:.2f}"
+            addons[event["user_id"]] += 1
         elif event["event_type"] == "purchase":
             purchases[event["user_id"]] += 1
     profiles = list(generator.users())
@@ -470,6 +476,8 @@ def test_ground_truth_labels_agree_with_the_emitted_journeys(stream, valid_event
         assert steps[profile.user_id] == set(range(1, profile.tutorial_steps + 1))
         assert profile.will_complete_onboarding == (len(steps[profile.user_id]) == STEP_TOTAL)
         assert purchases[profile.user_id] == (1 if profile.converted else 0)
+        assert profile.converted or addons[profile.user_id] == 0  # add-ons only after the purchase
+    assert sum(addons.values()) > 0
     assert any(p.will_complete_onboarding for p in profiles)
     assert any(not p.will_complete_onboarding for p in profiles)
     assert any(p.converted for p in profiles)

@@ -12,6 +12,7 @@ from onboardflow.runners.cli.registry import RegistryServer, main
 from onboardflow.schemas import (
     DEAD_LETTER_SUBJECT,
     EVENTS_SUBJECT,
+    REGISTRY_FILE,
     default_registry,
     load_schema,
     load_schema_json,
@@ -33,6 +34,9 @@ from onboardflow.schemas.wire import AvroDeserializer, AvroSerializer, unframe
 THING = {"type": "record", "name": "Thing", "namespace": "test", "fields": [{"name": "n", "type": "int"}]}
 THING_V2 = {**THING, "fields": THING["fields"] + [{"name": "m", "type": ["null", "int"], "default": None}]}
 
+#: The id the shipped registry gives the next new schema (it grows as the contract does).
+NEW_ID = max(entry["id"] for entry in json.loads(REGISTRY_FILE.read_text())["schemas"]) + 1
+
 
 @pytest.fixture
 def served(registry_copy):
@@ -53,7 +57,7 @@ def test_shipped_registry_ids_are_stable():
     assert registry.latest(EVENTS_SUBJECT)[0] == 2
     assert registry.versions(DEAD_LETTER_SUBJECT) == [3]
     assert {s: registry.versions(s) for s in registry.subjects()} == {
-        "dev.onboardflow.profiles.UserProfile": [5, 7],
+        "dev.onboardflow.profiles.UserProfile": [5, 7, 8],  # 8: the RFM fields (docs/rfm.md)
         "onboarding.events-value": [1, 2],
         "onboarding.events.dlq-value": [3],
         "onboarding.model-events-dev.onboardflow.models.DriftEvent": [6],
@@ -88,15 +92,15 @@ def test_a_doc_change_is_a_different_schema():
 
 def test_writable_file_registry_appends_and_persists(registry_copy):
     registry = FileSchemaRegistry(registry_copy, writable=True)
-    assert registry.register("things-value", THING) == 8
-    assert registry.register("things-value", THING_V2) == 9
-    assert registry.register("things-value", THING) == 8
+    assert registry.register("things-value", THING) == NEW_ID
+    assert registry.register("things-value", THING_V2) == NEW_ID + 1
+    assert registry.register("things-value", THING) == NEW_ID
     # Same schema under another subject: same global id, new version there.
-    assert registry.register("other-things-value", THING) == 8
+    assert registry.register("other-things-value", THING) == NEW_ID
 
     reopened = FileSchemaRegistry(registry_copy)
-    assert reopened.versions("things-value") == [8, 9]
-    assert reopened.versions("other-things-value") == [8]
+    assert reopened.versions("things-value") == [NEW_ID, NEW_ID + 1]
+    assert reopened.versions("other-things-value") == [NEW_ID]
     assert reopened.versions(EVENTS_SUBJECT) == [1, 2]
     assert reopened.latest("things-value")[1]["fields"][1]["name"] == "m"
 
@@ -131,9 +135,9 @@ def test_confluent_client_round_trip_against_the_served_registry(served):
     assert client.register(EVENTS_SUBJECT, load_schema("onboarding_event", 2)) == 2
     assert client.lookup(EVENTS_SUBJECT, schema_path("onboarding_event", 1).read_text()) == 1
 
-    assert client.register("things-value", THING) == 8
-    assert client.versions("things-value") == [8]
-    assert client.get_schema(8)["name"] == "test.Thing"
+    assert client.register("things-value", THING) == NEW_ID
+    assert client.versions("things-value") == [NEW_ID]
+    assert client.get_schema(NEW_ID)["name"] == "test.Thing"
 
 
 def test_confluent_client_maps_errors(served, served_read_only):
@@ -201,15 +205,15 @@ def test_registry_list_prints_subjects_versions_and_ids(capsys):
     assert ("onboarding.events-value", "1", "1") in rows
     assert ("onboarding.events-value", "2", "2") in rows
     assert ("onboarding.events.dlq-value", "1", "3") in rows
-    assert len(rows) == 7
+    assert len(rows) == NEW_ID - 1  # one row per registered version
 
 
 def test_registry_register_command_appends_to_a_registry_file(registry_copy, tmp_path, capsys):
     schema_file = tmp_path / "thing.avsc"
     schema_file.write_text(json.dumps(THING))
     assert main(["register", "things-value", str(schema_file), "--registry", str(registry_copy)]) == 0
-    assert capsys.readouterr().out.strip() == "8"
-    assert FileSchemaRegistry(registry_copy).versions("things-value") == [8]
+    assert capsys.readouterr().out.strip() == str(NEW_ID)
+    assert FileSchemaRegistry(registry_copy).versions("things-value") == [NEW_ID]
 
 
 def test_registry_serve_command_serves_the_shipped_registry_over_http():

@@ -45,9 +45,9 @@ def test_malformed_or_foreign_versions_are_refused(value, message):
 
 
 def test_unknown_kinds_are_refused_with_the_known_ones_named():
-    with pytest.raises(RegistryError, match="known: propensity, segmentation"):
+    with pytest.raises(RegistryError, match="known: propensity, rfm, segmentation"):
         version_id("churn", 1)
-    assert set(KINDS) == {"segmentation", "propensity"}
+    assert set(KINDS) == {"segmentation", "propensity", "rfm"}
 
 
 def test_metrics_are_stored_as_canonical_json_with_numpy_values_converted():

@@ -64,6 +64,9 @@ RECORDS = {
         "visits": 5, "median_visit_events": 8.0, "median_visit_duration_s": 300.0,
         "account_id": "acct-00014", "signup_plan": "trial", "email_domain": "example.org",
         "device_class": "mobile", "country": "GB", "os": "ios",
+        "rfm_last_purchase_at": 1_767_571_200_000, "rfm_recency_days": 1.5, "rfm_frequency": 2,
+        "rfm_monetary": 73.0, "rfm_amounts_ignored": 0, "rfm_r": 5, "rfm_f": 4, "rfm_m": 3,
+        "rfm_reference": "rfm-000001",
         "plan": "trial", "account_tier": "smb", "industry": "software", "company_size": 40,
         "segments": ["activated", "trial"],
         "cluster_id": 2, "segment_label": "explorer", "propensity": 0.71,
@@ -205,7 +208,7 @@ def test_v1_wire_form_is_the_original_skeleton_schema():
         ("onboarding_event", 2, EVENTS_SUBJECT, 2),
         ("dead_letter", None, DEAD_LETTER_SUBJECT, 3),
         ("segment_change", None, SEGMENT_CHANGES_SUBJECT, 4),
-        ("user_profile", None, USER_PROFILE_SUBJECT, 7),
+        ("user_profile", None, USER_PROFILE_SUBJECT, 8),
         ("drift_event", None, DRIFT_EVENT_SUBJECT, 6),
     ],
 )

@@ -59,7 +59,7 @@ def rule(when, name="s", extra="", extra_fields=None):
 
 def test_packaged_rules_file_defines_the_seed_segments(rules):
     assert SEEDS <= set(rules.names)
-    assert rules.version.startswith("2025-01.1+")
+    assert rules.version.startswith("2025-01.2+")
 
 
 @pytest.mark.parametrize(
