@@ -11,7 +11,9 @@ downstream (sessionization, scoring, segmentation, the warehouse) works on
   anonymous_id) for visitors who are not identified yet. The "anon:" prefix
   keeps device ids out of the account-id key space. ``anonymous_key`` is the
   device's pseudonym whenever the event carries a device id, identified or
-  not: identity stitching links the two (transforms/identity.py). Keys are stable for a given
+  not: identity stitching links the two (transforms/identity.py), also through
+  ``email_key``, HMAC("email:" + the address, lower-cased), which never leaves
+  the pipeline (no table or profile field holds it). Keys are stable for a given
   secret (profiles survive restarts) and unlinkable to the raw ids without it.
 * ``context.email`` -> ``email_domain`` (lower-cased; invalid -> None),
   ``context.ip`` -> ``ip_prefix`` (IPv4 /24, IPv6 /48; 6to4 and IPv4-mapped
@@ -34,7 +36,8 @@ The anonymized event shape is flat, as the profile stage and the warehouse
 ``events`` table read it::
 
     {"event_id", "event_type", "user_key", "identified": bool,
-     "anonymous_key": pseudonym of the device id or None, "session_id",
+     "anonymous_key": pseudonym of the device id or None,
+     "email_key": pseudonym of the e-mail address or None, "session_id",
      "occurred_at", "received_at", "properties": {str: str},
      "device", "os", "app_version", "country", "email_domain", "ip_prefix",
      "device_class",
@@ -79,6 +82,7 @@ from .dead_letter import pipeline_dead_letter
 
 MIN_SECRET_BYTES = 16
 ANONYMOUS_KEY_PREFIX = "anon:"
+EMAIL_KEY_PREFIX = "email:"
 
 DEVICE_DESKTOP = "desktop"
 DEVICE_MOBILE = "mobile"
@@ -478,6 +482,14 @@ class Pseudonymizer:
             return self._hmac_hex(ANONYMOUS_KEY_PREFIX + anonymous_id)
         raise ValueError("event has neither user_id nor anonymous_id")
 
+    def email_key(self, email: Optional[str]) -> Optional[str]:
+        """HMAC of "email:" + the address (local part and domain lower-cased), None for no valid address:
+        the e-mail pseudonym identity stitching matches devices and accounts on (transforms/identity.py)."""
+        domain = email_domain(email)
+        if domain is None:
+            return None
+        return self._hmac_hex(EMAIL_KEY_PREFIX + email.strip().rpartition("@")[0].lower() + "@" + domain)
+
     def anonymize(self, event: Mapping[str, Any]) -> tuple[dict, int]:
         """The anonymized form of a validated event, and how many properties were stripped."""
         user_id = event.get("user_id") or None
@@ -499,6 +511,7 @@ class Pseudonymizer:
             "identified": user_id is not None,
             # The device's pseudonym, for identity stitching (transforms/identity.py).
             "anonymous_key": self._hmac_hex(ANONYMOUS_KEY_PREFIX + anonymous_id) if anonymous_id else None,
+            "email_key": self.email_key(raw_email),
             "session_id": session_id,
             "occurred_at": event["occurred_at"],
             "received_at": event.get("received_at"),

@@ -47,8 +47,9 @@ from typing import Any, NamedTuple, Optional
 
 from ..schemas.units import DAY_MS
 
-#: ``Stitch.match``: how the device and the account were matched.
-MATCH_ID = "id"
+#: ``Stitch.match``: how the device and the account were matched: an event carrying both ids, or an
+#: anonymous event of the device giving the account's e-mail address (``EmailMatcher``).
+MATCH_ID, MATCH_EMAIL = "id", "email"
 #: ``Stitch.status``: the link that holds, or a second account the device identified as.
 LINKED, CONFLICT = "linked", "conflict"
 
@@ -149,6 +150,21 @@ def released(pending, user_key: str) -> list[dict]:
     return out
 
 
+class LinkHint(NamedTuple):
+    """From the e-mail stage (``EmailMatcher``): ``device`` belongs to ``user_key``, because an anonymous
+    event of the device (``event_id`` at ``linked_at``) gave the e-mail address the account has."""
+
+    device: str
+    user_key: str
+    linked_at: int
+    event_id: str
+
+
+#: The field an anonymous event carries out of the e-mail stage when its address is an account's:
+#: (user_key, event time, event id) of the claim (``EmailMatcher``); the resolver removes it.
+EMAIL_LINK = "email_link"
+
+
 class IdentityResolver:
     """The per-device decision (module docstring); holds no state of its own."""
 
@@ -157,48 +173,132 @@ class IdentityResolver:
 
     def on_event(self, link: Optional[Link], pending_count: int, event: dict) -> Resolution:
         device = event["anonymous_key"]
-        if not event.get("identified"):
+        if event.get("identified"):
+            claim = (event["user_key"], event["occurred_at"], event["event_id"], MATCH_ID)
+        elif event.get(EMAIL_LINK):
+            user_key, at, event_id = event[EMAIL_LINK]
+            claim = (user_key, at, event_id, MATCH_EMAIL)
+            event = {k: v for k, v in event.items() if k != EMAIL_LINK}
+        else:
             if link is not None:
                 return Resolution({**event, "user_key": link.user_key}, link)
             if pending_count >= self.config.max_pending:
                 return Resolution(event, None, overflow=True)
             return Resolution(event, None, hold=True)
-        user_key, at, event_id = event["user_key"], event["occurred_at"], event["event_id"]
+        resolution = self._claim(link, device, *claim)
+        forward = event if event.get("identified") else {**event, "user_key": resolution.link.user_key}
+        return resolution._replace(forward=forward)
+
+    def on_hint(self, link: Optional[Link], hint: LinkHint) -> Resolution:
+        """A link from the e-mail stage: as an identifying event, with no event to forward (``forward`` None)."""
+        return self._claim(link, hint.device, hint.user_key, hint.linked_at, hint.event_id, MATCH_EMAIL)
+
+    @staticmethod
+    def _claim(link: Optional[Link], device: str, user_key: str, at: int, event_id: str, match: str) -> Resolution:
+        """``device`` identified as ``user_key`` at ``at`` (``event_id``): link, confirm or conflict."""
         if link is None:
             link = Link(user_key, at, event_id)
-            return Resolution(event, link, release=True, stitch=Stitch(device, user_key, at, event_id, retire=True))
+            return Resolution(None, link, release=True,
+                              stitch=Stitch(device, user_key, at, event_id, match, retire=True))
         if link.user_key != user_key:
-            return Resolution(event, link, stitch=Stitch(device, user_key, at, event_id, status=CONFLICT))
+            return Resolution(None, link, stitch=Stitch(device, user_key, at, event_id, match, status=CONFLICT))
         if (at, event_id) < (link.linked_at, link.event_id):
             link = Link(user_key, at, event_id)
-        return Resolution(event, link, stitch=Stitch(device, user_key, at, event_id))
+        return Resolution(None, link, stitch=Stitch(device, user_key, at, event_id, match))
 
     def expire_at(self, newest_ms: int) -> int:
         """Event time at which a device whose newest event is at ``newest_ms`` is forgotten."""
         return newest_ms + self.config.ttl_ms
 
 
-class LocalIdentities:
-    """The resolver with its state in dicts, for in-process drivers (the identity evaluation, the plain
-    benchmark loop, tests): ``resolve(event)`` -> the events for the profile stage (the event itself, or
-    resolved, then any released ones) and the alias row, if any. No expiry: a driver's run is bounded."""
+def email_key(event: Any) -> Optional[str]:
+    """The key of the e-mail stage for ``event`` (its e-mail pseudonym), or None: the event skips it."""
+    if not isinstance(event, dict):
+        return None
+    key = event.get("email_key")
+    return key if isinstance(key, str) and key else None
 
-    def __init__(self, config: IdentityConfig = IdentityConfig()):
-        self.resolver = IdentityResolver(config)
-        self.links: dict[str, Optional[Link]] = {}
-        self.held: dict[str, list] = {}
 
-    def resolve(self, event: dict) -> tuple[list[dict], Optional[Stitch]]:
+class EmailMatch(NamedTuple):
+    """What the e-mail stage does with one event: the ``owner`` and ``devices`` to store, the event to
+    forward (annotated with ``EMAIL_LINK`` when an anonymous device gave the account's address), and the
+    ``hints`` for devices that gave it before the account appeared."""
+
+    owner: Optional[Link]
+    devices: dict
+    forward: dict
+    hints: tuple = ()
+
+
+class EmailMatcher:
+    """Deterministic matching on the e-mail pseudonym, keyed by it (docs/identity.md "E-mail matching").
+
+    Per address it keeps the *owner* (the account of the earliest identified event that carried it) and
+    the devices that gave it anonymously before any account did (``{device: (time, event id)}``, the
+    earliest). An identified event makes its account the owner if there was none (then each waiting
+    device gets a ``LinkHint``) or if it is earlier than the owner's (same account); an anonymous event
+    of a device is annotated with the owner when there is one, else its device waits. A second account
+    with the same address is left alone (the first holds; an address is an account's)."""
+
+    def on_event(self, owner: Optional[Link], devices: dict, event: dict) -> EmailMatch:
+        at, event_id = event["occurred_at"], event["event_id"]
+        if event.get("identified"):
+            user_key = event["user_key"]
+            if owner is None:
+                hints = tuple(LinkHint(d, user_key, t, e) for d, (t, e) in sorted(devices.items()))
+                return EmailMatch(Link(user_key, at, event_id), {}, event, hints)
+            if owner.user_key == user_key and (at, event_id) < (owner.linked_at, owner.event_id):
+                owner = Link(user_key, at, event_id)
+            return EmailMatch(owner, devices, event)
         device = anonymous_key(event)
         if device is None:
-            return [event], None
+            return EmailMatch(owner, devices, event)
+        if owner is not None:
+            return EmailMatch(owner, devices, {**event, EMAIL_LINK: (owner.user_key, at, event_id)})
+        seen = devices.get(device)
+        if seen is None or (at, event_id) < tuple(seen):
+            devices = {**devices, device: (at, event_id)}
+        return EmailMatch(None, devices, event)
+
+
+class LocalIdentities:
+    """The e-mail stage and the resolver with their state in dicts, for in-process drivers (the identity
+    evaluation, the plain benchmark loop, tests): ``resolve(event)`` -> the events for the profile stage
+    (the event itself or resolved, and any released ones) and the alias rows it made. No expiry: a
+    driver's run is bounded."""
+
+    def __init__(self, config: IdentityConfig = IdentityConfig(), emails: bool = True):
+        self.resolver = IdentityResolver(config)
+        self.matcher = EmailMatcher() if emails else None
+        self.links: dict[str, Optional[Link]] = {}
+        self.held: dict[str, list] = {}
+        self.owners: dict[str, tuple] = {}
+
+    def resolve(self, event: dict) -> tuple[list[dict], list[Stitch]]:
+        out: list[dict] = []
+        stitches: list[Stitch] = []
+        address = email_key(event) if self.matcher is not None else None
+        if address is not None:
+            owner, devices = self.owners.get(address, (None, {}))
+            m = self.matcher.on_event(owner, devices, event)
+            self.owners[address] = (m.owner, m.devices)
+            event = m.forward
+            for hint in m.hints:
+                self._carry_out(hint.device, self.resolver.on_hint(self.links.get(hint.device), hint), out, stitches)
+        device = anonymous_key(event)
+        if device is None:
+            return [event] + out, stitches
+        r = self.resolver.on_event(self.links.get(device), len(self.held.get(device, ())), event)
+        return [r.forward] + self._carry_out(device, r, out, stitches), stitches
+
+    def _carry_out(self, device: str, r: Resolution, out: list, stitches: list) -> list:
         held = self.held.setdefault(device, [])
-        r = self.resolver.on_event(self.links.get(device), len(held), event)
         self.links[device] = r.link
-        out = [r.forward]
         if r.hold:
             held.append(r.forward)
         if r.release:
             out += released(held, r.link.user_key)
             held.clear()
-        return out, r.stitch
+        if r.stitch is not None:
+            stitches.append(r.stitch)
+        return out

@@ -1,12 +1,15 @@
 """Beam shell of identity stitching: ``StitchIdentities`` and ``WriteIdentityLinks``.
 
-The logic is ``IdentityResolver`` (transforms/identity.py); this module keys
-anonymized events by their device pseudonym (``anonymous_key``; an event
-without one by its ``user_key``, and passed through untouched), keeps the
-device's link in a ``ReadModifyWriteState`` cell and its held anonymous
-events in a ``BagState``, and forgets both at an event-time timer
-``IdentityConfig.ttl_ms`` after the device's newest event. Counters
+The logic is ``EmailMatcher`` and ``IdentityResolver`` (transforms/identity.py);
+this module keys anonymized events first by their e-mail pseudonym
+(``email_key``: the e-mail stage, which annotates events and makes
+``LinkHint``s), then by their device pseudonym (``anonymous_key``; an event
+without one by its ``user_key``, and passed through untouched), keeps each
+address's owner and each device's link in ``ReadModifyWriteState`` cells and
+a device's held anonymous events in a ``BagState``, and forgets them at an
+event-time timer ``IdentityConfig.ttl_ms`` after the newest event. Counters
 (namespace ``onboardflow``): ``identity_links``, ``identity_conflicts``,
+``identity_email_hints``, ``identity_email_state_expired``,
 ``identity_events_released``, ``identity_events_rekeyed``,
 ``identity_pending_overflow``, ``identity_state_expired``. Released events
 are emitted at the identifying event's timestamp (Beam refuses an output
@@ -24,7 +27,17 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from ...transforms.identity import CONFLICT, IdentityConfig, IdentityResolver, Link, anonymous_key, released
+from ...transforms.identity import (
+    CONFLICT,
+    EmailMatcher,
+    IdentityConfig,
+    IdentityResolver,
+    Link,
+    LinkHint,
+    anonymous_key,
+    email_key,
+    released,
+)
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.profile import unusable
 from ...transforms.profile_store.identity import VisitorRetireSink
@@ -36,15 +49,71 @@ from .warehouse import _WriteToWarehouse
 STITCHES = "stitches"
 
 
-def _key_by_device(event):
-    device = anonymous_key(event) if unusable(event) is None else None
-    if device is not None:
-        return device, event
-    return (event.get("user_key") if isinstance(event, dict) else None) or "", event
+def _own_key(event) -> str:
+    return (event.get("user_key") if isinstance(event, dict) else None) or ""
+
+
+def _key_by_email(event):
+    address = email_key(event) if unusable(event) is None else None
+    return (address, event) if address is not None else (_own_key(event), event)
+
+
+def _key_by_device(element):
+    if isinstance(element, LinkHint):
+        return element.device, element
+    device = anonymous_key(element) if unusable(element) is None else None
+    return (device, element) if device is not None else (_own_key(element), element)
+
+
+def _counter(name: str):
+    return Metrics.counter("onboardflow", name)
+
+
+def _expire_at_ms(timer, ttl_ms: int, newest: Optional[int], t: int) -> int:
+    """``t`` as the cell's newest event time (and the expiry timer moved) when it is newer."""
+    if newest is None or t > newest:
+        timer.set(Timestamp(micros=(t + ttl_ms) * 1000))
+        return t
+    return newest
+
+
+class _MatchEmailsFn(beam.DoFn):
+    """(e-mail pseudonym or own key, event) in; events (annotated when a device gave an account's address)
+    and ``LinkHint``s out. The address's cell: ``(owner, devices, newest event time)``."""
+
+    ADDRESS = ReadModifyWriteStateSpec("address", FastPrimitivesCoder())
+    EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
+
+    def __init__(self, config: IdentityConfig):
+        self._config = config
+
+    def setup(self):
+        self._matcher = EmailMatcher()
+        self._hints, self._expired = _counter("identity_email_hints"), _counter("identity_email_state_expired")
+
+    def process(self, element, cell=beam.DoFn.StateParam(ADDRESS), expire=beam.DoFn.TimerParam(EXPIRE)):
+        key, event = element
+        if email_key(event) != key or unusable(event) is not None:
+            yield event
+            return
+        owner, devices, newest = cell.read() or (None, {}, None)
+        m = self._matcher.on_event(Link.from_primitive(owner), devices, event)
+        newest = _expire_at_ms(expire, self._config.ttl_ms, newest, event["occurred_at"])
+        cell.write((None if m.owner is None else m.owner.to_primitive(), m.devices, newest))
+        yield m.forward
+        for hint in m.hints:
+            self._hints.inc()
+            yield hint
+
+    @on_timer(EXPIRE)
+    def on_expire(self, cell=beam.DoFn.StateParam(ADDRESS)):
+        self._expired.inc()
+        cell.clear()
 
 
 class _ResolveFn(beam.DoFn):
-    """(device or user key, event) in; events for the profile stage out, ``Stitch`` rows tagged.
+    """(device or user key, event or ``LinkHint``) in; events for the profile stage out, ``Stitch`` rows
+    tagged.
 
     The device's cell holds ``(link, newest event time, events held)``: the bag
     of held events is only read when the device links (a state read per
@@ -60,29 +129,32 @@ class _ResolveFn(beam.DoFn):
 
     def setup(self):
         self._resolver = IdentityResolver(self._config)
-        counter = lambda name: Metrics.counter("onboardflow", name)  # noqa: E731
-        self._links, self._conflicts = counter("identity_links"), counter("identity_conflicts")
-        self._released, self._rekeyed = counter("identity_events_released"), counter("identity_events_rekeyed")
-        self._overflow, self._expired = counter("identity_pending_overflow"), counter("identity_state_expired")
+        self._links, self._conflicts = _counter("identity_links"), _counter("identity_conflicts")
+        self._released, self._rekeyed = _counter("identity_events_released"), _counter("identity_events_rekeyed")
+        self._overflow, self._expired = _counter("identity_pending_overflow"), _counter("identity_state_expired")
 
     def process(self, element, cell=beam.DoFn.StateParam(DEVICE), pending=beam.DoFn.StateParam(PENDING),
                 expire=beam.DoFn.TimerParam(EXPIRE)):
         key, event = element
-        if anonymous_key(event) != key or unusable(event) is not None:
+        hint = isinstance(event, LinkHint)
+        if not hint and (anonymous_key(event) != key or unusable(event) is not None):
             yield event
             return
-        stored = cell.read()
-        link_primitive, newest, held = stored if stored is not None else (None, None, 0)
+        link_primitive, newest, held = cell.read() or (None, None, 0)
         link = Link.from_primitive(link_primitive)
-        r = self._resolver.on_event(link, held, event)
+        if hint:
+            r, t = self._resolver.on_hint(link, event), event.linked_at
+        else:
+            r, t = self._resolver.on_event(link, held, event), event["occurred_at"]
+            if link is not None and not event.get("identified"):
+                self._rekeyed.inc()
         if r.hold:
             pending.add(r.forward)
             held += 1
         if r.overflow:
             self._overflow.inc()
-        if link is not None and not event.get("identified"):
-            self._rekeyed.inc()
-        yield r.forward
+        if r.forward is not None:
+            yield r.forward
         if r.release:
             self._links.inc()
             for copy in released(pending.read(), r.link.user_key):
@@ -94,10 +166,7 @@ class _ResolveFn(beam.DoFn):
             if r.stitch.status == CONFLICT:
                 self._conflicts.inc()
             yield beam.pvalue.TaggedOutput(STITCHES, r.stitch)
-        t = event["occurred_at"]
-        if newest is None or t > newest:
-            newest = t
-            expire.set(Timestamp(micros=self._resolver.expire_at(t) * 1000))
+        newest = _expire_at_ms(expire, self._config.ttl_ms, newest, t)
         cell.write((None if r.link is None else r.link.to_primitive(), newest, held))
 
     @on_timer(EXPIRE)
@@ -131,6 +200,8 @@ class StitchIdentities(beam.PTransform):
 
     def expand(self, events):
         resolved = (events
+                    | "KeyByEmail" >> beam.Map(_key_by_email)
+                    | "MatchEmails" >> beam.ParDo(_MatchEmailsFn(self._config))
                     | "KeyByDevice" >> beam.Map(_key_by_device)
                     | "Resolve" >> beam.ParDo(_ResolveFn(self._config)).with_outputs(STITCHES, main="events"))
         return StitchOutputs(resolved.events, resolved[STITCHES])

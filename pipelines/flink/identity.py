@@ -1,7 +1,10 @@
-"""``IdentityStage``: identity stitching in the Flink job, keyed by the device pseudonym.
+"""``EmailStage`` and ``IdentityStage``: identity stitching in the Flink job.
 
-In (keyed by ``anonymous_key``, or by the element's key when it has none):
-the decoder's ``(kind, key, payload)`` elements. Out, for ``UserStage``
+``EmailStage`` (keyed by the e-mail pseudonym) matches devices and accounts
+that gave the same address (``EmailMatcher``) and sends ``(HINT, device,
+LinkHint)`` on. ``IdentityStage``, in (keyed by ``anonymous_key``, or by the
+element's key when it has none): the decoder's ``(kind, key, payload)``
+elements and the hints. Out, for ``UserStage``
 (keyed by the new key): an event of a device that identified as an account
 with the account's key; on a device's first identification its held
 anonymous events, released to the account (``RELEASED``: folded into the
@@ -19,7 +22,15 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
-from ...transforms.identity import CONFLICT, IdentityResolver, Link, anonymous_key, released
+from ...transforms.identity import (
+    CONFLICT,
+    EmailMatcher,
+    IdentityResolver,
+    Link,
+    anonymous_key,
+    email_key,
+    released,
+)
 from ...transforms.profile import unusable
 from ..configuration import identity_config
 from .metrics import Counters
@@ -28,16 +39,80 @@ from .users import EVENT, RELEASED, STITCH
 
 STAGE_COUNTERS = ("identity_links", "identity_conflicts", "identity_events_released", "identity_events_rekeyed",
                   "identity_pending_overflow", "identity_state_expired")
+EMAIL_COUNTERS = ("identity_email_hints", "identity_email_state_expired")
+#: Element kind from the e-mail stage to the identity stage: ``(HINT, device, LinkHint)``.
+HINT = "l"
+
+
+def email_stage_key(element) -> str:
+    """The e-mail stage's key of an element: the event's e-mail pseudonym, else the element's own key."""
+    kind, key, payload = element
+    if kind == EVENT and unusable(payload) is None:
+        address = email_key(payload)
+        if address is not None:
+            return address
+    return key
 
 
 def device_key(element) -> str:
-    """The stage's key of an element: the event's device pseudonym, else the element's own key."""
+    """The identity stage's key of an element: the event's device pseudonym, else the element's own key."""
     kind, key, payload = element
-    if kind == EVENT:
+    if kind == EVENT and unusable(payload) is None:
         device = anonymous_key(payload)
         if device is not None:
             return device
     return key
+
+
+def _newest(timers, ttl_ms: int, newest, t: int):
+    """``t`` as the newest event time of the key when it is newer, its expiry timer moved along."""
+    if newest is not None and t <= newest:
+        return newest
+    if newest is not None:
+        timers.delete_event_time_timer(newest + ttl_ms)
+    timers.register_event_time_timer(t + ttl_ms)
+    return t
+
+
+class EmailStage(KeyedProcessFunction):
+    """The e-mail stage (``EmailMatcher``), keyed by ``email_stage_key``: events out, annotated when an
+    anonymous device gave an account's address, and ``(HINT, device, LinkHint)`` for devices that gave
+    it before the account appeared. State: ``(owner, devices, newest event time)`` per address."""
+
+    def __init__(self, settings: JobSettings):
+        self._settings = settings
+
+    def open(self, runtime_context: RuntimeContext):
+        self._matcher = EmailMatcher()
+        self._ttl_ms = identity_config(self._settings).ttl_ms
+        self._address = runtime_context.get_state(ValueStateDescriptor("address", Types.PICKLED_BYTE_ARRAY()))
+        self._count = Counters(runtime_context)
+        self._count.register(*EMAIL_COUNTERS)
+
+    def close(self):
+        if getattr(self, "_count", None) is not None:
+            self._count.push()
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        kind, key, event = value
+        if kind != EVENT or unusable(event) is not None or email_key(event) is None:
+            yield value
+            return
+        owner, devices, newest = self._address.value() or (None, {}, None)
+        m = self._matcher.on_event(Link.from_primitive(owner), devices, event)
+        newest = _newest(ctx.timer_service(), self._ttl_ms, newest, event["occurred_at"])
+        self._address.update((None if m.owner is None else m.owner.to_primitive(), m.devices, newest))
+        yield EVENT, key, m.forward
+        for hint in m.hints:
+            self._count("identity_email_hints", 1)
+            yield HINT, hint.device, hint
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        stored = self._address.value()
+        if stored is not None and stored[2] + self._ttl_ms <= timestamp:
+            self._count("identity_email_state_expired", 1)
+            self._address.clear()
+        yield from ()
 
 
 class IdentityStage(KeyedProcessFunction):
@@ -60,21 +135,27 @@ class IdentityStage(KeyedProcessFunction):
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         kind, key, event = value
-        if kind != EVENT or anonymous_key(event) is None or unusable(event) is not None:
+        if kind == HINT:
+            stored = self._device.value()
+            link_primitive, newest, held = stored if stored is not None else (None, None, 0)
+            r, t = self._resolver.on_hint(Link.from_primitive(link_primitive), event), event.linked_at
+        elif kind != EVENT or anonymous_key(event) is None or unusable(event) is not None:
             yield value
             return
-        stored = self._device.value()
-        link_primitive, newest, held = stored if stored is not None else (None, None, 0)
-        link = Link.from_primitive(link_primitive)
-        r = self._resolver.on_event(link, held, event)
+        else:
+            stored = self._device.value()
+            link_primitive, newest, held = stored if stored is not None else (None, None, 0)
+            link = Link.from_primitive(link_primitive)
+            r, t = self._resolver.on_event(link, held, event), event["occurred_at"]
+            if link is not None and not event.get("identified"):
+                self._count("identity_events_rekeyed", 1)
         if r.hold:
             self._pending.add(r.forward)
             held += 1
         if r.overflow:
             self._count("identity_pending_overflow", 1)
-        if link is not None and not event.get("identified"):
-            self._count("identity_events_rekeyed", 1)
-        yield EVENT, r.forward["user_key"], r.forward
+        if r.forward is not None:
+            yield EVENT, r.forward["user_key"], r.forward
         if r.release:
             self._count("identity_links", 1)
             copies = released(self._pending.get(), r.link.user_key)
@@ -87,13 +168,7 @@ class IdentityStage(KeyedProcessFunction):
             if r.stitch.status == CONFLICT:
                 self._count("identity_conflicts", 1)
             yield STITCH, r.stitch.anonymous_key, r.stitch
-        t = event["occurred_at"]
-        if newest is None or t > newest:
-            timers = ctx.timer_service()
-            if newest is not None:
-                timers.delete_event_time_timer(self._resolver.expire_at(newest))
-            newest = t
-            timers.register_event_time_timer(self._resolver.expire_at(t))
+        newest = _newest(ctx.timer_service(), self._resolver.config.ttl_ms, newest, t)
         self._device.update((None if r.link is None else r.link.to_primitive(), newest, held))
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):

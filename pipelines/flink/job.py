@@ -2,6 +2,8 @@
 
     Kafka ('kafka' table source: raw key/value, topic/partition/offset/timestamp)
       ─► DecodeAndAnonymize (events.py) ─► event-time watermarks
+      ─► key by e-mail pseudonym ─► EmailStage (identity.py: devices and accounts
+           that gave the same address)
       ─► key by device (anonymous_key) ─► IdentityStage (identity.py: a device's
            events to the account it identified as, alias rows)
       ─► key by user_key ─► UserStage (users.py: ProfileMachine on keyed state
@@ -35,7 +37,7 @@ from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
 from .events import HEARTBEAT, HEARTBEAT_TICK, DecodeAndAnonymize
-from .identity import IdentityStage, device_key
+from .identity import EmailStage, IdentityStage, device_key, email_stage_key
 from .learner import LearnerStage
 from .settings import JobSettings, flink_configuration, source_ddl
 from .users import DEAD, UserStage
@@ -108,6 +110,9 @@ def build(env: StreamExecutionEnvironment, s: JobSettings) -> None:
               .filter(lambda element: element[0] != HEARTBEAT).name("DropHeartbeats").uid("drop-heartbeats"))
     if not s.get("disable_identity_stitching"):
         events = (events
+                  .key_by(email_stage_key, key_type=Types.STRING())
+                  .process(EmailStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
+                  .name("MatchEmails").uid("match-emails").set_parallelism(int(s.parallelism))
                   .key_by(device_key, key_type=Types.STRING())
                   .process(IdentityStage(s), output_type=Types.PICKLED_BYTE_ARRAY())
                   .name("StitchIdentities").uid("stitch-identities").set_parallelism(int(s.parallelism)))

@@ -13,7 +13,9 @@ Ground truth (``JourneyGenerator.identity_truth``): every (device, account)
 pair a user's events carried; *deterministic* when an event carried both ids.
 
 * **precision**: links made that are true / links made (target >= 0.99);
-* **recall**: deterministic pairs linked / deterministic pairs (>= 0.95);
+* **recall**: deterministic pairs linked / deterministic pairs (>= 0.95): an
+  event carried both ids, or an anonymous event of the device gave the
+  account's e-mail address (reported apart too);
 * **coverage**: true pairs linked / all true pairs (devices never logged in
   on cannot be linked by ids: informative, no target);
 * **events moved**: anonymous events of deterministically linked devices that
@@ -56,6 +58,9 @@ class IdentityReport:
     anonymous_events: int
     events_moved: int
     events_moved_share: float
+    #: deterministic pairs only an e-mail address links (the device never carried the account id)
+    email_pairs: int = 0
+    email_recall: float = 1.0
 
     def misses(self) -> list[str]:
         return [f"{name} {getattr(self, name):.4f} < {target}" for name, target in TARGETS.items()
@@ -82,9 +87,8 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
         if routed.route != PERSONALIZATION:
             continue
         event = routed.record
-        forwarded, stitch = identities.resolve(event)
-        if stitch is not None and stitch.status == CONFLICT:
-            conflicts += 1
+        forwarded, stitches = identities.resolve(event)
+        conflicts += sum(1 for stitch in stitches if stitch.status == CONFLICT)
         for f in forwarded:
             key = f["user_key"]
             decisions = machine.on_event(states.get(key), f)
@@ -109,6 +113,7 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
     truth = [row for row in truth if row["user_id"] in consenting]
     true_pairs = {(row["anonymous_id"], row["user_id"]) for row in truth}
     deterministic = {(row["anonymous_id"], row["user_id"]) for row in truth if row["deterministic"]}
+    by_email = {(row["anonymous_id"], row["user_id"]) for row in truth if row["match"] == "email"}
     made = {(device_of_key.get(device, device), user_of_key.get(link.user_key, link.user_key))
             for device, link in identities.links.items() if link is not None}
     correct = made & true_pairs
@@ -130,7 +135,8 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
         precision=len(correct) / len(made) if made else 1.0,
         recall=len(made & deterministic) / len(deterministic) if deterministic else 1.0,
         coverage=len(correct) / len(true_pairs) if true_pairs else 1.0,
-        anonymous_events=total, events_moved=moved, events_moved_share=moved / total if total else 1.0)
+        anonymous_events=total, events_moved=moved, events_moved_share=moved / total if total else 1.0,
+        email_pairs=len(by_email), email_recall=len(made & by_email) / len(by_email) if by_email else 1.0)
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -159,6 +165,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("  " + ", ".join(f"{k}: {v:,}" for k, v in counts.items()))
         print(f"  precision {report.precision:.4f} (target >= {TARGETS['precision']})   "
               f"recall {report.recall:.4f} (target >= {TARGETS['recall']})   coverage {report.coverage:.4f}")
+        print(f"  of the deterministic pairs, {report.email_pairs:,} are linked by e-mail only: "
+              f"recall {report.email_recall:.4f}")
         print(f"  anonymous events of linked devices on the account's profile: {report.events_moved:,} of "
               f"{report.anonymous_events:,} ({report.events_moved_share:.4f})")
         for miss in report.misses():

@@ -875,6 +875,11 @@ class JourneyGenerator:
                 page = rng.choice(("/", "/pricing", "/features", "/blog", "/customers"))
                 events.append(event("page_view", t, None, session_id, {"page": page}))
                 t += 2 * SECOND_MS + rng.randrange(MAX_EVENT_GAP_MS)
+        if rng.random() < 0.5:
+            # A demo request, still anonymous, with the address the account will have: a link by
+            # e-mail (transforms/identity.py EmailMatcher), whether or not the device logs in later.
+            events.append(event("form_submit", t, None, session_id, {"form": "demo_request", "page": "/demo"},
+                                profile.email))
         if rng.random() < cfg.cross_device_login_share:
             t = profile.signup_ms + rng.randint(HOUR_MS, 3 * DAY_MS)
             session_id = f"sess-{rng.getrandbits(64):016x}"
@@ -889,22 +894,25 @@ class JourneyGenerator:
 
     def identity_truth(self) -> Iterator[dict]:
         """Per (user, device) that carried a device id: ``{"user_id", "anonymous_id", "deterministic",
-        "anonymous_events"}``. ``deterministic``: an event carried both ids (a signup or login on the
-        device), so a pipeline can link them for certain; ``anonymous_events``: the device's events
-        without the account id (which stitching should move to the account). From the journeys
-        themselves, before the stream's perturbations."""
+        "match", "anonymous_events"}``. ``deterministic``: an event carried both ids (a signup or login on
+        the device: ``match`` "id"), or an anonymous event of the device gave the account's e-mail
+        address ("email"), so a pipeline can link them for certain (``match`` None: it cannot);
+        ``anonymous_events``: the device's events without the account id (which stitching should move
+        to the account). From the journeys themselves, before the stream's perturbations."""
         for profile in self.users():
             devices: dict[str, list] = {}
             for e in self.journey(profile):
                 if e["anonymous_id"]:
-                    seen = devices.setdefault(e["anonymous_id"], [False, 0])
+                    seen = devices.setdefault(e["anonymous_id"], [None, 0])
                     if e["user_id"]:
-                        seen[0] = True
+                        seen[0] = "id"
                     else:
                         seen[1] += 1
-            for anonymous_id, (deterministic, anonymous_events) in devices.items():
-                yield {"user_id": profile.user_id, "anonymous_id": anonymous_id, "deterministic": deterministic,
-                       "anonymous_events": anonymous_events}
+                        if e["context"].get("email") == profile.email and seen[0] is None:
+                            seen[0] = "email"
+            for anonymous_id, (match, anonymous_events) in devices.items():
+                yield {"user_id": profile.user_id, "anonymous_id": anonymous_id, "deterministic": match is not None,
+                       "match": match, "anonymous_events": anonymous_events}
 
     def _earliest_start(self, profile: UserProfile) -> int:
         """The earliest time ``profile``'s journey can start (the merge's key; the same offset for everyone)."""

@@ -118,8 +118,8 @@ class PlainLoop:
         event = self.event(record)
         if event is None:
             return
-        forwarded, stitch = self.identities.resolve(event) if self.identities is not None else ([event], None)
-        if stitch is not None:
+        forwarded, stitches = self.identities.resolve(event) if self.identities is not None else ([event], ())
+        for stitch in stitches:
             self.chain.add_row(IDENTITY_ALIASES, stitch)
             if stitch.retire:
                 self.chain.add_row(RETIREMENTS, stitch)

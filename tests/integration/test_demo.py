@@ -139,9 +139,15 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
         assert "every timer due by then has fired" in out
         # The summary counts what Redis holds.
         assert result.profiles == len(cold_profiles) > USERS / 2
+        # Issue 20: visitors stitched into their accounts, the links scored against the generator's truth.
+        identity = result.identity
+        assert identity["retired"] > 0 and identity["links"] >= identity["retired"], identity
+        assert identity["precision"] >= 0.99 and identity["recall"] >= 0.95, identity
+        assert "stitched visitors" in out
 
     assert printed_segment_table(warm_out) == printed_segment_table(cold_out)
     assert warm.segments == cold.segments
+    assert warm.identity == cold.identity
     assert {seg: len(m) for seg, m in cold_segments.items()} == {s: n for s, n in cold.segments.items() if n}
     assert warm_segments == cold_segments
     assert_same_profiles(warm_profiles, cold_profiles)

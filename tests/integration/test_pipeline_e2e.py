@@ -461,12 +461,9 @@ def independent_profile(events: list[dict]) -> dict:
 
 def test_profiles_in_redis_equal_an_independent_computation_from_the_users_events(deployment, stream):
     by_user = defaultdict(list)
-    # Identity stitching: a device's anonymous events count for the account that device first
-    # identified as (by event time: an event carrying both ids), whenever they arrive.
-    owner = {}
-    for _, event in sorted(stream.events, key=lambda ke: (ke[1]["occurred_at"], ke[1]["event_id"])):
-        if event["user_id"] and event["anonymous_id"] and event["consent"]["personalization"]:
-            owner.setdefault(event["anonymous_id"], event["user_id"])
+    # Identity stitching: a device's anonymous events count for the account that device identified
+    # as, whenever they arrive (device_owners: ids, then e-mail addresses).
+    owner = device_owners(stream.events)
     stitched = 0
     for _, event in stream.events:
         if not event["consent"]["personalization"]:
@@ -496,19 +493,32 @@ def test_profiles_in_redis_equal_an_independent_computation_from_the_users_event
     assert wrong == {}, f"{len(wrong)} of {len(user_ids)} profiles differ: field -> (redis, expected)"
 
 
+def device_owners(events) -> dict[str, str]:
+    """Raw device id -> raw account id, the deterministic links of the stream (personalization consent):
+    an event carrying both ids (the earliest by event time), else an anonymous event of the device that
+    gave an address an identified event of the account gave."""
+    ordered = sorted((e for _, e in events if e["consent"]["personalization"]),
+                     key=lambda e: (e["occurred_at"], e["event_id"]))
+    owner, account_of = {}, {}
+    for e in ordered:
+        if e["user_id"] and e["anonymous_id"]:
+            owner.setdefault(e["anonymous_id"], e["user_id"])
+        if e["user_id"] and e["context"]["email"]:
+            account_of.setdefault(e["context"]["email"].lower(), e["user_id"])
+    for e in ordered:
+        email = (e["context"]["email"] or "").lower()
+        if not e["user_id"] and e["anonymous_id"] and email in account_of:
+            owner.setdefault(e["anonymous_id"], account_of[email])
+    return owner
+
+
 def test_visitors_are_stitched_into_the_accounts_they_identify_as_and_their_own_profiles_retired(deployment, stream):
-    """Ground truth from the stream itself: a device belongs to the account an event of it carried
-    (deterministic links), its anonymous-only events count there (the test above), its own profile is
-    gone from Redis with its segment memberships, and the alias table records exactly those links.
-    Devices never identified keep their visitor profile."""
+    """Ground truth from the stream itself: a device belongs to the account an event of it carried, or
+    whose address it gave (deterministic links), its anonymous-only events count there (the test above),
+    its own profile is gone from Redis with its segment memberships, and the alias table records exactly
+    those links. Devices never identified keep their visitor profile."""
     pseudonymizer = Pseudonymizer(SECRET)
-    truth, devices = {}, set()
-    for _, event in sorted(stream.events, key=lambda ke: (ke[1]["occurred_at"], ke[1]["event_id"])):
-        if not event["consent"]["personalization"] or not event["anonymous_id"]:
-            continue
-        devices.add(event["anonymous_id"])
-        if event["user_id"]:
-            truth.setdefault(event["anonymous_id"], event["user_id"])
+    truth = device_owners(stream.events)
     anonymous_only = {e["anonymous_id"] for _, e in stream.events
                       if e["anonymous_id"] and not e["user_id"] and e["consent"]["personalization"]}
     never_identified = anonymous_only - truth.keys()

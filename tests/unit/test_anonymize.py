@@ -285,6 +285,7 @@ def test_anonymized_event_keeps_non_pii_fields_and_reduced_context():
         "user_key": Pseudonymizer(SECRET).user_key("acct-7731-jane.doe"),
         "identified": True,
         "anonymous_key": Pseudonymizer(SECRET).user_key(None, event["anonymous_id"]),
+        "email_key": Pseudonymizer(SECRET).email_key(event["context"]["email"]),
         "session_id": "s-41",
         "occurred_at": 1_700_000_000_000,
         "received_at": 1_700_000_000_250,

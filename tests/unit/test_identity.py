@@ -12,12 +12,16 @@ import random
 import pytest
 
 from onboardflow.schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
+from onboardflow.transforms.anonymize import Pseudonymizer
 from onboardflow.transforms.identity import (
     CONFLICT,
+    EMAIL_LINK,
     LINKED,
+    EmailMatcher,
     IdentityConfig,
     IdentityResolver,
     Link,
+    LinkHint,
     LocalIdentities,
     anonymous_key,
     released,
@@ -46,9 +50,8 @@ class Engine:
         self.too_late = 0
 
     def feed(self, e):
-        forwarded, stitch = self.identities.resolve(e)
-        if stitch is not None:
-            self.stitches.append(stitch)
+        forwarded, stitches = self.identities.resolve(e)
+        self.stitches += stitches
         for f in forwarded:
             key = f["user_key"]
             for d in self.machine.on_event(self.states.get(key), f):
@@ -165,10 +168,56 @@ def test_events_without_a_device_id_skip_the_resolver_and_bad_settings_are_refus
 
 def test_the_permutations_of_a_short_journey_all_agree():
     events = [event(1, T0, False), event(2, T0 + MINUTE_MS, True, "signup"), event(3, T0 + 2 * MINUTE_MS, False)]
-    profiles = set()
+    profiles = []
     for order in itertools.permutations(events):
         engine = Engine(lateness_ms=DAY_MS)
         for e in order:
             engine.feed(e)
-        profiles.add(repr(sorted(engine.profile(USER).items())))
-    assert len(profiles) == 1
+        profiles.append(engine.profile(USER))
+    assert len(profiles) == 6 and all(p == profiles[0] for p in profiles)
+
+
+# --------------------------------------------------------------------------- e-mail matching
+
+ADDRESS = "e" * 64
+OTHER_DEVICE = "f" * 64
+
+
+def with_email(e, address=ADDRESS):
+    return {**e, "email_key": address}
+
+
+def test_a_device_that_gave_the_accounts_address_is_linked_by_email_in_either_order():
+    form = with_email(event(1, T0, False, "form_submit", device=OTHER_DEVICE))
+    views = [event(2 + i, T0 - (i + 1) * MINUTE_MS, False, device=OTHER_DEVICE) for i in range(3)]
+    signup = with_email(event(9, T0 + DAY_MS, True, "signup"))
+    profiles, links = [], set()
+    for order in ([*views, form, signup], [signup, *views, form], [form, signup, *views], [*views, signup, form]):
+        engine = Engine(lateness_ms=30 * DAY_MS)
+        for e in order:
+            engine.feed(e)
+        assert engine.profile(USER)["events_total"] == 5
+        emailed = [s for s in engine.stitches if s.anonymous_key == OTHER_DEVICE]
+        assert [(s.match, s.status, s.retire) for s in emailed] == [("email", LINKED, True)]
+        profiles.append(engine.profile(USER))
+        links.add(engine.links[OTHER_DEVICE])
+    assert all(p == profiles[0] for p in profiles) and links == {Link(USER, T0, "e1")}
+
+
+def test_an_address_keeps_its_first_account_and_unknown_addresses_link_nothing():
+    matcher = EmailMatcher()
+    first = matcher.on_event(None, {}, with_email(event(1, T0, True, "signup")))
+    assert first.owner == Link(USER, T0, "e1") and first.hints == ()
+    second = matcher.on_event(first.owner, {}, with_email(event(2, T0 - 1, True, "signup", user=OTHER)))
+    assert second.owner == first.owner  # an address is one account's
+    waiting = matcher.on_event(None, {}, with_email(event(3, T0, False), "a" * 64))
+    assert waiting.owner is None and waiting.devices == {DEVICE: (T0, "e3")} and EMAIL_LINK not in waiting.forward
+    owned = matcher.on_event(None, waiting.devices, with_email(event(4, T0 + 5, True, "signup"), "a" * 64))
+    assert owned.hints == (LinkHint(DEVICE, USER, T0, "e3"),) and owned.devices == {}
+
+
+def test_the_email_pseudonym_ignores_case_and_needs_a_valid_address():
+    p = Pseudonymizer(b"k" * 32)
+    assert p.email_key("Jane.Doe@Example.COM ") == p.email_key("jane.doe@example.com") is not None
+    assert p.email_key("not an address") is None and p.email_key(None) is None
+    assert p.email_key("jane.doe@example.com") != p.user_key("jane.doe@example.com")
