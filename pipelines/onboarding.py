@@ -6,8 +6,9 @@ by a bounded out-of-orderness, allowed lateness in the keyed profile stage
 (later events are counted and kept in the warehouse, never silently dropped),
 and event-time timers for dormancy and state cleanup. Composition only: every
 step is a Beam shell from ``pipelines/beam/`` or a transform over the engine-free
-core in ``transforms/`` (see docs/architecture.md); the segment rules and the
-tracks policy are compiled once here and handed to every stage that uses them::
+core in ``transforms/`` (see docs/architecture.md); the segment rules, the
+tracks policy and the experiments are compiled once here and handed to every
+stage that uses them::
 
     ReadFromKafka(decode) ─► NormalizeEvents ─► AnonymizeEvents ─► BuildUserProfiles
          │ dead letters           │ events (warehouse)      │ ProfileUpdate
@@ -16,6 +17,8 @@ tracks policy are compiled once here and handed to every stage that uses them::
                                                                                │ profiles
                                                                                ▼
                                     ScoreProfiles (online models) ─► AssignOnboardingTracks
+                                                                               │
+                                                                       AssignExperiments
                                                                                │
                                                                                ▼
                   WriteProfilesToRedis ─► applied writes ─► snapshots, segment changes (Kafka +
@@ -59,6 +62,7 @@ from ..transforms.outbox.settings import RelaySettings
 from ..transforms.warehouse.migrations import apply_migrations
 from .beam.anonymize import AnonymizeEvents
 from .beam.enrich import EnrichProfiles
+from .beam.experiments import AssignExperiments
 from .beam.kafka_sink import WriteToKafka
 from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
 from .beam.metrics import CountDeadLetters, PublishSinkWatermark, pipeline_metrics_from_options
@@ -70,7 +74,14 @@ from .beam.relay import RecordDeadLetters, RelayOutboxes
 from .beam.segments import AssignRuleSegments
 from .beam.tracks import AssignOnboardingTracks
 from .beam.warehouse import WriteDeadLetterMetadata, WriteDriftEvents, WriteEventsToWarehouse, WriteLateEvents
-from .configuration import AccountsTable, drift_event_kv, load_rules, profile_config, resolve_secret
+from .configuration import (
+    AccountsTable,
+    drift_event_kv,
+    load_experiments,
+    load_rules,
+    profile_config,
+    resolve_secret,
+)
 from .options import KafkaReadOptions, OnboardingOptions
 
 _LOG = logging.getLogger(__name__)
@@ -97,6 +108,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # Compiled once; every stage that evaluates rules or names segments gets these objects.
     rules = load_rules(opts)
     tracks = TrackPolicy.from_yaml(opts.tracks_file or DEFAULT_TRACKS_PATH, rules)
+    experiments = load_experiments(opts, rules, tracks)
     bootstrap = kafka.kafka_bootstrap_servers
     dsn, schema = opts.warehouse_dsn, opts.warehouse_schema
 
@@ -153,6 +165,8 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                                                 refresh_seconds=opts.model_refresh_seconds, metrics=metrics)
             | "AssignTracks" >> AssignOnboardingTracks(tracks)
         )
+    # After the track, with or without the models: eligibility may name it (docs/experiments.md).
+    profiles = profiles | "AssignExperiments" >> AssignExperiments(experiments, tracks)
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics,

@@ -3,7 +3,8 @@
     Kafka ('kafka' table source: raw key/value, topic/partition/offset/timestamp)
       ─► DecodeAndAnonymize (events.py) ─► event-time watermarks
       ─► key by user_key ─► UserStage (users.py: ProfileMachine on keyed state
-           and timers; enrich, rules, scores, tracks, Redis, warehouse, relays)
+           and timers; enrich, rules, scores, tracks, experiments, Redis,
+           warehouse, relays)
       ─► key by one key ─► LearnerStage (learner.py: online models, drift,
            the sink watermark)
 

@@ -48,13 +48,14 @@ def _pipeline_profiles(users=60, seed=7):
     generator events -> normalize -> anonymize -> profile machine (events, then
     each user's lifecycle timers up to the horizon) -> enrich (every 5th
     account missing from the table) -> rule segments -> the online models'
-    fields as the scorer sets them with no model serving -> tracks.
+    fields as the scorer sets them with no model serving -> tracks -> experiments.
     """
     from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
     from onboardflow.runners.sim.generator import GeneratorConfig, JourneyGenerator
     from onboardflow.schemas.records import ProfileUpdate
     from onboardflow.transforms.anonymize import PERSONALIZATION, EventAnonymizer, Pseudonymizer
     from onboardflow.transforms.enrich import enrich_update
+    from onboardflow.transforms.experiments import ExperimentSet
     from onboardflow.transforms.normalize import normalize_event
     from onboardflow.transforms.online_models import ServingModels
     from onboardflow.transforms.profile import LIFECYCLE, Emit, ProfileConfig, ProfileMachine, SetTimer, Store
@@ -67,6 +68,7 @@ def _pipeline_profiles(users=60, seed=7):
     anonymizer = EventAnonymizer(Pseudonymizer(b"contract-test-secret-0123456789"))
     rules = RuleSet.load(DEFAULT_RULES_PATH)
     tracks = TrackPolicy.from_yaml(DEFAULT_TRACKS_PATH, rules)
+    experiments = ExperimentSet.load(known_segments=rules.known_segments, known_tracks=tracks.tracks)
     machine = ProfileMachine(ProfileConfig(time_marks=rules.time_marks, horizon_ms=gen.horizon_end_ms),
                              clock_ms=lambda: gen.horizon_end_ms)
     scorer = ServingModels(store=None, refresh_seconds=1e9)  # no model serves: the model fields stay null
@@ -95,7 +97,7 @@ def _pipeline_profiles(users=60, seed=7):
     for update in updates:
         enriched, _ = enrich_update(update, accounts)
         profile = segment_profile(rules, enriched, enriched.current["as_of"])
-        yield tracks.with_track(scorer.score(profile))
+        yield experiments.with_experiments(tracks.with_track(scorer.score(profile)), tracks.choose)
 
 
 def test_every_profile_the_pipeline_writes_keeps_the_contract():
