@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from ..models.tracks import TrackPolicy
+from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from ..transforms.anonymize import SecretKey, generate_demo_secret, load_secret
 from ..transforms.experiments import DEFAULT_EXPERIMENTS_PATH, ExperimentSet
 from ..transforms.profile import ProfileConfig

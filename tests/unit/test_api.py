@@ -231,7 +231,8 @@ def test_a_profile_written_before_the_experiments_field_gets_each_running_experi
 
 
 def test_eligibility_by_track_uses_the_decisions_track_when_the_profile_has_none(policy, catalogue, experiments):
-    # Written before the experiments field, and no onboarding_track yet: the policy chooses (dormant -> simplified), and the experiment follows that choice.
+    # Written before the experiments field, and no onboarding_track yet: the policy chooses
+    # (dormant -> simplified), and the experiment follows that choice.
     decision = decide(stored_profile(onboarding_track=None, segments=["dormant"]), now_ms=NOW, stale_after_s=None,
                       policy=policy, catalogue=catalogue, experiments=experiments)
     assert decision.track == "simplified" and set(decision.experiments) == {"for_simplified"}
