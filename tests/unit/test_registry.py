@@ -30,6 +30,8 @@ from onboardflow.schemas.schema_registry import (
 )
 from onboardflow.schemas.wire import AvroDeserializer, AvroSerializer, unframe
 
+#: The id the next schema registered in a copy of the shipped registry gets.
+NEXT = 1 + max(i for subject in default_registry().subjects() for i in default_registry().versions(subject))
 THING = {"type": "record", "name": "Thing", "namespace": "test", "fields": [{"name": "n", "type": "int"}]}
 THING_V2 = {**THING, "fields": THING["fields"] + [{"name": "m", "type": ["null", "int"], "default": None}]}
 
@@ -53,7 +55,7 @@ def test_shipped_registry_ids_are_stable():
     assert registry.latest(EVENTS_SUBJECT)[0] == 2
     assert registry.versions(DEAD_LETTER_SUBJECT) == [3]
     assert {s: registry.versions(s) for s in registry.subjects()} == {
-        "dev.onboardflow.profiles.UserProfile": [5, 7],
+        "dev.onboardflow.profiles.UserProfile": [5, 7, 8],
         "onboarding.events-value": [1, 2],
         "onboarding.events.dlq-value": [3],
         "onboarding.model-events-dev.onboardflow.models.DriftEvent": [6],
@@ -88,15 +90,15 @@ def test_a_doc_change_is_a_different_schema():
 
 def test_writable_file_registry_appends_and_persists(registry_copy):
     registry = FileSchemaRegistry(registry_copy, writable=True)
-    assert registry.register("things-value", THING) == 8
-    assert registry.register("things-value", THING_V2) == 9
-    assert registry.register("things-value", THING) == 8
+    assert registry.register("things-value", THING) == NEXT
+    assert registry.register("things-value", THING_V2) == NEXT + 1
+    assert registry.register("things-value", THING) == NEXT
     # Same schema under another subject: same global id, new version there.
-    assert registry.register("other-things-value", THING) == 8
+    assert registry.register("other-things-value", THING) == NEXT
 
     reopened = FileSchemaRegistry(registry_copy)
-    assert reopened.versions("things-value") == [8, 9]
-    assert reopened.versions("other-things-value") == [8]
+    assert reopened.versions("things-value") == [NEXT, NEXT + 1]
+    assert reopened.versions("other-things-value") == [NEXT]
     assert reopened.versions(EVENTS_SUBJECT) == [1, 2]
     assert reopened.latest("things-value")[1]["fields"][1]["name"] == "m"
 
@@ -131,9 +133,9 @@ def test_confluent_client_round_trip_against_the_served_registry(served):
     assert client.register(EVENTS_SUBJECT, load_schema("onboarding_event", 2)) == 2
     assert client.lookup(EVENTS_SUBJECT, schema_path("onboarding_event", 1).read_text()) == 1
 
-    assert client.register("things-value", THING) == 8
-    assert client.versions("things-value") == [8]
-    assert client.get_schema(8)["name"] == "test.Thing"
+    assert client.register("things-value", THING) == NEXT
+    assert client.versions("things-value") == [NEXT]
+    assert client.get_schema(NEXT)["name"] == "test.Thing"
 
 
 def test_confluent_client_maps_errors(served, served_read_only):
@@ -201,15 +203,15 @@ def test_registry_list_prints_subjects_versions_and_ids(capsys):
     assert ("onboarding.events-value", "1", "1") in rows
     assert ("onboarding.events-value", "2", "2") in rows
     assert ("onboarding.events.dlq-value", "1", "3") in rows
-    assert len(rows) == 7
+    assert len(rows) == 8
 
 
 def test_registry_register_command_appends_to_a_registry_file(registry_copy, tmp_path, capsys):
     schema_file = tmp_path / "thing.avsc"
     schema_file.write_text(json.dumps(THING))
     assert main(["register", "things-value", str(schema_file), "--registry", str(registry_copy)]) == 0
-    assert capsys.readouterr().out.strip() == "8"
-    assert FileSchemaRegistry(registry_copy).versions("things-value") == [8]
+    assert capsys.readouterr().out.strip() == str(NEXT)
+    assert FileSchemaRegistry(registry_copy).versions("things-value") == [NEXT]
 
 
 def test_registry_serve_command_serves_the_shipped_registry_over_http():

@@ -20,6 +20,8 @@ from onboardflow.schemas.schema_registry import (
 )
 
 SUBJECT = "things-value"
+#: The id the next schema registered in a copy of the shipped registry gets.
+NEXT = 1 + max(i for subject in default_registry().subjects() for i in default_registry().versions(subject))
 V1 = {"type": "record", "name": "Thing", "namespace": "test", "fields": [{"name": "a", "type": "int"}]}
 # v2 adds b with a default: BACKWARD and FORWARD compatible with v1.
 V2 = {**V1, "fields": V1["fields"] + [{"name": "b", "type": "int", "default": 0}]}
@@ -33,7 +35,7 @@ TYPE_CHANGE = {**V1, "fields": [{"name": "a", "type": "string"}]}
 @pytest.fixture
 def registry(registry_copy):
     registry = FileSchemaRegistry(registry_copy, writable=True)
-    assert registry.register(SUBJECT, V1) == 8
+    assert registry.register(SUBJECT, V1) == NEXT
     return registry
 
 
@@ -80,10 +82,10 @@ def test_a_registry_file_without_levels_loads_as_backward_and_gains_them_when_wr
     assert registry.compatibility(EVENTS_SUBJECT, default_to_global=False) is None
     assert registry.versions(EVENTS_SUBJECT) == [1, 2]
 
-    assert registry.register(SUBJECT, V1) == 8
+    assert registry.register(SUBJECT, V1) == NEXT
     written = json.loads(old.read_text())
     assert written["compatibility"] == {"global": "BACKWARD", "subjects": {}}
-    assert written["subjects"][SUBJECT] == [8]
+    assert written["subjects"][SUBJECT] == [NEXT]
 
 
 def test_levels_persist_in_the_file_per_subject_and_globally(registry, registry_copy):
@@ -140,21 +142,21 @@ def test_an_incompatible_schema_is_refused_naming_what_breaks_and_the_file_is_un
         assert "BACKWARD: version 1: the new schema cannot read old data" in str(refused.value)
         assert len(refused.value.problems) == 1 and what in refused.value.problems[0]
     assert registry_copy.read_bytes() == before
-    assert registry.versions(SUBJECT) == [8]
+    assert registry.versions(SUBJECT) == [NEXT]
 
 
 def test_the_same_schema_is_accepted_once_the_subjects_level_is_none(registry, registry_copy):
     registry.set_compatibility("NONE", SUBJECT)
-    assert registry.register(SUBJECT, REQUIRED_FIELD) == 9
-    assert FileSchemaRegistry(registry_copy).versions(SUBJECT) == [8, 9]
+    assert registry.register(SUBJECT, REQUIRED_FIELD) == NEXT + 1
+    assert FileSchemaRegistry(registry_copy).versions(SUBJECT) == [NEXT, NEXT + 1]
     # Other subjects keep the global level.
-    assert registry.register("other-things-value", V1) == 8
+    assert registry.register("other-things-value", V1) == NEXT
     with pytest.raises(IncompatibleEvolution):
         registry.register("other-things-value", REQUIRED_FIELD)
 
 
 def test_backward_checks_the_latest_version_and_backward_transitive_every_one(registry):
-    assert registry.register(SUBJECT, V2) == 9
+    assert registry.register(SUBJECT, V2) == NEXT + 1
     assert registry.compatibility_problems(SUBJECT, V3) == []  # V3 reads v2 data
     registry.set_compatibility("BACKWARD_TRANSITIVE", SUBJECT)
     found = registry.compatibility_problems(SUBJECT, V3)
@@ -162,25 +164,25 @@ def test_backward_checks_the_latest_version_and_backward_transitive_every_one(re
     with pytest.raises(IncompatibleEvolution):
         registry.register(SUBJECT, V3)
     registry.set_compatibility("BACKWARD", SUBJECT)
-    assert registry.register(SUBJECT, V3) == 10
+    assert registry.register(SUBJECT, V3) == NEXT + 2
 
 
 def test_forward_refuses_dropping_a_field_old_readers_need(registry):
     registry.set_compatibility("FORWARD", SUBJECT)
-    assert registry.register(SUBJECT, V3) == 9  # old readers ignore b
+    assert registry.register(SUBJECT, V3) == NEXT + 1  # old readers ignore b
     dropped = {**V1, "fields": [{"name": "b", "type": "int"}]}
     found = registry.compatibility_problems(SUBJECT, dropped)
     assert len(found) == 1 and found[0].startswith("version 2: the old schema cannot read new data")
 
 
 def test_an_already_registered_schema_returns_its_id_whatever_the_level(registry):
-    assert registry.register(SUBJECT, V2) == 9
+    assert registry.register(SUBJECT, V2) == NEXT + 1
     registry.set_compatibility("FULL_TRANSITIVE", SUBJECT)
-    assert registry.register(SUBJECT, V1) == 8  # an earlier version: nothing new to check
+    assert registry.register(SUBJECT, V1) == NEXT  # an earlier version: nothing new to check
 
 
 def test_compatibility_against_one_version_uses_the_levels_direction_only(registry):
-    assert registry.register(SUBJECT, V2) == 9
+    assert registry.register(SUBJECT, V2) == NEXT + 1
     assert registry.compatibility_problems(SUBJECT, V3, version=2) == []
     assert registry.compatibility_problems(SUBJECT, V3, version=1) != []
     registry.set_compatibility("NONE", SUBJECT)
@@ -261,10 +263,10 @@ def test_registering_an_incompatible_schema_is_a_409_conflict(served, registry_c
     assert answer["message"].startswith(
         'Schema being registered is incompatible with an earlier schema for subject "things-value", details: [')
     assert "reader type: string not compatible with writer type: int" in answer["message"]
-    assert FileSchemaRegistry(registry_copy).versions(SUBJECT) == [8]
+    assert FileSchemaRegistry(registry_copy).versions(SUBJECT) == [NEXT]
 
     assert call(served, "PUT", f"/config/{SUBJECT}", {"compatibility": "NONE"})[0] == 200
-    assert call(served, "POST", f"/subjects/{SUBJECT}/versions", schema_body(TYPE_CHANGE)) == (200, {"id": 9})
+    assert call(served, "POST", f"/subjects/{SUBJECT}/versions", schema_body(TYPE_CHANGE)) == (200, {"id": NEXT + 1})
 
 
 # --------------------------------------------------------------------------- our REST client
@@ -290,7 +292,7 @@ def test_the_confluent_client_governs_the_served_registry(served, served_read_on
     with pytest.raises(InvalidCompatibilityLevel):
         client.set_compatibility("SIDEWAYS", SUBJECT)
     assert client.set_compatibility("none", SUBJECT) == "NONE"
-    assert client.register(SUBJECT, REQUIRED_FIELD) == 9
+    assert client.register(SUBJECT, REQUIRED_FIELD) == NEXT + 1
     assert client.delete_compatibility(SUBJECT) == "NONE"
     with pytest.raises(SchemaNotFound):
         client.delete_compatibility(SUBJECT)
