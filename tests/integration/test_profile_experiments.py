@@ -11,9 +11,13 @@ What is pinned (docs/experiments.md "The profile's experiments"):
 * every profile in Redis carries ``experiments``, equal to the core's
   assignment (``ExperimentSet.with_experiments``) of that stored profile at
   its own ``as_of``; each variant is the hash of the pseudonym and the salt;
-* eligibility and the window decide presence: each conditional experiment
-  is in some profiles and not in others, the windowed one exactly in the
-  profiles whose ``as_of`` falls inside it, the stopped one in none;
+* so does every version the store applied (the warehouse's profile
+  snapshots), each at its own ``as_of``;
+* eligibility and the window, at event time, decide presence: each
+  conditional experiment is in some profiles and not in others; the windowed
+  one is in exactly the versions whose ``as_of`` falls inside it; one that
+  ended days before the wall clock but after the input's horizon is in every
+  final profile; the stopped one is in none;
 * a replay of the same input into the same sinks leaves Redis as it was.
 """
 from __future__ import annotations
@@ -52,7 +56,9 @@ def _iso(ms: int) -> str:
 
 
 def experiments_yaml(start_ms: int) -> str:
-    """The test's experiments; ``windowed`` runs from 1.5 to 2.5 days after the input starts."""
+    """The test's experiments. ``windowed`` runs from 36 to 60 hours after the input starts, before its
+    horizon (about 69 hours: where every final profile's ``as_of`` ends in a bounded run); ``ended`` covers
+    the horizon but ended nine days before the wall clock."""
     window = (_iso(start_ms + 36 * 3_600_000), _iso(start_ms + 60 * 3_600_000))
     variants = "[{name: control, weight: 0.5}, {name: treatment, weight: 0.5}]"
     return f"""
@@ -65,6 +71,8 @@ experiments:
   - {{name: by_segment, salt: "by-segment-p1", status: running, start: 2026-01-01T00:00:00Z,
      variants: {variants}, eligible: {{segments_any: [highly_engaged_new, active_engaged, power_user_candidate]}}}}
   - {{name: windowed, salt: "windowed-p1", status: running, start: {window[0]}, end: {window[1]},
+     variants: {variants}}}
+  - {{name: ended, salt: "ended-p1", status: running, start: 2026-01-01T00:00:00Z, end: {_iso(start_ms + 5 * DAY_MS)},
      variants: {variants}}}
   - {{name: stopped, salt: "stopped-p1", status: stopped, start: 2026-01-01T00:00:00Z, variants: {variants}}}
 """
@@ -102,25 +110,31 @@ def test_profiles_carry_the_cores_experiments_and_a_replay_leaves_them_as_they_w
     profiles = first.profiles
     assert len(profiles) > 80
 
-    present: Counter = Counter()
-    for key, profile in profiles.items():
+    # Every profile in Redis, and every version the store applied (the warehouse's snapshots, at their
+    # own as_of over the input's three days), carries the core's assignment of itself.
+    snapshots = [row["snapshot"] for row in first.rows["profile_snapshots"]]
+    assert len(snapshots) > len(profiles)
+    for profile in [*profiles.values(), *snapshots]:
         stored = profile["experiments"]
         assert "onboarding_track" not in profile  # models off: no track written, the policy's judged
         unassigned = {k: v for k, v in profile.items() if k != "experiments"}
-        assert stored == experiments.with_experiments(unassigned, policy.choose)["experiments"], key
-        assert all(variant == experiments[name].variant(key) for name, variant in stored.items())
-        present.update(stored)
+        assert stored == experiments.with_experiments(unassigned, policy.choose)["experiments"], profile["as_of"]
+        assert all(variant == experiments[name].variant(profile["user_key"]) for name, variant in stored.items())
 
+    # The window is judged at each version's event time: in exactly the versions inside it.
     windowed = experiments["windowed"]
-    inside = {k for k, p in profiles.items() if windowed.start_ms <= p["as_of"] < windowed.end_ms}
-    assert {k for k, p in profiles.items() if "windowed" in p["experiments"]} == inside
-    assert present["everyone"] == len(profiles)
-    for conditional in ("by_track", "by_segment", "windowed"):
+    inside = [windowed.start_ms <= p["as_of"] < windowed.end_ms for p in snapshots]
+    assert 0 < sum(inside) < len(snapshots)
+    assert [("windowed" in p["experiments"]) for p in snapshots] == inside
+    present = Counter(name for p in profiles.values() for name in p["experiments"])
+    # The final profiles sit at the horizon: past `windowed`, inside `ended` (which the wall clock is past).
+    assert present["windowed"] == 0 and present["ended"] == present["everyone"] == len(profiles)
+    for conditional in ("by_track", "by_segment"):
         assert 0 < present[conditional] < len(profiles), (conditional, present)
     assert present["stopped"] == 0
-    # Both arms of every served experiment are used (a 50/50 split over about a hundred users).
-    for name in ("everyone", "by_track"):
-        assert len({p["experiments"][name] for p in profiles.values() if name in p["experiments"]}) > 1
+    # Every arm of the experiments everyone is in is used.
+    for name, arms in (("everyone", 3), ("by_track", 2)):
+        assert len({p["experiments"][name] for p in profiles.values() if name in p["experiments"]}) == arms
 
     # The same input again, from the earliest offset into the same sinks: nothing changes.
     run_to_end(d, f"{d.name}-replay", folder / "replay.log", NO_MODELS, f"--experiments_file={path}", timeout_s=900)
