@@ -95,6 +95,7 @@ class Profile(TypedDict, total=False):
     propensity: Optional[float]
     model_version: Optional[str]
     onboarding_track: Optional[str]
+    experiments: Optional[dict[str, str]]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from ..models.tracks import TrackPolicy
 from ..schemas.units import DAY_MS, HOUR_MS, MINUTE_MS
 from ..transforms.anonymize import SecretKey, generate_demo_secret, load_secret
+from ..transforms.experiments import DEFAULT_EXPERIMENTS_PATH, ExperimentSet
 from ..transforms.identity import IdentityConfig
 from ..transforms.profile import ProfileConfig
 from ..transforms.segment import DEFAULT_RULES_PATH, RuleSet
@@ -46,6 +48,13 @@ def resolve_secret(opts: Any) -> SecretKey:
 def load_rules(opts: Any) -> RuleSet:
     """The segment rules of ``--rules_file`` (default: the packaged file), compiled: once per pipeline."""
     return RuleSet.load(opts.rules_file or DEFAULT_RULES_PATH)
+
+
+def load_experiments(opts: Any, rules: RuleSet, tracks: TrackPolicy) -> ExperimentSet:
+    """The experiments of ``--experiments_file`` (default: the packaged file), checked against the rules'
+    segments and the policy's tracks: once per pipeline (``getattr``: settings of an older launcher lack it)."""
+    path = getattr(opts, "experiments_file", None) or DEFAULT_EXPERIMENTS_PATH
+    return ExperimentSet.load(path, rules.known_segments, tracks.tracks)
 
 
 def profile_config(opts: Any, horizon_ms: Optional[int] = None,

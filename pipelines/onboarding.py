@@ -6,8 +6,9 @@ by a bounded out-of-orderness, allowed lateness in the keyed profile stage
 (later events are counted and kept in the warehouse, never silently dropped),
 and event-time timers for dormancy and state cleanup. Composition only: every
 step is a Beam shell from ``pipelines/beam/`` or a transform over the engine-free
-core in ``transforms/`` (see docs/architecture.md); the segment rules and the
-tracks policy are compiled once here and handed to every stage that uses them::
+core in ``transforms/`` (see docs/architecture.md); the segment rules, the
+tracks policy and the experiments are compiled once here and handed to every
+stage that uses them::
 
     ReadFromKafka(decode) ─► NormalizeEvents ─► AnonymizeEvents ─► StitchIdentities ─► BuildUserProfiles
          │ dead letters           │ events (warehouse)      │ aliases, retired      │ ProfileUpdate
@@ -17,6 +18,8 @@ tracks policy are compiled once here and handed to every stage that uses them::
                                                                                │ profiles
                                                                                ▼
                                     ScoreProfiles (online models) ─► AssignOnboardingTracks
+                                                                               │
+                                                                       AssignExperiments
                                                                                │
                                                                                ▼
                   WriteProfilesToRedis ─► applied writes ─► snapshots, segment changes (Kafka +
@@ -60,6 +63,7 @@ from ..transforms.outbox.settings import RelaySettings
 from ..transforms.warehouse.migrations import apply_migrations
 from .beam.anonymize import AnonymizeEvents
 from .beam.enrich import EnrichProfiles
+from .beam.experiments import AssignExperiments
 from .beam.identity import StitchIdentities, WriteIdentityLinks
 from .beam.kafka_sink import WriteToKafka
 from .beam.kafka_source import DEAD_LETTERS, ReadFromKafka
@@ -77,6 +81,7 @@ from .configuration import (
     AccountsTable,
     drift_event_kv,
     identity_config,
+    load_experiments,
     load_rules,
     profile_config,
     resolve_secret,
@@ -107,6 +112,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # Compiled once; every stage that evaluates rules or names segments gets these objects.
     rules = load_rules(opts)
     tracks = TrackPolicy.from_yaml(opts.tracks_file or DEFAULT_TRACKS_PATH, rules)
+    experiments = load_experiments(opts, rules, tracks)
     bootstrap = kafka.kafka_bootstrap_servers
     dsn, schema = opts.warehouse_dsn, opts.warehouse_schema
 
@@ -172,6 +178,8 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
                                                 refresh_seconds=opts.model_refresh_seconds, metrics=metrics)
             | "AssignTracks" >> AssignOnboardingTracks(tracks)
         )
+    # After the track, with or without the models: eligibility may name it (docs/experiments.md).
+    profiles = profiles | "AssignExperiments" >> AssignExperiments(experiments, tracks)
 
     redis = profiles | "WriteProfiles" >> WriteProfilesToRedis(
         opts.redis_url, opts.redis_key_prefix, profile_ttl_s=opts.profile_ttl_days * 86_400, metrics=metrics,

@@ -44,6 +44,9 @@ class OnboardingOptions(PipelineOptions):
         g.add_argument("--warehouse_schema", default="public", help="PostgreSQL schema of the warehouse tables.")
         g.add_argument("--rules_file", default=None,
                        help="Segment rules YAML (default: pipelines/segment_rules.yaml).")
+        g.add_argument("--experiments_file", default=None,
+                       help="Experiments YAML whose variants the profiles carry (default: "
+                            "pipelines/experiments.yaml; docs/experiments.md).")
         g.add_argument("--secret_file", default=None,
                        help="File holding the pseudonymization key (HMAC-SHA256, >= 16 bytes). Required "
                             "unless --secret_env or --demo_mode.")

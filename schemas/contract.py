@@ -29,12 +29,14 @@ from typing import Any, Optional
 NUMBER, TIMESTAMP, STRING, BOOL = "number", "timestamp", "string", "bool"
 
 #: The stages that set profile fields, in pipeline order (docs/architecture.md).
-STAGES = ("anonymize", "profile", "engagement", "sessions", "enrich", "rfm", "rules", "models", "store")
+STAGES = ("anonymize", "profile", "engagement", "sessions", "enrich", "rfm", "rules", "models", "experiments",
+          "store")
 
 _AVRO_OF_TYPE = {"str": "string", "int": "long", "float": "double", "bool": "boolean"}
 _TIMESTAMP_MILLIS = {"type": "long", "logicalType": "timestamp-millis"}
 _COUNTS = {"type": "map", "values": "long"}
 _NAMES = {"type": "array", "items": "string"}
+_VARIANTS = {"type": "map", "values": "string"}
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,11 @@ PROFILE_FIELDS: tuple[ProfileField, ...] = (
        "seg-000003+prop-000002.", nullable=True),
     _f("onboarding_track", "str", "models", "Onboarding track the user is on (models/tracks.py).",
        nullable=True),
+    # -- experiments (transforms/experiments.py), after the track: eligibility may name it
+    _f("experiments", "json", "experiments",
+       "Experiment -> variant, for every experiment of pipelines/experiments.yaml running at as_of that the "
+       "profile is eligible for (sticky: the variant is a hash of user_key and the salt; docs/experiments.md). "
+       "Missing on profiles written before the field existed.", avro=_VARIANTS),
 )
 
 PROFILE: dict[str, ProfileField] = {f.name: f for f in PROFILE_FIELDS}

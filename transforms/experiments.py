@@ -53,6 +53,17 @@ it runs again).
 {}
 >>> experiments.assign({"user_key": "user-key-1", "onboarding_track": "standard"}, at_ms=0)  # before start
 {}
+
+The pipeline writes a profile's assignment into its ``experiments`` field
+(``with_experiments``, on both engines, after the onboarding track): the
+same ``assign`` at the profile's own event time ``as_of``, so a replay
+writes the same value; the decisions API serves that field.
+
+>>> profile = {"user_key": "user-key-1", "as_of": 1_800_000_000_000, "segments": []}
+>>> experiments.with_experiments({**profile, "onboarding_track": "standard"})["experiments"]
+{'checklist': 'control'}
+>>> experiments.with_experiments(profile, track_of=lambda p: "advanced")["experiments"]  # no track: the policy's
+{}
 """
 from __future__ import annotations
 
@@ -62,13 +73,15 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
+#: The profile field the pipeline writes the assignment into (schemas/contract.py).
+EXPERIMENTS_FIELD = "experiments"
 DEFAULT_EXPERIMENTS_PATH = Path(__file__).resolve().parent.parent / "pipelines" / "experiments.yaml"
 STATUSES = ("draft", "running", "paused", "stopped")
 RUNNING = "running"
@@ -186,6 +199,27 @@ class ExperimentSet:
         if not isinstance(key, str) or not key:
             return {}
         return {e.name: e.variant(key) for e in self.experiments if e.is_active(at_ms) and e.is_eligible(profile)}
+
+    def with_experiments(self, profile: Mapping[str, Any],
+                         track_of: Optional[Callable[[Mapping[str, Any]], str]] = None) -> dict:
+        """A copy of ``profile`` with ``experiments`` set: the hook the pipeline calls on every engine.
+
+        The field is ``assign`` evaluated at the profile's ``as_of`` (event
+        time, never the wall clock: a replay writes the same value), so it
+        depends on the pseudonym, the segments, the track and this file only.
+        A profile without ``onboarding_track`` (the online models are off) is
+        judged with ``track_of(profile)``, the policy's choice the decisions
+        API would serve (``TrackPolicy.choose``); that track is not written.
+        A profile without an integer ``as_of`` gets ``{}``.
+        """
+        subject = profile
+        if not isinstance(profile.get("onboarding_track"), str) and track_of is not None:
+            subject = {**profile, "onboarding_track": track_of(profile)}
+        as_of = profile.get("as_of")
+        updated = dict(profile)
+        updated[EXPERIMENTS_FIELD] = (self.assign(subject, as_of)
+                                      if isinstance(as_of, int) and not isinstance(as_of, bool) else {})
+        return updated
 
     @classmethod
     def load(cls, path: Union[str, Path] = DEFAULT_EXPERIMENTS_PATH, known_segments: Optional[Iterable[str]] = None,

@@ -7,7 +7,8 @@
       ─► key by device (anonymous_key) ─► IdentityStage (identity.py: a device's
            events to the account it identified as, alias rows)
       ─► key by user_key ─► UserStage (users.py: ProfileMachine on keyed state
-           and timers; enrich, rules, scores, tracks, Redis, warehouse, relays)
+           and timers; enrich, rules, scores, tracks, experiments, Redis,
+           warehouse, relays)
       ─► key by one key ─► LearnerStage (learner.py: online models, drift,
            the sink watermark)
 

@@ -8,7 +8,7 @@ late events and dead-letter rows. ``flush()`` carries them out in the order
 the Beam pipeline composes the same core functions (pipelines/onboarding.py):
 
     profile ─► enrich (AccountsCache) ─► RFM scores (RfmScorer) ─► rule segments ─► online-model scores
-            ─► onboarding track ─► ProfileSink (Redis, version-guarded, outbox
+            ─► onboarding track ─► experiments ─► ProfileSink (Redis, version-guarded, outbox
                in the same script) ─► relays, in a thread of their own
                (transforms/outbox/background.py): segment changes and
                snapshots to Kafka and the warehouse, dead letters to the DLQ
@@ -33,6 +33,7 @@ from ...models.model_registry import ModelStore
 from ...models.tracks import TrackPolicy
 from ...transforms.dead_letter import pipeline_dead_letter
 from ...transforms.enrich import AccountsCache, enrich_profile
+from ...transforms.experiments import EXPERIMENTS_FIELD, ExperimentSet
 from ...transforms.metrics import PipelineMetrics
 from ...transforms.outbox.background import BackgroundRelays
 from ...transforms.outbox.settings import RelaySettings, make_relays
@@ -73,10 +74,14 @@ class StoreChain:
     """One subtask's writes (module docstring). ``open()`` before use, ``close()`` after."""
 
     def __init__(self, settings: Any, rules: RuleSet, tracks: TrackPolicy, metrics: PipelineMetrics,
-                 count: Callable[[str, int], None], clock: Callable[[], float] = time.monotonic):
+                 count: Callable[[str, int], None], clock: Callable[[], float] = time.monotonic,
+                 experiments: Optional[ExperimentSet] = None):
         self._settings = settings
         self._rules = rules
         self._tracks = tracks
+        # The packaged file when none is given (pipelines/configuration.py load_experiments).
+        self._experiments = experiments if experiments is not None else ExperimentSet.load(
+            known_segments=rules.known_segments, known_tracks=tracks.tracks)
         self._metrics = metrics
         self._count = count
         self._clock = clock
@@ -204,7 +209,8 @@ class StoreChain:
                 self._metrics.segment_changes(report.records)
 
     def _prepare(self, profile: dict) -> Optional[dict]:
-        """enrich ─► RFM ─► rules ─► scores ─► track; None (and a dead-letter row) when the rules refuse it."""
+        """enrich ─► RFM ─► rules ─► scores ─► track ─► experiments; None (and a dead-letter row) when the rules
+        refuse it. Without the models there is no track; experiments judge by the policy's choice."""
         enriched, found = enrich_profile(profile, self._accounts.accounts)
         if not found:
             self._count("enrich_reference_missing", 1)
@@ -215,11 +221,13 @@ class StoreChain:
             self._dead_letter(pipeline_dead_letter("segment", rejected.reason, rejected.detail, enriched,
                                                    key_field="user_key"))
             return None
-        if self._scorer is None:
-            return segmented
-        tracked = self._tracks.with_track(self._scorer.score(segmented))
-        self._count(f"onboarding_track_{tracked['onboarding_track']}", 1)
-        return tracked
+        if self._scorer is not None:
+            segmented = self._tracks.with_track(self._scorer.score(segmented))
+            self._count(f"onboarding_track_{segmented['onboarding_track']}", 1)
+        assigned = self._experiments.with_experiments(segmented, self._tracks.choose)
+        for name, variant in assigned[EXPERIMENTS_FIELD].items():
+            self._count(f"experiment_{name}_{variant}", 1)
+        return assigned
 
     def _settle(self, sink, records) -> list[dict]:
         """Results of ``sink``: applied profiles returned, rejections added as dead-letter rows."""

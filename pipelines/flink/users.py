@@ -76,7 +76,7 @@ from ...transforms.profile import (
 )
 from ...transforms.profile_store.keys import ProfileKeys
 from ...transforms.progress import next_watermark_probe
-from ..configuration import load_rules, profile_config
+from ..configuration import load_experiments, load_rules, profile_config
 from .metrics import Counters, flink_pipeline_metrics
 from .settings import JobSettings, horizon
 from .store import DEAD_LETTERS, EVENTS, IDENTITY_ALIASES, LATE_EVENTS, RETIREMENTS, StoreChain, dead_letter_row
@@ -124,7 +124,8 @@ class UserStage(KeyedProcessFunction):
         self._count = Counters(runtime_context)
         self._count.register(*STAGE_COUNTERS)
         self._metrics = flink_pipeline_metrics(self._count, s)
-        self._chain = StoreChain(s, rules, tracks, self._metrics, self._count)
+        self._chain = StoreChain(s, rules, tracks, self._metrics, self._count,
+                                 experiments=load_experiments(s, rules, tracks))
         self._chain.open()
         self._subtask, self._subtasks = subtask_of(runtime_context)
         self._flush_size = int(s.flush_size)

@@ -19,12 +19,19 @@ catalogue's ``fallback.track`` with all its steps, no segments, and
 * ``store_unavailable``: Redis could not be read in time;
 * ``secret_unavailable``: the service has no pseudonymization secret.
 
-``experiments`` (``{experiment: variant}``) holds every experiment of the
-experiments file (transforms/experiments.py) that is running at ``now_ms``
-and whose eligibility the profile meets, with the decision's track as the
-profile's ``onboarding_track``. A fallback decision is in no experiment: the
-user's segments and track are unknown or not trusted, and the UI shows the
-default onboarding, so no variant is served and no exposure recorded.
+``experiments`` (``{experiment: variant}``) is the profile's own
+``experiments`` field, which the pipeline computed at the profile's event
+time (transforms/experiments.py ``with_experiments``): the single source of
+truth, the same on every server. The service's experiments file only takes
+away: an experiment it does not have running at ``now_ms`` (stopped, paused,
+ended, or no longer declared) or a variant it does not declare is not
+served, so a stop takes effect at once. A profile written before the field
+existed gets what the pipeline would write, evaluated now: every running
+experiment whose eligibility it meets, with the decision's track as its
+``onboarding_track``. A fallback decision is in no experiment: the user's
+segments and track are unknown or not trusted, and the UI shows the default
+onboarding, so no variant is served and no exposure recorded
+(docs/experiments.md "Serving and exposures").
 
 >>> from onboardflow.models.tracks import TrackPolicy
 >>> policy = TrackPolicy.from_dict({"version": "1", "default": "standard",
@@ -42,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ...models.tracks import TRACK_FIELD, TrackPolicy
-from ...transforms.experiments import ExperimentSet
+from ...transforms.experiments import EXPERIMENTS_FIELD, ExperimentSet
 from .catalogue import Step, StepCatalogue
 
 UNKNOWN_USER, STALE_PROFILE = "unknown_user", "stale_profile"
@@ -99,8 +106,7 @@ def decide(profile: Optional[Mapping[str, Any]], *, now_ms: int, stale_after_s: 
         track, rule = policy.decide(profile)
     segments = profile.get("segments")
     label = profile.get("segment_label")
-    variants = (experiments.assign({**profile, TRACK_FIELD: track}, now_ms, user_key)
-                if experiments is not None and user_key else {})
+    variants = served_experiments(profile, track, now_ms, user_key, experiments)
     return Decision(
         track, catalogue.next_steps(track, profile), False, catalogue.version, user_key=user_key,
         segments=[s for s in segments if isinstance(s, str)] if isinstance(segments, list) else [],
@@ -108,3 +114,16 @@ def decide(profile: Optional[Mapping[str, Any]], *, now_ms: int, stale_after_s: 
         segment_label=label if isinstance(label, str) else None, track_rule=rule,
         profile_version=profile.get("version"), updated_at=profile.get("updated_at"),
     )
+
+
+def served_experiments(profile: Mapping[str, Any], track: str, now_ms: int, user_key: Optional[str],
+                       experiments: Optional[ExperimentSet]) -> dict[str, str]:
+    """The variants a personalized decision serves (module docstring): the profile's ``experiments`` that
+    ``experiments`` has running at ``now_ms``; for a profile without the field, ``assign`` at ``now_ms``."""
+    if experiments is None or not user_key:
+        return {}
+    stored = profile.get(EXPERIMENTS_FIELD)
+    if not isinstance(stored, Mapping):
+        return experiments.assign({**profile, TRACK_FIELD: track}, now_ms, user_key)
+    return {name: variant for name, variant in stored.items()
+            if name in experiments and experiments[name].is_active(now_ms) and variant in experiments[name].weights}

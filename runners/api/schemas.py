@@ -22,7 +22,7 @@ def _json_type(field) -> Any:
     if field.type == "json":
         avro = field.avro or {}
         if isinstance(avro, dict) and avro.get("type") == "map":
-            return dict[str, int]
+            return dict[str, str] if avro.get("values") == "string" else dict[str, int]
         return list[str]
     return {"str": str, "int": int, "float": float, "bool": bool}[field.type]
 

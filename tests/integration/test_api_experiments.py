@@ -3,9 +3,12 @@
 A deployment of its own (``i20exp``, api_server.py) with an experiments file
 of the test's: ``everyone`` (no eligibility), ``stalled_only`` (segment
 ``onboarding_stalled``) and ``ended`` (its window is over). Profiles are
-written by the profile store's writer, as the pipeline writes them. The
-server on port 8900 answers decisions with the variants the core computes
-for each pseudonym, and records one exposure per experiment and user in
+written by the profile store's writer, as the pipeline writes them: with
+their ``experiments`` field set by the core at their ``as_of``
+(``ExperimentSet.with_experiments``), except a sixth of them, written as a
+pipeline before that field wrote them. The server on port 8900 answers
+decisions with the profiles' variants (for the older profiles, the variants
+the core computes now), and records one exposure per experiment and user in
 ``experiment_exposures``, the first; a second server (8901) whose warehouse
 is unreachable still answers every decision at once, with the same
 variants, and counts the exposures it drops; a third (8902) with a long
@@ -31,6 +34,8 @@ PORT, NO_WAREHOUSE_PORT, SLOW_FLUSH_PORT = 8900, 8901, 8902
 UNREACHABLE_DSN = "postgresql://onboardflow:onboardflow@127.0.0.1:8949/onboardflow"
 USERS = [f"exp-user-{i:03d}" for i in range(60)]
 STALLED = set(USERS[:20])
+#: Profiles written before the experiments field existed (stalled and not).
+OLDER = set(USERS[15:25])
 EXPERIMENTS_YAML = """
 version: "t-1"
 experiments:
@@ -59,8 +64,10 @@ def deployment(redis_url, pg_dsn, kafka_bootstrap):
     d = ApiDeployment(redis_url, pg_dsn, kafka_bootstrap, deployment=DEPLOYMENT)
     apply_migrations(pg_dsn, d.schema)
     (d.dir / "experiments.yaml").write_text(EXPERIMENTS_YAML, encoding="utf-8")
-    assert all(d.write(*(pipeline_profile(u, segments=["onboarding_stalled"] if u in STALLED else ["active_engaged"])
-                         for u in USERS)))
+    declared = ExperimentSet.load(d.dir / "experiments.yaml")
+    profiles = [pipeline_profile(u, segments=["onboarding_stalled"] if u in STALLED else ["active_engaged"])
+                for u in USERS]
+    assert all(d.write(*(p if u in OLDER else declared.with_experiments(p) for u, p in zip(USERS, profiles))))
     yield d
     d.cleanup()
 
@@ -197,3 +204,19 @@ def test_a_stopping_server_writes_the_exposures_it_holds(deployment, experiments
     finally:
         s.stop()
     assert set(exposures(deployment)) == {("everyone", user_key(u)) for u in USERS[40:50]}
+
+
+def test_decisions_serve_the_profiles_field_not_their_own_reading_of_the_segments(server, deployment, experiments):
+    # The pipeline wrote this profile's field when the user was stalled (so in `stalled_only`); the segments
+    # written here say otherwise. The API serves the field, the pipeline's judgement at the profile's as_of;
+    # `ended`, in the field too, is not served: the server's file has it over.
+    key = user_key("exp-user-field")
+    served = {name: experiments[name].variant(key) for name in ("everyone", "stalled_only")}
+    profile = pipeline_profile("exp-user-field", segments=["active_engaged"], experiments={**served, "ended": "other"})
+    assert deployment.write(profile) == [True]
+    body = httpx.get(f"{server.base_url}/v1/decisions/exp-user-field", headers=auth(deployment), timeout=10).json()
+    assert body["fallback"] is False and body["experiments"] == served
+    deadline = time.monotonic() + 15
+    while {e: v for (e, k), (v, _) in exposures(deployment).items() if k == key} != served:
+        assert time.monotonic() < deadline, "the exposures of the profile's variants were not written"
+        time.sleep(0.1)

@@ -25,6 +25,8 @@ from onboardflow.transforms.profile_store.encoding import decode_profile
 
 pytestmark = [pytest.mark.integration]
 
+#: What the online models decide: their fields, and the experiments, whose eligibility follows the track.
+MODEL_DECIDED = (*MODEL_FIELDS, "experiments")
 USERS = 40
 DORMANCY_DAYS = 30  # the pipeline's default --dormancy_days
 
@@ -63,7 +65,7 @@ def redis_state(redis_url: str, prefix: str) -> tuple[dict, dict]:
         for key in client.scan_iter(match=f"{prefix}:profile:*", count=1000):
             profile = decode_profile(client.hgetall(key))
             profile.pop("updated_at")
-            for field in MODEL_FIELDS:
+            for field in MODEL_DECIDED:
                 profile.pop(field, None)
             profiles[key.decode().rsplit(":", 1)[1]] = profile
         for key in client.scan_iter(match=f"{prefix}:segment:*", count=1000, _type="set"):
@@ -151,8 +153,8 @@ def test_a_cold_and_a_warm_demo_run_of_one_seed_print_the_same_segment_table_and
     assert {seg: len(m) for seg, m in cold_segments.items()} == {s: n for s, n in cold.segments.items() if n}
     assert warm_segments == cold_segments
     assert_same_profiles(warm_profiles, cold_profiles)
-    sample = {k: v for k, v in (cold.sample_profile or {}).items() if k not in MODEL_FIELDS}
-    assert sample and sample == {k: v for k, v in warm.sample_profile.items() if k not in MODEL_FIELDS}
+    sample = {k: v for k, v in (cold.sample_profile or {}).items() if k not in MODEL_DECIDED}
+    assert sample and sample == {k: v for k, v in warm.sample_profile.items() if k not in MODEL_DECIDED}
     # Every timer had fired: 40 days after the timeline, every profile is dormant.
     assert cold.segments["dormant"] == len(cold_profiles)
 

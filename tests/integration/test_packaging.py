@@ -66,6 +66,8 @@ def test_the_wheel_holds_the_package_data_and_no_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("onboardflow/schemas/onboarding_event.v1.avsc", "onboardflow/pipelines/segment_rules.yaml",
                      "onboardflow/pipelines/onboarding_tracks.yaml", "onboardflow/runners/cli/__main__.py",
+                     # Read by the pipeline on either engine (profiles' experiments) and by the API.
+                     "onboardflow/pipelines/experiments.yaml",
                      # The personalization API: its steps catalogue, operator page and typed client.
                      "onboardflow/pipelines/onboarding_steps.yaml", "onboardflow/runners/api/static/operator.html",
                      "onboardflow/runners/api/static/operator.js", "onboardflow/client.py"):

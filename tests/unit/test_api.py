@@ -194,7 +194,33 @@ def stored_profile(**fields):
     return base
 
 
-def test_a_decision_serves_each_running_experiment_the_user_is_eligible_for(policy, catalogue, experiments):
+def test_a_decision_serves_the_profiles_experiments_field(policy, catalogue, experiments):
+    # The pipeline judged eligibility at the profile's as_of; the API serves that, not its own reading of
+    # the segments (here the user is no longer stalled, but their profile's field is the truth).
+    stored = stored_profile(segments=[], onboarding_track="advanced",
+                            experiments={"for_stalled": "checklist", "for_simplified": "control"})
+    decision = decide(stored, now_ms=NOW, stale_after_s=None, policy=policy, catalogue=catalogue,
+                      experiments=experiments)
+    assert decision.experiments == {"for_stalled": "checklist", "for_simplified": "control"}
+    # An empty field is served as empty, even when the user would be eligible now.
+    empty = decide(stored_profile(experiments={}), now_ms=NOW, stale_after_s=None, policy=policy,
+                   catalogue=catalogue, experiments=experiments)
+    assert empty.experiments == {}
+
+
+def test_an_experiment_the_service_does_not_run_now_is_taken_out_of_the_profiles_field(policy, catalogue,
+                                                                                      experiments):
+    stored = stored_profile(experiments={"for_simplified": "control", "not_yet": "checklist",
+                                         "no_longer_declared": "control", "for_stalled": "undeclared_variant"})
+    decision = decide(stored, now_ms=NOW, stale_after_s=None, policy=policy, catalogue=catalogue,
+                      experiments=experiments)
+    assert decision.experiments == {"for_simplified": "control"}
+    without_file = decide(stored, now_ms=NOW, stale_after_s=None, policy=policy, catalogue=catalogue)
+    assert without_file.experiments == {}
+
+
+def test_a_profile_written_before_the_experiments_field_gets_each_running_experiment_it_is_eligible_for(
+        policy, catalogue, experiments):
     decision = decide(stored_profile(), now_ms=NOW, stale_after_s=None, policy=policy, catalogue=catalogue,
                       experiments=experiments)
     assert decision.experiments == {"for_simplified": experiments["for_simplified"].variant("k1"),
@@ -205,7 +231,8 @@ def test_a_decision_serves_each_running_experiment_the_user_is_eligible_for(poli
 
 
 def test_eligibility_by_track_uses_the_decisions_track_when_the_profile_has_none(policy, catalogue, experiments):
-    # No onboarding_track yet: the policy chooses (dormant -> simplified), and the experiment follows that choice.
+    # Written before the experiments field, and no onboarding_track yet: the policy chooses
+    # (dormant -> simplified), and the experiment follows that choice.
     decision = decide(stored_profile(onboarding_track=None, segments=["dormant"]), now_ms=NOW, stale_after_s=None,
                       policy=policy, catalogue=catalogue, experiments=experiments)
     assert decision.track == "simplified" and set(decision.experiments) == {"for_simplified"}

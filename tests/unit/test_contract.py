@@ -49,7 +49,7 @@ def _pipeline_profiles(users=60, seed=7):
     each user's lifecycle timers up to the horizon) -> enrich (every 5th
     account missing from the table) -> RFM scores (a reference fitted on each
     user's last profile) -> rule segments -> the online models' fields as the
-    scorer sets them with no model serving -> tracks.
+    scorer sets them with no model serving -> tracks -> experiments.
     """
     from onboardflow.models.rfm_reference import fit_reference
     from onboardflow.models.tracks import DEFAULT_TRACKS_PATH, TrackPolicy
@@ -57,6 +57,7 @@ def _pipeline_profiles(users=60, seed=7):
     from onboardflow.schemas.records import ProfileUpdate
     from onboardflow.transforms.anonymize import PERSONALIZATION, EventAnonymizer, Pseudonymizer
     from onboardflow.transforms.enrich import enrich_update
+    from onboardflow.transforms.experiments import ExperimentSet
     from onboardflow.transforms.normalize import normalize_event
     from onboardflow.transforms.online_models import ServingModels
     from onboardflow.transforms.profile import LIFECYCLE, Emit, ProfileConfig, ProfileMachine, SetTimer, Store
@@ -70,6 +71,7 @@ def _pipeline_profiles(users=60, seed=7):
     anonymizer = EventAnonymizer(Pseudonymizer(b"contract-test-secret-0123456789"))
     rules = RuleSet.load(DEFAULT_RULES_PATH)
     tracks = TrackPolicy.from_yaml(DEFAULT_TRACKS_PATH, rules)
+    experiments = ExperimentSet.load(known_segments=rules.known_segments, known_tracks=tracks.tracks)
     machine = ProfileMachine(ProfileConfig(time_marks=rules.time_marks, horizon_ms=gen.horizon_end_ms),
                              clock_ms=lambda: gen.horizon_end_ms)
     scorer = ServingModels(store=None, refresh_seconds=1e9)  # no model serves: the model fields stay null
@@ -100,7 +102,7 @@ def _pipeline_profiles(users=60, seed=7):
     for update in updates:
         enriched, _ = enrich_update(update, accounts)
         profile = segment_profile(rules, score_profile(enriched.current, reference), enriched.current["as_of"])
-        yield tracks.with_track(scorer.score(profile))
+        yield experiments.with_experiments(tracks.with_track(scorer.score(profile)), tracks.choose)
 
 
 def test_every_profile_the_pipeline_writes_keeps_the_contract():

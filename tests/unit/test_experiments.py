@@ -186,3 +186,100 @@ def test_a_file_that_cannot_be_read_names_its_path(tmp_path):
     (tmp_path / "bad.yaml").write_text("version: [", encoding="utf-8")
     with pytest.raises(ExperimentError, match="bad.yaml: not valid YAML"):
         ExperimentSet.load(tmp_path / "bad.yaml")
+
+
+# --------------------------------------------------------------------------- the profile's experiments field
+
+
+def stalled_experiments() -> ExperimentSet:
+    return compile_(experiment_doc(eligible={"segments_any": ["onboarding_stalled"], "tracks": ["simplified"]}),
+                    experiment_doc(name="everyone", weights=(0.2, 0.3, 0.5)))
+
+
+def profile_at(as_of, key=None, **fields) -> dict:
+    return {"user_key": key or pseudonym(7), "as_of": as_of, "segments": ["onboarding_stalled"],
+            "onboarding_track": "simplified", **fields}
+
+
+def test_a_profiles_experiments_are_the_assignment_at_its_own_event_time():
+    experiments = stalled_experiments()
+    for as_of in (START_MS - 1, START_MS, END_MS - 1, END_MS):
+        profile = profile_at(as_of)
+        updated = experiments.with_experiments(profile)
+        assert updated["experiments"] == experiments.assign(profile, as_of)
+        assert {k: v for k, v in updated.items() if k != "experiments"} == profile  # nothing else changes
+    assert experiments.with_experiments(profile_at(START_MS - 1))["experiments"] == {}        # before start
+    assert experiments.with_experiments(profile_at(END_MS))["experiments"] == {}              # end is exclusive
+    assert set(experiments.with_experiments(profile_at(START_MS))["experiments"]) == {"checklist", "everyone"}
+
+
+def test_the_same_profile_gets_the_same_variants_whenever_and_wherever_it_is_computed(keys):
+    experiments = stalled_experiments()
+    copy = pickle.loads(pickle.dumps(experiments))  # as a worker receives it
+    for key in keys[:2000]:
+        profile = profile_at(START_MS + 5, key)
+        first = experiments.with_experiments(profile)["experiments"]
+        assert copy.with_experiments(profile)["experiments"] == first
+        assert first == {"checklist": experiments["checklist"].variant(key),
+                         "everyone": experiments["everyone"].variant(key)}
+
+
+def test_leaving_eligibility_removes_the_experiment_and_coming_back_gives_the_same_variant(keys):
+    experiments = stalled_experiments()
+    for key in keys[:500]:
+        stalled = experiments.with_experiments(profile_at(START_MS, key))["experiments"]
+        engaged = experiments.with_experiments(profile_at(START_MS + 1, key, segments=["active_engaged"],
+                                                          onboarding_track="advanced"))["experiments"]
+        back = experiments.with_experiments(profile_at(START_MS + 2, key))["experiments"]
+        assert set(engaged) == {"everyone"} and engaged["everyone"] == stalled["everyone"]
+        assert back == stalled
+
+
+def test_a_stopped_experiment_leaves_the_profiles_written_after_the_stop():
+    running, stopped = stalled_experiments(), compile_(
+        experiment_doc(status="stopped", eligible={"segments_any": ["onboarding_stalled"], "tracks": ["simplified"]}),
+        experiment_doc(name="everyone", weights=(0.2, 0.3, 0.5)))
+    assert set(running.with_experiments(profile_at(START_MS))["experiments"]) == {"checklist", "everyone"}
+    assert set(stopped.with_experiments(profile_at(START_MS))["experiments"]) == {"everyone"}
+
+
+def test_without_a_track_eligibility_follows_the_policys_choice_and_no_track_is_written():
+    experiments = stalled_experiments()
+    untracked = profile_at(START_MS)
+    del untracked["onboarding_track"]
+    chosen = []
+
+    def choose(profile):
+        chosen.append(profile["segments"])
+        return "simplified"
+
+    updated = experiments.with_experiments(untracked, choose)
+    assert set(updated["experiments"]) == {"checklist", "everyone"} and chosen == [["onboarding_stalled"]]
+    assert "onboarding_track" not in updated
+    assert set(experiments.with_experiments(untracked, lambda p: "advanced")["experiments"]) == {"everyone"}
+    assert set(experiments.with_experiments(untracked)["experiments"]) == {"everyone"}  # no policy: not eligible
+    # A profile with a track is judged by it; the policy is not asked.
+    assert set(experiments.with_experiments(profile_at(START_MS), lambda p: "advanced")["experiments"]) == {
+        "checklist", "everyone"}
+
+
+def test_a_profile_without_an_event_time_or_a_pseudonym_gets_no_experiments():
+    experiments = stalled_experiments()
+    assert experiments.with_experiments(profile_at(None))["experiments"] == {}
+    assert experiments.with_experiments(profile_at(True))["experiments"] == {}
+    assert experiments.with_experiments({"as_of": START_MS, "segments": []})["experiments"] == {}
+
+
+def test_the_packaged_experiments_reach_profiles_of_the_packaged_tracks():
+    rules = RuleSet.load()
+    policy = TrackPolicy.from_yaml(segment_rules=rules)
+    experiments = ExperimentSet.load(known_segments=rules.known_segments, known_tracks=policy.tracks)
+    checklist = experiments["checklist_first"]
+    key = pseudonym(3)
+    on = {"user_key": key, "as_of": checklist.start_ms, "segments": [], "onboarding_track": "standard"}
+    assert experiments.with_experiments(on)["experiments"] == {"checklist_first": checklist.variant(key)}
+    assert experiments.with_experiments({**on, "onboarding_track": "advanced"})["experiments"] == {}
+    # With the models off: no track, and the policy's default (standard) makes the profile eligible.
+    untracked = {k: v for k, v in on.items() if k != "onboarding_track"}
+    assert experiments.with_experiments(untracked, policy.choose)["experiments"] == {
+        "checklist_first": checklist.variant(key)}

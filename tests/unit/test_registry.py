@@ -31,6 +31,8 @@ from onboardflow.schemas.schema_registry import (
 )
 from onboardflow.schemas.wire import AvroDeserializer, AvroSerializer, unframe
 
+#: The id the next schema registered in a copy of the shipped registry gets.
+NEXT = 1 + max(i for subject in default_registry().subjects() for i in default_registry().versions(subject))
 THING = {"type": "record", "name": "Thing", "namespace": "test", "fields": [{"name": "n", "type": "int"}]}
 THING_V2 = {**THING, "fields": THING["fields"] + [{"name": "m", "type": ["null", "int"], "default": None}]}
 
@@ -57,7 +59,7 @@ def test_shipped_registry_ids_are_stable():
     assert registry.latest(EVENTS_SUBJECT)[0] == 2
     assert registry.versions(DEAD_LETTER_SUBJECT) == [3]
     assert {s: registry.versions(s) for s in registry.subjects()} == {
-        "dev.onboardflow.profiles.UserProfile": [5, 7, 8],  # 8: the RFM fields (docs/rfm.md)
+        "dev.onboardflow.profiles.UserProfile": [5, 7, 8, 9],  # 8: RFM fields (docs/rfm.md), 9: experiments
         "onboarding.events-value": [1, 2],
         "onboarding.events.dlq-value": [3],
         "onboarding.model-events-dev.onboardflow.models.DriftEvent": [6],

@@ -71,6 +71,7 @@ RECORDS = {
         "segments": ["activated", "trial"],
         "cluster_id": 2, "segment_label": "explorer", "propensity": 0.71,
         "model_version": "seg-000003+prop-000002", "onboarding_track": "guided",
+        "experiments": {"checklist_first": "checklist"},
     },
     ("segment_change", None): {
         "user_key": "uk_5b0e",
@@ -208,7 +209,7 @@ def test_v1_wire_form_is_the_original_skeleton_schema():
         ("onboarding_event", 2, EVENTS_SUBJECT, 2),
         ("dead_letter", None, DEAD_LETTER_SUBJECT, 3),
         ("segment_change", None, SEGMENT_CHANGES_SUBJECT, 4),
-        ("user_profile", None, USER_PROFILE_SUBJECT, 8),
+        ("user_profile", None, USER_PROFILE_SUBJECT, 9),
         ("drift_event", None, DRIFT_EVENT_SUBJECT, 6),
     ],
 )
