@@ -44,7 +44,7 @@ class Counters:
         self._group = runtime_context.get_metrics_group().add_group(GROUP)
         self._namespace = namespace
         self._counters: dict[str, Any] = {}
-        self._gauges: dict[str, list] = {}
+        self._gauges: dict[str, int] = {}
         # Counts not yet added to Flink's counters, by name.
         self._unpushed: dict[str, int] = {}
         self._interval = float(push_interval_s)
@@ -96,12 +96,23 @@ class Counters:
         self(_flink_name(namespace, name) + "_count", 1)
 
     def gauge(self, namespace: str, name: str, value: int) -> None:
+        """A gauge as a Flink *counter* moved by the difference, in this (the task's) thread.
+
+        Not a Flink gauge: a Python gauge is a callable the TaskManager's metrics thread invokes when
+        the JobManager or a reporter queries it, and in thread mode that is a call into the embedded
+        interpreter from a thread that does not hold it: the TaskManager died of it (SIGSEGV in
+        ``_PyEvalFramePushAndInit`` under ``MetricGauge.getValue``, docs/flink.md). Flink's
+        Prometheus reporter exports counters as gauges anyway."""
         key = _flink_name(namespace, name)
-        cell = self._gauges.get(key)
-        if cell is None:
-            cell = self._gauges[key] = [int(value)]
-            self._group.gauge(key, lambda: cell[0])
-        cell[0] = int(value)
+        value = int(value)
+        previous = self._gauges.get(key, 0)
+        if value != previous:
+            counter = self._counter(key)
+            if value > previous:
+                counter.inc(value - previous)
+            else:
+                counter.dec(previous - value)
+        self._gauges[key] = value
 
 
 def flink_pipeline_metrics(counters: Counters, settings: Any) -> PipelineMetrics:
