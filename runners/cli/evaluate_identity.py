@@ -35,7 +35,7 @@ from typing import Optional
 from ...schemas.units import DAY_MS
 from ...transforms.anonymize import PERSONALIZATION, EventAnonymizer, Pseudonymizer, generate_demo_secret
 from ...transforms.identity import CONFLICT, IdentityConfig, LocalIdentities
-from ...transforms.profile import ProfileConfig, ProfileMachine, Store
+from ...transforms.profile import ProfileConfig, ProfileMachine, Store, TooLate
 from ..sim.generator import GeneratorConfig, JourneyGenerator
 
 TARGETS = {"precision": 0.99, "recall": 0.95}
@@ -58,6 +58,8 @@ class IdentityReport:
     anonymous_events: int
     events_moved: int
     events_moved_share: float
+    #: of the anonymous events not moved, those too late for any profile (arrived past the allowed lateness)
+    events_too_late: int = 0
     #: deterministic pairs only an e-mail address links (the device never carried the account id)
     email_pairs: int = 0
     email_recall: float = 1.0
@@ -80,6 +82,8 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
     states: dict = {}
     # Where each anonymous event (by event id) was folded in: the keys whose profile counts it.
     folded_on: dict[str, set] = {}
+    # Anonymous events a profile refused as too late (behind the watermark by more than the lateness).
+    too_late: set = set()
     conflicts = 0
     watermark = None
     for _kind, raw in generator.events():
@@ -96,6 +100,8 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
                 states[key] = next(d.state for d in decisions if type(d) is Store)
                 if not f.get("identified"):
                     folded_on.setdefault(f["event_id"], set()).add(key)
+            elif any(type(d) is TooLate for d in decisions) and not f.get("identified"):
+                too_late.add(f["event_id"])
         t = event["occurred_at"]
         newest = t if watermark is None else max(watermark + out_of_orderness_ms, t)
         if watermark is None or newest - out_of_orderness_ms > watermark:
@@ -120,7 +126,7 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
 
     # Events: the anonymous events of deterministically linked devices, on the right account's profile.
     owner_key = {pseudonymizer.user_key(None, a): pseudonymizer.user_key(u) for a, u in deterministic}
-    moved = total = 0
+    moved = total = late = 0
     for _kind, raw in generator.events():
         if raw["user_id"] or not raw["anonymous_id"] or _kind != "valid":
             continue
@@ -128,7 +134,9 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
         if device not in owner_key:
             continue
         total += 1
-        moved += owner_key[device] in folded_on.get(raw["event_id"], ())
+        on_account = owner_key[device] in folded_on.get(raw["event_id"], ())
+        moved += on_account
+        late += not on_account and raw["event_id"] in too_late
     return IdentityReport(
         users=config.users, devices=len({row["anonymous_id"] for row in truth}), true_pairs=len(true_pairs),
         deterministic_pairs=len(deterministic), links=len(made), correct_links=len(correct), conflicts=conflicts,
@@ -136,6 +144,7 @@ def evaluate_identity(config: GeneratorConfig, out_of_orderness_ms: int = 5 * 60
         recall=len(made & deterministic) / len(deterministic) if deterministic else 1.0,
         coverage=len(correct) / len(true_pairs) if true_pairs else 1.0,
         anonymous_events=total, events_moved=moved, events_moved_share=moved / total if total else 1.0,
+        events_too_late=late,
         email_pairs=len(by_email), email_recall=len(made & by_email) / len(by_email) if by_email else 1.0)
 
 
@@ -168,7 +177,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  of the deterministic pairs, {report.email_pairs:,} are linked by e-mail only: "
               f"recall {report.email_recall:.4f}")
         print(f"  anonymous events of linked devices on the account's profile: {report.events_moved:,} of "
-              f"{report.anonymous_events:,} ({report.events_moved_share:.4f})")
+              f"{report.anonymous_events:,} ({report.events_moved_share:.4f}); of the rest, "
+              f"{report.events_too_late:,} arrived too late for any profile")
         for miss in report.misses():
             print(f"  MISSED: {miss}")
     return 1 if report.misses() else 0

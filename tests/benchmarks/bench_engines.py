@@ -37,7 +37,8 @@ application's child that resolves its flags, ``settings``), and the
 TaskManager and JobManager JVMs (their delta over the run); peak memory
 (VmHWM) of each of those processes, the largest of a role (a TaskManager's
 covers every run on that cluster). Medians of ``--repeat`` runs; ratios against the plain loop.
-Online models are off (``--disable_online_models``) unless ``--models``.
+Online models are off (``--disable_online_models``) unless ``--models``;
+identity stitching is on (the Quix peer does not stitch) unless ``--no-stitching``.
 
 For the Flink runs, also each vertex's busy and back-pressured seconds
 (Flink's task metrics, summed over its subtasks): which operator bounds the
@@ -245,6 +246,8 @@ def _flags(args, run: str, topic: str, secret_file: str) -> list[str]:
              f"--segment_changes_topic=bench-{run}.changes", f"--model_events_topic=bench-{run}.models",
              f"--redis_key_prefix=bench{run}", f"--warehouse_schema=bench_{run}", f"--secret_file={secret_file}",
              "--kafka_idle_timeout=5"]
+    if args.no_stitching:
+        flags.append("--disable_identity_stitching")
     return flags if args.models else flags + ["--disable_online_models"]
 
 
@@ -452,6 +455,8 @@ def main() -> None:
                     help="TaskManagers x slots of the cluster for flink-p2 (flink-p1 runs on 1x4): the source "
                          "and decoding take one slot per partition (4), the user stage its parallelism")
     ap.add_argument("--models", action="store_true", help="online models on (default: --disable_online_models)")
+    ap.add_argument("--no-stitching", action="store_true",
+                    help="identity stitching off (--disable_identity_stitching): what its two keyed stages cost")
     ap.add_argument("--rates", default="1000,2000,5000")
     ap.add_argument("--latency-engines", default="flink-p1,beam,quix")
     ap.add_argument("--seconds", type=float, default=60.0)
