@@ -15,9 +15,10 @@ yet) and the device's anonymous events seen before the link (``pending``).
   (``user_key`` replaced): later events that carry only the anonymous id land
   on the user.
 * An identified event carrying the device id (signup, login) goes to the
-  account as always, and yields a ``Stitch`` (a row of the warehouse's
-  ``identity_aliases``: device, account, event time, event id). The first one
-  *links* the device: the engine *releases* its pending events to the account
+  account as always. The first one *links* the device and yields a ``Stitch``
+  (a row of the warehouse's ``identity_aliases``: device, account, event time,
+  event id; a later one only when it is earlier than the link, or names
+  another account): the engine *releases* its pending events to the account
   (``stitched_copy``: re-keyed and marked ``stitched``, so the profile stage
   folds them in whatever their lateness, transforms/profile.py), clears them,
   and retires the visitor's profile (Redis: the profile and its segment
@@ -45,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
-from ..schemas.units import DAY_MS
+from ..schemas.units import DAY_MS, HOUR_MS
 
 #: ``Stitch.match``: how the device and the account were matched: an event carrying both ids, or an
 #: anonymous event of the device giving the account's e-mail address (``EmailMatcher``).
@@ -203,12 +204,20 @@ class IdentityResolver:
         if link.user_key != user_key:
             return Resolution(None, link, stitch=Stitch(device, user_key, at, event_id, match, status=CONFLICT))
         if (at, event_id) < (link.linked_at, link.event_id):
+            # An earlier identification than the one on record: the link (and its row) moves earlier.
             link = Link(user_key, at, event_id)
-        return Resolution(None, link, stitch=Stitch(device, user_key, at, event_id, match))
+            return Resolution(None, link, stitch=Stitch(device, user_key, at, event_id, match))
+        return Resolution(None, link)  # the row on record is as early or earlier
 
     def expire_at(self, newest_ms: int) -> int:
-        """Event time at which a device whose newest event is at ``newest_ms`` is forgotten."""
-        return newest_ms + self.config.ttl_ms
+        """Event time at which a device whose newest event is at ``newest_ms`` is forgotten: ``ttl_ms``
+        after the end of that event's hour, so a device's state and timer change at most once an hour."""
+        return expire_at(newest_ms, self.config.ttl_ms)
+
+
+def expire_at(newest_ms: int, ttl_ms: int) -> int:
+    """``ttl_ms`` after the end of the hour of ``newest_ms`` (the identity stages' state expiry)."""
+    return (newest_ms // HOUR_MS + 1) * HOUR_MS + ttl_ms
 
 
 def email_key(event: Any) -> Optional[str]:

@@ -92,14 +92,6 @@ class PurchaseHistory:
         else:
             self.cents += cents
 
-    def merge(self, other: "PurchaseHistory") -> None:
-        """Fold ``other`` (another profile's purchases, e.g. a stitched identity's) in."""
-        self.count += other.count
-        self.cents += other.cents
-        self.ignored += other.ignored
-        if other.last_at is not None and (self.last_at is None or other.last_at > self.last_at):
-            self.last_at = other.last_at
-
     def snapshot(self, as_of: int) -> dict:
         """The raw RFM profile fields as of ``as_of`` (event time)."""
         return {

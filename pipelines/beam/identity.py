@@ -36,6 +36,7 @@ from ...transforms.identity import (
     LinkHint,
     anonymous_key,
     email_key,
+    expire_at,
     released,
 )
 from ...transforms.metrics import PipelineMetrics
@@ -54,14 +55,14 @@ def _own_key(event) -> str:
 
 
 def _key_by_email(event):
-    address = email_key(event) if unusable(event) is None else None
+    address = email_key(event)
     return (address, event) if address is not None else (_own_key(event), event)
 
 
 def _key_by_device(element):
     if isinstance(element, LinkHint):
         return element.device, element
-    device = anonymous_key(element) if unusable(element) is None else None
+    device = anonymous_key(element)
     return (device, element) if device is not None else (_own_key(element), element)
 
 
@@ -69,17 +70,19 @@ def _counter(name: str):
     return Metrics.counter("onboardflow", name)
 
 
-def _expire_at_ms(timer, ttl_ms: int, newest: Optional[int], t: int) -> int:
-    """``t`` as the cell's newest event time (and the expiry timer moved) when it is newer."""
-    if newest is None or t > newest:
-        timer.set(Timestamp(micros=(t + ttl_ms) * 1000))
-        return t
-    return newest
+def _expiry(timer, ttl_ms: int, expires: Optional[int], t: int) -> int:
+    """The key's expiry after an event at ``t`` (``transforms.identity.expire_at``), the timer moved when
+    it moves: at most once an hour of event time per key."""
+    at = expire_at(t, ttl_ms)
+    if expires is None or at > expires:
+        timer.set(Timestamp(micros=at * 1000))
+        return at
+    return expires
 
 
 class _MatchEmailsFn(beam.DoFn):
     """(e-mail pseudonym or own key, event) in; events (annotated when a device gave an account's address)
-    and ``LinkHint``s out. The address's cell: ``(owner, devices, newest event time)``."""
+    and ``LinkHint``s out. The address's cell: ``(owner, devices, expiry)``, written when it changes."""
 
     ADDRESS = ReadModifyWriteStateSpec("address", FastPrimitivesCoder())
     EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
@@ -96,10 +99,13 @@ class _MatchEmailsFn(beam.DoFn):
         if email_key(event) != key or unusable(event) is not None:
             yield event
             return
-        owner, devices, newest = cell.read() or (None, {}, None)
+        stored = cell.read() or (None, {}, None)
+        owner, devices, expires = stored
         m = self._matcher.on_event(Link.from_primitive(owner), devices, event)
-        newest = _expire_at_ms(expire, self._config.ttl_ms, newest, event["occurred_at"])
-        cell.write((None if m.owner is None else m.owner.to_primitive(), m.devices, newest))
+        expires = _expiry(expire, self._config.ttl_ms, expires, event["occurred_at"])
+        updated = (None if m.owner is None else m.owner.to_primitive(), m.devices, expires)
+        if updated != stored:
+            cell.write(updated)
         yield m.forward
         for hint in m.hints:
             self._hints.inc()
@@ -115,9 +121,9 @@ class _ResolveFn(beam.DoFn):
     """(device or user key, event or ``LinkHint``) in; events for the profile stage out, ``Stitch`` rows
     tagged.
 
-    The device's cell holds ``(link, newest event time, events held)``: the bag
-    of held events is only read when the device links (a state read per
-    element is what costs on a portable runner)."""
+    The device's cell holds ``(link, expiry, events held)``, written when it
+    changes; the bag of held events is only read when the device links (a
+    state access per element is what costs on a portable runner)."""
 
     # The names are the state's identity in a running job: keep them.
     DEVICE = ReadModifyWriteStateSpec("device", FastPrimitivesCoder())
@@ -140,7 +146,8 @@ class _ResolveFn(beam.DoFn):
         if not hint and (anonymous_key(event) != key or unusable(event) is not None):
             yield event
             return
-        link_primitive, newest, held = cell.read() or (None, None, 0)
+        stored = cell.read() or (None, None, 0)
+        link_primitive, expires, held = stored
         link = Link.from_primitive(link_primitive)
         if hint:
             r, t = self._resolver.on_hint(link, event), event.linked_at
@@ -166,8 +173,10 @@ class _ResolveFn(beam.DoFn):
             if r.stitch.status == CONFLICT:
                 self._conflicts.inc()
             yield beam.pvalue.TaggedOutput(STITCHES, r.stitch)
-        newest = _expire_at_ms(expire, self._config.ttl_ms, newest, t)
-        cell.write((None if r.link is None else r.link.to_primitive(), newest, held))
+        expires = _expiry(expire, self._config.ttl_ms, expires, t)
+        updated = (None if r.link is None else r.link.to_primitive(), expires, held)
+        if updated != stored:
+            cell.write(updated)
 
     @on_timer(EXPIRE)
     def on_expire(self, cell=beam.DoFn.StateParam(DEVICE), pending=beam.DoFn.StateParam(PENDING)):

@@ -12,7 +12,7 @@ profile, not written to the warehouse again); ``(STITCH, device, Stitch)``
 for each identifying event (the alias row, and the visitor's retirement in
 Redis when it links). Everything else passes through. The logic is
 ``IdentityResolver`` (transforms/identity.py), as in the Beam shell
-(pipelines/beam/identity.py); the link, the newest event time and the held
+(pipelines/beam/identity.py); the link, the expiry and the held
 events are Flink keyed state, dropped at an event-time timer
 ``IdentityConfig.ttl_ms`` after the device's newest event.
 """
@@ -29,6 +29,7 @@ from ...transforms.identity import (
     Link,
     anonymous_key,
     email_key,
+    expire_at,
     released,
 )
 from ...transforms.profile import unusable
@@ -47,7 +48,7 @@ HINT = "l"
 def email_stage_key(element) -> str:
     """The e-mail stage's key of an element: the event's e-mail pseudonym, else the element's own key."""
     kind, key, payload = element
-    if kind == EVENT and unusable(payload) is None:
+    if kind == EVENT:
         address = email_key(payload)
         if address is not None:
             return address
@@ -57,27 +58,30 @@ def email_stage_key(element) -> str:
 def device_key(element) -> str:
     """The identity stage's key of an element: the event's device pseudonym, else the element's own key."""
     kind, key, payload = element
-    if kind == EVENT and unusable(payload) is None:
+    if kind == EVENT:
         device = anonymous_key(payload)
         if device is not None:
             return device
     return key
 
 
-def _newest(timers, ttl_ms: int, newest, t: int):
-    """``t`` as the newest event time of the key when it is newer, its expiry timer moved along."""
-    if newest is not None and t <= newest:
-        return newest
-    if newest is not None:
-        timers.delete_event_time_timer(newest + ttl_ms)
-    timers.register_event_time_timer(t + ttl_ms)
-    return t
+def _expiry(timers, ttl_ms: int, expires, t: int):
+    """The key's expiry after an event at ``t`` (``transforms.identity.expire_at``); its timer moved when
+    it moves: at most once an hour of event time per key."""
+    at = expire_at(t, ttl_ms)
+    if expires is not None and at <= expires:
+        return expires
+    if expires is not None:
+        timers.delete_event_time_timer(expires)
+    timers.register_event_time_timer(at)
+    return at
 
 
 class EmailStage(KeyedProcessFunction):
     """The e-mail stage (``EmailMatcher``), keyed by ``email_stage_key``: events out, annotated when an
     anonymous device gave an account's address, and ``(HINT, device, LinkHint)`` for devices that gave
-    it before the account appeared. State: ``(owner, devices, newest event time)`` per address."""
+    it before the account appeared. State: ``(owner, devices, expiry)`` per address, written when it
+    changes."""
 
     def __init__(self, settings: JobSettings):
         self._settings = settings
@@ -98,10 +102,13 @@ class EmailStage(KeyedProcessFunction):
         if kind != EVENT or unusable(event) is not None or email_key(event) is None:
             yield value
             return
-        owner, devices, newest = self._address.value() or (None, {}, None)
+        stored = self._address.value() or (None, {}, None)
+        owner, devices, expires = stored
         m = self._matcher.on_event(Link.from_primitive(owner), devices, event)
-        newest = _newest(ctx.timer_service(), self._ttl_ms, newest, event["occurred_at"])
-        self._address.update((None if m.owner is None else m.owner.to_primitive(), m.devices, newest))
+        expires = _expiry(ctx.timer_service(), self._ttl_ms, expires, event["occurred_at"])
+        updated = (None if m.owner is None else m.owner.to_primitive(), m.devices, expires)
+        if updated != stored:
+            self._address.update(updated)
         yield EVENT, key, m.forward
         for hint in m.hints:
             self._count("identity_email_hints", 1)
@@ -109,7 +116,7 @@ class EmailStage(KeyedProcessFunction):
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         stored = self._address.value()
-        if stored is not None and stored[2] + self._ttl_ms <= timestamp:
+        if stored is not None and stored[2] <= timestamp:
             self._count("identity_email_state_expired", 1)
             self._address.clear()
         yield from ()
@@ -123,7 +130,8 @@ class IdentityStage(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext):
         self._resolver = IdentityResolver(identity_config(self._settings))
-        # (link, newest event time, events held): the held events are read only when the device links.
+        # (link, expiry, events held), written when it changes; the held events are read only when the
+        # device links.
         self._device = runtime_context.get_state(ValueStateDescriptor("device", Types.PICKLED_BYTE_ARRAY()))
         self._pending = runtime_context.get_list_state(ListStateDescriptor("pending", Types.PICKLED_BYTE_ARRAY()))
         self._count = Counters(runtime_context)
@@ -135,16 +143,14 @@ class IdentityStage(KeyedProcessFunction):
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         kind, key, event = value
-        if kind == HINT:
-            stored = self._device.value()
-            link_primitive, newest, held = stored if stored is not None else (None, None, 0)
-            r, t = self._resolver.on_hint(Link.from_primitive(link_primitive), event), event.linked_at
-        elif kind != EVENT or anonymous_key(event) is None or unusable(event) is not None:
+        if kind != HINT and (kind != EVENT or anonymous_key(event) is None or unusable(event) is not None):
             yield value
             return
+        stored = self._device.value() or (None, None, 0)
+        link_primitive, expires, held = stored
+        if kind == HINT:
+            r, t = self._resolver.on_hint(Link.from_primitive(link_primitive), event), event.linked_at
         else:
-            stored = self._device.value()
-            link_primitive, newest, held = stored if stored is not None else (None, None, 0)
             link = Link.from_primitive(link_primitive)
             r, t = self._resolver.on_event(link, held, event), event["occurred_at"]
             if link is not None and not event.get("identified"):
@@ -168,12 +174,14 @@ class IdentityStage(KeyedProcessFunction):
             if r.stitch.status == CONFLICT:
                 self._count("identity_conflicts", 1)
             yield STITCH, r.stitch.anonymous_key, r.stitch
-        newest = _newest(ctx.timer_service(), self._resolver.config.ttl_ms, newest, t)
-        self._device.update((None if r.link is None else r.link.to_primitive(), newest, held))
+        expires = _expiry(ctx.timer_service(), self._resolver.config.ttl_ms, expires, t)
+        updated = (None if r.link is None else r.link.to_primitive(), expires, held)
+        if updated != stored:
+            self._device.update(updated)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         stored = self._device.value()
-        if stored is not None and self._resolver.expire_at(stored[1]) <= timestamp:
+        if stored is not None and stored[1] <= timestamp:
             self._count("identity_state_expired", 1)
             self._device.clear()
             self._pending.clear()
