@@ -25,6 +25,12 @@ yet) and the device's anonymous events seen before the link (``pending``).
   memberships removed and its later writes refused,
   transforms/profile_store/writer.py).
 
+``EmailMatcher``, keyed by the e-mail pseudonym (``email_key``), runs before
+the resolver: an anonymous event giving an address an account's identified
+events gave links its device like a signup would (``match`` "email"), and a
+device that gave it before the account appeared gets a ``LinkHint``
+(``resolver.on_hint``). ``LocalIdentities`` runs both with dict state.
+
 Why the result does not depend on arrival order: every profile state class
 is an order-independent fold of a set of events (transforms/profile.py), so
 the account's profile holds the same events whether the device's anonymous
