@@ -71,7 +71,8 @@ def test_segment_members_iterate_every_pseudonym_once_and_sizes_are_a_dict(api):
 
 def test_status_and_readiness(api):
     status = api.status()
-    assert isinstance(status, Status) and status.lag is None and set(status.models) == {"segmentation", "propensity"}
+    assert isinstance(status, Status) and status.lag is None
+    assert set(status.models) == {"segmentation", "propensity", "rfm"}
     assert api.ready()
 
 

@@ -402,9 +402,11 @@ def _redis_state(prefix: str) -> tuple[dict, dict]:
 
 @pytest.mark.flink
 def test_the_flink_job_reads_over_sasl_ssl_exactly_what_it_reads_in_plaintext(secure, produced, flink_cluster,
-                                                                              tmp_path):
+                                                                              tmp_path, assert_same_profiles):
     """The same 300 events, once from the plaintext broker and once from the secure one as the
-    pipeline user: the Flink job leaves the same profiles and segments, and no password in its logs."""
+    pipeline user: the Flink job leaves the same profiles (up to float ulps: a visitor's events released
+    to the account on identification are summed in the order they arrive) and segments, and no password
+    in its logs."""
     tag = uuid.uuid4().hex[:6]
     secret_file = write_secret(tmp_path)
     plain = Deployment(f"fsec-plain-{tag}", KAFKA_BOOTSTRAP, f"fsec-plain-{tag}.events", REDIS_URL, PG_DSN,
@@ -422,7 +424,8 @@ def test_the_flink_job_reads_over_sasl_ssl_exactly_what_it_reads_in_plaintext(se
                    f"--segment_changes_topic={SEGMENTS}", "--model_events_topic=onboarding.model-events")
         expected, got = _redis_state(plain.prefix), _redis_state(secured.prefix)
         assert len(expected[0]) >= 10
-        assert got == expected
+        assert_same_profiles(got[0], expected[0])
+        assert got[1] == expected[1]
         secure.assert_no_secret_in((tmp_path / "secured.log").read_text(errors="replace"))
         flink_logs = Path(os.environ.get("OBF_RUN_DIR", Path(__file__).resolve().parents[2] / ".run")) / "flink"
         flink_text = "".join(p.read_text(errors="replace") for p in flink_logs.rglob("*.log"))
