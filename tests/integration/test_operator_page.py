@@ -59,7 +59,7 @@ def browser():
         driver.quit()
 
 
-def _wait_text(driver, element_id: str, timeout_s: float = 15.0) -> str:
+def _wait_text(driver, element_id: str, timeout_s: float = 30.0) -> str:
     """The text of ``#element_id`` once it is not empty."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -124,7 +124,7 @@ def test_with_a_key_a_lookup_shows_the_pseudonymous_profile_and_never_the_raw_id
     _open(browser, server, key)
     _look_up(browser, USER)
     user_key = deployment.pseudonymizer().user_key(USER)
-    WebDriverWait(browser, 15).until(lambda d: user_key in d.find_element(By.ID, "profile").text)
+    WebDriverWait(browser, 30).until(lambda d: user_key in d.find_element(By.ID, "profile").text)
     assert not _text(browser, "error").strip()
 
     # The raw id is at most in the input field the operator typed it into (its value, not the DOM; the page
@@ -142,7 +142,7 @@ def test_with_a_key_a_lookup_shows_the_pseudonymous_profile_and_never_the_raw_id
     finally:
         client.close()
     assert sizes, "the seeded profiles are in segments"
-    WebDriverWait(browser, 15).until(lambda d: d.find_element(By.ID, "segments").find_elements(By.TAG_NAME, "td"))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "segments").find_elements(By.TAG_NAME, "td"))
     rows = {}
     for row in browser.find_element(By.ID, "segments").find_elements(By.TAG_NAME, "tr"):
         cells = [c.text.strip() for c in row.find_elements(By.TAG_NAME, "td")]
