@@ -45,7 +45,7 @@ Design notes: docs/identity.md.
 State size: at most ``max_pending`` held events per device (the rest still
 reach the visitor's profile, counted as ``overflow``, and are not moved on a
 link); a device's state is dropped ``ttl_ms`` of event time after its newest
-event (``expire_at``).
+event (``expire_at``, at hour granularity).
 """
 from __future__ import annotations
 
@@ -215,14 +215,10 @@ class IdentityResolver:
             return Resolution(None, link, stitch=Stitch(device, user_key, at, event_id, match))
         return Resolution(None, link)  # the row on record is as early or earlier
 
-    def expire_at(self, newest_ms: int) -> int:
-        """Event time at which a device whose newest event is at ``newest_ms`` is forgotten: ``ttl_ms``
-        after the end of that event's hour, so a device's state and timer change at most once an hour."""
-        return expire_at(newest_ms, self.config.ttl_ms)
-
 
 def expire_at(newest_ms: int, ttl_ms: int) -> int:
-    """``ttl_ms`` after the end of the hour of ``newest_ms`` (the identity stages' state expiry)."""
+    """Event time at which the identity stages forget a key whose newest event is at ``newest_ms``:
+    ``ttl_ms`` after the end of that event's hour, so a key's state and timer change at most once an hour."""
     return (newest_ms // HOUR_MS + 1) * HOUR_MS + ttl_ms
 
 
@@ -282,9 +278,9 @@ class LocalIdentities:
     (the event itself or resolved, and any released ones) and the alias rows it made. No expiry: a
     driver's run is bounded."""
 
-    def __init__(self, config: IdentityConfig = IdentityConfig(), emails: bool = True):
+    def __init__(self, config: IdentityConfig = IdentityConfig()):
         self.resolver = IdentityResolver(config)
-        self.matcher = EmailMatcher() if emails else None
+        self.matcher = EmailMatcher()
         self.links: dict[str, Optional[Link]] = {}
         self.held: dict[str, list] = {}
         self.owners: dict[str, tuple] = {}
@@ -292,7 +288,7 @@ class LocalIdentities:
     def resolve(self, event: dict) -> tuple[list[dict], list[Stitch]]:
         out: list[dict] = []
         stitches: list[Stitch] = []
-        address = email_key(event) if self.matcher is not None else None
+        address = email_key(event)
         if address is not None:
             owner, devices = self.owners.get(address, (None, {}))
             m = self.matcher.on_event(owner, devices, event)

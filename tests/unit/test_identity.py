@@ -19,11 +19,11 @@ from onboardflow.transforms.identity import (
     LINKED,
     EmailMatcher,
     IdentityConfig,
-    IdentityResolver,
     Link,
     LinkHint,
     LocalIdentities,
     anonymous_key,
+    expire_at,
     released,
 )
 from onboardflow.transforms.profile import ProfileConfig, ProfileMachine, Store
@@ -166,7 +166,7 @@ def test_events_without_a_device_id_skip_the_resolver_and_bad_settings_are_refus
         with pytest.raises(ValueError):
             IdentityConfig(max_pending=bad)
     # A day after the end of the event's hour: a device's expiry moves at most once an hour.
-    assert IdentityResolver(IdentityConfig(ttl_ms=DAY_MS)).expire_at(T0 + MINUTE_MS) == T0 + HOUR_MS + DAY_MS
+    assert expire_at(T0 + MINUTE_MS, DAY_MS) == T0 + HOUR_MS + DAY_MS
 
 
 def test_the_permutations_of_a_short_journey_all_agree():
