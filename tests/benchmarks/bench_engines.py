@@ -240,7 +240,7 @@ class Cluster:
 
 # ---- one run --------------------------------------------------------------------
 
-def _flags(args, run: str, topic: str, secret_file: str) -> list[str]:
+def _flags(kind: str, args, run: str, topic: str, secret_file: str) -> list[str]:
     flags = [f"--kafka_bootstrap_servers={args.bootstrap}", f"--kafka_topics={topic}",
              f"--kafka_consumer_group=bench-{run}", f"--dead_letter_topic=bench-{run}.dlq",
              f"--segment_changes_topic=bench-{run}.changes", f"--model_events_topic=bench-{run}.models",
@@ -248,6 +248,7 @@ def _flags(args, run: str, topic: str, secret_file: str) -> list[str]:
              "--kafka_idle_timeout=5"]
     if args.no_stitching:
         flags.append("--disable_identity_stitching")
+    flags += args.flink_flags.split() if kind.startswith("flink") and args.flink_flags else []
     return flags if args.models else flags + ["--disable_online_models"]
 
 
@@ -319,7 +320,7 @@ def _outputs(bootstrap: str, run: str, more: tuple = ()) -> None:
 def throughput_run(kind: str, args, run: str, topic: str, secret_file: str, cluster: Cluster, client) -> dict:
     """One bounded run of ``kind``; its figures (module docstring)."""
     _outputs(args.bootstrap, run)
-    flags = _flags(args, run, topic, secret_file)
+    flags = _flags(kind, args, run, topic, secret_file)
     usage = Usage(cluster.processes() if kind.startswith("flink") else {})
     log = open(Path(cluster.env["OBF_RUN_DIR"]) / f"{run}.log", "w")
     t0 = time.monotonic()
@@ -406,7 +407,7 @@ def latency_run(kind: str, rate: float, args, run: str, secret_file: str, cluste
                 secret) -> Optional[tuple[float, float]]:
     topic = f"bench-{run}.events"
     _outputs(args.bootstrap, run, ((topic, 4),))
-    flags = _flags(args, run, topic, secret_file)
+    flags = _flags(kind, args, run, topic, secret_file)
     log = open(Path(cluster.env["OBF_RUN_DIR"]) / f"{run}.log", "w")
 
     def start():
@@ -457,6 +458,8 @@ def main() -> None:
     ap.add_argument("--models", action="store_true", help="online models on (default: --disable_online_models)")
     ap.add_argument("--no-stitching", action="store_true",
                     help="identity stitching off (--disable_identity_stitching): what its two keyed stages cost")
+    ap.add_argument("--flink-flags", default="",
+                    help="extra options for the Flink contenders' job, e.g. '--state_backend=hashmap'")
     ap.add_argument("--rates", default="1000,2000,5000")
     ap.add_argument("--latency-engines", default="flink-p1,beam,quix")
     ap.add_argument("--seconds", type=float, default=60.0)

@@ -4,7 +4,9 @@ import threading
 import pytest
 
 from onboardflow.transforms.outbox.background import BackgroundRelays
+from onboardflow.transforms.outbox.kafka_target import KafkaOutboxTarget
 from onboardflow.transforms.outbox.relay import RelayReport
+from onboardflow.transforms.outbox.retry import RelayCancelled
 
 
 class FakeRelay:
@@ -16,6 +18,10 @@ class FakeRelay:
         self.threads = set()
         self.fail_rounds = set(fail_rounds)
         self.relayed = 0
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
 
     def relay(self):
         self.rounds += 1
@@ -79,3 +85,52 @@ def test_a_round_that_gave_up_is_raised_by_the_next_kick_and_later_rounds_go_on(
 
 def test_drain_without_start_returns_nothing():
     assert BackgroundRelays().drain() == ([], [])
+
+
+class StuckRelay(FakeRelay):
+    """A round that cannot finish (a deleted topic, Kafka down) until it is cancelled."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.stop = threading.Event()
+        self.started = threading.Event()
+
+    def cancel(self):
+        super().cancel()
+        self.stop.set()
+
+    def relay(self):
+        self.rounds += 1
+        self.started.set()
+        self.stop.wait(60)
+        raise RelayCancelled("cancelled")
+
+
+def test_drain_gives_up_on_a_round_that_cannot_finish_and_the_thread_ends():
+    background = BackgroundRelays()
+    relay = StuckRelay("a", background, [1])
+    background.start({"a": relay})
+    background.kick()
+    assert relay.started.wait(5)
+    thread = background._thread
+    reports, calls = background.drain(timeout_s=0.2)
+    assert relay.cancelled
+    assert reports == []  # the cancelled round reports nothing and raises nothing
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_missing_topic_is_polled_not_spun_and_cancel_ends_the_wait():
+    class NoPartitions:
+        calls = 0
+
+        def partitions_for(self, topic):
+            NoPartitions.calls += 1
+            return None
+
+    target = KafkaOutboxTarget("127.0.0.1:1", "gone")
+    target._producer = NoPartitions()
+    threading.Timer(0.5, target.cancel).start()
+    with pytest.raises(RelayCancelled):
+        target.partitions()
+    assert 2 <= NoPartitions.calls <= 5  # one request per 0.2 s, not thousands

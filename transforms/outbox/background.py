@@ -18,14 +18,30 @@ Counters come back to the caller's thread because an engine's metric
 objects may not be usable from another thread (PyFlink's, in thread mode).
 A round that fails for good (its retries spent) is raised by the next
 ``kick()`` or by ``drain()``, as an inline relay would have raised it.
+
+``drain(timeout_s)`` waits that long at most: a relay that cannot finish
+(Kafka down, a topic deleted under a stopping job) is cancelled
+(``OutboxRelay.cancel``) and ends at its next batch, wait or retry, before
+writing its cursor. What it did not relay stays in the outbox for the next
+relay of the deployment, so a bounded close loses nothing; without the
+bound a closing Flink task kept relaying for the whole retry budget after
+its job had ended (docs/reliability.md, "The outbox relay").
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Optional
 
 from .relay import OutboxRelay, RelayReport
+from .retry import RelayCancelled
+
+_LOG = logging.getLogger(__name__)
+
+#: Seconds ``drain()`` waits for the last round by default, and then for a cancelled round to end.
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+CANCEL_WAIT_S = 10.0
 
 #: A counter call the relays made: (method name, arguments).
 Deferred = tuple[str, tuple]
@@ -67,12 +83,22 @@ class BackgroundRelays:
         self._wake.set()
         return done
 
-    def drain(self) -> tuple[list[tuple[str, RelayReport]], list[Deferred]]:
-        """One last round that starts after this call, waited for; then the thread ends."""
+    def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+              ) -> tuple[list[tuple[str, RelayReport]], list[Deferred]]:
+        """One last round that starts after this call, waited for ``timeout_s`` at most (then
+        cancelled: module docstring); the thread ends."""
         if self._thread is not None:
             self._stopping = True
             self._wake.set()
-            self._thread.join()
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                _LOG.warning("outbox relays still busy %.0f s after their writer closed: cancelled; the outbox "
+                             "keeps what they did not relay for the next relay", timeout_s)
+                for relay in self._relays.values():
+                    relay.cancel()
+                self._thread.join(CANCEL_WAIT_S)
+                if self._thread.is_alive():
+                    _LOG.warning("a cancelled outbox relay is still in a call; it stops when the call returns")
             self._thread = None
         return self._collect()
 
@@ -94,6 +120,8 @@ class BackgroundRelays:
             last = self._stopping  # read before the round: a drain() during it gets one more
             try:
                 reports = [(name, relay.relay()) for name, relay in self._relays.items()]
+            except RelayCancelled:
+                return  # drain() gave up on this round and said so
             except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
                 with self._lock:
                     self._error = error

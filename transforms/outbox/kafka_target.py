@@ -7,6 +7,7 @@ from the end): what a relay after a crash must not send again.
 """
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections.abc import Sequence
@@ -14,7 +15,10 @@ from typing import Optional
 
 from ..connections import kafka_config
 from .keys import OUTBOX_HEADER, OUTBOX_ID_HEADER, OutboxRecord, parse_record_id
-from .retry import KafkaRelayError
+from .retry import KafkaRelayError, RelayCancelled
+
+#: Seconds between two metadata requests while a topic has no partitions yet (a topic being created).
+PARTITIONS_POLL_S = 0.2
 
 
 class KafkaOutboxTarget:
@@ -25,6 +29,11 @@ class KafkaOutboxTarget:
         self._delivery_timeout_ms = delivery_timeout_ms
         self._producer = None
         self._partitions: Optional[list[int]] = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop waiting for the topic's partitions (any thread): ``partitions()`` raises ``RelayCancelled``."""
+        self._cancelled.set()
 
     @property
     def producer(self):
@@ -40,12 +49,16 @@ class KafkaOutboxTarget:
 
     def partitions(self) -> list[int]:
         if self._partitions is None:
-            found = None
             deadline = time.monotonic() + 60
+            found = self.producer.partitions_for(self.topic)
             while not found:
-                found = self.producer.partitions_for(self.topic)
-                if not found and time.monotonic() > deadline:
+                # A missing topic answers at once: poll, do not spin (a deleted topic once kept
+                # two relay threads at half a core each for the whole retry budget).
+                if self._cancelled.wait(PARTITIONS_POLL_S):
+                    raise RelayCancelled(f"topic {self.topic!r}: cancelled while waiting for its partitions")
+                if time.monotonic() > deadline:
                     raise KafkaRelayError(f"topic {self.topic!r} has no partitions")
+                found = self.producer.partitions_for(self.topic)
             self._partitions = sorted(found)
         return self._partitions
 

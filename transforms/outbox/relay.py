@@ -30,7 +30,7 @@ import redis
 
 from .kafka_target import KafkaOutboxTarget
 from .keys import Converted, OutboxKeys, parse_record_id
-from .retry import KafkaRelayError, LostLease, retry_transient
+from .retry import KafkaRelayError, LostLease, RelayCancelled, retry_transient
 
 _LOG = logging.getLogger(__name__)
 
@@ -99,6 +99,18 @@ class OutboxRelay:
         self._release = client.register_script(_RELEASE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self.stream_key = keys.stream(name)
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Give up (any thread): the round in progress stops at its next batch, wait or retry with
+        ``RelayCancelled``, before writing its cursor; the outbox keeps what it did not relay."""
+        self._cancelled.set()
+        if self._kafka is not None:
+            self._kafka.cancel()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise RelayCancelled(f"outbox {self.name}: relay cancelled")
 
     # -- lock ------------------------------------------------------------------
 
@@ -108,7 +120,8 @@ class OutboxRelay:
         while not self._client.set(self._keys.lock(self.name), token, nx=True, px=self._lease_ms):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"outbox {self.name}: lock still held by another relay after {self._lock_wait_s} s")
-            time.sleep(0.05)
+            if self._cancelled.wait(0.05):
+                self._check_cancelled()
         return token
 
     def _fenced(self, token: str, step: str, last: str, ids: Sequence[str] = ()) -> None:
@@ -124,6 +137,7 @@ class OutboxRelay:
                                on_error=self._reset_kafka, log=_LOG)
 
     def _reset_kafka(self) -> None:
+        self._check_cancelled()  # not transient: the retries end here
         if self._kafka is not None:
             self._kafka.close()  # a producer made while the broker was down is not reused
 
@@ -147,6 +161,7 @@ class OutboxRelay:
         try:
             total = RelayReport()
             while True:
+                self._check_cancelled()
                 report = self._batch(token)
                 if report is None:
                     return total

@@ -23,6 +23,10 @@ class KafkaRelayError(RuntimeError):
     """Kafka did not take a relay's records; the outbox keeps them for the next relay."""
 
 
+class RelayCancelled(RuntimeError):
+    """The relay was cancelled (its writer closed and stopped waiting): the outbox keeps what is left."""
+
+
 class LostLease(RuntimeError):
     """Another relay took the stream's lock: this one stops before writing its cursor."""
 
