@@ -36,6 +36,7 @@ from ...transforms.profile import unusable
 from ..configuration import identity_config
 from .metrics import Counters
 from .settings import JobSettings
+from .state_cache import DEFAULT_SIZE, StateCache
 from .users import EVENT, RELEASED, STITCH
 
 STAGE_COUNTERS = ("identity_links", "identity_conflicts", "identity_events_released", "identity_events_rekeyed",
@@ -90,6 +91,7 @@ class EmailStage(KeyedProcessFunction):
         self._matcher = EmailMatcher()
         self._ttl_ms = identity_config(self._settings).ttl_ms
         self._address = runtime_context.get_state(ValueStateDescriptor("address", Types.PICKLED_BYTE_ARRAY()))
+        self._cache = StateCache(self._settings.get("state_cache_size") or DEFAULT_SIZE)
         self._count = Counters(runtime_context)
         self._count.register(*EMAIL_COUNTERS)
 
@@ -102,23 +104,27 @@ class EmailStage(KeyedProcessFunction):
         if kind != EVENT or unusable(event) is not None or email_key(event) is None:
             yield value
             return
-        stored = self._address.value() or (None, {}, None)
+        address = email_stage_key(value)  # the current key, without a call into the JVM
+        stored = self._cache.read(address, self._address.value) or (None, {}, None)
         owner, devices, expires = stored
         m = self._matcher.on_event(Link.from_primitive(owner), devices, event)
         expires = _expiry(ctx.timer_service(), self._ttl_ms, expires, event["occurred_at"])
         updated = (None if m.owner is None else m.owner.to_primitive(), m.devices, expires)
         if updated != stored:
             self._address.update(updated)
+            self._cache.put(address, updated)
         yield EVENT, key, m.forward
         for hint in m.hints:
             self._count("identity_email_hints", 1)
             yield HINT, hint.device, hint
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
-        stored = self._address.value()
+        address = ctx.get_current_key()
+        stored = self._cache.read(address, self._address.value)
         if stored is not None and stored[2] <= timestamp:
             self._count("identity_email_state_expired", 1)
             self._address.clear()
+            self._cache.put(address, None)
         yield from ()
 
 
@@ -134,6 +140,7 @@ class IdentityStage(KeyedProcessFunction):
         # device links.
         self._device = runtime_context.get_state(ValueStateDescriptor("device", Types.PICKLED_BYTE_ARRAY()))
         self._pending = runtime_context.get_list_state(ListStateDescriptor("pending", Types.PICKLED_BYTE_ARRAY()))
+        self._cache = StateCache(self._settings.get("state_cache_size") or DEFAULT_SIZE)
         self._count = Counters(runtime_context)
         self._count.register(*STAGE_COUNTERS)
 
@@ -146,7 +153,8 @@ class IdentityStage(KeyedProcessFunction):
         if kind != HINT and (kind != EVENT or anonymous_key(event) is None or unusable(event) is not None):
             yield value
             return
-        stored = self._device.value() or (None, None, 0)
+        device = device_key(value)  # the current key, without a call into the JVM
+        stored = self._cache.read(device, self._device.value) or (None, None, 0)
         link_primitive, expires, held = stored
         if kind == HINT:
             r, t = self._resolver.on_hint(Link.from_primitive(link_primitive), event), event.linked_at
@@ -178,11 +186,14 @@ class IdentityStage(KeyedProcessFunction):
         updated = (None if r.link is None else r.link.to_primitive(), expires, held)
         if updated != stored:
             self._device.update(updated)
+            self._cache.put(device, updated)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
-        stored = self._device.value()
+        device = ctx.get_current_key()
+        stored = self._cache.read(device, self._device.value)
         if stored is not None and stored[1] <= timestamp:
             self._count("identity_state_expired", 1)
             self._device.clear()
             self._pending.clear()
+            self._cache.put(device, None)
         yield from ()

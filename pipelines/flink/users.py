@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import Iterator, Optional
 
 from pyflink.common.typeinfo import Types
@@ -79,6 +78,7 @@ from ...transforms.progress import next_watermark_probe
 from ..configuration import load_experiments, load_rules, profile_config
 from .metrics import Counters, flink_pipeline_metrics
 from .settings import JobSettings, horizon
+from .state_cache import DEFAULT_SIZE, StateCache
 from .store import DEAD_LETTERS, EVENTS, IDENTITY_ALIASES, LATE_EVENTS, RETIREMENTS, StoreChain, dead_letter_row
 
 _LOG = logging.getLogger(__name__)
@@ -136,8 +136,7 @@ class UserStage(KeyedProcessFunction):
         # Users whose profile goes out at the next flush: the live state objects.
         self._dirty: dict[str, UserProfileState] = {}
         # Decoded states of recently seen users (``_read``), and the confirm tick's keys.
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = int(s.get("state_cache_size") or 50_000)
+        self._cache = StateCache(s.get("state_cache_size") or DEFAULT_SIZE)
         self._tick, self._ticked = -1, set()
         # Users with pending work in the buffer, and those flushed since this process started.
         self._buffered: set[str] = set()
@@ -162,21 +161,14 @@ class UserStage(KeyedProcessFunction):
                 _LOG.info("onboardflow user stage of job %s, subtask %d: %d erased user state(s) cleared "
                           "(one per event or timer)", self._settings.job_name, self._subtask, self._erased_cleared)
 
-    # -- elements ----------------------------------------------------------------
-
     # -- the user's state: Flink's cell, behind a cache of decoded states -------------
 
     def _read(self, key: str) -> tuple:
-        """(primitive, dirty, queued, decoded state or None) of ``key``.
+        """(primitive, dirty, queued, decoded state or None) of ``key``, through the subtask's
+        ``StateCache`` (a hit skips the cell read and the decoding)."""
+        return self._cache.read(key, lambda: self._load(key))
 
-        Only this function instance writes its keys' state, and a restore makes a
-        new instance, so a cached entry is the cell's value: a hit skips the
-        cell read and the decoding.
-        """
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
+    def _load(self, key: str) -> tuple:
         stored = self._cell.value()
         primitive, dirty, queued = stored if stored is not None else (None, False, False)
         state = self._machine.load(primitive) if primitive is not None else None
@@ -196,10 +188,7 @@ class UserStage(KeyedProcessFunction):
 
     def _write(self, key: str, primitive, dirty: bool, queued, state) -> None:
         self._cell.update((primitive, dirty, queued))
-        self._cache[key] = (primitive, dirty, queued, state if primitive is not None else None)
-        self._cache.move_to_end(key)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache.put(key, (primitive, dirty, queued, state if primitive is not None else None))
 
     def _confirm_at_next_tick(self, key: str, timers) -> None:
         """A processing-time confirm timer for ``key`` at the next tick (once per key and tick)."""
