@@ -51,6 +51,11 @@ the Quix application (streaming, stopped by SIGINT).
 
     python tests/benchmarks/bench_engines.py [--events 200000] [--repeat 3] [--rates 1000,2000,5000]
         [--contenders loop,quix,flink-p1,flink-p2,beam] [--skip-latency] [--models]
+        [--latency-engines flink-p1,flink-p2,beam,quix] [--flink-flags=--state_backend=hashmap ...]
+
+``--flink-flags`` passes job options to the Flink contenders only (one
+string, given as ``--flink-flags=...``), to compare a setting against the
+other contenders in the same run.
 
 Needs the local services, the Flink install (runners/flink/flink.sh install)
 and the Quix virtualenv (tests/benchmarks/quix_venv.sh install); ``make
