@@ -38,6 +38,8 @@ import dataclasses
 import logging
 import os
 import re
+import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -299,16 +301,42 @@ def _watch_kafka_refusals() -> None:
             logging.getLogger(name).addFilter(_HIDE_PASSWORD)
 
 
-def kafka_refusal(exc: BaseException, within_s: float = 600.0) -> Optional[KafkaRefusedError]:
+def kafka_refusal(exc: BaseException, within_s: float = 600.0, since: Optional[float] = None,
+                  bootstrap: Optional[str] = None) -> Optional[KafkaRefusedError]:
     """A ``KafkaRefusedError`` naming why ``exc`` (a bootstrap timeout, no broker available) happened, if a
-    security refusal was logged in the last ``within_s`` seconds; else None."""
-    if _REFUSALS.last is None or isinstance(exc, KafkaRefusedError):
-        return exc if isinstance(exc, KafkaRefusedError) else None
+    security refusal was logged in the last ``within_s`` seconds (and at or after ``since``, a
+    ``time.monotonic()`` taken when the failed client started: another client's refusal is not this
+    one's); else, for a plaintext ``bootstrap`` whose first server completes a TLS handshake, that
+    it is a TLS listener (the broker may close the connection before kafka-python logs why); else None."""
+    if isinstance(exc, KafkaRefusedError):
+        return exc
     name = type(exc).__name__
     if name not in ("KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionError"):
         return None
-    when, message = _REFUSALS.last
-    return KafkaRefusedError(message) if time.monotonic() - when <= within_s else None
+    if _REFUSALS.last is not None:
+        when, message = _REFUSALS.last
+        if time.monotonic() - when <= within_s and (since is None or when >= since):
+            return KafkaRefusedError(message)
+    if bootstrap is not None and not kafka_is_secured(bootstrap):
+        server = bootstrap.split(",")[0].strip()
+        if speaks_tls(server):
+            return KafkaRefusedError(f"Kafka answered in TLS to a plaintext client (TLS handshake on {server}): "
+                                     "use sasl_ssl:// with its CA (docs/security.md)")
+    return None
+
+
+def speaks_tls(server: str, timeout_s: float = 3.0) -> bool:
+    """True when ``host:port`` completes a TLS handshake (its certificate not checked: only the protocol is)."""
+    host, _, port = server.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]") or None):
+                return True
+    except (OSError, ValueError):
+        return False
 
 
 def kafka_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:

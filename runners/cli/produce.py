@@ -174,19 +174,20 @@ def produce(messages: Iterable[GeneratedMessage], bootstrap_servers: str = DEFAU
             stats.failed[kind] += 1
             stats.errors[type(exc).__name__] += 1
 
+    started = time.monotonic()  # refusals logged before this are another client's
     try:
         producer = KafkaProducer(**kafka_config(bootstrap_servers, **{**producer_settings(),
                                                                       **dict(producer_config or {})}))
     except KafkaError as exc:
         # A refused login or certificate surfaces as a bootstrap timeout: name the reason.
-        raise (kafka_refusal(exc) or exc) from None
+        raise (kafka_refusal(exc, since=started, bootstrap=bootstrap_servers) or exc) from None
     try:
         # Fetch the topic's metadata now, so the first send does not stall the
         # pacing (and a missing topic fails here, once).
         producer.partitions_for(topic)
     except BaseException as exc:
         producer.close(timeout=5)
-        refusal = kafka_refusal(exc)
+        refusal = kafka_refusal(exc, since=started, bootstrap=bootstrap_servers)
         if refusal is not None:
             raise refusal from None
         raise

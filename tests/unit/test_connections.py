@@ -121,3 +121,27 @@ def test_a_logged_security_refusal_explains_a_bootstrap_timeout():
     assert str(refusal).startswith("Kafka refused the credentials: Authentication failed during authentication")
     assert kafka_refusal(TopicAuthorizationFailedError("t")) is None
     assert kafka_refusal(ValueError("x")) is None
+
+
+def test_a_refusal_logged_before_the_client_started_is_not_its_reason():
+    import socket
+    import time
+
+    from kafka.errors import KafkaTimeoutError
+
+    from onboardflow.transforms.connections import speaks_tls
+
+    kafka_config("127.0.0.1:9092")
+    logging.getLogger("kafka.net.manager").error(
+        "Connection failed: KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+        "verify failed: unable to get local issuer certificate (_ssl.c:1006)")
+    started = time.monotonic()
+    # A plain TCP listener that speaks no TLS: no stale certificate message, no TLS diagnosis.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        server = "127.0.0.1:%d" % listener.getsockname()[1]
+        assert not speaks_tls(server, timeout_s=0.5)
+        assert kafka_refusal(KafkaTimeoutError("Unable to bootstrap"), since=started, bootstrap=server) is None
+    # Without ``since`` the window alone decides, as before.
+    assert "certificate was not verified" in str(kafka_refusal(KafkaTimeoutError("Unable to bootstrap")))
