@@ -133,7 +133,7 @@ def build(p: beam.Pipeline, options: PipelineOptions, secret: Optional[SecretKey
     # Once per source coordinate into the dead-letter outbox, relayed below:
     # a replay re-publishes none (docs/reliability.md).
     recorded_letters = dead_letters | "RecordDeadLetters" >> RecordDeadLetters(
-        opts.redis_url, opts.redis_key_prefix, decoder.encode_dead_letter)
+        opts.redis_url, opts.redis_key_prefix, decoder.encode_dead_letter, metrics=metrics)
 
     anonymized = (
         read.events

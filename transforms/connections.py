@@ -38,8 +38,6 @@ import dataclasses
 import logging
 import os
 import re
-import socket
-import ssl
 import time
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -251,22 +249,30 @@ class _KafkaRefusals(logging.Handler):
          "Kafka's certificate was not verified: {0} (name the CA with ssl_cafile=, docs/security.md)"),
         (re.compile(r"(Invalid frame length: \d+)"),
          "Kafka answered in TLS to a plaintext client ({0}): use sasl_ssl:// with its CA (docs/security.md)"),
+        (re.compile(r"UnsupportedSaslMechanismError: ([^\n]*)"),
+         "Kafka refused the SASL mechanism: {0} (set sasl_mechanism=, docs/security.md)"),
     )
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.last: Optional[tuple[float, str]] = None
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a log record must never break the client
-            return
-        for pattern, message in self.PATTERNS:
+    @classmethod
+    def word(cls, text: str) -> Optional[str]:
+        """The refusal ``text`` (a kafka-python log line, or the login probe's answer) reports, in our words."""
+        for pattern, message in cls.PATTERNS:
             found = pattern.search(text)
             if found:
-                self.last = (time.monotonic(), message.format(found.group(1).strip()))
-                return
+                return message.format(found.group(1).strip())
+        return None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            worded = self.word(record.getMessage())
+        except Exception:  # noqa: BLE001 - a log record must never break the client
+            return
+        if worded is not None:
+            self.last = (time.monotonic(), worded)
 
 
 _REFUSALS = _KafkaRefusals()
@@ -303,11 +309,15 @@ def _watch_kafka_refusals() -> None:
 
 def kafka_refusal(exc: BaseException, within_s: float = 600.0, since: Optional[float] = None,
                   bootstrap: Optional[str] = None) -> Optional[KafkaRefusedError]:
-    """A ``KafkaRefusedError`` naming why ``exc`` (a bootstrap timeout, no broker available) happened, if a
-    security refusal was logged in the last ``within_s`` seconds (and at or after ``since``, a
-    ``time.monotonic()`` taken when the failed client started: another client's refusal is not this
-    one's); else, for a plaintext ``bootstrap`` whose first server completes a TLS handshake, that
-    it is a TLS listener (the broker may close the connection before kafka-python logs why); else None."""
+    """A ``KafkaRefusedError`` naming why ``exc`` (a bootstrap timeout, no broker available) happened, or None.
+
+    In order: a security refusal kafka-python logged in the last ``within_s`` seconds (and at or
+    after ``since``, a ``time.monotonic()`` taken when the failed client started: another client's
+    refusal is not this one's); else, when ``bootstrap`` is given, the broker's own answer: for a
+    secured setting its refusal of the same TLS and SASL login replayed on one socket
+    (transforms/kafka_login.py), for a plaintext one that its first server completes a TLS
+    handshake (a TLS listener). The log alone is not enough: a broker that refuses closes at once,
+    and a busy client may see only the close."""
     if isinstance(exc, KafkaRefusedError):
         return exc
     name = type(exc).__name__
@@ -317,26 +327,19 @@ def kafka_refusal(exc: BaseException, within_s: float = 600.0, since: Optional[f
         when, message = _REFUSALS.last
         if time.monotonic() - when <= within_s and (since is None or when >= since):
             return KafkaRefusedError(message)
-    if bootstrap is not None and not kafka_is_secured(bootstrap):
-        server = bootstrap.split(",")[0].strip()
-        if speaks_tls(server):
-            return KafkaRefusedError(f"Kafka answered in TLS to a plaintext client (TLS handshake on {server}): "
-                                     "use sasl_ssl:// with its CA (docs/security.md)")
+    if bootstrap is None:
+        return None
+    from .kafka_login import login_refusal, speaks_tls
+
+    if kafka_is_secured(bootstrap):
+        answer = login_refusal(bootstrap)
+        worded = _KafkaRefusals.word(answer) if answer else None
+        return KafkaRefusedError(worded) if worded else None
+    server = bootstrap.split(",")[0].strip()
+    if speaks_tls(server):
+        return KafkaRefusedError(f"Kafka answered in TLS to a plaintext client (TLS handshake on {server}): "
+                                 "use sasl_ssl:// with its CA (docs/security.md)")
     return None
-
-
-def speaks_tls(server: str, timeout_s: float = 3.0) -> bool:
-    """True when ``host:port`` completes a TLS handshake (its certificate not checked: only the protocol is)."""
-    host, _, port = server.rpartition(":")
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as raw:
-            with context.wrap_socket(raw, server_hostname=host.strip("[]") or None):
-                return True
-    except (OSError, ValueError):
-        return False
 
 
 def kafka_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:

@@ -38,14 +38,18 @@ METRICS_NAMESPACE = "onboardflow"
 
 
 class _RecordDeadLettersFn(beam.DoFn):
-    def __init__(self, redis_url: str, key_prefix: str, encode, retry_s: float):
+    def __init__(self, redis_url: str, key_prefix: str, encode, retry_s: float,
+                 metrics: Optional[PipelineMetrics]):
         self._redis_url, self._key_prefix, self._encode, self._retry_s = redis_url, key_prefix, encode, retry_s
+        self._metrics = metrics or beam_pipeline_metrics(prometheus=False)
         self._recorded = Metrics.counter(METRICS_NAMESPACE, "dead_letters_recorded")
         self._again = Metrics.counter(METRICS_NAMESPACE, "dead_letters_already_recorded")
 
     def setup(self):
+        self._metrics.setup()
         self._client = redis_client(self._redis_url, socket_timeout=30, socket_connect_timeout=10)
-        self._outbox = DeadLetterOutbox(self._client, OutboxKeys(self._key_prefix), self._retry_s)
+        self._outbox = DeadLetterOutbox(self._client, OutboxKeys(self._key_prefix), self._retry_s,
+                                        on_redis_error=self._metrics.redis_error)
 
     def process(self, letter):
         # One round trip per letter: dead letters are rare, and the trigger
@@ -68,9 +72,10 @@ class RecordDeadLetters(beam.PTransform):
     ``encode`` maps a letter to its framed Avro value (``OnboardingEventDecoder.encode_dead_letter``).
     """
 
-    def __init__(self, redis_url: str, key_prefix: str, encode, retry_s: float = 300.0):
+    def __init__(self, redis_url: str, key_prefix: str, encode, retry_s: float = 300.0,
+                 metrics: Optional[PipelineMetrics] = None):
         super().__init__()
-        self._fn = _RecordDeadLettersFn(redis_url, key_prefix, encode, retry_s)
+        self._fn = _RecordDeadLettersFn(redis_url, key_prefix, encode, retry_s, metrics)
 
     def expand(self, letters):
         return letters | "RecordInOutbox" >> beam.ParDo(self._fn)
@@ -88,7 +93,8 @@ class _RelayOutboxesFn(beam.DoFn):
     def setup(self):
         self._metrics.setup()
         self._relays = make_relays(self._settings, on_warehouse_retry=self._metrics.warehouse_error,
-                                   count=functools.partial(beam_counter, METRICS_NAMESPACE))
+                                   count=functools.partial(beam_counter, METRICS_NAMESPACE),
+                                   on_redis_error=self._metrics.redis_error)
 
     def start_bundle(self):
         self._due: set[str] = set()

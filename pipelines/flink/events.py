@@ -69,7 +69,8 @@ class DecodeAndAnonymize(ProcessFunction):
         self._count = Counters(runtime_context)
         self._metrics = flink_pipeline_metrics(self._count, s)
         self._client = redis_client(s.redis_url, socket_timeout=30, socket_connect_timeout=10)
-        self._outbox = DeadLetterOutbox(self._client, OutboxKeys(s.redis_key_prefix))
+        self._outbox = DeadLetterOutbox(self._client, OutboxKeys(s.redis_key_prefix),
+                                        on_redis_error=self._metrics.redis_error)
         self._newest: dict[tuple, int] = {}
         self._seen = 0
         self._idle_s = float(s.get("kafka_idle_timeout") or 0)

@@ -131,7 +131,8 @@ class StoreChain:
         self._relays = make_relays(
             RelaySettings(s.redis_url, s.redis_key_prefix, s.kafka_bootstrap_servers, s.segment_changes_topic,
                           s.dead_letter_topic, s.warehouse_dsn, s.warehouse_schema, self._rules, s.registry_url),
-            on_warehouse_retry=self._background.warehouse_retry, count=self._background.count)
+            on_warehouse_retry=self._background.warehouse_retry, count=self._background.count,
+            on_redis_error=self._background.redis_error)
         self._background.start(self._relays)
 
     def close(self) -> None:
@@ -198,8 +199,10 @@ class StoreChain:
 
     def _relayed(self, reports: list, calls: list) -> None:
         """Count what finished relay rounds did (``BackgroundRelays``), in this thread."""
+        replay = {"count": self._count, "warehouse_retry": self._metrics.warehouse_error,
+                  "redis_error": self._metrics.redis_error}
         for method, args in calls:
-            (self._count if method == "count" else self._metrics.warehouse_error)(*args)
+            replay[method](*args)
         for name, report in reports:
             self._count("outbox_entries_relayed", report.entries)
             self._count("outbox_records_sent", report.records)

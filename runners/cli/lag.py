@@ -255,11 +255,11 @@ class ProgressReader:
             client.close()
 
 
-def _reason(error: BaseException) -> str:
+def _reason(error: BaseException, bootstrap: Optional[str] = None) -> str:
     # Types and broker-side messages only: no record content ever reaches here.
     from ...transforms.connections import kafka_refusal
 
-    error = kafka_refusal(error) or error  # a refused login or certificate, named
+    error = kafka_refusal(error, bootstrap=bootstrap) or error  # a refused login or certificate, named
     name, text = type(error).__name__, str(error).strip()
     if not text:
         return name
@@ -277,7 +277,7 @@ def read_lag(
     try:
         report.partitions = kafka.read()
     except Exception as error:  # noqa: BLE001 - an unreachable Kafka is a reading, not a crash
-        report.kafka_error = _reason(error)
+        report.kafka_error = _reason(error, kafka.bootstrap_servers)
     if progress is not None:
         try:
             report.progress = progress.read()

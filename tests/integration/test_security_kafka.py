@@ -311,6 +311,29 @@ def test_without_the_ca_or_in_plaintext_the_tls_port_is_refused_with_a_clear_err
     secure.assert_no_secret_in(caplog.text)
 
 
+def test_the_login_probe_reads_the_brokers_own_refusal_and_accepts_the_right_login(secure, tmp_path):
+    """What ``kafka_refusal`` falls back on when kafka-python logged no reason (transforms/kafka_login.py)."""
+    from onboardflow.transforms.kafka_login import login_refusal
+
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("wrong-" + "z" * 40)
+    refused = login_refusal(secure.with_password_file(wrong))
+    assert refused and refused.startswith("SaslAuthenticationFailedError: Authentication failed") \
+        and "invalid credentials with SASL mechanism SCRAM-SHA-512" in refused, refused
+    for bootstrap in (secure.pipeline, secure.app, secure.producer):  # each user's own login is accepted
+        assert login_refusal(bootstrap) is None
+    unverified = login_refusal(secure.pipeline.replace(f"ssl_cafile={secure.ca}&", ""))
+    assert unverified and "CERTIFICATE_VERIFY_FAILED" in unverified, unverified
+    for text in (refused, unverified):
+        assert wrong.read_text() not in text
+        secure.assert_no_secret_in(text)
+    # The diagnosis a failed client gets from it, with no refusal logged meanwhile:
+    from kafka.errors import KafkaTimeoutError
+    diagnosis = kafka_refusal(KafkaTimeoutError("Unable to bootstrap"), since=time.monotonic(),
+                              bootstrap=secure.with_password_file(wrong))
+    assert "Kafka refused the credentials: Authentication failed" in str(diagnosis)
+
+
 def test_a_password_in_the_url_or_an_unknown_parameter_is_refused_before_connecting(secure):
     host = secure.pipeline.split("@", 1)[1].split("?")[0]
     with pytest.raises(ValueError, match="password_file= or password_env=") as err:

@@ -129,7 +129,7 @@ def test_a_refusal_logged_before_the_client_started_is_not_its_reason():
 
     from kafka.errors import KafkaTimeoutError
 
-    from onboardflow.transforms.connections import speaks_tls
+    from onboardflow.transforms.kafka_login import speaks_tls
 
     kafka_config("127.0.0.1:9092")
     logging.getLogger("kafka.net.manager").error(

@@ -102,3 +102,64 @@ def test_relays_take_the_pipelines_rule_set_through_a_pickle_and_count_warehouse
     assert settings.rules.version == rules.version != RuleSet.load(DEFAULT_RULES_PATH).version
     relays[SEGMENT_CHANGES]._warehouse.retried(ConnectionError("restart"))
     assert counts == [("warehouse_retries", 1)]
+
+
+def _closed_port_client():
+    import socket
+
+    import redis
+
+    with socket.socket() as probe:  # a port nothing listens on: every call is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+
+
+def test_a_relay_that_cannot_reach_redis_says_redis_is_away_and_counts_each_failed_attempt(caplog):
+    import logging
+
+    import pytest
+    import redis
+
+    from onboardflow.transforms.outbox.keys import PROFILE_SNAPSHOTS
+    from onboardflow.transforms.outbox.relay import OutboxRelay
+
+    errors = []
+    relay = OutboxRelay(_closed_port_client(), OutboxKeys("obf"), PROFILE_SNAPSHOTS, lambda *_: None,
+                        redis_retry_s=0.25, on_redis_error=errors.append)
+    with caplog.at_level(logging.WARNING, logger="onboardflow.transforms.outbox"), \
+            pytest.raises(redis.exceptions.ConnectionError):
+        relay.relay()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries and all("outbox profile-snapshots failed" in m and "Redis unavailable (ConnectionError)" in m
+                           for m in retries)
+    assert errors == ["outbox_relay"] * (len(retries) + 1)  # the attempt that gave up counts too
+
+
+def test_the_dead_letter_outbox_counts_each_attempt_redis_refused():
+    import pytest
+    import redis
+
+    from onboardflow.transforms.outbox.dead_letters import DeadLetterOutbox
+
+    errors = []
+    outbox = DeadLetterOutbox(_closed_port_client(), OutboxKeys("obf"), retry_s=0.25, on_redis_error=errors.append)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        outbox.write([("t/0/1", None, b"raw")])
+    assert len(errors) >= 2 and set(errors) == {"dead_letter_outbox"}
+
+
+def test_an_outage_is_worded_by_the_service_that_is_away_never_by_the_errors_text():
+    import redis
+    from kafka.errors import KafkaTimeoutError
+
+    from onboardflow.transforms.outbox.retry import KafkaRelayError, LostLease, outage
+
+    assert outage(redis.exceptions.ConnectionError("user alice@example.com")) == "Redis unavailable (ConnectionError)"
+    assert outage(KafkaTimeoutError()) == "Kafka unavailable (KafkaTimeoutError)"
+    assert outage(KafkaRelayError("3 records not acknowledged")) == "Kafka unavailable (KafkaRelayError)"
+    assert outage(LostLease("x")) == "relay lease lost to another relay"
+    assert outage(ValueError("a row")) == "ValueError"

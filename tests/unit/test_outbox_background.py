@@ -64,6 +64,13 @@ def test_counter_calls_come_back_to_the_caller_in_order():
     assert calls == [("count", ("warehouse_retries", 1))]
 
 
+def test_redis_errors_and_warehouse_retries_are_deferred_to_the_caller_too():
+    background = BackgroundRelays()
+    background.redis_error("outbox_relay")
+    background.warehouse_retry("profile_snapshots")
+    assert background.kick() == ([], [("redis_error", ("outbox_relay",)), ("warehouse_retry", ("profile_snapshots",))])
+
+
 def test_a_round_that_gave_up_is_raised_by_the_next_kick_and_later_rounds_go_on():
     background = BackgroundRelays()
     written = [3]

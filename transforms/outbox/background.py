@@ -5,7 +5,7 @@ them their outbox entries, are in Redis by then). Out: a relay round of
 every stream (``OutboxRelay.relay``) in the background, and, at the next
 ``kick()`` or at ``drain()``, what the finished rounds did: their
 ``RelayReport``s and the counter calls the relays made meanwhile
-(``count``, ``warehouse_retry``), to be applied by the caller's thread.
+(``count``, ``warehouse_retry``, ``redis_error``), to be applied by the caller's thread.
 
 Why: a relay round is Redis reads, a warehouse transaction and Kafka sends
 waited for; run inline it stalls the writer, which in the Flink job is the
@@ -69,6 +69,10 @@ class BackgroundRelays:
     def warehouse_retry(self, table: str) -> None:
         with self._lock:
             self._calls.append(("warehouse_retry", (table,)))
+
+    def redis_error(self, operation: str) -> None:
+        with self._lock:
+            self._calls.append(("redis_error", (operation,)))
 
     # -- the caller's side ----------------------------------------------------------
 

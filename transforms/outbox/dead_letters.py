@@ -7,7 +7,7 @@ nothing. The relay (``relay.py``) publishes the stream to the DLQ topic.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import redis
@@ -17,6 +17,9 @@ from .retry import retry_transient
 
 # KEYS[1] the set of recorded ids, KEYS[2] the dead-letter stream.
 # ARGV: [1] id, [2] framed Avro value, [3] raw key ('' when none), [4] '1' if there is a key.
+#: the ``operation`` label of its Redis errors in ``onboardflow_redis_errors_total``
+REDIS_OPERATION = "dead_letter_outbox"
+
 RECORD_DEAD_LETTER_LUA = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'v', ARGV[2], 'k', ARGV[3], 'hk', ARGV[4])
@@ -39,11 +42,15 @@ def dead_letter_id(letter: dict) -> str:
 class DeadLetterOutbox:
     """Records dead letters in the outbox once per id (``write(batch)``).
 
-    Transient Redis errors are retried for up to ``retry_s`` seconds, then raised.
+    Transient Redis errors are retried for up to ``retry_s`` seconds, then raised;
+    ``on_redis_error(operation)`` (operation ``"dead_letter_outbox"``) is called
+    after every failed attempt: the ``onboardflow_redis_errors_total`` counter.
     """
 
-    def __init__(self, client: redis.Redis, keys: OutboxKeys, retry_s: float = 300.0):
+    def __init__(self, client: redis.Redis, keys: OutboxKeys, retry_s: float = 300.0,
+                 on_redis_error: Optional[Callable[[str], None]] = None):
         self._client, self._keys, self._retry_s = client, keys, retry_s
+        self._on_error = None if on_redis_error is None else (lambda _error: on_redis_error(REDIS_OPERATION))
         self._script = client.register_script(RECORD_DEAD_LETTER_LUA)
 
     def write(self, batch: Sequence[tuple[str, Optional[bytes], bytes]]) -> int:
@@ -56,4 +63,4 @@ class DeadLetterOutbox:
                 self._script(keys=[self._keys.dead_letter_ids, self._keys.stream(DEAD_LETTERS)],
                              args=[letter_id, value, key or b"", "1" if key is not None else "0"], client=pipe)
             return sum(int(r) for r in pipe.execute())
-        return retry_transient(once, self._retry_s, "dead-letter outbox")
+        return retry_transient(once, self._retry_s, "dead-letter outbox", on_error=self._on_error)

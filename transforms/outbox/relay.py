@@ -39,6 +39,8 @@ DEFAULT_BATCH_SIZE = 500
 #: killed relay's lock is free again within this long
 DEFAULT_LEASE_MS = 10_000
 DEFAULT_LOCK_WAIT_S = 300.0
+#: the ``operation`` label of the relay's Redis errors in ``onboardflow_redis_errors_total``
+REDIS_OPERATION = "outbox_relay"
 
 # KEYS[1] lock, KEYS[2] cursor hash, KEYS[3] stream. ARGV: [1] token, [2] lease ms,
 # [3] 'pending' or 'commit', [4] last entry id, [5..] entry ids to delete (commit).
@@ -84,14 +86,18 @@ class OutboxRelay:
     ``KafkaOutboxTarget`` or None, ``warehouse`` a writer with
     ``write(rows) -> WriteReport`` (transforms/warehouse/writer.py) or None.
     ``relay()`` returns a ``RelayReport``; it raises (keeping the entries)
-    when a sink fails past its retries.
+    when a sink fails past its retries. ``on_redis_error(operation)`` is
+    called (operation ``"outbox_relay"``) after every attempt Redis failed:
+    the ``onboardflow_redis_errors_total`` counter.
     """
 
     def __init__(self, client: redis.Redis, keys: OutboxKeys, name: str,
                  convert: Callable[[str, dict], Converted], *, kafka: Optional[KafkaOutboxTarget] = None,
                  warehouse: Any = None, batch_size: int = DEFAULT_BATCH_SIZE, lease_ms: int = DEFAULT_LEASE_MS,
-                 lock_wait_s: float = DEFAULT_LOCK_WAIT_S, redis_retry_s: float = 300.0):
+                 lock_wait_s: float = DEFAULT_LOCK_WAIT_S, redis_retry_s: float = 300.0,
+                 on_redis_error: Optional[Callable[[str], None]] = None):
         self._client, self._keys, self.name = client, keys, name
+        self._on_redis_error = on_redis_error
         self._convert, self._kafka, self._warehouse = convert, kafka, warehouse
         self._batch_size, self._lease_ms, self._lock_wait_s = batch_size, lease_ms, lock_wait_s
         self._redis_retry_s = redis_retry_s
@@ -134,9 +140,12 @@ class OutboxRelay:
     def relay(self) -> RelayReport:
         """Drain the stream; outages of Redis, Kafka or the warehouse are ridden out for ``retry_s``."""
         return retry_transient(self._relay_once, self._redis_retry_s, f"outbox {self.name}",
-                               on_error=self._reset_kafka, log=_LOG)
+                               on_error=self._failed, log=_LOG)
 
-    def _reset_kafka(self) -> None:
+    def _failed(self, error: BaseException) -> None:
+        """After a failed attempt: count a Redis error, end the retries if cancelled, drop the producer."""
+        if self._on_redis_error is not None and isinstance(error, redis.exceptions.RedisError):
+            self._on_redis_error(REDIS_OPERATION)
         self._check_cancelled()  # not transient: the retries end here
         if self._kafka is not None:
             self._kafka.close()  # a producer made while the broker was down is not reused

@@ -50,12 +50,14 @@ class RelaySettings:
 
 def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None,
                 on_warehouse_retry: Optional[Callable[[str], None]] = None,
-                count: Optional[Callable[[str, int], None]] = None) -> dict[str, OutboxRelay]:
+                count: Optional[Callable[[str, int], None]] = None,
+                on_redis_error: Optional[Callable[[str], None]] = None) -> dict[str, OutboxRelay]:
     """One ``OutboxRelay`` per outbox stream of ``settings`` (names: ``keys.STREAMS``).
 
     ``on_warehouse_retry(table)`` is called on every failed warehouse write
     attempt (metrics); ``count(name, n)`` receives the writers' retry counter
-    (``warehouse_retries``).
+    (``warehouse_retries``); ``on_redis_error(operation)`` every relay attempt
+    Redis failed (``PipelineMetrics.redis_error``).
     """
     from ...schemas import SEGMENT_CHANGES_SUBJECT, load_schema
     from ...schemas.schema_registry import registry_from_url
@@ -79,7 +81,7 @@ def make_relays(settings: RelaySettings, client: Optional[redis.Redis] = None,
     serializer = AvroSerializer(registry_from_url(settings.registry_url), SEGMENT_CHANGES_SUBJECT,
                                 load_schema("segment_change"))
     rules = settings.rules if settings.rules is not None else RuleSet.load(DEFAULT_RULES_PATH)
-    common = dict(batch_size=settings.batch_size, redis_retry_s=settings.retry_s)
+    common = dict(batch_size=settings.batch_size, redis_retry_s=settings.retry_s, on_redis_error=on_redis_error)
     return {
         SEGMENT_CHANGES: OutboxRelay(client, keys, SEGMENT_CHANGES,
                                      SegmentChangeConverter(rules, serializer.serialize),

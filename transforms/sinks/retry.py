@@ -74,12 +74,15 @@ class RetryPolicy:
         log: logging.Logger = _LOG,
         on_error: Optional[Callable[[BaseException], None]] = None,
         on_retry: Optional[Callable[[BaseException], None]] = None,
+        describe: Optional[Callable[[BaseException], str]] = None,
     ) -> T:
         """``attempt()`` until it returns; transient errors are retried within the policy.
 
         ``on_error(error)`` runs after every failed attempt (metrics, dropping a
         broken connection), ``on_retry(error)`` before every wait (retry
-        counters). A non-transient error is raised at once.
+        counters). A non-transient error is raised at once. ``describe(error)``
+        words the error in the log lines (default: its type, and its first line
+        with ``log_detail``), e.g. to name the service that is away.
         """
         is_transient = transient if callable(transient) else (lambda e: isinstance(e, transient))
         failing_since = 0.0
@@ -97,7 +100,12 @@ class RetryPolicy:
                 if number == 1:
                     failing_since = now
                 failing_s = now - failing_since
-                text = f"{type(error).__name__}: {_first_line(error)}" if self.log_detail else type(error).__name__
+                if describe is not None:
+                    text = describe(error)
+                elif self.log_detail:
+                    text = f"{type(error).__name__}: {_first_line(error)}"
+                else:
+                    text = type(error).__name__
                 if number >= self.max_attempts and failing_s >= self.budget_s:
                     log.error("%s gave up after %d attempts over %.1f s: %s", what, number, failing_s, text)
                     raise
