@@ -116,6 +116,7 @@ def test_every_served_series_is_in_the_catalogue():
 
 class _FailingReader:
     group = "onboardflow"
+    bootstrap_servers = "127.0.0.1:9"
 
     def read(self):
         raise ConnectionRefusedError("[Errno 111] Connection refused")
