@@ -366,6 +366,10 @@ class FlinkJobOptions(PipelineOptions):
                        help="A subtask flushes what is pending at least this often (processing time). Default: "
                             f"{STREAMING_FLUSH_INTERVAL_MS} ms streaming (profiles fresh within the seeds' 200 ms), "
                             f"{BOUNDED_FLUSH_INTERVAL_MS} ms bounded (a backfill: fewer, larger flushes).")
+        g.add_argument("--flink_config", action="append", default=None, metavar="KEY=VALUE",
+                       help="Any Flink configuration for the job, applied last (repeat it): e.g. "
+                            "--flink_config execution.buffer-timeout.interval=10ms. The job's own settings "
+                            "(checkpoints, state backend, restarts) are its other flags; docs/flink.md.")
         g.add_argument("--flink_rest_url", default=None,
                        help="The cluster's REST API (default $OBF_FLINK_REST_URL or http://127.0.0.1:8081).")
         g.add_argument("--flink_detach", action="store_true", default=False,

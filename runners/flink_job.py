@@ -128,7 +128,7 @@ def _json_ready(values: dict) -> dict:
 def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> dict:
     """The ``JobSettings`` values for ``argv`` over the deployment (steps 1–2 of the module docstring)."""
     from ..pipelines.configuration import resolve_secret
-    from ..pipelines.flink.settings import flink_kafka_properties
+    from ..pipelines.flink.settings import extra_configuration, flink_kafka_properties
     from ..pipelines.options import (
         BOUNDED_FLUSH_INTERVAL_MS,
         STREAMING_FLUSH_INTERVAL_MS,
@@ -164,6 +164,7 @@ def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> di
         state_backend=checkpoints.state_backend or "rocksdb",
     )
     flink_kafka_properties(kafka.kafka_bootstrap_servers)  # what the connector cannot take: refused now
+    extra_configuration(job.flink_config or ())  # a malformed --flink_config: refused now, not on the cluster
     topics = [t.strip() for t in kafka.kafka_topics.split(",") if t.strip()]
     partitions = resolve_partitions(kafka.kafka_bootstrap_servers, topics, kafka.kafka_consumer_group,
                                     StartPosition.parse(kafka.kafka_start_position), bounded=kafka.kafka_bounded)

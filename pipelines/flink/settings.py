@@ -251,4 +251,18 @@ def flink_configuration(s: JobSettings) -> dict[str, str]:
         values["execution.state-recovery.path"] = s.savepoint_path
         values["execution.state-recovery.ignore-unclaimed-state"] = str(bool(
             s.get("allow_non_restored_state"))).lower()
+    values.update(extra_configuration(s.get("flink_config") or ()))
     return {key: str(value) for key, value in values.items()}
+
+
+def extra_configuration(pairs) -> dict[str, str]:
+    """``--flink_config KEY=VALUE`` pairs as configuration (the last of a key wins); ``ValueError`` names a
+    pair that is not ``KEY=VALUE``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--flink_config {pair!r}: expected KEY=VALUE, "
+                             "e.g. execution.buffer-timeout.interval=10ms")
+        out[key.strip()] = value.strip()
+    return out

@@ -81,6 +81,18 @@ def test_the_job_runs_python_in_thread_mode_on_rocksdb_with_exactly_once_checkpo
     assert resumed["execution.state-recovery.ignore-unclaimed-state"] == "false"
 
 
+def test_flink_config_pairs_are_applied_last_and_a_malformed_one_is_refused():
+    config = flink_configuration(JobSettings({**BASE, "flink_config": [
+        "execution.buffer-timeout.interval=10ms", "state.backend.type = hashmap", "metrics.latency.interval=1000"]}))
+    assert config["execution.buffer-timeout.interval"] == "10ms"
+    assert config["state.backend.type"] == "hashmap"  # over the job's own default
+    assert config["metrics.latency.interval"] == "1000"
+    assert config["python.execution-mode"] == "thread"
+    for bad in ("execution.buffer-timeout.interval", "=10ms", "key="):
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            flink_configuration(JobSettings({**BASE, "flink_config": [bad]}))
+
+
 def test_engine_is_taken_out_of_the_run_flags():
     assert engine_of(["--kafka_bounded"]) == ("beam", ["--kafka_bounded"])
     assert engine_of(["--engine", "flink", "--x=1"]) == ("flink", ["--x=1"])
