@@ -366,6 +366,10 @@ class FlinkJobOptions(PipelineOptions):
                        help="A subtask flushes what is pending at least this often (processing time). Default: "
                             f"{STREAMING_FLUSH_INTERVAL_MS} ms streaming (profiles fresh within the seeds' 200 ms), "
                             f"{BOUNDED_FLUSH_INTERVAL_MS} ms bounded (a backfill: fewer, larger flushes).")
+        g.add_argument("--flink_relay_interval_ms", type=int, default=1000,
+                       help="The outbox relays (segment changes and dead letters to Kafka, profile snapshots "
+                            "to the warehouse) run at most this often; profiles reach Redis at every flush "
+                            "regardless. A round's fixed cost is paid under the TaskManager's one GIL.")
         g.add_argument("--flink_config", action="append", default=None, metavar="KEY=VALUE",
                        help="Any Flink configuration for the job, applied last (repeat it): e.g. "
                             "--flink_config execution.buffer-timeout.interval=10ms. The job's own settings "

@@ -155,7 +155,7 @@ def job_settings(argv: Sequence[str], settings: Optional[Settings] = None) -> di
         values["secret_file"] = _demo_secret(job.flink_job_name)
     values.update(
         job_name=job.flink_job_name, parallelism=job.flink_parallelism,
-        flush_size=job.flink_flush_size,
+        flush_size=job.flink_flush_size, relay_interval_ms=job.flink_relay_interval_ms,
         flush_interval_ms=job.flink_flush_interval_ms or (
             BOUNDED_FLUSH_INTERVAL_MS if kafka.kafka_bounded else STREAMING_FLUSH_INTERVAL_MS),
         restart_strategy=job.flink_restart_strategy, restart_attempts=job.flink_restart_attempts,

@@ -33,6 +33,8 @@ JOB_FIELDS = {
     "horizon_ms": None,
     "flush_size": 5000,
     "flush_interval_ms": 100,
+    # The outbox relays are woken at most this often (the user stage's flushes ask at every tick).
+    "relay_interval_ms": 1000,
     "connector_jars": [],
     "checkpoint_dir": None,
 }

@@ -101,3 +101,38 @@ def test_the_flink_chain_without_models_assigns_after_its_rules_with_the_policys
     arms = {name: n for name, n in counts.items() if name.startswith("experiment_")}
     assert sum(arms.values()) == 3 and set(arms) <= {"experiment_checklist_first_control",
                                                      "experiment_checklist_first_checklist"}
+
+
+def test_the_flink_chain_wakes_its_relays_at_most_once_per_relay_interval(rules, policy, experiments):
+    """Every flush collects finished relay rounds; a new round is asked for only once ``relay_interval_ms``
+    passed since the last (``StoreChain.flush``)."""
+    from onboardflow.pipelines.flink.store import DEAD_LETTERS, EVENTS, IDENTITY_ALIASES, LATE_EVENTS, RETIREMENTS
+
+    class Sink:
+        def flush(self):
+            return []
+
+    class Relays:
+        def __init__(self):
+            self.calls = []
+
+        def kick(self):
+            self.calls.append("kick")
+            return [], []
+
+        def collect(self):
+            self.calls.append("collect")
+            return [], []
+
+    now = [100.0]
+    chain = StoreChain(SimpleNamespace(), rules, policy, PipelineMetrics(prometheus=False), lambda *_: None,
+                       clock=lambda: now[0], experiments=experiments)
+    chain._accounts = SimpleNamespace(accounts={}, refresh=lambda: True)
+    chain._scorer, chain._rfm = None, SimpleNamespace(refresh=lambda: None)
+    chain._profile_sink = Sink()
+    chain._tables = {table: Sink() for table in (EVENTS, LATE_EVENTS, IDENTITY_ALIASES, RETIREMENTS, DEAD_LETTERS)}
+    chain._background, chain._relay_interval_s, chain._relay_kicked = Relays(), 1.0, float("-inf")
+    for step in (0.0, 0.1, 0.5, 0.5, 0.1, 1.0):  # flushes at 100.0, 100.1, 100.6, 101.1, 101.2, 102.2
+        now[0] += step
+        chain.flush()
+    assert chain._background.calls == ["kick", "collect", "collect", "kick", "collect", "kick"]

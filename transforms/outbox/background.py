@@ -87,6 +87,10 @@ class BackgroundRelays:
         self._wake.set()
         return done
 
+    def collect(self) -> tuple[list[tuple[str, RelayReport]], list[Deferred]]:
+        """(reports, counter calls) of the rounds finished since the last call, without asking for a round."""
+        return self._collect()
+
     def drain(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
               ) -> tuple[list[tuple[str, RelayReport]], list[Deferred]]:
         """One last round that starts after this call, waited for ``timeout_s`` at most (then
