@@ -261,15 +261,30 @@ class OnboardflowClient:
 
     def profile(self, user_id: str, if_none_match: Optional[str] = None) -> Optional[VersionedProfile]:
         """The user's profile and its ETag; None when ``if_none_match`` is still its ETag (304)."""
+        return self._profile(f"/v1/profiles/{self._user(user_id)}", if_none_match)
+
+    def visitor_profile(self, anonymous_id: str, if_none_match: Optional[str] = None) -> Optional[VersionedProfile]:
+        """A device's profile before login (its account's once stitched: ``user_key`` says which) and its ETag;
+        None when ``if_none_match`` is still its ETag (304)."""
+        return self._profile(f"/v1/visitors/profile/{self._user(anonymous_id)}", if_none_match)
+
+    def _profile(self, path: str, if_none_match: Optional[str]) -> Optional[VersionedProfile]:
         headers = {"If-None-Match": if_none_match} if if_none_match else {}
-        response = self._get(f"/v1/profiles/{self._user(user_id)}", headers=headers)
+        response = self._get(path, headers=headers)
         if response.status_code == 304:
             return None
         return VersionedProfile(response.json(), response.headers["ETag"])
 
     def decision(self, user_id: str) -> Decision:
         """Track, segments and next steps (or the fallback, ``fallback=True`` with its reason)."""
-        body = self._get(f"/v1/decisions/{self._user(user_id)}").json()
+        return self._decision(f"/v1/decisions/{self._user(user_id)}")
+
+    def visitor_decision(self, anonymous_id: str) -> Decision:
+        """The decision for a device before login (from its account's profile once stitched)."""
+        return self._decision(f"/v1/visitors/decision/{self._user(anonymous_id)}")
+
+    def _decision(self, path: str) -> Decision:
+        body = self._get(path).json()
         steps = [NextStep(s["id"], s["title"]) for s in body.pop("next_steps")]
         return Decision(next_steps=steps, **_known(Decision, body))
 

@@ -1,6 +1,6 @@
 """The ``/v1`` routes of the personalization API: profiles, decisions, segments, status, erasure.
 
-Each route takes the raw user id in its path, derives the pseudonym with the
+Each route takes the raw user id (``/visitors/...``: the raw device id) in its path, derives the pseudonym with the
 deployment's secret (``Pseudonymizer``, as the anonymization stage does) and
 never returns, logs or counts the raw id. Scopes: ``profiles:read`` for
 profiles, decisions and status; ``segments:read`` for segments;
@@ -65,23 +65,29 @@ def _matches(if_none_match: Optional[str], tag: str) -> bool:
     return "*" in candidates or tag in candidates
 
 
-@router.get("/profiles/{user_id:rawid}", response_model=Profile, responses={
-    304: {"description": "Not modified: the profile still has the ETag sent in If-None-Match"},
-    **responses(401, 403, 404, 429, 503)})
-async def get_profile(request: Request, user_id: str = UserId,
-                      if_none_match: Optional[str] = Header(None, description="An ETag from an earlier response"),
-                      _key=Depends(require("profiles:read"))):
-    """The user's profile, typed; ``ETag`` from its version, ``If-None-Match`` answers 304 while it is unchanged."""
-    service = request.app.state.service
-    user_key = _user_key(request, user_id)
-    try:
-        profile = await service.reader.profile(user_key)
-    except redis.RedisError:
-        raise ApiError(503, "store_unavailable", "the profile store (Redis) cannot be read right now",
-                       headers={"Retry-After": "1"}) from None
+VisitorId = Path(min_length=1, max_length=256, description="The raw device (anonymous) id the app knows before "
+                                                           "login (URL-encoded); pseudonymized like a user id")
+NOT_MODIFIED = {304: {"description": "Not modified: the profile still has the ETag sent in If-None-Match"}}
+IfNoneMatch = Header(None, description="An ETag from an earlier response")
+
+
+def _visitor_key(request: Request, anonymous_id: str) -> str:
+    pseudonymizer = request.app.state.service.pseudonymizer
+    if pseudonymizer is None:
+        raise ApiError(503, "secret_unavailable", "the service has no pseudonymization secret loaded")
+    return pseudonymizer.user_key(None, anonymous_id)
+
+
+def _store_unavailable() -> ApiError:
+    return ApiError(503, "store_unavailable", "the profile store (Redis) cannot be read right now",
+                    headers={"Retry-After": "1"})
+
+
+def _profile_response(profile: Optional[dict], user_key: str, if_none_match: Optional[str],
+                      missing: str = "no profile for this user (never written, expired or erased)") -> Response:
+    """A stored profile as the typed body with its ``ETag`` (304 for a matching ``If-None-Match``); 404 for None."""
     if profile is None:
-        raise ApiError(404, "not_found", "no profile for this user (never written, expired or erased)",
-                       user_key=user_key)
+        raise ApiError(404, "not_found", missing, user_key=user_key)
     tag = etag(profile)
     headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
     if _matches(if_none_match, tag):
@@ -91,18 +97,44 @@ async def get_profile(request: Request, user_id: str = UserId,
     return JSONResponse(body, headers=headers)
 
 
-@router.get("/decisions/{user_id:rawid}", response_model=Decision, responses=responses(401, 403, 429))
-async def get_decision(request: Request, user_id: str = UserId, _key=Depends(require("profiles:read"))):
-    """Track, segments, next steps and experiment variants for the user; the fallback decision (``fallback:
-    true``, no experiments) when the user is unknown, the profile stale or Redis unreachable, never an error for
-    those. Each variant served is recorded as an exposure in the warehouse, off the request path."""
+@router.get("/profiles/{user_id:rawid}", response_model=Profile, responses={
+    **NOT_MODIFIED, **responses(401, 403, 404, 429, 503)})
+async def get_profile(request: Request, user_id: str = UserId, if_none_match: Optional[str] = IfNoneMatch,
+                      _key=Depends(require("profiles:read"))):
+    """The user's profile, typed; ``ETag`` from its version, ``If-None-Match`` answers 304 while it is unchanged."""
+    user_key = _user_key(request, user_id)
+    try:
+        profile = await request.app.state.service.reader.profile(user_key)
+    except redis.RedisError:
+        raise _store_unavailable() from None
+    return _profile_response(profile, user_key, if_none_match)
+
+
+@router.get("/visitors/profile/{anonymous_id:rawid}", response_model=Profile, responses={
+    **NOT_MODIFIED, **responses(401, 403, 404, 429, 503)})
+async def get_visitor_profile(request: Request, anonymous_id: str = VisitorId,
+                              if_none_match: Optional[str] = IfNoneMatch, _key=Depends(require("profiles:read"))):
+    """The profile of a device before login: the visitor's own, or, once identity stitching linked the
+    device to an account, the account's (its ``user_key`` then is the account's pseudonym)."""
+    visitor_key = _visitor_key(request, anonymous_id)
+    try:
+        profile, account_key = await request.app.state.service.reader.visitor_profile(visitor_key)
+    except redis.RedisError:
+        raise _store_unavailable() from None
+    return _profile_response(profile, account_key or visitor_key, if_none_match,
+                             "no profile for this visitor, nor for an account it was stitched to "
+                             "(never written, expired or erased)")
+
+
+async def _decision(request: Request, user_key: Optional[str], read) -> Decision:
+    """The decision for the profile ``read()`` returns as (profile, the key it is stored under), the fallback
+    when there is none, it is stale, Redis cannot be read or (``user_key`` None) no secret is loaded."""
     service = request.app.state.service
-    if service.pseudonymizer is None:
+    if user_key is None:
         decision = fallback_decision(SECRET_UNAVAILABLE, service.catalogue)
     else:
-        user_key = service.pseudonymizer.user_key(user_id)
         try:
-            profile = await service.reader.profile(user_key)
+            profile, user_key = await read()
         except redis.RedisError:
             decision = fallback_decision(STORE_UNAVAILABLE, service.catalogue, user_key)
         else:
@@ -122,6 +154,34 @@ async def get_decision(request: Request, user_id: str = UserId, _key=Depends(req
         fallback=decision.fallback, fallback_reason=decision.fallback_reason,
         profile_version=decision.profile_version, updated_at=decision.updated_at,
         catalogue_version=decision.catalogue_version)
+
+
+@router.get("/decisions/{user_id:rawid}", response_model=Decision, responses=responses(401, 403, 429))
+async def get_decision(request: Request, user_id: str = UserId, _key=Depends(require("profiles:read"))):
+    """Track, segments, next steps and experiment variants for the user; the fallback decision (``fallback:
+    true``, no experiments) when the user is unknown, the profile stale or Redis unreachable, never an error for
+    those. Each variant served is recorded as an exposure in the warehouse, off the request path."""
+    service = request.app.state.service
+    user_key = None if service.pseudonymizer is None else service.pseudonymizer.user_key(user_id)
+
+    async def read():
+        return await service.reader.profile(user_key), user_key
+    return await _decision(request, user_key, read)
+
+
+@router.get("/visitors/decision/{anonymous_id:rawid}", response_model=Decision,
+            responses=responses(401, 403, 429))
+async def get_visitor_decision(request: Request, anonymous_id: str = VisitorId,
+                               _key=Depends(require("profiles:read"))):
+    """The decision for a device before login, from the visitor's profile or, once stitched, its account's
+    (``user_key`` says which); the fallback decision as for a user. Personalizes onboarding before sign-in."""
+    service = request.app.state.service
+    visitor_key = None if service.pseudonymizer is None else service.pseudonymizer.user_key(None, anonymous_id)
+
+    async def read():
+        profile, account_key = await service.reader.visitor_profile(visitor_key)
+        return profile, account_key or visitor_key
+    return await _decision(request, visitor_key, read)
 
 
 @router.get("/segments", response_model=SegmentSizes, responses=responses(401, 403, 429, 503))

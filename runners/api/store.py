@@ -42,6 +42,21 @@ class AsyncProfileReader:
         raw = await self._client.hgetall(self.keys.profile(user_key))
         return decode_profile(raw) if raw else None
 
+    async def visitor_profile(self, visitor_key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """A visitor's profile, or its account's once identity stitching retired the visitor into one
+        (its ``stitched`` marker names the account): (decoded profile or None, the account's key or None).
+        One round trip; a second only for a stitched visitor."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.profile(visitor_key))
+            pipe.get(self.keys.stitched(visitor_key))
+            raw, account = await pipe.execute()
+        if raw:
+            return decode_profile(raw), None
+        if not account:
+            return None, None
+        account_key = account.decode("utf-8")
+        return await self.profile(account_key), account_key
+
     async def segment_page(self, segment: str, cursor: int, limit: int) -> tuple[int, list[str]]:
         """One SSCAN step of the segment's set: (next cursor, 0 at the end; members, about ``limit`` of them).
 

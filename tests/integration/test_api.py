@@ -38,6 +38,8 @@ pytestmark = pytest.mark.integration
 
 PORT, LIMITED_PORT, OUTAGE_PORT, WORKERS_PORT, OWN_REDIS_PORT = 8700, 8701, 8702, 8705, 8750
 ALICE, BOB, STALE = "alice@example.com", "bob-1234", "carol-stale"
+# Devices before login: one with a visitor profile of its own, one identity stitching retired into ALICE.
+DEVICE, STITCHED_DEVICE = "device-7f3a/ios", "device-91c0"
 MEMBERS = [f"member-{i:03d}" for i in range(37)]
 
 
@@ -57,6 +59,11 @@ def deployment(redis_url, pg_dsn, kafka_bootstrap):
                                         milestones=["tutorial_completed"]),
                        pipeline_profile(STALE, updated_at=now_ms() - 3 * 3600 * 1000)))
     assert all(d.write(*(pipeline_profile(m, segments=["dormant"]) for m in MEMBERS)))
+    # A visitor's profile is stored under the pseudonym of "anon:" + its device id (transforms/anonymize.py);
+    # the stitched one is retired into ALICE as the pipeline's identity stage does (RETIRE_VISITOR_LUA).
+    assert all(d.write(pipeline_profile("anon:" + DEVICE, segments=["needs_help"], onboarding_track="guided"),
+                       pipeline_profile("anon:" + STITCHED_DEVICE, segments=["needs_help"])))
+    assert d.writer.retire([(user_key("anon:" + STITCHED_DEVICE), user_key(ALICE), now_ms())]) == [True]
     ModelStore(redis_url, d.prefix).mirror(
         ModelVersion("segmentation", 3, "ab" * 32, dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc),
                      source="online", payload=b"{}"),
@@ -125,6 +132,36 @@ def test_a_user_id_with_slashes_line_breaks_and_unicode_is_looked_up_as_given(ht
     assert deployment.write(pipeline_profile(odd)) == [True]
     response = http.get(f"/v1/profiles/{quote(odd, safe='')}", headers=auth(deployment, "profiles"))
     assert response.status_code == 200 and response.json()["user_key"] == user_key(odd)
+
+
+def test_a_visitor_is_looked_up_by_device_id_and_a_stitched_one_gets_its_accounts_profile(http, deployment):
+    own = http.get(f"/v1/visitors/profile/{quote(DEVICE, safe='')}", headers=auth(deployment, "profiles"))
+    assert own.status_code == 200 and own.json()["user_key"] == user_key("anon:" + DEVICE)
+    assert own.json()["onboarding_track"] == "guided" and DEVICE not in own.text
+    tag = own.headers["ETag"]
+    again = http.get(f"/v1/visitors/profile/{quote(DEVICE, safe='')}",
+                     headers={**auth(deployment, "profiles"), "If-None-Match": tag})
+    assert again.status_code == 304
+    stitched = http.get(f"/v1/visitors/profile/{STITCHED_DEVICE}", headers=auth(deployment, "profiles"))
+    account = http.get(f"/v1/profiles/{ALICE}", headers=auth(deployment, "profiles"))
+    assert stitched.status_code == 200 and stitched.json() == account.json()
+    assert stitched.json()["user_key"] == user_key(ALICE) and stitched.headers["ETag"] == account.headers["ETag"]
+    unknown = http.get("/v1/visitors/profile/device-never-seen", headers=auth(deployment, "profiles"))
+    assert unknown.status_code == 404 and unknown.json()["user_key"] == user_key("anon:device-never-seen")
+    assert "device-never-seen" not in unknown.text and "stitched" in unknown.json()["detail"]
+
+
+def test_a_visitors_decision_comes_from_its_own_or_its_accounts_profile_and_an_unknown_one_falls_back(
+        http, deployment):
+    own = http.get(f"/v1/visitors/decision/{quote(DEVICE, safe='')}", headers=auth(deployment, "profiles")).json()
+    assert (own["fallback"], own["user_key"], own["segments"]) == (False, user_key("anon:" + DEVICE), ["needs_help"])
+    stitched = http.get(f"/v1/visitors/decision/{STITCHED_DEVICE}", headers=auth(deployment, "profiles")).json()
+    account = http.get(f"/v1/decisions/{ALICE}", headers=auth(deployment, "profiles")).json()
+    assert stitched["fallback"] is False and stitched["user_key"] == user_key(ALICE)
+    assert (stitched["track"], stitched["segments"], stitched["next_steps"]) == (
+        account["track"], account["segments"], account["next_steps"])
+    unknown = http.get("/v1/visitors/decision/device-never-seen", headers=auth(deployment, "profiles")).json()
+    assert (unknown["fallback"], unknown["fallback_reason"]) == (True, "unknown_user")
 
 
 # --------------------------------------------------------------------------- decisions
@@ -218,6 +255,8 @@ def test_delete_erases_the_user_and_records_the_keys_name_as_who_asked(http, dep
 ROUTES = [  # (method, path, scope)
     ("GET", f"/v1/profiles/{ALICE}", "profiles:read"),
     ("GET", f"/v1/decisions/{ALICE}", "profiles:read"),
+    ("GET", f"/v1/visitors/profile/{STITCHED_DEVICE}", "profiles:read"),
+    ("GET", f"/v1/visitors/decision/{STITCHED_DEVICE}", "profiles:read"),
     ("GET", "/v1/status", "profiles:read"),
     ("GET", "/v1/segments", "segments:read"),
     ("GET", "/v1/segments/dormant/members", "segments:read"),

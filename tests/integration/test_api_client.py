@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 PORT = 8704
 USER = "client-user-1"
+DEVICE = "client-device-1"  # stitched into USER
 MEMBERS = [f"crm-{i}" for i in range(23)]
 
 
@@ -35,6 +36,7 @@ def service(redis_url, pg_dsn, kafka_bootstrap, tmp_path_factory):
     apply_migrations(pg_dsn, deployment.schema)
     assert all(deployment.write(pipeline_profile(USER), *(pipeline_profile(m, segments=["needs_help"])
                                                           for m in MEMBERS)))
+    assert deployment.writer.retire([(user_key("anon:" + DEVICE), user_key(USER), 1)]) == [False]  # marker only
     server = ApiServer(PORT, deployment.serve_args(PORT, "--rate-limit", "1", "--rate-burst", "60",
                                                    "--bootstrap-servers", ""), tmp_path_factory.mktemp("client"))
     yield server, deployment
@@ -62,6 +64,16 @@ def test_decision_is_a_dataclass_with_steps_and_a_fallback_for_unknown_users(api
     assert decision.next_steps[0].id == "connect_integration" and decision.experiments == {}
     unknown = api.decision("client-nobody")
     assert (unknown.fallback, unknown.fallback_reason) == (True, "unknown_user")
+
+
+def test_a_stitched_device_gets_its_accounts_profile_and_decision(api):
+    visitor = api.visitor_profile(DEVICE)
+    assert isinstance(visitor, VersionedProfile) and visitor == api.profile(USER)
+    assert api.visitor_profile(DEVICE, if_none_match=visitor.etag) is None
+    assert api.visitor_decision(DEVICE) == api.decision(USER)
+    with pytest.raises(NotFound):
+        api.visitor_profile("client-device-never-seen")
+    assert api.visitor_decision("client-device-never-seen").fallback_reason == "unknown_user"
 
 
 def test_segment_members_iterate_every_pseudonym_once_and_sizes_are_a_dict(api):

@@ -260,12 +260,13 @@ def test_the_committed_openapi_document_is_the_apps(tmp_path):
 
 def test_the_openapi_document_names_every_route_with_its_error_bodies_and_the_bearer_scheme():
     doc = json.loads(openapi_text())
-    assert set(doc["paths"]) == {"/v1/profiles/{user_id}", "/v1/decisions/{user_id}", "/v1/segments",
-                                 "/v1/segments/{name}/members", "/v1/status", "/v1/users/{user_id}", "/healthz",
-                                 "/readyz", "/metrics"}
+    assert set(doc["paths"]) == {"/v1/profiles/{user_id}", "/v1/decisions/{user_id}",
+                                 "/v1/visitors/profile/{anonymous_id}", "/v1/visitors/decision/{anonymous_id}",
+                                 "/v1/segments", "/v1/segments/{name}/members", "/v1/status", "/v1/users/{user_id}",
+                                 "/healthz", "/readyz", "/metrics"}
     assert doc["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
-    profile = doc["paths"]["/v1/profiles/{user_id}"]["get"]["responses"]
-    assert {"200", "304", "401", "403", "404", "429"} <= set(profile)
+    for path in ("/v1/profiles/{user_id}", "/v1/visitors/profile/{anonymous_id}"):
+        assert {"200", "304", "401", "403", "404", "429"} <= set(doc["paths"][path]["get"]["responses"])
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90.0), ("90s", 90.0), ("15m", 900.0), ("6h", 21600.0),
