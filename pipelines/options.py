@@ -274,6 +274,13 @@ class MetricsOptions(PipelineOptions):
         g.add_argument("--metrics_advertise_host", default=None,
                        help="Host name written to the file_sd target (default: the bind address, or the "
                             "machine's name when bound to every interface).")
+        g.add_argument("--metrics_tls_cert", default=None,
+                       help="PEM certificate (chain) of the worker endpoints: they then speak HTTPS only, and "
+                            "their file_sd targets say so (__scheme__ https). With --metrics_tls_key.")
+        g.add_argument("--metrics_tls_key", default=None, help="PEM private key of --metrics_tls_cert.")
+        g.add_argument("--metrics_tls_client_ca", default=None,
+                       help="PEM CA bundle: only scrapers presenting a certificate it signed are answered "
+                            "(mutual TLS; Prometheus' tls_config cert_file/key_file).")
 
 
 #: The checkpoint interval onboardflow runs Flink jobs with (runners/flink_runner.py ``flink_argv``).

@@ -8,7 +8,9 @@ with ``sd_dir``, a Prometheus ``file_sd`` target file
 finds every worker whatever port it got. Prism in LOOPBACK mode runs the
 workers inside the launcher (one process, one port); Flink's SDK harness, or
 Prism with PROCESS workers, runs several per machine and each takes the next
-free port (docs/observability.md).
+free port (docs/observability.md). With ``MetricsTls`` the endpoint speaks
+HTTPS only (and, with a client CA, asks every scraper for a certificate that
+CA signed); its target file then carries ``__scheme__: https``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Optional
@@ -32,19 +35,49 @@ _PROCESS_LOCK = threading.Lock()
 _PROCESS_ENDPOINT: Optional["_ServedEndpoint"] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class MetricsTls:
+    """HTTPS for a ``/metrics`` endpoint: the server's certificate and key (PEM files); with ``client_ca``,
+    only scrapers presenting a certificate that CA signed are answered (mutual TLS)."""
+
+    cert: str
+    key: str
+    client_ca: Optional[str] = None
+
+    @classmethod
+    def of(cls, cert: Optional[str], key: Optional[str], client_ca: Optional[str] = None,
+           flag: str = "--metrics_tls") -> Optional["MetricsTls"]:
+        """None for no certificate; ``ValueError`` naming the flags when only part of a pair is given."""
+        if not cert and not key:
+            if client_ca:
+                raise ValueError(f"{flag}_client_ca needs {flag}_cert and {flag}_key")
+            return None
+        if not (cert and key):
+            raise ValueError(f"{flag}_cert and {flag}_key go together (the endpoint's certificate and its key)")
+        return cls(cert, key, client_ca or None)
+
+    def server_options(self) -> dict[str, Any]:
+        """``prometheus_client.start_http_server``'s TLS arguments."""
+        return {"certfile": self.cert, "keyfile": self.key, "client_cafile": self.client_ca,
+                "client_auth_required": bool(self.client_ca)}
+
+
 class _ServedEndpoint(NamedTuple):
     port: int
     server: Any
     sd_file: Optional[str]
 
 
-def _write_sd_file(sd_dir: str, host: Optional[str], address: str, port: int) -> str:
+def _write_sd_file(sd_dir: str, host: Optional[str], address: str, port: int, https: bool = False) -> str:
     # The name Prometheus reaches this process by: given, else the bound
     # address, else (bound to every interface) the machine's name.
     host = host or (socket.gethostname() if address in ("", "0.0.0.0", "::") else address)
     os.makedirs(sd_dir, exist_ok=True)
     path = os.path.join(sd_dir, f"onboardflow-worker-{socket.gethostname()}-{os.getpid()}.json")
-    target = [{"targets": [f"{host}:{port}"], "labels": {"job": "onboardflow-worker", "pid": str(os.getpid())}}]
+    labels = {"job": "onboardflow-worker", "pid": str(os.getpid())}
+    if https:
+        labels["__scheme__"] = "https"  # Prometheus scrapes this target over TLS
+    target = [{"targets": [f"{host}:{port}"], "labels": labels}]
     # Prometheus watches the directory: write whole files only (rename is atomic).
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -63,12 +96,13 @@ def _remove_sd_file(path: str) -> None:
 _ANNOUNCED: set = set()
 
 
-def _announce(served, sd_dir: Optional[str], advertise_host: Optional[str], address: str) -> None:
+def _announce(served, sd_dir: Optional[str], advertise_host: Optional[str], address: str,
+              https: bool = False) -> None:
     """Write the served endpoint's target file into ``sd_dir`` once (no-op for None or a directory done)."""
     if not sd_dir or str(sd_dir) in _ANNOUNCED:
         return
     _ANNOUNCED.add(str(sd_dir))
-    sd_file = _write_sd_file(sd_dir, advertise_host, address, served.port)
+    sd_file = _write_sd_file(sd_dir, advertise_host, address, served.port, https)
     if sd_file:
         atexit.register(_remove_sd_file, sd_file)
 
@@ -80,6 +114,7 @@ def serve_worker_metrics(
     address: str = "0.0.0.0",
     sd_dir: Optional[str] = None,
     advertise_host: Optional[str] = None,
+    tls: Optional[MetricsTls] = None,
 ) -> int:
     """Serve this process's pipeline metrics over HTTP, once; returns the bound port.
 
@@ -89,42 +124,47 @@ def serve_worker_metrics(
     port already bound, whatever their port arguments; a later call naming a
     new ``sd_dir`` gets the endpoint's target file written there too (a Flink
     TaskManager serves one endpoint for every job it runs, and each job may
-    name its own directory). Raises ``OSError`` when no port of the range is free.
+    name its own directory). ``tls``: HTTPS only (``MetricsTls``). Raises
+    ``OSError`` when no port of the range is free.
     """
     global _PROCESS_ENDPOINT
     with _PROCESS_LOCK:
         if _PROCESS_ENDPOINT is not None:
-            _announce(_PROCESS_ENDPOINT, sd_dir, advertise_host, address)
+            _announce(_PROCESS_ENDPOINT, sd_dir, advertise_host, address, tls is not None)
             return _PROCESS_ENDPOINT.port
     registry = worker_registry()
     with _PROCESS_LOCK:
         if _PROCESS_ENDPOINT is not None:
-            _announce(_PROCESS_ENDPOINT, sd_dir, advertise_host, address)
+            _announce(_PROCESS_ENDPOINT, sd_dir, advertise_host, address, tls is not None)
             return _PROCESS_ENDPOINT.port
         candidates = [0] if port == 0 else range(port, port + max(attempts, 1))
-        server = start_on_first_free_port(candidates, address, registry)
+        server = start_on_first_free_port(candidates, address, registry, tls)
         bound = server.server_port
-        sd_file = _write_sd_file(sd_dir, advertise_host, address, bound) if sd_dir else None
+        sd_file = _write_sd_file(sd_dir, advertise_host, address, bound, tls is not None) if sd_dir else None
         if sd_file:
             atexit.register(_remove_sd_file, sd_file)
         _PROCESS_ENDPOINT = _ServedEndpoint(bound, server, sd_file)
         if sd_dir:
             _ANNOUNCED.add(str(sd_dir))
-        _LOG.info("serving pipeline metrics on %s:%d/metrics", address, bound)
+        _LOG.info("serving pipeline metrics on %s://%s:%d/metrics", "https" if tls else "http", address, bound)
         return bound
 
 
-def start_on_first_free_port(ports: Iterable[int], address: str, registry: CollectorRegistry):
-    """An HTTP server for ``registry`` on the first of ``ports`` that is free.
+def start_on_first_free_port(ports: Iterable[int], address: str, registry: CollectorRegistry,
+                             tls: Optional[MetricsTls] = None):
+    """An HTTP server (HTTPS with ``tls``) for ``registry`` on the first of ``ports`` that is free.
 
-    Raises ``OSError`` when every port is taken.
+    Raises ``OSError`` when every port is taken; a certificate or key that cannot be loaded raises at once.
     """
+    options = tls.server_options() if tls is not None else {}
     last_error: Optional[OSError] = None
     tried = []
     for candidate in ports:
         tried.append(candidate)
         try:
-            server, _thread = start_http_server(candidate, addr=address, registry=registry)
+            server, _thread = start_http_server(candidate, addr=address, registry=registry, **options)
+        except (FileNotFoundError, ssl.SSLError):
+            raise  # the certificate, not the port: another port cannot help
         except OSError as error:
             last_error = error
             continue
@@ -147,7 +187,8 @@ class WorkerMetricsEndpoint:
     address: str = "0.0.0.0"
     sd_dir: Optional[str] = None
     advertise_host: Optional[str] = None
+    tls: Optional[MetricsTls] = None
 
     def start(self) -> int:
         return serve_worker_metrics(self.port, attempts=self.attempts, address=self.address, sd_dir=self.sd_dir,
-                                    advertise_host=self.advertise_host)
+                                    advertise_host=self.advertise_host, tls=self.tls)

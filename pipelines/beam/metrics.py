@@ -33,7 +33,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from ...transforms.connections import redis_client
 from ...transforms.metrics import BEAM_NAMESPACE, PipelineMetrics
-from ...transforms.metrics_endpoint import WorkerMetricsEndpoint
+from ...transforms.metrics_endpoint import MetricsTls, WorkerMetricsEndpoint
 from ...transforms.progress import SinkWatermark, next_watermark_probe
 from ..options import MetricsOptions
 
@@ -86,9 +86,10 @@ def pipeline_metrics_from_options(options: PipelineOptions) -> PipelineMetrics:
     if opts.metrics_port is None or opts.metrics_port < 0:
         # Nobody could scrape a registry without an endpoint: Beam metrics only.
         return beam_pipeline_metrics(None, prometheus=False)
+    tls = MetricsTls.of(opts.metrics_tls_cert, opts.metrics_tls_key, opts.metrics_tls_client_ca)
     return beam_pipeline_metrics(WorkerMetricsEndpoint(opts.metrics_port, opts.metrics_port_attempts,
                                                        opts.metrics_bind_address, opts.metrics_sd_dir,
-                                                       opts.metrics_advertise_host))
+                                                       opts.metrics_advertise_host, tls))
 
 
 class _CountDeadLettersFn(beam.DoFn):

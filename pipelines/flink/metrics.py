@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import Any, Optional
 
 from ...transforms.metrics import PipelineMetrics
-from ...transforms.metrics_endpoint import WorkerMetricsEndpoint
+from ...transforms.metrics_endpoint import MetricsTls, WorkerMetricsEndpoint
 
 GROUP = "onboardflow"
 #: Seconds between additions of the summed counts to Flink's counters.
@@ -120,9 +120,11 @@ def flink_pipeline_metrics(counters: Counters, settings: Any) -> PipelineMetrics
     port: Optional[int] = settings.get("metrics_port")
     endpoint = None
     if port is not None and port >= 0:
+        tls = MetricsTls.of(settings.get("metrics_tls_cert"), settings.get("metrics_tls_key"),
+                            settings.get("metrics_tls_client_ca"))
         endpoint = WorkerMetricsEndpoint(port, settings.get("metrics_port_attempts", 16),
                                          settings.get("metrics_bind_address", "0.0.0.0"),
-                                         settings.get("metrics_sd_dir"), settings.get("metrics_advertise_host"))
+                                         settings.get("metrics_sd_dir"), settings.get("metrics_advertise_host"), tls)
     metrics = PipelineMetrics(endpoint, prometheus=endpoint is not None, counter=counters.counter,
                               distribution=counters.distribution, gauge=counters.gauge)
     metrics.setup()

@@ -52,6 +52,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ...transforms.connections import redis_client
+from ...transforms.metrics_endpoint import MetricsTls
 from ...transforms.progress import EventTimeProgress, Progress
 from ...transforms.prometheus import MetricSpec, sample_names
 
@@ -493,11 +494,13 @@ class LagCollector(Collector):
         yield took
 
 
-def serve_lag_exporter(collector: LagCollector, port: int = DEFAULT_PORT, address: str = "0.0.0.0"):
-    """Serve ``collector`` on ``address:port``/metrics; returns the HTTP server (port 0: any)."""
+def serve_lag_exporter(collector: LagCollector, port: int = DEFAULT_PORT, address: str = "0.0.0.0",
+                       tls: Optional[MetricsTls] = None):
+    """Serve ``collector`` on ``address:port``/metrics (HTTPS only with ``tls``); returns the server (port 0: any)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    server, _thread = start_http_server(port, addr=address, registry=registry)
+    server, _thread = start_http_server(port, addr=address, registry=registry,
+                                        **(tls.server_options() if tls is not None else {}))
     return server
 
 
@@ -561,6 +564,11 @@ def _parser(prog: str, exporter: bool) -> argparse.ArgumentParser:
     if exporter:
         parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port of /metrics.")
         parser.add_argument("--address", default="0.0.0.0", help="Interface to listen on.")
+        parser.add_argument("--tls-cert", default=None,
+                            help="PEM certificate: serve /metrics over HTTPS only (with --tls-key).")
+        parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert.")
+        parser.add_argument("--tls-client-ca", default=None,
+                            help="PEM CA bundle: answer only scrapers with a certificate it signed (mutual TLS).")
     else:
         parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     return parser
@@ -595,11 +603,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 def exporter_main(argv: Optional[list[str]] = None) -> int:
     """`onboardflow lag-exporter`: serve the lag for Prometheus until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parser("onboardflow lag-exporter", exporter=True).parse_args(argv)
+    parser = _parser("onboardflow lag-exporter", exporter=True)
+    args = parser.parse_args(argv)
+    try:
+        tls = MetricsTls.of(args.tls_cert, args.tls_key, args.tls_client_ca, flag="--tls")
+    except ValueError as error:
+        parser.error(str(error).replace("_", "-"))
     kafka, progress, flink = _readers(args)
-    server = serve_lag_exporter(LagCollector(kafka, progress, flink=flink), args.port, args.address)
-    _LOG.info("lag exporter for group %s on topics %s: http://%s:%d/metrics",
-              args.consumer_group, ",".join(kafka.topics), args.address, server.server_port)
+    server = serve_lag_exporter(LagCollector(kafka, progress, flink=flink), args.port, args.address, tls)
+    _LOG.info("lag exporter for group %s on topics %s: %s://%s:%d/metrics", args.consumer_group,
+              ",".join(kafka.topics), "https" if tls else "http", args.address, server.server_port)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
