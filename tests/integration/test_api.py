@@ -61,7 +61,7 @@ def deployment(redis_url, pg_dsn, kafka_bootstrap):
     assert all(d.write(*(pipeline_profile(m, segments=["dormant"]) for m in MEMBERS)))
     # A visitor's profile is stored under the pseudonym of "anon:" + its device id (transforms/anonymize.py);
     # the stitched one is retired into ALICE as the pipeline's identity stage does (RETIRE_VISITOR_LUA).
-    assert all(d.write(pipeline_profile("anon:" + DEVICE, segments=["needs_help"], onboarding_track="guided"),
+    assert all(d.write(pipeline_profile("anon:" + DEVICE, segments=["highly_engaged_new"], onboarding_track="guided"),
                        pipeline_profile("anon:" + STITCHED_DEVICE, segments=["needs_help"])))
     assert d.writer.retire([(user_key("anon:" + STITCHED_DEVICE), user_key(ALICE), now_ms())]) == [True]
     ModelStore(redis_url, d.prefix).mirror(
@@ -154,7 +154,8 @@ def test_a_visitor_is_looked_up_by_device_id_and_a_stitched_one_gets_its_account
 def test_a_visitors_decision_comes_from_its_own_or_its_accounts_profile_and_an_unknown_one_falls_back(
         http, deployment):
     own = http.get(f"/v1/visitors/decision/{quote(DEVICE, safe='')}", headers=auth(deployment, "profiles")).json()
-    assert (own["fallback"], own["user_key"], own["segments"]) == (False, user_key("anon:" + DEVICE), ["needs_help"])
+    assert (own["fallback"], own["user_key"], own["segments"]) == (
+        False, user_key("anon:" + DEVICE), ["highly_engaged_new"])
     stitched = http.get(f"/v1/visitors/decision/{STITCHED_DEVICE}", headers=auth(deployment, "profiles")).json()
     account = http.get(f"/v1/decisions/{ALICE}", headers=auth(deployment, "profiles")).json()
     assert stitched["fallback"] is False and stitched["user_key"] == user_key(ALICE)
