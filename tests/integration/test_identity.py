@@ -142,8 +142,11 @@ def test_aliases_arriving_last_and_a_replay_leave_what_an_in_order_run_leaves(
         assert got_profiles == want_profiles
         assert got_segments == want_segments
         assert aliases(pg_dsn, other_schema) == aliases(pg_dsn, warehouse_schema)
-        m = counters(second)
-        assert m["onboardflow", "identity_events_released"] > 0 and m["onboardflow", "identity_events_rekeyed"] > 0
+        # Both paths ran: in order, a linked device's later anonymous events are re-keyed to the account; with
+        # the aliases last, a device's events are held and released when its link arrives. (Whether any event
+        # is re-keyed in the second run depends on how the runner interleaves the partitions: not asserted.)
+        assert counters(first)["onboardflow", "identity_events_rekeyed"] > 0
+        assert counters(second)["onboardflow", "identity_events_released"] > 0
 
         before = (redis_dump(redis_url, other_prefix), aliases(pg_dsn, other_schema))
         replay = run(args(shuffled, "replay", other_prefix, other_schema), secret=SECRET)
