@@ -191,8 +191,7 @@ async def list_segments(request: Request, _key=Depends(require("segments:read"))
     try:
         sizes = await service.reader.segment_sizes(service.segment_names)
     except redis.RedisError:
-        raise ApiError(503, "store_unavailable", "the profile store (Redis) cannot be read right now",
-                       headers={"Retry-After": "1"}) from None
+        raise _store_unavailable() from None
     return SegmentSizes(segments=[{"name": n, "size": s} for n, s in sizes.items()],
                         rules_version=service.rules.version)
 
@@ -215,8 +214,7 @@ async def segment_members(request: Request, name: str = Path(max_length=64),
     try:
         following, members = await service.reader.segment_page(name, position, limit)
     except redis.RedisError:
-        raise ApiError(503, "store_unavailable", "the profile store (Redis) cannot be read right now",
-                       headers={"Retry-After": "1"}) from None
+        raise _store_unavailable() from None
     return SegmentPage(segment=name, members=members, next_cursor=str(following) if following else None)
 
 
